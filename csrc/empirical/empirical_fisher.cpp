@@ -1,0 +1,76 @@
+#include "empirical/empirical_fisher.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common/checks.h"
+#include "linalg/psd_linalg.h"
+
+namespace natgrad {
+
+std::tuple<at::Tensor, at::Tensor> woodbury_solve(const at::Tensor& per_sample_grads,
+                                                  const at::Tensor& rhs, double damping) {
+  const at::Tensor& U = per_sample_grads;
+  checks::floating(U, "per_sample_grads");
+  checks::dim_eq(U, 2, "per_sample_grads", "[n_samples, n_params]");
+  checks::nonempty_rows(U.size(0), "per_sample_grads");
+  checks::same_device_dtype(rhs, U, "rhs", "per_sample_grads");
+  TORCH_CHECK((rhs.dim() == 1 || rhs.dim() == 2) && rhs.size(0) == U.size(1),
+              "rhs must have shape [n_params] or [n_params, k] with n_params = ", U.size(1),
+              " (per_sample_grads.size(1)), got ", rhs.sizes());
+  checks::damping(damping, /*strictly_positive=*/true);
+
+  const int64_t n = U.size(0);
+  const at::Tensor R = rhs.dim() == 1 ? rhs.unsqueeze(1) : rhs;
+  const at::Tensor projected = at::matmul(U, R).to(at::kDouble);  // U v      [n, k]
+  at::Tensor gram = at::matmul(U, U.t()).to(at::kDouble);         // U U^T    [n, n]
+  gram.diagonal().add_(static_cast<double>(n) * damping);
+  const SolveResult small = spd_solve(gram, projected);
+  at::Tensor x = (R - at::matmul(U.t(), small.solution.to(U.scalar_type()))).div_(damping);
+  return {(rhs.dim() == 1 ? x.squeeze(1) : x).contiguous(), rung_tensor(small.rung)};
+}
+
+at::Tensor linear_diag_fisher(const at::Tensor& input, const at::Tensor& grad_output, bool bias,
+                              double grad_scale) {
+  checks::floating(input, "input");
+  checks::dim_ge(input, 2, "input", "[N, ..., in_features] (dim 0 indexes samples)");
+  checks::same_device_dtype(grad_output, input, "grad_output", "input");
+  TORCH_CHECK(grad_output.dim() == input.dim() &&
+                  grad_output.sizes().slice(0, input.dim() - 1) ==
+                      input.sizes().slice(0, input.dim() - 1),
+              "grad_output must have the leading dims of input ",
+              input.sizes().slice(0, input.dim() - 1), " followed by out_features, got ",
+              grad_output.sizes());
+  checks::nonempty_rows(input.size(0), "input");
+  checks::grad_scale(grad_scale);
+
+  const int64_t samples = input.size(0), d_in = input.size(-1), d_out = grad_output.size(-1);
+  at::Tensor weight, bias_part;
+  if (input.dim() == 2) {
+    weight = at::matmul(grad_output.square().t(), input.square());
+    if (bias) bias_part = grad_output.square().sum(0);
+  } else {
+    const at::Tensor a = input.reshape({samples, -1, d_in});
+    const at::Tensor g = grad_output.reshape({samples, -1, d_out});
+    weight = at::zeros({d_out, d_in}, input.options());
+    const int64_t budget = std::max<int64_t>(d_out * d_in, int64_t{1} << 22);
+    const int64_t chunk = std::max<int64_t>(1, budget / std::max<int64_t>(1, d_out * d_in));
+    for (int64_t first = 0; first < samples; first += chunk) {
+      const int64_t count = std::min(chunk, samples - first);
+      const at::Tensor per_sample =
+          at::bmm(g.narrow(0, first, count).transpose(1, 2), a.narrow(0, first, count));
+      weight.add_(per_sample.square_().sum(0));
+    }
+    if (bias) bias_part = g.sum(1).square_().sum(0);
+  }
+  at::Tensor out = bias ? at::cat({weight, bias_part.unsqueeze(1)}, 1) : weight;
+  return out.mul_(grad_scale * grad_scale / static_cast<double>(samples));
+}
+
+TORCH_LIBRARY_IMPL(natgrad, CPU, m) {
+  m.impl("woodbury_solve", &woodbury_solve);
+  m.impl("linear_diag_fisher", &linear_diag_fisher);
+}
+
+}  // namespace natgrad

@@ -1,0 +1,53 @@
+// Kronecker-factor statistics for K-FAC: A = E[a a^T] (activation side) and G = E[g g^T]
+// (gradient side) of nn.Linear and nn.Conv2d layers.
+//
+// Conventions (documented once, used by every function below):
+// * Rows. Leading dimensions are flattened: a Linear input [..., d_in] has n = prod(...) rows;
+//   a Conv2d input [N, C, H, W] has n = N * OH * OW patch rows of length C * kh * kw, ordered
+//   (c, i, j) like weight.view(C_out, -1). Conv2d output gradients [N, C_out, OH, OW] have the
+//   same N * OH * OW rows.
+// * Bias. With `bias`, a column of ones is appended to each activation row, so the factor is
+//   (d + 1) x (d + 1) and matches a gradient with the bias folded in as the last column. The
+//   ones are never materialised.
+// * Normalisation. Every factor is a mean over its rows: A = a^T a / n and
+//   G = grad_scale^2 * g^T g / n.
+// * grad_scale. Autograd's output gradients carry the loss's reduction: with a loss averaged
+//   over N samples each g is (1/N) times the per-sample gradient. grad_scale multiplies the
+//   gradients back: pass N for a batch-mean loss, 1 for a summed loss. For Conv2d K-FAC in the
+//   KFC form (Grosse & Martens 2016), whose G sums over spatial positions, pass N * sqrt(OH*OW).
+// * EMA forms update `factor` in place, factor <- decay * factor + (1 - decay) * new, in one
+//   pass: the Gram product is accumulated straight into the factor's storage (BLAS beta), so no
+//   second factor-sized tensor is allocated. Inputs of another floating dtype are converted to
+//   the factor's dtype (e.g. bfloat16 activations under autocast into a float32 factor).
+// * Conv2d patches are unfolded in chunks of whole samples whose patch block is at most the
+//   size of the factor, so the full unfolded patch matrix (n x C*kh*kw) never exists.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace natgrad {
+
+at::Tensor linear_act_factor(const at::Tensor& input, bool bias);
+void linear_act_factor_ema_(at::Tensor& factor, const at::Tensor& input, bool bias, double decay);
+
+at::Tensor conv2d_act_factor(const at::Tensor& input, at::IntArrayRef kernel_size,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, bool bias);
+void conv2d_act_factor_ema_(at::Tensor& factor, const at::Tensor& input,
+                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, bool bias,
+                            double decay);
+
+at::Tensor linear_grad_factor(const at::Tensor& grad_output, double grad_scale);
+void linear_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output,
+                             double grad_scale, double decay);
+
+at::Tensor conv2d_grad_factor(const at::Tensor& grad_output, double grad_scale);
+void conv2d_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output,
+                             double grad_scale, double decay);
+
+// Number of samples per chunk when unfolding Conv2d patches: the largest count whose
+// [chunk, patch_dim, positions] block holds at most factor_dim^2 elements (at least 1).
+int64_t conv_chunk_samples(int64_t patch_dim, int64_t positions, int64_t factor_dim);
+
+}  // namespace natgrad

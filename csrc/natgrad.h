@@ -1,0 +1,10 @@
+// natgrad's C++ API for LibTorch users: every op as a plain C++ function (the same functions
+// the dispatcher calls). Link against libnatgrad (CMake target natgrad::natgrad).
+#pragma once
+
+#include "empirical/empirical_fisher.h"
+#include "ewc/ewc_penalty.h"
+#include "factors/kron_factors.h"
+#include "linalg/ladder.h"
+#include "linalg/psd_linalg.h"
+#include "precondition/kfac_precondition.h"

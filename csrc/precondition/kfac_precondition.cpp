@@ -1,0 +1,117 @@
+#include "precondition/kfac_precondition.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common/checks.h"
+#include "linalg/psd_linalg.h"
+
+namespace natgrad {
+namespace {
+
+// Validates grad [..., m, n] against per-side matrices [..., m, m] / [..., n, n] (the batch
+// dims of the side tensors must equal grad's).
+void check_sides(const at::Tensor& grad, const at::Tensor& g_side, const char* g_name,
+                 const at::Tensor& a_side, const char* a_name) {
+  checks::floating(grad, "grad");
+  checks::dim_ge(grad, 2, "grad", "[..., out_features, in_features (+1 for bias)]");
+  checks::same_device_dtype(g_side, grad, g_name, "grad");
+  checks::same_device_dtype(a_side, grad, a_name, "grad");
+  const auto batch = grad.sizes().slice(0, grad.dim() - 2);
+  std::vector<int64_t> g_shape(batch.begin(), batch.end()), a_shape = g_shape;
+  g_shape.insert(g_shape.end(), {grad.size(-2), grad.size(-2)});
+  a_shape.insert(a_shape.end(), {grad.size(-1), grad.size(-1)});
+  checks::shape_eq(g_side, g_shape, g_name, "[..., d_out, d_out] matching grad");
+  checks::shape_eq(a_side, a_shape, a_name, "[..., d_in, d_in] matching grad");
+}
+
+// pi = sqrt(mean(l_A) / mean(l_G)) per batch element, 1 where either mean is not positive.
+at::Tensor pi_from_traces(const at::Tensor& a_trace_mean, const at::Tensor& g_trace_mean) {
+  const at::Tensor ok = (a_trace_mean > 0).logical_and(g_trace_mean > 0);
+  const at::Tensor pi = (a_trace_mean / g_trace_mean.where(ok, at::ones_like(g_trace_mean))).sqrt();
+  return pi.where(ok, at::ones_like(pi));
+}
+
+}  // namespace
+
+at::Tensor kfac_precondition_eigen(const at::Tensor& grad, const at::Tensor& g_eigenvalues,
+                                   const at::Tensor& g_eigenvectors,
+                                   const at::Tensor& a_eigenvalues,
+                                   const at::Tensor& a_eigenvectors, double damping,
+                                   bool pi_correction) {
+  check_sides(grad, g_eigenvectors, "g_eigenvectors", a_eigenvectors, "a_eigenvectors");
+  checks::same_device_dtype(g_eigenvalues, grad, "g_eigenvalues", "grad");
+  checks::same_device_dtype(a_eigenvalues, grad, "a_eigenvalues", "grad");
+  checks::shape_eq(g_eigenvalues, g_eigenvectors.sizes().slice(0, grad.dim() - 1),
+                   "g_eigenvalues", "[..., d_out] matching g_eigenvectors");
+  checks::shape_eq(a_eigenvalues, a_eigenvectors.sizes().slice(0, grad.dim() - 1),
+                   "a_eigenvalues", "[..., d_in] matching a_eigenvectors");
+  checks::damping(damping, /*strictly_positive=*/false);
+
+  at::Tensor rotated = at::matmul(at::matmul(g_eigenvectors.mT(), grad), a_eigenvectors);
+  at::Tensor denom;
+  if (pi_correction) {
+    const at::Tensor pi = pi_from_traces(a_eigenvalues.mean(-1), g_eigenvalues.mean(-1))
+                              .unsqueeze(-1);
+    const double root = std::sqrt(damping);
+    denom = (g_eigenvalues + pi * root).unsqueeze(-1) * (a_eigenvalues + root / pi).unsqueeze(-2);
+  } else {
+    denom = (g_eigenvalues.unsqueeze(-1) * a_eigenvalues.unsqueeze(-2)).add_(damping);
+  }
+  // A zero denominator (no damping, zero eigenvalue) means the direction carries no curvature
+  // information: it is left unscaled rather than divided by zero.
+  denom.masked_fill_(denom <= 0, 1.0);
+  rotated.div_(denom);
+  return at::matmul(at::matmul(g_eigenvectors, rotated), a_eigenvectors.mT());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kfac_damped_inverses(const at::Tensor& g_factor,
+                                                                    const at::Tensor& a_factor,
+                                                                    double damping,
+                                                                    bool pi_correction) {
+  checks::floating(g_factor, "g_factor");
+  checks::square(g_factor, "g_factor");
+  checks::square(a_factor, "a_factor");
+  checks::same_device_dtype(a_factor, g_factor, "a_factor", "g_factor");
+  TORCH_CHECK(a_factor.sizes().slice(0, a_factor.dim() - 2) ==
+                  g_factor.sizes().slice(0, g_factor.dim() - 2),
+              "a_factor and g_factor must have the same batch dims, got ", a_factor.sizes(),
+              " and ", g_factor.sizes());
+  checks::damping(damping, /*strictly_positive=*/true);
+  TORCH_CHECK(all_finite({g_factor, a_factor}),
+              "g_factor or a_factor contains NaN or Inf; skip this update or reset the factors");
+
+  at::Tensor pi = at::ones(g_factor.sizes().slice(0, g_factor.dim() - 2),
+                           g_factor.options().dtype(at::kDouble));
+  if (pi_correction) {
+    pi = pi_from_traces(a_factor.diagonal(0, -2, -1).to(at::kDouble).mean(-1),
+                        g_factor.diagonal(0, -2, -1).to(at::kDouble).mean(-1));
+  }
+  const double root = std::sqrt(damping);
+  auto damped_inverse = [](const at::Tensor& factor, const at::Tensor& shift) {
+    const at::Tensor eye = at::eye(factor.size(-1), factor.options());
+    const at::Tensor shifted = factor + eye * shift.to(factor.scalar_type()).unsqueeze(-1).unsqueeze(-1);
+    return spd_solve(shifted, eye.expand_as(shifted));
+  };
+  SolveResult g = damped_inverse(g_factor, pi * root);
+  SolveResult a = damped_inverse(a_factor, root / pi);
+  const Rung worst = std::max(g.rung, a.rung);
+  return {g.solution.to(g_factor.scalar_type()).contiguous(),
+          a.solution.to(a_factor.scalar_type()).contiguous(),
+          rung_tensor(worst)};
+}
+
+at::Tensor kfac_precondition_inverse(const at::Tensor& grad, const at::Tensor& g_inverse,
+                                     const at::Tensor& a_inverse) {
+  check_sides(grad, g_inverse, "g_inverse", a_inverse, "a_inverse");
+  return at::matmul(at::matmul(g_inverse, grad), a_inverse);
+}
+
+TORCH_LIBRARY_IMPL(natgrad, CPU, m) {
+  m.impl("kfac_precondition_eigen", &kfac_precondition_eigen);
+  m.impl("kfac_damped_inverses", &kfac_damped_inverses);
+  m.impl("kfac_precondition_inverse", &kfac_precondition_inverse);
+}
+
+}  // namespace natgrad

@@ -1,0 +1,49 @@
+// Every natgrad operator schema, in one place. Backend implementations register themselves
+// next to their math (TORCH_LIBRARY_IMPL in each <family>/*.cpp); fake (meta) kernels for
+// torch.compile and opcheck live in python/natgrad/ops/. Mutating ops declare Tensor(a!).
+#include <torch/library.h>
+
+TORCH_LIBRARY(natgrad, m) {
+  // Kronecker factors (factors/kron_factors.h).
+  m.def("linear_act_factor(Tensor input, bool bias) -> Tensor");
+  m.def("linear_act_factor_ema_(Tensor(a!) factor, Tensor input, bool bias, float decay) -> ()");
+  m.def(
+      "conv2d_act_factor(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool bias) -> Tensor");
+  m.def(
+      "conv2d_act_factor_ema_(Tensor(a!) factor, Tensor input, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, bool bias, float decay) -> ()");
+  m.def("linear_grad_factor(Tensor grad_output, float grad_scale) -> Tensor");
+  m.def(
+      "linear_grad_factor_ema_(Tensor(a!) factor, Tensor grad_output, float grad_scale, "
+      "float decay) -> ()");
+  m.def("conv2d_grad_factor(Tensor grad_output, float grad_scale) -> Tensor");
+  m.def(
+      "conv2d_grad_factor_ema_(Tensor(a!) factor, Tensor grad_output, float grad_scale, "
+      "float decay) -> ()");
+
+  // PSD linear algebra with the fallback ladder (linalg/psd_linalg.h).
+  m.def(
+      "damped_eigh(Tensor factor, float damping) -> "
+      "(Tensor eigenvalues, Tensor eigenvectors, Tensor rung)");
+
+  // K-FAC preconditioning (precondition/kfac_precondition.h).
+  m.def(
+      "kfac_precondition_eigen(Tensor grad, Tensor g_eigenvalues, Tensor g_eigenvectors, "
+      "Tensor a_eigenvalues, Tensor a_eigenvectors, float damping, bool pi_correction) -> Tensor");
+  m.def(
+      "kfac_damped_inverses(Tensor g_factor, Tensor a_factor, float damping, "
+      "bool pi_correction) -> (Tensor g_inverse, Tensor a_inverse, Tensor rung)");
+  m.def("kfac_precondition_inverse(Tensor grad, Tensor g_inverse, Tensor a_inverse) -> Tensor");
+
+  // Empirical Fisher (empirical/empirical_fisher.h).
+  m.def(
+      "woodbury_solve(Tensor per_sample_grads, Tensor rhs, float damping) -> "
+      "(Tensor solution, Tensor rung)");
+  m.def(
+      "linear_diag_fisher(Tensor input, Tensor grad_output, bool bias, float grad_scale) -> "
+      "Tensor");
+
+  // EWC (ewc/ewc_penalty.h).
+  m.def("ewc_penalty(Tensor[] params, Tensor[] fisher, Tensor[] anchor) -> (Tensor, Tensor[])");
+}

@@ -1,0 +1,23 @@
+"""natgrad: natural-gradient optimization and Fisher-information curvature for PyTorch.
+
+The math runs in C++ (LibTorch) behind ``torch.ops.natgrad.*``; :mod:`natgrad.ops` holds the
+typed Python wrappers with their fake kernels (torch.compile) and autograd formulas.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from natgrad import _C, ops
+from natgrad._version import __version__
+
+__all__ = ["__version__", "build_info", "ops"]
+
+
+def build_info() -> dict[str, Any]:
+    """Facts fixed when ``natgrad._C`` was compiled.
+
+    Returns:
+        dict with ``version`` (str), ``cuda_compiled`` (bool: whether CUDA kernels were built),
+        ``torch_version`` (the torch the extension was compiled against) and ``cxx11_abi``.
+    """
+    return dict(_C.build_info())
