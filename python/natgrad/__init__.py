@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch  # noqa: F401  (loads libtorch before the extension)
+
 from natgrad import _C, ops
 from natgrad._version import __version__
 

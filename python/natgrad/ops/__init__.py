@@ -1,0 +1,57 @@
+"""Typed Python wrappers over ``torch.ops.natgrad.*``, with fake kernels and autograd formulas.
+
+Importing this package registers the fake (meta) kernels that let torch.compile trace the ops
+and torch.library.opcheck validate them. Ops by family:
+
+* :mod:`natgrad.ops.factors` — K-FAC Kronecker factors of Linear and Conv2d layers (+ EMA).
+* :mod:`natgrad.ops.linalg` — damped eigendecomposition with a fallback ladder; K-FAC
+  preconditioning in eigen and inverse form.
+* :mod:`natgrad.ops.empirical` — Woodbury natural-gradient solve; per-sample diagonal Fisher.
+* :mod:`natgrad.ops.ewc` — the diagonal EWC penalty and its gradient in one pass.
+"""
+from __future__ import annotations
+
+from natgrad.ops._common import Rung
+from natgrad.ops.empirical import WoodburySolution, linear_diag_fisher, woodbury_solve
+from natgrad.ops.ewc import ewc_penalty, ewc_penalty_and_grad
+from natgrad.ops.factors import (
+    conv2d_act_factor,
+    conv2d_act_factor_ema_,
+    conv2d_grad_factor,
+    conv2d_grad_factor_ema_,
+    linear_act_factor,
+    linear_act_factor_ema_,
+    linear_grad_factor,
+    linear_grad_factor_ema_,
+)
+from natgrad.ops.linalg import (
+    DampedInverses,
+    EighResult,
+    damped_eigh,
+    kfac_damped_inverses,
+    kfac_precondition_eigen,
+    kfac_precondition_inverse,
+)
+
+__all__ = [
+    "DampedInverses",
+    "EighResult",
+    "Rung",
+    "WoodburySolution",
+    "conv2d_act_factor",
+    "conv2d_act_factor_ema_",
+    "conv2d_grad_factor",
+    "conv2d_grad_factor_ema_",
+    "damped_eigh",
+    "ewc_penalty",
+    "ewc_penalty_and_grad",
+    "kfac_damped_inverses",
+    "kfac_precondition_eigen",
+    "kfac_precondition_inverse",
+    "linear_act_factor",
+    "linear_act_factor_ema_",
+    "linear_diag_fisher",
+    "linear_grad_factor",
+    "linear_grad_factor_ema_",
+    "woodbury_solve",
+]

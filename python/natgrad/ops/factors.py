@@ -1,0 +1,284 @@
+"""Kronecker-factor statistics of nn.Linear and nn.Conv2d layers (K-FAC's A and G).
+
+Conventions (shared with the C++ ops, csrc/factors/kron_factors.h):
+
+* Leading dimensions are flattened into rows: a Linear input ``[..., d_in]`` has
+  ``n = prod(...)`` rows; a Conv2d input ``[N, C, H, W]`` has ``N * OH * OW`` patch rows of
+  length ``C * kh * kw`` in ``weight.view(C_out, -1)`` order. Conv2d output gradients
+  ``[N, C_out, OH, OW]`` have the same rows.
+* ``bias=True`` appends a column of ones to each activation row (never materialised), so the
+  factor matches a gradient whose last column is the bias gradient.
+* Every factor is a mean over rows: ``A = ãᵀã / n`` and ``G = grad_scale² · gᵀg / n``.
+* ``grad_scale`` undoes the loss's reduction: autograd's output gradients of a loss averaged
+  over ``N`` samples are ``1/N`` times the per-sample gradients, so pass ``N`` for a batch-mean
+  loss and ``1`` for a summed loss. For Conv2d in the KFC form (Grosse & Martens, 2016), whose
+  G sums over spatial positions, pass ``N * sqrt(OH * OW)``.
+* ``*_ema_`` forms update ``factor`` in place, ``factor ← decay·factor + (1 − decay)·new``,
+  accumulating the Gram product straight into the factor (no second factor-sized tensor).
+  Inputs of another floating dtype are converted to the factor's dtype.
+* Conv2d patches are unfolded in chunks of samples no larger than the factor, so the full
+  unfolded patch matrix never exists (the autograd backward does materialise it).
+
+The non-EMA forms are differentiable with respect to their input; the EMA forms are buffer
+updates and are not.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from natgrad import _C  # noqa: F401  (loads the operator registrations)
+
+__all__ = [
+    "conv2d_act_factor",
+    "conv2d_act_factor_ema_",
+    "conv2d_grad_factor",
+    "conv2d_grad_factor_ema_",
+    "linear_act_factor",
+    "linear_act_factor_ema_",
+    "linear_grad_factor",
+    "linear_grad_factor_ema_",
+]
+
+_ops = torch.ops.natgrad
+_IntOrPair = int | tuple[int, int]
+
+
+def linear_act_factor(input: Tensor, bias: bool = True) -> Tensor:
+    """Activation factor ``A = ãᵀã / n`` of an nn.Linear layer.
+
+    Args:
+        input (Tensor): the layer's input ``[..., in_features]``; leading dims are rows.
+        bias (bool): append the ones column for the layer's bias (default: True).
+
+    Returns:
+        Tensor: ``[in_features (+1), in_features (+1)]`` in ``input``'s dtype.
+    """
+    return _ops.linear_act_factor(input, bias)
+
+
+def linear_act_factor_ema_(
+    factor: Tensor, input: Tensor, bias: bool = True, decay: float = 0.95
+) -> Tensor:
+    """In-place EMA update ``factor ← decay·factor + (1 − decay)·ãᵀã/n``; returns ``factor``.
+
+    Args:
+        factor (Tensor): ``[in_features (+1), in_features (+1)]``, updated in place.
+        input (Tensor): the layer's input ``[..., in_features]``.
+        bias (bool): whether ``factor`` includes the bias row/column (default: True).
+        decay (float): EMA decay ρ in [0, 1] (default: 0.95).
+    """
+    _ops.linear_act_factor_ema_(factor, input, bias, decay)
+    return factor
+
+
+def linear_grad_factor(grad_output: Tensor, grad_scale: float = 1.0) -> Tensor:
+    """Gradient factor ``G = grad_scale² · gᵀg / n`` of an nn.Linear layer.
+
+    Args:
+        grad_output (Tensor): gradient w.r.t. the layer's output ``[..., out_features]``.
+        grad_scale (float): ``N`` for a loss averaged over ``N`` samples, 1 for a summed loss
+            (default: 1.0).
+
+    Returns:
+        Tensor: ``[out_features, out_features]``.
+    """
+    return _ops.linear_grad_factor(grad_output, grad_scale)
+
+
+def linear_grad_factor_ema_(
+    factor: Tensor, grad_output: Tensor, grad_scale: float = 1.0, decay: float = 0.95
+) -> Tensor:
+    """In-place EMA update of a Linear gradient factor; returns ``factor``.
+
+    Args:
+        factor (Tensor): ``[out_features, out_features]``, updated in place.
+        grad_output (Tensor): ``[..., out_features]``.
+        grad_scale (float): see :func:`linear_grad_factor` (default: 1.0).
+        decay (float): EMA decay ρ in [0, 1] (default: 0.95).
+    """
+    _ops.linear_grad_factor_ema_(factor, grad_output, grad_scale, decay)
+    return factor
+
+
+def conv2d_act_factor(
+    input: Tensor,
+    kernel_size: _IntOrPair,
+    stride: _IntOrPair = 1,
+    padding: _IntOrPair = 0,
+    dilation: _IntOrPair = 1,
+    bias: bool = True,
+) -> Tensor:
+    """Activation factor of an nn.Conv2d layer (groups=1) over all patches, without unfolding
+    the whole batch at once.
+
+    Args:
+        input (Tensor): the layer's input ``[N, C, H, W]``.
+        kernel_size, stride, padding, dilation (int or (int, int)): the layer's geometry, as in
+            nn.Conv2d (``padding`` as explicit zero padding).
+        bias (bool): append the ones column for the layer's bias (default: True).
+
+    Returns:
+        Tensor: ``[C·kh·kw (+1), C·kh·kw (+1)]``.
+    """
+    return _ops.conv2d_act_factor(
+        input, _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), bias
+    )
+
+
+def conv2d_act_factor_ema_(
+    factor: Tensor,
+    input: Tensor,
+    kernel_size: _IntOrPair,
+    stride: _IntOrPair = 1,
+    padding: _IntOrPair = 0,
+    dilation: _IntOrPair = 1,
+    bias: bool = True,
+    decay: float = 0.95,
+) -> Tensor:
+    """In-place EMA update of a Conv2d activation factor; returns ``factor``.
+
+    Args: as :func:`conv2d_act_factor`, plus ``factor`` (updated in place) and ``decay``
+    (EMA decay ρ in [0, 1], default: 0.95).
+    """
+    _ops.conv2d_act_factor_ema_(
+        factor, input, _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation),
+        bias, decay,
+    )
+    return factor
+
+
+def conv2d_grad_factor(grad_output: Tensor, grad_scale: float = 1.0) -> Tensor:
+    """Gradient factor ``grad_scale² · gᵀg / n`` of an nn.Conv2d layer over all positions.
+
+    Args:
+        grad_output (Tensor): ``[N, C_out, OH, OW]``.
+        grad_scale (float): see the module docstring (default: 1.0).
+
+    Returns:
+        Tensor: ``[C_out, C_out]``.
+    """
+    return _ops.conv2d_grad_factor(grad_output, grad_scale)
+
+
+def conv2d_grad_factor_ema_(
+    factor: Tensor, grad_output: Tensor, grad_scale: float = 1.0, decay: float = 0.95
+) -> Tensor:
+    """In-place EMA update of a Conv2d gradient factor; returns ``factor``.
+
+    Args: as :func:`conv2d_grad_factor`, plus ``factor`` (updated in place) and ``decay``
+    (EMA decay ρ in [0, 1], default: 0.95).
+    """
+    _ops.conv2d_grad_factor_ema_(factor, grad_output, grad_scale, decay)
+    return factor
+
+
+# ---- fake kernels (shapes only; used by torch.compile and opcheck) ---------------------------
+
+
+def _patch_dim(input: Tensor, kernel_size) -> int:
+    return input.shape[1] * kernel_size[0] * kernel_size[1]
+
+
+@torch.library.register_fake("natgrad::linear_act_factor")
+def _(input, bias):
+    d = input.shape[-1] + int(bias)
+    return input.new_empty(d, d)
+
+
+@torch.library.register_fake("natgrad::conv2d_act_factor")
+def _(input, kernel_size, stride, padding, dilation, bias):
+    d = _patch_dim(input, kernel_size) + int(bias)
+    return input.new_empty(d, d)
+
+
+@torch.library.register_fake("natgrad::linear_grad_factor")
+def _(grad_output, grad_scale):
+    d = grad_output.shape[-1]
+    return grad_output.new_empty(d, d)
+
+
+@torch.library.register_fake("natgrad::conv2d_grad_factor")
+def _(grad_output, grad_scale):
+    d = grad_output.shape[1]
+    return grad_output.new_empty(d, d)
+
+
+for _name in ("linear_act_factor_ema_", "conv2d_act_factor_ema_", "linear_grad_factor_ema_",
+              "conv2d_grad_factor_ema_"):
+    torch.library.register_fake(f"natgrad::{_name}")(lambda *args: None)
+
+
+# ---- autograd: d(XᵀX·c)/dX = X (Ḡ + Ḡᵀ)·c ----------------------------------------------------
+
+
+def _rows_backward(rows: Tensor, grad: Tensor, bias: bool, scale: float = 1.0) -> Tensor:
+    """Gradient w.r.t. ``rows`` [n, d] of ``scale · ãᵀã / n`` (ã = [rows, 1] if bias)."""
+    sym = grad + grad.mT
+    d = rows.shape[-1]
+    out = rows @ sym[:d, :d]
+    if bias:
+        out = out + sym[d, :d]
+    # Divide by the (possibly symbolic) row count itself: a Python float 1/n would become a
+    # SymFloat under dynamic shapes, which AOT dispatch fails to tensorify.
+    return out * scale / rows.shape[0]
+
+
+def _setup_linear(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.extra = inputs[1:]
+
+
+def _linear_act_backward(ctx, grad):
+    (input,) = ctx.saved_tensors
+    (bias,) = ctx.extra
+    rows = input.reshape(-1, input.shape[-1])
+    return _rows_backward(rows, grad, bias).reshape(input.shape), None
+
+
+def _linear_grad_backward(ctx, grad):
+    (grad_output,) = ctx.saved_tensors
+    (scale,) = ctx.extra
+    rows = grad_output.reshape(-1, grad_output.shape[-1])
+    out = _rows_backward(rows, grad, False, scale * scale)
+    return out.reshape(grad_output.shape), None
+
+
+def _conv_act_backward(ctx, grad):
+    (input,) = ctx.saved_tensors
+    kernel_size, stride, padding, dilation, bias = ctx.extra
+    patches = F.unfold(input, kernel_size, dilation, padding, stride)  # [N, D, L]
+    sym = grad + grad.mT
+    d = patches.shape[1]
+    grad_patches = sym[:d, :d] @ patches
+    if bias:
+        grad_patches = grad_patches + sym[:d, d, None]
+    grad_patches = grad_patches / patches.shape[0] / patches.shape[2]
+    grad_input = F.fold(grad_patches, input.shape[-2:], kernel_size, dilation, padding, stride)
+    return grad_input, None, None, None, None, None
+
+
+def _conv_grad_backward(ctx, grad):
+    (grad_output,) = ctx.saved_tensors
+    (scale,) = ctx.extra
+    n, c = grad_output.shape[:2]
+    cols = grad_output.reshape(n, c, -1)  # [N, C, L]
+    sym = grad + grad.mT
+    out = (sym @ cols) * (scale * scale) / n / cols.shape[2]
+    return out.reshape(grad_output.shape), None
+
+
+torch.library.register_autograd(
+    "natgrad::linear_act_factor", _linear_act_backward, setup_context=_setup_linear
+)
+torch.library.register_autograd(
+    "natgrad::linear_grad_factor", _linear_grad_backward, setup_context=_setup_linear
+)
+torch.library.register_autograd(
+    "natgrad::conv2d_act_factor", _conv_act_backward, setup_context=_setup_linear
+)
+torch.library.register_autograd(
+    "natgrad::conv2d_grad_factor", _conv_grad_backward, setup_context=_setup_linear
+)

@@ -1,0 +1,209 @@
+"""Damped eigendecomposition with a fallback ladder, and K-FAC preconditioning.
+
+The ladder (csrc/linalg/ladder.h) tries, in order: the factorisation in the factor's dtype,
+again in float64, float64 with growing diagonal jitter, and finally the diagonal of the factor.
+Results never hold NaN or Inf, eigenvalues are clamped at 0, and the rung used is reported as a
+0-dim int64 tensor (compare with :class:`Rung`).
+
+K-FAC preconditioning applies ``(A ⊗ G + γI)⁻¹`` to a layer gradient ``∇W`` of shape
+``[..., d_out, d_in]`` (bias folded in as the last column; leading dims batch layers of equal
+shapes), either in the eigenbasis::
+
+    P = V_G [(V_Gᵀ ∇W V_A) ⊘ (λ_G λ_Aᵀ + γ)] V_Aᵀ
+
+or, with π-corrected factored damping (Martens & Grosse, 2015, §6.3),
+``P = (G + π√γ I)⁻¹ ∇W (A + √γ/π I)⁻¹`` with ``π = sqrt((tr A / d_in) / (tr G / d_out))``,
+available both in the eigenbasis (``pi_correction=True``) and as explicit inverses.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from natgrad import _C  # noqa: F401  (loads the operator registrations)
+from natgrad.ops._common import Rung, not_differentiable, rung_like
+
+__all__ = [
+    "DampedInverses",
+    "EighResult",
+    "Rung",
+    "damped_eigh",
+    "kfac_damped_inverses",
+    "kfac_precondition_eigen",
+    "kfac_precondition_inverse",
+]
+
+_ops = torch.ops.natgrad
+
+
+class EighResult(NamedTuple):
+    """Output of :func:`damped_eigh`."""
+
+    eigenvalues: Tensor  #: ``[..., n]`` ascending, clamped at 0, plus damping
+    eigenvectors: Tensor  #: ``[..., n, n]``, one eigenvector per column
+    rung: Tensor  #: 0-dim int64, the :class:`Rung` that succeeded
+
+
+class DampedInverses(NamedTuple):
+    """Output of :func:`kfac_damped_inverses`."""
+
+    g_inverse: Tensor  #: ``(G + π√γ I)⁻¹``
+    a_inverse: Tensor  #: ``(A + √γ/π I)⁻¹``
+    rung: Tensor  #: 0-dim int64, the worse :class:`Rung` of the two factorisations
+
+
+def damped_eigh(factor: Tensor, damping: float = 0.0) -> EighResult:
+    """Eigendecomposition of a symmetric PSD factor that never returns NaN or Inf.
+
+    Both triangles are read (the factor is symmetrised). Eigenvalues are clamped at 0 and then
+    shifted by ``damping``; keep ``damping=0`` when the damping is applied later by
+    :func:`kfac_precondition_eigen`. Not differentiable.
+
+    Args:
+        factor (Tensor): ``[..., n, n]``, float32 or float64, finite.
+        damping (float): added to every clamped eigenvalue, >= 0 (default: 0.0).
+
+    Returns:
+        EighResult: ``(eigenvalues, eigenvectors, rung)`` in the factor's dtype.
+
+    Raises:
+        RuntimeError: if ``factor`` is not square, not floating point, or holds NaN/Inf.
+    """
+    return EighResult(*_ops.damped_eigh(factor, damping))
+
+
+def kfac_precondition_eigen(
+    grad: Tensor,
+    g_eigenvalues: Tensor,
+    g_eigenvectors: Tensor,
+    a_eigenvalues: Tensor,
+    a_eigenvectors: Tensor,
+    damping: float,
+    pi_correction: bool = False,
+) -> Tensor:
+    """K-FAC preconditioned gradient in the factors' eigenbases.
+
+    Without ``pi_correction`` this is exactly ``(A ⊗ G + damping·I)⁻¹ vec(∇W)``; with it, the
+    damping is split between the factors by π (see the module docstring). Directions whose
+    denominator is 0 (no damping, zero eigenvalue) are left unscaled. Differentiable with
+    respect to ``grad`` (the preconditioner is self-adjoint); the decompositions are constants.
+
+    Args:
+        grad (Tensor): ``[..., d_out, d_in]`` layer gradient, bias as the last column.
+        g_eigenvalues (Tensor): ``[..., d_out]`` from :func:`damped_eigh` of G.
+        g_eigenvectors (Tensor): ``[..., d_out, d_out]``.
+        a_eigenvalues (Tensor): ``[..., d_in]`` from :func:`damped_eigh` of A.
+        a_eigenvectors (Tensor): ``[..., d_in, d_in]``.
+        damping (float): γ >= 0.
+        pi_correction (bool): factored, π-corrected damping (default: False).
+
+    Returns:
+        Tensor: the preconditioned gradient, shaped like ``grad``.
+    """
+    return _ops.kfac_precondition_eigen(
+        grad, g_eigenvalues, g_eigenvectors, a_eigenvalues, a_eigenvectors, damping,
+        pi_correction,
+    )
+
+
+def kfac_damped_inverses(
+    g_factor: Tensor, a_factor: Tensor, damping: float, pi_correction: bool = False
+) -> DampedInverses:
+    """Damped inverses ``(G + π√γ I)⁻¹`` and ``(A + √γ/π I)⁻¹`` by Cholesky with the ladder.
+
+    Computed once per inverse update; :func:`kfac_precondition_inverse` applies them each step.
+    ``π = 1`` unless ``pi_correction``. Not differentiable.
+
+    Args:
+        g_factor (Tensor): ``[..., d_out, d_out]`` gradient factor G.
+        a_factor (Tensor): ``[..., d_in, d_in]`` activation factor A.
+        damping (float): γ > 0.
+        pi_correction (bool): split the damping by π (default: False).
+
+    Returns:
+        DampedInverses: ``(g_inverse, a_inverse, rung)``.
+    """
+    return DampedInverses(*_ops.kfac_damped_inverses(g_factor, a_factor, damping, pi_correction))
+
+
+def kfac_precondition_inverse(grad: Tensor, g_inverse: Tensor, a_inverse: Tensor) -> Tensor:
+    """K-FAC preconditioned gradient ``G_inv ∇W A_inv`` from precomputed damped inverses.
+
+    Differentiable with respect to all three arguments.
+
+    Args:
+        grad (Tensor): ``[..., d_out, d_in]``.
+        g_inverse (Tensor): ``[..., d_out, d_out]`` from :func:`kfac_damped_inverses`.
+        a_inverse (Tensor): ``[..., d_in, d_in]``.
+    """
+    return _ops.kfac_precondition_inverse(grad, g_inverse, a_inverse)
+
+
+# ---- fake kernels ------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("natgrad::damped_eigh")
+def _(factor, damping):
+    return factor.new_empty(factor.shape[:-1]), factor.new_empty(factor.shape), rung_like()
+
+
+@torch.library.register_fake("natgrad::kfac_precondition_eigen")
+def _(grad, g_eigenvalues, g_eigenvectors, a_eigenvalues, a_eigenvectors, damping, pi_correction):
+    return grad.new_empty(grad.shape)
+
+
+@torch.library.register_fake("natgrad::kfac_damped_inverses")
+def _(g_factor, a_factor, damping, pi_correction):
+    return g_factor.new_empty(g_factor.shape), a_factor.new_empty(a_factor.shape), rung_like()
+
+
+@torch.library.register_fake("natgrad::kfac_precondition_inverse")
+def _(grad, g_inverse, a_inverse):
+    return grad.new_empty(grad.shape)
+
+
+# ---- autograd ----------------------------------------------------------------------------------
+
+
+def _setup_eigen(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:5])
+    ctx.damping, ctx.pi_correction = inputs[5], inputs[6]
+
+
+def _eigen_backward(ctx, grad):
+    if any(ctx.needs_input_grad[1:5]):
+        raise RuntimeError(
+            "natgrad::kfac_precondition_eigen is differentiable with respect to grad only; "
+            "detach the eigenvalues and eigenvectors"
+        )
+    evals_g, evecs_g, evals_a, evecs_a = ctx.saved_tensors
+    grad_in = _ops.kfac_precondition_eigen(
+        grad.contiguous(), evals_g, evecs_g, evals_a, evecs_a, ctx.damping, ctx.pi_correction
+    )
+    return grad_in, None, None, None, None, None, None
+
+
+def _setup_inverse(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _inverse_backward(ctx, grad):
+    x, g_inv, a_inv = ctx.saved_tensors
+    d_x = g_inv.mT @ grad @ a_inv.mT if ctx.needs_input_grad[0] else None
+    d_g = grad @ (x @ a_inv).mT if ctx.needs_input_grad[1] else None
+    d_a = (g_inv @ x).mT @ grad if ctx.needs_input_grad[2] else None
+    return d_x, d_g, d_a
+
+
+torch.library.register_autograd(
+    "natgrad::kfac_precondition_eigen", _eigen_backward, setup_context=_setup_eigen
+)
+torch.library.register_autograd(
+    "natgrad::kfac_precondition_inverse", _inverse_backward, setup_context=_setup_inverse
+)
+for _name in ("damped_eigh", "kfac_damped_inverses"):
+    torch.library.register_autograd(
+        f"natgrad::{_name}", not_differentiable(_name), setup_context=lambda ctx, inputs, output: None
+    )

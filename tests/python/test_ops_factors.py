@@ -1,0 +1,186 @@
+"""natgrad.ops.factors against plain-PyTorch references, opcheck, gradcheck and the exact
+Fisher of one Linear layer on one sample."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from natgrad import ops
+
+OPS = torch.ops.natgrad
+
+
+def ref_act_factor(rows: torch.Tensor, bias: bool) -> torch.Tensor:
+    rows = rows.reshape(-1, rows.shape[-1]).double()
+    if bias:
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+    return rows.T @ rows / rows.shape[0]
+
+
+def ref_conv_patches(x, kernel, stride, padding, dilation) -> torch.Tensor:
+    cols = F.unfold(x.double(), kernel, dilation, padding, stride)  # [N, D, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (7, 5), (3, 4, 6), (2, 3, 2, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_act_factor_matches_reference(shape, bias, dtype):
+    x = torch.randn(shape, dtype=dtype)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.linear_act_factor(x, bias).double(), ref_act_factor(x, bias), **tol)
+
+
+def test_linear_factors_accept_non_contiguous_inputs():
+    base = torch.randn(6, 9, dtype=torch.float64)
+    x = base.T[:, ::2]  # [9, 3], non-contiguous
+    assert not x.is_contiguous()
+    torch.testing.assert_close(ops.linear_act_factor(x), ref_act_factor(x.contiguous(), True))
+    torch.testing.assert_close(ops.linear_grad_factor(x, 2.0), 4.0 * ref_act_factor(x.contiguous(), False))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_act_factor_ema_updates_in_place(bias):
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    old = ops.linear_act_factor(torch.randn(8, 5, dtype=torch.float64), bias)
+    factor = old.clone()
+    ptr = factor.data_ptr()
+    out = ops.linear_act_factor_ema_(factor, x, bias, decay=0.9)
+    assert out is factor and factor.data_ptr() == ptr
+    torch.testing.assert_close(factor, 0.9 * old + 0.1 * ref_act_factor(x, bias))
+
+
+def test_ema_converts_bfloat16_input_into_float32_factor():
+    x = torch.randn(16, 8).bfloat16()
+    factor = torch.zeros(9, 9)
+    ops.linear_act_factor_ema_(factor, x, True, 0.0)
+    torch.testing.assert_close(factor.double(), ref_act_factor(x.float(), True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 32.0])
+def test_linear_grad_factor_and_ema_match_reference(scale):
+    g = torch.randn(5, 4, 7, dtype=torch.float64)
+    expected = scale**2 * ref_act_factor(g, False)
+    torch.testing.assert_close(ops.linear_grad_factor(g, scale), expected)
+    factor = torch.eye(7, dtype=torch.float64)
+    ops.linear_grad_factor_ema_(factor, g, scale, 0.25)
+    torch.testing.assert_close(factor, 0.25 * torch.eye(7, dtype=torch.float64) + 0.75 * expected)
+
+
+CONV_CASES = [
+    # (N, C, H, W, kernel, stride, padding, dilation)
+    (1, 3, 5, 5, (3, 3), (1, 1), (0, 0), (1, 1)),
+    (4, 2, 7, 6, (3, 2), (2, 1), (1, 2), (1, 1)),
+    (3, 2, 9, 9, (3, 3), (1, 2), (2, 1), (2, 2)),
+    (64, 1, 6, 6, (2, 2), (1, 1), (0, 0), (1, 1)),  # D=4, L=25: chunks of one sample
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_act_factor_matches_unfold_reference(case, bias):
+    n, c, h, w, k, s, p, d = case
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    expected = ref_act_factor(ref_conv_patches(x, k, s, p, d), bias)
+    torch.testing.assert_close(ops.conv2d_act_factor(x, k, s, p, d, bias), expected)
+    factor = torch.eye(expected.shape[0], dtype=torch.float64)
+    ops.conv2d_act_factor_ema_(factor, x, k, s, p, d, bias, decay=0.5)
+    torch.testing.assert_close(factor, 0.5 * torch.eye(expected.shape[0], dtype=torch.float64) + 0.5 * expected)
+
+
+def test_conv2d_act_factor_float32_channels_last():
+    x = torch.randn(5, 3, 8, 8).to(memory_format=torch.channels_last)
+    expected = ref_act_factor(ref_conv_patches(x, 3, 1, 1, 1), True)
+    torch.testing.assert_close(ops.conv2d_act_factor(x, 3, padding=1).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_grad_factor_matches_reference():
+    g = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    rows = g.permute(0, 2, 3, 1).reshape(-1, 4)
+    expected = 9.0 * rows.T @ rows / rows.shape[0]
+    torch.testing.assert_close(ops.conv2d_grad_factor(g, 3.0), expected)
+    factor = torch.zeros(4, 4, dtype=torch.float64)
+    ops.conv2d_grad_factor_ema_(factor, g, 3.0, 0.0)
+    torch.testing.assert_close(factor, expected)
+
+
+def test_one_sample_kronecker_factors_equal_the_exact_fisher():
+    """For one Linear layer and one sample, A ⊗ G is exactly the outer product of the
+    flattened per-sample gradient (K-FAC is exact there)."""
+    layer = torch.nn.Linear(4, 3).double()
+    x = torch.randn(1, 4, dtype=torch.float64)
+    out = layer(x)
+    out.retain_grad()
+    F.cross_entropy(out, torch.tensor([2])).backward()
+    flat = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).reshape(-1)
+    a_factor = ops.linear_act_factor(x, bias=True)
+    g_factor = ops.linear_grad_factor(out.grad, grad_scale=1.0)
+    # Row-major vec of g ãᵀ is g ⊗ ã, so the Fisher is G ⊗ A in this ordering.
+    torch.testing.assert_close(torch.kron(g_factor, a_factor), torch.outer(flat, flat), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "name,args,message",
+    [
+        ("linear_act_factor", lambda: (torch.ones(3, 2, dtype=torch.long), True), "input must have a floating-point dtype"),
+        ("linear_act_factor", lambda: (torch.ones(0, 2), True), "input holds no samples"),
+        ("linear_grad_factor", lambda: (torch.ones(3, 2), 0.0), "grad_scale must be a finite number > 0"),
+        ("linear_grad_factor", lambda: (torch.ones(3, 2), float("nan")), "grad_scale must be a finite number > 0"),
+        ("conv2d_act_factor", lambda: (torch.ones(2, 3, 4), [3, 3], [1, 1], [0, 0], [1, 1], True), "input must be 4-D"),
+        ("conv2d_act_factor", lambda: (torch.ones(1, 1, 2, 2), [3, 3], [1, 1], [0, 0], [1, 1], True), "too small for kernel_size"),
+        ("conv2d_act_factor", lambda: (torch.ones(1, 1, 4, 4), [3, 3], [0, 1], [0, 0], [1, 1], True), "stride must be >= 1"),
+        ("conv2d_act_factor", lambda: (torch.ones(1, 1, 4, 4), [3, 3], [1, 1], [-1, 0], [1, 1], True), "padding must be >= 0"),
+        ("conv2d_grad_factor", lambda: (torch.ones(2, 3), 1.0), "grad_output must be 4-D"),
+        ("linear_act_factor_ema_", lambda: (torch.zeros(3, 3), torch.ones(4, 2), False, 0.5), "factor must have shape [2, 2]"),
+        ("linear_act_factor_ema_", lambda: (torch.zeros(3, 3), torch.ones(4, 2), True, 1.5), "decay must be in [0, 1]"),
+        ("linear_act_factor_ema_", lambda: (torch.zeros(3, 3), torch.ones(4, 2), True, -0.1), "decay must be in [0, 1]"),
+        ("linear_grad_factor_ema_", lambda: (torch.zeros(2, 2, dtype=torch.long), torch.ones(4, 2), 1.0, 0.5), "factor must have a floating-point dtype"),
+    ],
+)
+def test_bad_arguments_raise_errors_naming_them(name, args, message):
+    with pytest.raises(RuntimeError) as info:
+        getattr(OPS, name)(*args())
+    assert message in str(info.value)
+
+
+def _opcheck_samples():
+    x = torch.randn(6, 5, dtype=torch.float64)
+    x3 = torch.randn(2, 3, 5, dtype=torch.float64)
+    img = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    g_img = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    return [
+        ("linear_act_factor", (x, True)),
+        ("linear_act_factor", (x3, False)),
+        ("linear_grad_factor", (x3, 3.0)),
+        ("conv2d_act_factor", (img, [3, 3], [1, 1], [0, 0], [1, 1], True)),
+        ("conv2d_act_factor", (img, [2, 2], [2, 2], [1, 1], [1, 1], False)),
+        ("conv2d_grad_factor", (g_img, 2.0)),
+    ]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("sample", range(6))
+def test_opcheck_factor_ops(sample, requires_grad):
+    name, args = _opcheck_samples()[sample]
+    args = tuple(a.clone().requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(getattr(OPS, name).default, args)
+
+
+def test_opcheck_ema_ops():
+    f = lambda d: torch.eye(d, dtype=torch.float64)  # noqa: E731
+    x = torch.randn(6, 5, dtype=torch.float64)
+    img = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    torch.library.opcheck(OPS.linear_act_factor_ema_.default, (f(6), x, True, 0.9))
+    torch.library.opcheck(OPS.linear_grad_factor_ema_.default, (f(5), x, 2.0, 0.9))
+    torch.library.opcheck(OPS.conv2d_act_factor_ema_.default, (f(19), img, [3, 3], [1, 1], [1, 1], [1, 1], True, 0.5))
+    torch.library.opcheck(OPS.conv2d_grad_factor_ema_.default, (f(2), img, 1.0, 0.5))
+
+
+def test_gradcheck_factor_ops():
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.linear_act_factor(t, True), (x,))
+    assert torch.autograd.gradcheck(lambda t: ops.linear_grad_factor(t, 2.0), (x,))
+    img = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.conv2d_act_factor(t, (2, 3), (1, 2), (1, 0), (2, 1), True), (img,))
+    assert torch.autograd.gradcheck(lambda t: ops.conv2d_grad_factor(t, 1.5), (img,))
