@@ -11,8 +11,9 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from natgrad import _C, ops
 from natgrad._version import __version__
+from natgrad.optim import KFAC
 
-__all__ = ["__version__", "build_info", "ops"]
+__all__ = ["KFAC", "__version__", "build_info", "ops"]
 
 
 def build_info() -> dict[str, Any]:

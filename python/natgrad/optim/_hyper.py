@@ -1,0 +1,49 @@
+"""Validation and resolution of hyperparameters that may be scheduled (float or callable)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Union
+
+Schedule = Union[float, Callable[[int], float]]
+
+
+def resolve(value: Schedule | None, step: int) -> float | None:
+    """The value of a constant or scheduled hyperparameter at ``step`` (0-based)."""
+    return value(step) if callable(value) else value
+
+
+def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False,
+                 allow_none: bool = False, allow_callable: bool = False) -> None:
+    """Raises ValueError naming ``name`` and ``value`` unless the value is in the range.
+
+    A callable is accepted (when ``allow_callable``) and checked when resolved instead.
+    """
+    if value is None and allow_none:
+        return
+    if callable(value) and allow_callable:
+        return
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        kind = "an int" if integer else "a finite number"
+        extra = " or a callable of the step" if allow_callable else ""
+        extra += " or None" if allow_none else ""
+        raise ValueError(f"Invalid {name}: {value!r} (expected {kind}{extra})")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"Invalid {name}: {value!r} (must be {'>' if low_open else '>='} {low})")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"Invalid {name}: {value!r} (must be {'<' if high_open else '<='} {high})")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+
+
+def resolved_number(name: str, value: Schedule | None, step: int, **bounds) -> float | None:
+    """Resolves a scheduled value and validates the result with :func:`check_number`."""
+    out = resolve(value, step)
+    check_number(f"{name} (at step {step})" if callable(value) else name, out, **bounds)
+    return out
