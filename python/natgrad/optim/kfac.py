@@ -88,6 +88,11 @@ class KFAC(Optimizer):
         seed (int): seed of the generator used by :meth:`sample_fisher` (default: 0).
     """
 
+    # torch.amp.GradScaler hands this optimizer its scale (``grad_scale``) and overflow flag
+    # (``found_inf``) instead of unscaling .grad itself, so that the captured output gradients
+    # feeding G are unscaled too. Call ``scaler.step(opt)`` without a prior ``scaler.unscale_``.
+    _step_supports_amp_scaling = True
+
     def __init__(self, model: nn.Module, params: Iterable | None = None, *, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 0.0, damping: Schedule = 1e-3,
                  factor_decay: float = 0.95, factor_update_period: Schedule = 1,
@@ -176,6 +181,10 @@ class KFAC(Optimizer):
         captures = list(self._captures.values())
         self._finalizer = weakref.finalize(self, lambda: [c.remove() for c in captures])
         self._block_of = {id(p): b for b in self._blocks for p in b.params}
+        self._index_groups()
+
+    def _index_groups(self) -> None:
+        """Maps each parameter to its group (refreshed every step: add_param_group may run)."""
         self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
 
     def _capturing(self) -> bool:
@@ -240,6 +249,7 @@ class KFAC(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         k = self._steps
+        self._index_groups()
         skipped = self._update_factors(k, inv_scale)
         self._update_inverses(k)
         updates, grads = self._directions(skipped, inv_scale)

@@ -1,0 +1,72 @@
+# Idempotent set-up shared by scripts/test.sh and scripts/main.sh; source it, don't run it.
+#
+# On a fresh machine it installs Debian's libgtest-dev, ccache and cmake, creates .venv with
+# torch 2.13.0 and the dev requirements, and builds natgrad._C in place. On later runs every
+# step finds its work done (stamps, ninja, ccache) and costs seconds.
+# Environment: NATGRAD_VENV (default: <repo>/.venv), NATGRAD_JOBS (default: 2).
+
+set -euo pipefail
+NATGRAD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NATGRAD_VENV="${NATGRAD_VENV:-$NATGRAD_ROOT/.venv}"
+NATGRAD_JOBS="${NATGRAD_JOBS:-2}"
+PY="$NATGRAD_VENV/bin/python"
+
+log() { printf '\033[1m[natgrad]\033[0m %s\n' "$*"; }
+
+install_system_packages() {
+  local missing=()
+  for pkg in libgtest-dev ccache cmake g++; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+install_python_env() {
+  if [ ! -x "$PY" ]; then
+    log "creating virtual environment $NATGRAD_VENV"
+    python3 -m venv "$NATGRAD_VENV"
+  fi
+  local stamp="$NATGRAD_VENV/.natgrad-requirements"
+  if ! cmp -s "$NATGRAD_ROOT/requirements-dev.txt" "$stamp"; then
+    log "installing Python requirements (torch==2.13.0, pytest, ...)"
+    "$PY" -m pip install -q --upgrade pip >/dev/null
+    "$PY" -m pip install -q -r "$NATGRAD_ROOT/requirements-dev.txt"
+    cp "$NATGRAD_ROOT/requirements-dev.txt" "$stamp"
+  fi
+}
+
+# ccache's compiler links come first on PATH, so both builds hit the same cache.
+with_ccache() { PATH="/usr/lib/ccache:$NATGRAD_VENV/bin:$PATH" "$@"; }
+
+build_python_extension() {
+  log "building natgrad._C (setup.py build_ext --inplace; incremental)"
+  local logfile="$NATGRAD_ROOT/build/setup-build.log"
+  mkdir -p "$NATGRAD_ROOT/build"
+  if ! (cd "$NATGRAD_ROOT" && with_ccache env MAX_JOBS="$NATGRAD_JOBS" "$PY" setup.py build_ext --inplace >"$logfile" 2>&1); then
+    tail -n 60 "$logfile"
+    log "building natgrad._C failed; full log: $logfile"
+    return 1
+  fi
+}
+
+build_cpp_tests() {
+  log "building libnatgrad and the GoogleTest suite (CMake; incremental)"
+  local prefix
+  prefix="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+  with_ccache cmake -S "$NATGRAD_ROOT" -B "$NATGRAD_ROOT/build/cmake" -G Ninja \
+    -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix" \
+    -DCMAKE_MAKE_PROGRAM="$NATGRAD_VENV/bin/ninja" >"$NATGRAD_ROOT/build/cmake-configure.log" 2>&1 \
+    || { tail -n 40 "$NATGRAD_ROOT/build/cmake-configure.log"; return 1; }
+  with_ccache cmake --build "$NATGRAD_ROOT/build/cmake" -j "$NATGRAD_JOBS"
+}
+
+setup_all() {
+  install_system_packages
+  install_python_env
+  build_python_extension
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every natgrad test: the GoogleTest suite (ctest) and the pytest suite.
+# Does its own set-up on a fresh machine (see scripts/env.sh); repeated runs reuse the builds.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k woodbury).
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+setup_all
+build_cpp_tests
+
+status=0
+log "C++ tests (ctest)"
+ctest --test-dir "$NATGRAD_ROOT/build/cmake" --output-on-failure -j "$NATGRAD_JOBS" || status=1
+log "Python tests (pytest)"
+(cd "$NATGRAD_ROOT" && "$PY" -m pytest -p no:cacheprovider "$@") || status=1
+[ "$status" -eq 0 ] && log "all tests passed" || log "some tests FAILED"
+exit "$status"
