@@ -263,3 +263,30 @@ def test_monte_carlo_fisher_matches_the_expected_fisher():
     torch.testing.assert_close(layer.weight.grad, grad_before)  # .grad untouched by sampling
     with pytest.raises(RuntimeError, match="fisher_type='mc'"):
         natgrad.KFAC(mlp()).sample_fisher(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_sequence_linear_factors_follow_expand_and_reduce_definitions(approx):
+    """Linear on [N, T, d] inputs (weight shared over T), against Eschenhagen et al. (2023)."""
+    torch.manual_seed(8)
+    n, t = 6, 5
+    model = nn.Linear(4, 3).double()
+    x = torch.randn(n, t, 4, dtype=torch.float64)
+    target = torch.randn(n, t, 3, dtype=torch.float64)
+    opt = natgrad.KFAC(model, lr=0.0, linear_approx=approx)
+    out = model(x)
+    out.retain_grad()
+    ((out - target) ** 2).sum(dim=(1, 2)).mean().backward()  # mean over samples of per-sample losses
+    opt.step()
+    a = torch.cat([x, torch.ones(n, t, 1, dtype=torch.float64)], -1)
+    g = out.grad * n  # per-sample loss gradients
+    if approx == "expand":
+        rows_a, rows_g = a.reshape(-1, 5), g.reshape(-1, 3)
+        A = rows_a.T @ rows_a / (n * t)
+        G = t * rows_g.T @ rows_g / (n * t)  # G sums over the T shared positions
+    else:
+        mean_a, sum_g = a.mean(1), g.sum(1)
+        A, G = mean_a.T @ mean_a / n, sum_g.T @ sum_g / n
+    block = opt._blocks[0]
+    torch.testing.assert_close(block.state["A"], A, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(block.state["G"], G, rtol=1e-10, atol=1e-12)
