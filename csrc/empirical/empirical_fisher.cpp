@@ -20,6 +20,9 @@ std::tuple<at::Tensor, at::Tensor> woodbury_solve(const at::Tensor& per_sample_g
               "rhs must have shape [n_params] or [n_params, k] with n_params = ", U.size(1),
               " (per_sample_grads.size(1)), got ", rhs.sizes());
   checks::damping(damping, /*strictly_positive=*/true);
+  TORCH_CHECK(all_finite({U, rhs}),
+              "per_sample_grads or rhs contains NaN or Inf: the natural gradient is undefined; "
+              "skip this step or find the non-finite per-sample gradient");
 
   const int64_t n = U.size(0);
   const at::Tensor R = rhs.dim() == 1 ? rhs.unsqueeze(1) : rhs;

@@ -14,7 +14,8 @@
 namespace natgrad {
 
 struct EighResult {
-  at::Tensor eigenvalues;   // [..., n], ascending, clamped at 0, plus damping
+  at::Tensor eigenvalues;   // [..., n], clamped at 0, plus damping; ascending except on the
+                            // diagonal rung (diagonal order, paired with identity columns)
   at::Tensor eigenvectors;  // [..., n, n], columns are eigenvectors
   Rung rung;
 };

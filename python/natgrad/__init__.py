@@ -9,11 +9,11 @@ from typing import Any
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from natgrad import _C, ops
+from natgrad import _C, fisher, ops
 from natgrad._version import __version__
-from natgrad.optim import KFAC
+from natgrad.optim import KFAC, NaturalGradient
 
-__all__ = ["KFAC", "__version__", "build_info", "ops"]
+__all__ = ["KFAC", "NaturalGradient", "__version__", "build_info", "fisher", "ops"]
 
 
 def build_info() -> dict[str, Any]:

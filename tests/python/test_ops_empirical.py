@@ -58,6 +58,10 @@ def test_woodbury_errors_name_the_argument():
         ops.woodbury_solve(u, torch.randn(6), 0.0)
     with pytest.raises(RuntimeError, match="per_sample_grads holds no samples"):
         ops.woodbury_solve(torch.randn(0, 6), torch.randn(6), 0.1)
+    bad = u.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="per_sample_grads or rhs contains NaN or Inf"):
+        ops.woodbury_solve(bad, torch.randn(6), 0.1)
     with pytest.raises(RuntimeError, match="rhs must have the same dtype"):
         ops.woodbury_solve(u, torch.randn(6, dtype=torch.float64), 0.1)
 

@@ -41,7 +41,7 @@ _ops = torch.ops.natgrad
 class EighResult(NamedTuple):
     """Output of :func:`damped_eigh`."""
 
-    eigenvalues: Tensor  #: ``[..., n]`` ascending, clamped at 0, plus damping
+    eigenvalues: Tensor  #: ``[..., n]`` clamped at 0, plus damping (ascending but on the diagonal rung)
     eigenvectors: Tensor  #: ``[..., n, n]``, one eigenvector per column
     rung: Tensor  #: 0-dim int64, the :class:`Rung` that succeeded
 

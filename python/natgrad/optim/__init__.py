@@ -2,5 +2,6 @@
 from __future__ import annotations
 
 from natgrad.optim.kfac import KFAC
+from natgrad.optim.natural_gradient import NaturalGradient
 
-__all__ = ["KFAC"]
+__all__ = ["KFAC", "NaturalGradient"]
