@@ -12,8 +12,9 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from natgrad import _C, fisher, ops
 from natgrad._version import __version__
 from natgrad.optim import KFAC, NaturalGradient
+from natgrad.regularizers import EWC
 
-__all__ = ["KFAC", "NaturalGradient", "__version__", "build_info", "fisher", "ops"]
+__all__ = ["EWC", "KFAC", "NaturalGradient", "__version__", "build_info", "fisher", "ops"]
 
 
 def build_info() -> dict[str, Any]:

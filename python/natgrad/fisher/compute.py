@@ -83,7 +83,7 @@ def compute_fisher(model: nn.Module, inputs: Tensor, targets: Tensor | None = No
     return BlockDiagonalFisher([DenseFisher(b / n) for b in acc])
 
 
-def _owner_groups(model: nn.Module, params: list[nn.Parameter]) -> list[tuple[nn.Module | None, list[int]]]:
+def owner_groups(model: nn.Module, params: list[nn.Parameter]) -> list[tuple[nn.Module | None, list[int]]]:
     """Consecutive runs of parameter indices that belong to the same module."""
     owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
     groups: list[tuple[nn.Module | None, list[int]]] = []
@@ -100,7 +100,7 @@ def _module_slices(u: Tensor, model: nn.Module, params: list[nn.Parameter]) -> l
     offsets = [0]
     for p in params:
         offsets.append(offsets[-1] + p.numel())
-    return [u[:, offsets[idx[0]]:offsets[idx[-1] + 1]] for _, idx in _owner_groups(model, params)]
+    return [u[:, offsets[idx[0]]:offsets[idx[-1] + 1]] for _, idx in owner_groups(model, params)]
 
 
 def _kron_supported(module: nn.Module | None, params: list[nn.Parameter], idx: list[int]) -> bool:
@@ -123,7 +123,7 @@ def _kron_order(module: nn.Module) -> Tensor:
 
 
 def _kfac(model, inputs, targets, params, rows_kwargs) -> BlockDiagonalFisher:
-    groups = _owner_groups(model, params)
+    groups = owner_groups(model, params)
     kron = [m for m, idx in groups if _kron_supported(m, params, idx)]
     factors = _kron_factors(model, inputs, targets, kron, rows_kwargs)
     dense_params = [params[i] for m, idx in groups if m not in factors for i in idx]
@@ -154,7 +154,7 @@ def _kron_factors(model, inputs, targets, modules, rows_kwargs) -> dict:
                 seen[m].clear()
             with torch.enable_grad():
                 out = model(x)
-                losses = _pseudo_losses(out, None if targets is None else targets[start:start + len(x)],
+                losses = pseudo_losses(out, None if targets is None else targets[start:start + len(x)],
                                         kind, likelihood, rows_kwargs["mc_samples"], rows_kwargs["generator"])
                 outputs = [seen[m][0][1] for m in modules]
                 grads_per_loss = [torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
@@ -171,7 +171,8 @@ def _kron_factors(model, inputs, targets, modules, rows_kwargs) -> dict:
     return {m: tuple(f) for m, f in factors.items()}
 
 
-def _pseudo_losses(out, y, kind, likelihood, draws, generator):
+def pseudo_losses(out: Tensor, y: Tensor | None, kind: str, likelihood: str, draws: int,
+                  generator: torch.Generator | None) -> list[tuple[Tensor, float]]:
     """(summed loss, weight) pairs whose output gradients are the score rows of :mod:`scores`."""
     if kind == "empirical":
         return [(_batch_nll(out, y, likelihood), 1.0)]
