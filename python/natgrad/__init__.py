@@ -9,12 +9,12 @@ from typing import Any
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from natgrad import _C, fisher, ops
+from natgrad import _C, fisher, ops, stats
 from natgrad._version import __version__
 from natgrad.optim import KFAC, NaturalGradient
 from natgrad.regularizers import EWC
 
-__all__ = ["EWC", "KFAC", "NaturalGradient", "__version__", "build_info", "fisher", "ops"]
+__all__ = ["EWC", "KFAC", "NaturalGradient", "__version__", "build_info", "fisher", "ops", "stats"]
 
 
 def build_info() -> dict[str, Any]:
