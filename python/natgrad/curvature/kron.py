@@ -82,18 +82,34 @@ class KronBlock:
 
     # ---- statistics ---------------------------------------------------------------------------
 
+    @staticmethod
+    def records_finite(records: list[Record]) -> bool:
+        """Whether every captured input and output gradient is finite."""
+        return all(bool(torch.isfinite(t).all()) for r in records for t in (r.input, r.grad_output))
+
     def update_factors(self, records: list[Record], decay: float, mean_loss: bool,
-                       grad_multiplier: float = 1.0) -> bool:
-        """EMA-updates A and G from this step's records; returns False (and leaves the factors
-        untouched) when the captured data holds NaN or Inf."""
-        inputs = [r.input for r in records]
-        grads = [r.grad_output for r in records]
-        if not all(bool(torch.isfinite(t).all()) for t in inputs + grads):
-            return False
-        first = not self.has_factors
-        rho = 0.0 if first else decay
-        self._update(inputs, grads, rho, mean_loss, grad_multiplier)
-        return True
+                       grad_multiplier: float = 1.0) -> None:
+        """EMA-updates A and G from this step's (finite) records; the first update replaces."""
+        rho = decay if self.has_factors else 0.0
+        self._update([r.input for r in records], [r.grad_output for r in records], rho, mean_loss,
+                     grad_multiplier)
+
+    def decomposition_template(self, method: str) -> dict[str, Tensor]:
+        """Empty tensors shaped like the decomposition :meth:`update_inverse` produces (what a
+        rank receives when another rank computed it)."""
+        a, g = self.state["A"], self.state["G"]
+        opts = dict(dtype=self.inverse_dtype, device=a.device)
+        if method == "inverse":
+            return {"g_inverse": torch.empty(g.shape, **opts), "a_inverse": torch.empty(a.shape, **opts)}
+        out = {"g_eigenvalues": torch.empty(g.shape[0], **opts), "g_eigenvectors": torch.empty(g.shape, **opts)}
+        if a.dim() == 2:
+            out.update(a_eigenvalues=torch.empty(a.shape[0], **opts), a_eigenvectors=torch.empty(a.shape, **opts))
+        return out
+
+    def drop_decomposition(self) -> None:
+        """Forgets the decomposition (a rank that is not one of this layer's grad workers)."""
+        for key in _STATE_KEYS[2:]:
+            self.state.pop(key, None)
 
     def _update(self, inputs: list[Tensor], grads: list[Tensor], rho: float, mean_loss: bool,
                 grad_multiplier: float) -> None:
@@ -111,8 +127,7 @@ class KronBlock:
         the current factors; returns the fallback-ladder rung used."""
         a = self.state["A"].to(self.inverse_dtype)
         g = self.state["G"].to(self.inverse_dtype)
-        for key in _STATE_KEYS[2:]:
-            self.state.pop(key, None)
+        self.drop_decomposition()
         if method == "inverse":
             inv = ops.kfac_damped_inverses(g, a, damping, pi_correction)
             self.state["g_inverse"], self.state["a_inverse"] = inv.g_inverse, inv.a_inverse
@@ -228,9 +243,11 @@ class EmbeddingBlock(KronBlock):
         self.state["A"].mul_(rho).add_(freq, alpha=1.0 - rho)
         ops.linear_grad_factor_ema_(self._factor("G", dim, self.weight.device), g, scale, rho)
 
+    def decomposition_template(self, method):
+        return super().decomposition_template("eigen")  # G only: A is diagonal, never decomposed
+
     def update_inverse(self, method, damping, pi_correction):
-        for key in _STATE_KEYS[2:]:
-            self.state.pop(key, None)
+        self.drop_decomposition()
         eg = ops.damped_eigh(self.state["G"].to(self.inverse_dtype))
         self.state["g_eigenvalues"], self.state["g_eigenvectors"] = eg.eigenvalues, eg.eigenvectors
         return int(eg.rung)

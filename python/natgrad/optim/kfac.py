@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from natgrad.curvature import GradientPhase, KronBlock, LayerCapture, make_block, unsupported_reason
+from natgrad.distributed.communicator import make_communicator
 from natgrad.optim._hyper import Schedule, check_choice, check_number, resolved_number
 from natgrad.optim._sampling import LIKELIHOODS, sampled_nll
 
@@ -85,7 +86,19 @@ class KFAC(Optimizer):
         factor_dtype, inverse_dtype (torch.dtype, optional): dtypes of factors and of their
             decompositions (default: the weight's dtype).
         skip_modules (iterable of str): qualified module names to leave to the fallback.
-        seed (int): seed of the generator used by :meth:`sample_fisher` (default: 0).
+        seed (int): seed of the generator used by :meth:`sample_fisher` (plus the rank) (default: 0).
+        grad_worker_fraction (float): with torch.distributed, the fraction f in (0, 1] of ranks
+            that hold each layer's decomposition (see :mod:`natgrad.distributed.communicator`)
+            (default: 1.0).
+        triangle_packing (bool): all-reduce symmetric factors as upper triangles (default: True).
+        bucket_cap_mb (float): bucket size of the factor/gradient all-reduces (default: 25).
+        process_group: torch.distributed group (default: the world when initialised).
+
+    Distributed: when torch.distributed is initialised, ``model`` may be wrapped in
+    DistributedDataParallel (gradients are then not averaged twice) or not (the optimizer
+    averages them). Each rank holds a shard of the batch; every rank ends each step with the
+    parameters a single process would compute on the whole batch. ``state_dict()`` is collective
+    (call it on every rank, save from rank 0); it loads on any world size.
     """
 
     # torch.amp.GradScaler hands this optimizer its scale (``grad_scale``) and overflow flag
@@ -102,7 +115,9 @@ class KFAC(Optimizer):
                  damping_adaptation_decay: float = 0.95, fisher_type: str = "empirical",
                  loss_reduction: str = "mean", linear_approx: str = "expand",
                  factor_dtype: torch.dtype | None = None, inverse_dtype: torch.dtype | None = None,
-                 skip_modules: Iterable[str] = (), seed: int = 0) -> None:
+                 skip_modules: Iterable[str] = (), seed: int = 0,
+                 grad_worker_fraction: float = 1.0, triangle_packing: bool = True,
+                 bucket_cap_mb: float = 25.0, process_group=None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
         check_number("lr", lr, low=0.0)
@@ -120,6 +135,8 @@ class KFAC(Optimizer):
         check_number("damping_adaptation_interval", damping_adaptation_interval, low=1, integer=True)
         check_number("damping_adaptation_decay", damping_adaptation_decay, low=0.0, high=1.0,
                      low_open=True, high_open=True)
+        check_number("grad_worker_fraction", grad_worker_fraction, low=0.0, high=1.0, low_open=True)
+        check_number("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True)
         if adaptive_damping and callable(damping):
             raise ValueError("Invalid damping: a callable schedule cannot be combined with "
                              "adaptive_damping=True (the adaptation owns the damping)")
@@ -129,7 +146,9 @@ class KFAC(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
         super().__init__(model.parameters() if params is None else params, defaults)
 
-        self.model = model
+        self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self.model = model.module if self._ddp else model
+        self._comm = make_communicator(grad_worker_fraction, triangle_packing, bucket_cap_mb, process_group)
         self.factor_decay = factor_decay
         self.factor_update_period = factor_update_period
         self.inverse_update_period = inverse_update_period
@@ -141,11 +160,12 @@ class KFAC(Optimizer):
         self.damping_adaptation_decay = damping_adaptation_decay
         self.fisher_type = fisher_type
         self.loss_reduction = loss_reduction
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(seed + self._comm.rank)
         self._phase = GradientPhase(fisher_type=fisher_type)
         self._steps = 0
         self._damping_multiplier = 1.0
         self._faults: dict[str, int] = {}
+        self._decomposed: set[str] = set()  # layers decomposed at least once (same on every rank)
         self._ladder: dict[str, int] = {}
         self._suspend_capture = False
         self.last_reduction_ratio: float | None = None
@@ -250,6 +270,9 @@ class KFAC(Optimizer):
         inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         k = self._steps
         self._index_groups()
+        if not self._ddp:
+            self._comm.average_gradients([p.grad for g in self.param_groups for p in g["params"]
+                                          if p.grad is not None])
         skipped = self._update_factors(k, inv_scale)
         self._update_inverses(k)
         updates, grads = self._directions(skipped, inv_scale)
@@ -274,26 +297,40 @@ class KFAC(Optimizer):
     def _update_factors(self, k: int, inv_scale: float) -> set[str]:
         skipped: set[str] = set()
         if self._is_factor_step(k):
-            for block in self._blocks:
-                records = self._captures[block.name].complete()
-                if records and not block.update_factors(records, self.factor_decay,
-                                                        self.loss_reduction == "mean", inv_scale):
+            records = [self._captures[b.name].complete() for b in self._blocks]
+            finite = self._comm.agree([bool(r) and b.records_finite(r) for b, r in zip(self._blocks, records)])
+            captured = self._comm.agree([bool(r) for r in records])
+            updated = []
+            for block, recs, ok, seen in zip(self._blocks, records, finite, captured):
+                if ok:
+                    block.update_factors(recs, self.factor_decay, self.loss_reduction == "mean", inv_scale)
+                    updated.append(block)
+                elif seen:  # captured everywhere, but NaN/Inf somewhere: every rank skips
                     skipped.add(block.name)
                     self._fault(block.name, "activations or output gradients")
+            samples = next((sum(rec.input.shape[0] for rec in r) for r in records if r), 0)
+            self._comm.average_factors(updated, samples)
         self._clear_records()
         return skipped
 
     def _update_inverses(self, k: int) -> None:
         period = resolved_number("inverse_update_period", self.inverse_update_period, k, low=1, integer=True)
-        for block in self._blocks:
-            if block.has_factors and (k % period == 0 or not block.has_inverse):
+        due = [b for b in self._blocks if b.has_factors and (k % period == 0 or b.name not in self._decomposed)]
+        if any(b.name not in self._decomposed for b in due):  # a new layer: (re)assign owners,
+            due = [b for b in self._blocks if b.has_factors]  # and every owner recomputes
+            self._comm.assign(due)
+        for block in due:
+            self._decomposed.add(block.name)
+            rung = 0
+            if self._comm.is_owner(block):
                 rung = block.update_inverse(self.inverse_method, self._damping(block.weight), self.pi_correction)
-                if rung > 0:
-                    first = block.name not in self._ladder
-                    self._ladder[block.name] = self._ladder.get(block.name, 0) + 1
-                    if first:
-                        warnings.warn(f"natgrad.KFAC: decomposing the factors of {block.name!r} needed "
-                                      f"fallback-ladder rung {rung}; see natgrad.ops.Rung", stacklevel=3)
+            self._comm.share_decomposition(block, self.inverse_method)
+            if rung > 0:
+                first = block.name not in self._ladder
+                self._ladder[block.name] = self._ladder.get(block.name, 0) + 1
+                if first:
+                    warnings.warn(f"natgrad.KFAC: decomposing the factors of {block.name!r} needed "
+                                  f"fallback-ladder rung {rung}; see natgrad.ops.Rung", stacklevel=3)
 
     def _directions(self, skipped: set[str], inv_scale: float) -> tuple[dict, dict]:
         updates: dict[Tensor, Tensor] = {}
@@ -303,10 +340,13 @@ class KFAC(Optimizer):
             if block.name in skipped:
                 done.update(id(p) for p in block.params)  # untouched this step
                 continue
-            if not block.has_inverse or any(p.grad is None for p in block.params):
+            if block.name not in self._decomposed or any(p.grad is None for p in block.params):
                 continue
             grad = block.grad_matrix() * inv_scale
-            direction = block.precondition(grad, self._damping(block.weight), self.pi_correction)
+            direction = None
+            if self._comm.is_grad_worker(block):
+                direction = block.precondition(grad, self._damping(block.weight), self.pi_correction)
+            direction = self._comm.share_direction(block, direction, grad)
             done.update(id(p) for p in block.params)
             if not (torch.isfinite(grad).all() and torch.isfinite(direction).all()):
                 self._fault(block.name, "gradients")
@@ -368,7 +408,8 @@ class KFAC(Optimizer):
                 loss_after = closure()
         finally:
             self._suspend_capture = False
-        rho = (float(loss_after) - float(loss_before)) / model_change if model_change < 0 else -math.inf
+        change = self._comm.mean_scalar(float(loss_after)) - self._comm.mean_scalar(float(loss_before))
+        rho = change / model_change if model_change < 0 else -math.inf
         self.last_reduction_ratio = rho
         omega = self.damping_adaptation_decay ** self.damping_adaptation_interval
         if rho > 0.75:
@@ -417,12 +458,14 @@ class KFAC(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state (momentum buffers, param groups) plus, under ``"kfac"``, the step
         counter, factors, decompositions, damping multiplier, fault counts and sampler state."""
+        self._comm.gather_decompositions(self._blocks, self.inverse_method)
         state = super().state_dict()
         state[STATE_KEY] = {
             "steps": self._steps,
             "damping_multiplier": self._damping_multiplier,
             "faults": dict(self._faults),
             "ladder": dict(self._ladder),
+            "decomposed": sorted(self._decomposed),
             "generator": self._generator.get_state(),
             "blocks": {b.name: b.state_dict() for b in self._blocks},
         }
@@ -443,7 +486,10 @@ class KFAC(Optimizer):
         self._damping_multiplier = float(kfac["damping_multiplier"])
         self._faults, self._ladder = dict(kfac["faults"]), dict(kfac["ladder"])
         self._generator.set_state(kfac["generator"])
+        self._decomposed = set(kfac.get("decomposed", ()))
         for block in self._blocks:
             block.state = {}
             if block.name in kfac["blocks"]:
                 block.load_state_dict(kfac["blocks"][block.name])
+        if self._decomposed:
+            self._comm.assign([b for b in self._blocks if b.has_factors])

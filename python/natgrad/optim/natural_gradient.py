@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -57,7 +58,10 @@ class NaturalGradient(Optimizer):
         loss_fn (callable, optional): per-sample loss ``loss_fn(output[None], target[None])``
             for the gradient and the empirical Fisher (default: the likelihood's NLL).
         chunk_size (int): samples per vectorised per-sample-gradient call (default: 256).
-        seed (int): seed of the label sampler for ``fisher_type="mc"`` (default: 0).
+        seed (int): seed of the label sampler for ``fisher_type="mc"`` (plus the rank) (default: 0).
+        process_group: with torch.distributed initialised, each rank passes an equal-sized shard
+            to :meth:`backward`; the per-sample rows are all-gathered so every rank solves with
+            the whole batch's Fisher and takes the same step (default: the world group).
     """
 
     def __init__(self, model: nn.Module, params: Iterable | None = None, *, lr: float = 1.0,
@@ -65,7 +69,7 @@ class NaturalGradient(Optimizer):
                  kl_clip: Schedule | None = None, fisher_type: str = "empirical",
                  structure: str = "full", likelihood: str = "categorical",
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, chunk_size: int = 256,
-                 seed: int = 0) -> None:
+                 seed: int = 0, process_group=None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
         check_number("lr", lr, low=0.0)
@@ -87,7 +91,10 @@ class NaturalGradient(Optimizer):
         self.likelihood = likelihood
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
-        self._generator = torch.Generator().manual_seed(seed)
+        self._group = process_group
+        self._world = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank(process_group) if self._world > 1 else 0
+        self._generator = torch.Generator().manual_seed(seed + rank)
         self._steps = 0
         self._rows: Tensor | None = None
         self._num_samples = 0
@@ -101,7 +108,7 @@ class NaturalGradient(Optimizer):
         batch-mean loss (detached)."""
         params = self._params()
         kwargs = dict(params=params, likelihood=self.likelihood, chunk_size=self.chunk_size)
-        rows = score_rows(self.model, inputs, targets, kind="empirical", loss_fn=self.loss_fn, **kwargs)
+        rows = self._gather(score_rows(self.model, inputs, targets, kind="empirical", loss_fn=self.loss_fn, **kwargs))
         mean_grad = rows.mean(0)
         offset = 0
         for p in params:
@@ -109,8 +116,8 @@ class NaturalGradient(Optimizer):
             p.grad = g.clone() if p.grad is None else p.grad.add_(g)
             offset += p.numel()
         if self.fisher_type == "mc":
-            rows = score_rows(self.model, inputs, kind="mc", generator=self._generator, **kwargs)
-        self._rows, self._num_samples = rows, inputs.shape[0]
+            rows = self._gather(score_rows(self.model, inputs, kind="mc", generator=self._generator, **kwargs))
+        self._rows, self._num_samples = rows, inputs.shape[0] * self._world
         with torch.no_grad():
             out = self.model(inputs)
             if self.loss_fn is not None:
@@ -119,6 +126,19 @@ class NaturalGradient(Optimizer):
             if self.likelihood == "categorical":
                 return torch.nn.functional.cross_entropy(out, targets)
             return 0.5 * (out - targets).pow(2).reshape(out.shape[0], -1).sum(1).mean()
+
+    def _gather(self, rows: Tensor) -> Tensor:
+        """All ranks' rows, in rank order (equal shard sizes are required)."""
+        if self._world == 1:
+            return rows
+        sizes = torch.tensor([rows.shape[0]])
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=self._group)
+        if int(sizes) != rows.shape[0]:
+            raise ValueError("NaturalGradient under torch.distributed needs the same batch size on "
+                             f"every rank; this rank has {rows.shape[0]}, another {int(sizes)}")
+        parts = [torch.empty_like(rows) for _ in range(self._world)]
+        dist.all_gather(parts, rows.contiguous(), group=self._group)
+        return torch.cat(parts)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

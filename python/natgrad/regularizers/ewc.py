@@ -69,11 +69,15 @@ class EWC:
         likelihood (str): "categorical" or "gaussian" (default: "categorical").
         train_mode (bool): estimate in training mode (default: False).
         mc_samples (int): label draws per sample for ``fisher="mc"`` (default: 1).
+        process_group: with torch.distributed initialised, each rank passes its shard of the
+            task's data to :meth:`consolidate` and the Fisher is the sample-weighted mean over
+            ranks (default: the world group).
     """
 
     def __init__(self, model: nn.Module, lambda_: float = 1.0, *, mode: str = "separate",
                  gamma: float = 1.0, fisher: str = "empirical", structure: str = "diagonal",
-                 likelihood: str = "categorical", train_mode: bool = False, mc_samples: int = 1) -> None:
+                 likelihood: str = "categorical", train_mode: bool = False, mc_samples: int = 1,
+                 process_group=None) -> None:
         if not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) or lambda_ < 0:
             raise ValueError(f"Invalid lambda_: {lambda_!r} (expected a finite number >= 0)")
         if not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
@@ -88,6 +92,7 @@ class EWC:
         self.model, self.lambda_, self.mode, self.gamma = model, float(lambda_), mode, float(gamma)
         self.fisher, self.structure, self.likelihood = fisher, structure, likelihood
         self.train_mode, self.mc_samples = train_mode, mc_samples
+        self.process_group = process_group
         self.tasks: list[dict[str, Any]] = []  # per task: {"anchor", "diag", "kron"}
 
     # ---- estimation -------------------------------------------------------------------------------
@@ -119,6 +124,7 @@ class EWC:
                 total += n
         finally:
             self.model.train(was_training)
+        _average_over_ranks(diag, kron, total, self.process_group)
         anchor = {n: p.detach().clone() for n, p in self._named_params().items()}
         task = {"anchor": anchor, "diag": diag, "kron": kron}
         if self.mode == "online" and self.tasks:
@@ -274,3 +280,18 @@ def _combine(old, new, gamma: float):
         root = math.sqrt(gamma)
         return tuple(root * o + v for o, v in zip(old, new))
     return gamma * old + new
+
+
+def _average_over_ranks(diag: dict, kron: dict, samples: int, group) -> None:
+    """Sample-weighted mean of every rank's Fisher (in place), when torch.distributed runs."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+        return
+    count = torch.tensor([float(samples)], dtype=torch.float64)
+    dist.all_reduce(count, group=group)
+    weight = samples / float(count)
+    tensors = list(diag.values()) + [t for pair in kron.values() for t in pair]
+    for t in tensors:
+        t.mul_(weight)
+        dist.all_reduce(t, group=group)
