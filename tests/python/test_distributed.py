@@ -102,3 +102,19 @@ def test_inverse_assignment_balances_cost():
     assert max(loads) <= 1.01 * max(costs[0], sum(costs) / 2)  # the big layer alone, others share
     assert assign_by_cost(costs, 3) == assign_by_cost(costs, 3)  # deterministic on every rank
     assert set(assign_by_cost([1.0] * 6, 3)) == {0, 1, 2}
+
+
+def test_distributed_benchmark_quick_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "distributed.py"
+    spec = importlib.util.spec_from_file_location("bench_distributed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    payload = bench.main(["--quick", "--out", str(tmp_path / "d.json")])
+    results = payload["results"]
+    full = results["K-FAC full factors, f=1"]["bytes_per_step"]["factors"]
+    packed = results["K-FAC triangles, f=1"]["bytes_per_step"]["factors"]
+    assert 0.45 < packed / full < 0.6  # n(n+1)/2 of n² numbers
+    assert results["K-FAC triangles, f=1/world"]["bytes_per_step"]["directions"] > 0
