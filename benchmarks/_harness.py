@@ -314,6 +314,19 @@ def format_table(comparisons: Sequence[Comparison]) -> str:
     return "\n".join(out)
 
 
+def format_rows(headers: Sequence[str], rows: Sequence[Sequence[str]],
+                left: set[int] | frozenset[int] = frozenset({0})) -> str:
+    """A fixed-width text table of string cells; columns in ``left`` are left-aligned, the
+    others right-aligned (for benchmarks whose columns differ from :func:`format_table`)."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
 def format_goals(comparisons: Sequence[Comparison]) -> str:
     """The issue's goals, each followed by its cases' measured ratios and MET / NOT MET."""
     by_goal: dict[str, list[Comparison]] = {}
@@ -403,6 +416,14 @@ def write_json(path: str, comparisons: Sequence[Comparison], extra: dict[str, An
     """Writes machine info, ``extra`` and every comparison to ``path`` (dirs created)."""
     payload = {"machine": machine_info(), **(extra or {}),
                "results": [comparison_record(c) for c in comparisons]}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_jsonable(payload), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+def write_payload(path: str, payload: dict[str, Any]) -> None:
+    """Writes any JSON-ready dict to ``path`` (dirs created; non-finite floats as strings)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(_jsonable(payload), f, indent=2, allow_nan=False)

@@ -188,7 +188,8 @@ class KFAC(Optimizer):
             reason = "skipped by skip_modules" if name in skip else None
             if block is not None:
                 reason = unsupported_reason(module)
-                if reason is None and not all(id(p) in managed for p in block.params) or len(own) != len(block.params):
+                if reason is None and (len(own) != len(block.params)
+                                       or not all(id(p) in managed for p in block.params)):
                     reason = "only some of its parameters are optimized"
             elif reason is None:
                 reason = f"{type(module).__name__} has no Kronecker block"
@@ -443,7 +444,7 @@ class KFAC(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 block = self._block_of.get(id(p))
-                if block is not None and self._captures[block.name].fired or block is not None and block.has_factors:
+                if block is not None and (self._captures[block.name].fired or block.has_factors):
                     how = f"K-FAC {block.kind}" + (f" ({block.approx})" if hasattr(block, "approx") else "")
                 elif block is not None:
                     how = "plain gradient until its hooks fire (none so far: is the layer used functionally?)"
