@@ -10,12 +10,14 @@ NATGRAD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NATGRAD_VENV="${NATGRAD_VENV:-$NATGRAD_ROOT/.venv}"
 NATGRAD_JOBS="${NATGRAD_JOBS:-2}"
 PY="$NATGRAD_VENV/bin/python"
+# Relative paths in ccache keys: a fresh clone (as CI makes) reuses objects built in another.
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$NATGRAD_ROOT}" CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-true}"
 
 log() { printf '\033[1m[natgrad]\033[0m %s\n' "$*"; }
 
 install_system_packages() {
   local missing=()
-  for pkg in libgtest-dev ccache cmake g++; do
+  for pkg in libgtest-dev ccache cmake g++ dataset-fashion-mnist; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
@@ -32,11 +34,13 @@ install_python_env() {
     python3 -m venv "$NATGRAD_VENV"
   fi
   local stamp="$NATGRAD_VENV/.natgrad-requirements"
-  if ! cmp -s "$NATGRAD_ROOT/requirements-dev.txt" "$stamp"; then
-    log "installing Python requirements (torch==2.13.0, pytest, ...)"
+  if ! cat "$NATGRAD_ROOT"/requirements-dev.txt "$NATGRAD_ROOT"/requirements-peers.txt | cmp -s - "$stamp"; then
+    log "installing Python requirements (torch==2.13.0, pytest, peers, ...)"
     "$PY" -m pip install -q --upgrade pip >/dev/null
     "$PY" -m pip install -q -r "$NATGRAD_ROOT/requirements-dev.txt"
-    cp "$NATGRAD_ROOT/requirements-dev.txt" "$stamp"
+    "$PY" -m pip install -q --no-deps -r "$NATGRAD_ROOT/requirements-peers.txt"
+    "$PY" -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
+    cat "$NATGRAD_ROOT"/requirements-dev.txt "$NATGRAD_ROOT"/requirements-peers.txt >"$stamp"
   fi
 }
 
