@@ -382,6 +382,9 @@ def machine_info() -> dict[str, Any]:
         "mkl": torch.backends.mkl.is_available(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # 1/5/15-minute load averages when the JSON is written: other processes on shared cores
+        # inflate and scatter timings (with 2 threads, each parallel region waits for a core)
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
