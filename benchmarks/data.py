@@ -65,7 +65,8 @@ def read_idx(path: str) -> np.ndarray:
     if len(raw) - header != expected:
         raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but the payload "
                          f"has {len(raw) - header} bytes")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
 
 
 def _find_idx(stem: str, dirs: tuple[str, ...]) -> str:

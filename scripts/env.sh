@@ -11,6 +11,9 @@ NATGRAD_VENV="${NATGRAD_VENV:-$NATGRAD_ROOT/.venv}"
 NATGRAD_JOBS="${NATGRAD_JOBS:-2}"
 PY="$NATGRAD_VENV/bin/python"
 # Relative paths in ccache keys: a fresh clone (as CI makes) reuses objects built in another.
+# Idle OpenMP threads sleep instead of spinning: on a 2-core machine shared with other processes,
+# spinning made steps up to 50x slower (seen in benchmarks/train.py).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$NATGRAD_ROOT}" CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-true}"
 
 log() { printf '\033[1m[natgrad]\033[0m %s\n' "$*"; }

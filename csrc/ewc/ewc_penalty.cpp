@@ -72,7 +72,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> ewc_penalty(at::TensorList param
     });
     grads.push_back(std::move(grad));
   }
-  return {at::scalar_tensor(total, params[0].options()), std::move(grads)};
+  // Through float64, so a penalty beyond the dtype's range becomes inf (as plain torch gives).
+  return {at::scalar_tensor(total, params[0].options().dtype(at::kDouble)).to(params[0].scalar_type()),
+          std::move(grads)};
 }
 
 TORCH_LIBRARY_IMPL(natgrad, CPU, m) { m.impl("ewc_penalty", &ewc_penalty); }

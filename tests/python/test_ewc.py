@@ -214,3 +214,23 @@ def test_consolidation_restores_training_mode_and_works_with_kfac():
         (F.cross_entropy(model(x2), y2) + ewc.penalty()).backward()
         opt.step()
     assert torch.isfinite(ewc.penalty()) and ewc.penalty() > 0
+
+
+def test_kfac_structure_with_an_unused_head_gives_it_zero_curvature():
+    model = make(heads=2)  # forward uses heads[-1] only: heads[0] is an old, unused head
+    x, y = batch()
+    ewc = natgrad.EWC(model, structure="kfac")
+    ewc.consolidate(x, y)
+    a, g = ewc.tasks[0]["kron"][("heads.0.weight", "heads.0.bias")]
+    assert torch.count_nonzero(a) == 0 and torch.count_nonzero(g) == 0
+    assert torch.count_nonzero(ewc.tasks[0]["kron"][("heads.1.weight", "heads.1.bias")][1]) > 0
+
+
+def test_penalty_overflow_is_inf_not_an_error():
+    model = make(dtype=torch.float32)
+    x, y = batch(dtype=torch.float32)
+    ewc = natgrad.EWC(model)
+    ewc.consolidate(x, y)
+    with torch.no_grad():
+        model.body.weight.add_(1e30)
+    assert torch.isinf(ewc.penalty())

@@ -154,16 +154,25 @@ def _kron_factors(model, inputs, targets, modules, rows_kwargs) -> dict:
                 seen[m].clear()
             with torch.enable_grad():
                 out = model(x)
+                twice = [m for m in modules if len(seen[m]) > 1]
+                if twice:
+                    raise ValueError("structure='kfac' needs each Linear/Conv2d module called once per "
+                                     f"forward; {type(twice[0]).__name__} is called {len(seen[twice[0]])} "
+                                     "times (use structure='block_diagonal' or 'diagonal')")
+                called = [m for m in modules if seen[m]]  # an unused module (an old head) has F = 0
                 losses = pseudo_losses(out, None if targets is None else targets[start:start + len(x)],
                                         kind, likelihood, rows_kwargs["mc_samples"], rows_kwargs["generator"])
-                outputs = [seen[m][0][1] for m in modules]
+                outputs = [seen[m][0][1] for m in called]
                 grads_per_loss = [torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
-                                  for loss, _ in losses]
+                                  for loss, _ in losses] if called else []
             weight = rows_done / (rows_done + len(x))  # running mean over chunks
-            for j, m in enumerate(modules):
+            for j, m in enumerate(called):
                 a = seen[m][0][0]
                 g_parts = [(grads[j], w) for grads, (_, w) in zip(grads_per_loss, losses)]
                 factors[m] = _update_module(m, factors.get(m), a, g_parts, weight)
+            for m in modules:
+                if not seen[m] and m not in factors:
+                    factors[m] = _zero_factors(m)
             rows_done += len(x)
     finally:
         for h in handles:
@@ -200,6 +209,13 @@ def _batch_nll(out, y, likelihood, weights=None):
     else:
         per = 0.5 * (out - y).pow(2).reshape(out.shape[0], -1).sum(1)
     return (per * weights).sum() if weights is not None else per.sum()
+
+
+def _zero_factors(m: nn.Module) -> list[Tensor]:
+    """A = 0 and G = 0 for a module the forward never called (its gradients are all zero)."""
+    d_in = m.weight[0].numel() + (m.bias is not None)
+    opts = dict(dtype=m.weight.dtype, device=m.weight.device)
+    return [torch.zeros(d_in, d_in, **opts), torch.zeros(m.weight.shape[0], m.weight.shape[0], **opts)]
 
 
 def _update_module(m, current, a, g_parts, weight):
