@@ -122,6 +122,10 @@ def build_distribution(dist_factory: DistFactory, fp: FlatParams, tensors: Seque
     """
     if not callable(dist_factory):
         raise TypeError(f"dist_factory must be callable, got {type(dist_factory).__name__}")
+    # Parameter constraints are checked whatever the global default: importing torch._dynamo
+    # (torch.compile) turns Distribution argument validation off for the whole process.
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(True)
     try:
         dist = dist_factory(*tensors)
     except (RuntimeError, ValueError, IndexError) as err:
@@ -130,6 +134,8 @@ def build_distribution(dist_factory: DistFactory, fp: FlatParams, tensors: Seque
             f"dist_factory(*params) failed for params of shapes {shapes} "
             f"(mismatched or non-broadcastable shapes, or values outside the support?): {err}"
         ) from err
+    finally:
+        Distribution.set_default_validate_args(previous)
     if not isinstance(dist, Distribution):
         raise TypeError(
             "dist_factory must return a torch.distributions.Distribution, "
