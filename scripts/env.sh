@@ -14,6 +14,8 @@ PY="$NATGRAD_VENV/bin/python"
 # Idle OpenMP threads sleep instead of spinning: on a 2-core machine shared with other processes,
 # spinning made steps up to 50x slower (seen in benchmarks/train.py).
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# natgrad is built in place (python/natgrad/_C*.so): scripts import it from the source tree.
+export PYTHONPATH="$NATGRAD_ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$NATGRAD_ROOT}" CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-true}"
 
 log() { printf '\033[1m[natgrad]\033[0m %s\n' "$*"; }
