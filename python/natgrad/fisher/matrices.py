@@ -134,9 +134,12 @@ class LowRankFisher(FisherMatrix):
 
     def solve(self, v: Tensor, damping: float) -> Tensor:
         _check_damping(damping)
-        # The op normalises by its row count; rescale rows so that UᵀU/rows = UᵀU/n.
-        scaled = self.rows * math.sqrt(self.rows.shape[0] / self.num_samples)
-        return ops.woodbury_solve(scaled, v, damping).solution
+        # The op normalises by its row count; rescale rows so that UᵀU/rows = UᵀU/n (no copy
+        # when there is one row per sample, the empirical Fisher every NaturalGradient step uses).
+        rows = self.rows
+        if rows.shape[0] != self.num_samples:
+            rows = rows * math.sqrt(rows.shape[0] / self.num_samples)
+        return ops.woodbury_solve(rows, v, damping).solution
 
     def trace(self) -> Tensor:
         return self.rows.pow(2).sum() / self.num_samples
