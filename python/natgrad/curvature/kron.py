@@ -106,6 +106,15 @@ class KronBlock:
             out.update(a_eigenvalues=torch.empty(a.shape[0], **opts), a_eigenvectors=torch.empty(a.shape, **opts))
         return out
 
+    def factors(self) -> dict[str, Tensor]:
+        """The factor tensors by name, in a fixed order (what is averaged across ranks): a 2-D
+        tensor is a symmetric matrix, a 1-D one a vector."""
+        return {k: self.state[k] for k in ("A", "G") if k in self.state}
+
+    def inverse_cost(self) -> float:
+        """The work of one decomposition (cubic in each decomposed factor's size)."""
+        return float(sum(f.shape[0] ** (3 if f.dim() == 2 else 1) for f in self.factors().values()))
+
     def drop_decomposition(self) -> None:
         """Forgets the decomposition (a rank that is not one of this layer's grad workers)."""
         for key in _STATE_KEYS[2:]:
