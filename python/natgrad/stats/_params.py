@@ -5,6 +5,7 @@ and the guarded inverse of an information matrix.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
@@ -15,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 from torch.func import jacfwd
+
+from natgrad.stats._probs import check_probabilities, use_exact_logits
 
 #: One tensor, or a sequence of tensors (Python real numbers are accepted and become 0-dim).
 ParamsLike = Tensor | float | Sequence[Tensor | float]
@@ -107,8 +110,31 @@ def flatten_params(params: ParamsLike, name: str = "params") -> FlatParams:
     )
 
 
+#: Dtypes whose statistics are computed in float64 (and returned in the caller's dtype).
+_PROMOTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def in_working_precision(fp: FlatParams) -> FlatParams:
+    """The parameters in the dtype the statistics are computed in.
+
+    float16 / bfloat16 / float32 parameters are promoted to float64 (where the device has it):
+    torch's ``log_prob`` formulas cancel terms of order 1 around the derivative, whose error is
+    then multiplied by ``∂logits/∂p = 1/(p(1−p))``, so that in float32 the scores and Hessians
+    of e.g. ``Binomial(probs=1e-9)`` would be noise. Results are cast back by the callers.
+    """
+    if fp.flat.dtype in _PROMOTED_DTYPES and fp.flat.device.type != "mps":
+        return dataclasses.replace(fp, flat=fp.flat.to(torch.float64))
+    return fp
+
+
 def build_distribution(dist_factory: DistFactory, fp: FlatParams, tensors: Sequence[Tensor]) -> Distribution:
-    """Calls ``dist_factory(*tensors)`` and checks that it returned a Distribution.
+    """Calls ``dist_factory(*tensors)`` and checks the distribution it returns.
+
+    This is the one validation point of the distributions of :mod:`natgrad.stats`. In order:
+    the probability parameters must lie inside the range where the Fisher information is
+    finite (:func:`natgrad.stats._probs.check_probabilities`: e.g. Bernoulli ``probs`` in the
+    open interval (0, 1)); then torch's own parameter constraints are checked. The returned
+    distribution has the exact logits of its probabilities (see :func:`make_distribution`).
 
     Args:
         dist_factory: the user's factory.
@@ -117,15 +143,24 @@ def build_distribution(dist_factory: DistFactory, fp: FlatParams, tensors: Seque
 
     Raises:
         TypeError: if ``dist_factory`` is not callable or does not return a Distribution.
-        ValueError: if the factory raised (typically mismatched parameter shapes or values
-            outside the parameter's constraint).
+        ValueError: if a probability parameter lies on the boundary of (or outside) its range,
+            naming the parameter and the range; if the factory raised (typically mismatched
+            parameter shapes or values outside the parameter's constraint).
     """
     if not callable(dist_factory):
         raise TypeError(f"dist_factory must be callable, got {type(dist_factory).__name__}")
-    # Parameter constraints are checked whatever the global default: importing torch._dynamo
-    # (torch.compile) turns Distribution argument validation off for the whole process.
+    # First without torch's validation, so that the probability ranges are reported by one
+    # check with one message (torch rejects some boundaries, e.g. Geometric probs 0, but not
+    # others, e.g. Bernoulli probs 0), then with it, whatever the global default: importing
+    # torch._dynamo (torch.compile) turns Distribution argument validation off process-wide.
+    check_probabilities(_call_factory(dist_factory, fp, tensors, validate=False))
+    return use_exact_logits(_call_factory(dist_factory, fp, tensors, validate=True))
+
+
+def _call_factory(dist_factory: DistFactory, fp: FlatParams, tensors: Sequence[Tensor], *, validate: bool) -> Distribution:
+    """``dist_factory(*tensors)`` with argument validation on or off, with clear errors."""
     previous = Distribution._validate_args
-    Distribution.set_default_validate_args(True)
+    Distribution.set_default_validate_args(validate)
     try:
         dist = dist_factory(*tensors)
     except (RuntimeError, ValueError, IndexError) as err:
@@ -144,6 +179,20 @@ def build_distribution(dist_factory: DistFactory, fp: FlatParams, tensors: Seque
     return dist
 
 
+def make_distribution(dist_factory: DistFactory, tensors: Sequence[Tensor]) -> Distribution:
+    """``dist_factory(*tensors)`` for the functionals differentiated by :mod:`torch.func`.
+
+    Argument validation of the distribution is switched off (it is data-dependent control
+    flow, which vmap cannot trace; the parameters went through :func:`build_distribution`
+    first), and distributions built from ``probs`` get their exact, unclamped logits: torch's
+    ``probs_to_logits`` clamps probabilities to ``[eps, 1 − eps]``, whose derivative is 0
+    outside that interval (see :mod:`natgrad.stats._probs`).
+    """
+    dist = dist_factory(*tensors)
+    dist._validate_args = False
+    return use_exact_logits(dist)
+
+
 def leaf_params(fp: FlatParams) -> tuple[Tensor, ...]:
     """Fresh leaf copies of the parameters (shaped like the originals) that require grad."""
     return tuple(t.clone().requires_grad_(True) for t in fp.unflatten(fp.flat))
@@ -157,9 +206,7 @@ def make_log_prob(dist_factory: DistFactory, fp: FlatParams) -> Callable[[Tensor
     """
 
     def log_prob(flat: Tensor, value: Tensor) -> Tensor:
-        dist = dist_factory(*fp.unflatten(flat))
-        dist._validate_args = False
-        return dist.log_prob(value).sum()
+        return make_distribution(dist_factory, fp.unflatten(flat)).log_prob(value).sum()
 
     return log_prob
 
@@ -285,7 +332,9 @@ __all__ = [
     "check_square",
     "flatten_params",
     "forward_jacobian",
+    "in_working_precision",
     "inverse_information",
     "leaf_params",
+    "make_distribution",
     "make_log_prob",
 ]

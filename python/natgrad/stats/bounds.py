@@ -12,6 +12,7 @@ KL identity: for a small perturbation ``δ`` of the parameters::
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -102,6 +103,23 @@ DeltaLike = Tensor | Sequence[Tensor]
 
 
 def _flat_delta(delta: DeltaLike, fp: FlatParams) -> Tensor:
+    """``δ`` as a ``[P]`` vector: the one validation point of ``δ``.
+
+    Checks its structure against the parameters, and that it is finite and non-zero (the
+    ratio ``KL / ½ δᵀIδ`` is 0/0 at ``δ = 0``).
+    """
+    step = _structured_delta(delta, fp)
+    if not bool(torch.isfinite(step).all()):
+        raise ValueError(f"delta must be finite, got NaN or Inf entries: {step.tolist()}")
+    if not bool((step != 0).any()):
+        raise ValueError(
+            "delta must be non-zero (‖δ‖ > 0): at δ = 0 both KL and ½ δᵀ I δ vanish and their ratio is "
+            "undefined; pass a small perturbation such as 1e-3 times a direction"
+        )
+    return step
+
+
+def _structured_delta(delta: DeltaLike, fp: FlatParams) -> Tensor:
     """``δ`` as a ``[P]`` vector, checking its structure against the parameters."""
     p = fp.size
     if isinstance(delta, Tensor):
@@ -153,8 +171,13 @@ def kl_second_order_check(
     Returns:
         KLCheck: ``(kl, quadratic, ratio, fisher)``.
 
+    Warns:
+        RuntimeWarning: when ``½ δᵀ I δ`` is not positive (δ in the null space of ``I``); the
+            ratio is then NaN.
+
     Raises:
-        ValueError: ``delta`` not matching the parameters, a ``fisher`` of the wrong size.
+        ValueError: ``delta`` not matching the parameters, zero or not finite; a ``fisher`` of
+            the wrong size; probabilities of θ or θ + δ on the boundary of their range.
         TypeError: no ``kl_divergence`` registered for the distribution type, bad inputs.
     """
     fp = flatten_params(params)
@@ -179,4 +202,15 @@ def kl_second_order_check(
             ) from err
         m = matrix.to(step)
         quadratic = 0.5 * step @ m @ step
-    return KLCheck(kl=kl, quadratic=quadratic, ratio=kl / quadratic, fisher=matrix)
+    if not bool(quadratic > 0):
+        warnings.warn(
+            f"½ δᵀ I δ = {float(quadratic):.3e} is not positive (KL = {float(kl):.3e}): δ lies in the null "
+            "space of the Fisher information (a direction the distribution does not depend on) or is too "
+            "small for the dtype, so the ratio is NaN",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        ratio = torch.full_like(quadratic, float("nan"))
+    else:
+        ratio = kl / quadratic
+    return KLCheck(kl=kl, quadratic=quadratic, ratio=ratio, fisher=matrix)

@@ -25,6 +25,10 @@ Beta           (concentration1 a, conc.0 b)    [[ψ₁(a)−ψ₁(a+b), −ψ₁
 Independent    those of its base distribution  (the base's F_η; batch dims are summed)
 =============  ==============================  ===============================================
 
+Bernoulli, Binomial and Geometric built from ``logits`` ℓ use ℓ as native parameter, with
+``F_ℓ = σ(ℓ)σ(−ℓ)``, ``N σ(ℓ)σ(−ℓ)`` and ``σ(−ℓ)``: finite however large ``|ℓ|``, where ``p``
+would round to 0 or 1.
+
 (ψ₁ is the trigamma function.) Only exact types match: a subclass may change ``log_prob``.
 These closed forms are checked against :func:`natgrad.stats.fisher_information` in the tests.
 """
@@ -55,7 +59,9 @@ from natgrad.stats._params import (
     build_distribution,
     flatten_params,
     forward_jacobian,
+    in_working_precision,
     leaf_params,
+    make_distribution,
 )
 from natgrad.stats.fisher import FisherInformation
 
@@ -92,6 +98,20 @@ def _binomial(eta: Tensor, d: Distribution) -> Tensor:
 def _geometric(eta: Tensor, d: Distribution) -> Tensor:
     p = eta[..., 0]
     return _scalar(1.0 / (p * p * (1.0 - p)))
+
+
+def _bernoulli_logits(eta: Tensor, d: Distribution) -> Tensor:
+    logit = eta[..., 0]
+    return _scalar(torch.sigmoid(logit) * torch.sigmoid(-logit))
+
+
+def _binomial_logits(eta: Tensor, d: Distribution) -> Tensor:
+    logit = eta[..., 0]
+    return _scalar(d.total_count.detach() * torch.sigmoid(logit) * torch.sigmoid(-logit))  # type: ignore[attr-defined]
+
+
+def _geometric_logits(eta: Tensor, d: Distribution) -> Tensor:
+    return _scalar(torch.sigmoid(-eta[..., 0]))
 
 
 def _categorical(eta: Tensor, d: Distribution) -> Tensor:
@@ -133,6 +153,21 @@ _FAMILIES: dict[type, tuple[_Native, _Fisher]] = {
     Gamma: (lambda d: _stack(d.concentration, d.rate), _gamma),  # type: ignore[attr-defined]
     Beta: (lambda d: _stack(d.concentration1, d.concentration0), _beta),  # type: ignore[attr-defined]
 }
+
+
+#: Families whose information is better conditioned in ``logits`` when built from them.
+_LOGIT_FAMILIES: dict[type, tuple[_Native, _Fisher]] = {
+    Bernoulli: (lambda d: d.logits.unsqueeze(-1), _bernoulli_logits),  # type: ignore[attr-defined]
+    Binomial: (lambda d: d.logits.unsqueeze(-1), _binomial_logits),  # type: ignore[attr-defined]
+    Geometric: (lambda d: d.logits.unsqueeze(-1), _geometric_logits),  # type: ignore[attr-defined]
+}
+
+
+def _family(dist: Distribution) -> tuple[_Native, _Fisher] | None:
+    """The native parametrisation and its ``F_η`` for ``dist`` (already unwrapped), if any."""
+    if type(dist) in _LOGIT_FAMILIES and "probs" not in vars(dist):
+        return _LOGIT_FAMILIES[type(dist)]
+    return _FAMILIES.get(type(dist))
 
 
 def _unwrap(dist: Distribution) -> Distribution:
@@ -177,11 +212,12 @@ def closed_form_fisher(dist_factory: DistFactory, params: ParamsLike) -> FisherI
         ValueError: a factory failing on the params, or native parameters that do not depend
             on some parameter.
     """
-    fp = flatten_params(params)
+    given = flatten_params(params)
+    fp = in_working_precision(given)
     leaves = leaf_params(fp)
     dist = build_distribution(dist_factory, fp, leaves)
     base = _unwrap(dist)
-    entry = _FAMILIES.get(type(base))
+    entry = _family(base)
     if entry is None:
         names = ", ".join(sorted(t.__name__ for t in _FAMILIES))
         raise TypeError(
@@ -208,9 +244,7 @@ def closed_form_fisher(dist_factory: DistFactory, params: ParamsLike) -> FisherI
         )
 
     def native_flat(flat: Tensor) -> Tensor:
-        d = _unwrap(dist_factory(*fp.unflatten(flat)))
-        d._validate_args = False
-        return native_fn(d).reshape(-1)
+        return native_fn(_unwrap(make_distribution(dist_factory, fp.unflatten(flat)))).reshape(-1)
 
     jac_fn = forward_jacobian(native_flat) if fp.size <= eta.numel() else jacrev(native_flat)
     jac = jac_fn(fp.flat).reshape(-1, k, fp.size)  # [B, k, P]
@@ -225,4 +259,4 @@ def closed_form_fisher(dist_factory: DistFactory, params: ParamsLike) -> FisherI
         score_mean=torch.zeros_like(fp.flat),
         score_mean_std_error=None,
         param_shapes=fp.shapes,
-    )
+    ).to(given.flat.dtype)

@@ -44,7 +44,9 @@ from natgrad.stats._params import (
     check_depends_on_params,
     flatten_params,
     forward_jacobian,
+    in_working_precision,
     leaf_params,
+    make_distribution,
     make_log_prob,
 )
 
@@ -74,6 +76,19 @@ class FisherInformation(NamedTuple):
     score_mean: Tensor  #: ``[P]`` E[∇ log p] (≈ 0 for a regular family)
     score_mean_std_error: Tensor | None  #: ``[P]`` its Monte-Carlo standard error; None when exact
     param_shapes: tuple[torch.Size, ...]  #: shapes of the parameters, in order
+
+    def to(self, dtype: torch.dtype) -> FisherInformation:
+        """The same result with its tensors cast to ``dtype``."""
+
+        def cast(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.to(dtype)
+
+        return self._replace(
+            matrix=self.matrix.to(dtype),
+            std_error=cast(self.std_error),
+            score_mean=self.score_mean.to(dtype),
+            score_mean_std_error=cast(self.score_mean_std_error),
+        )
 
 
 def fisher_information(
@@ -150,20 +165,21 @@ def fisher_information(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
-    fp = flatten_params(params)
+    given = flatten_params(params)
+    fp = in_working_precision(given)
     leaves = leaf_params(fp)
     dist = build_distribution(dist_factory, fp, leaves)
 
     support = _finite_support(dist, exact)
     if support is not None:
         check_depends_on_params(dist, support, leaves, fp.single)
-        return _warn_if_irregular(_exact_fisher(dist_factory, fp, support, method), dist)
+        return _warn_if_irregular(_exact_fisher(dist_factory, fp, support, method), dist).to(given.flat.dtype)
 
     n = int(num_samples) if num_samples is not None else DEFAULT_NUM_SAMPLES
     with torch.no_grad(), _seeded(generator, fp.flat.device):
         samples = dist.sample((n,))
     check_depends_on_params(dist, samples[:1], leaves, fp.single)
-    return _warn_if_irregular(_monte_carlo_fisher(dist_factory, fp, samples, method), dist)
+    return _warn_if_irregular(_monte_carlo_fisher(dist_factory, fp, samples, method), dist).to(given.flat.dtype)
 
 
 def _warn_if_irregular(res: FisherInformation, dist: Distribution) -> FisherInformation:
@@ -173,8 +189,8 @@ def _warn_if_irregular(res: FisherInformation, dist: Distribution) -> FisherInfo
     θ, as for Uniform(a, b)); then neither definition is the Fisher information of the
     Cramér–Rao theory and the two may disagree.
     """
-    scale = res.matrix.diagonal().abs().sqrt()
-    slack = 1e-8 * (1.0 + scale)
+    scale = res.matrix.diagonal().abs().sqrt()  # ≥ E|s_i|
+    slack = max(1e-8, 64 * torch.finfo(res.matrix.dtype).eps) * (1.0 + scale)
     if res.score_mean_std_error is not None:
         slack = slack + 6.0 * res.score_mean_std_error
     if bool((res.score_mean.abs() > slack).any()):
@@ -228,8 +244,7 @@ def _batched_log_prob(dist_factory: DistFactory, fp: FlatParams, values: Tensor,
     """``θ ↦ log p_θ(values)`` with the ``lead`` leading dims kept and the batch dims flattened."""
 
     def f(flat: Tensor) -> Tensor:
-        dist = dist_factory(*fp.unflatten(flat))
-        dist._validate_args = False
+        dist = make_distribution(dist_factory, fp.unflatten(flat))
         return dist.log_prob(values).reshape(*values.shape[:lead], -1)
 
     return f
@@ -308,9 +323,7 @@ def _support_scores(
     """
 
     def per_point(flat: Tensor, value: Tensor) -> Tensor:
-        dist = dist_factory(*fp.unflatten(flat))
-        dist._validate_args = False
-        return dist.log_prob(value).reshape(-1)
+        return make_distribution(dist_factory, fp.unflatten(flat)).log_prob(value).reshape(-1)
 
     k = support.shape[0]
     chunk = _chunk_size(batch, batch * k)

@@ -26,6 +26,7 @@ from natgrad.stats._params import (
     flatten_params,
     inverse_information,
     leaf_params,
+    make_distribution,
 )
 from natgrad.stats.fisher import fisher_information
 
@@ -126,7 +127,7 @@ def _information(
 
         def nll_from_model(*args: Any) -> Tensor:
             *theta, observed = args
-            return -factory(*theta).log_prob(observed).sum()
+            return -make_distribution(factory, theta).log_prob(observed).sum()
 
         return observed_information(nll_from_model, params, data), fp
     return observed_information(nll, params, data), fp
