@@ -172,8 +172,8 @@ def kl_second_order_check(
         KLCheck: ``(kl, quadratic, ratio, fisher)``.
 
     Warns:
-        RuntimeWarning: when ``½ δᵀ I δ`` is not positive (δ in the null space of ``I``); the
-            ratio is then NaN.
+        RuntimeWarning: when ``½ δᵀ I δ`` is zero to rounding (δ in the null space of ``I``);
+            the ratio is then NaN.
 
     Raises:
         ValueError: ``delta`` not matching the parameters, zero or not finite; a ``fisher`` of
@@ -202,11 +202,13 @@ def kl_second_order_check(
             ) from err
         m = matrix.to(step)
         quadratic = 0.5 * step @ m @ step
-    if not bool(quadratic > 0):
+        # Rounding level of ½ δᵀ I δ (the relative threshold of a singular information).
+        rounding = 100 * fp.size * torch.finfo(m.dtype).eps * m.diagonal().abs().max() * 0.5 * (step @ step)
+    if not bool(quadratic > rounding):
         warnings.warn(
-            f"½ δᵀ I δ = {float(quadratic):.3e} is not positive (KL = {float(kl):.3e}): δ lies in the null "
-            "space of the Fisher information (a direction the distribution does not depend on) or is too "
-            "small for the dtype, so the ratio is NaN",
+            f"½ δᵀ I δ = {float(quadratic):.3e} is zero to rounding (KL = {float(kl):.3e}): δ lies in the "
+            "null space of the Fisher information (a direction the distribution does not depend on), so "
+            "the ratio is NaN",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -290,11 +290,16 @@ def _exact_fisher(dist_factory: DistFactory, fp: FlatParams, support: Tensor, me
             lp = all_points(theta)
             return torch.where(safe_w > 0, safe_w * lp, 0.0).sum()
 
+        # Forward mode first where it is not costlier (see _support_scores: it is also the
+        # accurate one on torch's binary log_prob formulas at tiny probabilities).
+        rev = jacrev(jacrev(expected_log_prob))
+        fwd = forward_jacobian(expected_log_prob, 2)
+        first_h, second_h = (fwd, rev) if fp.size <= batch else (rev, fwd)
         try:
-            matrix = -jacrev(jacrev(expected_log_prob))(flat)
+            matrix = -first_h(flat)
         except RuntimeError as err:  # pragma: no cover - ops without double backward
             try:
-                matrix = -forward_jacobian(expected_log_prob, 2)(flat)
+                matrix = -second_h(flat)
             except RuntimeError as err2:
                 raise _untraceable(dist_factory, fp, [err, err2]) from err2
         if not torch.isfinite(matrix).all():
@@ -319,7 +324,10 @@ def _support_scores(
 
     Two torch.func strategies, the cheaper first and the other as fallback: ``vmap`` over the
     K support points of ``jacrev`` over the B batch elements (cost ∝ K·B²), or forward mode over
-    the P parameter directions on all points at once (cost ∝ P·K·B).
+    the P parameter directions on all points at once (cost ∝ P·K·B). Ties go to forward mode:
+    torch.func's reverse mode through ``binary_cross_entropy_with_logits`` (Bernoulli) and
+    Binomial's normaliser cancels terms of order 1 in the derivative, which ``∂logits/∂p =
+    1/(p(1−p))`` then amplifies (at ``p = 1e-20`` the score of the likely outcome came out 0).
     """
 
     def per_point(flat: Tensor, value: Tensor) -> Tensor:
@@ -334,7 +342,7 @@ def _support_scores(
     def forward() -> Tensor:
         return forward_jacobian(all_points)(fp.flat)
 
-    first, second = (forward, reverse) if fp.size < batch else (reverse, forward)
+    first, second = (forward, reverse) if fp.size <= batch else (reverse, forward)
     try:
         return first()
     except RuntimeError as err:
