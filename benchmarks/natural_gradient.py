@@ -106,7 +106,7 @@ def make_optimizer(name: str, model: nn.Module, hp: dict[str, float]) -> torch.o
     """The optimizer ``name`` (see :data:`OPTIMIZERS`) on ``model`` with hyperparameters ``hp``."""
     if name in ("SGD", "Adam"):
         return getattr(torch.optim, name)(model.parameters(), lr=hp["lr"])
-    structure = {"DiagNGD": "diagonal", "NGD": "full"}[name]
+    structure = {"DiagNGD": "diagonal", "NGD": "dense"}[name]
     return natgrad.NaturalGradient(model, lr=hp["lr"], damping=hp["damping"], structure=structure)
 
 

@@ -70,7 +70,7 @@ def test_exact_diagonal_fisher_equals_nngeometry():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))  # float32: nngeometry's dtype
     x, y = batch(dtype=torch.float32)
-    ewc = natgrad.EWC(model, fisher="exact")
+    ewc = natgrad.EWC(model, fisher_type="exact")
     ewc.consolidate(x, y)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     ref = FIM(model=model, loader=loader, representation=PMatDiag, variant="classif_logits").get_diag()
@@ -123,7 +123,8 @@ def test_kfac_penalty_equals_dense_kronecker_quadratic_form():
     shifted(model)
     named = dict(model.named_parameters())
     expected = 0.0
-    for names, (a, g) in ewc.tasks[0]["kron"].items():
+    for names, block in ewc.tasks[0]["kron"].items():
+        a, g = block.state["A"], block.state["G"]
         w, b = (named[n].detach() - star[n] for n in names)
         delta = torch.cat([w, b[:, None]], 1).reshape(-1)  # row-major vec: (G ⊗ A) acts on it
         expected += delta @ torch.kron(g, a) @ delta
@@ -193,7 +194,7 @@ def test_new_head_is_not_penalised_and_missing_parameters_raise():
 
 @pytest.mark.parametrize("kwargs,name", [
     (dict(lambda_=-1.0), "lambda_"), (dict(lambda_=float("inf")), "lambda_"), (dict(gamma=1.5), "gamma"),
-    (dict(mode="sum"), "mode"), (dict(structure="dense"), "structure"), (dict(fisher="true"), "fisher"),
+    (dict(mode="sum"), "mode"), (dict(structure="dense"), "structure"), (dict(fisher_type="true"), "fisher_type"),
     (dict(mc_samples=0), "mc_samples"),
 ])
 def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
@@ -204,7 +205,7 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
 def test_consolidation_restores_training_mode_and_works_with_kfac():
     model, (x, y) = make(), batch()
     model.train()
-    ewc = natgrad.EWC(model, lambda_=100.0, fisher="mc")
+    ewc = natgrad.EWC(model, lambda_=100.0, fisher_type="mc")
     ewc.consolidate(x, y, generator=torch.Generator().manual_seed(0))
     assert model.training
     opt = natgrad.KFAC(model, lr=0.05)
@@ -221,9 +222,9 @@ def test_kfac_structure_with_an_unused_head_gives_it_zero_curvature():
     x, y = batch()
     ewc = natgrad.EWC(model, structure="kfac")
     ewc.consolidate(x, y)
-    a, g = ewc.tasks[0]["kron"][("heads.0.weight", "heads.0.bias")]
-    assert torch.count_nonzero(a) == 0 and torch.count_nonzero(g) == 0
-    assert torch.count_nonzero(ewc.tasks[0]["kron"][("heads.1.weight", "heads.1.bias")][1]) > 0
+    old = ewc.tasks[0]["kron"][("heads.0.weight", "heads.0.bias")]
+    assert torch.count_nonzero(old.state["A"]) == 0 and torch.count_nonzero(old.state["G"]) == 0
+    assert torch.count_nonzero(ewc.tasks[0]["kron"][("heads.1.weight", "heads.1.bias")].state["G"]) > 0
 
 
 def test_penalty_overflow_is_inf_not_an_error():

@@ -54,7 +54,7 @@ def test_structures_equal_the_loop_reference(structure):
 
 def test_exact_categorical_fisher_equals_the_expectation_over_classes():
     model, (x, _) = small_mlp(), batch()
-    torch.testing.assert_close(compute_fisher(model, x, kind="exact").to_dense(), loop_exact(model, x), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(compute_fisher(model, x, fisher_type="exact").to_dense(), loop_exact(model, x), rtol=1e-10, atol=1e-13)
 
 
 def test_exact_fisher_equals_nngeometry():
@@ -66,13 +66,13 @@ def test_exact_fisher_equals_nngeometry():
     x, y = batch(dtype=torch.float32)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
     dense = FIM(model=model, loader=loader, representation=PMatDense, variant="classif_logits").to_torch()
-    torch.testing.assert_close(compute_fisher(model, x, kind="exact").to_dense(), dense, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(compute_fisher(model, x, fisher_type="exact").to_dense(), dense, rtol=1e-4, atol=1e-6)
     diag = FIM(model=model, loader=loader, representation=PMatDiag, variant="classif_logits").get_diag()
-    torch.testing.assert_close(compute_fisher(model, x, kind="exact", structure="diagonal").diagonal(), diag, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(compute_fisher(model, x, fisher_type="exact", structure="diagonal").diagonal(), diag, rtol=1e-4, atol=1e-6)
     reg = small_mlp(torch.float32, out=2)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randn(20, 2)), batch_size=7)
     ref = FIM(model=reg, loader=loader, representation=PMatDense, variant="regression").to_torch()
-    torch.testing.assert_close(compute_fisher(reg, x, kind="exact", likelihood="gaussian").to_dense(), ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(compute_fisher(reg, x, fisher_type="exact", likelihood="gaussian").to_dense(), ref, rtol=1e-4, atol=1e-6)
     assert nngeometry is not None
 
 
@@ -82,7 +82,7 @@ def test_kfac_structure_is_exact_on_one_sample_and_consistent():
     ref = loop_empirical(model, x[:1], y[:1])
     torch.testing.assert_close(one.blocks[0].to_dense(), ref[:25, :25], rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(one.blocks[1].to_dense(), ref[25:, 25:], rtol=1e-10, atol=1e-13)
-    fisher = compute_fisher(model, x, kind="exact", structure="kfac", chunk_size=6)
+    fisher = compute_fisher(model, x, fisher_type="exact", structure="kfac", chunk_size=6)
     dense = fisher.to_dense()
     v = torch.randn(dense.shape[0], dtype=torch.float64)
     torch.testing.assert_close(fisher.mv(v), dense @ v)
@@ -123,9 +123,9 @@ def test_memory_of_structures_orders_as_documented():
 
 def test_mc_fisher_converges_to_the_exact_fisher():
     model, (x, _) = small_mlp(), batch(n=5)
-    exact = compute_fisher(model, x, kind="exact").to_dense()
+    exact = compute_fisher(model, x, fisher_type="exact").to_dense()
     gen = torch.Generator().manual_seed(0)
-    mc = compute_fisher(model, x, kind="mc", mc_samples=4000, generator=gen).to_dense()
+    mc = compute_fisher(model, x, fisher_type="mc", mc_samples=4000, generator=gen).to_dense()
     assert (mc - exact).abs().max() < 0.05 * exact.abs().max()
 
 
@@ -136,15 +136,19 @@ def test_gaussian_exact_fisher_is_jacobian_gram():
         lambda *ps: torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], ps)), (x[i:i + 1],))[0],
         tuple(model.parameters()))], 1) for i in range(6)])
     expected = torch.einsum("nop,noq->pq", jac, jac) / 6
-    torch.testing.assert_close(compute_fisher(model, x, kind="exact", likelihood="gaussian").to_dense(), expected)
+    torch.testing.assert_close(compute_fisher(model, x, fisher_type="exact", likelihood="gaussian").to_dense(), expected)
 
 
 def test_bad_input_raises_clear_errors():
     model, (x, y) = small_mlp(), batch()
     with pytest.raises(ValueError, match="Invalid structure"):
         compute_fisher(model, x, y, structure="full")
-    with pytest.raises(ValueError, match="Invalid kind"):
-        compute_fisher(model, x, y, kind="true")
+    with pytest.raises(ValueError, match="Invalid fisher_type"):
+        compute_fisher(model, x, y, fisher_type="true")
+    with pytest.raises(ValueError, match="Invalid chunk_size"):
+        compute_fisher(model, x, y, chunk_size=0)
+    with pytest.raises(ValueError, match="Invalid mc_samples"):
+        compute_fisher(model, x, fisher_type="mc", mc_samples=0)
     with pytest.raises(ValueError, match="targets are required"):
         compute_fisher(model, x)
     with pytest.raises(ValueError, match="one entry per input"):
@@ -154,5 +158,15 @@ def test_bad_input_raises_clear_errors():
         compute_fisher(model, x, y, params=[frozen])
     with pytest.raises(ValueError, match="Invalid damping"):
         compute_fisher(model, x, y).solve(torch.zeros(40, dtype=torch.float64), 0.0)
-    with pytest.raises(ValueError, match="outputs \\[n, classes\\]"):
-        score_rows(nn.Linear(4, 3), torch.randn(3, 2, 4), kind="exact")
+    with pytest.raises(ValueError, match="logits \\[n, classes\\]"):
+        score_rows(nn.Linear(4, 3), torch.randn(3, 2, 4), fisher_type="exact")
+
+
+def test_deprecated_spellings_warn_and_mean_the_same():
+    model, (x, y) = small_mlp(), batch()
+    new = compute_fisher(model, x, fisher_type="exact").to_dense()
+    with pytest.warns(DeprecationWarning, match="kind= is deprecated"):
+        old = compute_fisher(model, x, kind="exact").to_dense()
+    assert torch.equal(old, new)
+    with pytest.raises(TypeError, match="pass fisher_type= only"):
+        compute_fisher(model, x, kind="exact", fisher_type="exact")

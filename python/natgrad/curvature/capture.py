@@ -1,14 +1,21 @@
 """Forward/backward capture of a layer's inputs and output gradients for curvature estimates.
 
-A forward hook records the layer's input (a reference: autograd keeps it alive anyway) and
-registers a hook on the output tensor that fills in the gradient when a backward pass reaches
-it. Each forward call is one record, so gradient accumulation over several backward passes,
-and a layer applied twice in one forward, simply yield several records. Nothing is captured in
-eval mode, under torch.no_grad, or when the owner says the current step needs no statistics.
+This is natgrad's only capture path: natgrad.KFAC, ``compute_fisher(structure="kfac")`` and EWC
+all record layers through :class:`LayerCapture`.
+
+A forward hook records the layer's input (a reference: autograd keeps it alive anyway) and its
+output. With a :class:`GradientPhase`, a hook on the output tensor fills in the gradient when a
+backward pass reaches it (KFAC); without one, the owner takes gradients of its own losses
+w.r.t. ``Record.output`` with ``torch.autograd.grad`` (compute_fisher, EWC). Each forward call is
+one record, so gradient accumulation over several backward passes, and a layer applied twice in
+one forward, simply yield several records. Nothing is captured under torch.no_grad, when the
+output does not require grad, in eval mode when ``training_only``, or when the owner says the
+current step needs no statistics.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +50,8 @@ class LayerCapture:
 
     module: nn.Module
     active: Callable[[], bool]
-    phase: GradientPhase
+    phase: GradientPhase | None = None
+    training_only: bool = True
     records: list[Record] = field(default_factory=list)
     fired: bool = False  # whether the forward hook has ever captured (for describe())
 
@@ -51,13 +59,17 @@ class LayerCapture:
         self._handle = self.module.register_forward_hook(self._forward_hook)
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not (module.training and torch.is_grad_enabled() and self.active()):
+        if self.training_only and not module.training:
+            return
+        if not (torch.is_grad_enabled() and self.active()):
             return
         if not args or not isinstance(output, Tensor) or not output.requires_grad:
             return
         record = Record(input=args[0].detach(), output=output)
         self.records.append(record)
         self.fired = True
+        if self.phase is None:
+            return
 
         def on_grad(grad: Tensor) -> None:
             if record.grad_output is None and self.phase.accepts():
@@ -78,3 +90,17 @@ class LayerCapture:
         """Removes the hook; the capture never fires again."""
         self._handle.remove()
         self.records.clear()
+
+
+@contextmanager
+def capturing(modules: dict[str, nn.Module]) -> Iterator[dict[str, LayerCapture]]:
+    """Records every forward call of ``modules`` (any mode, while grad is enabled) for the
+    duration of the block; gradients are the caller's (``torch.autograd.grad`` w.r.t.
+    ``Record.output``). The hooks are removed on exit."""
+    captures = {name: LayerCapture(m, active=lambda: True, training_only=False)
+                for name, m in modules.items()}
+    try:
+        yield captures
+    finally:
+        for capture in captures.values():
+            capture.remove()

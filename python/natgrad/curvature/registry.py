@@ -1,9 +1,12 @@
-"""Which K-FAC block handles which module, and why a module falls back when none does."""
+"""Which curvature block handles which module, and why a module falls back when none does."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import nn
 
-from natgrad.curvature.kron import Conv2dBlock, EmbeddingBlock, KronBlock, LinearBlock
+from natgrad.curvature.kron import Conv2dBlock, EmbeddingBlock, KroneckerBlock, LinearBlock
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -21,16 +24,49 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-def make_block(name: str, module: nn.Module, *, linear_approx: str, factor_dtype=None,
-               inverse_dtype=None) -> KronBlock | None:
+def make_block(name: str, module: nn.Module, *, linear_approx: str = "expand",
+               factor_dtype: torch.dtype | None = None,
+               inverse_dtype: torch.dtype | None = None) -> KroneckerBlock | None:
     """A Kronecker block for ``module``, or None when its type is not supported."""
+    kwargs = dict(factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
     if isinstance(module, nn.Linear):
         # Includes nn.MultiheadAttention.out_proj, whose forward is never called (its weight is
         # used functionally): it falls back to the plain gradient while its hooks never fire.
-        return LinearBlock(name, module, approx=linear_approx, factor_dtype=factor_dtype,
-                           inverse_dtype=inverse_dtype)
+        return LinearBlock(name, module, approx=linear_approx, **kwargs)
     if isinstance(module, nn.Conv2d):
-        return Conv2dBlock(name, module, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+        return Conv2dBlock(name, module, **kwargs)
     if isinstance(module, nn.Embedding):
-        return EmbeddingBlock(name, module, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+        return EmbeddingBlock(name, module, **kwargs)
     return None
+
+
+def kronecker_block(name: str, module: nn.Module | None, params: Sequence[nn.Parameter],
+                    **kwargs) -> tuple[KroneckerBlock | None, str | None]:
+    """The Kronecker block of ``module`` when ``params`` (the caller's parameters of this
+    module, in order) are exactly the ones it covers; otherwise ``(None, reason)``. ``kwargs`` go
+    to :func:`make_block`."""
+    if module is None:
+        return None, "not owned by any module"
+    block = make_block(name, module, **kwargs)
+    if block is None:
+        return None, f"{type(module).__name__} has no Kronecker block"
+    reason = unsupported_reason(module)
+    if reason is not None:
+        return None, reason
+    if [id(p) for p in params] != [id(p) for p in block.params]:
+        return None, "only some of its parameters are optimized"
+    return block, None
+
+
+def owner_groups(model: nn.Module, params: Sequence[nn.Parameter]) -> list[tuple[str, nn.Module | None, list[int]]]:
+    """Consecutive runs of parameter indices that belong to the same module:
+    ``(module name, module, indices)``."""
+    owner = {id(p): (n, m) for n, m in model.named_modules() for p in m.parameters(recurse=False)}
+    groups: list[tuple[str, nn.Module | None, list[int]]] = []
+    for i, p in enumerate(params):
+        name, module = owner.get(id(p), ("", None))
+        if groups and groups[-1][1] is module and module is not None:
+            groups[-1][2].append(i)
+        else:
+            groups.append((name, module, [i]))
+    return groups

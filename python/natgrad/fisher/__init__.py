@@ -1,21 +1,25 @@
 """Fisher information of models: per-sample score rows, structures and ``compute_fisher``."""
 from __future__ import annotations
 
-from natgrad.fisher.compute import STRUCTURES, compute_fisher
-from natgrad.fisher.matrices import (BlockDiagonalFisher, DenseFisher, DiagonalFisher,
-                                     FisherMatrix, KroneckerBlock, LowRankFisher)
-from natgrad.fisher.scores import KINDS, LIKELIHOODS, score_rows
+from natgrad._vocabulary import FISHER_TYPES, STRUCTURES
+from natgrad.fisher.compute import compute_fisher, kfac_blocks
+from natgrad.fisher.matrices import (BlockDiagonalFisher, BlockFisher, DenseFisher, DiagonalFisher,
+                                     FisherMatrix, LowRankFisher)
+from natgrad.fisher.scores import KINDS, score_rows
+from natgrad.likelihoods import LIKELIHOODS
 
 __all__ = [
+    "FISHER_TYPES",
     "KINDS",
     "LIKELIHOODS",
     "STRUCTURES",
     "BlockDiagonalFisher",
+    "BlockFisher",
     "DenseFisher",
     "DiagonalFisher",
     "FisherMatrix",
-    "KroneckerBlock",
     "LowRankFisher",
     "compute_fisher",
+    "kfac_blocks",
     "score_rows",
 ]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from natgrad import ops
+from natgrad.curvature import CurvatureBlock
 
 
 class FisherMatrix:
@@ -113,11 +114,13 @@ class DenseFisher(FisherMatrix):
 
 @dataclass
 class LowRankFisher(FisherMatrix):
-    """F = UᵀU / n from score rows U [r, p]; solves use the Woodbury op (never p × p)."""
+    """F = UᵀU / n from score rows U [r, p]; solves use the Woodbury op (never p × p).
+    ``last_rung`` is the fallback-ladder rung of the last solve (0: native Cholesky)."""
 
     rows: Tensor
     num_samples: int
     structure = "lowrank"
+    last_rung = 0
 
     @property
     def num_params(self) -> int:
@@ -139,7 +142,9 @@ class LowRankFisher(FisherMatrix):
         rows = self.rows
         if rows.shape[0] != self.num_samples:
             rows = rows * math.sqrt(rows.shape[0] / self.num_samples)
-        return ops.woodbury_solve(rows, v, damping).solution
+        out = ops.woodbury_solve(rows, v, damping)
+        self.last_rung = int(out.rung)
+        return out.solution
 
     def trace(self) -> Tensor:
         return self.rows.pow(2).sum() / self.num_samples
@@ -212,48 +217,43 @@ class BlockDiagonalFisher(FisherMatrix):
 
 
 @dataclass
-class KroneckerBlock(FisherMatrix):
-    """One layer's ``A ⊗ G`` over its flattened ``[d_out, d_in (+1)]`` gradient (row-major:
-    weight entries then bias as the last column, reordered to the parameter order by
-    ``order``, a permutation of the flat matrix positions)."""
+class BlockFisher(FisherMatrix):
+    """One curvature block (:mod:`natgrad.curvature`; the K-FAC blocks natgrad.KFAC uses) as a
+    FisherMatrix over its parameters' flattened vector (weight entries, then bias). ``solve``
+    eigendecomposes the block's factors once, on first use."""
 
-    a_factor: Tensor
-    g_factor: Tensor
-    order: Tensor  # flat parameter position -> row-major matrix position
-    structure = "kron"
+    block: CurvatureBlock
+    structure = "kfac"
 
     @property
     def num_params(self) -> int:
-        return self.order.numel()
+        return self.block.num_params
 
-    def _to_matrix(self, v: Tensor) -> Tensor:
-        m = torch.empty_like(v)
-        m[self.order] = v
-        return m.reshape(self.g_factor.shape[0], self.a_factor.shape[0], *v.shape[1:])
-
-    def _from_matrix(self, m: Tensor) -> Tensor:
-        return m.reshape(self.num_params, *m.shape[2:])[self.order]
+    def _columns(self, v: Tensor, fn) -> Tensor:
+        if v.dim() == 1:
+            return self.block.flatten(fn(self.block.split_flat(v)))
+        return torch.stack([self._columns(c, fn) for c in v.T], 1)
 
     def mv(self, v: Tensor) -> Tensor:
-        m = self._to_matrix(v)
-        if v.dim() == 1:
-            return self._from_matrix(self.g_factor @ m @ self.a_factor)
-        return self._from_matrix(torch.einsum("ij,jkb,kl->ilb", self.g_factor, m, self.a_factor))
-
-    def diagonal(self) -> Tensor:
-        return self._from_matrix(torch.outer(torch.diagonal(self.g_factor), torch.diagonal(self.a_factor)))
+        return self._columns(v, self.block.mv)
 
     def solve(self, v: Tensor, damping: float) -> Tensor:
         _check_damping(damping)
-        eg, ea = ops.damped_eigh(self.g_factor), ops.damped_eigh(self.a_factor)
-        cols = v if v.dim() == 2 else v[:, None]
-        outs = [self._from_matrix(ops.kfac_precondition_eigen(
-            self._to_matrix(c).contiguous(), eg.eigenvalues, eg.eigenvectors, ea.eigenvalues,
-            ea.eigenvectors, damping)) for c in cols.T]
-        return torch.stack(outs, 1) if v.dim() == 2 else outs[0]
+        if not self.block.has_inverse:
+            self.block.update_inverse("eigen", damping)
+        return self._columns(v, lambda t: self.block.solve(t, damping))
+
+    def quad_form(self, v: Tensor) -> Tensor:
+        return self.block.quad_form(self.block.split_flat(v))
+
+    def diagonal(self) -> Tensor:
+        return self.block.flatten(self.block.diagonal())
+
+    def to_dense(self) -> Tensor:
+        return self.block.to_dense()
 
     def trace(self) -> Tensor:
-        return torch.trace(self.g_factor) * torch.trace(self.a_factor)
+        return self.diagonal().sum()
 
     def _tensors(self) -> list[Tensor]:
-        return [self.a_factor, self.g_factor]
+        return list(self.block.factors().values())

@@ -1,38 +1,25 @@
 """Per-sample score rows: the matrix U whose rows give a model's Fisher as F = UᵀU / n.
 
-Every Fisher natgrad computes for a model is a mean of outer products of gradients of
-per-sample negative log-likelihoods ``ℓ(f(x), y)``; they differ in which labels ``y`` and weights
-enter:
-
-* ``"empirical"`` — the observed labels: one row per sample, ``∇ℓ(f(x_n), y_n)``;
-* ``"mc"`` — labels sampled from the model's predictive distribution: one row per sample and
-  draw, weighted ``1/sqrt(draws)``;
-* ``"exact"`` — the expectation over the predictive distribution, for categorical outputs one
-  row per sample and class, ``sqrt(p_c) ∇(−log p_c)``; for a unit-variance Gaussian, one row per
-  output dimension (the Jacobian, since ``E[(y−f)(y−f)ᵀ] = I``).
-
-Rows are computed with torch.func (``vmap`` over ``grad`` of ``functional_call``), in chunks of
-samples, without Python loops over samples. The model must treat samples independently (no
-BatchNorm in training mode).
+The rows are the weighted per-sample gradients ``w·∇ℓ(f(x_n), y)`` of the passes a
+:class:`natgrad.likelihoods.Likelihood` defines for the requested ``fisher_type``: one row per
+sample ("empirical"), per sample and draw ("mc", weight ``1/sqrt(draws)``), or per sample and
+class / output element ("exact"). They are computed with torch.func (``vmap`` over ``grad`` of
+``functional_call``), in chunks of samples, without Python loops over samples. The model must
+treat samples independently (no BatchNorm in training mode).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, vmap
 
-KINDS = ("empirical", "mc", "exact")
-LIKELIHOODS = ("categorical", "gaussian")
+from natgrad._vocabulary import _UNSET, FISHER_TYPES, check_choice, renamed_argument
+from natgrad.likelihoods import LIKELIHOODS, Likelihood, check_count, get_likelihood
 
-
-def _nll(output: Tensor, target: Tensor, likelihood: str) -> Tensor:
-    """Per-sample negative log-likelihood (up to constants) of one sample's output."""
-    if likelihood == "categorical":
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1), reduction="sum")
-    return 0.5 * (output - target).pow(2).sum()
+KINDS = FISHER_TYPES  # deprecated name of FISHER_TYPES
+__all__ = ["FISHER_TYPES", "KINDS", "LIKELIHOODS", "check_inputs", "check_params", "score_rows"]
 
 
 def check_params(params: Sequence[Tensor]) -> None:
@@ -40,45 +27,78 @@ def check_params(params: Sequence[Tensor]) -> None:
     if not params:
         raise ValueError("params must hold at least one parameter")
     for i, p in enumerate(params):
-        if not p.is_floating_point():
-            raise ValueError(f"params[{i}] must be floating point, got {p.dtype}")
+        if not isinstance(p, Tensor) or not p.is_floating_point():
+            raise ValueError(f"params[{i}] must be a floating-point tensor, got "
+                             f"{getattr(p, 'dtype', type(p).__name__)}")
         if not p.requires_grad:
             raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad: "
                              "pass only trainable parameters")
 
 
+def check_inputs(inputs: Tensor, targets: Tensor | None, what: str = "inputs") -> None:
+    """A non-empty batch of finite inputs (and finite float targets) with matching lengths."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{what} must be a Tensor, got {type(inputs).__name__}")
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"{what} holds no samples (shape {tuple(inputs.shape)}); at least one is needed")
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        raise ValueError(f"{what} hold NaN or Inf")
+    if targets is None:
+        return
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
+    if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
+        raise ValueError(f"targets must have one entry per input: got shape {tuple(targets.shape)} "
+                         f"for {inputs.shape[0]} inputs")
+    if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
+        raise ValueError("targets hold NaN or Inf")
+
+
 def score_rows(model: nn.Module, inputs: Tensor, targets: Tensor | None = None, *,
-               kind: str = "empirical", likelihood: str = "categorical",
+               fisher_type: str = _UNSET, likelihood: str | Likelihood = "categorical",
                params: Sequence[nn.Parameter] | None = None, mc_samples: int = 1,
                generator: torch.Generator | None = None, chunk_size: int = 256,
-               loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+               loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+               kind: str = _UNSET) -> Tensor:
     """The rows U ([rows, p], p = total size of ``params``) with F = UᵀU / n_samples.
 
     Args:
         model (nn.Module): maps a batch of inputs to outputs (logits or Gaussian means).
         inputs (Tensor): ``[n, ...]`` samples.
-        targets (Tensor, optional): labels for ``kind="empirical"``.
-        kind (str): "empirical", "mc" or "exact" (default: "empirical").
+        targets (Tensor, optional): labels for ``fisher_type="empirical"``.
+        fisher_type (str): "empirical", "mc" or "exact" (default: "empirical").
         likelihood (str): "categorical" (logits) or "gaussian" (unit variance) (default:
             "categorical").
         params (sequence of nn.Parameter, optional): which parameters (default: all trainable).
-        mc_samples (int): draws per sample for ``kind="mc"`` (default: 1).
-        generator (torch.Generator, optional): CPU generator for ``kind="mc"``.
+        mc_samples (int): draws per sample for ``fisher_type="mc"`` (default: 1).
+        generator (torch.Generator, optional): CPU generator for ``fisher_type="mc"``.
         chunk_size (int): samples per vmap call (bounds memory) (default: 256).
         loss_fn (callable, optional): per-sample loss ``loss_fn(output[None], target[None])``
-            replacing the likelihood's NLL for ``kind="empirical"``.
+            replacing the likelihood's NLL for ``fisher_type="empirical"``.
+        kind (str): deprecated spelling of ``fisher_type``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"Invalid kind: {kind!r} (expected one of {KINDS})")
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"Invalid likelihood: {likelihood!r} (expected one of {LIKELIHOODS})")
-    if kind == "empirical" and targets is None:
-        raise ValueError("targets are required for kind='empirical'")
-    if targets is not None and targets.shape[0] != inputs.shape[0]:
-        raise ValueError(f"targets must have one entry per input: got {targets.shape[0]} "
-                         f"targets for {inputs.shape[0]} inputs")
-    if mc_samples < 1:
-        raise ValueError(f"Invalid mc_samples: {mc_samples} (must be >= 1)")
+    return score_rows_and_losses(model, inputs, targets, fisher_type=fisher_type, likelihood=likelihood,
+                                 params=params, mc_samples=mc_samples, generator=generator,
+                                 chunk_size=chunk_size, loss_fn=loss_fn, kind=kind, _stacklevel=4)[0]
+
+
+def score_rows_and_losses(model: nn.Module, inputs: Tensor, targets: Tensor | None = None, *,
+                          fisher_type: str = _UNSET, likelihood: str | Likelihood = "categorical",
+                          params: Sequence[nn.Parameter] | None = None, mc_samples: int = 1,
+                          generator: torch.Generator | None = None, chunk_size: int = 256,
+                          loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+                          kind: str = _UNSET, _stacklevel: int = 3) -> tuple[Tensor, Tensor | None]:
+    """:func:`score_rows` and, for ``fisher_type="empirical"``, the per-sample losses ``[n]``
+    from the same forward pass (None otherwise)."""
+    fisher_type = renamed_argument("fisher_type", fisher_type, "kind", kind, "empirical",
+                                   "score_rows", stacklevel=_stacklevel)
+    check_choice("fisher_type", fisher_type, FISHER_TYPES)
+    lik = get_likelihood(likelihood)
+    check_count("mc_samples", mc_samples)
+    check_count("chunk_size", chunk_size)
+    if fisher_type == "empirical" and targets is None:
+        raise ValueError("targets are required for fisher_type='empirical'")
+    check_inputs(inputs, targets)
     named = dict(model.named_parameters())
     chosen = list(params) if params is not None else [p for p in named.values() if p.requires_grad]
     check_params(chosen)
@@ -88,55 +108,37 @@ def score_rows(model: nn.Module, inputs: Tensor, targets: Tensor | None = None, 
         raise ValueError("params must be parameters of model")
     frozen = {n: p.detach() for n, p in named.items() if id(p) not in ids}
     buffers = dict(model.named_buffers())
+    values = {n: named[n].detach() for n in names}
 
     def output_of(train: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, ({**train, **frozen}, buffers), (x[None],))[0]
+        return functional_call(model, ({**train, **frozen}, buffers), (x[None],))
 
-    def flat(g: dict[str, Tensor]) -> Tensor:
-        return torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], 1)
-
-    values = {n: named[n].detach() for n in names}
-    rows = []
+    if fisher_type == "empirical" and loss_fn is None:
+        with torch.no_grad():  # one sample's forward: validates the targets before any work
+            lik.check(output_of(values, inputs[0]), targets[:1])
+    rows, losses = [], []
     for start in range(0, inputs.shape[0], chunk_size):
         x = inputs[start:start + chunk_size]
-        rows.append(_chunk_rows(output_of, values, names, x,
-                                None if targets is None else targets[start:start + chunk_size],
-                                kind, likelihood, mc_samples, generator, loss_fn, flat))
-    return torch.cat(rows)
-
-
-def _chunk_rows(output_of, values, names, x, y, kind, likelihood, mc_samples, generator, loss_fn, flat):
-    """Rows of one chunk of samples (see :func:`score_rows`)."""
-    if kind == "exact":
-        with torch.no_grad():
-            out = vmap(output_of, in_dims=(None, 0))(values, x)
-        n, outputs = x.shape[0], out[0].numel()
-        if likelihood == "categorical" and out.dim() != 2:
-            raise ValueError("kind='exact' with a categorical likelihood needs outputs [n, classes], "
-                             f"got {tuple(out.shape)}")
-        jac = vmap(jacrev(output_of), in_dims=(None, 0))(values, x)  # each [n, *out, *param]
-        j = torch.cat([jac[k].reshape(n, outputs, -1) for k in names], 2)  # [n, out, p]
-        if likelihood == "gaussian":
-            return j.reshape(-1, j.shape[-1])
-        probs = torch.softmax(out, -1)
-        # ∇(−log p_c) = J ᵀ(p − e_c); weighted by sqrt(p_c): one row per class.
-        centered = probs[:, None, :] - torch.eye(probs.shape[1], dtype=probs.dtype)[None]  # [n, c, out]
-        rows = torch.einsum("nco,nop->ncp", centered * probs.sqrt()[:, :, None], j)
-        return rows.reshape(-1, rows.shape[-1])
-    if kind == "empirical":
-        per_sample = loss_fn if loss_fn is not None else (lambda o, t: _nll(o, t, likelihood))
-        fn = lambda v, xi, yi: per_sample(output_of(v, xi)[None], yi[None])  # noqa: E731
-        return flat(vmap(grad(fn), in_dims=(None, 0, 0))(values, x, y))
-    with torch.no_grad():
-        out = vmap(output_of, in_dims=(None, 0))(values, x)
-    draws = []
-    for _ in range(mc_samples):
-        if likelihood == "categorical":
-            p = torch.softmax(out.reshape(-1, out.shape[-1]).float(), -1).cpu()
-            labels = torch.multinomial(p, 1, generator=generator).reshape(out.shape[:-1]).to(x.device)
+        y = None if targets is None else targets[start:start + chunk_size]
+        if fisher_type == "empirical":
+            passes = [(y, None)]
         else:
-            noise = torch.randn(out.shape, generator=generator, dtype=torch.float32)
-            labels = out + noise.to(out.dtype)
-        fn = lambda v, xi, yi: _nll(output_of(v, xi), yi, likelihood)  # noqa: E731
-        draws.append(flat(vmap(grad(fn), in_dims=(None, 0, 0))(values, x, labels)))
-    return torch.cat(draws) / mc_samples**0.5 if mc_samples > 1 else draws[0]
+            with torch.no_grad():
+                out = vmap(output_of, in_dims=(None, 0))(values, x)[:, 0]
+            passes = lik.pseudo_targets(out, fisher_type, y, mc_samples, generator)
+        for target, weight in passes:
+            g, loss = _weighted_grads(output_of, values, x, target, weight, lik, loss_fn)
+            rows.append(torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], 1))
+            losses.append(loss)
+    return torch.cat(rows), (torch.cat(losses) if fisher_type == "empirical" else None)
+
+
+def _weighted_grads(output_of, values, x, target, weight, lik: Likelihood, loss_fn):
+    """Per-sample ``w·∇ℓ`` (a dict of ``[n, *param]`` tensors) and the unweighted losses."""
+    def per_sample(v, xi, yi, wi):
+        out = output_of(v, xi)
+        loss = loss_fn(out, yi[None]) if loss_fn is not None else lik.nll(out, yi[None], "sum")
+        return (loss if wi is None else wi * loss), loss.detach()
+
+    in_dims = (None, 0, 0, None if weight is None else 0)
+    return vmap(grad(per_sample, has_aux=True), in_dims=in_dims)(values, x, target, weight)

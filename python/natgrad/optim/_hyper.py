@@ -5,6 +5,8 @@ import math
 from collections.abc import Callable
 from typing import Union
 
+from natgrad._vocabulary import check_choice  # noqa: F401  (re-exported for the optimizers)
+
 Schedule = Union[float, Callable[[int], float]]
 
 
@@ -34,12 +36,6 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
         raise ValueError(f"Invalid {name}: {value!r} (must be {'>' if low_open else '>='} {low})")
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"Invalid {name}: {value!r} (must be {'<' if high_open else '<='} {high})")
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    """Raises ValueError naming ``name`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
 
 
 def resolved_number(name: str, value: Schedule | None, step: int, **bounds) -> float | None:

@@ -11,14 +11,16 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from natgrad.curvature import GradientPhase, KronBlock, LayerCapture, make_block, unsupported_reason
+from natgrad.curvature import (CurvatureBlock, GradientPhase, KroneckerBlock, LayerCapture,
+                               PlainBlock, kronecker_block)
 from natgrad.distributed.communicator import make_communicator
+from natgrad.likelihoods import get_likelihood
+from natgrad.optim import _kfac_io
 from natgrad.optim._hyper import Schedule, check_choice, check_number, resolved_number
-from natgrad.optim._sampling import LIKELIHOODS, sampled_nll
 
 __all__ = ["KFAC"]
 
-STATE_KEY = "kfac"  # the optimizer-level entry in state_dict()
+STATE_KEY = _kfac_io.STATE_KEY  # the optimizer-level entry in state_dict()
 _GROUP_DEFAULTS = ("lr", "momentum", "weight_decay", "damping")
 
 
@@ -44,7 +46,18 @@ class KFAC(Optimizer):
     Parameters outside supported layers (LayerNorm/BatchNorm affine, grouped convolutions,
     parameters used functionally, layers whose hooks never fired) use the plain gradient in
     place of :math:`u` (same trust region, momentum and weight decay); :meth:`describe` lists
-    the treatment of every parameter.
+    the treatment of every parameter. A parameter whose ``.grad`` is None or that does not
+    require grad (frozen, even mid-training) is never moved.
+
+    Curvature lives in one block per layer (:mod:`natgrad.curvature`), not in
+    ``self.state[p]``: a Kronecker pair spans a layer's weight and bias together.
+    ``state_dict()`` stores the blocks under ``"kfac"`` keyed by module name (independent of
+    parameter order); ``self.state[p]`` holds the per-parameter momentum buffers, as in
+    torch.optim.SGD.
+
+    Faults: a layer whose captured activations or output gradients hold NaN/Inf, or values
+    large enough that a factor update could overflow, keeps its factors and parameters for the
+    step (a warning names it once; :attr:`nonfinite_skips` counts), and training goes on.
 
     The standard loop ``loss.backward(); opt.step()`` uses the empirical Fisher. With
     ``fisher_type="mc"`` add one line after the forward pass, ``opt.sample_fisher(output)``,
@@ -76,7 +89,8 @@ class KFAC(Optimizer):
         damping_adaptation_interval (int): steps between adaptations (default: 5).
         damping_adaptation_decay (float): ω₁ in (0, 1); γ is multiplied by ω₁^interval when the
             ratio exceeds 3/4 and divided by it below 1/4 (default: 0.95).
-        fisher_type (str): "empirical" or "mc" (default: "empirical").
+        fisher_type (str): "empirical" or "mc" (default: "empirical"). With "mc", every factor
+            step needs ``sample_fisher(output)``; a step without it raises RuntimeError.
         loss_reduction (str): "mean" if the gradient the optimizer sees is the mean over the
             step's samples (also across accumulated micro-batches), "sum" if it is the sum
             (default: "mean").
@@ -85,7 +99,8 @@ class KFAC(Optimizer):
             (default: "expand").
         factor_dtype, inverse_dtype (torch.dtype, optional): dtypes of factors and of their
             decompositions (default: the weight's dtype).
-        skip_modules (iterable of str): qualified module names to leave to the fallback.
+        skip_modules (iterable of str): qualified module names to leave to the fallback (a
+            name that matches no module raises ValueError).
         seed (int): seed of the generator used by :meth:`sample_fisher` (plus the rank) (default: 0).
         grad_worker_fraction (float): with torch.distributed, the fraction f in (0, 1] of ranks
             that hold each layer's decomposition (see :mod:`natgrad.distributed.communicator`)
@@ -129,6 +144,9 @@ class KFAC(Optimizer):
         check_number("inverse_update_period", inverse_update_period, low=1, integer=True, allow_callable=True)
         check_number("kl_clip", kl_clip, low=0.0, low_open=True, allow_none=True, allow_callable=True)
         check_choice("inverse_method", inverse_method, ("eigen", "inverse"))
+        if fisher_type == "exact":
+            raise ValueError("Invalid fisher_type: 'exact' (natgrad.KFAC estimates 'empirical' or "
+                             "'mc'; the exact Fisher is natgrad.fisher.compute_fisher's)")
         check_choice("fisher_type", fisher_type, ("empirical", "mc"))
         check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         check_choice("linear_approx", linear_approx, ("expand", "reduce"))
@@ -169,31 +187,36 @@ class KFAC(Optimizer):
         self._ladder: dict[str, int] = {}
         self._suspend_capture = False
         self.last_reduction_ratio: float | None = None
-        self._build_blocks(set(skip_modules), linear_approx, factor_dtype, inverse_dtype)
+        skip = set([skip_modules] if isinstance(skip_modules, str) else skip_modules)
+        unknown = sorted(skip - {name for name, _ in self.model.named_modules()})
+        if unknown:
+            raise ValueError(f"Invalid skip_modules: {unknown} match no module of the model "
+                             "(expected qualified names as in model.named_modules())")
+        self._build_blocks(skip, linear_approx, factor_dtype, inverse_dtype)
 
     # ---- set-up ---------------------------------------------------------------------------------
 
     def _build_blocks(self, skip: set[str], approx: str, factor_dtype, inverse_dtype) -> None:
         managed = {id(p) for g in self.param_groups for p in g["params"]}
-        self._blocks: list[KronBlock] = []
+        self._blocks: list[KroneckerBlock] = []
         self._captures: dict[str, LayerCapture] = {}
         self._fallback_reason: dict[int, str] = {}
+        self._param_names = {id(p): n for n, p in self.model.named_parameters()}
+        self._plain: dict[int, PlainBlock] = {}
         alive = weakref.WeakMethod(self._capturing)
         for name, module in self.model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own or not any(id(p) in managed for p in own):
                 continue
-            block = None if name in skip else make_block(
-                name, module, linear_approx=approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
-            reason = "skipped by skip_modules" if name in skip else None
-            if block is not None:
-                reason = unsupported_reason(module)
-                if reason is None and (len(own) != len(block.params)
-                                       or not all(id(p) in managed for p in block.params)):
-                    reason = "only some of its parameters are optimized"
-            elif reason is None:
-                reason = f"{type(module).__name__} has no Kronecker block"
-            if reason is not None:
+            if name in skip:
+                block, reason = None, "skipped by skip_modules"
+            else:
+                block, reason = kronecker_block(name, module, [p for p in own if id(p) in managed],
+                                                linear_approx=approx, factor_dtype=factor_dtype,
+                                                inverse_dtype=inverse_dtype)
+                if block is not None and len(own) != len(block.params):
+                    block, reason = None, "only some of its parameters are optimized"
+            if block is None:
                 for p in own:
                     self._fallback_reason[id(p)] = f"{type(module).__name__} {name!r}: {reason}"
                 continue
@@ -201,12 +224,21 @@ class KFAC(Optimizer):
             self._captures[name] = LayerCapture(module, lambda: (m := alive()) is not None and m(), self._phase)
         captures = list(self._captures.values())
         self._finalizer = weakref.finalize(self, lambda: [c.remove() for c in captures])
-        self._block_of = {id(p): b for b in self._blocks for p in b.params}
+        self._block_of: dict[int, KroneckerBlock] = {id(p): b for b in self._blocks for p in b.params}
         self._index_groups()
 
     def _index_groups(self) -> None:
         """Maps each parameter to its group (refreshed every step: add_param_group may run)."""
         self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+
+    def _plain_block(self, p: Tensor) -> PlainBlock:
+        """The fallback block of a parameter outside every Kronecker block (made on demand:
+        add_param_group may add parameters)."""
+        block = self._plain.get(id(p))
+        if block is None:
+            reason = self._fallback_reason.get(id(p), "not owned by any module")
+            block = self._plain[id(p)] = PlainBlock(self._param_names.get(id(p), "<unnamed>"), p, reason)
+        return block
 
     def _capturing(self) -> bool:
         return not self._suspend_capture and self._is_factor_step(self._steps)
@@ -232,8 +264,9 @@ class KFAC(Optimizer):
         """Estimates G from labels sampled from the model's predictive distribution.
 
         Call after the forward pass and before ``loss.backward()``; one extra backward pass,
-        which fills the G statistics only (``.grad`` is untouched). A no-op on steps that do not
-        update factors.
+        which fills the G statistics only (``.grad`` is untouched). The sampled loss is reduced
+        like ``loss_reduction`` over all rows of ``output`` (samples × positions, as
+        ``F.cross_entropy`` on flattened logits). A no-op on steps that do not update factors.
 
         Args:
             output (Tensor): the model's logits (categorical) or means (Gaussian, unit variance).
@@ -241,12 +274,18 @@ class KFAC(Optimizer):
         """
         if self.fisher_type != "mc":
             raise RuntimeError("sample_fisher() needs natgrad.KFAC(..., fisher_type='mc')")
-        check_choice("likelihood", likelihood, LIKELIHOODS)
+        lik = get_likelihood(likelihood)
+        if not isinstance(output, Tensor) or output.dim() == 0:
+            raise ValueError("sample_fisher(output): output must be the model's batched output tensor")
         targets = [r.output for c in self._captures.values() for r in c.records
                    if r.output is not None and r.grad_output is None]
         if not targets or not self._capturing():
             return
-        loss = sampled_nll(output, likelihood, self.loss_reduction, self._generator)
+        with torch.no_grad():
+            labels = lik.sample(output, self._generator)
+        loss = lik.nll(output, labels, "sum")
+        if self.loss_reduction == "mean":
+            loss = loss / max(output.numel() // max(output.shape[-1], 1), 1)
         self._phase.sampling = True
         try:
             torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
@@ -267,16 +306,18 @@ class KFAC(Optimizer):
         if found_inf is not None and float(found_inf) > 0:
             self._clear_records()
             return loss
-        grad_scale = getattr(self, "grad_scale", None)
-        inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+        amp_scale = getattr(self, "grad_scale", None)  # torch.amp.GradScaler's loss scale
+        amp_unscale = 1.0 if amp_scale is None else 1.0 / float(amp_scale)
         k = self._steps
         self._index_groups()
+        if self.fisher_type == "mc" and self._is_factor_step(k):
+            self._check_sampled()
         if not self._ddp:
             self._comm.average_gradients([p.grad for g in self.param_groups for p in g["params"]
                                           if p.grad is not None])
-        skipped = self._update_factors(k, inv_scale)
+        skipped = self._update_factors(k, amp_unscale)
         self._update_inverses(k)
-        updates, grads = self._directions(skipped, inv_scale)
+        updates, grads = self._directions(skipped, amp_unscale)
         nu = self._trust_region(k, updates, grads)
         adapt = self.adaptive_damping and closure is not None and k % self.damping_adaptation_interval == 0
         before = {p: p.detach().clone() for p in updates} if adapt else None
@@ -285,6 +326,15 @@ class KFAC(Optimizer):
             self._adapt_damping(closure, loss, before, grads)
         self._steps += 1
         return loss
+
+    def _check_sampled(self) -> None:
+        forwards = any(c.records for c in self._captures.values())
+        if forwards and not any(c.complete() for c in self._captures.values()):
+            self._clear_records()
+            raise RuntimeError(
+                "natgrad.KFAC(fisher_type='mc'): no sampled gradient reached any layer this step; "
+                "call opt.sample_fisher(output) after the forward pass and before loss.backward() "
+                "(or use fisher_type='empirical'). Parameters and factors were not changed.")
 
     def _damping(self, param: Tensor) -> float:
         group = self._group_of[id(param)]
@@ -295,22 +345,34 @@ class KFAC(Optimizer):
         for capture in self._captures.values():
             capture.clear()
 
-    def _update_factors(self, k: int, inv_scale: float) -> set[str]:
+    def _update_factors(self, k: int, amp_unscale: float) -> set[str]:
         skipped: set[str] = set()
-        if self._is_factor_step(k):
-            records = [self._captures[b.name].complete() for b in self._blocks]
-            finite = self._comm.agree([bool(r) and b.records_finite(r) for b, r in zip(self._blocks, records)])
-            captured = self._comm.agree([bool(r) for r in records])
-            updated = []
-            for block, recs, ok, seen in zip(self._blocks, records, finite, captured):
-                if ok:
-                    block.update_factors(recs, self.factor_decay, self.loss_reduction == "mean", inv_scale)
-                    updated.append(block)
-                elif seen:  # captured everywhere, but NaN/Inf somewhere: every rank skips
-                    skipped.add(block.name)
-                    self._fault(block.name, "activations or output gradients")
-            samples = next((sum(rec.input.shape[0] for rec in r) for r in records if r), 0)
-            self._comm.average_factors(updated, samples)
+        if not self._is_factor_step(k):
+            self._clear_records()
+            return skipped
+        stats, checks = {}, []
+        for block in self._blocks:
+            records = self._captures[block.name].complete()
+            if records:
+                inputs, grads = [r.input for r in records], [r.grad_output for r in records]
+                per_sample = block.count_samples(inputs) if self.loss_reduction == "mean" else 1.0
+                stats[block.name] = block.prepare(inputs, grads, per_sample * amp_unscale)
+                checks.append(block.statistics_ok(stats[block.name]))
+        ok = iter(_all_true(checks))
+        present = [b.name in stats for b in self._blocks]
+        good = self._comm.agree([seen and next(ok) for seen in present])
+        captured = self._comm.agree(present)
+        updated = []
+        for block, is_good, seen in zip(self._blocks, good, captured):
+            if is_good:
+                block.apply_update(stats[block.name], self.factor_decay)
+                updated.append(block)
+            elif seen:  # captured everywhere, but NaN/Inf or overflow somewhere: every rank skips
+                skipped.add(block.name)
+                self._fault(block.name, "activations or output gradients")
+        samples = next((b.count_samples([r.input for r in self._captures[b.name].complete()])
+                        for b in updated), 0)
+        self._comm.average_factors(updated, samples)
         self._clear_records()
         return skipped
 
@@ -333,51 +395,63 @@ class KFAC(Optimizer):
                     warnings.warn(f"natgrad.KFAC: decomposing the factors of {block.name!r} needed "
                                   f"fallback-ladder rung {rung}; see natgrad.ops.Rung", stacklevel=3)
 
-    def _directions(self, skipped: set[str], inv_scale: float) -> tuple[dict, dict]:
-        updates: dict[Tensor, Tensor] = {}
-        grads: dict[Tensor, Tensor] = {}
+    def _directions(self, skipped: set[str], amp_unscale: float) -> tuple[dict, dict]:
+        """Preconditioned directions and (unscaled) gradients of every parameter that moves this
+        step; a block whose gradient or direction is not finite is skipped, with one host sync
+        for all blocks."""
+        work: list[tuple[CurvatureBlock, list, Tensor, Tensor]] = []
         done: set[int] = set()
         for block in self._blocks:
-            if block.name in skipped:
-                done.update(id(p) for p in block.params)  # untouched this step
+            params = [p for p in block.params if p.grad is not None]
+            done.update(id(p) for p in block.params)
+            if block.name in skipped or not params:
                 continue
-            if block.name not in self._decomposed or any(p.grad is None for p in block.params):
+            if block.name not in self._decomposed:  # no curvature yet: the plain gradient
+                done.difference_update(id(p) for p in params)
                 continue
-            grad = block.grad_matrix() * inv_scale
+            grad = block.pack([p.grad for p in block.params])
+            if amp_unscale != 1.0:
+                grad = grad * amp_unscale
             direction = None
             if self._comm.is_grad_worker(block):
                 direction = block.precondition(grad, self._damping(block.weight), self.pi_correction)
             direction = self._comm.share_direction(block, direction, grad)
-            done.update(id(p) for p in block.params)
-            if not (torch.isfinite(grad).all() and torch.isfinite(direction).all()):
-                self._fault(block.name, "gradients")
-                continue
-            for p, g, u in zip(block.params, block.split(grad), block.split(direction)):
-                updates[p], grads[p] = u, g
+            work.append((block, params, grad, direction))
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None or id(p) in done:
-                    continue
-                g = p.grad * inv_scale
-                if not torch.isfinite(g).all():
-                    self._fault(f"parameter {tuple(p.shape)}", "gradients")
-                    continue
-                updates[p], grads[p] = g, g
+                if p.grad is not None and id(p) not in done:
+                    g = p.grad * amp_unscale if amp_unscale != 1.0 else p.grad
+                    work.append((self._plain_block(p), [p], g, g))
+        peaks = [torch.linalg.vector_norm(t, float("inf"), dtype=torch.float64)
+                 for _, _, grad, direction in work for t in (grad, direction)]
+        finite = iter(_all_true([torch.isfinite(t) for t in peaks]))
+        updates: dict[Tensor, Tensor] = {}
+        grads: dict[Tensor, Tensor] = {}
+        for block, params, grad, direction in work:
+            if not (next(finite) & next(finite)):
+                self._fault(block.name if isinstance(block, KroneckerBlock)
+                            else f"parameter {block.name!r}", "gradients")
+                continue
+            for p, g, u in zip(block.params, block.unpack(grad), block.unpack(direction)):
+                if p.grad is not None and p.requires_grad:
+                    updates[p], grads[p] = u, g
         return updates, grads
 
     def _trust_region(self, k: int, updates: dict, grads: dict) -> float:
         kl_clip = resolved_number("kl_clip", self.kl_clip, k, low=0.0, low_open=True, allow_none=True)
         if kl_clip is None or not updates:
             return 1.0
-        vg = sum(float((updates[p] * grads[p]).sum()) * self._group_of[id(p)]["lr"] ** 2 for p in updates)
-        return 1.0 if vg == 0 else min(1.0, math.sqrt(kl_clip / abs(vg)))
+        terms = [(updates[p] * grads[p]).sum(dtype=torch.float64) * self._group_of[id(p)]["lr"] ** 2
+                 for p in updates]
+        vg = float(torch.stack(terms).sum())
+        return 1.0 if vg == 0 or not math.isfinite(vg) else min(1.0, math.sqrt(kl_clip / abs(vg)))
 
     def _apply(self, updates: dict, nu: float) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p not in updates:
                     continue
-                d = updates[p].mul(nu)
+                d = updates[p].mul(nu) if nu != 1.0 else updates[p].clone()
                 if group["weight_decay"]:
                     d.add_(p, alpha=group["weight_decay"])
                 if group["momentum"]:
@@ -399,9 +473,7 @@ class KFAC(Optimizer):
             curvature += self._damping(p) * float(d.pow(2).sum())
         for block in self._blocks:
             if block.has_factors and all(p in deltas for p in block.params):
-                delta = torch.cat([deltas[p].reshape(block.weight.shape[0], -1) for p in block.params], 1) \
-                    if block.kind != "embedding" else deltas[block.weight].T
-                curvature += float(block.curvature_product(delta))
+                curvature += float(block.quad_form([deltas[p] for p in block.params]))
         model_change = predicted + 0.5 * curvature
         self._suspend_capture = True
         try:
@@ -421,15 +493,16 @@ class KFAC(Optimizer):
 
     def _fault(self, where: str, what: str) -> None:
         if where not in self._faults:
-            warnings.warn(f"natgrad.KFAC: NaN or Inf in the {what} of {where}; its update is "
-                          "skipped this step (parameters untouched)", stacklevel=4)
+            warnings.warn(f"natgrad.KFAC: NaN or Inf (or values that would overflow) in the {what} of {where}; "
+                          "its update is skipped this step (parameters and factors untouched)",
+                          RuntimeWarning, stacklevel=4)
         self._faults[where] = self._faults.get(where, 0) + 1
 
     # ---- introspection and checkpoints ------------------------------------------------------------
 
     @property
     def nonfinite_skips(self) -> dict[str, int]:
-        """How many times each layer's update was skipped because of NaN/Inf."""
+        """How many times each layer's update was skipped because of NaN/Inf or overflow."""
         return dict(self._faults)
 
     @property
@@ -439,58 +512,34 @@ class KFAC(Optimizer):
 
     def describe(self) -> str:
         """A table of every optimized parameter and the preconditioner it gets."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        rows = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                block = self._block_of.get(id(p))
-                if block is not None and (self._captures[block.name].fired or block.has_factors):
-                    how = f"K-FAC {block.kind}" + (f" ({block.approx})" if hasattr(block, "approx") else "")
-                elif block is not None:
-                    how = "plain gradient until its hooks fire (none so far: is the layer used functionally?)"
-                else:
-                    how = "plain gradient: " + self._fallback_reason.get(id(p), "not owned by any module")
-                rows.append((names.get(id(p), "<unnamed>"), "x".join(map(str, p.shape)) or "scalar", how))
-        width = [max(len(r[i]) for r in rows + [("parameter", "shape", "")]) for i in range(2)]
-        lines = [f"{'parameter':<{width[0]}}  {'shape':<{width[1]}}  preconditioner"]
-        lines += [f"{n:<{width[0]}}  {s:<{width[1]}}  {h}" for n, s, h in rows]
-        return "\n".join(lines)
+        return _kfac_io.describe(self)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state (momentum buffers, param groups) plus, under ``"kfac"``, the step
         counter, factors, decompositions, damping multiplier, fault counts and sampler state."""
         self._comm.gather_decompositions(self._blocks, self.inverse_method)
         state = super().state_dict()
-        state[STATE_KEY] = {
-            "steps": self._steps,
-            "damping_multiplier": self._damping_multiplier,
-            "faults": dict(self._faults),
-            "ladder": dict(self._ladder),
-            "decomposed": sorted(self._decomposed),
-            "generator": self._generator.get_state(),
-            "blocks": {b.name: b.state_dict() for b in self._blocks},
-        }
+        state[STATE_KEY] = _kfac_io.kfac_state(self)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict` output; curvature tensors are restored uncast."""
+        """Restores :meth:`state_dict` output; curvature tensors are restored uncast. Everything
+        is validated first (layers, shapes, momentum buffers): on error the optimizer is
+        unchanged."""
         state_dict = dict(state_dict)
         kfac = state_dict.pop(STATE_KEY, None)
         if kfac is None:
             raise ValueError(f"state_dict has no {STATE_KEY!r} entry: not saved by natgrad.KFAC")
-        mine = {b.name for b in self._blocks}
-        if set(kfac["blocks"]) - mine:
-            raise ValueError(f"state_dict has curvature for layers this model lacks: "
-                             f"{sorted(set(kfac['blocks']) - mine)}")
+        _kfac_io.check_state(self, state_dict, kfac)
         super().load_state_dict(state_dict)
-        self._steps = int(kfac["steps"])
-        self._damping_multiplier = float(kfac["damping_multiplier"])
-        self._faults, self._ladder = dict(kfac["faults"]), dict(kfac["ladder"])
-        self._generator.set_state(kfac["generator"])
-        self._decomposed = set(kfac.get("decomposed", ()))
-        for block in self._blocks:
-            block.state = {}
-            if block.name in kfac["blocks"]:
-                block.load_state_dict(kfac["blocks"][block.name])
-        if self._decomposed:
-            self._comm.assign([b for b in self._blocks if b.has_factors])
+        _kfac_io.load_kfac_state(self, kfac)
+
+
+def _all_true(flags: list[Tensor]) -> list[bool]:
+    """Each 0-d bool tensor as a Python bool, with one host sync for all of them."""
+    if not flags:
+        return []
+    devices = {f.device for f in flags}
+    if len(devices) == 1:
+        return [bool(v) for v in torch.stack(flags).tolist()]
+    return [bool(f) for f in flags]

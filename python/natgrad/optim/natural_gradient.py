@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,8 +11,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from natgrad._vocabulary import renamed_value
 from natgrad.fisher.matrices import LowRankFisher
-from natgrad.fisher.scores import score_rows
+from natgrad.fisher.scores import score_rows, score_rows_and_losses
+from natgrad.likelihoods import get_likelihood
 from natgrad.optim._hyper import Schedule, check_choice, check_number, resolved_number
 
 __all__ = ["NaturalGradient"]
@@ -30,8 +33,10 @@ class NaturalGradient(Optimizer):
 
     by the Woodbury identity in :math:`O(n^2 p + n^3)` time and :math:`O(np)` memory (the C++
     ``woodbury_solve`` op). ``fisher_type="mc"`` uses rows from labels sampled from the model
-    instead; ``structure="diagonal"`` keeps only :math:`\mathrm{diag}(F)` (an Adam-like
-    per-parameter scaling, but from per-sample squares).
+    instead, ``"exact"`` the expectation over its predictive distribution (one row per sample
+    and class); ``structure="diagonal"`` keeps only :math:`\mathrm{diag}(F)` (an Adam-like
+    per-parameter scaling, but from per-sample squares). If the solve needed a fallback-ladder
+    rung (an ill-conditioned system), a RuntimeWarning says so.
 
     Per-sample gradients come from torch.func, so the loop has one changed line: call
     ``opt.backward(inputs, targets)`` instead of ``loss_fn(model(inputs), targets).backward()``.
@@ -50,8 +55,10 @@ class NaturalGradient(Optimizer):
         momentum (float): μ in [0, 1) (default: 0).
         weight_decay (float): ω, added to the gradient before the solve (default: 0).
         kl_clip (float, Callable[[int], float] or None): trust region κ (default: None).
-        fisher_type (str): "empirical" or "mc" (default: "empirical").
-        structure (str): "full" or "diagonal" (default: "full").
+        fisher_type (str): "empirical", "mc" or "exact" (default: "empirical").
+        structure (str): "dense" (the batch's full Fisher, solved in its low-rank form; "lowrank"
+            is the same) or "diagonal" (default: "dense"). "full" is the deprecated spelling of
+            "dense".
         likelihood (str): "categorical" (logits, cross-entropy) or "gaussian" (unit variance,
             ½‖y − f‖² per sample); defines the default per-sample loss and the sampled labels
             (default: "categorical").
@@ -67,7 +74,7 @@ class NaturalGradient(Optimizer):
     def __init__(self, model: nn.Module, params: Iterable | None = None, *, lr: float = 1.0,
                  damping: Schedule = 1e-3, momentum: float = 0.0, weight_decay: float = 0.0,
                  kl_clip: Schedule | None = None, fisher_type: str = "empirical",
-                 structure: str = "full", likelihood: str = "categorical",
+                 structure: str = "dense", likelihood: str = "categorical",
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, chunk_size: int = 256,
                  seed: int = 0, process_group=None) -> None:
         if not isinstance(model, nn.Module):
@@ -77,9 +84,12 @@ class NaturalGradient(Optimizer):
         check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
         check_number("weight_decay", weight_decay, low=0.0)
         check_number("kl_clip", kl_clip, low=0.0, low_open=True, allow_none=True, allow_callable=True)
-        check_choice("fisher_type", fisher_type, ("empirical", "mc"))
-        check_choice("structure", structure, ("full", "diagonal"))
-        check_choice("likelihood", likelihood, ("categorical", "gaussian"))
+        check_choice("fisher_type", fisher_type, ("empirical", "mc", "exact"))
+        structure = renamed_value("structure", structure, {"full": "dense"}, "natgrad.NaturalGradient")
+        check_choice("structure", structure, ("dense", "lowrank", "diagonal"))
+        get_likelihood(likelihood)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"Invalid loss_fn: {loss_fn!r} (expected a callable or None)")
         check_number("chunk_size", chunk_size, low=1, integer=True)
         super().__init__(model.parameters() if params is None else params,
                          dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -105,33 +115,34 @@ class NaturalGradient(Optimizer):
     def backward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Per-sample gradients of the batch: accumulates their mean into ``.grad`` (like
         ``loss.backward()`` on the batch-mean loss), keeps them for :meth:`step`, and returns the
-        batch-mean loss (detached)."""
+        batch-mean loss (detached). One vectorised forward and backward; inputs, targets and the
+        per-sample gradients are validated before ``.grad`` is touched."""
         params = self._params()
         kwargs = dict(params=params, likelihood=self.likelihood, chunk_size=self.chunk_size)
-        rows = self._gather(score_rows(self.model, inputs, targets, kind="empirical", loss_fn=self.loss_fn, **kwargs))
+        rows, losses = score_rows_and_losses(self.model, inputs, targets, fisher_type="empirical",
+                                             loss_fn=self.loss_fn, **kwargs)
+        if not bool(torch.isfinite(rows).all()):
+            raise FloatingPointError("NaturalGradient.backward: the per-sample gradients hold NaN "
+                                     "or Inf (finite inputs, but the model overflowed?); .grad and "
+                                     "the parameters were not changed")
+        rows = self._gather(rows)
         mean_grad = rows.mean(0)
         offset = 0
         for p in params:
-            g = mean_grad[offset:offset + p.numel()].view_as(p)
+            g = mean_grad[offset:offset + p.numel()].view_as(p).to(p.dtype)
             p.grad = g.clone() if p.grad is None else p.grad.add_(g)
             offset += p.numel()
-        if self.fisher_type == "mc":
-            rows = self._gather(score_rows(self.model, inputs, kind="mc", generator=self._generator, **kwargs))
+        if self.fisher_type != "empirical":
+            rows = self._gather(score_rows(self.model, inputs, fisher_type=self.fisher_type,
+                                           generator=self._generator, **kwargs))
         self._rows, self._num_samples = rows, inputs.shape[0] * self._world
-        with torch.no_grad():
-            out = self.model(inputs)
-            if self.loss_fn is not None:
-                losses = torch.stack([self.loss_fn(o[None], t[None]) for o, t in zip(out, targets)])
-                return losses.mean()
-            if self.likelihood == "categorical":
-                return torch.nn.functional.cross_entropy(out, targets)
-            return 0.5 * (out - targets).pow(2).reshape(out.shape[0], -1).sum(1).mean()
+        return losses.mean()
 
     def _gather(self, rows: Tensor) -> Tensor:
         """All ranks' rows, in rank order (equal shard sizes are required)."""
         if self._world == 1:
             return rows
-        sizes = torch.tensor([rows.shape[0]])
+        sizes = torch.tensor([rows.shape[0]], device=rows.device)
         dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=self._group)
         if int(sizes) != rows.shape[0]:
             raise ValueError("NaturalGradient under torch.distributed needs the same batch size on "
@@ -162,7 +173,12 @@ class NaturalGradient(Optimizer):
         if self.structure == "diagonal":
             direction = g / (self._rows.pow(2).sum(0) / self._num_samples + damping)
         else:
-            direction = LowRankFisher(self._rows, self._num_samples).solve(g, damping)
+            fisher = LowRankFisher(self._rows, self._num_samples)
+            direction = fisher.solve(g, damping)
+            if fisher.last_rung > 0:
+                warnings.warn(f"natgrad.NaturalGradient: the Woodbury solve needed fallback-ladder "
+                              f"rung {fisher.last_rung} (see natgrad.ops.Rung): the batch's Fisher "
+                              "is ill-conditioned; consider a larger damping", RuntimeWarning, stacklevel=2)
         if not torch.isfinite(direction).all():
             raise FloatingPointError("NaturalGradient: the solve produced NaN/Inf (NaN in the "
                                      "per-sample gradients?); parameters were not changed")
@@ -188,7 +204,7 @@ class NaturalGradient(Optimizer):
         kl_clip = resolved_number("kl_clip", self.kl_clip, self._steps, low=0.0, low_open=True, allow_none=True)
         if kl_clip is None:
             return 1.0
-        lrs = torch.cat([torch.full((p.numel(),), grp["lr"], dtype=g.dtype)
+        lrs = torch.cat([torch.full((p.numel(),), grp["lr"], dtype=g.dtype, device=g.device)
                          for grp in self.param_groups for p in grp["params"]])
         vg = float((direction * g * lrs**2).sum())
         return 1.0 if vg <= 0 else min(1.0, math.sqrt(kl_clip / vg))

@@ -11,13 +11,16 @@ import torch
 from torch import Tensor, nn
 
 from natgrad import ops
-from natgrad.fisher.compute import compute_fisher, owner_groups, pseudo_losses
-from natgrad.fisher.matrices import KroneckerBlock
+from natgrad._vocabulary import _UNSET, FISHER_TYPES, check_choice, renamed_argument
+from natgrad.curvature import CurvatureBlock, capturing, make_block, owner_groups
+from natgrad.fisher.compute import compute_fisher
+from natgrad.fisher.matrices import BlockFisher
+from natgrad.fisher.scores import check_inputs
+from natgrad.likelihoods import check_count, get_likelihood
 
 __all__ = ["EWC"]
 
 MODES = ("separate", "online")
-FISHERS = ("empirical", "mc", "exact")
 STRUCTURES = ("diagonal", "kfac")
 
 
@@ -58,42 +61,53 @@ class EWC:
     the penalty's gradient joins ``.grad`` and is preconditioned, while the K-FAC statistics come
     from the data term only (the penalty does not pass through the layers' outputs).
 
+    Bad input never reaches the stored Fisher: :meth:`consolidate` raises ValueError naming the
+    task and what was not finite (inputs, targets or the resulting Fisher) and leaves this
+    object unchanged.
+
     Args:
         model (nn.Module): the model (its trainable named parameters are consolidated).
         lambda_ (float): λ >= 0 (default: 1.0).
         mode (str): "separate" or "online" (default: "separate").
         gamma (float): decay γ in [0, 1] of the online Fisher (default: 1.0).
-        fisher (str): "empirical", "mc" or "exact" (default: "empirical").
-        structure (str): "diagonal" or "kfac" (Linear/Conv2d layers Kronecker-factored, other
-            parameters diagonal) (default: "diagonal").
+        fisher_type (str): "empirical", "mc" or "exact" (default: "empirical"); ``fisher`` is
+            its deprecated spelling.
+        structure (str): "diagonal" or "kfac" (the K-FAC blocks natgrad.KFAC uses for Linear,
+            Conv2d and Embedding layers; other parameters diagonal) (default: "diagonal").
         likelihood (str): "categorical" or "gaussian" (default: "categorical").
         train_mode (bool): estimate in training mode (default: False).
-        mc_samples (int): label draws per sample for ``fisher="mc"`` (default: 1).
+        mc_samples (int): label draws per sample for ``fisher_type="mc"`` (default: 1).
         process_group: with torch.distributed initialised, each rank passes its shard of the
             task's data to :meth:`consolidate` and the Fisher is the sample-weighted mean over
             ranks (default: the world group).
     """
 
     def __init__(self, model: nn.Module, lambda_: float = 1.0, *, mode: str = "separate",
-                 gamma: float = 1.0, fisher: str = "empirical", structure: str = "diagonal",
+                 gamma: float = 1.0, fisher_type: str = _UNSET, structure: str = "diagonal",
                  likelihood: str = "categorical", train_mode: bool = False, mc_samples: int = 1,
-                 process_group=None) -> None:
-        if not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) or lambda_ < 0:
+                 process_group=None, fisher: str = _UNSET) -> None:
+        fisher_type = renamed_argument("fisher_type", fisher_type, "fisher", fisher, "empirical", "natgrad.EWC")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
+        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) or lambda_ < 0:
             raise ValueError(f"Invalid lambda_: {lambda_!r} (expected a finite number >= 0)")
-        if not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
             raise ValueError(f"Invalid gamma: {gamma!r} (expected a number in [0, 1])")
-        for name, value, choices in (("mode", mode, MODES), ("fisher", fisher, FISHERS),
-                                     ("structure", structure, STRUCTURES),
-                                     ("likelihood", likelihood, ("categorical", "gaussian"))):
-            if value not in choices:
-                raise ValueError(f"Invalid {name}: {value!r} (expected one of {choices})")
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"Invalid mc_samples: {mc_samples!r} (expected an int >= 1)")
+        check_choice("mode", mode, MODES)
+        check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        check_choice("structure", structure, STRUCTURES)
+        get_likelihood(likelihood)
+        check_count("mc_samples", mc_samples)
         self.model, self.lambda_, self.mode, self.gamma = model, float(lambda_), mode, float(gamma)
-        self.fisher, self.structure, self.likelihood = fisher, structure, likelihood
+        self.fisher_type, self.structure, self.likelihood = fisher_type, structure, likelihood
         self.train_mode, self.mc_samples = train_mode, mc_samples
         self.process_group = process_group
         self.tasks: list[dict[str, Any]] = []  # per task: {"anchor", "diag", "kron"}
+
+    @property
+    def fisher(self) -> str:
+        """Deprecated spelling of :attr:`fisher_type`."""
+        return self.fisher_type
 
     # ---- estimation -------------------------------------------------------------------------------
 
@@ -105,35 +119,57 @@ class EWC:
             data: an iterable of ``(inputs, targets)`` batches (e.g. a DataLoader), or an input
                 tensor with ``targets`` given separately.
             targets (Tensor, optional): labels when ``data`` is a tensor (needed for
-                ``fisher="empirical"``).
-            generator (torch.Generator, optional): for ``fisher="mc"``.
+                ``fisher_type="empirical"``).
+            generator (torch.Generator, optional): for ``fisher_type="mc"``.
         """
         batches = [(data, targets)] if isinstance(data, Tensor) else list(data)
+        task_no = len(self.tasks) if self.mode == "separate" else 0
+        where = f"EWC.consolidate (task {task_no})"
         if not batches or sum(len(x) for x, _ in batches) == 0:
-            raise ValueError("data holds no samples")
+            raise ValueError(f"{where}: data holds no samples")
+        for i, (x, y) in enumerate(batches):
+            try:
+                check_inputs(x, y if self.fisher_type == "empirical" else None)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"{where}, batch {i}: {err}") from None
         was_training = self.model.training
         self.model.train(self.train_mode)
         try:
-            diag, kron, total = {}, {}, 0
+            diag: dict[str, Tensor] = {}
+            kron: dict[tuple[str, ...], CurvatureBlock] = {}
+            total = 0
             for x, y in batches:
                 d, k = self._estimate(x, y, generator)
                 n = len(x)
-                for store, new in ((diag, d), (kron, k)):
-                    for key, value in new.items():
-                        store[key] = _weighted(store.get(key), value, n, total)
+                for key, value in d.items():
+                    diag[key] = _weighted(diag.get(key), value, n, total)
+                for key, block in k.items():
+                    if key in kron:
+                        _weighted_factors(kron[key], block, n, total)
+                    else:
+                        kron[key] = block
                 total += n
         finally:
             self.model.train(was_training)
-        _average_over_ranks(diag, kron, total, self.process_group)
+        _average_over_ranks(list(diag.values()) + [t for b in kron.values() for t in b.factors().values()],
+                            total, self.process_group)
+        bad = [n for n, t in diag.items() if not bool(torch.isfinite(t).all())]
+        bad += [b.name for b in kron.values() if not all(bool(torch.isfinite(t).all()) for t in b.factors().values())]
+        if bad:
+            raise ValueError(f"{where}: the Fisher of {bad} is not finite (NaN/Inf gradients at "
+                             "the current parameters?); nothing was stored")
         anchor = {n: p.detach().clone() for n, p in self._named_params().items()}
         task = {"anchor": anchor, "diag": diag, "kron": kron}
         if self.mode == "online" and self.tasks:
             old = self.tasks[0]
-            for store in ("diag", "kron"):
-                for key, value in task[store].items():
-                    prev = old[store].get(key)
-                    if prev is not None:
-                        task[store][key] = _combine(prev, value, self.gamma)
+            for key, value in diag.items():
+                if key in old["diag"]:
+                    diag[key] = self.gamma * old["diag"][key] + value
+            root = math.sqrt(self.gamma)
+            for key, block in kron.items():
+                if key in old["kron"]:
+                    for name, prev in old["kron"][key].factors().items():
+                        block.state[name] = root * prev + block.state[name]
             self.tasks = [task]
         else:
             self.tasks.append(task)
@@ -143,62 +179,55 @@ class EWC:
 
     def _estimate(self, x: Tensor, y: Tensor | None, generator) -> tuple[dict, dict]:
         named = self._named_params()
-        kwargs = dict(kind=self.fisher, likelihood=self.likelihood, mc_samples=self.mc_samples,
-                      generator=generator)
-        if self.structure == "kfac":
-            names, params = list(named), list(named.values())
-            fisher = compute_fisher(self.model, x, y, structure="kfac", params=params, **kwargs)
-            diag, kron = {}, {}
-            for block, (_, idx) in zip(fisher.blocks, owner_groups(self.model, params)):
-                if isinstance(block, KroneckerBlock):
-                    kron[tuple(names[i] for i in idx)] = (block.a_factor, block.g_factor)
-                    continue
-                flat = block.diagonal()
-                for i in idx:
-                    diag[names[i]] = flat[:params[i].numel()].view_as(params[i])
-                    flat = flat[params[i].numel():]
-            return diag, kron
-        return self._diagonal(x, y, named, kwargs), {}
+        kwargs = dict(fisher_type=self.fisher_type, likelihood=self.likelihood,
+                      mc_samples=self.mc_samples, generator=generator)
+        if self.structure == "diagonal":
+            return self._diagonal(x, y, named, kwargs), {}
+        names, params = list(named), list(named.values())
+        fisher = compute_fisher(self.model, x, y, structure="kfac", params=params, **kwargs)
+        diag, kron = {}, {}
+        for block, (_, _, idx) in zip(fisher.blocks, owner_groups(self.model, params)):
+            if isinstance(block, BlockFisher):
+                kron[tuple(names[i] for i in idx)] = block.block
+                continue
+            flat = block.diagonal()
+            for i in idx:
+                diag[names[i]] = flat[:params[i].numel()].view_as(params[i])
+                flat = flat[params[i].numel():]
+        return diag, kron
 
     def _diagonal(self, x, y, named, kwargs) -> dict[str, Tensor]:
-        """Per-sample diagonal Fisher: Linear layers by hooks + the C++ op, the rest by
-        torch.func per-sample gradients."""
-        linear = {m: name for name, m in self.model.named_modules() if isinstance(m, nn.Linear)
+        """Per-sample diagonal Fisher: Linear layers by the capture hooks + the C++ op, the rest
+        by torch.func per-sample gradients."""
+        lik = get_likelihood(self.likelihood)
+        linear = {name: m for name, m in self.model.named_modules() if isinstance(m, nn.Linear)
                   and all(p.requires_grad for p in m.parameters(recurse=False))}
-        seen: dict[nn.Module, list] = {m: [] for m in linear}
-        handles = [m.register_forward_hook(lambda mod, a, out: seen[mod].append((a[0].detach(), out)))
-                   for m in linear]
-        out_diag: dict[str, Tensor] = {}
-        try:
-            with torch.enable_grad():
-                out = self.model(x)
-                used = [m for m in linear if len(seen[m]) == 1]  # called once: per-sample rows
-                losses = pseudo_losses(out, y, kwargs["kind"], kwargs["likelihood"],
-                                       kwargs["mc_samples"], kwargs["generator"])
-                for loss, weight in losses:
-                    grads = torch.autograd.grad(loss, [seen[m][0][1] for m in used], retain_graph=True)
-                    for m, g in zip(used, grads):
-                        a = seen[m][0][0]
-                        d = weight * ops.linear_diag_fisher(a, g, m.bias is not None, 1.0)
-                        name = linear[m]
-                        out_diag[name] = out_diag[name] + d if name in out_diag else d
-        finally:
-            for h in handles:
-                h.remove()
         diag: dict[str, Tensor] = {}
-        for m in used:
-            d, name = out_diag[linear[m]], linear[m]
-            diag[f"{name}.weight" if name else "weight"] = d[:, :m.weight.shape[1]].contiguous()
+        with capturing(linear) as captures, torch.enable_grad():
+            out = self.model(x)
+            used = [n for n in linear if len(captures[n].records) == 1]  # called once: per-sample rows
+            passes = lik.pseudo_targets(out, self.fisher_type, y, self.mc_samples, kwargs["generator"])
+            outputs = [captures[n].records[0].output for n in used]
+            for target, weight in passes:
+                grads = torch.autograd.grad(lik.weighted_nll(out, target, weight), outputs, retain_graph=True)
+                for name, g in zip(used, grads):
+                    d = ops.linear_diag_fisher(captures[name].records[0].input, g.detach(),
+                                               linear[name].bias is not None, 1.0)
+                    diag[name] = diag[name] + d if name in diag else d
+        out_diag: dict[str, Tensor] = {}
+        for name in used:
+            d, m = diag[name], linear[name]
+            out_diag[f"{name}.weight" if name else "weight"] = d[:, :m.weight.shape[1]].contiguous()
             if m.bias is not None:
-                diag[f"{name}.bias" if name else "bias"] = d[:, -1].contiguous()
-        rest = [n for n in named if n not in diag]
+                out_diag[f"{name}.bias" if name else "bias"] = d[:, -1].contiguous()
+        rest = [n for n in named if n not in out_diag]
         if rest:
             f = compute_fisher(self.model, x, y, structure="diagonal", params=[named[n] for n in rest], **kwargs)
             flat = f.diagonal()
             for n in rest:
-                diag[n] = flat[:named[n].numel()].view_as(named[n])
+                out_diag[n] = flat[:named[n].numel()].view_as(named[n])
                 flat = flat[named[n].numel():]
-        return diag
+        return out_diag
 
     # ---- the penalty --------------------------------------------------------------------------------
 
@@ -220,10 +249,8 @@ class EWC:
                 names = list(task["diag"])
                 total = total + ops.ewc_penalty([named[n] for n in names], [task["diag"][n] for n in names],
                                                 [task["anchor"][n] for n in names])
-            for names, (a, g) in task["kron"].items():
-                delta = _matrix([named[n] for n in names]) - _matrix([task["anchor"][n] for n in names])
-                # G ΔW A is the inverse-form product with the factors in place of their inverses.
-                total = total + (ops.kfac_precondition_inverse(delta, g, a) * delta).sum()
+            for names, block in task["kron"].items():
+                total = total + block.quad_form([named[n] - task["anchor"][n] for n in names])
         return 0.5 * self.lambda_ * total
 
     def memory_per_task(self) -> list[int]:
@@ -231,7 +258,7 @@ class EWC:
         out = []
         for task in self.tasks:
             tensors = list(task["anchor"].values()) + list(task["diag"].values())
-            tensors += [t for pair in task["kron"].values() for t in pair]
+            tensors += [t for block in task["kron"].values() for t in block.factors().values()]
             out.append(sum(t.numel() * t.element_size() for t in tensors))
         return out
 
@@ -239,59 +266,62 @@ class EWC:
 
     def state_dict(self) -> dict[str, Any]:
         """Configuration and every task's Fisher and anchor."""
-        return {"config": dict(lambda_=self.lambda_, mode=self.mode, gamma=self.gamma, fisher=self.fisher,
-                               structure=self.structure, likelihood=self.likelihood),
+        return {"config": dict(lambda_=self.lambda_, mode=self.mode, gamma=self.gamma,
+                               fisher_type=self.fisher_type, structure=self.structure,
+                               likelihood=self.likelihood),
                 "tasks": [{"anchor": dict(t["anchor"]), "diag": dict(t["diag"]),
-                           "kron": {"|".join(k): v for k, v in t["kron"].items()}} for t in self.tasks]}
+                           "kron": {"|".join(k): tuple(b.factors().values()) for k, b in t["kron"].items()}}
+                          for t in self.tasks]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict` output (λ and the other settings included)."""
+        """Restores :meth:`state_dict` output (λ and the other settings included); checkpoints
+        of the previous release (``fisher`` in the config) load too."""
         if "tasks" not in state or "config" not in state:
             raise ValueError("not an EWC state_dict (expected keys 'config' and 'tasks')")
         cfg = state["config"]
+        tasks = [{"anchor": dict(t["anchor"]), "diag": dict(t["diag"]),
+                  "kron": {tuple(k.split("|")): self._block(tuple(k.split("|")), v) for k, v in t["kron"].items()}}
+                 for t in state["tasks"]]
         self.lambda_, self.mode, self.gamma = cfg["lambda_"], cfg["mode"], cfg["gamma"]
-        self.fisher, self.structure, self.likelihood = cfg["fisher"], cfg["structure"], cfg["likelihood"]
-        self.tasks = [{"anchor": dict(t["anchor"]), "diag": dict(t["diag"]),
-                       "kron": {tuple(k.split("|")): tuple(v) for k, v in t["kron"].items()}}
-                      for t in state["tasks"]]
+        self.fisher_type = cfg.get("fisher_type", cfg.get("fisher"))
+        self.structure, self.likelihood = cfg["structure"], cfg["likelihood"]
+        self.tasks = tasks
 
-
-def _matrix(tensors: list[Tensor]) -> Tensor:
-    """[weight, bias] as the [d_out, d_in (+1)] matrix K-FAC factors act on."""
-    w = tensors[0].reshape(tensors[0].shape[0], -1)
-    return torch.cat([w, tensors[1].reshape(-1, 1)], 1) if len(tensors) > 1 else w
+    def _block(self, names: tuple[str, ...], factors) -> CurvatureBlock:
+        """The curvature block of the layer owning ``names``, holding the saved factors."""
+        module_name = names[0].rpartition(".")[0]
+        modules = dict(self.model.named_modules())
+        block = make_block(module_name, modules[module_name]) if module_name in modules else None
+        if block is None:
+            raise ValueError(f"EWC state_dict: no K-FAC layer owns {list(names)} in this model")
+        block.load_state_dict({"kind": block.kind, "A": factors[0], "G": factors[1]})
+        return block
 
 
 def _weighted(old, new, n: int, seen: int):
-    """Running mean over batches of tensors or (A, G) pairs."""
+    """Running mean over batches."""
     if old is None:
         return new
     w = seen / (seen + n)
-    if isinstance(new, tuple):
-        return tuple(w * o + (1 - w) * v for o, v in zip(old, new))
     return w * old + (1 - w) * new
 
 
-def _combine(old, new, gamma: float):
-    """Online EWC: γ·F_old + F_new. Kronecker pairs are combined factor by factor with √γ each,
-    (√γA + A')⊗(√γG + G') = γ A⊗G + A'⊗G' + √γ(A⊗G' + A'⊗G): the old term gets exactly γ, and the
-    PSD cross terms make it a slight over-estimate (one Kronecker product per layer is kept)."""
-    if isinstance(new, tuple):
-        root = math.sqrt(gamma)
-        return tuple(root * o + v for o, v in zip(old, new))
-    return gamma * old + new
+def _weighted_factors(acc: CurvatureBlock, new: CurvatureBlock, n: int, seen: int) -> None:
+    """Running mean over batches of a block's factors (into ``acc``)."""
+    for name, value in new.factors().items():
+        acc.state[name] = _weighted(acc.state[name], value, n, seen)
 
 
-def _average_over_ranks(diag: dict, kron: dict, samples: int, group) -> None:
+def _average_over_ranks(tensors: list[Tensor], samples: int, group) -> None:
     """Sample-weighted mean of every rank's Fisher (in place), when torch.distributed runs."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
         return
-    count = torch.tensor([float(samples)], dtype=torch.float64)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    count = torch.tensor([float(samples)], dtype=torch.float64, device=device)
     dist.all_reduce(count, group=group)
     weight = samples / float(count)
-    tensors = list(diag.values()) + [t for pair in kron.values() for t in pair]
     for t in tensors:
         t.mul_(weight)
         dist.all_reduce(t, group=group)

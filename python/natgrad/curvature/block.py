@@ -1,0 +1,230 @@
+"""The one curvature-block interface that natgrad.KFAC, ``compute_fisher(structure="kfac")`` and
+``EWC(structure="kfac")`` share (after kfac-jax's CurvatureBlock).
+
+A block owns the curvature estimate of a few parameters (a layer's weight and bias, or a single
+fallback parameter). Vectors are given as lists of tensors shaped like :attr:`params`; a block
+packs them into its own layout (:meth:`pack` / :meth:`unpack`). The math runs in the C++ ops
+(:mod:`natgrad.ops`); callers decide when each method runs.
+
+=================  ==========================================================================
+``update``         EMA of the curvature statistics from captured inputs / output gradients
+``update_inverse`` recompute the decomposition used by :meth:`solve`
+``mv``             ``F v``
+``solve``          ``(F + γI)⁻¹ v`` with the current decomposition
+``quad_form``      ``vᵀ F v`` (differentiable in ``v``: EWC's penalty)
+``diagonal``       ``diag F``, shaped like the parameters
+``to_dense``       ``F`` as a ``p × p`` matrix in the parameters' flattened order (tests)
+=================  ==========================================================================
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: State entries that hold a decomposition (dropped and rebuilt by ``update_inverse``).
+DECOMPOSITION_KEYS = ("a_eigenvalues", "a_eigenvectors", "g_eigenvalues", "g_eigenvectors",
+                      "a_inverse", "g_inverse")
+
+
+class CurvatureBlock:
+    """Base class of every curvature block (see the module docstring).
+
+    Args:
+        name (str): a checkpoint key (the owning module's qualified name).
+        params (list of nn.Parameter): the parameters this block covers, in vector order.
+    """
+
+    kind = "block"
+
+    def __init__(self, name: str, params: Sequence[nn.Parameter]) -> None:
+        self.name = name
+        self.params: list[nn.Parameter] = list(params)
+        self.state: dict[str, Tensor] = {}
+
+    # ---- description ------------------------------------------------------------------------
+
+    @property
+    def description(self) -> str:
+        """How this block preconditions, for ``KFAC.describe()``."""
+        return self.kind
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalars covered."""
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def has_factors(self) -> bool:
+        """Whether statistics have been estimated at least once."""
+        return False
+
+    @property
+    def has_inverse(self) -> bool:
+        """Whether :meth:`solve` can run."""
+        return False
+
+    # ---- layout -----------------------------------------------------------------------------
+
+    def pack(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Parameter-shaped tensors (``None`` for a missing gradient: zeros) -> block layout."""
+        return torch.cat([_or_zeros(t, p).reshape(-1) for t, p in zip(tensors, self.params)])
+
+    def unpack(self, packed: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`pack`."""
+        sizes = [p.numel() for p in self.params]
+        return [t.view_as(p) for t, p in zip(torch.split(packed, sizes), self.params)]
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Parameter-shaped tensors -> one vector in the parameters' flattened order."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def split_flat(self, vector: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`flatten`."""
+        sizes = [p.numel() for p in self.params]
+        return [t.view_as(p) for t, p in zip(torch.split(vector, sizes), self.params)]
+
+    # ---- statistics ---------------------------------------------------------------------------
+
+    def update(self, inputs: Sequence[Tensor], grads: Sequence[Tensor], *, decay: float,
+               grad_scale: float) -> None:
+        """EMA update ``S ← decay·S + (1 − decay)·Ŝ`` from the layer inputs of the forward calls
+        and the gradients w.r.t. their outputs (the first update replaces). ``grad_scale`` turns
+        captured output gradients into per-sample ones (``N`` for a loss averaged over ``N``
+        samples, 1 for a sum, times an AMP unscale). ``grads`` may hold ``k`` times the rows of
+        ``inputs``: ``k`` gradient passes over the same forward, whose outer products are summed
+        (the exact and multi-draw Fisher)."""
+
+    def factors(self) -> dict[str, Tensor]:
+        """The statistics by name, in a fixed order (averaged across ranks): a 2-D tensor is a
+        symmetric matrix, a 1-D one a vector."""
+        return {}
+
+    def inverse_cost(self) -> float:
+        """The work of one :meth:`update_inverse` (cubic in the decomposed sizes)."""
+        return 0.0
+
+    def ensure_factors(self) -> None:
+        """Creates zero statistics if none exist (a layer the forward never used: F = 0)."""
+
+    # ---- decompositions -----------------------------------------------------------------------
+
+    def update_inverse(self, method: str, damping: float, pi_correction: bool = False) -> int:
+        """Recomputes the decomposition; returns the fallback-ladder rung used (0: native)."""
+        return 0
+
+    def decomposition_template(self, method: str) -> dict[str, Tensor]:
+        """Empty tensors shaped like what :meth:`update_inverse` produces."""
+        return {}
+
+    def drop_decomposition(self) -> None:
+        """Forgets the decomposition."""
+        for key in DECOMPOSITION_KEYS:
+            self.state.pop(key, None)
+
+    # ---- products -----------------------------------------------------------------------------
+
+    def mv(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """``F v``."""
+        raise NotImplementedError
+
+    def solve(self, tensors: Sequence[Tensor], damping: float, pi_correction: bool = False) -> list[Tensor]:
+        """``(F + damping·I)⁻¹ v`` with the decomposition of the last :meth:`update_inverse`."""
+        raise NotImplementedError
+
+    def quad_form(self, tensors: Sequence[Tensor]) -> Tensor:
+        """``vᵀ F v`` (differentiable with respect to ``tensors``)."""
+        return sum((a * b).sum() for a, b in zip(tensors, self.mv(tensors)))
+
+    def diagonal(self) -> list[Tensor]:
+        """``diag F`` as parameter-shaped tensors."""
+        return self.split_flat(torch.diagonal(self.to_dense()))
+
+    def to_dense(self) -> Tensor:
+        """``F`` over the parameters' flattened order (for small layers and tests)."""
+        ref = self.params[0]
+        eye = torch.eye(self.num_params, dtype=self._dtype(), device=ref.device)
+        return torch.stack([self.flatten(self.mv(self.split_flat(col))) for col in eye], 1)
+
+    def _dtype(self) -> torch.dtype:
+        return next(iter(self.factors().values()), self.params[0]).dtype
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of every state entry this block can hold (checked when loading)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Statistics and decompositions (tensors stored as they are, never cast)."""
+        return {"kind": self.kind, **self.state}
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raises ValueError naming the layer and both shapes unless ``state`` fits this block."""
+        if state.get("kind") != self.kind:
+            raise ValueError(f"checkpoint block {self.name!r} is {state.get('kind')!r}, "
+                             f"this layer is {self.kind!r}")
+        expected = self.expected_shapes()
+        for key, value in state.items():
+            if key == "kind":
+                continue
+            if key not in expected:
+                raise ValueError(f"checkpoint block {self.name!r} has an unknown entry {key!r}")
+            if not isinstance(value, Tensor) or tuple(value.shape) != expected[key]:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"checkpoint block {self.name!r}: {key} has shape {got}, this "
+                                 f"layer needs {expected[key]} (was the model's width changed?)")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` output onto the parameters' device (validated first)."""
+        self.check_state_dict(state)
+        device = self.params[0].device
+        self.state = {k: v.to(device) for k, v in state.items() if k != "kind"}
+
+
+def _or_zeros(t: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if t is None else t
+
+
+class PlainBlock(CurvatureBlock):
+    """The documented fallback for a parameter no curvature block supports: no statistics, and
+    :meth:`solve` is the identity, so the parameter follows its plain gradient (with the
+    optimizer's trust region, momentum and weight decay). :meth:`mv` is zero: the block knows
+    no curvature.
+
+    Args:
+        name (str): the parameter's qualified name.
+        param (nn.Parameter): the parameter.
+        reason (str): why it falls back (shown by ``KFAC.describe()``).
+    """
+
+    kind = "plain"
+
+    def __init__(self, name: str, param: nn.Parameter, reason: str) -> None:
+        super().__init__(name, [param])
+        self.reason = reason
+
+    @property
+    def description(self) -> str:
+        return f"plain gradient: {self.reason}"
+
+    @property
+    def has_inverse(self) -> bool:
+        return True
+
+    def pack(self, tensors):
+        return _or_zeros(tensors[0], self.params[0])
+
+    def unpack(self, packed):
+        return [packed]
+
+    def mv(self, tensors):
+        return [torch.zeros_like(_or_zeros(t, p)) for t, p in zip(tensors, self.params)]
+
+    def solve(self, tensors, damping, pi_correction=False):
+        return [_or_zeros(t, p) for t, p in zip(tensors, self.params)]
+
+    def quad_form(self, tensors):
+        return torch.zeros((), dtype=self.params[0].dtype, device=self.params[0].device)
