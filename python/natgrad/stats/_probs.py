@@ -44,8 +44,8 @@ _BINARY = (Bernoulli, Binomial, Geometric, NegativeBinomial, LogitRelaxedBernoul
 _INNER = ("base_dist", "_categorical", "_mixture_distribution", "_component_distribution")
 
 
-def _nodes(dist: Distribution) -> Iterator[Distribution]:
-    """``dist`` and every distribution nested inside it."""
+def _nodes(dist: Distribution, attrs: tuple[str, ...] = _INNER) -> Iterator[Distribution]:
+    """``dist`` and every distribution nested inside it through ``attrs``."""
     stack = [dist]
     seen: set[int] = set()
     while stack:
@@ -54,7 +54,7 @@ def _nodes(dist: Distribution) -> Iterator[Distribution]:
             continue
         seen.add(id(node))
         yield node
-        for attr in _INNER:
+        for attr in attrs:
             inner = vars(node).get(attr)
             if isinstance(inner, Distribution):
                 stack.append(inner)
@@ -80,6 +80,9 @@ def _where(bad: Tensor) -> str:
 def check_probabilities(dist: Distribution) -> None:
     """Raises when a probability parameter lies on the boundary of its valid range.
 
+    The parts of a MixtureSameFamily are not checked: its information stays finite when a
+    component's weight is 0.
+
     Valid ranges (where the Fisher information is finite): ``probs`` of Bernoulli, Binomial,
     Geometric, NegativeBinomial and (Logit)RelaxedBernoulli in the open interval (0, 1); every
     normalised ``probs`` of Categorical, OneHotCategorical and Multinomial > 0; ``probs`` of
@@ -92,7 +95,7 @@ def check_probabilities(dist: Distribution) -> None:
     Raises:
         ValueError: naming the family, the parameter, the valid range and the offending value.
     """
-    for node in _nodes(dist):
+    for node in _nodes(dist, ("base_dist", "_categorical")):
         probs = _probs_param(node)
         if probs is None:
             continue
@@ -131,12 +134,17 @@ def use_exact_logits(dist: Distribution) -> Distribution:
     Sets ``logits = log p − log1p(−p)`` on the binary families and ``logits = log p`` on
     Categorical (whose ``probs`` is normalised), replacing torch's clamped lazy value. For
     ``p`` in (0, 1) both are finite, and so are their derivatives ``1/(p(1−p))`` and ``1/p``,
-    whatever the dtype. The distribution is modified in place and returned.
+    whatever the dtype. Probabilities on the boundary (only possible where
+    :func:`check_probabilities` does not look: mixture weights) keep torch's clamped logits.
+    The distribution is modified in place and returned.
     """
     for node in _nodes(dist):
         probs = _probs_param(node)
         if probs is None:
             continue
+        upper_ok = probs <= 1 if isinstance(node, Categorical) else probs < 1  # one class may hold all
+        if not bool(((probs > 0) & upper_ok).all()):
+            continue  # on the boundary (unchecked mixture weights): torch's finite values stay
         if isinstance(node, _BINARY):
             node.logits = torch.log(probs) - torch.log1p(-probs)  # type: ignore[misc]
         elif isinstance(node, Categorical):
