@@ -85,21 +85,6 @@ def test_embedding_single_token_step_is_exact():
     torch.testing.assert_close(emb.weight.detach()[[0, 1, 2, 4, 5, 6]], before[[0, 1, 2, 4, 5, 6]])
 
 
-def test_trust_region_bounds_the_predicted_kl():
-    model = mlp()
-    x, y = data()
-    opt = natgrad.KFAC(model, lr=10.0, momentum=0.0, kl_clip=1e-4, damping=1e-3)
-    F.cross_entropy(model(x), y).backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    before = [p.detach().clone() for p in model.parameters()]
-    opt.step()
-    # Δθ = -lr ν u, so lr² ν² <u, g> = lr ν <-Δθ/lr... : Σ <Δθ, -g> * lr = lr² ν² <u,g> / ν = kl_clip / ν ≥ kl_clip
-    moved = sum(float(((b - p.detach()) * g).sum()) for b, p, g in zip(before, model.parameters(), grads))
-    nu_vg = moved * 10.0  # = lr² ν <u, g>
-    assert nu_vg >= 1e-4 * (1 - 1e-9)
-    assert moved > 0
-
-
 def test_trains_an_mlp_and_beats_sgd_per_step():
     x, y = data(n=128)
     kfac_model, sgd_model = mlp(), mlp()

@@ -69,7 +69,8 @@ def test_logistic_regression_converges_much_faster_than_sgd():
     assert ngd_loss < 0.5 * sgd_loss
 
 
-def test_momentum_weight_decay_kl_clip_groups_and_checkpoint():
+def test_checkpoint_resumes_exactly_with_groups_and_schedules():
+    # the update formulas themselves are checked in test_update_formulas.py
     model, (x, y) = small_mlp(), batch()
     groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "weight_decay": 1e-3}]
     opt = natgrad.NaturalGradient(model, groups, lr=0.5, momentum=0.9, kl_clip=1e-3, damping=lambda s: 1e-2 / (1 + s))

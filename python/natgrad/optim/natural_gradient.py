@@ -163,10 +163,11 @@ class NaturalGradient(Optimizer):
             raise RuntimeError("NaturalGradient.step() needs per-sample gradients: call "
                                "opt.backward(inputs, targets) instead of loss.backward() first")
         params = [p for p in self._params()]
-        grads = []
+        grads, raw = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 g = torch.zeros_like(p) if p.grad is None else p.grad
+                raw.append(g.reshape(-1))
                 grads.append((g + group["weight_decay"] * p if group["weight_decay"] else g).reshape(-1))
         g = torch.cat(grads).to(self._rows.dtype)
         damping = resolved_number("damping", self.damping, self._steps, low=0.0, low_open=True)
@@ -182,7 +183,7 @@ class NaturalGradient(Optimizer):
         if not torch.isfinite(direction).all():
             raise FloatingPointError("NaturalGradient: the solve produced NaN/Inf (NaN in the "
                                      "per-sample gradients?); parameters were not changed")
-        nu = self._trust_region(g, direction, params)
+        nu = self._trust_region(torch.cat(raw).to(g.dtype), direction, params)
         offset = 0
         for group in self.param_groups:
             for p in group["params"]:
