@@ -115,7 +115,8 @@ def score_rows_and_losses(model: nn.Module, inputs: Tensor, targets: Tensor | No
 
     if fisher_type == "empirical" and loss_fn is None:
         with torch.no_grad():  # one sample's forward: validates the targets before any work
-            lik.check(output_of(values, inputs[0]), targets[:1])
+            first = output_of(values, inputs[0])
+            lik.check(first.expand(inputs.shape[0], *first.shape[1:]), targets)
     rows, losses = [], []
     for start in range(0, inputs.shape[0], chunk_size):
         x = inputs[start:start + chunk_size]

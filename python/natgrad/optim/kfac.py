@@ -429,8 +429,8 @@ class KFAC(Optimizer):
         grads: dict[Tensor, Tensor] = {}
         for block, params, grad, direction in work:
             if not (next(finite) & next(finite)):
-                self._fault(block.name if isinstance(block, KroneckerBlock)
-                            else f"parameter {block.name!r}", "gradients")
+                self._fault(block.name, "gradients",
+                            "layer" if isinstance(block, KroneckerBlock) else "parameter")
                 continue
             for p, g, u in zip(block.params, block.unpack(grad), block.unpack(direction)):
                 if p.grad is not None and p.requires_grad:
@@ -491,11 +491,11 @@ class KFAC(Optimizer):
             self._damping_multiplier /= omega
         self._damping_multiplier = min(max(self._damping_multiplier, 1e-8), 1e8)
 
-    def _fault(self, where: str, what: str) -> None:
+    def _fault(self, where: str, what: str, kind: str = "layer") -> None:
         if where not in self._faults:
-            warnings.warn(f"natgrad.KFAC: NaN or Inf (or values that would overflow) in the {what} of {where}; "
-                          "its update is skipped this step (parameters and factors untouched)",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(f"natgrad.KFAC: NaN or Inf (or values that would overflow) in the {what} of "
+                          f"{kind} {where!r}; its update is skipped this step (parameters and factors "
+                          "untouched)", RuntimeWarning, stacklevel=4)
         self._faults[where] = self._faults.get(where, 0) + 1
 
     # ---- introspection and checkpoints ------------------------------------------------------------

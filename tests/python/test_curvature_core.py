@@ -1,0 +1,129 @@
+"""The one curvature core: every block against the dense per-sample Fisher where K-FAC is exact,
+its products against its own to_dense, and one estimator shared by KFAC, compute_fisher and EWC."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+from natgrad.curvature import Conv2dBlock, EmbeddingBlock, LinearBlock, PlainBlock
+from natgrad.fisher import BlockFisher, compute_fisher, kfac_blocks
+
+
+class Tokens(nn.Module):
+    """Embedding -> mean over tokens -> Linear head."""
+
+    def __init__(self, vocab=7, dim=4, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx)).mean(1))
+
+
+def models():
+    """(model, inputs, targets, name of the layer under test, its block class)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    nobias = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)).double()
+    # a kernel that covers the whole (padded) input: one position, where KFC is exact
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=0), nn.Flatten(), nn.Tanh(), nn.Linear(3, 3)).double()
+    tokens = Tokens().double()
+    return [
+        (mlp, torch.randn(1, 4, dtype=torch.float64), torch.tensor([2]), "0", LinearBlock),
+        (nobias, torch.randn(1, 4, dtype=torch.float64), torch.tensor([1]), "0", LinearBlock),
+        (conv, torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.tensor([0]), "0", Conv2dBlock),
+        (tokens, torch.tensor([[3]]), torch.tensor([1]), "emb", EmbeddingBlock),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["linear", "linear_nobias", "conv2d", "embedding"])
+def test_block_is_exact_on_one_sample(case):
+    model, x, y, layer, cls = models()[case]
+    module = dict(model.named_modules())[layer]
+    params = list(module.parameters())
+    kfac = compute_fisher(model, x, y, structure="kfac", params=params)
+    (block,) = kfac.blocks
+    assert isinstance(block, BlockFisher) and isinstance(block.block, cls)
+    dense = compute_fisher(model, x, y, structure="dense", params=params).to_dense()
+    torch.testing.assert_close(block.to_dense(), dense, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", range(4), ids=["linear", "linear_nobias", "conv2d", "embedding"])
+def test_block_products_agree_with_its_dense_matrix(case):
+    model, x, y, layer, _ = models()[case]
+    n = 9
+    x = torch.randint(0, 7, (n, 5)) if x.dtype == torch.long else torch.randn(n, *x.shape[1:], dtype=torch.float64)
+    y = torch.randint(0, 3, (n,))
+    params = list(dict(model.named_modules())[layer].parameters())
+    fisher = compute_fisher(model, x, y, structure="kfac", params=params).blocks[0]
+    dense = fisher.to_dense()
+    v = torch.randn(fisher.num_params, dtype=torch.float64)
+    torch.testing.assert_close(fisher.mv(v), dense @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fisher.quad_form(v), v @ dense @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fisher.diagonal(), torch.diagonal(dense), rtol=1e-10, atol=1e-12)
+    eye = torch.eye(fisher.num_params, dtype=torch.float64)
+    torch.testing.assert_close(fisher.solve(v, 0.1), torch.linalg.solve(dense + 0.1 * eye, v), rtol=1e-8, atol=1e-10)
+    cols = torch.randn(fisher.num_params, 2, dtype=torch.float64)
+    torch.testing.assert_close(fisher.mv(cols), dense @ cols, rtol=1e-10, atol=1e-12)
+
+
+def test_kfac_compute_fisher_and_ewc_share_one_estimator():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 4, (8,))
+    opt = natgrad.KFAC(model, lr=0.0, loss_reduction="sum")
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    opt.step()
+    fisher = compute_fisher(model, x, y, structure="kfac")
+    ewc = natgrad.EWC(model, structure="kfac")
+    ewc.consolidate(x, y)
+    ewc_blocks = list(ewc.tasks[0]["kron"].values())
+    for mine, theirs, kept in zip(opt._blocks, fisher.blocks, ewc_blocks, strict=True):
+        for key in ("A", "G"):
+            assert torch.equal(mine.state[key], theirs.block.state[key])
+            assert torch.equal(mine.state[key], kept.state[key])
+
+
+def test_mean_loss_factors_equal_the_summed_loss_factors():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 4, (10,))
+    opt = natgrad.KFAC(model, lr=0.0)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    fisher = compute_fisher(model, x, y, structure="kfac")
+    for mine, theirs in zip(opt._blocks, fisher.blocks, strict=True):
+        torch.testing.assert_close(mine.state["G"], theirs.block.state["G"], rtol=1e-12, atol=1e-14)
+
+
+def test_exact_fisher_passes_give_the_exact_kronecker_g():
+    torch.manual_seed(3)
+    layer = nn.Linear(3, 4).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    block = LinearBlock("", layer)
+    kfac_blocks(layer, [block], x, fisher_type="exact")
+    p = torch.softmax(layer(x), 1).detach()
+    expected = sum(torch.diag(pi) - torch.outer(pi, pi) for pi in p) / 5  # E_y[gg'] per sample
+    torch.testing.assert_close(block.state["G"], expected, rtol=1e-12, atol=1e-14)
+
+
+def test_plain_block_is_the_identity_with_no_curvature():
+    p = nn.Parameter(torch.randn(3, 2))
+    block = PlainBlock("w", p, "LayerNorm has no Kronecker block")
+    g = torch.randn(3, 2)
+    assert block.solve([g], 0.1)[0] is g
+    assert torch.count_nonzero(block.mv([g])[0]) == 0 and float(block.quad_form([g])) == 0.0
+    assert block.description == "plain gradient: LayerNorm has no Kronecker block"
+
+
+def test_checkpoint_shapes_are_checked_per_block():
+    small = LinearBlock("fc", nn.Linear(3, 2))
+    big = LinearBlock("fc", nn.Linear(5, 2))
+    big.state["A"] = torch.eye(6)
+    with pytest.raises(ValueError, match=r"'fc': A has shape \(6, 6\), this layer needs \(4, 4\)"):
+        small.load_state_dict(big.state_dict())
+    assert small.state == {}
