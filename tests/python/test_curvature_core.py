@@ -2,6 +2,9 @@
 its products against its own to_dense, and one estimator shared by KFAC, compute_fisher and EWC."""
 from __future__ import annotations
 
+import os
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,3 +130,28 @@ def test_checkpoint_shapes_are_checked_per_block():
     with pytest.raises(ValueError, match=r"'fc': A has shape \(6, 6\), this layer needs \(4, 4\)"):
         small.load_state_dict(big.state_dict())
     assert small.state == {}
+
+
+def test_a_checkpoint_of_the_previous_release_still_loads_and_resumes_exactly():
+    # Saved by natgrad 0.1.0 (commit 4a1f70c): a KFAC state after 3 steps, an EWC(kfac, exact)
+    # state, and what 3 more steps of the old code gave.
+    path = os.path.join(os.path.dirname(__file__), "data", "kfac_ewc_v0_1_0.pt")
+    ckpt = torch.load(path, weights_only=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model.load_state_dict(ckpt["model"])
+    opt = natgrad.KFAC(model, lr=0.1, momentum=0.9, inverse_update_period=2)
+    opt.load_state_dict(ckpt["optimizer"])
+    ewc = natgrad.EWC(model, structure="kfac")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading an old checkpoint is not deprecated
+        ewc.load_state_dict(ckpt["ewc"])
+    assert ewc.fisher_type == "exact"
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(ckpt["x"]), ckpt["y"]).backward()
+        opt.step()
+    for got, want in zip(model.parameters(), ckpt["params_after_3_more_steps"], strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ewc.penalty().detach(), ckpt["ewc_penalty_after"], rtol=1e-12, atol=1e-14)
+
