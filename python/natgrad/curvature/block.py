@@ -176,12 +176,24 @@ class CurvatureBlock:
                 got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"checkpoint block {self.name!r}: {key} has shape {got}, this "
                                  f"layer needs {expected[key]} (was the model's width changed?)")
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise ValueError(f"checkpoint block {self.name!r}: {key} must hold finite floating-point "
+                                 f"values, got dtype {value.dtype}" + (" with NaN/Inf" if value.is_floating_point() else ""))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` output onto the parameters' device (validated first)."""
         self.check_state_dict(state)
         device = self.params[0].device
         self.state = {k: v.to(device) for k, v in state.items() if k != "kind"}
+
+
+def max_abs(t: Tensor) -> Tensor:
+    """``max |t|`` as a 0-d float64 tensor, NaN if ``t`` holds a NaN, 0 if it is empty (no host
+    sync; ``aminmax`` is an order of magnitude faster on CPU than ``vector_norm(t, inf)``)."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=t.device)
+    low, high = torch.aminmax(t)
+    return torch.maximum(high, -low).to(torch.float64)
 
 
 def _or_zeros(t: Tensor | None, like: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from natgrad.curvature import (CurvatureBlock, GradientPhase, KroneckerBlock, LayerCapture,
                                PlainBlock, kronecker_block)
+from natgrad.curvature.block import max_abs
 from natgrad.distributed.communicator import make_communicator
 from natgrad.likelihoods import get_likelihood
 from natgrad.optim import _kfac_io
@@ -422,8 +423,7 @@ class KFAC(Optimizer):
                 if p.grad is not None and id(p) not in done:
                     g = p.grad * amp_unscale if amp_unscale != 1.0 else p.grad
                     work.append((self._plain_block(p), [p], g, g))
-        peaks = [torch.linalg.vector_norm(t, float("inf"), dtype=torch.float64)
-                 for _, _, grad, direction in work for t in (grad, direction)]
+        peaks = [max_abs(t) for _, _, grad, direction in work for t in (grad, direction)]
         finite = iter(_all_true([torch.isfinite(t) for t in peaks]))
         updates: dict[Tensor, Tensor] = {}
         grads: dict[Tensor, Tensor] = {}
