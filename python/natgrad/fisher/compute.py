@@ -6,12 +6,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from natgrad._vocabulary import _UNSET, FISHER_TYPES, STRUCTURES, check_choice, renamed_argument
+from natgrad._vocabulary import _UNSET, STRUCTURES, check_choice, renamed_argument
 from natgrad.curvature import KroneckerBlock, capturing, kronecker_block, owner_groups
 from natgrad.fisher.matrices import (BlockDiagonalFisher, BlockFisher, DenseFisher, DiagonalFisher,
                                      FisherMatrix, LowRankFisher)
-from natgrad.fisher.scores import check_inputs, check_params, score_rows
-from natgrad.likelihoods import Likelihood, check_count, get_likelihood
+from natgrad.fisher.scores import check_request, score_rows
+from natgrad.likelihoods import Likelihood, get_likelihood
 
 __all__ = ["STRUCTURES", "compute_fisher", "kfac_blocks"]
 
@@ -50,15 +50,7 @@ def compute_fisher(model: nn.Module, inputs: Tensor, targets: Tensor | None = No
     """
     fisher_type = renamed_argument("fisher_type", fisher_type, "kind", kind, "empirical", "compute_fisher")
     check_choice("structure", structure, STRUCTURES)
-    check_choice("fisher_type", fisher_type, FISHER_TYPES)
-    lik = get_likelihood(likelihood)
-    check_count("mc_samples", mc_samples)
-    check_count("chunk_size", chunk_size)
-    if fisher_type == "empirical" and targets is None:
-        raise ValueError("targets are required for fisher_type='empirical'")
-    check_inputs(inputs, targets)
-    chosen = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    check_params(chosen)
+    lik, chosen = check_request(model, inputs, targets, fisher_type, likelihood, params, mc_samples, chunk_size)
     n = inputs.shape[0]
     rows_kwargs = dict(fisher_type=fisher_type, likelihood=lik, mc_samples=mc_samples,
                        generator=generator, chunk_size=chunk_size)

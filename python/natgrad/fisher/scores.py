@@ -19,7 +19,7 @@ from natgrad._vocabulary import _UNSET, FISHER_TYPES, check_choice, renamed_argu
 from natgrad.likelihoods import LIKELIHOODS, Likelihood, check_count, get_likelihood
 
 KINDS = FISHER_TYPES  # deprecated name of FISHER_TYPES
-__all__ = ["FISHER_TYPES", "KINDS", "LIKELIHOODS", "check_inputs", "check_params", "score_rows"]
+__all__ = ["FISHER_TYPES", "KINDS", "LIKELIHOODS", "check_inputs", "check_params", "check_request", "score_rows"]
 
 
 def check_params(params: Sequence[Tensor]) -> None:
@@ -52,6 +52,23 @@ def check_inputs(inputs: Tensor, targets: Tensor | None, what: str = "inputs") -
                          f"for {inputs.shape[0]} inputs")
     if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
         raise ValueError("targets hold NaN or Inf")
+
+
+def check_request(model: nn.Module, inputs: Tensor, targets: Tensor | None, fisher_type: str,
+                  likelihood: str | Likelihood, params: Sequence[nn.Parameter] | None,
+                  mc_samples: int, chunk_size: int) -> tuple[Likelihood, list[nn.Parameter]]:
+    """The one validation of a Fisher request (``compute_fisher``, ``score_rows``): returns the
+    likelihood object and the chosen parameters (default: every trainable one)."""
+    check_choice("fisher_type", fisher_type, FISHER_TYPES)
+    lik = get_likelihood(likelihood)
+    check_count("mc_samples", mc_samples)
+    check_count("chunk_size", chunk_size)
+    if fisher_type == "empirical" and targets is None:
+        raise ValueError("targets are required for fisher_type='empirical'")
+    check_inputs(inputs, targets)
+    chosen = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    check_params(chosen)
+    return lik, chosen
 
 
 def score_rows(model: nn.Module, inputs: Tensor, targets: Tensor | None = None, *,
@@ -92,16 +109,9 @@ def score_rows_and_losses(model: nn.Module, inputs: Tensor, targets: Tensor | No
     from the same forward pass (None otherwise)."""
     fisher_type = renamed_argument("fisher_type", fisher_type, "kind", kind, "empirical",
                                    "score_rows", stacklevel=_stacklevel)
-    check_choice("fisher_type", fisher_type, FISHER_TYPES)
-    lik = get_likelihood(likelihood)
-    check_count("mc_samples", mc_samples)
-    check_count("chunk_size", chunk_size)
-    if fisher_type == "empirical" and targets is None:
-        raise ValueError("targets are required for fisher_type='empirical'")
-    check_inputs(inputs, targets)
+    lik, chosen = check_request(model, inputs, targets, fisher_type, likelihood, params,
+                                mc_samples, chunk_size)
     named = dict(model.named_parameters())
-    chosen = list(params) if params is not None else [p for p in named.values() if p.requires_grad]
-    check_params(chosen)
     ids = {id(p) for p in chosen}
     names = [n for n, p in named.items() if id(p) in ids]
     if len(names) != len(chosen):
