@@ -206,7 +206,7 @@ def make_regularizer(method: str, model: nn.Module, lam: float, cfg: dict[str, A
         return NoPenalty()
     if method == "l2":
         return AnchoredL2(model, lam)
-    kwargs = {"ewc": {}, "ewc_mc": {"fisher": "mc"}, "ewc_exact": {"fisher": "exact"},
+    kwargs = {"ewc": {}, "ewc_mc": {"fisher_type": "mc"}, "ewc_exact": {"fisher_type": "exact"},
               "online": {"mode": "online", "gamma": cfg["gamma"]}, "kfac": {"structure": "kfac"}}[method]
     return natgrad.EWC(model, lambda_=lam, **kwargs)
 
@@ -276,8 +276,7 @@ def run_sequence(scenario: str, tasks: list[Task], method: str, lam: float, seed
         start = time.perf_counter()
         m = cfg["fisher_samples"]
         # Inactive heads are left out of the consolidation: they get no gradient from this task
-        # (their Fisher is zero), and natgrad.EWC(structure="kfac") raises IndexError on Linear
-        # modules that the forward pass does not call (the diagonal path handles them).
+        # (their Fisher is zero).
         idle = [p for h in model.heads[:t] for p in h.parameters()]
         for p in idle:
             p.requires_grad_(False)
