@@ -88,6 +88,12 @@ def check_count(name: str, value: object) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (expected an int >= 1)")
 
 
+def _sum_per_sample(values: Tensor) -> Tensor:
+    """``[n, ...] -> [n]``, summing each sample's positions (also for n = 0, where a reshape to
+    ``[0, -1]`` is ambiguous)."""
+    return values.flatten(1).sum(1) if values.dim() > 1 else values
+
+
 def _check_batch(output: Tensor, target: Tensor, what: str) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"{what} must be a Tensor, got {type(target).__name__}")
@@ -121,7 +127,7 @@ class Categorical(Likelihood):
     def _per_sample_nll(self, output, target):
         classes = output.shape[-1]
         per_row = F.cross_entropy(output.reshape(-1, classes), target.reshape(-1), reduction="none")
-        return per_row.reshape(output.shape[0], -1).sum(1)
+        return _sum_per_sample(per_row.reshape(output.shape[:-1]))
 
     def sample(self, output, generator=None):
         flat = output.detach().reshape(-1, output.shape[-1])
@@ -156,7 +162,7 @@ class Gaussian(Likelihood):
                              "silently change the Fisher; reshape one of them)")
 
     def _per_sample_nll(self, output, target):
-        return 0.5 * (output - target).pow(2).reshape(output.shape[0], -1).sum(1)
+        return _sum_per_sample(0.5 * (output - target).pow(2))
 
     def sample(self, output, generator=None):
         noise = torch.randn(output.shape, generator=generator, dtype=torch.float32)
