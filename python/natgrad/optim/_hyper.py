@@ -38,6 +38,21 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
         raise ValueError(f"Invalid {name}: {value!r} (must be {'<' if high_open else '<='} {high})")
 
 
+def check_flag(name: str, value: object) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is a bool (a truthy string or NaN would
+    otherwise silently switch an option on)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
+
+
+def check_group(group: dict, bounds: dict[str, dict]) -> None:
+    """Validates a param group's per-group hyperparameters (``bounds``: name -> check_number
+    keywords), naming the group's key: torch.optim does not check values passed per group."""
+    for key, kwargs in bounds.items():
+        if key in group:
+            check_number(key, group[key], **kwargs)
+
+
 def resolved_number(name: str, value: Schedule | None, step: int, **bounds) -> float | None:
     """Resolves a scheduled value and validates the result with :func:`check_number`."""
     out = resolve(value, step)

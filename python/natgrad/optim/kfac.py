@@ -17,12 +17,16 @@ from natgrad.curvature.block import max_abs
 from natgrad.distributed.communicator import make_communicator
 from natgrad.likelihoods import get_likelihood
 from natgrad.optim import _kfac_io
-from natgrad.optim._hyper import Schedule, check_choice, check_number, resolved_number
+from natgrad.optim._hyper import (Schedule, check_choice, check_flag, check_group, check_number,
+                                  resolved_number)
 
 __all__ = ["KFAC"]
 
 STATE_KEY = _kfac_io.STATE_KEY  # the optimizer-level entry in state_dict()
 _GROUP_DEFAULTS = ("lr", "momentum", "weight_decay", "damping")
+_GROUP_BOUNDS = {"lr": dict(low=0.0), "momentum": dict(low=0.0, high=1.0, high_open=True),
+                 "weight_decay": dict(low=0.0),
+                 "damping": dict(low=0.0, low_open=True, allow_callable=True)}
 
 
 class KFAC(Optimizer):
@@ -156,6 +160,10 @@ class KFAC(Optimizer):
                      low_open=True, high_open=True)
         check_number("grad_worker_fraction", grad_worker_fraction, low=0.0, high=1.0, low_open=True)
         check_number("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True)
+        check_number("seed", seed, integer=True)
+        for name, flag in (("pi_correction", pi_correction), ("adaptive_damping", adaptive_damping),
+                           ("triangle_packing", triangle_packing)):
+            check_flag(name, flag)
         if adaptive_damping and callable(damping):
             raise ValueError("Invalid damping: a callable schedule cannot be combined with "
                              "adaptive_damping=True (the adaptation owns the damping)")
@@ -188,7 +196,11 @@ class KFAC(Optimizer):
         self._ladder: dict[str, int] = {}
         self._suspend_capture = False
         self.last_reduction_ratio: float | None = None
-        skip = set([skip_modules] if isinstance(skip_modules, str) else skip_modules)
+        try:
+            skip = set([skip_modules] if isinstance(skip_modules, str) else skip_modules)
+        except TypeError:
+            raise TypeError(f"Invalid skip_modules: {skip_modules!r} (expected module names, e.g. "
+                            "a list of str)") from None
         unknown = sorted(skip - {name for name, _ in self.model.named_modules()})
         if unknown:
             raise ValueError(f"Invalid skip_modules: {unknown} match no module of the model "
@@ -207,6 +219,10 @@ class KFAC(Optimizer):
         alive = weakref.WeakMethod(self._capturing)
         for name, module in self.model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad:
+                    self._fallback_reason[id(p)] = (f"{type(module).__name__} {name!r}: frozen "
+                                                    "(requires_grad=False) when natgrad.KFAC was built")
             if not own or not any(id(p) in managed for p in own):
                 continue
             if name in skip:
@@ -253,6 +269,12 @@ class KFAC(Optimizer):
         collection). Afterwards all parameters use the fallback preconditioner."""
         self._finalizer()
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's, plus the checks ``__init__`` runs on the defaults, for the values the
+        group sets itself (ValueError naming the key; the group is then not added)."""
+        check_group(param_group, _GROUP_BOUNDS)
+        super().add_param_group(param_group)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -282,8 +304,8 @@ class KFAC(Optimizer):
                    if r.output is not None and r.grad_output is None]
         if not targets or not self._capturing():
             return
-        with torch.no_grad():
-            labels = lik.sample(output, self._generator)
+        with torch.no_grad():  # NaN/Inf outputs: labels from finite stand-ins; the NaN statistics
+            labels = lik.sample(torch.nan_to_num(output), self._generator)  # then skip the step
         loss = lik.nll(output, labels, "sum")
         if self.loss_reduction == "mean":
             loss = loss / max(output.numel() // max(output.shape[-1], 1), 1)
@@ -311,6 +333,7 @@ class KFAC(Optimizer):
         amp_unscale = 1.0 if amp_scale is None else 1.0 / float(amp_scale)
         k = self._steps
         self._index_groups()
+        self._check_schedules(k)
         if self.fisher_type == "mc" and self._is_factor_step(k):
             self._check_sampled()
         if not self._ddp:
@@ -327,6 +350,19 @@ class KFAC(Optimizer):
             self._adapt_damping(closure, loss, before, grads)
         self._steps += 1
         return loss
+
+    def _check_schedules(self, k: int) -> None:
+        """Resolves every scheduled hyperparameter of step ``k`` before anything changes, so that
+        a schedule returning an invalid value raises with the factors and parameters intact."""
+        try:
+            for group in self.param_groups:
+                resolved_number("damping", group["damping"], k, low=0.0, low_open=True)
+            resolved_number("kl_clip", self.kl_clip, k, low=0.0, low_open=True, allow_none=True)
+            resolved_number("inverse_update_period", self.inverse_update_period, k, low=1, integer=True)
+            self._is_factor_step(k)
+        except (ValueError, TypeError):
+            self._clear_records()
+            raise
 
     def _check_sampled(self) -> None:
         forwards = any(c.records for c in self._captures.values())
@@ -353,7 +389,8 @@ class KFAC(Optimizer):
             return skipped
         stats, checks = {}, []
         for block in self._blocks:
-            records = self._captures[block.name].complete()
+            # an empty batch holds no statistics: the layer is left as if it had not been called
+            records = [r for r in self._captures[block.name].complete() if block.count_samples([r.input])]
             if records:
                 inputs, grads = [r.input for r in records], [r.grad_output for r in records]
                 per_sample = block.count_samples(inputs) if self.loss_reduction == "mean" else 1.0
@@ -526,10 +563,12 @@ class KFAC(Optimizer):
         """Restores :meth:`state_dict` output; curvature tensors are restored uncast. Everything
         is validated first (layers, shapes, momentum buffers): on error the optimizer is
         unchanged."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict saved by natgrad.KFAC, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         kfac = state_dict.pop(STATE_KEY, None)
-        if kfac is None:
-            raise ValueError(f"state_dict has no {STATE_KEY!r} entry: not saved by natgrad.KFAC")
+        if not isinstance(kfac, dict):
+            raise ValueError(f"state_dict has no {STATE_KEY!r} dict entry: not saved by natgrad.KFAC")
         _kfac_io.check_state(self, state_dict, kfac)
         super().load_state_dict(state_dict)
         _kfac_io.load_kfac_state(self, kfac)

@@ -15,7 +15,7 @@ from natgrad._vocabulary import renamed_value
 from natgrad.fisher.matrices import LowRankFisher
 from natgrad.fisher.scores import score_rows, score_rows_and_losses
 from natgrad.likelihoods import get_likelihood
-from natgrad.optim._hyper import Schedule, check_choice, check_number, resolved_number
+from natgrad.optim._hyper import Schedule, check_choice, check_group, check_number, resolved_number
 
 __all__ = ["NaturalGradient"]
 
@@ -91,6 +91,7 @@ class NaturalGradient(Optimizer):
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r} (expected a callable or None)")
         check_number("chunk_size", chunk_size, low=1, integer=True)
+        check_number("seed", seed, integer=True)
         super().__init__(model.parameters() if params is None else params,
                          dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.model = model
@@ -108,6 +109,12 @@ class NaturalGradient(Optimizer):
         self._steps = 0
         self._rows: Tensor | None = None
         self._num_samples = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's, plus ``__init__``'s checks for the values the group sets itself."""
+        check_group(param_group, {"lr": dict(low=0.0), "momentum": dict(low=0.0, high=1.0, high_open=True),
+                                  "weight_decay": dict(low=0.0)})
+        super().add_param_group(param_group)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]

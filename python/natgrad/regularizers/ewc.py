@@ -98,6 +98,8 @@ class EWC:
         check_choice("structure", structure, STRUCTURES)
         get_likelihood(likelihood)
         check_count("mc_samples", mc_samples)
+        if not isinstance(train_mode, bool):
+            raise ValueError(f"Invalid train_mode: {train_mode!r} (expected True or False)")
         self.model, self.lambda_, self.mode, self.gamma = model, float(lambda_), mode, float(gamma)
         self.fisher_type, self.structure, self.likelihood = fisher_type, structure, likelihood
         self.train_mode, self.mc_samples = train_mode, mc_samples
