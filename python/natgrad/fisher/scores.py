@@ -41,6 +41,9 @@ def check_inputs(inputs: Tensor, targets: Tensor | None, what: str = "inputs") -
         raise TypeError(f"{what} must be a Tensor, got {type(inputs).__name__}")
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise ValueError(f"{what} holds no samples (shape {tuple(inputs.shape)}); at least one is needed")
+    for name, t in ((what, inputs), ("targets", targets)):
+        if isinstance(t, Tensor) and t.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor (shapes only, no values): a Fisher needs data")
     if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
         raise ValueError(f"{what} hold NaN or Inf")
     if targets is None:
@@ -66,6 +69,8 @@ def check_request(model: nn.Module, inputs: Tensor, targets: Tensor | None, fish
     if fisher_type == "empirical" and targets is None:
         raise ValueError("targets are required for fisher_type='empirical'")
     check_inputs(inputs, targets)
+    if params is not None and (isinstance(params, Tensor) or not hasattr(params, "__iter__")):
+        raise TypeError(f"params must be a sequence of parameters, got {type(params).__name__}")
     chosen = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     check_params(chosen)
     return lik, chosen

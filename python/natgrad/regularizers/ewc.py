@@ -124,9 +124,16 @@ class EWC:
                 ``fisher_type="empirical"``).
             generator (torch.Generator, optional): for ``fisher_type="mc"``.
         """
-        batches = [(data, targets)] if isinstance(data, Tensor) else list(data)
         task_no = len(self.tasks) if self.mode == "separate" else 0
         where = f"EWC.consolidate (task {task_no})"
+        if not isinstance(data, Tensor) and targets is not None:
+            raise TypeError(f"{where}: data must be an input tensor when targets are given, got "
+                            f"{type(data).__name__}")
+        batches = [(data, targets)] if isinstance(data, Tensor) else list(data)
+        for i, batch in enumerate(batches):
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError(f"{where}: data must be an input tensor or an iterable of (inputs, "
+                                f"targets) batches; batch {i} is a {type(batch).__name__}")
         if not batches or sum(len(x) for x, _ in batches) == 0:
             raise ValueError(f"{where}: data holds no samples")
         for i, (x, y) in enumerate(batches):
