@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <initializer_list>
 
 namespace natgrad::checks {
 
@@ -76,6 +77,62 @@ inline void grad_scale(double scale) {
               "grad_scale must be a finite number > 0 (N for a loss averaged over N samples, "
               "1 for a summed loss), got ",
               scale);
+}
+
+// A tensor argument and the name the user knows it by, for checks over several arguments.
+struct Named {
+  const at::Tensor& tensor;
+  const char* name;
+};
+
+// The name of the first argument holding NaN or Inf, or nullptr (one host read per argument:
+// for error paths only).
+inline const char* first_non_finite(std::initializer_list<Named> args) {
+  for (const Named& a : args) {
+    if (a.tensor.numel() > 0 && !at::isfinite(a.tensor).all().item<bool>()) return a.name;
+  }
+  return nullptr;
+}
+
+// Rejects NaN/Inf in any of `args`: the per-argument reductions are combined on the device and
+// read back once (one host sync however many arguments). The message names the argument.
+inline void finite(std::initializer_list<Named> args, const char* advice) {
+  at::Tensor ok;
+  for (const Named& a : args) {
+    if (a.tensor.numel() == 0) continue;
+    const at::Tensor f = at::isfinite(a.tensor).all();
+    ok = ok.defined() ? ok.logical_and_(f) : f;
+  }
+  if (!ok.defined() || ok.item<bool>()) return;
+  const char* name = first_non_finite(args);
+  TORCH_CHECK(false, name ? name : "an argument", " contains NaN or Inf; ", advice);
+}
+
+// A 0-dim bool tensor on t's device: whether t is all finite. Nothing is read back yet.
+inline at::Tensor finite_flag(const at::Tensor& t) { return at::isfinite(t).all(); }
+
+// Rejects NaN/Inf inputs of an op from flags (finite_flag) over tensors computed from those
+// inputs - the result, and any intermediate a NaN/Inf input reaches but the result may not (e.g.
+// a denominator: x / Inf is finite). The flags are combined on the device and read back once.
+// Only when a flag is false are the inputs scanned, to name the culprit; when every input is
+// finite, the computation overflowed the dtype.
+inline void finite_flags(std::initializer_list<at::Tensor> flags, at::ScalarType dtype,
+                         std::initializer_list<Named> inputs, const char* advice) {
+  at::Tensor ok;
+  for (const at::Tensor& f : flags) ok = ok.defined() ? ok.logical_and(f) : f;
+  if (!ok.defined() || ok.item<bool>()) return;
+  const char* name = first_non_finite(inputs);
+  TORCH_CHECK(name == nullptr, name, " contains NaN or Inf; ", advice);
+  TORCH_CHECK(false, "the result overflowed ", dtype,
+              " although every input is finite; rescale the inputs or use float64");
+}
+
+// finite_flags over the result alone, for ops whose result is a product of their inputs
+// (matmuls, squares, sums: a NaN or Inf in any input reaches it). One reduction over the
+// (usually smaller) result and one host read cover every input.
+inline void finite_result(const at::Tensor& result, std::initializer_list<Named> inputs,
+                          const char* advice) {
+  finite_flags({finite_flag(result)}, result.scalar_type(), inputs, advice);
 }
 
 }  // namespace natgrad::checks

@@ -1,5 +1,6 @@
 #include "empirical/empirical_fisher.h"
 
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -20,17 +21,22 @@ std::tuple<at::Tensor, at::Tensor> woodbury_solve(const at::Tensor& per_sample_g
               "rhs must have shape [n_params] or [n_params, k] with n_params = ", U.size(1),
               " (per_sample_grads.size(1)), got ", rhs.sizes());
   checks::damping(damping, /*strictly_positive=*/true);
-  TORCH_CHECK(all_finite({U, rhs}),
-              "per_sample_grads or rhs contains NaN or Inf: the natural gradient is undefined; "
-              "skip this step or find the non-finite per-sample gradient");
+  checks::finite({{U, "per_sample_grads"}, {rhs, "rhs"}},
+                 "the natural gradient is undefined; skip this step or find the non-finite "
+                 "per-sample gradient");
 
+  // Everything in float64: U U^T of float32 rows ~1e20 already overflows float32 (and the
+  // n x n solution of rows ~1e30 underflows it), which would push the ladder to its diagonal
+  // rung and a wrong answer. Finite inputs give a finite, correct float64 solve; the result is
+  // cast back to the inputs' dtype at the end (Inf only if the answer itself is out of range).
   const int64_t n = U.size(0);
-  const at::Tensor R = rhs.dim() == 1 ? rhs.unsqueeze(1) : rhs;
-  const at::Tensor projected = at::matmul(U, R).to(at::kDouble);  // U v      [n, k]
-  at::Tensor gram = at::matmul(U, U.t()).to(at::kDouble);         // U U^T    [n, n]
+  const at::Tensor U64 = U.to(at::kDouble);
+  const at::Tensor R64 = (rhs.dim() == 1 ? rhs.unsqueeze(1) : rhs).to(at::kDouble);
+  const at::Tensor projected = at::matmul(U64, R64);  // U v      [n, k]
+  at::Tensor gram = at::matmul(U64, U64.t());          // U U^T    [n, n]
   gram.diagonal().add_(static_cast<double>(n) * damping);
   const SolveResult small = spd_solve(gram, projected);
-  at::Tensor x = (R - at::matmul(U.t(), small.solution.to(U.scalar_type()))).div_(damping);
+  at::Tensor x = (R64 - at::matmul(U64.t(), small.solution)).div_(damping).to(U.scalar_type());
   return {(rhs.dim() == 1 ? x.squeeze(1) : x).contiguous(), rung_tensor(small.rung)};
 }
 
@@ -54,8 +60,10 @@ at::Tensor linear_diag_fisher(const at::Tensor& input, const at::Tensor& grad_ou
     weight = at::matmul(grad_output.square().t(), input.square());
     if (bias) bias_part = grad_output.square().sum(0);
   } else {
-    const at::Tensor a = input.reshape({samples, -1, d_in});
-    const at::Tensor g = grad_output.reshape({samples, -1, d_out});
+    // Explicit position count: reshape({N, -1, 0}) is ambiguous for 0 features.
+    const int64_t positions = c10::multiply_integers(input.sizes().slice(1, input.dim() - 2));
+    const at::Tensor a = input.reshape({samples, positions, d_in});
+    const at::Tensor g = grad_output.reshape({samples, positions, d_out});
     weight = at::zeros({d_out, d_in}, input.options());
     const int64_t budget = std::max<int64_t>(d_out * d_in, int64_t{1} << 22);
     const int64_t chunk = std::max<int64_t>(1, budget / std::max<int64_t>(1, d_out * d_in));
@@ -68,10 +76,16 @@ at::Tensor linear_diag_fisher(const at::Tensor& input, const at::Tensor& grad_ou
     if (bias) bias_part = g.sum(1).square_().sum(0);
   }
   at::Tensor out = bias ? at::cat({weight, bias_part.unsqueeze(1)}, 1) : weight;
-  return out.mul_(grad_scale * grad_scale / static_cast<double>(samples));
+  out.mul_(grad_scale * grad_scale / static_cast<double>(samples));
+  checks::finite_result(out, {{input, "input"}, {grad_output, "grad_output"}},
+                        "the diagonal Fisher is undefined; skip this batch or find where the "
+                        "NaN/Inf comes from");
+  return out;
 }
 
-TORCH_LIBRARY_IMPL(natgrad, CPU, m) {
+// ATen compositions (matmul, bmm, Cholesky through the ladder): registered for every device;
+// Meta is served by the Python fake kernels (python/natgrad/ops/empirical.py).
+TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
   m.impl("woodbury_solve", &woodbury_solve);
   m.impl("linear_diag_fisher", &linear_diag_fisher);
 }

@@ -12,8 +12,10 @@ namespace natgrad {
 // With U = per_sample_grads [n, p] (one flattened per-sample gradient per row) and
 // F = U^T U / n, returns ((F + damping I)^-1 rhs, rung) for rhs [p] or [p, k]:
 //   (F + damping I)^-1 v = (v - U^T (U U^T + n damping I)^-1 U v) / damping.
-// Cost O(n^2 p + n^3) time and O(n p + n^2) memory; the p x p matrix is never formed. The n x n
-// system is always solved in float64 by Cholesky through the fallback ladder (rung reported).
+// Cost O(n^2 p + n^3) time and O(n p + n^2) memory; the p x p matrix is never formed. The whole
+// solve runs in float64 (U is copied to float64 when it is float32, so U U^T cannot overflow);
+// the n x n system is solved by Cholesky through the fallback ladder (rung reported), and the
+// solution is returned in the inputs' dtype. Non-finite inputs are rejected.
 std::tuple<at::Tensor, at::Tensor> woodbury_solve(const at::Tensor& per_sample_grads,
                                                   const at::Tensor& rhs, double damping);
 
@@ -26,6 +28,7 @@ std::tuple<at::Tensor, at::Tensor> woodbury_solve(const at::Tensor& per_sample_g
 // which for 2-D inputs is grad_scale^2 / N * (g^2)^T (a^2) - no loop over samples. With
 // positions, per-sample gradients are formed in chunks of samples (bounded memory).
 // grad_scale follows the convention of kron_factors.h (N for a batch-mean loss, 1 for a sum).
+// NaN/Inf inputs are rejected (one reduction over the result; the error names the argument).
 at::Tensor linear_diag_fisher(const at::Tensor& input, const at::Tensor& grad_output, bool bias,
                               double grad_scale);
 

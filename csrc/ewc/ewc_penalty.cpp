@@ -42,6 +42,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> ewc_penalty(at::TensorList param
                                                             at::TensorList fisher,
                                                             at::TensorList anchor) {
   check_lists(params, fisher, anchor);
+  if (!params[0].is_cpu()) return ewc_penalty_composite(params, fisher, anchor);
   double total = 0.0;
   std::vector<at::Tensor> grads;
   grads.reserve(params.size());
@@ -77,6 +78,31 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> ewc_penalty(at::TensorList param
           std::move(grads)};
 }
 
+std::tuple<at::Tensor, std::vector<at::Tensor>> ewc_penalty_composite(at::TensorList params,
+                                                                      at::TensorList fisher,
+                                                                      at::TensorList anchor) {
+  check_lists(params, fisher, anchor);
+  const at::ScalarType dtype = params[0].scalar_type();
+  const at::ScalarType opmath = at::toOpMathType(dtype);
+  at::Tensor total;
+  std::vector<at::Tensor> grads;
+  grads.reserve(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    const at::Tensor diff = params[t].to(opmath) - anchor[t].to(opmath);
+    const at::Tensor weighted = fisher[t].to(opmath) * diff;
+    grads.push_back(weighted.mul(2).to(dtype).contiguous());
+    const at::Tensor term = at::sum(weighted * diff, at::kDouble);
+    total = total.defined() ? total.add_(term) : term;
+  }
+  return {total.to(dtype), std::move(grads)};
+}
+
+// The fused loop reads raw CPU memory: it serves CPU tensors. Every other device gets the ATen
+// composition (CompositeExplicitAutograd; a backend kernel takes precedence over it), and Meta
+// the Python fake kernel (python/natgrad/ops/ewc.py).
 TORCH_LIBRARY_IMPL(natgrad, CPU, m) { m.impl("ewc_penalty", &ewc_penalty); }
+TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
+  m.impl("ewc_penalty", &ewc_penalty_composite);
+}
 
 }  // namespace natgrad

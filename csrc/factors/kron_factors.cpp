@@ -1,5 +1,6 @@
 #include "factors/kron_factors.h"
 
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -11,16 +12,37 @@ namespace {
 
 // factor <- beta * factor + alpha * [X; 1][X; 1]^T for X = `cols` [d, r] (one column per row of
 // samples). The ones row exists only when `bias`; its products are sums and counts.
+// beta == 0 replaces the factor outright: addmm_ ignores its input then (BLAS semantics), and the
+// bias row/column are overwritten rather than scaled, so a NaN/Inf factor is fully replaced
+// (0 * NaN would keep it).
 void add_gram_(at::Tensor& factor, const at::Tensor& cols, bool bias, double beta, double alpha) {
   const int64_t d = cols.size(0);
   at::Tensor block = bias ? factor.narrow(0, 0, d).narrow(1, 0, d) : factor;
   block.addmm_(cols, cols.t(), beta, alpha);
   if (bias) {
     const at::Tensor sums = cols.sum(1);
-    factor.narrow(0, 0, d).select(1, d).mul_(beta).add_(sums, alpha);
-    factor.select(0, d).narrow(0, 0, d).mul_(beta).add_(sums, alpha);
-    factor.select(0, d).select(0, d).mul_(beta).add_(alpha * static_cast<double>(cols.size(1)));
+    const double count = alpha * static_cast<double>(cols.size(1));
+    at::Tensor column = factor.narrow(0, 0, d).select(1, d);
+    at::Tensor row = factor.select(0, d).narrow(0, 0, d);
+    at::Tensor corner = factor.select(0, d).select(0, d);
+    if (beta == 0.0) {
+      column.copy_(sums).mul_(alpha);
+      row.copy_(column);
+      corner.fill_(count);
+    } else {
+      column.mul_(beta).add_(sums, alpha);
+      row.mul_(beta).add_(sums, alpha);
+      corner.mul_(beta).add_(count);
+    }
   }
+}
+
+// input [..., d] as a [rows, d] matrix. Explicit row count: reshape({-1, d}) is ambiguous when
+// d == 0 (a Linear layer with no input features, whose factor is its bias entry alone).
+at::Tensor as_rows(const at::Tensor& input) {
+  const int64_t d = input.size(-1);
+  const int64_t rows = c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
+  return input.reshape({rows, d});
 }
 
 void check_factor(const at::Tensor& factor, const at::Tensor& data, const char* data_name,
@@ -42,6 +64,8 @@ ConvGeometry conv_geometry(const at::Tensor& input, at::IntArrayRef kernel_size,
   checks::floating(input, "input");
   checks::dim_eq(input, 4, "input", "[N, C, H, W]");
   checks::nonempty_rows(input.size(0), "input");
+  TORCH_CHECK(input.size(1) > 0, "input must have at least one channel ([N, C, H, W] with C > 0), ",
+              "got shape ", input.sizes());
   auto pair = [](at::IntArrayRef v, const char* name, int64_t lo) {
     TORCH_CHECK(v.size() == 2, name, " must have 2 elements (height, width), got ", v);
     TORCH_CHECK(v[0] >= lo && v[1] >= lo, name, " must be >= ", lo, ", got ", v);
@@ -92,7 +116,7 @@ void linear_act_factor_ema_(at::Tensor& factor, const at::Tensor& input, bool bi
   checks::decay(decay);
   const int64_t d = input.size(-1);
   check_factor(factor, input, "input", d + (bias ? 1 : 0));
-  const at::Tensor rows = input.reshape({-1, d}).to(factor.scalar_type());
+  const at::Tensor rows = as_rows(input).to(factor.scalar_type());
   checks::nonempty_rows(rows.size(0), "input");
   add_gram_(factor, rows.t(), bias, decay, (1.0 - decay) / static_cast<double>(rows.size(0)));
 }
@@ -114,7 +138,7 @@ void linear_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output,
   checks::decay(decay);
   const int64_t d = grad_output.size(-1);
   check_factor(factor, grad_output, "grad_output", d);
-  const at::Tensor rows = grad_output.reshape({-1, d}).to(factor.scalar_type());
+  const at::Tensor rows = as_rows(grad_output).to(factor.scalar_type());
   checks::nonempty_rows(rows.size(0), "grad_output");
   const double alpha = (1.0 - decay) * grad_scale * grad_scale / static_cast<double>(rows.size(0));
   add_gram_(factor, rows.t(), /*bias=*/false, decay, alpha);
@@ -184,7 +208,9 @@ at::Tensor conv2d_grad_factor(const at::Tensor& grad_output, double grad_scale) 
   return factor;
 }
 
-TORCH_LIBRARY_IMPL(natgrad, CPU, m) {
+// ATen compositions (addmm_, im2col, sum): one registration serves every device (CPU, CUDA, ...).
+// The Meta key is served by the Python fake kernels (python/natgrad/ops/factors.py).
+TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
   m.impl("linear_act_factor", &linear_act_factor);
   m.impl("linear_act_factor_ema_", &linear_act_factor_ema_);
   m.impl("conv2d_act_factor", &conv2d_act_factor);

@@ -34,10 +34,13 @@ at::Tensor symmetrized(const at::Tensor& matrix) {
 }
 
 bool all_finite(std::initializer_list<at::Tensor> tensors) {
+  at::Tensor ok;  // per-tensor reductions combined on the device: one host read in all
   for (const auto& t : tensors) {
-    if (t.numel() > 0 && !at::isfinite(t).all().item<bool>()) return false;
+    if (t.numel() == 0) continue;
+    const at::Tensor f = at::isfinite(t).all();
+    ok = ok.defined() ? ok.logical_and_(f) : f;
   }
-  return true;
+  return !ok.defined() || ok.item<bool>();
 }
 
 Rung climb_ladder(const at::Tensor& symmetric, const LadderAttempt& attempt) {

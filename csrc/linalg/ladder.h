@@ -32,7 +32,7 @@ Rung climb_ladder(const at::Tensor& symmetric, const LadderAttempt& attempt);
 // (M + M^T) / 2 over the last two dims: both triangles of a factor are read, never just one.
 at::Tensor symmetrized(const at::Tensor& matrix);
 
-// True when every element of every tensor is finite.
+// True when every element of every tensor is finite (one host read, however many tensors).
 bool all_finite(std::initializer_list<at::Tensor> tensors);
 
 namespace testing {

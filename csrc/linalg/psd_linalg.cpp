@@ -7,7 +7,9 @@
 namespace natgrad {
 
 at::Tensor rung_tensor(Rung rung) {
-  return at::scalar_tensor(static_cast<int64_t>(rung), at::dtype(at::kLong));
+  // Deliberately on the CPU whatever the inputs' device: the rung is a host-side decision, and a
+  // device tensor would cost a copy now and a sync whenever it is read.
+  return at::scalar_tensor(static_cast<int64_t>(rung), at::dtype(at::kLong).device(at::kCPU));
 }
 
 EighResult damped_eigh(const at::Tensor& factor, double damping) {
@@ -62,6 +64,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_eigh_op(const at::Tensor& 
   return {r.eigenvalues, r.eigenvectors, rung_tensor(r.rung)};
 }
 
-TORCH_LIBRARY_IMPL(natgrad, CPU, m) { m.impl("damped_eigh", &damped_eigh_op); }
+// ATen compositions (linalg_eigh / linalg_cholesky_ex: LAPACK on CPU, cuSOLVER/MAGMA on CUDA):
+// registered for every device. Meta is served by the Python fake kernel.
+TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
+  m.impl("damped_eigh", &damped_eigh_op);
+}
 
 }  // namespace natgrad

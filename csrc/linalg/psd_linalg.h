@@ -3,6 +3,7 @@
 // Every function here goes through the fallback ladder of ladder.h and reports the rung used.
 // They are device-generic ATen compositions (LAPACK on CPU, cuSOLVER on CUDA) and accept a
 // single matrix or a batch [..., n, n]; a batch climbs the ladder together.
+// Every rung reads its success back to the host (one sync per attempt on an accelerator).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -38,8 +39,8 @@ SolveResult spd_solve(const at::Tensor& spd, const at::Tensor& rhs);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_eigh_op(const at::Tensor& factor,
                                                               double damping);
 
-// The rung as a 0-dim int64 tensor (how ops report it, so that torch.compile never has to
-// trace a data-dependent Python int).
+// The rung as a 0-dim int64 CPU tensor, whatever the device of the op's inputs (how ops report
+// it, so that torch.compile never has to trace a data-dependent Python int).
 at::Tensor rung_tensor(Rung rung);
 
 }  // namespace natgrad

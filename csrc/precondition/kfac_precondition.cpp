@@ -10,6 +10,10 @@
 namespace natgrad {
 namespace {
 
+constexpr const char* kNonFiniteAdvice =
+    "the preconditioned gradient is undefined; skip this step for the layer (natgrad.KFAC does) "
+    "or find where the NaN/Inf comes from";
+
 // Validates grad [..., m, n] against per-side matrices [..., m, m] / [..., n, n] (the batch
 // dims of the side tensors must equal grad's).
 void check_sides(const at::Tensor& grad, const at::Tensor& g_side, const char* g_name,
@@ -61,9 +65,18 @@ at::Tensor kfac_precondition_eigen(const at::Tensor& grad, const at::Tensor& g_e
   }
   // A zero denominator (no damping, zero eigenvalue) means the direction carries no curvature
   // information: it is left unscaled rather than divided by zero.
+  // Eigenvalues reach the result only through the denominator, where an Inf would vanish
+  // (x / Inf = 0): its own flag, taken before the masking below, joins the result's.
+  const at::Tensor denom_finite = checks::finite_flag(denom);
   denom.masked_fill_(denom <= 0, 1.0);
   rotated.div_(denom);
-  return at::matmul(at::matmul(g_eigenvectors, rotated), a_eigenvectors.mT());
+  at::Tensor out = at::matmul(at::matmul(g_eigenvectors, rotated), a_eigenvectors.mT());
+  checks::finite_flags({checks::finite_flag(out), denom_finite}, out.scalar_type(),
+                       {{grad, "grad"}, {g_eigenvalues, "g_eigenvalues"},
+                        {g_eigenvectors, "g_eigenvectors"}, {a_eigenvalues, "a_eigenvalues"},
+                        {a_eigenvectors, "a_eigenvectors"}},
+                       kNonFiniteAdvice);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kfac_damped_inverses(const at::Tensor& g_factor,
@@ -79,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kfac_damped_inverses(const at::Te
               "a_factor and g_factor must have the same batch dims, got ", a_factor.sizes(),
               " and ", g_factor.sizes());
   checks::damping(damping, /*strictly_positive=*/true);
-  TORCH_CHECK(all_finite({g_factor, a_factor}),
-              "g_factor or a_factor contains NaN or Inf; skip this update or reset the factors");
+  checks::finite({{g_factor, "g_factor"}, {a_factor, "a_factor"}},
+                 "skip this update or reset the factors");
 
   at::Tensor pi = at::ones(g_factor.sizes().slice(0, g_factor.dim() - 2),
                            g_factor.options().dtype(at::kDouble));
@@ -105,10 +118,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kfac_damped_inverses(const at::Te
 at::Tensor kfac_precondition_inverse(const at::Tensor& grad, const at::Tensor& g_inverse,
                                      const at::Tensor& a_inverse) {
   check_sides(grad, g_inverse, "g_inverse", a_inverse, "a_inverse");
-  return at::matmul(at::matmul(g_inverse, grad), a_inverse);
+  at::Tensor out = at::matmul(at::matmul(g_inverse, grad), a_inverse);
+  checks::finite_result(out, {{grad, "grad"}, {g_inverse, "g_inverse"}, {a_inverse, "a_inverse"}},
+                        kNonFiniteAdvice);
+  return out;
 }
 
-TORCH_LIBRARY_IMPL(natgrad, CPU, m) {
+// ATen compositions (matmul, linalg): registered for every device; Meta is served by the Python
+// fake kernels (python/natgrad/ops/linalg.py).
+TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
   m.impl("kfac_precondition_eigen", &kfac_precondition_eigen);
   m.impl("kfac_damped_inverses", &kfac_damped_inverses);
   m.impl("kfac_precondition_inverse", &kfac_precondition_inverse);

@@ -12,6 +12,10 @@
 // * inverse: P = (G + pi sqrt(damping) I)^-1 dW (A + sqrt(damping) / pi I)^-1, where the two
 //   damped inverses come from kfac_damped_inverses (Cholesky through the fallback ladder, done
 //   once per inverse update) and kfac_precondition_inverse applies them (two matmuls per step).
+//
+// Non-finite inputs are rejected with an error naming the argument: by kfac_damped_inverses
+// before factorising, by the two preconditioning ops from one reduction over their result (a
+// NaN/Inf in any input reaches it), so each costs one host read.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -215,4 +215,50 @@ TEST(LinearDiagFisher, RejectsBadArgumentsNamingThem) {
   }
 }
 
+// (U^T U / n + damping I)^-1 rhs in float64 through the SVD of U: exact at any scale of U (the
+// dense p x p matrix of rows ~1e30 has condition ~1e61 and cannot be solved directly).
+at::Tensor ref_woodbury_svd(const at::Tensor& u, const at::Tensor& rhs, double damping) {
+  const at::Tensor u64 = u.to(at::kDouble), r = rhs.to(at::kDouble);
+  auto [unused, s, vh] = at::linalg_svd(u64, /*full_matrices=*/false);
+  const at::Tensor c = at::matmul(vh, r);
+  const at::Tensor inside = (s.square() / static_cast<double>(u.size(0)) + damping).unsqueeze(1);
+  return at::matmul(vh.t(), c / inside) + (r - at::matmul(vh.t(), c)) / damping;
+}
+
+TEST_F(Woodbury, Float32RowsNearOverflowMatchTheFloat64Reference) {
+  at::manual_seed(81);
+  for (double scale : {1.0, 1e20, 1e30, 1e37}) {
+    const at::Tensor u = (at::randn({8, 50}, at::kDouble) * scale).to(at::kFloat);
+    const at::Tensor rhs = at::randn({50, 2});
+    const auto [x, rung] = natgrad::woodbury_solve(u, rhs, 0.1);
+    EXPECT_EQ(rung.item<int64_t>(), static_cast<int64_t>(Rung::kNative)) << "scale " << scale;
+    EXPECT_EQ(x.scalar_type(), at::kFloat);
+    EXPECT_TRUE(AllClose(x, ref_woodbury_svd(u, rhs, 0.1), 1e-5)) << "scale " << scale;
+  }
+}
+
+TEST(LinearDiagFisher, RejectsNanOrInfNamingTheArgument) {
+  at::manual_seed(82);
+  for (const std::vector<int64_t>& lead : {std::vector<int64_t>{6}, std::vector<int64_t>{6, 2}}) {
+    std::vector<int64_t> in_shape = lead, out_shape = lead;
+    in_shape.push_back(3);
+    out_shape.push_back(4);
+    const at::Tensor x = at::randn(in_shape), g = at::randn(out_shape);
+    at::Tensor bad_x = x.clone(), bad_g = g.clone();
+    bad_x.view({-1})[4] = std::numeric_limits<float>::quiet_NaN();
+    bad_g.view({-1})[5] = -std::numeric_limits<float>::infinity();
+    EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_diag_fisher(bad_x, g, true, 1.0); },
+                                 {"input contains NaN or Inf"}));
+    EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_diag_fisher(x, bad_g, false, 1.0); },
+                                 {"grad_output contains NaN or Inf"}));
+  }
+}
+
+TEST(LinearDiagFisher, InputWithZeroFeaturesGivesTheBiasColumnAlone) {
+  const at::Tensor x = at::randn({5, 3, 0}, at::kDouble), g = at::randn({5, 3, 2}, at::kDouble);
+  const at::Tensor out = natgrad::linear_diag_fisher(x, g, true, 1.0);
+  EXPECT_EQ(out.sizes(), (std::vector<int64_t>{2, 1}));
+  EXPECT_TRUE(AllClose(out.squeeze(1), g.sum(1).square().mean(0), kTol64));
+}
+
 }  // namespace

@@ -143,4 +143,21 @@ TEST(EwcPenaltyErrors, RejectsMismatchedListsShapesAndDtypesNamingThem) {
                                {"fisher[0]", "defined"}));
 }
 
+TEST(EwcPenalty, CompositionForOtherDevicesMatchesTheFusedCpuLoop) {
+  at::manual_seed(405);
+  for (at::ScalarType dtype : {at::kDouble, at::kFloat, at::kBFloat16}) {
+    const EwcLists l = random_lists(dtype);
+    const auto [fused, fused_grads] = natgrad::ewc_penalty(l.params, l.fisher, l.anchor);
+    const auto [comp, comp_grads] = natgrad::ewc_penalty_composite(l.params, l.fisher, l.anchor);
+    EXPECT_EQ(comp.scalar_type(), dtype);
+    EXPECT_NEAR(comp.item<double>(), fused.item<double>(),
+                (dtype == at::kBFloat16 ? 1e-2 : tol_for(dtype)) * std::abs(fused.item<double>()));
+    ASSERT_EQ(comp_grads.size(), fused_grads.size());
+    for (size_t t = 0; t < comp_grads.size(); ++t) {
+      EXPECT_TRUE(comp_grads[t].is_contiguous());
+      EXPECT_TRUE(AllClose(comp_grads[t], fused_grads[t], dtype == at::kBFloat16 ? 1e-2 : tol_for(dtype)));
+    }
+  }
+}
+
 }  // namespace

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "natgrad.h"
@@ -300,6 +301,62 @@ TEST(KfacPreconditionErrors, InverseFormsRejectBadArgumentsNamingThem) {
   EXPECT_TRUE(ThrowsMentioning(
       [&] { natgrad::kfac_precondition_inverse(dw.expand({2, 3, 4}), g, a); },
       {"g_inverse", "shape"}));
+}
+
+// ---- Non-finite inputs ------------------------------------------------------------------------
+
+// A copy of t with its second element set to `bad`.
+at::Tensor spoiled(const at::Tensor& t, double bad) {
+  at::Tensor out = t.clone(at::MemoryFormat::Contiguous);
+  out.view({-1})[1] = bad;
+  return out;
+}
+
+TEST(KfacPreconditionErrors, EigenFormRejectsNanOrInfNamingTheArgument) {
+  at::manual_seed(71);
+  const at::Tensor dw = at::randn({3, 4}, at::kDouble);
+  auto [gw, gv] = at::linalg_eigh(random_spd(3));
+  auto [aw, av] = at::linalg_eigh(random_spd(4));
+  const std::vector<std::pair<const char*, int>> names = {
+      {"grad", 0}, {"g_eigenvalues", 1}, {"g_eigenvectors", 2}, {"a_eigenvalues", 3},
+      {"a_eigenvectors", 4}};
+  for (double bad : {std::numeric_limits<double>::quiet_NaN(),
+                     std::numeric_limits<double>::infinity()}) {
+    for (const auto& [name, index] : names) {
+      std::vector<at::Tensor> args = {dw, gw, gv, aw, av};
+      args[index] = spoiled(args[index], bad);
+      for (bool pi : {false, true}) {
+        EXPECT_TRUE(ThrowsMentioning(
+            [&] { natgrad::kfac_precondition_eigen(args[0], args[1], args[2], args[3], args[4], 0.1, pi); },
+            {name, "contains NaN or Inf"}))
+            << name << " = " << bad << ", pi " << pi;
+      }
+    }
+  }
+}
+
+TEST(KfacPreconditionErrors, InverseFormsRejectNanOrInfNamingTheArgument) {
+  at::manual_seed(72);
+  const at::Tensor dw = at::randn({3, 4}, at::kDouble);
+  const at::Tensor g = at::inverse(random_spd(3)), a = at::inverse(random_spd(4));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_inverse(spoiled(dw, nan), g, a); },
+                               {"grad", "NaN or Inf"}));
+  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_inverse(dw, spoiled(g, nan), a); },
+                               {"g_inverse", "NaN or Inf"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] { natgrad::kfac_precondition_inverse(dw, g, spoiled(a, -std::numeric_limits<double>::infinity())); },
+      {"a_inverse", "NaN or Inf"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] { natgrad::kfac_damped_inverses(random_spd(3), spoiled(random_spd(4), nan), 0.1, false); },
+      {"a_factor", "NaN or Inf"}));
+}
+
+TEST(KfacPreconditionErrors, OverflowOfFiniteInputsIsReportedAsOverflow) {
+  const at::Tensor dw = at::full({2, 2}, 3e38, at::kFloat);
+  const at::Tensor eye = at::eye(2, at::kFloat);
+  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_inverse(dw, eye * 2, eye); },
+                               {"overflowed Float", "every input is finite"}));
 }
 
 }  // namespace

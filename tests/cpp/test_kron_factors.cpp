@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "factor_reference.h"
@@ -342,6 +343,56 @@ TEST(FisherTheory, OneSampleOnePositionConv2dKroneckerProductEqualsExactFisher) 
   EXPECT_TRUE(AllClose(at::kron(A, G), at::outer(v, v), 1e-10));
 }
 
+// ---- decay = 0 replaces the factor; degenerate Linear inputs -------------------------------
+
+at::Tensor nan_factor(int64_t d) {
+  return at::full({d, d}, std::numeric_limits<double>::quiet_NaN(), at::kDouble);
+}
+
+TEST(KronFactors, DecayZeroReplacesBiasRowOfNanFactor) {
+  at::manual_seed(31);
+  const at::Tensor x = at::randn({6, 3}, at::kDouble);
+  at::Tensor factor = nan_factor(4);
+  natgrad::linear_act_factor_ema_(factor, x, /*bias=*/true, /*decay=*/0.0);
+  EXPECT_TRUE(AllClose(factor, ref_linear_act(x, true), kTol64));
+}
+
+TEST(KronFactors, DecayZeroReplacesEveryNanFactorOfEveryEmaOp) {
+  at::manual_seed(32);
+  const at::Tensor g = at::randn({2, 5, 3}, at::kDouble);
+  at::Tensor lg = nan_factor(3);
+  natgrad::linear_grad_factor_ema_(lg, g, 2.0, 0.0);
+  EXPECT_TRUE(AllClose(lg, ref_linear_grad(g, 2.0), kTol64));
+
+  const at::Tensor img = at::randn({2, 2, 5, 5}, at::kDouble);
+  for (bool bias : {true, false}) {
+    at::Tensor ca = nan_factor(2 * 9 + (bias ? 1 : 0));
+    natgrad::conv2d_act_factor_ema_(ca, img, {3, 3}, {1, 1}, {1, 1}, {1, 1}, bias, 0.0);
+    EXPECT_TRUE(AllClose(ca, natgrad::conv2d_act_factor(img, {3, 3}, {1, 1}, {1, 1}, {1, 1}, bias),
+                         kTol64))
+        << "bias " << bias;
+  }
+  at::Tensor cg = nan_factor(2);
+  natgrad::conv2d_grad_factor_ema_(cg, img, 1.5, 0.0);
+  EXPECT_TRUE(AllClose(cg, natgrad::conv2d_grad_factor(img, 1.5), kTol64));
+}
+
+TEST(KronFactors, LinearInputWithZeroFeaturesGivesTheBiasEntryAlone) {
+  const at::Tensor x = at::randn({5, 0}, at::kDouble);
+  EXPECT_TRUE(AllClose(natgrad::linear_act_factor(x, true), at::ones({1, 1}, at::kDouble), kTol64));
+  EXPECT_EQ(natgrad::linear_act_factor(x, false).sizes(), (std::vector<int64_t>{0, 0}));
+  EXPECT_EQ(natgrad::linear_act_factor(at::randn({2, 3, 0}), false).sizes(),
+            (std::vector<int64_t>{0, 0}));
+  EXPECT_EQ(natgrad::linear_grad_factor(at::randn({4, 0}), 1.0).sizes(),
+            (std::vector<int64_t>{0, 0}));
+}
+
+TEST(KronFactorErrors, Conv2dRejectsAnInputWithoutChannels) {
+  EXPECT_TRUE(ThrowsMentioning(
+      [] { natgrad::conv2d_act_factor(at::randn({2, 0, 4, 4}), {3, 3}, {1, 1}, {0, 0}, {1, 1}, true); },
+      {"input", "at least one channel"}));
+}
+
 // ---- Argument errors ------------------------------------------------------------------------
 
 TEST(KronFactorErrors, LinearRejectsBadInputsNamingTheArgument) {
@@ -418,17 +469,31 @@ TEST(KronFactorErrors, Conv2dRejectsBadGeometryNamingTheArgument) {
 
 // ---- The dispatcher: ops registered by the C++ library itself -------------------------------
 
-TEST(Dispatcher, EveryOperatorHasACpuKernel) {
-  for (const char* name :
-       {"natgrad::linear_act_factor", "natgrad::linear_act_factor_ema_",
-        "natgrad::conv2d_act_factor", "natgrad::conv2d_act_factor_ema_",
-        "natgrad::linear_grad_factor", "natgrad::linear_grad_factor_ema_",
-        "natgrad::conv2d_grad_factor", "natgrad::conv2d_grad_factor_ema_", "natgrad::damped_eigh",
-        "natgrad::kfac_precondition_eigen", "natgrad::kfac_damped_inverses",
-        "natgrad::kfac_precondition_inverse", "natgrad::woodbury_solve",
-        "natgrad::linear_diag_fisher", "natgrad::ewc_penalty"}) {
+constexpr std::array<const char*, 15> kOps = {
+    "natgrad::linear_act_factor",       "natgrad::linear_act_factor_ema_",
+    "natgrad::conv2d_act_factor",       "natgrad::conv2d_act_factor_ema_",
+    "natgrad::linear_grad_factor",      "natgrad::linear_grad_factor_ema_",
+    "natgrad::conv2d_grad_factor",      "natgrad::conv2d_grad_factor_ema_",
+    "natgrad::damped_eigh",             "natgrad::kfac_precondition_eigen",
+    "natgrad::kfac_damped_inverses",    "natgrad::kfac_precondition_inverse",
+    "natgrad::woodbury_solve",          "natgrad::linear_diag_fisher",
+    "natgrad::ewc_penalty"};
+
+TEST(Dispatcher, EveryOperatorIsAnAtenCompositionRegisteredForEveryDevice) {
+  for (const char* name : kOps) {
     const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-    EXPECT_TRUE(op.hasKernelForDispatchKey(c10::DispatchKey::CPU)) << name;
+    EXPECT_TRUE(op.hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd)) << name;
+    EXPECT_TRUE(op.hasComputedKernelForDispatchKey(c10::DispatchKey::CPU)) << name;
+    EXPECT_TRUE(op.hasComputedKernelForDispatchKey(c10::DispatchKey::CUDA)) << name;
+  }
+}
+
+TEST(Dispatcher, OnlyTheEwcPenaltyHasACpuOnlyKernel) {
+  for (const char* name : kOps) {
+    const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+    EXPECT_EQ(op.hasKernelForDispatchKey(c10::DispatchKey::CPU),
+              std::string(name) == "natgrad::ewc_penalty")
+        << name;
   }
 }
 
