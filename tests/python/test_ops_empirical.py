@@ -60,8 +60,10 @@ def test_woodbury_errors_name_the_argument():
         ops.woodbury_solve(torch.randn(0, 6), torch.randn(6), 0.1)
     bad = u.clone()
     bad[1, 2] = float("nan")
-    with pytest.raises(RuntimeError, match="per_sample_grads or rhs contains NaN or Inf"):
+    with pytest.raises(RuntimeError, match="per_sample_grads contains NaN or Inf"):
         ops.woodbury_solve(bad, torch.randn(6), 0.1)
+    with pytest.raises(RuntimeError, match="rhs contains NaN or Inf"):
+        ops.woodbury_solve(u, torch.full((6,), float("inf")), 0.1)
     with pytest.raises(RuntimeError, match="rhs must have the same dtype"):
         ops.woodbury_solve(u, torch.randn(6, dtype=torch.float64), 0.1)
 
@@ -138,3 +140,44 @@ def test_linear_diag_fisher_errors_and_opcheck():
     a, g = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     torch.library.opcheck(OPS.linear_diag_fisher.default, (a, g, True, 5.0))
     torch.library.opcheck(OPS.linear_diag_fisher.default, (a[:, None].expand(5, 4, 3), g[:, None].expand(5, 4, 2), False, 1.0))
+
+
+def svd_reference(u: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    """(UᵀU/n + λI)⁻¹ rhs in float64 through the SVD of U: exact at any scale of U (the dense
+    matrix of U ~ 1e30 has condition ~1e61 and cannot be solved directly)."""
+    u, rhs = u.double(), rhs.double()
+    _, s, vh = torch.linalg.svd(u, full_matrices=False)
+    c = vh @ rhs
+    inside = (s**2 / u.shape[0] + damping)[:, None] if rhs.dim() == 2 else s**2 / u.shape[0] + damping
+    return vh.T @ (c / inside) + (rhs - vh.T @ c) / damping
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e20, 1e30, 1e37])
+def test_woodbury_float32_rows_near_overflow_match_float64_reference(scale):
+    """U Uᵀ of float32 rows ~1e30 overflows float32: the Gram and the solve run in float64, so
+    the answer stays correct and the rung honest (no fall to the diagonal rung's rhs/λ)."""
+    u = (torch.randn(8, 50, dtype=torch.float64) * scale).float()
+    rhs = torch.randn(50, 2)
+    res = ops.woodbury_solve(u, rhs, 0.1)
+    assert int(res.rung) == Rung.NATIVE and res.solution.dtype == torch.float32
+    expected = svd_reference(u, rhs, 0.1)
+    torch.testing.assert_close(res.solution.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_linear_diag_fisher_rejects_non_finite_inputs_naming_them(bad):
+    a, g = torch.randn(6, 2, 3), torch.randn(6, 2, 4)
+    for name in ("input", "grad_output"):
+        args = {"input": a.clone(), "grad_output": g.clone()}
+        args[name][2, 1, 0] = bad
+        with pytest.raises(RuntimeError, match=f"^{name} contains NaN or Inf"):
+            ops.linear_diag_fisher(*args.values())
+        with pytest.raises(RuntimeError, match=f"^{name} contains NaN or Inf"):
+            ops.linear_diag_fisher(args["input"][:, 1], args["grad_output"][:, 1])
+
+
+def test_linear_diag_fisher_with_zero_features():
+    a, g = torch.randn(5, 3, 0, dtype=torch.float64), torch.randn(5, 3, 2, dtype=torch.float64)
+    out = ops.linear_diag_fisher(a, g, True, 1.0)
+    assert out.shape == (2, 1)
+    torch.testing.assert_close(out[:, 0], g.sum(1).square().mean(0))

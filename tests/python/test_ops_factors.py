@@ -184,3 +184,38 @@ def test_gradcheck_factor_ops():
     img = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: ops.conv2d_act_factor(t, (2, 3), (1, 2), (1, 0), (2, 1), True), (img,))
     assert torch.autograd.gradcheck(lambda t: ops.conv2d_grad_factor(t, 1.5), (img,))
+
+
+def _nan_factor(d: int) -> torch.Tensor:
+    return torch.full((d, d), float("nan"), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_decay_zero_replaces_a_nan_factor_entirely(bias):
+    """decay=0 means factor <- new: no 0 * NaN may survive, bias row and column included."""
+    x = torch.randn(6, 3, dtype=torch.float64)
+    img = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    g_img = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    cases = [
+        (ops.linear_act_factor_ema_, (x, bias), ops.linear_act_factor(x, bias)),
+        (ops.linear_grad_factor_ema_, (x, 2.0), ops.linear_grad_factor(x, 2.0)),
+        (ops.conv2d_act_factor_ema_, (img, 3, 1, 1, 1, bias), ops.conv2d_act_factor(img, 3, 1, 1, 1, bias)),
+        (ops.conv2d_grad_factor_ema_, (g_img, 1.5), ops.conv2d_grad_factor(g_img, 1.5)),
+    ]
+    for ema, args, expected in cases:
+        factor = _nan_factor(expected.shape[0])
+        ema(factor, *args, decay=0.0)
+        torch.testing.assert_close(factor, expected, msg=lambda m: f"{ema.__name__}: {m}")
+
+
+def test_linear_input_with_zero_features_gives_the_bias_entry():
+    x = torch.randn(5, 0, dtype=torch.float64)
+    torch.testing.assert_close(ops.linear_act_factor(x, True), torch.ones(1, 1, dtype=torch.float64))
+    assert ops.linear_act_factor(x, False).shape == (0, 0)
+    assert ops.linear_act_factor(torch.randn(2, 3, 0), False).shape == (0, 0)
+    factor = torch.full((1, 1), float("nan"), dtype=torch.float64)
+    ops.linear_act_factor_ema_(factor, x, True, 0.0)
+    torch.testing.assert_close(factor, torch.ones(1, 1, dtype=torch.float64))
+    assert ops.linear_grad_factor(torch.randn(4, 0), 1.0).shape == (0, 0)
+    meta = ops.linear_act_factor(torch.randn(5, 0, device="meta"), True)
+    assert meta.shape == (1, 1)

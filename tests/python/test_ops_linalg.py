@@ -201,3 +201,36 @@ def test_non_differentiable_ops_refuse_backward():
     out = ops.kfac_precondition_eigen(torch.randn(3, 3, dtype=torch.float64), eg.eigenvalues, vecs, eg.eigenvalues, eg.eigenvectors, 0.1)
     with pytest.raises(RuntimeError, match="differentiable with respect to grad only"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_preconditioning_rejects_non_finite_inputs_naming_them(bad):
+    g, a, grad = kfac_problem()
+    eg, ea = ops.damped_eigh(g), ops.damped_eigh(a)
+    inv = ops.kfac_damped_inverses(g, a, 0.1)
+
+    def spoiled(t):
+        t = t.clone()
+        t.view(-1)[1] = bad
+        return t
+
+    eigen_args = {"grad": grad, "g_eigenvalues": eg[0], "g_eigenvectors": eg[1],
+                  "a_eigenvalues": ea[0], "a_eigenvectors": ea[1]}
+    for name in eigen_args:
+        args = {**eigen_args, name: spoiled(eigen_args[name])}
+        with pytest.raises(RuntimeError, match=f"^{name} contains NaN or Inf"):
+            ops.kfac_precondition_eigen(*args.values(), 0.1)
+    inverse_args = {"grad": grad, "g_inverse": inv.g_inverse, "a_inverse": inv.a_inverse}
+    for name in inverse_args:
+        args = {**inverse_args, name: spoiled(inverse_args[name])}
+        with pytest.raises(RuntimeError, match=f"^{name} contains NaN or Inf"):
+            ops.kfac_precondition_inverse(*args.values())
+    with pytest.raises(RuntimeError, match="^a_factor contains NaN or Inf"):
+        ops.kfac_damped_inverses(g, spoiled(a), 0.1)
+
+
+def test_preconditioning_overflow_of_finite_inputs_is_reported_as_such():
+    grad = torch.full((2, 2), 3e38)
+    eye = torch.eye(2)
+    with pytest.raises(RuntimeError, match="overflowed Float although every input is finite"):
+        ops.kfac_precondition_inverse(grad, 2 * eye, eye)

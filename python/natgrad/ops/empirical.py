@@ -1,5 +1,10 @@
 """Empirical-Fisher operations on per-sample gradients: the Woodbury natural-gradient solve and
-the per-sample diagonal Fisher of a Linear layer."""
+the per-sample diagonal Fisher of a Linear layer.
+
+Both run on any device (ATen compositions) and return tensors on the inputs' device, except
+``rung``, which is always a CPU tensor. Both reject NaN/Inf inputs with an error naming the
+argument.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -8,6 +13,7 @@ import torch
 from torch import Tensor
 
 from natgrad import _C  # noqa: F401  (loads the operator registrations)
+from natgrad.ops import _checks
 from natgrad.ops._common import not_differentiable, rung_like
 
 __all__ = ["WoodburySolution", "linear_diag_fisher", "woodbury_solve"]
@@ -26,8 +32,10 @@ def woodbury_solve(per_sample_grads: Tensor, rhs: Tensor, damping: float) -> Woo
     """Empirical-Fisher natural gradient ``(UᵀU/n + λI)⁻¹ rhs`` without forming the p×p matrix.
 
     Uses ``(F + λI)⁻¹v = (v − Uᵀ(UUᵀ + nλI)⁻¹Uv)/λ``: O(n²p + n³) time, O(np + n²) memory. The
-    n×n system is solved in float64 by Cholesky through the fallback ladder. Differentiable with
-    respect to ``per_sample_grads`` and ``rhs``.
+    whole solve runs in float64 (a float32 ``U`` is copied to float64, so ``UUᵀ`` cannot overflow
+    for finite inputs); the n×n system is solved by Cholesky through the fallback ladder, and the
+    solution is returned in the inputs' dtype. Differentiable with respect to
+    ``per_sample_grads`` and ``rhs``.
 
     Args:
         per_sample_grads (Tensor): ``U``, ``[n, p]``, one flattened per-sample gradient per row.
@@ -62,13 +70,38 @@ def linear_diag_fisher(
     return _ops.linear_diag_fisher(input, grad_output, bias, grad_scale)
 
 
+# ---- fake kernels (with the C++ argument checks) -----------------------------------------------
+
+
 @torch.library.register_fake("natgrad::woodbury_solve")
 def _(per_sample_grads, rhs, damping):
+    u = per_sample_grads
+    _checks.floating(u, "per_sample_grads")
+    _checks.dim_eq(u, 2, "per_sample_grads", "[n_samples, n_params]")
+    _checks.nonempty_rows(u.shape[0], "per_sample_grads")
+    _checks.same_device_dtype(rhs, u, "rhs", "per_sample_grads")
+    torch._check(
+        rhs.dim() in (1, 2) and rhs.shape[0] == u.shape[1],
+        lambda: f"rhs must have shape [n_params] or [n_params, k] with n_params = {u.shape[1]} "
+        f"(per_sample_grads.size(1)), got {list(rhs.shape)}",
+    )
+    _checks.damping(damping, strictly_positive=True)
     return rhs.new_empty(rhs.shape), rung_like()
 
 
 @torch.library.register_fake("natgrad::linear_diag_fisher")
 def _(input, grad_output, bias, grad_scale):
+    _checks.floating(input, "input")
+    _checks.dim_ge(input, 2, "input", "[N, ..., in_features] (dim 0 indexes samples)")
+    _checks.same_device_dtype(grad_output, input, "grad_output", "input")
+    lead = list(input.shape[:-1])
+    torch._check(
+        grad_output.dim() == input.dim() and list(grad_output.shape[:-1]) == lead,
+        lambda: f"grad_output must have the leading dims of input {lead} followed by "
+        f"out_features, got {list(grad_output.shape)}",
+    )
+    _checks.nonempty_rows(input.shape[0], "input")
+    _checks.grad_scale(grad_scale)
     return input.new_empty(grad_output.shape[-1], input.shape[-1] + int(bias))
 
 

@@ -1,4 +1,8 @@
-"""The diagonal-Fisher EWC penalty ``Σ F (θ − θ*)²`` with its gradient, in one fused pass."""
+"""The diagonal-Fisher EWC penalty ``Σ F (θ − θ*)²`` with its gradient, in one fused pass.
+
+On CPU tensors a fused C++ loop reads each element once; on any other device the op runs an
+ATen composition (CompositeExplicitAutograd) with the same float64 accumulation.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -7,6 +11,7 @@ import torch
 from torch import Tensor
 
 from natgrad import _C  # noqa: F401  (loads the operator registrations)
+from natgrad.ops import _checks
 
 __all__ = ["ewc_penalty", "ewc_penalty_and_grad"]
 
@@ -18,8 +23,9 @@ def ewc_penalty_and_grad(
 ) -> tuple[Tensor, list[Tensor]]:
     """Penalty ``Σ_t Σ_i F_t,i (θ_t,i − θ*_t,i)²`` and its gradients ``2 F_t (θ_t − θ*_t)``.
 
-    One C++ loop over the tensors, one fused pass over each tensor's elements, accumulated in
-    float64; no λ and no ½ are applied (callers scale). Differentiable: the penalty's backward
+    On CPU, one C++ loop over the tensors, one fused pass over each tensor's elements; on other
+    devices an ATen composition. Accumulated in float64; no λ and no ½ are applied (callers
+    scale). Differentiable: the penalty's backward
     reuses the gradients already computed.
 
     Args:
@@ -46,7 +52,28 @@ def ewc_penalty(
 
 @torch.library.register_fake("natgrad::ewc_penalty")
 def _(params, fisher, anchor):
-    return params[0].new_empty(()), [p.new_empty(p.shape) for p in params]
+    torch._check(len(params) > 0, lambda: "params must hold at least one tensor")
+    for lst, name in ((fisher, "fisher"), (anchor, "anchor")):
+        torch._check(
+            len(lst) == len(params),
+            lambda: f"{name} must hold one tensor per parameter ({len(params)}), got {len(lst)}",
+        )
+    ref = params[0]
+    _checks.floating(ref, "params[0]")
+    for t in range(len(params)):
+        for lst, name in ((params, "params"), (fisher, "fisher"), (anchor, "anchor")):
+            x = lst[t]
+            torch._check(
+                x.dtype == ref.dtype and x.device == ref.device,
+                lambda: f"{name}[{t}] must have dtype {_checks.dtype_name(ref.dtype)} on "
+                f"{ref.device} like params[0], got {_checks.dtype_name(x.dtype)} on {x.device}",
+            )
+            torch._check(
+                list(x.shape) == list(params[t].shape),
+                lambda: f"{name}[{t}] must have the shape of params[{t}] {list(params[t].shape)}, "
+                f"got {list(x.shape)}",
+            )
+    return ref.new_empty(()), [p.new_empty(p.shape) for p in params]
 
 
 def _setup(ctx, inputs, output):

@@ -19,8 +19,14 @@ Conventions (shared with the C++ ops, csrc/factors/kron_factors.h):
 * Conv2d patches are unfolded in chunks of samples no larger than the factor, so the full
   unfolded patch matrix never exists (the autograd backward does materialise it).
 
+* ``decay=0`` replaces the whole factor, bias row and column included, even when the factor
+  held NaN or Inf.
+* A Linear input with 0 features gives the bias entry alone (``[[1]]``) with ``bias=True`` and a
+  ``0 x 0`` factor without.
+
 The non-EMA forms are differentiable with respect to their input; the EMA forms are buffer
-updates and are not.
+updates and are not. Every op runs on any device (ATen compositions registered as
+CompositeExplicitAutograd) and returns its factor on the input's device in its dtype.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from natgrad import _C  # noqa: F401  (loads the operator registrations)
+from natgrad.ops import _checks
 
 __all__ = [
     "conv2d_act_factor",
@@ -175,40 +182,91 @@ def conv2d_grad_factor_ema_(
     return factor
 
 
-# ---- fake kernels (shapes only; used by torch.compile and opcheck) ---------------------------
+# ---- fake kernels (shapes, dtypes, devices and the C++ argument checks; torch.compile, opcheck
+# and the meta device run them) ------------------------------------------------------------------
 
 
-def _patch_dim(input: Tensor, kernel_size) -> int:
-    return input.shape[1] * kernel_size[0] * kernel_size[1]
+def _rows(t: Tensor):
+    """Rows of a ``[..., d]`` tensor: the product of its leading dims (symbolic-size safe)."""
+    rows = 1
+    for s in t.shape[:-1]:
+        rows = rows * s
+    return rows
+
+
+def _check_linear(t: Tensor, name: str, layout: str) -> None:
+    _checks.floating(t, name)
+    _checks.dim_ge(t, 1, name, layout)
+
+
+def _check_conv_grad(grad_output: Tensor, grad_scale: float) -> None:
+    _checks.floating(grad_output, "grad_output")
+    _checks.dim_eq(grad_output, 4, "grad_output", "[N, C_out, OH, OW]")
+    n, _, oh, ow = grad_output.shape
+    _checks.nonempty_rows(n * oh * ow, "grad_output")
+    _checks.grad_scale(grad_scale)
 
 
 @torch.library.register_fake("natgrad::linear_act_factor")
 def _(input, bias):
+    _check_linear(input, "input", "[..., in_features]")
+    _checks.nonempty_rows(_rows(input), "input")
     d = input.shape[-1] + int(bias)
     return input.new_empty(d, d)
 
 
-@torch.library.register_fake("natgrad::conv2d_act_factor")
-def _(input, kernel_size, stride, padding, dilation, bias):
-    d = _patch_dim(input, kernel_size) + int(bias)
-    return input.new_empty(d, d)
+@torch.library.register_fake("natgrad::linear_act_factor_ema_")
+def _(factor, input, bias, decay):
+    _check_linear(input, "input", "[..., in_features]")
+    _checks.decay(decay)
+    _checks.factor(factor, input, "input", input.shape[-1] + int(bias))
+    _checks.nonempty_rows(_rows(input), "input")
 
 
 @torch.library.register_fake("natgrad::linear_grad_factor")
 def _(grad_output, grad_scale):
+    _check_linear(grad_output, "grad_output", "[..., out_features]")
+    _checks.grad_scale(grad_scale)
+    _checks.nonempty_rows(_rows(grad_output), "grad_output")
     d = grad_output.shape[-1]
     return grad_output.new_empty(d, d)
 
 
+@torch.library.register_fake("natgrad::linear_grad_factor_ema_")
+def _(factor, grad_output, grad_scale, decay):
+    _check_linear(grad_output, "grad_output", "[..., out_features]")
+    _checks.grad_scale(grad_scale)
+    _checks.decay(decay)
+    _checks.factor(factor, grad_output, "grad_output", grad_output.shape[-1])
+    _checks.nonempty_rows(_rows(grad_output), "grad_output")
+
+
+@torch.library.register_fake("natgrad::conv2d_act_factor")
+def _(input, kernel_size, stride, padding, dilation, bias):
+    patch_dim, _ = _checks.conv_geometry(input, kernel_size, stride, padding, dilation)
+    d = patch_dim + int(bias)
+    return input.new_empty(d, d)
+
+
+@torch.library.register_fake("natgrad::conv2d_act_factor_ema_")
+def _(factor, input, kernel_size, stride, padding, dilation, bias, decay):
+    patch_dim, _ = _checks.conv_geometry(input, kernel_size, stride, padding, dilation)
+    _checks.decay(decay)
+    _checks.factor(factor, input, "input", patch_dim + int(bias))
+
+
 @torch.library.register_fake("natgrad::conv2d_grad_factor")
 def _(grad_output, grad_scale):
+    _check_conv_grad(grad_output, grad_scale)
     d = grad_output.shape[1]
     return grad_output.new_empty(d, d)
 
 
-for _name in ("linear_act_factor_ema_", "conv2d_act_factor_ema_", "linear_grad_factor_ema_",
-              "conv2d_grad_factor_ema_"):
-    torch.library.register_fake(f"natgrad::{_name}")(lambda *args: None)
+@torch.library.register_fake("natgrad::conv2d_grad_factor_ema_")
+def _(factor, grad_output, grad_scale, decay):
+    _check_conv_grad(grad_output, grad_scale)
+    _checks.decay(decay)
+    _checks.factor(factor, grad_output, "grad_output", grad_output.shape[1])
 
 
 # ---- autograd: d(XᵀX·c)/dX = X (Ḡ + Ḡᵀ)·c ----------------------------------------------------

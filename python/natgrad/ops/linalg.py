@@ -14,6 +14,12 @@ shapes), either in the eigenbasis::
 or, with π-corrected factored damping (Martens & Grosse, 2015, §6.3),
 ``P = (G + π√γ I)⁻¹ ∇W (A + √γ/π I)⁻¹`` with ``π = sqrt((tr A / d_in) / (tr G / d_out))``,
 available both in the eigenbasis (``pi_correction=True``) and as explicit inverses.
+
+Every op here runs on any device (ATen compositions: LAPACK on CPU, cuSOLVER/cuBLAS on CUDA)
+and returns its tensors on the inputs' device, except ``rung``, which is always a CPU tensor (a
+host-side decision; reading it never syncs a device). NaN/Inf inputs are rejected with an error
+naming the argument: by ``damped_eigh`` and ``kfac_damped_inverses`` before factorising, by the
+preconditioning ops from one reduction over their result (one host read per call).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 from torch import Tensor
 
 from natgrad import _C  # noqa: F401  (loads the operator registrations)
+from natgrad.ops import _checks
 from natgrad.ops._common import Rung, not_differentiable, rung_like
 
 __all__ = [
@@ -141,26 +148,61 @@ def kfac_precondition_inverse(grad: Tensor, g_inverse: Tensor, a_inverse: Tensor
     return _ops.kfac_precondition_inverse(grad, g_inverse, a_inverse)
 
 
-# ---- fake kernels ------------------------------------------------------------------------------
+# ---- fake kernels (with the C++ argument checks) -----------------------------------------------
+
+
+def _check_sides(grad: Tensor, g_side: Tensor, g_name: str, a_side: Tensor, a_name: str) -> None:
+    """grad ``[..., m, n]`` against per-side matrices ``[..., m, m]`` and ``[..., n, n]``."""
+    _checks.floating(grad, "grad")
+    _checks.dim_ge(grad, 2, "grad", "[..., out_features, in_features (+1 for bias)]")
+    _checks.same_device_dtype(g_side, grad, g_name, "grad")
+    _checks.same_device_dtype(a_side, grad, a_name, "grad")
+    batch = list(grad.shape[:-2])
+    m, n = grad.shape[-2], grad.shape[-1]
+    _checks.shape_eq(g_side, batch + [m, m], g_name, "[..., d_out, d_out] matching grad")
+    _checks.shape_eq(a_side, batch + [n, n], a_name, "[..., d_in, d_in] matching grad")
 
 
 @torch.library.register_fake("natgrad::damped_eigh")
 def _(factor, damping):
+    _checks.floating(factor, "factor")
+    _checks.square(factor, "factor")
+    _checks.damping(damping, strictly_positive=False)
+    torch._check(factor.shape[-1] > 0, lambda: f"factor must not be empty, got shape {list(factor.shape)}")
     return factor.new_empty(factor.shape[:-1]), factor.new_empty(factor.shape), rung_like()
 
 
 @torch.library.register_fake("natgrad::kfac_precondition_eigen")
 def _(grad, g_eigenvalues, g_eigenvectors, a_eigenvalues, a_eigenvectors, damping, pi_correction):
+    _check_sides(grad, g_eigenvectors, "g_eigenvectors", a_eigenvectors, "a_eigenvectors")
+    _checks.same_device_dtype(g_eigenvalues, grad, "g_eigenvalues", "grad")
+    _checks.same_device_dtype(a_eigenvalues, grad, "a_eigenvalues", "grad")
+    _checks.shape_eq(g_eigenvalues, g_eigenvectors.shape[:-1], "g_eigenvalues",
+                     "[..., d_out] matching g_eigenvectors")
+    _checks.shape_eq(a_eigenvalues, a_eigenvectors.shape[:-1], "a_eigenvalues",
+                     "[..., d_in] matching a_eigenvectors")
+    _checks.damping(damping, strictly_positive=False)
     return grad.new_empty(grad.shape)
 
 
 @torch.library.register_fake("natgrad::kfac_damped_inverses")
 def _(g_factor, a_factor, damping, pi_correction):
+    _checks.floating(g_factor, "g_factor")
+    _checks.square(g_factor, "g_factor")
+    _checks.square(a_factor, "a_factor")
+    _checks.same_device_dtype(a_factor, g_factor, "a_factor", "g_factor")
+    torch._check(
+        list(a_factor.shape[:-2]) == list(g_factor.shape[:-2]),
+        lambda: "a_factor and g_factor must have the same batch dims, got "
+        f"{list(a_factor.shape)} and {list(g_factor.shape)}",
+    )
+    _checks.damping(damping, strictly_positive=True)
     return g_factor.new_empty(g_factor.shape), a_factor.new_empty(a_factor.shape), rung_like()
 
 
 @torch.library.register_fake("natgrad::kfac_precondition_inverse")
 def _(grad, g_inverse, a_inverse):
+    _check_sides(grad, g_inverse, "g_inverse", a_inverse, "a_inverse")
     return grad.new_empty(grad.shape)
 
 
