@@ -2,8 +2,11 @@
 
 Install with ``pip install --no-build-isolation .`` (or ``-e .`` for development) inside an
 environment that already has torch: build isolation would fetch a second, multi-GB torch.
-CUDA sources (csrc/**/*.cu) are compiled only when torch was built with CUDA and nvcc is found;
-set NATGRAD_NO_CUDA=1 to force the CPU-only build. The CPU build is complete on its own.
+The ops are ATen compositions registered for every device (CompositeExplicitAutograd): the
+same C++ build runs on CPU and CUDA tensors, so a CUDA torch needs no nvcc here. There are no
+hand-written CUDA kernels today; were csrc/**/*.cu files added, they would be compiled when
+torch has CUDA and nvcc is found (NATGRAD_NO_CUDA=1 skips them) and build_info()["cuda_kernels"]
+would report it.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def extension_modules() -> list:
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
     sources = rel("csrc/**/*.cpp")
-    cuda_sources = rel("csrc/**/*.cu")
+    cuda_sources = rel("csrc/**/*.cu")  # none today: CUDA is reached through ATen
     with_cuda = (
         bool(cuda_sources)
         and torch.version.cuda is not None

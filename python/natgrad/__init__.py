@@ -18,10 +18,19 @@ __all__ = ["EWC", "KFAC", "NaturalGradient", "__version__", "build_info", "fishe
 
 
 def build_info() -> dict[str, Any]:
-    """Facts fixed when ``natgrad._C`` was compiled.
+    """What was compiled, and what runs where.
 
     Returns:
-        dict with ``version`` (str), ``cuda_compiled`` (bool: whether CUDA kernels were built),
-        ``torch_version`` (the torch the extension was compiled against) and ``cxx11_abi``.
+        dict with ``version`` (str); ``cuda_kernels`` (bool: whether hand-written CUDA kernels
+        were compiled in — there are none today, so False: the ops reach CUDA through ATen);
+        ``torch_version`` (the torch the extension was compiled against); ``cxx11_abi``; and
+        ``devices``: for every ``torch.ops.natgrad`` op, the dispatch keys it has a kernel for,
+        read from the dispatcher. ``CompositeExplicitAutograd`` means one ATen composition that
+        runs on any device (CPU, CUDA, ...); ``CPU`` a CPU-only kernel (preferred on CPU
+        tensors); ``Meta`` the fake kernel used by the meta device and torch.compile.
     """
-    return dict(_C.build_info())
+    from natgrad.ops._common import dispatch_keys
+
+    info = dict(_C.build_info())
+    info["devices"] = dispatch_keys()
+    return info

@@ -2,6 +2,7 @@
 fake kernels."""
 from __future__ import annotations
 
+import pathlib
 import re
 
 import torch
@@ -9,13 +10,46 @@ import torch
 import natgrad
 from natgrad import ops
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
 
-def test_build_info_reports_version_and_cuda():
+
+def test_build_info_reports_version_and_torch():
     info = natgrad.build_info()
     assert info["version"] == natgrad.__version__
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", info["version"])
-    assert info["cuda_compiled"] in (True, False)
     assert info["torch_version"] == torch.__version__.split("+")[0]
+
+
+def test_build_info_says_there_are_no_hand_written_cuda_kernels():
+    """cuda_kernels is True only if csrc/ has .cu sources, and there are none."""
+    assert not list(CSRC.rglob("*.cu"))
+    assert natgrad.build_info()["cuda_kernels"] is False
+
+
+def test_build_info_devices_are_the_dispatch_keys_registered():
+    """Every op is one ATen composition for every device (CompositeExplicitAutograd) plus the
+    fake kernel (Meta); only ewc_penalty adds a CPU-only fused kernel. Read back from the
+    dispatcher, and checked against it by calling each key's kernel."""
+    devices = natgrad.build_info()["devices"]
+    assert set(devices) == {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("natgrad::")}
+    for name, keys in devices.items():
+        expected = ["CompositeExplicitAutograd", "CPU", "Meta"] if name == "ewc_penalty" else ["CompositeExplicitAutograd", "Meta"]
+        assert keys == expected, name
+        # The computed dispatch table: CUDA is served by the composition, CPU by it too except
+        # for ewc_penalty's own CPU kernel, Meta by the Python fake kernel.
+        table = torch._C._dispatch_dump_table(f"natgrad::{name}")
+        assert re.search(r"^CUDA: registered at .*\.cpp:\d+ \[default backend kernel\]$", table, flags=re.M), name
+        cpu_kind = "kernel" if name == "ewc_penalty" else "default backend kernel"
+        assert re.search(rf"^CPU: registered at .*\.cpp:\d+ \[{cpu_kind}\]$", table, flags=re.M), name
+        assert re.search(r"^Meta: registered at .*\.py:\d+ \[kernel\]$", table, flags=re.M), name
+
+
+def test_readme_op_table_lists_every_op_with_its_devices():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in natgrad.build_info()["devices"]:
+        assert f"`{name}`" in readme, name
+    assert "CompositeExplicitAutograd" in readme and "cuda_kernels" in readme
 
 
 def test_every_schema_is_registered():
