@@ -435,9 +435,10 @@ class KFAC(Optimizer):
 
     def _directions(self, skipped: set[str], amp_unscale: float) -> tuple[dict, dict]:
         """Preconditioned directions and (unscaled) gradients of every parameter that moves this
-        step; a block whose gradient or direction is not finite is skipped, with one host sync
-        for all blocks."""
-        work: list[tuple[CurvatureBlock, list, Tensor, Tensor]] = []
+        step. A block whose gradient is not finite is skipped before preconditioning, one whose
+        direction is not (an op that refused, or a rank's broadcast of it) after; each check is
+        one host read for all blocks."""
+        work: list[tuple[CurvatureBlock, Tensor]] = []
         done: set[int] = set()
         for block in self._blocks:
             params = [p for p in block.params if p.grad is not None]
@@ -448,26 +449,34 @@ class KFAC(Optimizer):
                 done.difference_update(id(p) for p in params)
                 continue
             grad = block.pack([p.grad for p in block.params])
-            if amp_unscale != 1.0:
-                grad = grad * amp_unscale
-            direction = None
-            if self._comm.is_grad_worker(block):
-                direction = block.precondition(grad, self._damping(block.weight), self.pi_correction)
-            direction = self._comm.share_direction(block, direction, grad)
-            work.append((block, params, grad, direction))
+            work.append((block, grad * amp_unscale if amp_unscale != 1.0 else grad))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and id(p) not in done:
-                    g = p.grad * amp_unscale if amp_unscale != 1.0 else p.grad
-                    work.append((self._plain_block(p), [p], g, g))
-        peaks = [max_abs(t) for _, _, grad, direction in work for t in (grad, direction)]
-        finite = iter(_all_true([torch.isfinite(t) for t in peaks]))
+                    work.append((self._plain_block(p), p.grad * amp_unscale if amp_unscale != 1.0 else p.grad))
+        finite = _all_true([torch.isfinite(max_abs(grad)) for _, grad in work])
+        kept, directions = [], []
+        for (block, grad), ok in zip(work, finite):
+            if not ok:
+                self._fault(block.name, "gradients", "layer" if isinstance(block, KroneckerBlock) else "parameter")
+                continue
+            direction = grad
+            if isinstance(block, KroneckerBlock):
+                direction = None
+                if self._comm.is_grad_worker(block):
+                    try:
+                        direction = block.precondition(grad, self._damping(block.weight), self.pi_correction)
+                    except RuntimeError:  # the op refused a non-finite result: skip the layer
+                        direction = torch.full_like(grad, float("nan"))
+                direction = self._comm.share_direction(block, direction, grad)
+                directions.append(direction)
+            kept.append((block, grad, direction))
+        finite = iter(_all_true([torch.isfinite(max_abs(d)) for d in directions]))
         updates: dict[Tensor, Tensor] = {}
         grads: dict[Tensor, Tensor] = {}
-        for block, params, grad, direction in work:
-            if not (next(finite) & next(finite)):
-                self._fault(block.name, "gradients",
-                            "layer" if isinstance(block, KroneckerBlock) else "parameter")
+        for block, grad, direction in kept:
+            if isinstance(block, KroneckerBlock) and not next(finite):
+                self._fault(block.name, "preconditioned gradients")
                 continue
             for p, g, u in zip(block.params, block.unpack(grad), block.unpack(direction)):
                 if p.grad is not None and p.requires_grad:
