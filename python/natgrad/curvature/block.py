@@ -196,6 +196,16 @@ def max_abs(t: Tensor) -> Tensor:
     return torch.maximum(high, -low).to(torch.float64)
 
 
+def all_true(flags: list[Tensor]) -> list[bool]:
+    """Each 0-d bool tensor as a Python bool, with one host sync for all of them."""
+    if not flags:
+        return []
+    devices = {f.device for f in flags}
+    if len(devices) == 1:
+        return [bool(v) for v in torch.stack(flags).tolist()]
+    return [bool(f) for f in flags]
+
+
 def _or_zeros(t: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if t is None else t
 

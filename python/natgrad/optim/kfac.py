@@ -13,12 +13,13 @@ from torch.optim import Optimizer
 
 from natgrad.curvature import (CurvatureBlock, GradientPhase, KroneckerBlock, LayerCapture,
                                PlainBlock, kronecker_block)
-from natgrad.curvature.block import max_abs
+from natgrad.curvature.block import all_true, max_abs
 from natgrad.distributed.communicator import make_communicator
 from natgrad.likelihoods import get_likelihood
 from natgrad.optim import _kfac_io
-from natgrad.optim._hyper import (Schedule, check_choice, check_flag, check_group, check_number,
-                                  resolved_number)
+from natgrad.optim._hyper import Schedule, check_group, resolved_number
+from natgrad.optim._kfac_damping import adapt_damping
+from natgrad.optim._kfac_checks import check_kfac_arguments, check_schedules, checked_skip_modules
 
 __all__ = ["KFAC"]
 
@@ -138,38 +139,16 @@ class KFAC(Optimizer):
                  skip_modules: Iterable[str] = (), seed: int = 0,
                  grad_worker_fraction: float = 1.0, triangle_packing: bool = True,
                  bucket_cap_mb: float = 25.0, process_group=None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
-        check_number("lr", lr, low=0.0)
-        check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        check_number("weight_decay", weight_decay, low=0.0)
-        check_number("damping", damping, low=0.0, low_open=True, allow_callable=True)
-        check_number("factor_decay", factor_decay, low=0.0, high=1.0, high_open=True)
-        check_number("factor_update_period", factor_update_period, low=1, integer=True, allow_callable=True)
-        check_number("inverse_update_period", inverse_update_period, low=1, integer=True, allow_callable=True)
-        check_number("kl_clip", kl_clip, low=0.0, low_open=True, allow_none=True, allow_callable=True)
-        check_choice("inverse_method", inverse_method, ("eigen", "inverse"))
-        if fisher_type == "exact":
-            raise ValueError("Invalid fisher_type: 'exact' (natgrad.KFAC estimates 'empirical' or "
-                             "'mc'; the exact Fisher is natgrad.fisher.compute_fisher's)")
-        check_choice("fisher_type", fisher_type, ("empirical", "mc"))
-        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
-        check_choice("linear_approx", linear_approx, ("expand", "reduce"))
-        check_number("damping_adaptation_interval", damping_adaptation_interval, low=1, integer=True)
-        check_number("damping_adaptation_decay", damping_adaptation_decay, low=0.0, high=1.0,
-                     low_open=True, high_open=True)
-        check_number("grad_worker_fraction", grad_worker_fraction, low=0.0, high=1.0, low_open=True)
-        check_number("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True)
-        check_number("seed", seed, integer=True)
-        for name, flag in (("pi_correction", pi_correction), ("adaptive_damping", adaptive_damping),
-                           ("triangle_packing", triangle_packing)):
-            check_flag(name, flag)
-        if adaptive_damping and callable(damping):
-            raise ValueError("Invalid damping: a callable schedule cannot be combined with "
-                             "adaptive_damping=True (the adaptation owns the damping)")
-        for name, dt in (("factor_dtype", factor_dtype), ("inverse_dtype", inverse_dtype)):
-            if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
-                raise ValueError(f"Invalid {name}: {dt!r} (expected a floating torch.dtype or None)")
+        check_kfac_arguments(
+            model=model, lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
+            factor_decay=factor_decay, factor_update_period=factor_update_period,
+            inverse_update_period=inverse_update_period, kl_clip=kl_clip,
+            inverse_method=inverse_method, pi_correction=pi_correction,
+            adaptive_damping=adaptive_damping, damping_adaptation_interval=damping_adaptation_interval,
+            damping_adaptation_decay=damping_adaptation_decay, fisher_type=fisher_type,
+            loss_reduction=loss_reduction, linear_approx=linear_approx, factor_dtype=factor_dtype,
+            inverse_dtype=inverse_dtype, seed=seed, grad_worker_fraction=grad_worker_fraction,
+            triangle_packing=triangle_packing, bucket_cap_mb=bucket_cap_mb)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
         super().__init__(model.parameters() if params is None else params, defaults)
 
@@ -196,15 +175,7 @@ class KFAC(Optimizer):
         self._ladder: dict[str, int] = {}
         self._suspend_capture = False
         self.last_reduction_ratio: float | None = None
-        try:
-            skip = set([skip_modules] if isinstance(skip_modules, str) else skip_modules)
-        except TypeError:
-            raise TypeError(f"Invalid skip_modules: {skip_modules!r} (expected module names, e.g. "
-                            "a list of str)") from None
-        unknown = sorted(skip - {name for name, _ in self.model.named_modules()})
-        if unknown:
-            raise ValueError(f"Invalid skip_modules: {unknown} match no module of the model "
-                             "(expected qualified names as in model.named_modules())")
+        skip = checked_skip_modules(skip_modules, self.model)
         self._build_blocks(skip, linear_approx, factor_dtype, inverse_dtype)
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -333,7 +304,11 @@ class KFAC(Optimizer):
         amp_unscale = 1.0 if amp_scale is None else 1.0 / float(amp_scale)
         k = self._steps
         self._index_groups()
-        self._check_schedules(k)
+        try:  # every schedule of step k resolves before anything changes
+            check_schedules(self, k)
+        except (ValueError, TypeError):
+            self._clear_records()
+            raise
         if self.fisher_type == "mc" and self._is_factor_step(k):
             self._check_sampled()
         if not self._ddp:
@@ -347,22 +322,9 @@ class KFAC(Optimizer):
         before = {p: p.detach().clone() for p in updates} if adapt else None
         self._apply(updates, nu)
         if adapt:
-            self._adapt_damping(closure, loss, before, grads)
+            adapt_damping(self, closure, loss, before, grads)
         self._steps += 1
         return loss
-
-    def _check_schedules(self, k: int) -> None:
-        """Resolves every scheduled hyperparameter of step ``k`` before anything changes, so that
-        a schedule returning an invalid value raises with the factors and parameters intact."""
-        try:
-            for group in self.param_groups:
-                resolved_number("damping", group["damping"], k, low=0.0, low_open=True)
-            resolved_number("kl_clip", self.kl_clip, k, low=0.0, low_open=True, allow_none=True)
-            resolved_number("inverse_update_period", self.inverse_update_period, k, low=1, integer=True)
-            self._is_factor_step(k)
-        except (ValueError, TypeError):
-            self._clear_records()
-            raise
 
     def _check_sampled(self) -> None:
         forwards = any(c.records for c in self._captures.values())
@@ -396,7 +358,7 @@ class KFAC(Optimizer):
                 per_sample = block.count_samples(inputs) if self.loss_reduction == "mean" else 1.0
                 stats[block.name] = block.prepare(inputs, grads, per_sample * amp_unscale)
                 checks.append(block.statistics_ok(stats[block.name]))
-        ok = iter(_all_true(checks))
+        ok = iter(all_true(checks))
         present = [b.name in stats for b in self._blocks]
         good = self._comm.agree([seen and next(ok) for seen in present])
         captured = self._comm.agree(present)
@@ -454,7 +416,7 @@ class KFAC(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and id(p) not in done:
                     work.append((self._plain_block(p), p.grad * amp_unscale if amp_unscale != 1.0 else p.grad))
-        finite = _all_true([torch.isfinite(max_abs(grad)) for _, grad in work])
+        finite = all_true([torch.isfinite(max_abs(grad)) for _, grad in work])
         kept, directions = [], []
         for (block, grad), ok in zip(work, finite):
             if not ok:
@@ -471,7 +433,7 @@ class KFAC(Optimizer):
                 direction = self._comm.share_direction(block, direction, grad)
                 directions.append(direction)
             kept.append((block, grad, direction))
-        finite = iter(_all_true([torch.isfinite(max_abs(d)) for d in directions]))
+        finite = iter(all_true([torch.isfinite(max_abs(d)) for d in directions]))
         updates: dict[Tensor, Tensor] = {}
         grads: dict[Tensor, Tensor] = {}
         for block, grad, direction in kept:
@@ -509,33 +471,6 @@ class KFAC(Optimizer):
                         buf.mul_(group["momentum"]).add_(d)
                     d = buf
                 p.add_(d, alpha=-group["lr"])
-
-    def _adapt_damping(self, closure, loss_before, before: dict, grads: dict) -> None:
-        """Levenberg–Marquardt: compare the loss reduction with the quadratic model's."""
-        deltas = {p: p.detach() - old for p, old in before.items()}
-        predicted = sum(float((grads[p] * d).sum()) for p, d in deltas.items())
-        curvature = 0.0
-        for p, d in deltas.items():
-            curvature += self._damping(p) * float(d.pow(2).sum())
-        for block in self._blocks:
-            if block.has_factors and all(p in deltas for p in block.params):
-                curvature += float(block.quad_form([deltas[p] for p in block.params]))
-        model_change = predicted + 0.5 * curvature
-        self._suspend_capture = True
-        try:
-            with torch.enable_grad():
-                loss_after = closure()
-        finally:
-            self._suspend_capture = False
-        change = self._comm.mean_scalar(float(loss_after)) - self._comm.mean_scalar(float(loss_before))
-        rho = change / model_change if model_change < 0 else -math.inf
-        self.last_reduction_ratio = rho
-        omega = self.damping_adaptation_decay ** self.damping_adaptation_interval
-        if rho > 0.75:
-            self._damping_multiplier *= omega
-        elif rho < 0.25:
-            self._damping_multiplier /= omega
-        self._damping_multiplier = min(max(self._damping_multiplier, 1e-8), 1e8)
 
     def _fault(self, where: str, what: str, kind: str = "layer") -> None:
         if where not in self._faults:
@@ -582,12 +517,3 @@ class KFAC(Optimizer):
         super().load_state_dict(state_dict)
         _kfac_io.load_kfac_state(self, kfac)
 
-
-def _all_true(flags: list[Tensor]) -> list[bool]:
-    """Each 0-d bool tensor as a Python bool, with one host sync for all of them."""
-    if not flags:
-        return []
-    devices = {f.device for f in flags}
-    if len(devices) == 1:
-        return [bool(v) for v in torch.stack(flags).tolist()]
-    return [bool(f) for f in flags]
