@@ -2,23 +2,31 @@
 
 Usage::
 
-    PYTHONPATH=python python benchmarks/ops.py [--quick] [--out PATH] [--only GROUP[,GROUP]]
+    PYTHONPATH=python python benchmarks/ops.py [--quick] [--device DEV] [--out PATH]
+        [--only GROUP[,GROUP]]
 
 For every case the natgrad call and the composition are timed (median of several runs after a
 warm-up, 2 threads) and their peak torch-allocated memory is measured; their results must agree
 (``torch.testing.assert_close`` at a loose tolerance) or the case is reported as WRONG RESULT.
 Prints a table of time ratios (composition / natgrad, > 1: natgrad faster) and peak-memory
 ratios (composition / natgrad, > 1: natgrad leaner), states the issue's goals next to them, and
-writes the raw numbers to JSON (default ``benchmarks/results/ops_cpu.json``).
+writes the raw numbers to JSON (default ``benchmarks/results/ops_<device type>.json``).
+
+``--device cuda`` (or any torch device) creates every benchmark tensor there
+(``torch.set_default_device``); on CUDA each timed call ends with ``torch.cuda.synchronize()``
+and peak memory is read from the CUDA caching allocator (``torch.cuda.max_memory_allocated``
+above what was allocated before the call) instead of the CPU profiler.
 
 ``--quick`` uses small sizes (a smoke test, < 1 minute); goals are then only indicative.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +35,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _harness  # noqa: E402
 import natgrad  # noqa: E402  (loads torch.ops.natgrad)
 from _harness import (  # noqa: E402
     Comparison, Goal, assert_close, compare, print_table, verify_peak_memory, write_json)
 
 torch.set_num_threads(2)
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ops_cpu.json")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_OUT = os.path.join(RESULTS, "ops_cpu.json")
 DECAY = 0.95
 GROUPS = ("factors", "conv", "precond", "woodbury", "diag_fisher", "ewc")
 
@@ -370,6 +380,56 @@ def bench_ewc(s: dict[str, Any]) -> list[Comparison]:
     ]
 
 
+def _cuda_peak_and_time(fn: Callable[[], Any]) -> tuple[int, float, Any]:
+    """(peak bytes, wall seconds, result) of one call of ``fn`` on CUDA: the caching allocator's
+    peak above what was allocated before the call, and the time up to a synchronize."""
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return torch.cuda.max_memory_allocated() - before, elapsed, result
+
+
+def use_device(device: torch.device) -> str:
+    """Makes every benchmark tensor live on ``device``; returns how peak memory is measured.
+
+    New tensors default to ``device``. On CUDA, both sides of every comparison synchronize at the
+    end of each call (so wall-clock times cover the kernels), and the harness's peak-memory
+    measurement (the CPU profiler's allocation events) is replaced by the CUDA allocator's.
+    """
+    torch.set_default_device(device)
+    if device.type != "cuda":
+        return "torch.profiler CPU allocation events"
+    global compare
+    cpu_compare = compare
+
+    def synced(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+        return call
+
+    def cuda_compare(name: str, group: str, natgrad_fn: Callable[[], Any],
+                     baseline_fn: Callable[[], Any], **kwargs: Any) -> Comparison:
+        return cpu_compare(name, group, synced(natgrad_fn), synced(baseline_fn), **kwargs)
+
+    compare = cuda_compare
+    _harness._peak_and_time = _cuda_peak_and_time
+    return "torch.cuda.max_memory_allocated above the allocation before the call"
+
+
+def device_label(device: torch.device) -> str:
+    """``cpu``, or the accelerator's name (e.g. ``cuda NVIDIA H200``)."""
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    return device.type
+
+
 def run(quick: bool, groups: tuple[str, ...] = GROUPS) -> list[Comparison]:
     """Runs the selected benchmark groups at quick or full sizes and returns the comparisons."""
     s = QUICK if quick else FULL
@@ -393,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns 1 when any natgrad result disagreed with its composition."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test, < 1 min)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON path (default {DEFAULT_OUT})")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device to run on, e.g. cuda or cuda:1 (default cpu)")
+    parser.add_argument("--out", default=None,
+                        help=f"JSON path (default {os.path.join(RESULTS, 'ops_<device type>.json')})")
     parser.add_argument("--only", default=",".join(GROUPS),
                         help=f"comma-separated groups to run (default all: {','.join(GROUPS)})")
     args = parser.parse_args(argv)
@@ -402,18 +465,27 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown group(s) {sorted(unknown)}; choose from {GROUPS}")
 
-    verify_peak_memory()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU")
+    out_path = args.out or os.path.join(RESULTS, f"ops_{device.type}.json")
+
+    verify_peak_memory()  # the CPU method, checked before tensors move to the device
+    memory_method = use_device(device)
+    label = device_label(device)
     print(f"natgrad {natgrad.__version__} via {api_in_use()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {'QUICK' if args.quick else 'full'} sizes")
+          f"{torch.get_num_threads()} threads, {'QUICK' if args.quick else 'full'} sizes, "
+          f"device {label}")
     comparisons = run(args.quick, groups)
     print_table(comparisons, title=f"natgrad ops vs PyTorch compositions "
                                    f"({'quick' if args.quick else 'full'} sizes, "
-                                   f"{torch.get_num_threads()} threads, CPU)")
-    write_json(args.out, comparisons, extra={
+                                   f"{torch.get_num_threads()} threads, {label})")
+    write_json(out_path, comparisons, extra={
         "benchmark": "ops", "quick": args.quick, "api": api_in_use(),
         "natgrad_version": natgrad.__version__, "natgrad_build": natgrad.build_info(),
-        "groups": list(groups)})
-    print(f"\nwrote {args.out}")
+        "groups": list(groups), "device": str(device), "device_name": label,
+        "memory_method": memory_method})
+    print(f"\nwrote {out_path}")
     wrong = [c for c in comparisons if c.error]
     for c in wrong:
         print(f"WRONG RESULT in {c.group}/{c.name}: {c.error}", file=sys.stderr)

@@ -4,6 +4,7 @@ of the CPU run (values too on real devices), and bad arguments must fail on meta
 fail on the CPU, with the message naming the argument."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -79,6 +80,12 @@ def _call(name: str, args: tuple):
     """Runs the op; EMA ops return None, so their result is the updated factor (args[0])."""
     out = getattr(OPS, name)(*args)
     return args[0] if name.endswith("_ema_") else out
+
+
+def test_cuda_is_present_when_required():
+    """scripts/gpu_check.sh sets NATGRAD_REQUIRE_CUDA=1: there the CUDA cases must run, not skip."""
+    if os.environ.get("NATGRAD_REQUIRE_CUDA") == "1":
+        assert HAS_CUDA, f"NATGRAD_REQUIRE_CUDA=1 but torch {torch.__version__} sees no CUDA GPU"
 
 
 def test_samples_cover_every_registered_op():

@@ -8,6 +8,12 @@ and torch.library.opcheck validate them. Ops by family:
   preconditioning in eigen and inverse form.
 * :mod:`natgrad.ops.empirical` — Woodbury natural-gradient solve; per-sample diagonal Fisher.
 * :mod:`natgrad.ops.ewc` — the diagonal EWC penalty and its gradient in one pass.
+
+Devices: every op is an ATen composition registered for every device
+(CompositeExplicitAutograd), so it runs on CPU, CUDA and any other torch device; ``ewc_penalty``
+also has a fused CPU-only kernel that serves CPU tensors. The fake kernels serve the meta device
+and torch.compile and check arguments like the C++ kernels. ``natgrad.build_info()["devices"]``
+reads the registrations back from the dispatcher.
 """
 from __future__ import annotations
 
