@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "common/checks.h"
+
 #include <atomic>
 #include <cmath>
 
@@ -37,7 +39,7 @@ bool all_finite(std::initializer_list<at::Tensor> tensors) {
   at::Tensor ok;  // per-tensor reductions combined on the device: one host read in all
   for (const auto& t : tensors) {
     if (t.numel() == 0) continue;
-    const at::Tensor f = at::isfinite(t).all();
+    const at::Tensor f = checks::finite_flag(t);
     ok = ok.defined() ? ok.logical_and_(f) : f;
   }
   return !ok.defined() || ok.item<bool>();
