@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-command GPU check of natgrad, for a machine with an NVIDIA GPU (about 5 minutes, at most 8).
+# One-command GPU check of natgrad, for a machine with an NVIDIA GPU (a few minutes; each step
+# has a time limit, 8 minutes in all: build 240 s, tests 120 s, K-FAC 60 s, benchmark 60 s).
 #
 #   bash scripts/gpu_check.sh
 #
@@ -15,8 +16,9 @@
 #    initial parameters (float64 and float32, eigen and inverse forms) and compares the
 #    parameters to a tolerance.
 # 5. Runs the op benchmark on the GPU: benchmarks/ops.py --quick --device cuda.
-# Results, named after the GPU, go to benchmarks/results/: gpu_check_<gpu>.json (summary),
-# gpu_check_<gpu>.log (everything printed), gpu_check_<gpu>_pytest.xml, ops_cuda_<gpu>.json.
+# Results, named after the GPU, go to benchmarks/results/: gpu_check_<gpu>.json (the summary:
+# device, torch, each check's status and time, pytest counts, the K-FAC comparison) and
+# ops_cuda_<gpu>.json (the benchmark); the full log and pytest's JUnit XML go to build/gpu/.
 # Exit status: 0 all checks passed, 1 a check failed, 2 no usable GPU.
 set -uo pipefail
 
@@ -70,9 +72,10 @@ fi
 
 GPU="$("$PY" -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-"))')"
 STEM="$RESULTS/gpu_check_$GPU"
+LOGS="$BUILD/gpu_check_$GPU"
 mkdir -p "$RESULTS" "$BUILD"
-exec > >(tee "$STEM.log") 2>&1
-log "GPU $GPU; results go to ${STEM#"$ROOT"/}.*"
+exec > >(tee "$LOGS.log") 2>&1
+log "GPU $GPU; results go to ${STEM#"$ROOT"/}.json, the log to ${LOGS#"$ROOT"/}.log"
 "$PY" -c 'import pytest' 2>/dev/null || die "pytest is not installed for $PY (pip install pytest)"
 
 declare -A STATUS SECONDS_TAKEN
@@ -98,19 +101,19 @@ build() {
     || { tail -n 40 "$BUILD/build.log"; return 1; }
   PYTHONPATH="$BUILD/pkg" "$PY" -c 'import natgrad, torch; print("natgrad", natgrad.__version__, "from", natgrad.__file__); print(natgrad.build_info())'
 }
-export PY ROOT BUILD STEM
+export PY ROOT BUILD LOGS
 export -f build
 run_step build 240 bash -c build
 [ "${STATUS[build]}" = passed ] || die "the build failed; see ${BUILD#"$ROOT"/}/build.log"
 export PYTHONPATH="$BUILD/pkg" OMP_WAIT_POLICY=PASSIVE
 
 # ---- 3. per-device op tests, CUDA required ---------------------------------------------------
-run_step tests 180 env NATGRAD_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -o "pythonpath=$BUILD/pkg" \
-  --junitxml="${STEM}_pytest.xml" tests/python/test_ops_*.py tests/python/test_package.py
+run_step tests 120 env NATGRAD_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -o "pythonpath=$BUILD/pkg" \
+  --junitxml="${LOGS}_pytest.xml" tests/python/test_ops_*.py tests/python/test_package.py
 
 # ---- 4. K-FAC on CUDA against K-FAC on CPU ---------------------------------------------------
 kfac_compare() {
-  "$PY" - "$STEM.kfac.json" <<'EOF'
+  "$PY" - "$LOGS.kfac.json" <<'EOF'
 """natgrad.KFAC on CPU and CUDA from the same initial parameters and data: the parameters
 after a few steps must agree to a tolerance set by the dtype."""
 import json, sys, time
@@ -166,10 +169,10 @@ sys.exit(0 if ok else 1)
 EOF
 }
 export -f kfac_compare
-run_step kfac_cuda_vs_cpu 120 bash -c kfac_compare
+run_step kfac_cuda_vs_cpu 60 bash -c kfac_compare
 
 # ---- 5. op benchmark on the GPU --------------------------------------------------------------
-run_step benchmark 180 "$PY" benchmarks/ops.py --quick --device cuda --out "$RESULTS/ops_cuda_$GPU.json"
+run_step benchmark 60 "$PY" benchmarks/ops.py --quick --device cuda --out "$RESULTS/ops_cuda_$GPU.json"
 
 # ---- summary ---------------------------------------------------------------------------------
 failed=0
@@ -177,7 +180,7 @@ for step in build tests kfac_cuda_vs_cpu benchmark; do
   [ "${STATUS[$step]:-not run}" = passed ] || failed=1
 done
 STATUS_JSON="$(for s in build tests kfac_cuda_vs_cpu benchmark; do printf '%s\t%s\t%s\n' "$s" "${STATUS[$s]:-not run}" "${SECONDS_TAKEN[$s]:-0}"; done)"
-STATUS_JSON="$STATUS_JSON" "$PY" - "$STEM" "$RESULTS/ops_cuda_$GPU.json" <<'EOF'
+STATUS_JSON="$STATUS_JSON" "$PY" - "$STEM.json" "$LOGS" "$RESULTS/ops_cuda_$GPU.json" <<'EOF'
 import json, os, platform, sys, xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 
@@ -185,7 +188,7 @@ import torch
 
 import natgrad
 
-stem, bench = sys.argv[1], sys.argv[2]
+out, logs, bench = sys.argv[1], sys.argv[2], sys.argv[3]
 steps = {}
 for line in os.environ["STATUS_JSON"].splitlines():
     name, status, seconds = line.split("\t")
@@ -196,22 +199,22 @@ summary = {
     "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "steps": steps,
 }
 try:
-    suite = ET.parse(stem + "_pytest.xml").getroot()
+    suite = ET.parse(logs + "_pytest.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite[0]
     summary["pytest"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 except (OSError, ET.ParseError, IndexError):
     summary["pytest"] = None
-for key, path in (("kfac_cuda_vs_cpu", stem + ".kfac.json"), ("ops_benchmark", bench)):
+for key, path in (("kfac_cuda_vs_cpu", logs + ".kfac.json"), ("ops_benchmark", bench)):
     try:
         with open(path) as f:
             data = json.load(f)
         summary[key] = data["runs"] if key == "kfac_cuda_vs_cpu" else os.path.relpath(path)
     except (OSError, ValueError, KeyError):
         summary[key] = None
-with open(stem + ".json", "w") as f:
+summary["log"] = os.path.relpath(logs + ".log")
+with open(out, "w") as f:
     json.dump(summary, f, indent=2)
 print(json.dumps({k: summary[k] for k in ("device", "torch", "steps", "pytest")}, indent=2))
 EOF
-rm -f "$STEM.kfac.json"
-if [ "$failed" -eq 0 ]; then log "all GPU checks passed on $GPU"; else log "some GPU checks FAILED on $GPU (see ${STEM#"$ROOT"/}.log)"; fi
+if [ "$failed" -eq 0 ]; then log "all GPU checks passed on $GPU"; else log "some GPU checks FAILED on $GPU (see ${LOGS#"$ROOT"/}.log)"; fi
 exit "$failed"
