@@ -98,7 +98,7 @@ def _check_batch(output: Tensor, target: Tensor, what: str) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"{what} must be a Tensor, got {type(target).__name__}")
     if output.dim() == 0:
-        raise ValueError(f"the model's output must have a batch dimension, got a 0-d tensor")
+        raise ValueError("the model's output must have a batch dimension, got a 0-d tensor")
     if target.dim() == 0 or target.shape[0] != output.shape[0]:
         raise ValueError(f"{what} must have one entry per sample: got shape {tuple(target.shape)} "
                          f"for outputs of shape {tuple(output.shape)}")
@@ -170,7 +170,7 @@ class Gaussian(Likelihood):
 
     def exact_passes(self, output):
         # E[(y−f)(y−f)ᵀ] = I: one pass per output element k, target f − e_k (gradient Jᵀe_k).
-        n, size = output.shape[0], output[0].numel()
+        size = math.prod(output.shape[1:])
         eye = torch.eye(size, dtype=output.dtype, device=output.device)
         return [(output - eye[k].reshape(output.shape[1:]), None) for k in range(size)]
 
