@@ -4,21 +4,56 @@
   mean over ranks (weights = local sample counts) is exactly the single-process EMA on the union
   of the shards. Symmetric factors travel as packed upper triangles, in buckets.
 * Inverse work: each layer's decomposition is computed by one owner rank, assigned by cost
-  (``d_A³ + d_G³``, greedy). The owner and the next ``k − 1`` ranks (``k = round(f·world)`` for
-  grad-worker fraction ``f``) form the layer's grad workers and receive the decomposition;
+  (the block's ``inverse_cost()``, e.g. ``d_A³ + d_G³``; greedy). The owner and the next
+  ``k − 1`` ranks (``k = round(f·world)`` for grad-worker fraction ``f``) form the layer's grad
+  workers and receive the decomposition;
   with ``k < world`` the owner broadcasts the preconditioned gradient to every rank instead.
   ``f = 1`` trades memory for communication (everyone holds every inverse); ``f = 1/world``
   communicates preconditioned gradients instead of inverses.
 * Decisions that could diverge (skip a layer with NaN, the adaptive-damping losses) are
   all-reduced, so every rank ends each step with identical parameters.
+* Blocks are opaque: the communicator uses ``factors()`` (the statistics to average, by name in a
+  fixed order: 2-D = symmetric matrix, 1-D = vector; updated in place), ``inverse_cost()``,
+  ``decomposition_template(method)`` / ``drop_decomposition()`` / ``state`` (the decomposition
+  tensors it broadcasts), ``has_factors`` and ``name``.
+* Every tensor a collective sees lives on the group's device (:func:`group_device`): NCCL only
+  moves CUDA tensors.
 """
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from natgrad.distributed.packing import assign_by_cost, pack_triangle, reduce_in_buckets, unpack_triangle
+
+# Backends whose collectives only take tensors of one accelerator type.
+_ACCELERATOR_BACKENDS = {"nccl": "cuda", "xccl": "xpu"}
+
+
+def group_device(group=None) -> torch.device:
+    """The device on which ``group`` (default: the world) runs collectives of small tensors
+    (flags, counts, scalars): the current CUDA device for NCCL, otherwise the CPU (gloo, mpi,
+    and mixed backends such as ``"cpu:gloo,cuda:nccl"``, which take CPU tensors)."""
+    backend = str(dist.get_backend(group)).lower()
+    if ":" in backend:  # "cpu:gloo,cuda:nccl": one backend per device type
+        devices = dict(part.split(":", 1) for part in backend.split(","))
+        if "cpu" in devices:
+            return torch.device("cpu")
+        backend = next(iter(devices.values()))
+    kind = _ACCELERATOR_BACKENDS.get(backend)
+    if kind is None:
+        return torch.device("cpu")
+    module = getattr(torch, kind)
+    return torch.device(kind, module.current_device())
+
+
+# The last finished collectives of every communicator (see DistributedCommunicator._collective).
+# Module-level, so that freeing a communicator (or its optimizer) right after a step does not
+# drop a work the gloo worker may still hold; older works are destroyed as newer ones arrive.
+_RECENT_WORKS: deque = deque(maxlen=8)
 
 
 class LocalCommunicator:
@@ -84,6 +119,7 @@ class DistributedCommunicator(LocalCommunicator):
         self.workers = max(1, min(self.world_size, round(grad_worker_fraction * self.world_size)))
         self.triangle_packing = triangle_packing
         self.cap = int(bucket_cap_mb * 2**20)
+        self.device = group_device(group)
         self.owner: dict[str, int] = {}
         # One subgroup per possible worker set {r, r+1, ..., r+k-1}: created by every rank, in order.
         self.worker_groups = {}
@@ -95,8 +131,24 @@ class DistributedCommunicator(LocalCommunicator):
     def _global(self, local_rank: int) -> int:
         return dist.get_global_rank(self.group, local_rank) if self.group is not None else local_rank
 
+    def _collective(self, fn, tensor: Tensor, **kwargs) -> None:
+        """Runs the in-place collective ``fn(tensor, group=..., **kwargs)`` and keeps its work.
+
+        A gloo collective completes (``wait()`` returns) before the worker thread drops its
+        reference to the work. If ours was gone by then, the worker destroys the work, which
+        holds Python objects (the tensor, Python thread-local state), so it needs the GIL. While
+        it waits for it, the main thread may destroy the group (``~ProcessGroupGloo`` joins the
+        workers holding the GIL: deadlock) or finalize the interpreter (the worker's GIL request
+        exits the thread inside a noexcept destructor: ``terminate called without an active
+        exception``, SIGABRT). Keeping the last works in ``_RECENT_WORKS`` (also past this
+        communicator's life) makes the worker's release a mere decrement; they are destroyed
+        later on a Python thread, with the GIL."""
+        group = kwargs.pop("group", self.group)
+        work = fn(tensor, group=group, async_op=True, **kwargs)
+        work.wait()
+        _RECENT_WORKS.append(work)
     def _all_reduce(self, op=dist.ReduceOp.SUM):
-        return lambda t: dist.all_reduce(t, op=op, group=self.group)
+        return lambda t: self._collective(dist.all_reduce, t, op=op)
 
     def average_gradients(self, grads: list[Tensor]) -> None:
         if not grads:
@@ -108,30 +160,30 @@ class DistributedCommunicator(LocalCommunicator):
     def agree(self, flags: list[bool]) -> list[bool]:
         if not flags:
             return flags
-        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=self.device)
+        self._collective(dist.all_reduce, t, op=dist.ReduceOp.MIN)
         return [bool(v) for v in t.tolist()]
 
     def average_factors(self, blocks: list, samples: int) -> None:
         if not blocks:
             return
-        count = torch.tensor([float(samples)], dtype=torch.float64)
-        dist.all_reduce(count, group=self.group)
+        count = torch.tensor([float(samples)], dtype=torch.float64, device=self.device)
+        self._collective(dist.all_reduce, count)
         weight = samples / float(count)
-        factors = [b.state[k] for b in blocks for k in ("A", "G")]
-        sendable = [pack_triangle(f) if self.triangle_packing and f.dim() == 2 else f.clone() for f in factors]
+        factors = [f for b in blocks for f in b.factors().values()]
+        packed = [self.triangle_packing and f.dim() == 2 for f in factors]
+        sendable = [pack_triangle(f) if p else f.clone() for f, p in zip(factors, packed)]
         for s in sendable:
             s.mul_(weight)
         self.bytes["factors"] += reduce_in_buckets(sendable, self._all_reduce(), self.cap)
-        for f, s in zip(factors, sendable):
-            if self.triangle_packing and f.dim() == 2:
+        for f, s, p in zip(factors, sendable, packed):
+            if p:
                 unpack_triangle(s, f.shape[0], out=f)
             else:
                 f.copy_(s)
 
     def assign(self, blocks: list) -> None:
-        costs = [float(b.state["A"].shape[0]) ** (3 if b.state["A"].dim() == 2 else 1)
-                 + float(b.state["G"].shape[0]) ** 3 for b in blocks]
+        costs = [float(b.inverse_cost()) for b in blocks]
         for b, r in zip(blocks, assign_by_cost(costs, self.world_size)):
             self.owner[b.name] = r
 
@@ -156,20 +208,20 @@ class DistributedCommunicator(LocalCommunicator):
             block.state.update(block.decomposition_template(method))
         src = self._global(self.owner[block.name])
         for key in sorted(block.decomposition_template(method)):
-            dist.broadcast(block.state[key], src=src, group=group)
+            self._collective(dist.broadcast, block.state[key], src=src, group=group)
             self.bytes["inverses"] += block.state[key].numel() * block.state[key].element_size()
 
     def share_direction(self, block, direction: Tensor | None, like: Tensor) -> Tensor:
         if self.workers == self.world_size:
             return direction
         buf = direction.contiguous() if self.is_owner(block) else torch.empty_like(like)
-        dist.broadcast(buf, src=self._global(self.owner[block.name]), group=self.group)
+        self._collective(dist.broadcast, buf, src=self._global(self.owner[block.name]))
         self.bytes["directions"] += buf.numel() * buf.element_size()
         return buf
 
     def mean_scalar(self, value: float) -> float:
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t, group=self.group)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        self._collective(dist.all_reduce, t)
         return float(t) / self.world_size
 
     def gather_decompositions(self, blocks: list, method: str) -> None:
@@ -182,7 +234,7 @@ class DistributedCommunicator(LocalCommunicator):
             if not self.is_owner(b) and not self.is_grad_worker(b):
                 b.state.update(b.decomposition_template(method))
             for key in sorted(b.decomposition_template(method)):
-                dist.broadcast(b.state[key], src=src_of[b.name], group=self.group)
+                self._collective(dist.broadcast, b.state[key], src=src_of[b.name])
 
 
 def make_communicator(grad_worker_fraction: float, triangle_packing: bool, bucket_cap_mb: float,
