@@ -132,3 +132,90 @@ def sharded_fisher(rank, world, store, out):
     if rank == 0:
         torch.save({"kfac": ewc.tasks[0], "diag": diag_ewc.tasks[0], "ngd": flat(ngd_net)}, out)
     dist.destroy_process_group()
+
+
+class OpaqueBlock:
+    """A block that offers only the communicator's contract: factors() (a symmetric matrix and a
+    vector, in a fixed order), inverse_cost(), name, has_factors, state, decomposition_template
+    and drop_decomposition. Its factors depend on the rank."""
+
+    has_factors = True
+
+    def __init__(self, name: str, n: int, rank: int) -> None:
+        self.name = name
+        sym = torch.arange(n * n, dtype=torch.float64).reshape(n, n) * (rank + 1)
+        self.state = {"S": sym + sym.T, "v": torch.full((n,), float(rank + 1), dtype=torch.float64)}
+        self.cost = float(n) ** 3
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        return {"S": self.state["S"], "v": self.state["v"]}
+
+    def inverse_cost(self) -> float:
+        return self.cost
+
+    def decomposition_template(self, method: str) -> dict[str, torch.Tensor]:
+        n = self.state["v"].shape[0]
+        return {"inv": torch.empty(n, n, dtype=torch.float64)}
+
+    def drop_decomposition(self) -> None:
+        self.state.pop("inv", None)
+
+
+def opaque_blocks(rank: int) -> list[OpaqueBlock]:
+    return [OpaqueBlock("big", 5, rank), OpaqueBlock("small", 2, rank), OpaqueBlock("mid", 3, rank)]
+
+
+def communicator_contract(rank, world, store, out):
+    """The communicator on blocks it knows only through factors()/inverse_cost()."""
+    from natgrad.distributed import DistributedCommunicator, group_device
+
+    init(rank, world, store)
+    results = {"device": str(group_device())}
+    for packing in (True, False):
+        comm = DistributedCommunicator(triangle_packing=packing)
+        blocks = opaque_blocks(rank)
+        comm.average_factors(blocks, samples=rank + 1)  # weights 1/3 and 2/3
+        results[f"factors_{packing}"] = [{k: v.clone() for k, v in b.factors().items()} for b in blocks]
+        results[f"bytes_{packing}"] = comm.bytes["factors"]
+    comm.assign(blocks)
+    results["owner"] = dict(comm.owner)
+    for b in blocks:
+        if comm.is_owner(b):
+            b.state["inv"] = b.decomposition_template("eigen")["inv"].fill_(float(rank))
+        comm.share_decomposition(b, "eigen")
+    results["inverses"] = {b.name: b.state["inv"].clone() for b in blocks}
+    results["agree"] = comm.agree([True, rank == 0, rank == 1])
+    results["mean"] = comm.mean_scalar(float(rank))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.destroy_process_group()
+
+
+def teardown_cycles(rank, world, store_dir, cycles, hang_s):
+    """``cycles`` times: init a gloo group, a DDP model and KFAC, 2 steps, destroy the group and
+    free everything. A gloo worker that still holds a collective's tensor whose Python object
+    died needs the GIL to let go of it, while freeing DDP destroys the group and joins that
+    worker holding the GIL: a deadlock (or SIGABRT at interpreter exit). A hang dumps the stacks
+    and exits with code 1 after ``hang_s`` seconds."""
+    import faulthandler
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    x, y = data()
+    for cycle in range(cycles):
+        faulthandler.dump_traceback_later(hang_s, exit=True)
+        dist.init_process_group("gloo", init_method=f"file://{store_dir}/store_{cycle}", rank=rank,
+                                world_size=world)
+        net = nn.Sequential(nn.Linear(25, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opt = natgrad.KFAC(ddp, lr=0.1, damping=1e-2, inverse_update_period=1)
+        xs, ys = shard(x.reshape(N, -1), rank, world), shard(y, rank, world)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(ddp(xs), ys).backward()
+            opt.step()
+        dist.destroy_process_group()
+        del opt, ddp, net  # the last reference to the group: ~ProcessGroupGloo joins its workers
+        faulthandler.cancel_dump_traceback_later()
