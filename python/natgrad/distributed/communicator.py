@@ -52,8 +52,10 @@ def group_device(group=None) -> torch.device:
 
 # The last finished collectives of every communicator (see DistributedCommunicator._collective).
 # Module-level, so that freeing a communicator (or its optimizer) right after a step does not
-# drop a work the gloo worker may still hold; older works are destroyed as newer ones arrive.
-_RECENT_WORKS: deque = deque(maxlen=8)
+# drop a work the gloo worker may still hold; older works are destroyed as newer ones arrive
+# (64: several steps of a small model; the flat factor/gradient buckets they hold, up to
+# bucket_cap_mb each, stay alive until pushed out).
+_RECENT_WORKS: deque = deque(maxlen=64)
 
 
 class LocalCommunicator:
