@@ -118,7 +118,7 @@ def sharded_fisher(rank, world, store, out):
     init(rank, world, store)
     x, y = data()
     net = model()
-    ewc = natgrad.EWC(net, fisher="exact", structure="kfac")
+    ewc = natgrad.EWC(net, fisher_type="exact", structure="kfac")
     ewc.consolidate(shard(x, rank, world), shard(y, rank, world))
     diag_ewc = natgrad.EWC(net)
     diag_ewc.consolidate([(shard(x, rank, world)[:2], shard(y, rank, world)[:2]),
@@ -130,7 +130,8 @@ def sharded_fisher(rank, world, store, out):
         ngd.backward(shard(x, rank, world), shard(y, rank, world))
         ngd.step()
     if rank == 0:
-        torch.save({"kfac": ewc.tasks[0], "diag": diag_ewc.tasks[0], "ngd": flat(ngd_net)}, out)
+        torch.save({"kfac": ewc.state_dict()["tasks"][0], "diag": diag_ewc.state_dict()["tasks"][0],
+                    "ngd": flat(ngd_net)}, out)
     dist.destroy_process_group()
 
 

@@ -69,9 +69,9 @@ def test_sharded_ewc_fisher_and_natural_gradient_equal_the_full_batch(tmp_path):
     result = torch.load(out)
     x, y = w.data()
     net = w.model()
-    full = natgrad.EWC(net, fisher="exact", structure="kfac")
+    full = natgrad.EWC(net, fisher_type="exact", structure="kfac")
     full.consolidate(x, y)
-    for key, (a, g) in full.tasks[0]["kron"].items():
+    for key, (a, g) in full.state_dict()["tasks"][0]["kron"].items():
         torch.testing.assert_close(result["kfac"]["kron"][key][0], a, rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(result["kfac"]["kron"][key][1], g, rtol=1e-10, atol=1e-13)
     diag = natgrad.EWC(net)

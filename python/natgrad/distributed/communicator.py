@@ -58,6 +58,27 @@ def group_device(group=None) -> torch.device:
 _RECENT_WORKS: deque = deque(maxlen=64)
 
 
+def collective(fn, tensor, group=None, **kwargs) -> None:
+    """Runs the torch.distributed collective ``fn(tensor, group=group, **kwargs)`` to completion
+    and keeps its work object alive for a while. Every natgrad collective goes through here.
+
+    A gloo collective completes (``wait()`` returns) before the worker thread drops its
+    reference to the work. If ours was gone by then, the worker destroys the work, which holds
+    Python objects (the tensor, Python thread-local state), so it needs the GIL. While it waits
+    for it, the main thread may destroy the group (``~ProcessGroupGloo`` joins the workers
+    holding the GIL: deadlock) or finalize the interpreter (the worker's GIL request exits the
+    thread inside a noexcept destructor: ``terminate called without an active exception``,
+    SIGABRT). Keeping the last works in ``_RECENT_WORKS`` (also past the caller's life) makes
+    the worker's release a mere decrement; they are destroyed later on a Python thread, with the
+    GIL. ``tensor`` may be a list (``all_gather``'s output list first)."""
+    if isinstance(tensor, tuple):
+        work = fn(*tensor, group=group, async_op=True, **kwargs)
+    else:
+        work = fn(tensor, group=group, async_op=True, **kwargs)
+    work.wait()
+    _RECENT_WORKS.append(work)
+
+
 class LocalCommunicator:
     """A single process: every collective is the identity."""
 
@@ -133,22 +154,10 @@ class DistributedCommunicator(LocalCommunicator):
     def _global(self, local_rank: int) -> int:
         return dist.get_global_rank(self.group, local_rank) if self.group is not None else local_rank
 
-    def _collective(self, fn, tensor: Tensor, **kwargs) -> None:
-        """Runs the in-place collective ``fn(tensor, group=..., **kwargs)`` and keeps its work.
+    def _collective(self, fn, tensor, **kwargs) -> None:
+        """:func:`collective` on this communicator's group (unless ``group`` is given)."""
+        collective(fn, tensor, group=kwargs.pop("group", self.group), **kwargs)
 
-        A gloo collective completes (``wait()`` returns) before the worker thread drops its
-        reference to the work. If ours was gone by then, the worker destroys the work, which
-        holds Python objects (the tensor, Python thread-local state), so it needs the GIL. While
-        it waits for it, the main thread may destroy the group (``~ProcessGroupGloo`` joins the
-        workers holding the GIL: deadlock) or finalize the interpreter (the worker's GIL request
-        exits the thread inside a noexcept destructor: ``terminate called without an active
-        exception``, SIGABRT). Keeping the last works in ``_RECENT_WORKS`` (also past this
-        communicator's life) makes the worker's release a mere decrement; they are destroyed
-        later on a Python thread, with the GIL."""
-        group = kwargs.pop("group", self.group)
-        work = fn(tensor, group=group, async_op=True, **kwargs)
-        work.wait()
-        _RECENT_WORKS.append(work)
     def _all_reduce(self, op=dist.ReduceOp.SUM):
         return lambda t: self._collective(dist.all_reduce, t, op=op)
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from natgrad._vocabulary import renamed_value
+from natgrad.distributed import collective, group_device
 from natgrad.fisher.matrices import LowRankFisher
 from natgrad.fisher.scores import score_rows, score_rows_and_losses
 from natgrad.likelihoods import get_likelihood
@@ -149,13 +150,13 @@ class NaturalGradient(Optimizer):
         """All ranks' rows, in rank order (equal shard sizes are required)."""
         if self._world == 1:
             return rows
-        sizes = torch.tensor([rows.shape[0]], device=rows.device)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=self._group)
+        sizes = torch.tensor([rows.shape[0]], device=group_device(self._group))
+        collective(dist.all_reduce, sizes, group=self._group, op=dist.ReduceOp.MAX)
         if int(sizes) != rows.shape[0]:
             raise ValueError("NaturalGradient under torch.distributed needs the same batch size on "
                              f"every rank; this rank has {rows.shape[0]}, another {int(sizes)}")
         parts = [torch.empty_like(rows) for _ in range(self._world)]
-        dist.all_gather(parts, rows.contiguous(), group=self._group)
+        collective(dist.all_gather, (parts, rows.contiguous()), group=self._group)
         return torch.cat(parts)
 
     @torch.no_grad()

@@ -325,12 +325,13 @@ def _average_over_ranks(tensors: list[Tensor], samples: int, group) -> None:
     """Sample-weighted mean of every rank's Fisher (in place), when torch.distributed runs."""
     import torch.distributed as dist
 
+    from natgrad.distributed import collective, group_device
+
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
         return
-    device = tensors[0].device if tensors else torch.device("cpu")
-    count = torch.tensor([float(samples)], dtype=torch.float64, device=device)
-    dist.all_reduce(count, group=group)
+    count = torch.tensor([float(samples)], dtype=torch.float64, device=group_device(group))
+    collective(dist.all_reduce, count, group=group)
     weight = samples / float(count)
     for t in tensors:
         t.mul_(weight)
-        dist.all_reduce(t, group=group)
+        collective(dist.all_reduce, t, group=group)
