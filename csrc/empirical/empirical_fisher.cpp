@@ -4,11 +4,27 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "common/checks.h"
 #include "linalg/psd_linalg.h"
 
 namespace natgrad {
+namespace {
+
+// 2^-e with 2^(e-1) <= max|t| < 2^e, so that t * scale lies in [-1, 1] exactly (a power of two
+// changes no mantissa); 1 for an all-zero (or empty) tensor. One host read.
+double power_of_two_scale(const at::Tensor& t) {
+  if (t.numel() == 0) return 1.0;
+  const auto [low, high] = at::aminmax(t);
+  const double peak = std::max(std::abs(low.item<double>()), std::abs(high.item<double>()));
+  if (!(peak > 0.0) || !std::isfinite(peak)) return 1.0;
+  int e = 0;
+  std::frexp(peak, &e);
+  return std::ldexp(1.0, -e);
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> woodbury_solve(const at::Tensor& per_sample_grads,
                                                   const at::Tensor& rhs, double damping) {
@@ -25,18 +41,27 @@ std::tuple<at::Tensor, at::Tensor> woodbury_solve(const at::Tensor& per_sample_g
                  "the natural gradient is undefined; skip this step or find the non-finite "
                  "per-sample gradient");
 
-  // Everything in float64: U U^T of float32 rows ~1e20 already overflows float32 (and the
-  // n x n solution of rows ~1e30 underflows it), which would push the ladder to its diagonal
-  // rung and a wrong answer. Finite inputs give a finite, correct float64 solve; the result is
-  // cast back to the inputs' dtype at the end (Inf only if the answer itself is out of range).
+  // U U^T of float32 rows ~1e20 overflows float32 (and the n x n solution of rows ~1e30
+  // underflows it), which would push the ladder to its diagonal rung and a wrong answer. Exact
+  // power-of-two scales s (of U) and r (of rhs) keep every product in range in the inputs' own
+  // dtype, with no float64 copy of U: with U' = sU, v' = rv,
+  //   y' = (U'U'^T + n lambda s^2 I)^-1 U'v'   (in float64: the n x n system)
+  //   x  = (v' - U'^T y') / (r lambda),
+  // which is (v - U^T (UU^T + n lambda I)^-1 U v) / lambda. For inputs of ordinary size s = r = 1
+  // up to a power of two, so the result is the unscaled computation's, bit for bit.
   const int64_t n = U.size(0);
-  const at::Tensor U64 = U.to(at::kDouble);
-  const at::Tensor R64 = (rhs.dim() == 1 ? rhs.unsqueeze(1) : rhs).to(at::kDouble);
-  const at::Tensor projected = at::matmul(U64, R64);  // U v      [n, k]
-  at::Tensor gram = at::matmul(U64, U64.t());          // U U^T    [n, n]
-  gram.diagonal().add_(static_cast<double>(n) * damping);
+  const at::Tensor R = rhs.dim() == 1 ? rhs.unsqueeze(1) : rhs;
+  const double s = power_of_two_scale(U), r = power_of_two_scale(R);
+  const at::Tensor Us = s == 1.0 ? U : U * s;
+  const at::Tensor Rs = r == 1.0 ? R : R * r;
+  const at::Tensor projected = at::matmul(Us, Rs).to(at::kDouble);  // U'v'     [n, k]
+  at::Tensor gram = at::matmul(Us, Us.t()).to(at::kDouble);         // U'U'^T   [n, n]
+  gram.diagonal().add_(static_cast<double>(n) * damping * s * s);
   const SolveResult small = spd_solve(gram, projected);
-  at::Tensor x = (R64 - at::matmul(U64.t(), small.solution)).div_(damping).to(U.scalar_type());
+  at::Tensor x = (Rs - at::matmul(Us.t(), small.solution.to(U.scalar_type())))
+                     .to(at::kDouble)
+                     .div_(r * damping)
+                     .to(U.scalar_type());
   return {(rhs.dim() == 1 ? x.squeeze(1) : x).contiguous(), rung_tensor(small.rung)};
 }
 

@@ -154,8 +154,9 @@ def svd_reference(u: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.T
 
 @pytest.mark.parametrize("scale", [1.0, 1e20, 1e30, 1e37])
 def test_woodbury_float32_rows_near_overflow_match_float64_reference(scale):
-    """U Uᵀ of float32 rows ~1e30 overflows float32: the Gram and the solve run in float64, so
-    the answer stays correct and the rung honest (no fall to the diagonal rung's rhs/λ)."""
+    """U Uᵀ of float32 rows ~1e30 overflows float32: the op scales U and rhs by powers of two and
+    solves the n×n system in float64, so the answer stays correct and the rung honest (no fall
+    to the diagonal rung's rhs/λ)."""
     u = (torch.randn(8, 50, dtype=torch.float64) * scale).float()
     rhs = torch.randn(50, 2)
     res = ops.woodbury_solve(u, rhs, 0.1)

@@ -31,10 +31,11 @@ class WoodburySolution(NamedTuple):
 def woodbury_solve(per_sample_grads: Tensor, rhs: Tensor, damping: float) -> WoodburySolution:
     """Empirical-Fisher natural gradient ``(UᵀU/n + λI)⁻¹ rhs`` without forming the p×p matrix.
 
-    Uses ``(F + λI)⁻¹v = (v − Uᵀ(UUᵀ + nλI)⁻¹Uv)/λ``: O(n²p + n³) time, O(np + n²) memory. The
-    whole solve runs in float64 (a float32 ``U`` is copied to float64, so ``UUᵀ`` cannot overflow
-    for finite inputs); the n×n system is solved by Cholesky through the fallback ladder, and the
-    solution is returned in the inputs' dtype. Differentiable with respect to
+    Uses ``(F + λI)⁻¹v = (v − Uᵀ(UUᵀ + nλI)⁻¹Uv)/λ``: O(n²p + n³) time, O(np + n²) memory.
+    ``U`` and ``rhs`` are scaled by exact powers of two so that ``UUᵀ`` and ``Uv`` cannot
+    overflow the inputs' dtype for finite inputs (float32 rows up to ~1e38 stay correct, with no
+    float64 copy of ``U``); the n×n system is solved in float64 by Cholesky through the fallback
+    ladder, and the solution is returned in the inputs' dtype. Differentiable with respect to
     ``per_sample_grads`` and ``rhs``.
 
     Args:
