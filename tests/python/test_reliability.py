@@ -234,3 +234,25 @@ def test_faults_do_not_warn_again_for_the_same_layer():
             opt.step()
     assert len([w for w in caught if "'0'" in str(w.message)]) == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_factors_are_checked_after_the_update_too(monkeypatch):
+    # Defeat the overflow bound to reach the last line of defence: a factor that overflows
+    # anyway is not kept; the layer restarts its estimate and its parameters skip the step.
+    from natgrad.curvature import KroneckerBlock
+    model, (x, y) = mlp(), data()
+    opt = natgrad.KFAC(model, lr=0.1)
+    for _ in range(2):
+        step(model, opt, x, y)
+    monkeypatch.setattr(KroneckerBlock, "statistics_ok", lambda self, stats: torch.ones((), dtype=torch.bool))
+    kept = [p.detach().clone() for p in model[0].parameters()]
+    opt.zero_grad()
+    F.cross_entropy(model(x * 1e30), y).backward()
+    with pytest.warns(RuntimeWarning, match="updated factors"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(kept, model[0].parameters()))
+    assert not opt._blocks[0].has_factors
+    monkeypatch.undo()
+    losses = [step(model, opt, x, y) for _ in range(4)]
+    assert opt._blocks[0].has_factors and all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < losses[0]

@@ -374,6 +374,16 @@ class KFAC(Optimizer):
                         for b in updated), 0)
         self._comm.average_factors(updated, samples)
         self._clear_records()
+        # The bound above makes this unreachable; should a factor still turn non-finite, the
+        # layer restarts its estimate (and skips this step) rather than keep poisoned factors.
+        healthy = all_true([torch.isfinite(torch.stack([max_abs(f) for f in b.factors().values()])).all()
+                            for b in updated])
+        for block, fine in zip(updated, healthy):
+            if not fine:
+                block.state = {}
+                self._decomposed.discard(block.name)
+                skipped.add(block.name)
+                self._fault(block.name, "updated factors (reset)")
         return skipped
 
     def _update_inverses(self, k: int) -> None:
