@@ -165,6 +165,17 @@ def test_param_group_hyperparameters(api, key, value, later):
 
 # ---- compute_fisher / score_rows against a per-sample float64 loop --------------------------------
 
+def reference_passes(out, y, fisher_type, likelihood):
+    """(target, weight) pairs of one sample whose weighted gradient outer products sum to its
+    Fisher: the observed target, or every class / output element (exact)."""
+    if fisher_type == "empirical":
+        return [(y if likelihood == "categorical" else y.to(D), 1.0)]
+    if likelihood == "categorical":
+        p = torch.softmax(out, -1)[0].detach()
+        return [(torch.tensor([c]), float(p[c])) for c in range(out.shape[1])]
+    return [(out.detach() - torch.eye(out.shape[1], dtype=D)[k], 1.0) for k in range(out.shape[1])]
+
+
 def reference_fisher(model, x, y, fisher_type, likelihood):
     """Dense Fisher by a per-sample loop in float64 (empirical and exact)."""
     model = copy.deepcopy(model).to(D)
@@ -172,13 +183,7 @@ def reference_fisher(model, x, y, fisher_type, likelihood):
     total = 0
     for i in range(x.shape[0]):
         out = model(x[i:i + 1].to(D))
-        if fisher_type == "empirical":
-            passes = [(y[i:i + 1] if likelihood == "categorical" else y[i:i + 1].to(D), 1.0)]
-        elif likelihood == "categorical":
-            p = torch.softmax(out, -1)[0].detach()
-            passes = [(torch.tensor([c]), float(p[c])) for c in range(out.shape[1])]
-        else:
-            passes = [(out.detach() - torch.eye(out.shape[1], dtype=D)[k], 1.0) for k in range(out.shape[1])]
+        passes = reference_passes(out, y[i:i + 1], fisher_type, likelihood)
         for target, weight in passes:
             if likelihood == "categorical":
                 loss = F.cross_entropy(out, target, reduction="sum")
@@ -203,13 +208,7 @@ def kfac_reference(model, x, y, fisher_type, likelihood):
     n = x.shape[0]
     for i in range(n):
         out = model(x[i:i + 1].to(D))
-        if fisher_type == "empirical":
-            passes = [(y[i:i + 1] if likelihood == "categorical" else y[i:i + 1].to(D), 1.0)]
-        elif likelihood == "categorical":
-            p = torch.softmax(out, -1)[0].detach()
-            passes = [(torch.tensor([c]), float(p[c])) for c in range(out.shape[1])]
-        else:
-            passes = [(out.detach() - torch.eye(out.shape[1], dtype=D)[k], 1.0) for k in range(out.shape[1])]
+        passes = reference_passes(out, y[i:i + 1], fisher_type, likelihood)
         for m in layers:
             a = torch.cat([acts[m][0], torch.ones(1, dtype=D)])
             A[m] = A[m] + torch.outer(a, a) / n
