@@ -49,6 +49,9 @@ class KroneckerBlock(CurvatureBlock):
     """
 
     kind = "kron"
+    #: EWC-aware curvature hook: an ``EWCCurvature`` (natgrad.EWC.attach) makes
+    #: :meth:`precondition` solve with ``A ⊗ G + λ·F_old + damping``; None: plain K-FAC.
+    prior = None
 
     def __init__(self, name: str, module: nn.Module, factor_dtype: torch.dtype | None = None,
                  inverse_dtype: torch.dtype | None = None) -> None:
@@ -179,6 +182,9 @@ class KroneckerBlock(CurvatureBlock):
 
     def precondition(self, packed: Tensor, damping: float, pi_correction: bool = False) -> Tensor:
         """``(A ⊗ G + damping·I)⁻¹`` (or its π-corrected or inverse form) on a packed matrix."""
+        out = self.prior and self.prior.precondition(self, packed, damping)  # EWC-aware curvature
+        if out is not None:  # (natgrad.regularizers.ewc_curvature); None: no penalty here
+            return out
         s = self.state
         x = packed.to(self.inverse_dtype)
         if "g_inverse" in s:

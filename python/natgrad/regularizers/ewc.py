@@ -59,7 +59,9 @@ class EWC:
 
     EWC works with any optimizer. With natgrad.KFAC, add ``ewc.penalty()`` to the loss as usual:
     the penalty's gradient joins ``.grad`` and is preconditioned, while the K-FAC statistics come
-    from the data term only (the penalty does not pass through the layers' outputs).
+    from the data term only (the penalty does not pass through the layers' outputs). Call
+    :meth:`attach` once so that K-FAC preconditions with ``F_task + λ·F_old + damping`` (the
+    curvature of the penalized loss): λ can then be as large as forgetting needs.
 
     Bad input never reaches the stored Fisher: :meth:`consolidate` raises ValueError naming the
     task and what was not finite (inputs, targets or the resulting Fisher) and leaves this
@@ -105,6 +107,7 @@ class EWC:
         self.train_mode, self.mc_samples = train_mode, mc_samples
         self.process_group = process_group
         self.tasks: list[dict[str, Any]] = []  # per task: {"anchor", "diag", "kron"}
+        self.revision = 0  # bumped whenever the stored Fisher changes (attached optimizers refresh)
 
     @property
     def fisher(self) -> str:
@@ -182,6 +185,7 @@ class EWC:
             self.tasks = [task]
         else:
             self.tasks.append(task)
+        self.revision += 1
 
     def _named_params(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -242,7 +246,8 @@ class EWC:
 
     def penalty(self) -> Tensor:
         """``(λ/2) Σ_tasks Σ F (θ − θ*)²`` (or the Kronecker form), differentiable w.r.t. the
-        model's parameters. Zero (a 0-dim tensor) before any consolidation."""
+        model's parameters. Zero (a 0-dim tensor) before any consolidation. For finite
+        parameters it is never NaN: a sum that overflows is ``+inf``."""
         named = dict(self.model.named_parameters())
         ref = next(iter(named.values()))
         total = torch.zeros((), dtype=ref.dtype, device=ref.device)
@@ -259,8 +264,27 @@ class EWC:
                 total = total + ops.ewc_penalty([named[n] for n in names], [task["diag"][n] for n in names],
                                                 [task["anchor"][n] for n in names])
             for names, block in task["kron"].items():
-                total = total + block.quad_form([named[n] - task["anchor"][n] for n in names])
+                total = total + _quad_form(block, [named[n] - task["anchor"][n] for n in names])
         return 0.5 * self.lambda_ * total
+
+    def attach(self, optimizer, approximation: str = "auto"):
+        """Makes natgrad.KFAC ``optimizer`` precondition with the curvature of the penalized
+        objective, ``F_task + λ·F_old + damping``, on every Linear/Conv2d layer (see
+        :mod:`natgrad.regularizers.ewc_curvature` for the approximations). Consolidations and
+        changes of :attr:`lambda_` made later are picked up at the next step.
+
+        Args:
+            optimizer (natgrad.KFAC): an optimizer of this EWC's model.
+            approximation (str): "auto", "generalized" (Kronecker EWC) or "eigenbasis"
+                (default: "auto": "generalized" for ``structure="kfac"``, "eigenbasis" for
+                diagonal EWC).
+
+        Returns:
+            EWCCurvature: call its ``detach()`` to restore plain K-FAC preconditioning.
+        """
+        from natgrad.regularizers.ewc_curvature import EWCCurvature
+
+        return EWCCurvature(self, optimizer, approximation)
 
     def memory_per_task(self) -> list[int]:
         """Bytes stored per consolidated task (Fisher + anchor)."""
@@ -291,10 +315,18 @@ class EWC:
         tasks = [{"anchor": dict(t["anchor"]), "diag": dict(t["diag"]),
                   "kron": {tuple(k.split("|")): self._block(tuple(k.split("|")), v) for k, v in t["kron"].items()}}
                  for t in state["tasks"]]
+        for i, task in enumerate(tasks):
+            for part in ("anchor", "diag"):
+                bad = [n for n, t in task[part].items()
+                       if not (isinstance(t, Tensor) and t.is_floating_point() and bool(torch.isfinite(t).all()))]
+                if bad:
+                    raise ValueError(f"EWC state_dict: task {i} {part} of {bad} must be finite "
+                                     "floating-point tensors (NaN/Inf or not a tensor)")
         self.lambda_, self.mode, self.gamma = cfg["lambda_"], cfg["mode"], cfg["gamma"]
         self.fisher_type = cfg.get("fisher_type", cfg.get("fisher"))
         self.structure, self.likelihood = cfg["structure"], cfg["likelihood"]
         self.tasks = tasks
+        self.revision += 1
 
     def _block(self, names: tuple[str, ...], factors) -> CurvatureBlock:
         """The curvature block of the layer owning ``names``, holding the saved factors."""
@@ -305,6 +337,20 @@ class EWC:
             raise ValueError(f"EWC state_dict: no K-FAC layer owns {list(names)} in this model")
         block.load_state_dict({"kind": block.kind, "A": factors[0], "G": factors[1]})
         return block
+
+
+def _quad_form(block: CurvatureBlock, vectors: list[Tensor]) -> Tensor:
+    """``vᵀ F v`` of a consolidated block, never NaN for finite ``v``: ``v`` is scaled by a power
+    of two ``s`` with ``max |v/s| <= 1`` (no intermediate overflow against finite factors), the
+    form of ``v/s`` is clamped at 0 (F is PSD) and times ``s²`` in float64 overflows to +inf."""
+    peak = max(float(v.detach().abs().max()) if v.numel() else 0.0 for v in vectors)
+    if not math.isfinite(peak):  # NaN/Inf parameters: the form is as non-finite as they are
+        return block.quad_form(vectors)
+    exp = math.frexp(peak)[1] if peak > 0 else 0
+    half, rest = math.ldexp(1.0, -(exp // 2)), math.ldexp(1.0, -(exp - exp // 2))  # each representable
+    small = block.quad_form([v * half * rest for v in vectors]).clamp_min(0)
+    big = small.to(torch.float64) / half / half / rest / rest
+    return torch.where(small > 0, big, torch.zeros_like(big)).to(small.dtype)
 
 
 def _weighted(old, new, n: int, seen: int):
