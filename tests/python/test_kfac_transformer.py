@@ -358,3 +358,18 @@ def test_token_mean_empirical_factors_treat_every_row_as_a_sample():
     A, G = expand_factors(with_bias(x), g, 1.0 / (n * t))
     torch.testing.assert_close(opt._blocks[0].state["A"], A, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(opt._blocks[0].state["G"], G, rtol=1e-10, atol=1e-12)
+
+
+def test_sampled_fisher_reaches_every_block_of_a_transformer():
+    torch.manual_seed(7)
+    model = Encoder(batch_first=False).to(D)
+    opt = natgrad.KFAC(model, lr=0.1, damping=1e-2, fisher_type="mc", loss_reduction="token_mean")
+    idx = torch.randint(0, 7, (4, 5))
+    logits = model(idx)
+    opt.sample_fisher(logits)
+    grads_before = [p.grad for p in model.parameters()]
+    F.cross_entropy(logits.reshape(-1, 7), idx.reshape(-1)).backward()
+    opt.step()
+    assert all(g is None for g in grads_before)  # sampling leaves .grad alone
+    assert all(b.has_factors for b in opt._blocks) and "plain" not in opt.describe()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -317,7 +317,8 @@ class AttentionCapture:
         def forward(module, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                     average_attn_weights=True, is_causal=False):
             args = (query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
-            if not capture.sinks or not next(iter(capture.sinks.values())).wants(module) or query.is_nested:
+            if (module is not capture.mha or not capture.sinks or query.is_nested  # (a deepcopy: its own)
+                    or not next(iter(capture.sinks.values())).wants(module)):
                 return type(module).forward(module, *args)
             return mha_forward(module, capture.project, *args)
 

@@ -37,11 +37,12 @@ NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3
 
 class Squares(NamedTuple):
     """One update of a diagonal block: ``Σ_units u²`` (flat, in the parameters' order), the
-    factor ``s²/N`` it is scaled by, and the peak |u| (for the overflow check)."""
+    factor ``s²/N`` it is scaled by, the peak |u| and the number of units (overflow check)."""
 
     squares: Tensor
     scale: float
     peak: Tensor
+    units: int
 
 
 class DiagonalBlock(CurvatureBlock):
@@ -105,13 +106,12 @@ class DiagonalBlock(CurvatureBlock):
     def prepare(self, inputs: Sequence, grads: Sequence[Tensor], grad_scale: float) -> Squares:
         """``Σ_units u²`` of the forward calls, and its scale ``grad_scale² / samples``."""
         u = self.units(inputs, grads).to(self.factor_dtype)
-        return Squares((u * u).sum(0), grad_scale**2 / max(self.count_samples(inputs), 1), max_abs(u))
+        return Squares((u * u).sum(0), grad_scale**2 / max(self.count_samples(inputs), 1), max_abs(u), u.shape[0])
 
     def statistics_ok(self, stats: Squares) -> Tensor:
         """A 0-d bool tensor: finite and small enough that the update cannot overflow."""
         limit = torch.finfo(self.factor_dtype).max / 4
-        rows = max(stats.squares.numel(), 1)
-        return stats.peak * stats.peak * max(stats.scale, 1.0) * rows < limit
+        return stats.peak * stats.peak * max(stats.scale, 1.0) * max(stats.units, 1) < limit
 
     def update(self, inputs, grads, *, decay, grad_scale):
         self.apply_update(self.prepare(inputs, grads, grad_scale), decay)
@@ -209,7 +209,8 @@ class NormBlock(DiagonalBlock):
                 k = self.weight.numel()
                 contrib = torch.cat([p.reshape(x.shape[0], -1, k) for p in self._parts(xhat, g)], -1)
             else:  # [N, C, *spatial] -> [N, spatial, C]
-                contrib = torch.cat([p.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2) for p in self._parts(xhat, g)], -1)
+                contrib = torch.cat([p.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+                                     for p in self._parts(xhat, g)], -1)
             out.append(_units(contrib, x.shape[0], self.approx))
         return torch.cat(out)
 
@@ -271,8 +272,9 @@ class FreeParameterBlock(DiagonalBlock):
     def prepare(self, inputs, grads, grad_scale):
         squares = torch.zeros(self.num_params, dtype=self.factor_dtype, device=self.weight.device)
         peak = torch.zeros((), dtype=torch.float64, device=self.weight.device)
+        units = 0
         for use, g in zip(inputs, grads):
             u = _units(use.contributions(g.to(self.factor_dtype)), use.samples, self.approx)
             squares.index_add_(0, use.index.reshape(-1).to(squares.device), (u * u).sum(0))
-            peak = torch.maximum(peak, max_abs(u))
-        return Squares(squares, grad_scale**2 / max(self.count_samples(inputs), 1), peak)
+            peak, units = torch.maximum(peak, max_abs(u)), units + u.shape[0]
+        return Squares(squares, grad_scale**2 / max(self.count_samples(inputs), 1), peak, units)

@@ -121,7 +121,8 @@ class _Tracer(TorchFunctionMode):
             if op in _SAME:
                 indices = (index,) * len(outs)
             else:
-                moved = func(*_replace(args, tensor, index), **{k: _replace(v, tensor, index) for k, v in kwargs.items()})
+                moved = func(*_replace(args, tensor, index),
+                             **{k: _replace(v, tensor, index) for k, v in kwargs.items()})
                 indices = moved if isinstance(moved, (tuple, list)) else (moved,)
             for o, i in zip(outs, indices):
                 if isinstance(o, Tensor) and o.requires_grad:

@@ -52,8 +52,8 @@ class KFAC(Optimizer):
     Attention projections get Kronecker blocks, norms, grouped convolutions and parameters used
     functionally a damped diagonal Fisher of the same scale (:mod:`natgrad.curvature.plan`);
     the rest, and ``skip_modules``, use the plain gradient in place of :math:`u` (same trust
-    region, momentum, weight decay); :meth:`describe` lists every parameter's treatment. A parameter whose ``.grad`` is None or that does not
-    require grad (frozen, even mid-training) is never moved.
+    region, momentum, weight decay); :meth:`describe` lists every parameter's treatment. A
+    parameter whose ``.grad`` is None or that does not require grad (frozen) is never moved.
 
     Curvature lives in one block per layer (:mod:`natgrad.curvature`), not in
     ``self.state[p]``: a Kronecker pair spans a layer's weight and bias together.
@@ -204,8 +204,9 @@ class KFAC(Optimizer):
                                                inverse_dtype=inverse_dtype)
                 if blocks and len(own) != sum(len(b.params) for b in blocks):
                     blocks, reason = [], "only some of its parameters are optimized"
-            for p in own if not blocks else ():
-                self._fallback_reason[id(p)] = f"{type(module).__name__} {name!r}: {reason}"
+            if not blocks:
+                for p in own:
+                    self._fallback_reason[id(p)] = f"{type(module).__name__} {name!r}: {reason}"
             for block in blocks:
                 self._blocks.append(block)
                 self._captures[block.name] = factory.capture(block, module)
@@ -276,10 +277,8 @@ class KFAC(Optimizer):
             return
         with torch.no_grad():  # NaN/Inf outputs: labels from finite stand-ins; the NaN statistics
             labels = lik.sample(torch.nan_to_num(output), self._generator)  # then skip the step
-        loss = lik.nll(output, labels, "sum")
-        if self.loss_reduction != "sum":  # "mean": over samples (dim 0); "token_mean": over rows
-            rows = output.numel() // max(output.shape[-1], 1) if self.loss_reduction == "token_mean" else output.shape[0]
-            loss = loss / max(rows, 1)
+        rows = {"mean": output.shape[0], "sum": 1}.get(self.loss_reduction, output.numel() // max(output.shape[-1], 1))
+        loss = lik.nll(output, labels, "sum") / max(rows, 1)  # token_mean: over all rows
         self._phase.sampling = True
         try:
             torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
