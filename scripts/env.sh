@@ -22,7 +22,7 @@ log() { printf '\033[1m[natgrad]\033[0m %s\n' "$*"; }
 
 install_system_packages() {
   local missing=()
-  for pkg in libgtest-dev ccache cmake g++ dataset-fashion-mnist; do
+  for pkg in libgtest-dev ccache cmake g++ dataset-fashion-mnist fortunes; do  # fortunes: benchmarks/char_lm.py
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return 0

@@ -102,7 +102,7 @@ def test_grad_scaler_unscales_gradients_and_factors():
 
 
 class Mixed(nn.Module):
-    """LayerNorm, a grouped conv, nn.MultiheadAttention (out_proj used functionally), a conv."""
+    """LayerNorm, a grouped conv, nn.MultiheadAttention (projections used functionally), a conv."""
 
     def __init__(self):
         super().__init__()
@@ -128,12 +128,12 @@ def test_unsupported_layers_fall_back_and_training_runs():
     losses = train(model, opt, x, y, 8)
     table = opt.describe()
     assert "conv.weight" in table and "K-FAC conv2d" in table
-    assert "grouped convolution (groups=2)" in table
-    assert "LayerNorm 'norm'" in table
-    assert "attn.in_proj_weight" in table and "MultiheadAttention" in table
-    out_proj = [line for line in table.splitlines() if line.startswith("attn.out_proj.weight")][0]
-    assert "until its hooks fire" in out_proj
-    assert "scale" in table and "not owned" not in table
+    rows = {line.split()[0]: line for line in table.splitlines()[1:]}
+    # issue 16: every parameter here now has a curvature block (none on the plain gradient)
+    assert "diagonal" in rows["grouped.weight"] and "diagonal" in rows["norm.weight"]
+    assert "K-FAC attention" in rows["attn.in_proj_weight"]
+    assert "K-FAC linear" in rows["attn.out_proj.weight"]
+    assert "diagonal" in rows["scale"] and "plain" not in table
     assert losses[-1] < losses[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

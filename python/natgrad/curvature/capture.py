@@ -59,24 +59,35 @@ class LayerCapture:
         self._handle = self.module.register_forward_hook(self._forward_hook)
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if args and self.wants(module):
+            self.track(args[0].detach(), output)
+
+    def wants(self, module: nn.Module) -> bool:
+        """Whether a forward call of ``module`` now yields statistics."""
         if self.training_only and not module.training:
-            return
-        if not (torch.is_grad_enabled() and self.active()):
-            return
-        if not args or not isinstance(output, Tensor) or not output.requires_grad:
-            return
-        record = Record(input=args[0].detach(), output=output)
+            return False
+        return torch.is_grad_enabled() and self.active()
+
+    def track(self, input, output: Tensor,
+              grad_view: Callable[[Tensor], Tensor] | None = None) -> Record | None:
+        """Records one forward call: ``input`` (as the block expects it) and ``output``, whose
+        gradient (through ``grad_view``, e.g. a transpose to the input's layout) fills
+        ``grad_output`` when a backward pass of the current phase reaches it."""
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        record = Record(input=input, output=output)
         self.records.append(record)
         self.fired = True
         if self.phase is None:
-            return
+            return record
 
         def on_grad(grad: Tensor) -> None:
             if record.grad_output is None and self.phase.accepts():
-                record.grad_output = grad.detach()
+                record.grad_output = grad.detach() if grad_view is None else grad_view(grad.detach())
                 record.output = None  # only sample_fisher needs it, and only before backward
 
         output.register_hook(on_grad)
+        return record
 
     def complete(self) -> list[Record]:
         """Records whose gradient arrived (a forward without backward is ignored)."""

@@ -121,6 +121,13 @@ class KroneckerBlock(CurvatureBlock):
         one sample)."""
         return sum(x.shape[0] if x.dim() > 1 else 1 for x in inputs)
 
+    # -- issue 16: loss_reduction="token_mean" counts loss terms (samples × positions) --------
+    def count_rows(self, inputs: Sequence[Tensor]) -> int:
+        """Rows of the forward calls (samples × weight-sharing positions); the base: one per
+        sample."""
+        return self.count_samples(inputs)
+    # -- end issue 16 ----------------------------------------------------------------------------
+
     def prepare(self, inputs: Sequence[Tensor], grads: Sequence[Tensor], grad_scale: float) -> Statistics:
         """Concatenates the forward calls' data into the ops' layout (no statistics yet)."""
         raise NotImplementedError
@@ -255,6 +262,9 @@ class LinearBlock(KroneckerBlock):
     def _update_a(self, stats, rho):
         ops.linear_act_factor_ema_(self.state["A"], stats.inputs, self.bias is not None, rho)
 
+    def count_rows(self, inputs):  # issue 16
+        return sum(x.numel() // max(self.weight.shape[1], 1) for x in inputs)
+
 
 class Conv2dBlock(KroneckerBlock):
     """nn.Conv2d with groups=1 and numeric zero padding, in the KFC ("expand") form."""
@@ -268,6 +278,13 @@ class Conv2dBlock(KroneckerBlock):
         passes = max(g.shape[0] // max(x.shape[0], 1), 1)
         rows = x.shape[0] * positions
         return Statistics(x, g, grad_scale * math.sqrt(positions * passes), rows, rows * passes)
+
+    def count_rows(self, inputs):  # issue 16: samples × output pixels
+        m = self.module
+
+        def out(size: int, i: int) -> int:
+            return (size + 2 * m.padding[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
+        return sum(x.shape[0] * out(x.shape[-2], 0) * out(x.shape[-1], 1) if x.dim() == 4 else 1 for x in inputs)
 
     def apply_update(self, stats, decay):
         rho = decay if self.has_factors else 0.0
@@ -308,6 +325,9 @@ class EmbeddingBlock(KroneckerBlock):
 
     def count_samples(self, inputs):
         return sum(t.shape[0] if t.dim() > 0 else 1 for t in inputs)
+
+    def count_rows(self, inputs):  # issue 16
+        return sum(t.numel() for t in inputs)
 
     def prepare(self, inputs, grads, grad_scale):
         dim = self.weight.shape[1]

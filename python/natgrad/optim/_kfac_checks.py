@@ -36,7 +36,7 @@ def check_kfac_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: An
         raise ValueError("Invalid fisher_type: 'exact' (natgrad.KFAC estimates 'empirical' or "
                          "'mc'; the exact Fisher is natgrad.fisher.compute_fisher's)")
     check_choice("fisher_type", fisher_type, ("empirical", "mc"))
-    check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+    check_choice("loss_reduction", loss_reduction, ("mean", "sum", "token_mean"))
     check_choice("linear_approx", linear_approx, ("expand", "reduce"))
     check_number("damping_adaptation_interval", damping_adaptation_interval, low=1, integer=True)
     check_number("damping_adaptation_decay", damping_adaptation_decay, low=0.0, high=1.0,

@@ -18,7 +18,10 @@ def describe(opt: KFAC) -> str:
     for group in opt.param_groups:
         for p in group["params"]:
             block = opt._block_of.get(id(p))
-            if block is not None and (opt._captures[block.name].fired or block.has_factors):
+            untraced = getattr(opt._captures.get(getattr(block, "name", None)), "reason", None)
+            if untraced is not None:
+                how = f"plain gradient: {untraced}"
+            elif block is not None and (opt._captures[block.name].fired or block.has_factors):
                 how = block.description
             elif block is not None:
                 how = "plain gradient until its hooks fire (none so far: is the layer used functionally?)"

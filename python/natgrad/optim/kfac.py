@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from natgrad.curvature import (CurvatureBlock, GradientPhase, KroneckerBlock, LayerCapture,
-                               PlainBlock, kronecker_block)
+from natgrad.curvature import CurvatureBlock, GradientPhase, LayerCapture, PlainBlock
 from natgrad.curvature.block import all_true, max_abs
+from natgrad.curvature.plan import CaptureFactory, module_blocks, sample_scale
 from natgrad.distributed.communicator import make_communicator
 from natgrad.likelihoods import get_likelihood
 from natgrad.optim import _kfac_io
@@ -49,11 +49,11 @@ class KFAC(Optimizer):
     adds weight decay and heavy-ball momentum, and steps
     :math:`\theta \leftarrow \theta - \eta\, b`, :math:`b \leftarrow \mu b + \nu u + \omega\theta`.
 
-    Parameters outside supported layers (LayerNorm/BatchNorm affine, grouped convolutions,
-    parameters used functionally, layers whose hooks never fired) use the plain gradient in
-    place of :math:`u` (same trust region, momentum and weight decay); :meth:`describe` lists
-    the treatment of every parameter. A parameter whose ``.grad`` is None or that does not
-    require grad (frozen, even mid-training) is never moved.
+    Attention projections get Kronecker blocks, norms, grouped convolutions and parameters used
+    functionally a damped diagonal Fisher of the same scale (:mod:`natgrad.curvature.plan`);
+    the rest, and ``skip_modules``, use the plain gradient in place of :math:`u` (same trust
+    region, momentum, weight decay); :meth:`describe` lists every parameter's treatment. A
+    parameter whose ``.grad`` is None or that does not require grad (frozen) is never moved.
 
     Curvature lives in one block per layer (:mod:`natgrad.curvature`), not in
     ``self.state[p]``: a Kronecker pair spans a layer's weight and bias together.
@@ -97,9 +97,9 @@ class KFAC(Optimizer):
             ratio exceeds 3/4 and divided by it below 1/4 (default: 0.95).
         fisher_type (str): "empirical" or "mc" (default: "empirical"). With "mc", every factor
             step needs ``sample_fisher(output)``; a step without it raises RuntimeError.
-        loss_reduction (str): "mean" if the gradient the optimizer sees is the mean over the
-            step's samples (also across accumulated micro-batches), "sum" if it is the sum
-            (default: "mean").
+        loss_reduction (str): "mean" if the gradient is the mean over the step's samples (dim 0,
+            also across micro-batches), "sum" if it is the sum, "token_mean" if it is the mean
+            over every position of every sample (each row is then one Fisher sample) (default: "mean").
         linear_approx (str): weight sharing in Linear layers with inputs ``[N, ..., d]``:
             "expand" (positions as extra rows) or "reduce" (averaged per sample)
             (default: "expand").
@@ -182,12 +182,13 @@ class KFAC(Optimizer):
 
     def _build_blocks(self, skip: set[str], approx: str, factor_dtype, inverse_dtype) -> None:
         managed = {id(p) for g in self.param_groups for p in g["params"]}
-        self._blocks: list[KroneckerBlock] = []
+        self._blocks: list[CurvatureBlock] = []
         self._captures: dict[str, LayerCapture] = {}
         self._fallback_reason: dict[int, str] = {}
         self._param_names = {id(p): n for n, p in self.model.named_parameters()}
         self._plain: dict[int, PlainBlock] = {}
         alive = weakref.WeakMethod(self._capturing)
+        factory = CaptureFactory(self.model, lambda: (m := alive()) is not None and m(), self._phase)
         for name, module in self.model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             for p in module.parameters(recurse=False):
@@ -196,23 +197,22 @@ class KFAC(Optimizer):
                                                     "(requires_grad=False) when natgrad.KFAC was built")
             if not own or not any(id(p) in managed for p in own):
                 continue
-            if name in skip:
-                block, reason = None, "skipped by skip_modules"
-            else:
-                block, reason = kronecker_block(name, module, [p for p in own if id(p) in managed],
-                                                linear_approx=approx, factor_dtype=factor_dtype,
-                                                inverse_dtype=inverse_dtype)
-                if block is not None and len(own) != len(block.params):
-                    block, reason = None, "only some of its parameters are optimized"
-            if block is None:
+            blocks, reason = [], "skipped by skip_modules"
+            if name not in skip:
+                blocks, reason = module_blocks(name, module, [p for p in own if id(p) in managed],
+                                               linear_approx=approx, factor_dtype=factor_dtype,
+                                               inverse_dtype=inverse_dtype)
+                if blocks and len(own) != sum(len(b.params) for b in blocks):
+                    blocks, reason = [], "only some of its parameters are optimized"
+            if not blocks:
                 for p in own:
                     self._fallback_reason[id(p)] = f"{type(module).__name__} {name!r}: {reason}"
-                continue
-            self._blocks.append(block)
-            self._captures[name] = LayerCapture(module, lambda: (m := alive()) is not None and m(), self._phase)
+            for block in blocks:
+                self._blocks.append(block)
+                self._captures[block.name] = factory.capture(block, module)
         captures = list(self._captures.values())
         self._finalizer = weakref.finalize(self, lambda: [c.remove() for c in captures])
-        self._block_of: dict[int, KroneckerBlock] = {id(p): b for b in self._blocks for p in b.params}
+        self._block_of: dict[int, CurvatureBlock] = {id(p): b for b in self._blocks for p in b.params}
         self._index_groups()
 
     def _index_groups(self) -> None:
@@ -258,9 +258,9 @@ class KFAC(Optimizer):
         """Estimates G from labels sampled from the model's predictive distribution.
 
         Call after the forward pass and before ``loss.backward()``; one extra backward pass,
-        which fills the G statistics only (``.grad`` is untouched). The sampled loss is reduced
-        like ``loss_reduction`` over all rows of ``output`` (samples × positions, as
-        ``F.cross_entropy`` on flattened logits). A no-op on steps that do not update factors.
+        which fills the G statistics only (``.grad`` is untouched). The sampled loss sums
+        a sample's positions and is divided by ``output.shape[0]`` ("mean"), by all rows of
+        ``output`` ("token_mean") or by 1 ("sum"). A no-op on steps that update no factors.
 
         Args:
             output (Tensor): the model's logits (categorical) or means (Gaussian, unit variance).
@@ -277,9 +277,8 @@ class KFAC(Optimizer):
             return
         with torch.no_grad():  # NaN/Inf outputs: labels from finite stand-ins; the NaN statistics
             labels = lik.sample(torch.nan_to_num(output), self._generator)  # then skip the step
-        loss = lik.nll(output, labels, "sum")
-        if self.loss_reduction == "mean":
-            loss = loss / max(output.numel() // max(output.shape[-1], 1), 1)
+        rows = {"mean": output.shape[0], "sum": 1}.get(self.loss_reduction, output.numel() // max(output.shape[-1], 1))
+        loss = lik.nll(output, labels, "sum") / max(rows, 1)  # token_mean: over all rows
         self._phase.sampling = True
         try:
             torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
@@ -355,7 +354,7 @@ class KFAC(Optimizer):
             records = [r for r in self._captures[block.name].complete() if block.count_samples([r.input])]
             if records:
                 inputs, grads = [r.input for r in records], [r.grad_output for r in records]
-                per_sample = block.count_samples(inputs) if self.loss_reduction == "mean" else 1.0
+                per_sample = sample_scale(block, inputs, self.loss_reduction)
                 stats[block.name] = block.prepare(inputs, grads, per_sample * amp_unscale)
                 checks.append(block.statistics_ok(stats[block.name]))
         ok = iter(all_true(checks))
@@ -430,10 +429,10 @@ class KFAC(Optimizer):
         kept, directions = [], []
         for (block, grad), ok in zip(work, finite):
             if not ok:
-                self._fault(block.name, "gradients", "layer" if isinstance(block, KroneckerBlock) else "parameter")
+                self._fault(block.name, "gradients", "parameter" if isinstance(block, PlainBlock) else "layer")
                 continue
             direction = grad
-            if isinstance(block, KroneckerBlock):
+            if not isinstance(block, PlainBlock):
                 direction = None
                 if self._comm.is_grad_worker(block):
                     try:
@@ -447,7 +446,7 @@ class KFAC(Optimizer):
         updates: dict[Tensor, Tensor] = {}
         grads: dict[Tensor, Tensor] = {}
         for block, grad, direction in kept:
-            if isinstance(block, KroneckerBlock) and not next(finite):
+            if not isinstance(block, PlainBlock) and not next(finite):
                 self._fault(block.name, "preconditioned gradients")
                 continue
             for p, g, u in zip(block.params, block.unpack(grad), block.unpack(direction)):
