@@ -59,7 +59,7 @@ at::Tensor kfac_precondition_eigen(const at::Tensor& grad, const at::Tensor& g_e
     const at::Tensor pi = pi_from_traces(a_eigenvalues.mean(-1), g_eigenvalues.mean(-1))
                               .unsqueeze(-1);
     const double root = std::sqrt(damping);
-    denom = (g_eigenvalues + pi * root).unsqueeze(-1) * (a_eigenvalues + root / pi).unsqueeze(-2);
+    denom = (g_eigenvalues + root / pi).unsqueeze(-1) * (a_eigenvalues + pi * root).unsqueeze(-2);
   } else {
     denom = (g_eigenvalues.unsqueeze(-1) * a_eigenvalues.unsqueeze(-2)).add_(damping);
   }
@@ -107,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kfac_damped_inverses(const at::Te
     const at::Tensor shifted = factor + eye * shift.to(factor.scalar_type()).unsqueeze(-1).unsqueeze(-1);
     return spd_solve(shifted, eye.expand_as(shifted));
   };
-  SolveResult g = damped_inverse(g_factor, pi * root);
-  SolveResult a = damped_inverse(a_factor, root / pi);
+  SolveResult g = damped_inverse(g_factor, root / pi);
+  SolveResult a = damped_inverse(a_factor, pi * root);
   const Rung worst = std::max(g.rung, a.rung);
   return {g.solution.to(g_factor.scalar_type()).contiguous(),
           a.solution.to(a_factor.scalar_type()).contiguous(),

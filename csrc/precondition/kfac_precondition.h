@@ -6,10 +6,11 @@
 // * eigenbasis: with G = V_G diag(l_G) V_G^T and A = V_A diag(l_A) V_A^T (from damped_eigh),
 //     P = V_G [(V_G^T dW V_A) / (l_G l_A^T + damping)] V_A^T,
 //   the exact inverse of (A (x) G + damping I) applied to dW. With pi_correction the damping
-//   is factored instead, as in Martens & Grosse (2015, sec. 6.3):
-//     P = V_G [(V_G^T dW V_A) / ((l_G + pi sqrt(damping)) (l_A + sqrt(damping) / pi)^T)] V_A^T,
+//   is factored instead, as in Martens & Grosse (2015, sec. 6.3, A + pi sqrt(damping) I and
+//   G + sqrt(damping) / pi I: each factor is damped in proportion to its own scale):
+//     P = V_G [(V_G^T dW V_A) / ((l_G + sqrt(damping) / pi) (l_A + pi sqrt(damping))^T)] V_A^T,
 //     pi = sqrt((tr(A) / d_in) / (tr(G) / d_out))   (pi = 1 when either trace is 0).
-// * inverse: P = (G + pi sqrt(damping) I)^-1 dW (A + sqrt(damping) / pi I)^-1, where the two
+// * inverse: P = (G + sqrt(damping) / pi I)^-1 dW (A + pi sqrt(damping) I)^-1, where the two
 //   damped inverses come from kfac_damped_inverses (Cholesky through the fallback ladder, done
 //   once per inverse update) and kfac_precondition_inverse applies them (two matmuls per step).
 //
@@ -30,8 +31,8 @@ at::Tensor kfac_precondition_eigen(const at::Tensor& grad, const at::Tensor& g_e
                                    const at::Tensor& a_eigenvectors, double damping,
                                    bool pi_correction);
 
-// Returns (g_inverse, a_inverse, rung): (G + pi sqrt(damping) I)^-1 and
-// (A + sqrt(damping)/pi I)^-1 in the factors' dtype, rung = worst ladder rung of the two.
+// Returns (g_inverse, a_inverse, rung): (G + sqrt(damping)/pi I)^-1 and
+// (A + pi sqrt(damping) I)^-1 in the factors' dtype, rung = worst ladder rung of the two.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kfac_damped_inverses(const at::Tensor& g_factor,
                                                                     const at::Tensor& a_factor,
                                                                     double damping,

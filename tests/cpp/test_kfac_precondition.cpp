@@ -42,12 +42,13 @@ double ref_pi(const at::Tensor& g, const at::Tensor& a) {
   return (tg > 0 && ta > 0) ? std::sqrt(ta / tg) : 1.0;
 }
 
-// (G + pi sqrt(damping) I)^-1 dW (A + sqrt(damping) / pi I)^-1 by two dense solves.
+// (G + sqrt(damping) / pi I)^-1 dW (A + pi sqrt(damping) I)^-1 by two dense solves (Martens &
+// Grosse 2015, sec. 6.3: the activation factor A takes pi sqrt(damping)).
 at::Tensor ref_factored(const at::Tensor& dw, const at::Tensor& g, const at::Tensor& a,
                         double damping, double pi) {
   const double root = std::sqrt(damping);
-  const at::Tensor gd = g.to(at::kDouble) + at::eye(g.size(0), at::kDouble) * (pi * root);
-  const at::Tensor ad = a.to(at::kDouble) + at::eye(a.size(0), at::kDouble) * (root / pi);
+  const at::Tensor gd = g.to(at::kDouble) + at::eye(g.size(0), at::kDouble) * (root / pi);
+  const at::Tensor ad = a.to(at::kDouble) + at::eye(a.size(0), at::kDouble) * (pi * root);
   const at::Tensor left = at::linalg_solve(gd, dw.to(at::kDouble));
   return at::linalg_solve(ad, left.t()).t();  // X Ad^-1 = (Ad^-1 X^T)^T, Ad symmetric
 }

@@ -63,8 +63,8 @@ def test_pi_corrected_and_inverse_methods_match_their_formulas():
     for method in ("eigen", "inverse"):
         layer.load_state_dict(probe.state_dict())
         delta, grad = linear_step(layer, x, y, damping=0.04, pi_correction=True, inverse_method=method)
-        gi = torch.linalg.inv(G + pi * 0.2 * torch.eye(3, dtype=torch.float64))
-        ai = torch.linalg.inv(A + 0.2 / pi * torch.eye(6, dtype=torch.float64))
+        gi = torch.linalg.inv(G + 0.2 / pi * torch.eye(3, dtype=torch.float64))
+        ai = torch.linalg.inv(A + pi * 0.2 * torch.eye(6, dtype=torch.float64))
         expected = -(gi @ grad.reshape(3, 6) @ ai).reshape(-1)
         torch.testing.assert_close(delta, expected, rtol=1e-9, atol=1e-11)
 

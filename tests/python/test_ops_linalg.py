@@ -119,8 +119,9 @@ def test_eigen_preconditioning_equals_dense_damped_solve(damping):
 def pi_reference(g, a, grad, damping):
     pi = ((torch.trace(a) / a.shape[0]) / (torch.trace(g) / g.shape[0])).sqrt()
     root = damping**0.5
-    g_inv = torch.linalg.inv(g + pi * root * torch.eye(g.shape[0], dtype=g.dtype))
-    a_inv = torch.linalg.inv(a + root / pi * torch.eye(a.shape[0], dtype=a.dtype))
+    # Martens & Grosse (2015), sec. 6.3: A + π√γ I and G + √γ/π I
+    g_inv = torch.linalg.inv(g + root / pi * torch.eye(g.shape[0], dtype=g.dtype))
+    a_inv = torch.linalg.inv(a + pi * root * torch.eye(a.shape[0], dtype=a.dtype))
     return g_inv @ grad @ a_inv
 
 

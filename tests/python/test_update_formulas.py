@@ -6,6 +6,8 @@ momentum as 0, weight decay as 0): the reference then differs by far more than 1
 * KFAC, kl_clip: with momentum 0 and weight decay 0 the step is ``Δθ = −η ν u`` with
   ``ν = min(1, sqrt(κ / Σ_groups η² ⟨u, g⟩))``; ``u`` is read off the step taken with
   ``kl_clip=None`` from the same model, batch and optimizer state (``Δθ(None) = −η u``).
+* KFAC, momentum and kl_clip: with the curvature fixed after step 0, ``b ← ν(μb + u)`` with
+  ``u = F̂⁻¹g`` by a dense solve and ``ν`` bounding ``η² (μb + u)ᵀF̂(μb + u)`` by κ.
 * NaturalGradient: ``d = (F + λI)⁻¹(∇L + ωθ)`` with ``F = UᵀU/n`` the empirical Fisher from a
   per-sample-gradient loop, ``ν = min(1, sqrt(κ / Σ_groups η² dᵀ∇L))``, ``b ← μb + νd``,
   ``θ ← θ − ηb``, over several steps and two param groups of different lr.
@@ -94,6 +96,56 @@ def test_kfac_kl_clip_scales_the_unclipped_step_by_nu(lrs, steps):
         nu = min(1.0, math.sqrt(kappa / vg))
         assert (nu < 0.5) if active else (nu == 1.0)
         torch.testing.assert_close(after_k - before, nu * (after_none - before), rtol=0, atol=ATOL)
+
+
+def dense_damped_fisher(opt, model: nn.Sequential, damping: float) -> torch.Tensor:
+    """``kron(G, A) + γI`` per Linear layer (packed ``[W, b]`` row-major, as ``flat`` orders
+    weight then bias, permuted below), from the factors the optimizer holds, in float64."""
+    mats = []
+    for block in opt._blocks:
+        A, G = block.state["A"].to(DT), block.state["G"].to(DT)
+        mats.append(torch.kron(G, A) + damping * torch.eye(G.shape[0] * A.shape[0], dtype=DT))
+    return torch.block_diag(*mats)
+
+
+def packed_order(model: nn.Sequential) -> torch.Tensor:
+    """Permutation from ``flat(model.parameters())`` to the blocks' packed ``[W, b]`` rows."""
+    index, start = [], 0
+    for m in model:
+        if isinstance(m, nn.Linear):
+            out, inp = m.weight.shape
+            w = torch.arange(out * inp).reshape(out, inp) + start
+            b = torch.arange(out).reshape(out, 1) + start + out * inp
+            index.append(torch.cat([w, b], 1).reshape(-1))
+            start += out * (inp + 1)
+    return torch.cat(index)
+
+
+@pytest.mark.parametrize("kappa", [1e-4, 1e3], ids=["binding", "loose"])
+def test_kfac_trust_region_bounds_the_momentum_step_taken(kappa):
+    """Fixed curvature (factors and decompositions from step 0 only): every step must equal the
+    reference ``b ← ν(μb + u)``, ``u = F̂⁻¹g`` by a dense solve, ``ν = min(1, sqrt(κ / (η² (μb +
+    u)ᵀF̂(μb + u))))``, so that the KL of the step actually taken is at most κ (equal when ν < 1)."""
+    model, damping, eta, mu = make_model(), 1e-2, 0.5, 0.9
+    opt = natgrad.KFAC(model, lr=eta, momentum=mu, damping=damping, kl_clip=kappa,
+                       factor_update_period=10**6, inverse_update_period=10**6)
+    order = packed_order(model)
+    buf, binding = torch.zeros(order.numel(), dtype=DT), 0
+    for x, y in batches(6):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before, grad = flat(model.parameters()), flat(p.grad for p in model.parameters())
+        opt.step()
+        fisher = dense_damped_fisher(opt, model, damping)  # unchanged after step 0
+        u = torch.linalg.solve(fisher, grad[order])
+        d = mu * buf + u
+        kl = eta**2 * float(d @ fisher @ d)
+        nu = min(1.0, math.sqrt(kappa / kl))
+        binding += nu < 0.99
+        buf = nu * d
+        torch.testing.assert_close(flat(model.parameters())[order] - before[order], -eta * buf, rtol=1e-8, atol=ATOL)
+        assert eta**2 * float(buf @ fisher @ buf) <= kappa * (1 + 1e-9)
+    assert binding == (6 if kappa < 1e-3 else 0)
 
 
 # ---- NaturalGradient: momentum, weight decay and kl_clip --------------------------------------

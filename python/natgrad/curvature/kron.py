@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad import ops
+from natgrad.curvature import refresh
 from natgrad.curvature.block import CurvatureBlock, max_abs
 
 
@@ -170,11 +171,16 @@ class KroneckerBlock(CurvatureBlock):
         return {"g_eigenvalues": torch.empty(g, **opts), "g_eigenvectors": torch.empty(g, g, **opts),
                 "a_eigenvalues": torch.empty(a, **opts), "a_eigenvectors": torch.empty(a, a, **opts)}
 
-    def update_inverse(self, method: str, damping: float, pi_correction: bool = False) -> int:
+    def update_inverse(self, method: str, damping: float, pi_correction: bool = False,
+                       warm: bool = False) -> int:
         """Eigendecomposes the factors (``method`` "eigen") or forms damped inverses
-        ("inverse") through the ops' fallback ladder; returns the rung used."""
+        ("inverse") through the ops' fallback ladder; returns the rung used. With ``warm``, a
+        cheap refresh from the previous decomposition (:mod:`natgrad.curvature.refresh`)
+        replaces it when there is one (the inverse refresh may decline: then exact)."""
         a = self.state["A"].to(self.inverse_dtype)
         g = self.state["G"].to(self.inverse_dtype)
+        if warm and self._warm_refresh(method, g, a, damping, pi_correction):
+            return 0
         self.drop_decomposition()
         if method == "inverse":
             inv = ops.kfac_damped_inverses(g, a, damping, pi_correction)
@@ -184,6 +190,24 @@ class KroneckerBlock(CurvatureBlock):
         self.state["a_eigenvalues"], self.state["a_eigenvectors"] = ea.eigenvalues, ea.eigenvectors
         self.state["g_eigenvalues"], self.state["g_eigenvectors"] = eg.eigenvalues, eg.eigenvectors
         return max(int(ea.rung), int(eg.rung))
+
+    def _warm_refresh(self, method: str, g: Tensor, a: Tensor, damping: float, pi_correction: bool) -> bool:
+        s = self.state
+        if method == "eigen" and "g_eigenvectors" in s and "a_eigenvectors" in s:
+            for side, factor in (("g", g), ("a", a)):
+                values, vectors = refresh.warm_eigh(factor, s[f"{side}_eigenvalues"], s[f"{side}_eigenvectors"])
+                s[f"{side}_eigenvalues"], s[f"{side}_eigenvectors"] = values, vectors
+            return True
+        if method != "inverse" or "g_inverse" not in s or "a_inverse" not in s:
+            return False
+        shifts = refresh.factored_shifts(g, a, damping, pi_correction)
+        new = [refresh.newton_schulz_inverse(f + shift * torch.eye(f.shape[0], dtype=f.dtype, device=f.device),
+                                             s[key])
+               for f, shift, key in ((g, shifts[0], "g_inverse"), (a, shifts[1], "a_inverse"))]
+        if any(x is None for x in new):
+            return False
+        s["g_inverse"], s["a_inverse"] = new
+        return True
 
     # ---- products -----------------------------------------------------------------------------
 
@@ -346,7 +370,11 @@ class EmbeddingBlock(KroneckerBlock):
         g = self.g_dim()
         return {"g_eigenvalues": torch.empty(g, **opts), "g_eigenvectors": torch.empty(g, g, **opts)}
 
-    def update_inverse(self, method, damping, pi_correction=False):
+    def update_inverse(self, method, damping, pi_correction=False, warm=False):
+        if warm and "g_eigenvectors" in self.state:
+            self.state["g_eigenvalues"], self.state["g_eigenvectors"] = refresh.warm_eigh(
+                self.state["G"].to(self.inverse_dtype), self.state["g_eigenvalues"], self.state["g_eigenvectors"])
+            return 0
         self.drop_decomposition()
         eg = ops.damped_eigh(self.state["G"].to(self.inverse_dtype))
         self.state["g_eigenvalues"], self.state["g_eigenvectors"] = eg.eigenvalues, eg.eigenvectors
@@ -360,7 +388,7 @@ class EmbeddingBlock(KroneckerBlock):
         if pi_correction:
             pi = torch.sqrt(a.mean().clamp_min(1e-30) / lam_g.mean().clamp_min(1e-30))
             root = math.sqrt(damping)
-            denom = (lam_g[:, None] + pi * root) * (a[None, :] + root / pi)
+            denom = (lam_g[:, None] + root / pi) * (a[None, :] + pi * root)
         else:
             denom = lam_g[:, None] * a[None, :] + damping
         denom = torch.where(denom > 0, denom, torch.ones_like(denom))

@@ -12,7 +12,8 @@ shapes), either in the eigenbasis::
     P = V_G [(V_Gᵀ ∇W V_A) ⊘ (λ_G λ_Aᵀ + γ)] V_Aᵀ
 
 or, with π-corrected factored damping (Martens & Grosse, 2015, §6.3),
-``P = (G + π√γ I)⁻¹ ∇W (A + √γ/π I)⁻¹`` with ``π = sqrt((tr A / d_in) / (tr G / d_out))``,
+``P = (G + √γ/π I)⁻¹ ∇W (A + π√γ I)⁻¹`` with ``π = sqrt((tr A / d_in) / (tr G / d_out))`` (each
+factor damped in proportion to its own mean eigenvalue),
 available both in the eigenbasis (``pi_correction=True``) and as explicit inverses.
 
 Every op here runs on any device (ATen compositions: LAPACK on CPU, cuSOLVER/cuBLAS on CUDA)
@@ -56,8 +57,8 @@ class EighResult(NamedTuple):
 class DampedInverses(NamedTuple):
     """Output of :func:`kfac_damped_inverses`."""
 
-    g_inverse: Tensor  #: ``(G + π√γ I)⁻¹``
-    a_inverse: Tensor  #: ``(A + √γ/π I)⁻¹``
+    g_inverse: Tensor  #: ``(G + √γ/π I)⁻¹``
+    a_inverse: Tensor  #: ``(A + π√γ I)⁻¹``
     rung: Tensor  #: 0-dim int64, the worse :class:`Rung` of the two factorisations
 
 
@@ -118,7 +119,7 @@ def kfac_precondition_eigen(
 def kfac_damped_inverses(
     g_factor: Tensor, a_factor: Tensor, damping: float, pi_correction: bool = False
 ) -> DampedInverses:
-    """Damped inverses ``(G + π√γ I)⁻¹`` and ``(A + √γ/π I)⁻¹`` by Cholesky with the ladder.
+    """Damped inverses ``(G + √γ/π I)⁻¹`` and ``(A + π√γ I)⁻¹`` by Cholesky with the ladder.
 
     Computed once per inverse update; :func:`kfac_precondition_inverse` applies them each step.
     ``π = 1`` unless ``pi_correction``. Not differentiable.

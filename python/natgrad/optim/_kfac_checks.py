@@ -15,7 +15,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def check_kfac_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, damping: Any,
                          factor_decay: Any, factor_update_period: Any, inverse_update_period: Any,
-                         kl_clip: Any, inverse_method: Any, pi_correction: Any, adaptive_damping: Any,
+                         kl_clip: Any, inverse_method: Any, pi_correction: Any, warm_refreshes: Any,
+                         adaptive_damping: Any,
                          damping_adaptation_interval: Any, damping_adaptation_decay: Any,
                          fisher_type: Any, loss_reduction: Any, linear_approx: Any, factor_dtype: Any,
                          inverse_dtype: Any, seed: Any, grad_worker_fraction: Any,
@@ -44,7 +45,10 @@ def check_kfac_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: An
     check_number("grad_worker_fraction", grad_worker_fraction, low=0.0, high=1.0, low_open=True)
     check_number("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True)
     check_number("seed", seed, integer=True)
-    for name, flag in (("pi_correction", pi_correction), ("adaptive_damping", adaptive_damping),
+    check_number("warm_refreshes", warm_refreshes, low=0, integer=True)
+    if pi_correction is not None:
+        check_flag("pi_correction", pi_correction)
+    for name, flag in (("adaptive_damping", adaptive_damping),
                        ("triangle_packing", triangle_packing)):
         check_flag(name, flag)
     if adaptive_damping and callable(damping):

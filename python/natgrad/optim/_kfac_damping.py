@@ -1,11 +1,14 @@
-"""natgrad.KFAC's Levenberg–Marquardt damping adaptation (Martens & Grosse, 2015, §6.5): compare
-the loss reduction of a step with the reduction its quadratic model predicted."""
+"""natgrad.KFAC's step-size control: the Levenberg–Marquardt damping adaptation (Martens &
+Grosse, 2015, §6.5: compare the loss reduction of a step with the reduction its quadratic model
+predicted) and the KL trust region on the momentum-accumulated step."""
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
 
 import torch
+
+from natgrad.optim._hyper import resolved_number
 
 if TYPE_CHECKING:  # pragma: no cover
     from natgrad.optim.kfac import KFAC
@@ -37,3 +40,46 @@ def adapt_damping(opt: KFAC, closure, loss_before, before: dict, grads: dict) ->
     elif rho < 0.25:
         opt._damping_multiplier /= omega
     opt._damping_multiplier = min(max(opt._damping_multiplier, 1e-8), 1e8)
+
+
+def trust_region(opt: KFAC, k: int, updates: dict, grads: dict) -> float:
+    r"""The KL trust-region scale ν of step ``k``, bounding the step actually taken.
+
+    With heavy-ball momentum the step is :math:`\eta\,b_{new}`, :math:`b_{new} = \nu(\mu b + u)`
+    (plus weight decay, outside the trust region), not :math:`\eta u`. Its quadratic KL under the
+    damped curvature :math:`\hat F` (for which :math:`\hat F u = g` exactly) is
+
+    .. math::
+        \tfrac12\,\eta^2 \nu^2 (\mu b + u)^\top \hat F (\mu b + u)
+        = \tfrac12\,\eta^2 \nu^2 (\mu^2 s + 2\mu \langle b, g\rangle + \langle u, g\rangle),
+
+    where :math:`s = b^\top \hat F b` is carried from the previous step (exact while the
+    curvature is unchanged; with weight decay, its share of ``b`` is counted in the cross term).
+    ν = min(1, sqrt(κ / (η²(μ²s + 2μ⟨b,g⟩ + ⟨u,g⟩)))), and each parameter's share of the new
+    :math:`s` (ν² times its terms; a share may be negative, the sum is not) is kept in ``opt.state[p]["kl_share"]``
+    (a float64 0-d tensor, saved with the momentum buffer). Without momentum this is the usual
+    :math:`\min(1, \sqrt{\kappa / (\eta^2 \langle u, g\rangle)})`. One host read per step.
+    """
+    kl_clip = resolved_number("kl_clip", opt.kl_clip, k, low=0.0, low_open=True, allow_none=True)
+    if kl_clip is None or not updates:
+        return 1.0
+    shares, weighted, carried = [], [], []
+    for p, u in updates.items():
+        group, g = opt._group_of[id(p)], grads[p]
+        term = (u * g).sum(dtype=torch.float64)
+        buf = opt.state[p].get("momentum_buffer") if group["momentum"] else None
+        if buf is not None:
+            mu = group["momentum"]
+            share = opt.state[p].get("kl_share")
+            term = term + 2 * mu * (buf * g).sum(dtype=torch.float64)
+            if share is not None:
+                term = term + mu * mu * share.to(term.device)
+        if group["momentum"]:
+            carried.append((p, term))
+        shares.append(term)
+        weighted.append(term * group["lr"] ** 2)
+    total = float(torch.stack(weighted).sum())
+    nu = min(1.0, math.sqrt(kl_clip / total)) if total > 0 and math.isfinite(total) else 1.0
+    for p, term in carried:
+        opt.state[p]["kl_share"] = term * (nu * nu)
+    return nu

@@ -38,6 +38,7 @@ def kfac_state(opt: KFAC) -> dict[str, Any]:
     """The ``"kfac"`` entry: counters, damping multiplier, faults, sampler state, blocks."""
     return {
         "steps": opt._steps,
+        "refreshes": opt._refreshes,
         "damping_multiplier": opt._damping_multiplier,
         "faults": dict(opt._faults),
         "ladder": dict(opt._ladder),
@@ -75,6 +76,7 @@ def check_state(opt: KFAC, state_dict: dict[str, Any], kfac: dict[str, Any]) -> 
 def load_kfac_state(opt: KFAC, kfac: dict[str, Any]) -> None:
     """Restores :func:`kfac_state` output (already checked by :func:`check_state`)."""
     opt._steps = int(kfac["steps"])
+    opt._refreshes = int(kfac.get("refreshes", 0))
     opt._damping_multiplier = float(kfac["damping_multiplier"])
     opt._faults, opt._ladder = dict(kfac["faults"]), dict(kfac["ladder"])
     opt._generator.set_state(kfac["generator"])

@@ -1,7 +1,6 @@
 r"""natgrad.KFAC: Kronecker-factored approximate curvature as a torch.optim.Optimizer."""
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -18,7 +17,7 @@ from natgrad.distributed.communicator import make_communicator
 from natgrad.likelihoods import get_likelihood
 from natgrad.optim import _kfac_io
 from natgrad.optim._hyper import Schedule, check_group, resolved_number
-from natgrad.optim._kfac_damping import adapt_damping
+from natgrad.optim._kfac_damping import adapt_damping, trust_region
 from natgrad.optim._kfac_checks import check_kfac_arguments, check_schedules, checked_skip_modules
 
 __all__ = ["KFAC"]
@@ -44,10 +43,11 @@ class KFAC(Optimizer):
         u_\ell = (A_\ell \otimes G_\ell + \gamma I)^{-1} \nabla_{W_\ell} L
                = V_G\,[(V_G^\top \nabla W V_A) \oslash (\lambda_G \lambda_A^\top + \gamma)]\,V_A^\top,
 
-    (or the π-corrected factored damping), scales all directions by the KL trust region
-    :math:`\nu = \min(1, \sqrt{\kappa / \sum_\ell \eta^2 \langle u_\ell, \nabla_\ell\rangle})`,
-    adds weight decay and heavy-ball momentum, and steps
-    :math:`\theta \leftarrow \theta - \eta\, b`, :math:`b \leftarrow \mu b + \nu u + \omega\theta`.
+    (or the π-corrected factored damping), and steps :math:`\theta \leftarrow \theta - \eta\, b`,
+    :math:`b \leftarrow \nu(\mu b + u) + \omega\theta`, where the KL trust region ν bounds the
+    momentum-accumulated step actually taken, :math:`\eta^2\nu^2 \|\mu b + u\|_F^2 \le \kappa`
+    (:func:`natgrad.optim._kfac_damping.trust_region`; μ = 0: the usual
+    :math:`\min(1, \sqrt{\kappa / \sum_\ell \eta^2 \langle u_\ell, \nabla_\ell\rangle})`).
 
     Attention projections get Kronecker blocks, norms, grouped convolutions and parameters used
     functionally a damped diagonal Fisher of the same scale (:mod:`natgrad.curvature.plan`);
@@ -88,7 +88,13 @@ class KFAC(Optimizer):
             (default: 1e-3).
         inverse_method (str): "eigen" (eigenbasis, exact damping) or "inverse" (damped Cholesky
             inverses; damping enters only at inverse updates) (default: "eigen").
-        pi_correction (bool): factored, π-corrected damping (default: False).
+        pi_correction (bool or None): factored, π-corrected damping A + π√γ I, G + √γ/π I
+            (Martens & Grosse, 2015, §6.3); False: √γ on each factor ("inverse") or exact
+            damping ("eigen"); None: True for "inverse", False for "eigen" (default: None).
+        warm_refreshes (int): cheap refreshes between exact decompositions: one subspace
+            iteration + QR from the previous eigenvectors ("eigen"), or Newton–Schulz from the
+            previous inverses ("inverse", exact when too far); see
+            :mod:`natgrad.curvature.refresh` (default: 0, every refresh exact).
         adaptive_damping (bool): Levenberg–Marquardt adaptation of γ from the reduction ratio
             when ``step`` gets a closure (the closure is then evaluated a second time, after the
             update, every ``damping_adaptation_interval`` steps) (default: False).
@@ -131,7 +137,7 @@ class KFAC(Optimizer):
                  momentum: float = 0.9, weight_decay: float = 0.0, damping: Schedule = 1e-3,
                  factor_decay: float = 0.95, factor_update_period: Schedule = 1,
                  inverse_update_period: Schedule = 10, kl_clip: Schedule | None = 1e-3,
-                 inverse_method: str = "eigen", pi_correction: bool = False,
+                 inverse_method: str = "eigen", pi_correction: bool | None = None, warm_refreshes: int = 0,
                  adaptive_damping: bool = False, damping_adaptation_interval: int = 5,
                  damping_adaptation_decay: float = 0.95, fisher_type: str = "empirical",
                  loss_reduction: str = "mean", linear_approx: str = "expand",
@@ -143,7 +149,7 @@ class KFAC(Optimizer):
             model=model, lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
             factor_decay=factor_decay, factor_update_period=factor_update_period,
             inverse_update_period=inverse_update_period, kl_clip=kl_clip,
-            inverse_method=inverse_method, pi_correction=pi_correction,
+            inverse_method=inverse_method, pi_correction=pi_correction, warm_refreshes=warm_refreshes,
             adaptive_damping=adaptive_damping, damping_adaptation_interval=damping_adaptation_interval,
             damping_adaptation_decay=damping_adaptation_decay, fisher_type=fisher_type,
             loss_reduction=loss_reduction, linear_approx=linear_approx, factor_dtype=factor_dtype,
@@ -160,7 +166,8 @@ class KFAC(Optimizer):
         self.inverse_update_period = inverse_update_period
         self.kl_clip = kl_clip
         self.inverse_method = inverse_method
-        self.pi_correction = pi_correction
+        self.pi_correction = inverse_method == "inverse" if pi_correction is None else pi_correction
+        self.warm_refreshes, self._refreshes = warm_refreshes, 0
         self.adaptive_damping = adaptive_damping
         self.damping_adaptation_interval = damping_adaptation_interval
         self.damping_adaptation_decay = damping_adaptation_decay
@@ -316,7 +323,7 @@ class KFAC(Optimizer):
         skipped = self._update_factors(k, amp_unscale)
         self._update_inverses(k)
         updates, grads = self._directions(skipped, amp_unscale)
-        nu = self._trust_region(k, updates, grads)
+        nu = trust_region(self, k, updates, grads)
         adapt = self.adaptive_damping and closure is not None and k % self.damping_adaptation_interval == 0
         before = {p: p.detach().clone() for p in updates} if adapt else None
         self._apply(updates, nu)
@@ -391,11 +398,13 @@ class KFAC(Optimizer):
         if any(b.name not in self._decomposed for b in due):  # a new layer: (re)assign owners,
             due = [b for b in self._blocks if b.has_factors]  # and every owner recomputes
             self._comm.assign(due)
+        warm = bool(due) and self._refreshes % (self.warm_refreshes + 1) != 0
+        self._refreshes += bool(due)
         for block in due:
             self._decomposed.add(block.name)
             rung = 0
             if self._comm.is_owner(block):
-                rung = block.update_inverse(self.inverse_method, self._damping(block.weight), self.pi_correction)
+                rung = block.update_inverse(self.inverse_method, self._damping(block.weight), self.pi_correction, warm)
             self._comm.share_decomposition(block, self.inverse_method)
             if rung > 0:
                 first = block.name not in self._ladder
@@ -454,15 +463,6 @@ class KFAC(Optimizer):
                     updates[p], grads[p] = u, g
         return updates, grads
 
-    def _trust_region(self, k: int, updates: dict, grads: dict) -> float:
-        kl_clip = resolved_number("kl_clip", self.kl_clip, k, low=0.0, low_open=True, allow_none=True)
-        if kl_clip is None or not updates:
-            return 1.0
-        terms = [(updates[p] * grads[p]).sum(dtype=torch.float64) * self._group_of[id(p)]["lr"] ** 2
-                 for p in updates]
-        vg = float(torch.stack(terms).sum())
-        return 1.0 if vg == 0 or not math.isfinite(vg) else min(1.0, math.sqrt(kl_clip / abs(vg)))
-
     def _apply(self, updates: dict, nu: float) -> None:
         for group in self.param_groups:
             for p in group["params"]:
@@ -477,7 +477,7 @@ class KFAC(Optimizer):
                     if buf is None:
                         state["momentum_buffer"] = buf = d.clone()
                     else:
-                        buf.mul_(group["momentum"]).add_(d)
+                        buf.mul_(group["momentum"] * nu).add_(d)  # ν scales the accumulated step
                     d = buf
                 p.add_(d, alpha=-group["lr"])
 
