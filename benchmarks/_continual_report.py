@@ -5,7 +5,12 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from _harness import format_rows
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import natgrad
+from _harness import assert_close, format_rows, time_fn
 
 EWC_GOALS = ("permuted, SGD protocol: diagonal EWC >= L2 + 5 points, L2 >= no penalty + 5 points, "
              "with interior validation λ",
@@ -142,3 +147,63 @@ def evaluate_goals(results: dict[str, Any], timing: dict[str, Any]) -> list[dict
     goals.append({"goal": EWC_GOALS[3], "met": timing["goal_met"],
                   "measured": f"x{timing['speedup']:.1f}" + (f" (WRONG RESULT: {timing['error']})" if timing["error"] else "")})
     return goals
+
+
+# ---- Fisher estimation time -------------------------------------------------------------------------------
+
+def fisher_timing(train, cfg: dict[str, Any], mlp) -> dict[str, Any]:
+    """EWC.consolidate (diagonal, empirical) vs a per-sample loop on the same samples and MLP
+    (``mlp``: the benchmark's model class)."""
+    torch.manual_seed(0)
+    m = cfg["timing_samples"]
+    x, y = train.x[:m], train.y[:m]
+    model = mlp(x.shape[1], tuple(cfg["hidden"]), 10).eval()
+    names = [n for n, _ in model.named_parameters()]
+
+    def natgrad_fn() -> list[Tensor]:
+        ewc = natgrad.EWC(model)
+        ewc.consolidate(x, y)
+        return [ewc.tasks[0]["diag"][n] for n in names]
+
+    def loop_fn() -> list[Tensor]:
+        acc = [torch.zeros_like(p) for p in model.parameters()]
+        for i in range(m):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+            for a, p in zip(acc, model.parameters()):
+                a += p.grad ** 2
+        return [a / m for a in acc]
+
+    reps = cfg["timing_repeats"]
+    t_nat, out_nat = time_fn(natgrad_fn, reps, warmup=1)
+    t_loop, out_loop = time_fn(loop_fn, reps, warmup=1 if reps > 1 else 0)
+    error = None
+    try:
+        assert_close(out_nat, out_loop, rtol=1e-3, atol_rel=1e-4, what="diagonal Fisher")
+    except AssertionError as e:
+        error = str(e)
+    nat, loop = statistics.median(t_nat), statistics.median(t_loop)
+    return {"samples": m, "natgrad_s": t_nat, "loop_s": t_loop, "natgrad_median_s": nat,
+            "loop_median_s": loop, "speedup": loop / nat, "goal_min_speedup": 10.0,
+            "goal_met": loop / nat >= 10.0 and error is None, "error": error}
+
+
+def max_curvature(reg: Any) -> float | None:
+    """Largest eigenvalue of the penalty's Hessian divided by λ, after the last consolidation
+    (diagonal EWC: the largest summed Fisher entry; Kronecker: Σ_t λmax(A_t)·λmax(G_t), an upper
+    bound; L2: 1). SGD with momentum μ on the penalty alone diverges once
+    lr·λ·this > 2(1 + μ)."""
+    if hasattr(reg, "anchor"):  # anchored L2
+        return 1.0 if reg.anchor else None
+    tasks = getattr(reg, "tasks", [])
+    if not tasks:
+        return None
+    diag: dict[str, Tensor] = {}
+    kron: dict[tuple[str, ...], float] = {}
+    for task in tasks:
+        for n, f in task["diag"].items():
+            diag[n] = diag[n] + f if n in diag else f
+        for names, block in task["kron"].items():
+            top = [float(torch.linalg.eigvalsh(block.state[k].double())[-1]) for k in ("A", "G")]
+            kron[names] = kron.get(names, 0.0) + top[0] * top[1]
+    return max([float(f.max()) for f in diag.values()] + list(kron.values()))

@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _continual_report as report  # noqa: E402
 import natgrad  # noqa: E402
-from _harness import assert_close, machine_info, time_fn, write_payload  # noqa: E402
+from _harness import machine_info, write_payload  # noqa: E402
 from data import Split, load_digits, load_fashion_mnist  # noqa: E402
 
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -324,28 +324,7 @@ def run_sequence(scenario: str, tasks: list[Task], method: str, lam: float, seed
         consolidate_s += time.perf_counter() - start
     return {"test": test_acc, "val": val_acc, "train_s": train_s, "consolidate_s": consolidate_s,
             "memory_per_task_bytes": reg.memory_per_task(), "diverged": diverged,
-            "max_penalty_curvature_per_lambda": max_curvature(reg)}
-
-
-def max_curvature(reg: Any) -> float | None:
-    """Largest eigenvalue of the penalty's Hessian divided by λ, after the last consolidation
-    (diagonal EWC: the largest summed Fisher entry; Kronecker: Σ_t λmax(A_t)·λmax(G_t), an upper
-    bound; L2: 1). SGD with momentum μ on the penalty alone diverges once
-    lr·λ·this > 2(1 + μ)."""
-    if isinstance(reg, AnchoredL2):
-        return 1.0 if reg.anchor else None
-    tasks = getattr(reg, "tasks", [])
-    if not tasks:
-        return None
-    diag: dict[str, Tensor] = {}
-    kron: dict[tuple[str, ...], float] = {}
-    for task in tasks:
-        for n, f in task["diag"].items():
-            diag[n] = diag[n] + f if n in diag else f
-        for names, block in task["kron"].items():
-            top = [float(torch.linalg.eigvalsh(block.state[k].double())[-1]) for k in ("A", "G")]
-            kron[names] = kron.get(names, 0.0) + top[0] * top[1]
-    return max([float(f.max()) for f in diag.values()] + list(kron.values()))
+            "max_penalty_curvature_per_lambda": report.max_curvature(reg)}
 
 
 def avg_final(acc: list[list[float]]) -> float:
@@ -361,8 +340,8 @@ def _ms(values: list[float]) -> tuple[float, float]:
 
 def tune(score: Callable[[float], float], grid: tuple[float, ...], max_extensions: int,
          step: float = 10 ** 0.5) -> tuple[dict[float, float], float, str]:
-    """Validation score of every λ of ``grid``, extended by factors of ``step`` beyond whichever
-    edge holds the best λ until it is interior (or ``max_extensions`` extra values were tried);
+    """Validation score of every λ of ``grid`` (ties: the smallest λ wins), extended by factors
+    of ``step`` beyond whichever edge holds the best λ until it is interior (or ``max_extensions`` extra values were tried);
     the same budget for every method. Returns the curve, the best λ and where the best lies
     ("interior", "lower edge", "upper edge" or "single" for a one-point grid)."""
     curve = {lam: score(lam) for lam in grid}
@@ -404,13 +383,16 @@ def run_scenario(scenario: str, train: Split, test: Split, cfg: dict[str, Any],
                            "methods": {}}
     methods = [m for m in scfg["methods"] if not (m == "kfac_opt" and optimizer != "sgd")]
     for method in methods:
-        curve, best, where = tune(
-            lambda lam: statistics.fmean(avg_final(get(method, lam, s)["val"]) for s in scfg["grid_seeds"]),
-            scfg["grids"][method], scfg["max_extensions"], scfg["grid_step"])
+        def score(lam: float) -> float:  # a diverged run ranks below every finished one
+            rs = [get(method, lam, s) for s in scfg["grid_seeds"]]
+            return -1.0 if any(r["diverged"] for r in rs) else statistics.fmean(avg_final(r["val"]) for r in rs)
+
+        curve, best, where = tune(score, scfg["grids"][method], scfg["max_extensions"], scfg["grid_step"])
         final = [get(method, best, s) for s in scfg["seeds"]]
         n = len(final[0]["test"])
         first = [_ms([r["test"][t][0] for r in final]) for t in range(n)]
         curves = [[statistics.fmean(r["test"][t][j] for r in final) for j in range(n)] for t in range(n)]
+        curve = {lam: statistics.fmean(avg_final(get(method, lam, s)["val"]) for s in scfg["grid_seeds"]) for lam in curve}
         out["methods"][method] = {
             "label": LABELS[method], "grid": list(curve), "val_avg_by_lambda": {str(k): v for k, v in curve.items()},
             "diverged_by_lambda": {str(lam): runs[(method, lam, scfg["grid_seeds"][0])]["diverged"] for lam in curve},
@@ -423,17 +405,24 @@ def run_scenario(scenario: str, train: Split, test: Split, cfg: dict[str, Any],
             "runs": [{"lambda": k[1], "seed": k[2], **v} for k, v in runs.items() if k[0] == method],
         }
     if "kfac_opt" in out["methods"] and "ewc" in out["methods"]:
-        out["stability"] = stability(out["methods"], lambda lam: get("kfac_opt", lam, scfg["grid_seeds"][0]),
-                                     scfg["lr"]["sgd"], scfg["momentum"])
+        seed = scfg["grid_seeds"][0]
+        out["stability"] = stability(out["methods"], lambda lam: get("ewc", lam, seed),
+                                     lambda lam: get("kfac_opt", lam, seed), scfg["lr"]["sgd"], scfg["momentum"])
     return out
 
 
-def stability(methods: dict[str, Any], kfac_run: Callable[[float], dict[str, Any]], lr: float,
-              momentum: float) -> dict[str, Any]:
-    """The smallest λ at which SGD + diagonal EWC diverged in the grid, the limit
+def stability(methods: dict[str, Any], ewc_run: Callable[[float], dict[str, Any]],
+              kfac_run: Callable[[float], dict[str, Any]], lr: float, momentum: float) -> dict[str, Any]:
+    """The smallest λ at which SGD + diagonal EWC diverges (in the grid, or probing above it), the limit
     2(1 + μ)/(lr·max F) predicted from the largest Fisher entry of the stable runs, and the
     K-FAC + attached EWC run at that λ (and 10x it)."""
     diverged = sorted(float(lam) for lam, why in methods["ewc"]["diverged_by_lambda"].items() if why)
+    probe = max(methods["ewc"]["grid"])
+    for _ in range(0 if diverged else 6):  # beyond the tuned grid (seed 0; not used for selection)
+        probe = float(f"{probe * 10 ** 0.5:.4g}")
+        if ewc_run(probe)["diverged"]:
+            diverged = [probe]
+            break
     if not diverged:
         return {"sgd_ewc_diverges_at": None}
     lam = diverged[0]
@@ -441,48 +430,10 @@ def stability(methods: dict[str, Any], kfac_run: Callable[[float], dict[str, Any
             for v in (lam, 10 * lam)}
     below = [r for r in methods["ewc"]["runs"] if r["lambda"] < lam and r["max_penalty_curvature_per_lambda"]]
     curvature = max((r["max_penalty_curvature_per_lambda"] for r in below), default=None)
-    return {"sgd_ewc_diverges_at": lam, "sgd_ewc_val_avg": methods["ewc"]["val_avg_by_lambda"][str(lam)],
+    return {"sgd_ewc_diverges_at": lam, "sgd_ewc_val_avg": avg_final(ewc_run(lam)["val"]),
             "max_fisher": curvature, "lr_momentum": (lr, momentum),
             "predicted_sgd_limit": None if not curvature else 2 * (1 + momentum) / (lr * curvature),
             "kfac_opt": rows}
-
-
-# ---- Fisher estimation time -------------------------------------------------------------------------------
-
-def fisher_timing(train: Split, cfg: dict[str, Any]) -> dict[str, Any]:
-    """EWC.consolidate (diagonal, empirical) vs a per-sample loop on the same samples and MLP."""
-    torch.manual_seed(0)
-    m = cfg["timing_samples"]
-    x, y = train.x[:m], train.y[:m]
-    model = MLP(x.shape[1], tuple(cfg["hidden"]), 10).eval()
-    names = [n for n, _ in model.named_parameters()]
-
-    def natgrad_fn() -> list[Tensor]:
-        ewc = natgrad.EWC(model)
-        ewc.consolidate(x, y)
-        return [ewc.tasks[0]["diag"][n] for n in names]
-
-    def loop_fn() -> list[Tensor]:
-        acc = [torch.zeros_like(p) for p in model.parameters()]
-        for i in range(m):
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
-            for a, p in zip(acc, model.parameters()):
-                a += p.grad ** 2
-        return [a / m for a in acc]
-
-    reps = cfg["timing_repeats"]
-    t_nat, out_nat = time_fn(natgrad_fn, reps, warmup=1)
-    t_loop, out_loop = time_fn(loop_fn, reps, warmup=1 if reps > 1 else 0)
-    error = None
-    try:
-        assert_close(out_nat, out_loop, rtol=1e-3, atol_rel=1e-4, what="diagonal Fisher")
-    except AssertionError as e:
-        error = str(e)
-    nat, loop = statistics.median(t_nat), statistics.median(t_loop)
-    return {"samples": m, "natgrad_s": t_nat, "loop_s": t_loop, "natgrad_median_s": nat,
-            "loop_median_s": loop, "speedup": loop / nat, "goal_min_speedup": 10.0,
-            "goal_met": loop / nat >= 10.0 and error is None, "error": error}
 
 
 # ---- main ---------------------------------------------------------------------------------------------------
@@ -512,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"lr {cfg['lr']}, momentum {cfg['momentum']}, batch {cfg['batch']}, {cfg['epochs']} epoch(s)/task, "
           f"Fisher on {cfg['fisher_samples']} samples")
     results = {s: run_scenario(s, train, test, cfg) for s in args.scenarios.split(",")}
-    timing = fisher_timing(train, cfg)
+    timing = report.fisher_timing(train, cfg, MLP)
     elapsed = time.perf_counter() - start
     for s, res in results.items():
         print("\n" + report.format_scenario(s, res))

@@ -71,4 +71,4 @@ def test_lambda_grid_extends_until_the_best_is_interior() -> None:
     assert best == 1e4 and where == "interior"
     assert sorted(curve) == sorted(seen) and max(curve) == 31620.0  # one step past the peak
     curve, best, where = continual.tune(score, (10.0, 31.62, 100.0), max_extensions=2)
-    assert where == "upper edge" and best == 316.2 and len(curve) == 5  # the budget is the cap
+    assert where == "upper edge" and best == 1000.0 and len(curve) == 5  # the budget is the cap
