@@ -53,45 +53,57 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _continual_report as report  # noqa: E402
 import natgrad  # noqa: E402
-from _harness import assert_close, format_rows, machine_info, time_fn, write_payload  # noqa: E402
+from _harness import machine_info, write_payload  # noqa: E402
 from data import Split, load_digits, load_fashion_mnist  # noqa: E402
 
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-SCENARIOS = ("permuted", "split_task", "split_domain")
-METHODS = ("none", "l2", "ewc", "ewc_mc", "ewc_exact", "online", "kfac")
+# scenario -> (task construction, optimizer of every method but kfac_opt)
+SCENARIOS = {"permuted": ("permuted", "sgd"), "permuted_adam": ("permuted", "adam"),
+             "split_task": ("split_task", "sgd"), "split_domain": ("split_domain", "sgd")}
+METHODS = ("none", "l2", "ewc", "ewc_mc", "ewc_exact", "online", "kfac", "kfac_opt")
 LABELS = {"none": "no penalty", "l2": "L2 (anchored)", "ewc": "EWC diag, empirical",
           "ewc_mc": "EWC diag, mc", "ewc_exact": "EWC diag, exact", "online": "online EWC",
-          "kfac": "EWC K-FAC"}
-EWC_GOALS = ("diagonal EWC avg acc >= L2 + 10 points >= no penalty + 15 points (permuted)",
-             "K-FAC EWC avg acc >= diagonal EWC (permuted)",
-             "Fisher estimation >= 10x faster than a per-sample loop")
+          "kfac": "EWC K-FAC", "kfac_opt": "K-FAC opt + EWC K-FAC (attached)"}
+
+def _half_decades(first: int, count: int) -> tuple[float, ...]:
+    return tuple(float(f"{10 ** (first + k / 2):.4g}") for k in range(count))
+
 
 FULL: dict[str, Any] = {
-    "dataset": "fashion", "hidden": (256, 256), "n_tasks": 5, "epochs": 2, "batch": 128,
-    "optimizer": "adam", "lr": 1e-3, "fisher_samples": 1000, "gamma": 0.9,
-    "train_per_task": 8000, "val_per_task": 1000, "test_per_task": 2000,
-    # λ chosen with seed 0, then seeds 1 and 2 at that λ (every scenario)
-    # (the whole run takes about 15-20 minutes on 2 cores).
-    "scenarios": {
-        "permuted": {"grid_seeds": (0,), "seeds": (0, 1, 2)},
-        "split_task": {"grid_seeds": (0,), "seeds": (0, 1, 2), "train_per_task": 3000},
-        "split_domain": {"grid_seeds": (0,), "seeds": (0, 1, 2), "train_per_task": 3000},
-    },
-    "grids": {"none": (0.0,), "l2": (1e-2, 1e-1, 1.0), "ewc": (1e1, 1e2, 1e3),
-              "ewc_mc": (1e1, 1e2, 1e3), "ewc_exact": (1e1, 1e2, 1e3),
-              "online": (1e1, 1e2, 1e3), "kfac": (1e1, 1e2, 1e3)},
-    "timing_samples": 1000, "timing_repeats": 3,
+    "dataset": "fashion", "hidden": (256, 256), "n_tasks": 10, "epochs": 3, "batch": 64,
+    # learning rates and K-FAC damping: the best single-task validation accuracy on permuted task 0
+    # (seed 0, default size) over SGD {0.003, 0.01, 0.03, 0.1}, Adam {3e-4, 1e-3, 3e-3}, K-FAC
+    # lr {0.03, 0.1, 0.3} x damping {0.03, 0.1, 0.3} x kl_clip {None, 1e-2, 1e-1}: 76.2, 75.6, 78.6 %
+    "lr": {"sgd": 0.03, "adam": 3e-3, "kfac": 0.03}, "momentum": 0.9, "kfac_damping": 0.1,
+    "kfac_kl_clip": None,
+    "fisher_samples": 1000, "gamma": 0.9,
+    "train_per_task": 6000, "val_per_task": 1000, "test_per_task": 2000,
+    "scenarios": {"permuted": {}, "permuted_adam": {}, "split_task": {"n_tasks": 5, "train_per_task": 3000},
+                  "split_domain": {"n_tasks": 5, "train_per_task": 3000}},
+    "methods": METHODS, "grid_seeds": (0,), "seeds": (0, 1, 2),
+    # initial log-spaced grids (half decades), extended by half decades beyond the edge holding the
+    # best validation λ until it is interior (at most max_extensions more values): the same budget
+    # for every method
+    "grids": {"none": (0.0,), "l2": _half_decades(-2, 3), **{m: _half_decades(1, 3) for m in METHODS[2:]}},
+    "grid_step": 10 ** 0.5, "max_extensions": 6, "timing_samples": 1000, "timing_repeats": 3,
+}
+DEFAULT: dict[str, Any] = {  # a few minutes on 2 cores
+    **FULL, "hidden": (100,), "n_tasks": 5, "epochs": 2, "fisher_samples": 300,
+    "train_per_task": 2000, "val_per_task": 500, "test_per_task": 1000,
+    "scenarios": {"permuted": {}, "permuted_adam": {"methods": ("none", "l2", "ewc")},
+                  "split_task": {"train_per_task": 1000}, "split_domain": {"train_per_task": 1000}},
+    "methods": ("none", "l2", "ewc", "online", "kfac", "kfac_opt"),
+    "timing_samples": 500, "timing_repeats": 3,
 }
 QUICK: dict[str, Any] = {
-    **FULL, "dataset": "digits", "hidden": (32, 32), "batch": 32, "epochs": 3, "fisher_samples": 200,
-    "train_per_task": 600, "val_per_task": 200, "test_per_task": 359,
-    "scenarios": {s: {"grid_seeds": (0,), "seeds": (0,), "train_per_task": 250,
-                      "val_per_task": 50} if s != "permuted" else {"grid_seeds": (0,), "seeds": (0,)}
+    **DEFAULT, "dataset": "digits", "hidden": (32,), "batch": 32, "epochs": 2, "fisher_samples": 100,
+    "n_tasks": 3, "train_per_task": 400, "val_per_task": 150, "test_per_task": 300,
+    "scenarios": {s: {"train_per_task": 250, "val_per_task": 50} if s.startswith("split") else {}
                   for s in SCENARIOS},
-    "grids": {"none": (0.0,), "l2": (1e-1,), "ewc": (1e2,), "ewc_mc": (1e2,), "ewc_exact": (1e2,),
-              "online": (1e2,), "kfac": (1e2,)},
-    "timing_samples": 200, "timing_repeats": 1,
+    "grids": {m: (0.0,) if m == "none" else ((1e-1,) if m == "l2" else (1e2,)) for m in METHODS},
+    "max_extensions": 1, "seeds": (0,), "timing_samples": 200, "timing_repeats": 1,
 }
 
 
@@ -207,8 +219,23 @@ def make_regularizer(method: str, model: nn.Module, lam: float, cfg: dict[str, A
     if method == "l2":
         return AnchoredL2(model, lam)
     kwargs = {"ewc": {}, "ewc_mc": {"fisher_type": "mc"}, "ewc_exact": {"fisher_type": "exact"},
-              "online": {"mode": "online", "gamma": cfg["gamma"]}, "kfac": {"structure": "kfac"}}[method]
+              "online": {"mode": "online", "gamma": cfg["gamma"]}, "kfac": {"structure": "kfac"},
+              "kfac_opt": {"structure": "kfac"}}[method]
     return natgrad.EWC(model, lambda_=lam, **kwargs)
+
+
+def make_optimizer(method: str, model: nn.Module, reg: Any, cfg: dict[str, Any]):
+    """The scenario's optimizer (SGD with momentum or Adam); ``kfac_opt`` trains with
+    natgrad.KFAC preconditioning with F_task + λ·F_old (``EWC.attach``)."""
+    if method == "kfac_opt":
+        opt = natgrad.KFAC(model, lr=cfg["lr"]["kfac"], momentum=cfg["momentum"], damping=cfg["kfac_damping"],
+                           kl_clip=cfg["kfac_kl_clip"])
+        if reg.tasks:
+            reg.attach(opt)
+        return opt
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg["lr"]["sgd"], momentum=cfg["momentum"])
+    return torch.optim.Adam(model.parameters(), lr=cfg["lr"]["adam"])
 
 
 # ---- one run ------------------------------------------------------------------------------------------
@@ -220,6 +247,28 @@ def accuracy(model: MLP, split: Split) -> float:
     acc = float((model(split.x).argmax(1) == split.y).float().mean())
     model.train()
     return acc
+
+
+def train_task(model: MLP, task: Task, opt, reg: Any, cfg: dict[str, Any], g: torch.Generator) -> str | None:
+    """``epochs`` passes over the task's training images; returns why training diverged, if it did
+    (a non-finite loss or a penalty that overflowed), else None."""
+    for _ in range(cfg["epochs"]):
+        order = torch.randperm(len(task.train), generator=g)
+        for i in range(0, len(order), cfg["batch"]):
+            idx = order[i:i + cfg["batch"]]
+            loss = F.cross_entropy(model(task.train.x[idx]), task.train.y[idx])
+            try:
+                pen = reg.penalty()
+            except RuntimeError as e:  # natgrad's op raises once the penalty overflows float32
+                return f"penalty raised {e}"
+            if pen is not None:
+                loss = loss + pen
+            if not torch.isfinite(loss):
+                return "non-finite loss"
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return None
 
 
 def run_sequence(scenario: str, tasks: list[Task], method: str, lam: float, seed: int,
@@ -240,30 +289,15 @@ def run_sequence(scenario: str, tasks: list[Task], method: str, lam: float, seed
         if scenario == "split_task" and t > 0:
             model.add_head()
         model.task = t
-        opt = (torch.optim.SGD(model.parameters(), lr=cfg["lr"]) if cfg["optimizer"] == "sgd"
-               else torch.optim.Adam(model.parameters(), lr=cfg["lr"]))
         start = time.perf_counter()
-        for _ in range(cfg["epochs"] if not diverged else 0):
-            order = torch.randperm(len(task.train), generator=g)
-            for i in range(0, len(order), cfg["batch"]):
-                idx = order[i:i + cfg["batch"]]
-                loss = F.cross_entropy(model(task.train.x[idx]), task.train.y[idx])
-                try:
-                    pen = reg.penalty()
-                except RuntimeError as e:  # natgrad's op raises once the penalty overflows float32
-                    diverged = f"task {t + 1}: penalty raised {e}"
-                    break
-                if pen is not None:
-                    loss = loss + pen
-                if not torch.isfinite(loss):
-                    diverged = f"task {t + 1}: non-finite loss"
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            if diverged:
+        if not diverged:
+            opt = make_optimizer(method, model, reg, cfg)
+            why = train_task(model, task, opt, reg, cfg, g)
+            if isinstance(opt, natgrad.KFAC):
+                opt.remove_hooks()
+            if why:
+                diverged = f"task {t + 1}: {why}"
                 print(f"    diverged ({method}, λ={lam:g}, seed {seed}): {diverged}")
-                break
         train_s += time.perf_counter() - start
         for j in range(n):
             if scenario == "split_task" and j > t:
@@ -289,7 +323,8 @@ def run_sequence(scenario: str, tasks: list[Task], method: str, lam: float, seed
                 p.requires_grad_(True)
         consolidate_s += time.perf_counter() - start
     return {"test": test_acc, "val": val_acc, "train_s": train_s, "consolidate_s": consolidate_s,
-            "memory_per_task_bytes": reg.memory_per_task(), "diverged": diverged}
+            "memory_per_task_bytes": reg.memory_per_task(), "diverged": diverged,
+            "max_penalty_curvature_per_lambda": report.max_curvature(reg)}
 
 
 def avg_final(acc: list[list[float]]) -> float:
@@ -303,162 +338,113 @@ def _ms(values: list[float]) -> tuple[float, float]:
 
 # ---- a scenario: grid, selection, final seeds ---------------------------------------------------------------
 
+def tune(score: Callable[[float], float], grid: tuple[float, ...], max_extensions: int,
+         step: float = 10 ** 0.5) -> tuple[dict[float, float], float, str]:
+    """Validation score of every λ of ``grid`` (ties: the smallest λ wins), extended by factors
+    of ``step`` beyond whichever edge holds the best λ until it is interior (or ``max_extensions`` extra values were tried);
+    the same budget for every method. Returns the curve, the best λ and where the best lies
+    ("interior", "lower edge", "upper edge" or "single" for a one-point grid)."""
+    curve = {lam: score(lam) for lam in grid}
+    for _ in range(max_extensions if len(grid) > 1 else 0):
+        lams = sorted(curve)
+        best = max(lams, key=lambda lam: curve[lam])
+        if lams[0] < best < lams[-1]:
+            break
+        k = round(math.log(best, step)) + (-1 if best == lams[0] else 1)  # on the lattice step**k
+        new = float(f"{step ** k:.4g}")
+        curve[new] = score(new)
+    lams = sorted(curve)
+    best = max(lams, key=lambda lam: curve[lam])
+    where = ("single" if len(lams) == 1 else "interior" if lams[0] < best < lams[-1]
+             else "lower edge" if best == lams[0] else "upper edge")
+    return {lam: curve[lam] for lam in lams}, best, where
+
+
 def run_scenario(scenario: str, train: Split, test: Split, cfg: dict[str, Any],
                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Grid over λ with the grid seeds, selection on validation accuracy, then all seeds."""
-    scfg = {**cfg, **cfg["scenarios"][scenario]}
+    """λ tuned on validation accuracy with the grid seeds (:func:`tune`), then all seeds."""
+    kind, optimizer = SCENARIOS[scenario]
+    scfg = {**cfg, "optimizer": optimizer, **cfg["scenarios"][scenario]}
     seeds = sorted(set(scfg["seeds"]) | set(scfg["grid_seeds"]))
-    task_sets = {s: make_tasks(scenario, train, test, scfg, s) for s in seeds}
+    task_sets = {s: make_tasks(kind, train, test, scfg, s) for s in seeds}
     runs: dict[tuple[str, float, int], dict[str, Any]] = {}
 
     def get(method: str, lam: float, seed: int) -> dict[str, Any]:
         key = (method, lam, seed)
         if key not in runs:
-            r = run_sequence(scenario, task_sets[seed], method, lam, seed, scfg)
+            r = run_sequence(kind, task_sets[seed], method, lam, seed, scfg)
             runs[key] = r
-            log(f"  {scenario:12s} {method:9s} λ={lam:<8g} seed={seed}: val avg {avg_final(r['val']):.3f}, "
+            log(f"  {scenario:13s} {method:9s} λ={lam:<8g} seed={seed}: val avg {avg_final(r['val']):.3f}, "
                 f"test avg {avg_final(r['test']):.3f} ({r['train_s']:.1f}+{r['consolidate_s']:.1f} s)")
         return runs[key]
 
-    out: dict[str, Any] = {"config": {k: scfg[k] for k in ("train_per_task", "val_per_task", "test_per_task",
-                                                             "grid_seeds", "seeds")},
+    out: dict[str, Any] = {"config": {k: scfg[k] for k in ("optimizer", "n_tasks", "train_per_task", "val_per_task",
+                                                             "test_per_task", "grid_seeds", "seeds", "epochs")},
                            "methods": {}}
-    for method in METHODS:
-        grid = scfg["grids"][method]
-        val_by_lam = {lam: statistics.fmean(avg_final(get(method, lam, s)["val"]) for s in scfg["grid_seeds"])
-                      for lam in grid}
-        best = max(grid, key=lambda lam: val_by_lam[lam])
+    methods = [m for m in scfg["methods"] if not (m == "kfac_opt" and optimizer != "sgd")]
+    for method in methods:
+        def score(lam: float) -> float:  # a diverged run ranks below every finished one
+            rs = [get(method, lam, s) for s in scfg["grid_seeds"]]
+            return -1.0 if any(r["diverged"] for r in rs) else statistics.fmean(avg_final(r["val"]) for r in rs)
+
+        curve, best, where = tune(score, scfg["grids"][method], scfg["max_extensions"], scfg["grid_step"])
         final = [get(method, best, s) for s in scfg["seeds"]]
         n = len(final[0]["test"])
         first = [_ms([r["test"][t][0] for r in final]) for t in range(n)]
         curves = [[statistics.fmean(r["test"][t][j] for r in final) for j in range(n)] for t in range(n)]
-        mem = final[0]["memory_per_task_bytes"]
+        curve = {lam: statistics.fmean(avg_final(get(method, lam, s)["val"]) for s in scfg["grid_seeds"]) for lam in curve}
         out["methods"][method] = {
-            "label": LABELS[method], "grid": list(grid), "val_avg_by_lambda": {str(k): v for k, v in val_by_lam.items()},
-            "lambda": best, "avg_acc": _ms([avg_final(r["test"]) for r in final]),
+            "label": LABELS[method], "grid": list(curve), "val_avg_by_lambda": {str(k): v for k, v in curve.items()},
+            "diverged_by_lambda": {str(lam): runs[(method, lam, scfg["grid_seeds"][0])]["diverged"] for lam in curve},
+            "lambda": best, "best_lambda_position": where, "avg_acc": _ms([avg_final(r["test"]) for r in final]),
             "avg_acc_per_seed": [avg_final(r["test"]) for r in final],
             "first_task_acc": first, "acc_matrix_mean": curves,
             "train_s": statistics.fmean(r["train_s"] for r in final),
             "consolidate_s": statistics.fmean(r["consolidate_s"] for r in final),
-            "memory_per_task_bytes": mem,
+            "memory_per_task_bytes": final[0]["memory_per_task_bytes"],
             "runs": [{"lambda": k[1], "seed": k[2], **v} for k, v in runs.items() if k[0] == method],
         }
+    if "kfac_opt" in out["methods"] and "ewc" in out["methods"]:
+        seed = scfg["grid_seeds"][0]
+        out["stability"] = stability(out["methods"], lambda lam: get("ewc", lam, seed),
+                                     lambda lam: get("kfac_opt", lam, seed), scfg["lr"]["sgd"], scfg["momentum"])
     return out
 
 
-def format_scenario(name: str, res: dict[str, Any]) -> str:
-    """The scenario's table: chosen λ, average accuracy, first-task accuracy over time, memory."""
-    n = len(next(iter(res["methods"].values()))["first_task_acc"])
-    headers = ["method", "λ", "avg acc", *[f"T1 after {t + 1}" for t in range(n)], "Fisher MB/task"]
-    rows = []
-    for m in res["methods"].values():
-        mem = m["memory_per_task_bytes"]
-        rows.append([m["label"], f"{m['lambda']:g}", "%.1f ± %.1f" % tuple(100 * v for v in m["avg_acc"]),
-                     *["%.1f" % (100 * v[0]) for v in m["first_task_acc"]],
-                     f"{mem[0] / 2**20:.2f}" if mem else "-"])
-    c = res["config"]
-    head = (f"{name}: {n} tasks, {c['train_per_task']} train / {c['val_per_task']} val / {c['test_per_task']} "
-            f"test images per task; λ chosen on validation avg acc over seeds {tuple(c['grid_seeds'])}, "
-            f"test accuracy (%) mean ± std over seeds {tuple(c['seeds'])}")
-    return head + "\n" + format_rows(headers, rows)
+def stability(methods: dict[str, Any], ewc_run: Callable[[float], dict[str, Any]],
+              kfac_run: Callable[[float], dict[str, Any]], lr: float, momentum: float) -> dict[str, Any]:
+    """The smallest λ at which SGD + diagonal EWC diverges (in the grid, or probing above it), the limit
+    2(1 + μ)/(lr·max F) predicted from the largest Fisher entry of the stable runs, and the
+    K-FAC + attached EWC run at that λ (and 10x it)."""
+    diverged = sorted(float(lam) for lam, why in methods["ewc"]["diverged_by_lambda"].items() if why)
+    probe = max(methods["ewc"]["grid"])
+    for _ in range(0 if diverged else 6):  # beyond the tuned grid (seed 0; not used for selection)
+        probe = float(f"{probe * 10 ** 0.5:.4g}")
+        if ewc_run(probe)["diverged"]:
+            diverged = [probe]
+            break
+    if not diverged:
+        return {"sgd_ewc_diverges_at": None}
+    lam = diverged[0]
+    rows = {str(v): {"diverged": (r := kfac_run(v))["diverged"], "val_avg": avg_final(r["val"])}
+            for v in (lam, 10 * lam)}
+    below = [r for r in methods["ewc"]["runs"] if r["lambda"] < lam and r["max_penalty_curvature_per_lambda"]]
+    curvature = max((r["max_penalty_curvature_per_lambda"] for r in below), default=None)
+    return {"sgd_ewc_diverges_at": lam, "sgd_ewc_val_avg": avg_final(ewc_run(lam)["val"]),
+            "max_fisher": curvature, "lr_momentum": (lr, momentum),
+            "predicted_sgd_limit": None if not curvature else 2 * (1 + momentum) / (lr * curvature),
+            "kfac_opt": rows}
 
 
-# ---- Fisher estimation time -------------------------------------------------------------------------------
-
-def fisher_timing(train: Split, cfg: dict[str, Any]) -> dict[str, Any]:
-    """EWC.consolidate (diagonal, empirical) vs a per-sample loop on the same samples and MLP."""
-    torch.manual_seed(0)
-    m = cfg["timing_samples"]
-    x, y = train.x[:m], train.y[:m]
-    model = MLP(x.shape[1], tuple(cfg["hidden"]), 10).eval()
-    names = [n for n, _ in model.named_parameters()]
-
-    def natgrad_fn() -> list[Tensor]:
-        ewc = natgrad.EWC(model)
-        ewc.consolidate(x, y)
-        return [ewc.tasks[0]["diag"][n] for n in names]
-
-    def loop_fn() -> list[Tensor]:
-        acc = [torch.zeros_like(p) for p in model.parameters()]
-        for i in range(m):
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
-            for a, p in zip(acc, model.parameters()):
-                a += p.grad ** 2
-        return [a / m for a in acc]
-
-    reps = cfg["timing_repeats"]
-    t_nat, out_nat = time_fn(natgrad_fn, reps, warmup=1)
-    t_loop, out_loop = time_fn(loop_fn, reps, warmup=1 if reps > 1 else 0)
-    error = None
-    try:
-        assert_close(out_nat, out_loop, rtol=1e-3, atol_rel=1e-4, what="diagonal Fisher")
-    except AssertionError as e:
-        error = str(e)
-    nat, loop = statistics.median(t_nat), statistics.median(t_loop)
-    return {"samples": m, "natgrad_s": t_nat, "loop_s": t_loop, "natgrad_median_s": nat,
-            "loop_median_s": loop, "speedup": loop / nat, "goal_min_speedup": 10.0,
-            "goal_met": loop / nat >= 10.0 and error is None, "error": error}
-
-
-# ---- plot, goals, main --------------------------------------------------------------------------------------
-
-def plot(res: dict[str, Any], path: str, title: str) -> None:
-    """Accuracy of each task over time per method (seed means), plus average accuracy."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(res["methods"].values())
-    n = len(methods[0]["acc_matrix_mean"])
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), sharey=True)
-    colors = plt.cm.viridis([i / max(n - 1, 1) * 0.9 for i in range(n)])
-    xs = list(range(1, n + 1))
-    for ax, m in zip(axes.flat, methods):
-        for j in range(n):
-            ax.plot(xs[j:], [m["acc_matrix_mean"][t][j] for t in range(j, n)], "o-", color=colors[j],
-                    label=f"task {j + 1}")
-        ax.set_title(f"{m['label']} (λ={m['lambda']:g})\navg {100 * m['avg_acc'][0]:.1f}%", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.set_xticks(xs)
-    ax = axes.flat[len(methods)]
-    for m in methods:
-        ax.plot(xs, [statistics.fmean(m["acc_matrix_mean"][t][:t + 1]) for t in range(n)], "o-", label=m["label"])
-    ax.set_title("average accuracy over tasks seen so far", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.set_xticks(xs)
-    ax.legend(fontsize=8)
-    axes.flat[0].legend(fontsize=8, loc="lower left")
-    for ax in axes[1]:
-        ax.set_xlabel("tasks trained")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("test accuracy")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def evaluate_goals(results: dict[str, Any], timing: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's goals with the measured numbers (accuracies in percentage points)."""
-    perm = results["permuted"]["methods"]
-    a = {k: 100 * v["avg_acc"][0] for k, v in perm.items()}
-    return [
-        {"goal": EWC_GOALS[0], "met": a["ewc"] >= a["l2"] + 10 and a["l2"] + 10 >= a["none"] + 15,
-         "measured": f"EWC {a['ewc']:.1f}, L2 {a['l2']:.1f}, none {a['none']:.1f}: EWC − L2 = "
-                     f"{a['ewc'] - a['l2']:+.1f} (need ≥ 10), L2 − none = {a['l2'] - a['none']:+.1f} "
-                     f"(need ≥ 5), EWC − none = {a['ewc'] - a['none']:+.1f}"},
-        {"goal": EWC_GOALS[1], "met": a["kfac"] >= a["ewc"],
-         "measured": f"K-FAC {a['kfac']:.1f} vs diagonal {a['ewc']:.1f} ({a['kfac'] - a['ewc']:+.1f})"},
-        {"goal": EWC_GOALS[2], "met": timing["goal_met"],
-         "measured": f"x{timing['speedup']:.1f}" + (f" (WRONG RESULT: {timing['error']})" if timing["error"] else "")},
-    ]
-
+# ---- main ---------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Runs the benchmark; prints the tables; writes the JSON and the plot."""
+    """Runs the benchmark; prints the tables; writes the JSON and the plots."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="digits-sized smoke test (< 1 min)")
+    parser.add_argument("--full", action="store_true", help="the big run (10 permuted tasks, wider MLP, "
+                        "every method; an hour or more on 2 cores)")
+    parser.add_argument("--tasks", type=int, default=None, help="number of permuted tasks (e.g. 10)")
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
     parser.add_argument("--threads", type=int, default=1,
@@ -466,36 +452,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "a shared 2-core machine measured up to 80x slower per step)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL if args.full else DEFAULT)
+    if args.tasks is not None:
+        cfg["scenarios"] = {s: ({**c, "n_tasks": args.tasks} if SCENARIOS[s][0] == "permuted" else c)
+                            for s, c in cfg["scenarios"].items()}
     start = time.perf_counter()
     train, test = load_data(cfg)
-    print(f"continual benchmark ({'quick, digits' if args.quick else 'Fashion-MNIST'}): MLP "
-          f"{train.x.shape[1]}-{'-'.join(map(str, cfg['hidden']))}-head, {cfg['optimizer']} lr {cfg['lr']}, "
-          f"batch {cfg['batch']}, {cfg['epochs']} epoch(s)/task, Fisher on {cfg['fisher_samples']} samples")
+    size = "quick, digits" if args.quick else ("full" if args.full else "default") + ", Fashion-MNIST"
+    print(f"continual benchmark ({size}): MLP {train.x.shape[1]}-{'-'.join(map(str, cfg['hidden']))}-head, "
+          f"lr {cfg['lr']}, momentum {cfg['momentum']}, batch {cfg['batch']}, {cfg['epochs']} epoch(s)/task, "
+          f"Fisher on {cfg['fisher_samples']} samples")
     results = {s: run_scenario(s, train, test, cfg) for s in args.scenarios.split(",")}
-    timing = fisher_timing(train, cfg)
+    timing = report.fisher_timing(train, cfg, MLP)
     elapsed = time.perf_counter() - start
     for s, res in results.items():
-        print("\n" + format_scenario(s, res))
+        print("\n" + report.format_scenario(s, res))
     print(f"\nFisher estimation ({timing['samples']} samples, MLP above, diagonal empirical): "
           f"EWC.consolidate {timing['natgrad_median_s'] * 1e3:.1f} ms, per-sample loop "
           f"{timing['loop_median_s'] * 1e3:.1f} ms, x{timing['speedup']:.1f} (goal ≥ 10x: "
           f"{'MET' if timing['goal_met'] else 'NOT MET'})" + (f"\n  WRONG RESULT: {timing['error']}" if timing["error"] else ""))
-    goals = evaluate_goals(results, timing) if "permuted" in results else []
-    if goals:
-        print("\nGoals from the issue:")
-        for gl in goals:
-            print(f"  [{'MET' if gl['met'] else 'NOT MET'}] {gl['goal']}: {gl['measured']}")
+    goals = report.evaluate_goals(results, timing)
+    print("\nGoals from the issue:")
+    for gl in goals:
+        print(f"  [{'MET' if gl['met'] else 'NOT MET'}] {gl['goal']}: {gl['measured']}")
     print(f"\nwall time {elapsed:.0f} s")
     os.makedirs(args.out_dir, exist_ok=True)
-    payload = {"machine": machine_info(), "quick": args.quick,
+    payload = {"machine": machine_info(), "quick": args.quick, "full": args.full,
                "config": {k: v for k, v in cfg.items() if k != "scenarios"}, "wall_s": elapsed,
                "scenarios": results, "fisher_timing": timing, "goals": goals}
-    write_payload(os.path.join(args.out_dir, "continual.json"), payload)
+    name = "continual_full" if args.full else "continual"
+    write_payload(os.path.join(args.out_dir, f"{name}.json"), payload)
+    report.plot_lambda_curves(results, os.path.join(args.out_dir, f"{name}_lambda.png"))
     if "permuted" in results:
-        plot(results["permuted"], os.path.join(args.out_dir, "continual.png"),
-             "Permuted " + ("digits" if args.quick else "Fashion-MNIST") + ": test accuracy of each task over time (mean over seeds)")
-    print(f"wrote {os.path.join(args.out_dir, 'continual.json')} and continual.png")
+        report.plot(results["permuted"], os.path.join(args.out_dir, f"{name}.png"),
+                    "Permuted " + ("digits" if args.quick else "Fashion-MNIST") +
+                    ", SGD protocol: test accuracy of each task over time (mean over seeds)")
+    print(f"wrote {os.path.join(args.out_dir, name + '.json')}, {name}.png and {name}_lambda.png")
     return payload
 
 

@@ -15,17 +15,19 @@ factors; the packed gradient :math:`X` is ``[d_out, d_in(+1)]``, :math:`F: X \ma
   Kronecker EWC has :math:`E = 0` (one task exactly; several tasks are pooled as
   :math:`A_0 = \operatorname{mean}_t A_t`, :math:`G_0 = \sum_t G_t`); diagonal EWC's Fisher
   :math:`F` (non-negative, packed) is split into its best rank-one fit :math:`u v^\top`
-  (:math:`A_0 = \operatorname{diag} v`, :math:`G_0 = \operatorname{diag} u`) and the rest.
-  Generalized eigendecompositions (Cholesky, then ``eigh``, float64)
-  :math:`P_A^\top A_0 P_A = I,\ P_A^\top A P_A = D_A` and :math:`P_G^\top \lambda G_0 P_G = I,\
-  P_G^\top G P_G = D_G` diagonalise both Kronecker terms **simultaneously**, so
-  :math:`A\otimes G + \lambda A_0\otimes G_0` is inverted exactly; the damping and the rest,
-  :math:`\gamma I + \lambda\,\mathrm{diag}(E)`, are replaced by their diagonal in that basis,
-  :math:`(P_G^{\circ 2})^\top(\gamma + \lambda E)(P_A^{\circ 2})` (as EKFAC does in K-FAC's
-  eigenbasis):
-  :math:`u = P_G [(P_G^\top X P_A) \oslash (d_G d_A^\top + 1 + (P_G^{\circ 2})^\top(\gamma +
-  \lambda E)P_A^{\circ 2})] P_A^\top`. (``ε = 10⁻⁶`` of the mean eigenvalue is added to
-  :math:`A_0, \lambda G_0` so that their Cholesky exists.)
+  (:math:`A_0 = \operatorname{diag} v`, :math:`G_0 = \operatorname{diag} u`) and the rest. The
+  damping is factored into the old term with π-weighting (Martens & Grosse, 2015, §6.3):
+  :math:`B_A = A_0 + \pi\sqrt\gamma I`, :math:`B_G = \lambda G_0 + \frac{\sqrt\gamma}{\pi} I`,
+  :math:`\pi^2 = \frac{\operatorname{tr}A_0 / d_A}{\operatorname{tr}\lambda G_0 / d_G}`, so
+  that :math:`B_A \otimes B_G = \lambda A_0\otimes G_0 + \gamma I + ` two cross terms (the
+  usual over-damping of factored damping). Generalized eigendecompositions (whitening by
+  ``eigh``, then ``eigh``, float64) :math:`P_A^\top B_A P_A = I,\ P_A^\top A P_A = D_A` and the
+  same for G diagonalise both Kronecker products **simultaneously**, so
+  :math:`A\otimes G + B_A\otimes B_G` is inverted exactly:
+  :math:`u = P_G [(P_G^\top X P_A) \oslash (d_G d_A^\top + 1 + (P_G^{\circ 2})^\top \lambda E
+  P_A^{\circ 2})] P_A^\top` (the diagonal rest enters by its diagonal in that basis, as EKFAC
+  corrects eigenvalues). Cost per refresh: three ``eigh`` of each factor's size (the two of
+  :math:`B` only after a consolidation), per step four matrix products, as K-FAC's own solve.
 * ``"eigenbasis"``: keep K-FAC's eigenbasis :math:`V_G \otimes V_A` of the task's factors and
   correct its eigenvalues with the old Fisher's diagonal in that basis (EKFAC-style):
   :math:`S = \lambda_G \lambda_A^\top + \lambda\,\mathrm{diag}_{V}(F_{old}) + \gamma`, with
@@ -87,6 +89,7 @@ class EWCCurvature:
         self.blocks = [b for b in optimizer._blocks if isinstance(b, (LinearBlock, Conv2dBlock))]
         self._names = {b.name: tuple(names[id(p)] for p in b.params) for b in self.blocks}
         self._cache: dict[str, tuple[tuple, tuple]] = {}
+        self._split: dict[str, tuple[tuple, tuple]] = {}
         for block in self.blocks:
             block.prior = self
 
@@ -96,6 +99,7 @@ class EWCCurvature:
             if block.prior is self:
                 block.prior = None
         self._cache.clear()
+        self._split.clear()
 
     # ---- the old Fisher of a block ---------------------------------------------------------------
 
@@ -129,7 +133,10 @@ class EWCCurvature:
             if old is None or not any(bool(t.abs().sum() > 0) for t in old[1]):
                 parts: tuple = ()
             elif self.approximation == "generalized":
-                parts = ("generalized", *_generalized(block, old, lam, damping))
+                split_key = (lam, damping, self.ewc.revision)
+                if self._split.get(block.name, (None,))[0] != split_key:  # changes with the tasks
+                    self._split[block.name] = (split_key, _old_split(old, lam, damping))
+                parts = ("generalized", *_generalized(block, self._split[block.name][1]))
             else:
                 parts = ("eigenbasis", *_eigenbasis(block, old, lam, damping))
             cached = self._cache[block.name] = (key, parts)
@@ -152,42 +159,56 @@ def _decomposition_id(block: KroneckerBlock) -> tuple:
     return (id(t), t._version) if t is not None else (None, block.state["A"]._version)
 
 
-def _generalized_eigh(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """``(d, P)`` with ``Pᵀ b P = I`` and ``Pᵀ a P = diag(d)`` for symmetric PSD ``a`` and
-    symmetric positive-definite ``b`` (float64)."""
-    low = torch.linalg.cholesky(b)
-    c = torch.linalg.solve_triangular(low, a, upper=False)
-    c = torch.linalg.solve_triangular(low, c.mT, upper=False)
+def _whitening(b: Tensor) -> Tensor:
+    """``W`` with ``Wᵀ b' W = I`` (float64), where ``b'`` is the symmetric PSD ``b`` with its
+    eigenvalues floored at 10⁻⁶ of their mean (a singular ``b``, e.g. the input factor of pixels
+    that never light up, stays invertible)."""
+    e, v = torch.linalg.eigh(0.5 * (b + b.mT))
+    e = e.clamp_min(1e-6 * max(float(e.clamp_min(0).mean()), 1e-30))
+    return v / e.sqrt()
+
+
+def _generalized_eigh(a: Tensor, whiten: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d, P)`` with ``Pᵀ b' P = I`` and ``Pᵀ a P = diag(d)`` for ``whiten = _whitening(b)``."""
+    c = whiten.mT @ a @ whiten
     d, q = torch.linalg.eigh(0.5 * (c + c.mT))
-    return d.clamp_min(0), torch.linalg.solve_triangular(low.mT, q, upper=True)
+    return d.clamp_min(0), whiten @ q
 
 
-def _generalized(block: KroneckerBlock, old: tuple[str, tuple[Tensor, ...]], lam: float, damping: float):
-    """``P_G, P_A`` and the divisor of the "generalized" solve (see the module docstring)."""
-    f64 = torch.float64
-    a, g = block.state["A"].to(f64), block.state["G"].to(f64)
+def _old_split(old: tuple[str, tuple[Tensor, ...]], lam: float, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The whitenings of the damped old factors ``A_0 + π√γ I`` and ``λ G_0 + √γ/π I`` and the
+    diagonal rest ``λ E`` (packed; zero for Kronecker EWC) (see the module docstring); float64."""
     kind, tensors = old
-    rest = torch.full((g.shape[0], a.shape[0]), float(damping), dtype=f64, device=a.device)
     if kind == "kron":
-        a0, g0 = (t.to(f64) for t in tensors)
+        a0, g0 = (t.to(torch.float64) for t in tensors)
+        rest = torch.zeros((), dtype=torch.float64, device=a0.device)
     else:  # diagonal F_old [d_out, d_in]: its best rank-1 fit u vᵀ (u, v >= 0) is diag(v) ⊗ diag(u)
-        f = tensors[0].to(f64).clamp_min(0)
+        f = tensors[0].to(torch.float64).clamp_min(0)
         u, sigma, v = torch.linalg.svd(f, full_matrices=False)
         u, v = u[:, 0].abs() * sigma[0].sqrt(), v[0].abs() * sigma[0].sqrt()
         a0, g0 = torch.diag(v), torch.diag(u)
-        rest = rest + lam * (f - torch.outer(u, v))
+        rest = lam * (f - torch.outer(u, v))
     g0 = lam * g0
-    d_a, p_a = _generalized_eigh(a, _definite(a0))
-    d_g, p_g = _generalized_eigh(g, _definite(g0))
-    extra = (p_g * p_g).mT @ rest @ (p_a * p_a)  # the rest's diagonal in the generalized basis
+    ta, tg = float(torch.trace(a0)) / a0.shape[0], float(torch.trace(g0)) / g0.shape[0]
+    pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+    root = math.sqrt(damping)
+    eye_a = torch.eye(a0.shape[0], dtype=a0.dtype, device=a0.device)
+    eye_g = torch.eye(g0.shape[0], dtype=g0.dtype, device=g0.device)
+    return _whitening(a0 + pi * root * eye_a), _whitening(g0 + root / pi * eye_g), rest
+
+
+def _generalized(block: KroneckerBlock, split: tuple[Tensor, Tensor, Tensor]):
+    """``P_G, P_A`` and the divisor of the "generalized" solve (see the module docstring)."""
+    f64 = torch.float64
+    a, g = block.state["A"].to(f64), block.state["G"].to(f64)
+    w_a, w_g, rest = split
+    d_a, p_a = _generalized_eigh(a, w_a)
+    d_g, p_g = _generalized_eigh(g, w_g)
+    scale = torch.outer(d_g, d_a) + 1.0
+    if rest.dim():  # diagonal EWC: the rest's diagonal in the generalized basis
+        scale = scale + ((p_g * p_g).mT @ rest @ (p_a * p_a)).clamp_min(0)
     dtype = block.inverse_dtype
-    return p_g.to(dtype), p_a.to(dtype), (torch.outer(d_g, d_a) + 1.0 + extra.clamp_min(0)).to(dtype)
-
-
-def _definite(m: Tensor) -> Tensor:
-    """``m + ε I`` with ``ε = 1e-6 · mean eigenvalue`` (so that its Cholesky exists)."""
-    eps = 1e-6 * max(float(torch.trace(m)) / m.shape[0], 1e-30)
-    return m + eps * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    return p_g.to(dtype), p_a.to(dtype), scale.to(dtype)
 
 
 def _eigenbasis(block: KroneckerBlock, old: tuple[str, tuple[Tensor, ...]], lam: float, damping: float):
