@@ -373,3 +373,38 @@ def test_sampled_fisher_reaches_every_block_of_a_transformer():
     assert all(g is None for g in grads_before)  # sampling leaves .grad alone
     assert all(b.has_factors for b in opt._blocks) and "plain" not in opt.describe()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("config", [
+    dict(need_weights=True), dict(need_weights=False, key_padding_mask=True),
+    dict(need_weights=True, key_padding_mask=True, attn_mask=True, average_attn_weights=False),
+    dict(need_weights=False, attn_mask=True, add_zero_attn=True, batch_first=False),
+    dict(need_weights=False, is_causal=True, add_bias_kv=True), dict(unbatched=True, need_weights=False)])
+def test_the_reexpressed_attention_forward_is_bit_identical(config):
+    """Outputs, attention weights and gradients of the re-expression (what KFAC runs on factor
+    steps) equal nn.MultiheadAttention's own forward exactly, masks and options included."""
+    from natgrad.curvature._mha import mha_forward
+    config = dict(config)
+    torch.manual_seed(8)
+    bf = config.pop("batch_first", True)
+    mha = nn.MultiheadAttention(6, 3, batch_first=bf, add_zero_attn=config.pop("add_zero_attn", False),
+                                add_bias_kv=config.pop("add_bias_kv", False)).to(D)
+    n, t = 2, 4
+    x = torch.randn(t, 6, dtype=D) if config.pop("unbatched", False) else torch.randn(n, t, 6, dtype=D)
+    if config.pop("key_padding_mask", False):
+        config["key_padding_mask"] = torch.tensor([[False, False, True, False], [False, True, False, False]])
+    if config.pop("attn_mask", False) or config.get("is_causal"):
+        causal = nn.Transformer.generate_square_subsequent_mask(t, dtype=D)
+        config["attn_mask"] = causal.isinf() if "key_padding_mask" in config else causal
+    x = x if bf or x.dim() == 2 else x.transpose(0, 1)
+    results = []
+    plain = lambda stream, x, w, b: F.linear(x, w, b)  # noqa: E731
+    for run in (mha, lambda *a, **k: mha_forward(mha, plain, *a, **k)):
+        mha.zero_grad()
+        out, weights = run(x, x, x, **config)
+        out.square().sum().backward()
+        results.append([out, weights] + [p.grad.clone() for p in mha.parameters()])
+    for a, b in zip(*results):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
