@@ -17,9 +17,10 @@ Tasks (see :data:`FULL`):
 Protocol: every run of a task sees the same number of training samples (steps x batch; a seed
 fixes the initial weights and the minibatch order). Every optimizer has a grid of the same size
 (6): SGD (momentum 0.9) and Adam 3 learning rates x 2 batch sizes; K-FAC (natgrad.KFAC's
-defaults otherwise) 2 learning rates x 3 configurations of inverse method, refresh and batch size
-(:func:`kfac_grid`). Stage 1 runs every grid point on seed 0 and picks the one with the lowest
-final training loss; stage 2 adds seeds at that point (default 2 seeds in all; the selection
+defaults otherwise) 2 trust-region sizes (its step-size knob while the clip binds) x 3
+configurations of inverse method, refresh and batch size (:func:`kfac_grid`). Stage 1 runs
+every grid point on seed 0 and picks the one with the lowest final training loss; stage 2 adds
+seeds at that point (default 2 seeds in all; the selection
 bias of seed 0 is the same for every optimizer). Runs alternate between optimizers so that load
 from other processes hits all of them alike. The training loss is measured on a fixed monitor
 set (all digits training images; 2,000 Fashion-MNIST training images) ``evals`` times per run,
@@ -76,14 +77,17 @@ def grid(lrs: tuple[float, ...], batches: tuple[int, ...], **fixed: Any) -> list
 
 
 # K-FAC's configurations (natgrad.KFAC's defaults otherwise: momentum 0.9, damping 1e-3,
-# kl_clip 1e-2, factor_decay 0.95, factor period 1, inverse period 10): the eigen method with
-# warm-started refreshes (4 subspace-iteration refreshes per exact eigh) at both batch sizes,
-# and the inverse method (π-corrected damping, Newton–Schulz refreshes) at the large one.
-def kfac_grid(lrs: tuple[float, ...], batches: tuple[int, int]) -> list[dict[str, Any]]:
-    """K-FAC's grid: lr x {eigen at both batch sizes, inverse at the large}, warm refreshes."""
+# factor_decay 0.95, factor period 1, inverse period 10). Its step-size dimension is the trust
+# region κ (default 1e-3, and 1e-2) at lr 0.3: while the KL clip binds, the step length is set by
+# κ whatever the lr. Three configurations: the eigen method with warm-started refreshes (4
+# subspace-iteration refreshes per exact eigh) at both batch sizes, and the inverse method
+# (π-corrected damping, Newton–Schulz refreshes) at the large one.
+def kfac_grid(batches: tuple[int, int], lr: float = 0.3, kl_clips: tuple[float, ...] = (1e-3, 1e-2)
+              ) -> list[dict[str, Any]]:
+    """K-FAC's grid: kl_clip x {eigen at both batch sizes, inverse at the large}, warm refreshes."""
     eigen = dict(inverse_method="eigen", factor_update_period=1, inverse_update_period=10, warm_refreshes=4)
-    return (grid(lrs, batches[:1], **eigen) + grid(lrs, batches[1:], **eigen)
-            + grid(lrs, batches[1:], **{**eigen, "inverse_method": "inverse"}))
+    configs = [(batches[0], eigen), (batches[1], eigen), (batches[1], {**eigen, "inverse_method": "inverse"})]
+    return [{"lr": lr, "kl_clip": kl, "batch": b, **c} for b, c in configs for kl in kl_clips]
 
 
 # Per task: data, model, sample budget (steps x batch, the same for every run) and each
@@ -92,21 +96,21 @@ FULL: dict[str, dict[str, Any]] = {
     "digits": {
         "widths": (64, 128, 128, 10), "act": "relu", "loss": "ce", "samples": 600 * 128, "evals": 30,
         "grids": {"SGD": grid((0.03, 0.1, 0.3), (128, 512)), "Adam": grid((3e-3, 1e-2, 3e-2), (128, 512)),
-                  "KFAC": kfac_grid((0.1, 0.3), (128, 512))},
+                  "KFAC": kfac_grid((128, 512))},
         "baseline": "best",
     },
     "fashion_mlp": {
         "widths": (784, 512, 512, 10), "act": "relu", "loss": "ce", "samples": 400 * 256, "evals": 25,
         "train_size": 10000, "monitor_size": 2000, "test_size": 2000,
         "grids": {"SGD": grid((0.03, 0.1, 0.3), (256, 1024)), "Adam": grid((3e-4, 1e-3, 3e-3), (256, 1024)),
-                  "KFAC": kfac_grid((0.1, 0.3), (256, 1024))},
+                  "KFAC": kfac_grid((256, 1024))},
         "baseline": "best",
     },
     "autoencoder": {
         "widths": (784, 256, 128, 32, 128, 256, 784), "act": "tanh", "loss": "bce", "samples": 400 * 256,
         "evals": 25, "train_size": 10000, "monitor_size": 2000, "test_size": 2000,
         "grids": {"SGD": grid((1e-3, 3e-3, 1e-2), (256, 1024)), "Adam": grid((1e-3, 3e-3, 1e-2), (256, 1024)),
-                  "KFAC": kfac_grid((0.1, 0.3), (256, 1024))},
+                  "KFAC": kfac_grid((256, 1024))},
         "baseline": "Adam",
     },
 }
@@ -122,7 +126,7 @@ QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
 def quick_grid(grid_: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """--quick: every optimizer's first two points, batches divided by 4 (at least 32)."""
     return [{**c, "batch": max(c["batch"] // 4, 32), **({"inverse_update_period": 5} if "inverse_method" in c else {})}
-            for c in grid_[:2]]  # K-FAC: both lrs of the eigen method
+            for c in grid_[:2]]  # K-FAC: both kl_clips of the eigen method
 
 
 @dataclass
@@ -202,6 +206,8 @@ def make_optimizer(name: str, model: nn.Module, config: dict[str, Any]) -> torch
 def describe_config(config: dict[str, Any]) -> str:
     """A grid point in words, e.g. ``lr 0.1, batch 1024, inverse (10,50) warm 4``."""
     text = f"lr {config['lr']:g}, batch {config['batch']}"
+    if "kl_clip" in config:
+        text += f", kl_clip {config['kl_clip']:g}"
     if "inverse_method" in config:
         text += (f", {config['inverse_method']} ({config['factor_update_period']},"
                  f"{config['inverse_update_period']})")
@@ -431,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - wall
 
     print(f"\nTraining comparison ({'quick' if args.quick else 'full'}; every optimizer's best point of "
-          f"its grid of the same size (lr x batch; K-FAC: lr x method/periods/batch), chosen on seed 0 "
+          f"its grid of the same size (lr x batch; K-FAC: kl_clip x method/refresh/batch), chosen on seed 0 "
           f"by final training loss at the same sample budget; {seeds} seed(s) there; 2 threads; total "
           f"wall time {wall:.0f} s)")
     print("final/test loss: mean over seeds (training monitor set / held-out); →target: first evaluation "

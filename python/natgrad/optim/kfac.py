@@ -85,7 +85,7 @@ class KFAC(Optimizer):
         inverse_update_period (int or Callable[[int], int]): steps between decompositions
             (default: 10).
         kl_clip (float, Callable[[int], float] or None): trust-region size κ; None disables it
-            (default: 1e-2).
+            (default: 1e-3).
         inverse_method (str): "eigen" (eigenbasis, exact damping) or "inverse" (damped Cholesky
             inverses; damping enters only at inverse updates) (default: "eigen").
         pi_correction (bool or None): factored, π-corrected damping A + π√γ I, G + √γ/π I
@@ -136,7 +136,7 @@ class KFAC(Optimizer):
     def __init__(self, model: nn.Module, params: Iterable | None = None, *, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 0.0, damping: Schedule = 1e-3,
                  factor_decay: float = 0.95, factor_update_period: Schedule = 1,
-                 inverse_update_period: Schedule = 10, kl_clip: Schedule | None = 1e-2,
+                 inverse_update_period: Schedule = 10, kl_clip: Schedule | None = 1e-3,
                  inverse_method: str = "eigen", pi_correction: bool | None = None, warm_refreshes: int = 0,
                  adaptive_damping: bool = False, damping_adaptation_interval: int = 5,
                  damping_adaptation_decay: float = 0.95, fisher_type: str = "empirical",
