@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warm-refreshes", type=int, default=4)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    steps = 31 if args.quick else 201
+    steps = 31 if args.quick else 101
     digits, _ = load_digits(seed=0)
     fashion, _ = load_fashion_mnist(2000 if args.quick else 10000, 10, seed=0)
     results = []

@@ -54,14 +54,14 @@ def test_quick_run_writes_json_table_and_plot(quick_run: tuple[dict, Path, str])
     payload, out, stdout = quick_run
     assert {"machine", "quick", "seeds", "wall_time_s", "goal", "tasks"} <= set(payload)
     assert payload["quick"] is True and payload["seeds"] == 1
-    assert set(payload["tasks"]) == {"digits", "autoencoder"}
+    assert set(payload["tasks"]) == {"digits", "fashion_mlp", "autoencoder"}
     assert {"text", "met", "ratio", "adam_time_s"} <= set(payload["goal"])
     assert (out / "train.png").stat().st_size > 10_000
     for header in ("final loss", "steps→target", "time→target", "×SGD", "Goal:"):
         assert header in stdout
 
 
-@pytest.mark.parametrize("task", ["digits", "autoencoder"])
+@pytest.mark.parametrize("task", ["digits", "fashion_mlp", "autoencoder"])
 def test_quick_run_has_finite_results_for_every_optimizer(quick_run: tuple[dict, Path, str],
                                                           task: str) -> None:
     summary = quick_run[0]["tasks"][task]
@@ -73,11 +73,16 @@ def test_quick_run_has_finite_results_for_every_optimizer(quick_run: tuple[dict,
                 "time_to_target_s", "median_step_s", "amortized_step_s",
                 "step_time_ratio_vs_sgd", "amortized_ratio_vs_sgd", "curve"} <= set(o)
         assert o["best_lr"] in [g["lr"] for g in o["grid"]]
+        assert o["best_config"] in summary["grids"][name] and "batch" in o["best_config"]
+        assert o["picked"] in quick_run[2]  # the table says what each optimizer picked
         losses = o["curve"]["loss_mean"]
         assert losses and all(math.isfinite(v) for v in losses), (name, losses)
         assert math.isfinite(o["final_loss_mean"]) and o["median_step_s"] > 0
         assert len(o["curve"]["steps"]) == len(losses) == len(o["curve"]["time_s_mean"])
     assert summary["optimizers"]["SGD"]["step_time_ratio_vs_sgd"] == pytest.approx(1.0)
+    # the same budget: grids of the same size, batch size in every one
+    assert len({len(g) for g in summary["grids"].values()}) == 1
+    assert all("batch" in c for g in summary["grids"].values() for c in g)
 
 
 def test_kfac_decreases_the_digits_loss(quick_run: tuple[dict, Path, str]) -> None:
