@@ -186,7 +186,8 @@ def test_diagonal_blocks_equal_the_per_sample_loop_for_layernorm_and_free_parame
     text = opt.describe()
     opt.remove_hooks()
     blocks = {b.name: b for b in opt._blocks}
-    for name, params in (("cls", [model.cls]), ("pos", [model.pos]), ("gamma", [model.gamma]), ("ln", [model.ln.weight, model.ln.bias])):
+    for name, params in (("cls", [model.cls]), ("pos", [model.pos]), ("gamma", [model.gamma]),
+                         ("ln", [model.ln.weight, model.ln.bias])):
         expected = per_sample_diagonal(model, params, x, y)
         for got, want in zip(blocks[name].diagonal(), expected):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
