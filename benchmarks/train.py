@@ -18,15 +18,15 @@ Protocol: every run of a task sees the same number of training samples (steps x 
 fixes the initial weights and the minibatch order). Every optimizer has a grid of the same size
 (6): SGD (momentum 0.9) and Adam 3 learning rates x 2 batch sizes; K-FAC (natgrad.KFAC's
 defaults otherwise) 2 trust-region sizes (its step-size knob while the clip binds) x 3
-configurations of inverse method, refresh and batch size (:func:`kfac_grid`). Stage 1 runs
-every grid point on seed 0 and picks the one with the lowest final training loss; stage 2 adds
-seeds at that point (default 2 seeds in all; the selection
-bias of seed 0 is the same for every optimizer). Runs alternate between optimizers so that load
-from other processes hits all of them alike. The training loss is measured on a fixed monitor
-set (all digits training images; 2,000 Fashion-MNIST training images) ``evals`` times per run,
-outside the timed region; a run whose loss turns non-finite or exceeds 10x its initial value is
-stopped and counts as diverged (final loss inf). Wall-clock time is the sum of the timed steps
-(batch fetch, forward, backward, optimizer step).
+configurations of inverse method and batch size (:func:`kfac_grid`). Stage 1 runs every grid
+point on seed 0 and picks the one with the lowest final training loss; stage 2 adds seeds at
+that point (default 2 seeds in all; the selection bias of seed 0 is the same for every
+optimizer). Runs alternate between optimizers so that load from other processes hits all of them
+alike. The training loss is measured on a fixed monitor set (all digits training images; 2,000
+Fashion-MNIST training images) ``evals`` times per run, outside the timed region; a run whose
+loss turns non-finite or exceeds 10x its initial value is stopped and counts as diverged (final
+loss inf). Wall-clock time is the sum of the timed steps (batch fetch, forward, backward,
+optimizer step).
 
 The target of a task is the baseline's mean final loss: Adam's on the autoencoder (the issue's
 goal: K-FAC within 0.5x Adam's wall-clock), the better of SGD and Adam on the classifiers. The
@@ -77,15 +77,15 @@ def grid(lrs: tuple[float, ...], batches: tuple[int, ...], **fixed: Any) -> list
 
 
 # K-FAC's configurations (natgrad.KFAC's defaults otherwise: momentum 0.9, damping 1e-3,
-# factor_decay 0.95, factor period 1, inverse period 10). Its step-size dimension is the trust
-# region κ (default 1e-3, and 1e-2) at lr 0.3: while the KL clip binds, the step length is set by
-# κ whatever the lr. Three configurations: the eigen method with warm-started refreshes (4
-# subspace-iteration refreshes per exact eigh) at both batch sizes, and the inverse method
-# (π-corrected damping, Newton–Schulz refreshes) at the large one.
+# factor_decay 0.95, factor period 1, inverse period 10, exact refreshes: warm ones do not pay
+# on CPU, see benchmarks/kfac_refresh.py). Its step-size dimension is the trust region κ
+# (default 1e-3, and 1e-2) at lr 0.3: while the KL clip binds, the step length is set by κ
+# whatever the lr. Three configurations: the eigen method at both batch sizes, and the inverse
+# method (π-corrected damping; a Cholesky inverse per refresh instead of an eigh) at the large.
 def kfac_grid(batches: tuple[int, int], lr: float = 0.3, kl_clips: tuple[float, ...] = (1e-3, 1e-2)
               ) -> list[dict[str, Any]]:
-    """K-FAC's grid: kl_clip x {eigen at both batch sizes, inverse at the large}, warm refreshes."""
-    eigen = dict(inverse_method="eigen", factor_update_period=1, inverse_update_period=10, warm_refreshes=4)
+    """K-FAC's grid: kl_clip x {eigen at both batch sizes, inverse at the large}."""
+    eigen = dict(inverse_method="eigen", factor_update_period=1, inverse_update_period=10)
     configs = [(batches[0], eigen), (batches[1], eigen), (batches[1], {**eigen, "inverse_method": "inverse"})]
     return [{"lr": lr, "kl_clip": kl, "batch": b, **c} for b, c in configs for kl in kl_clips]
 
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - wall
 
     print(f"\nTraining comparison ({'quick' if args.quick else 'full'}; every optimizer's best point of "
-          f"its grid of the same size (lr x batch; K-FAC: kl_clip x method/refresh/batch), chosen on seed 0 "
+          f"its grid of the same size (lr x batch; K-FAC: kl_clip x method/batch), chosen on seed 0 "
           f"by final training loss at the same sample budget; {seeds} seed(s) there; 2 threads; total "
           f"wall time {wall:.0f} s)")
     print("final/test loss: mean over seeds (training monitor set / held-out); →target: first evaluation "

@@ -484,9 +484,11 @@ def test_kfac_first_step_equals_dense_damped_solve(method, bias, n, strided, dam
                                    rtol=1e-9, atol=1e-12)
         if method == "eigen":
             expected = torch.linalg.solve(R + damping * torch.eye(R.shape[0], dtype=D), g)
-        else:  # inverse form: (A + √γ I)⁻¹ ⊗ (G + √γ I)⁻¹
-            Ad = block.state["A"] + math.sqrt(damping) * torch.eye(block.state["A"].shape[0], dtype=D)
-            Gd = G + math.sqrt(damping) * torch.eye(d_out, dtype=D)
+        else:  # inverse form, π-corrected by default: (A + π√γ I)⁻¹ ⊗ (G + √γ/π I)⁻¹ (Martens & Grosse)
+            a_mean, g_mean = float(torch.diagonal(block.state["A"]).mean()), float(torch.diagonal(G).mean())
+            pi = math.sqrt(a_mean / g_mean) if a_mean > 0 and g_mean > 0 else 1.0
+            Ad = block.state["A"] + pi * math.sqrt(damping) * torch.eye(block.state["A"].shape[0], dtype=D)
+            Gd = G + math.sqrt(damping) / pi * torch.eye(d_out, dtype=D)
             expected = torch.linalg.solve(_kron_in_param_order(Gd, Ad, d_out, d_in, bias), g)
         step = torch.cat([(b - p.detach()).reshape(-1) for b, p in
                           zip(before[i:i + (2 if bias else 1)], list(model.parameters())[i:i + (2 if bias else 1)])])
