@@ -103,13 +103,19 @@ TEST(LayerGram, RejectsBadArgumentsNamingThem) {
   EXPECT_TRUE(ThrowsMentioning([] { natgrad::gram_solve(at::eye(2), at::randn({2}), -1.0); }, {"shift"}));
 }
 
-TEST(Woodbury, SolvesThePxPSystemWhenTheBatchIsLargerThanTheParameters) {
+class WoodburyLargeBatch : public natgrad_test::LadderTest {};
+
+TEST_F(WoodburyLargeBatch, SolvesThePxPSystemAndReportsItsRung) {
   at::manual_seed(704);
-  const at::Tensor u = at::randn({40, 6}, at::kDouble), rhs = at::randn({6}, at::kDouble);
+  const at::Tensor u = at::randn({40, 6}, at::kDouble), rhs = at::randn({6, 2}, at::kDouble);
   const at::Tensor dense = at::linalg_solve(at::matmul(u.t(), u) / 40.0 + 0.1 * at::eye(6, at::kDouble), rhs);
-  const auto [x, rung] = natgrad::woodbury_solve(u, rhs, 0.1);
+  auto [x, rung] = natgrad::woodbury_solve(u, rhs, 0.1);
   EXPECT_EQ(rung.item<int64_t>(), static_cast<int64_t>(Rung::kNative));
   EXPECT_TRUE(AllClose(x, dense, kTol64));
+  natgrad::testing::force_ladder_failures(1);  // the p x p system is float64: next rung is jitter
+  std::tie(x, rung) = natgrad::woodbury_solve(u.to(at::kFloat), rhs.to(at::kFloat), 0.1);
+  EXPECT_EQ(rung.item<int64_t>(), static_cast<int64_t>(Rung::kJitter));
+  EXPECT_TRUE(AllClose(x, dense, natgrad_test::kTol32));
 }
 
 }  // namespace

@@ -11,6 +11,7 @@ from torch import nn
 
 import natgrad
 from natgrad.fisher import compute_fisher, score_rows
+from natgrad.fisher import gram
 from natgrad.fisher.gram import DenseRows, LayerRows, collect_rows
 
 D = torch.float64
@@ -144,7 +145,10 @@ def groups(model):
             {"params": model[2].parameters(), "weight_decay": 1e-2}]
 
 
-def test_features_follow_the_explicit_path_and_resume_from_state_dict():
+@pytest.mark.parametrize("chunk", [1 << 16, 7])
+def test_features_follow_the_explicit_path_and_resume_from_state_dict(chunk, monkeypatch):
+    # chunk 7: each layer's direction is formed and applied a few output rows at a time
+    monkeypatch.setattr(gram, "CHUNK_ELEMENTS", chunk)
     model, x, y = problem("mlp")
     kwargs = dict(lr=0.5, momentum=0.9, kl_clip=1e-3, damping=lambda s: 1e-2 / (1 + s))
     models = [copy.deepcopy(model) for _ in range(3)]
@@ -212,3 +216,27 @@ def test_bad_batches_raise_before_grad_is_touched(fault, error, match):
 def test_rows_argument_is_validated():
     with pytest.raises(ValueError, match="Invalid rows"):
         natgrad.NaturalGradient(nn.Linear(2, 2), rows="gram")
+
+
+@pytest.mark.parametrize("name", ["sequence", "mixed"])
+def test_gathered_shards_equal_the_whole_batch(name):
+    # two "ranks" in one process: each collects its shard; a fake all_gather hands over the
+    # other shard's tensors in the order gathered() asks for them (exact Fisher: 3 passes)
+    model, x, y = problem(name, n=8)
+    params = list(model.parameters())
+    kwargs = dict(fisher_type="exact", likelihood="categorical")
+    shards = [collect_rows(model, x[4 * i:4 * i + 4], y[4 * i:4 * i + 4], params, **kwargs)[0]
+              for i in range(2)]
+    other = iter([t for part in shards[1].parts for t in part.tensors()])
+    gathered = shards[0].gathered(lambda t: [t, next(other)], 2)
+    whole = collect_rows(model, x, y, params, **kwargs)[0]
+    v = [torch.randn_like(p) for p in params]
+
+    def assemble(blocks):
+        out = [torch.full_like(p, float("nan")) for p in params]
+        for i, where, d in blocks:
+            out[i][where] = d
+        return out
+
+    for got, expected in zip(assemble(gathered.directions(v, 1e-2)), assemble(whole.directions(v, 1e-2))):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

@@ -29,7 +29,10 @@ from natgrad.curvature import capturing, kronecker_block, owner_groups
 from natgrad.fisher.scores import check_request, pass_rows, score_rows, score_rows_and_losses
 from natgrad.likelihoods import Likelihood
 
-__all__ = ["BatchRows", "DenseRows", "LayerRows", "collect_rows", "supported_layers"]
+__all__ = ["CHUNK_ELEMENTS", "BatchRows", "DenseRows", "LayerRows", "collect_rows", "supported_layers"]
+
+#: weight entries per block of a layer's direction (see :meth:`LayerRows.tmv_chunks`)
+CHUNK_ELEMENTS = 1 << 16
 
 
 @dataclass
@@ -61,17 +64,17 @@ class DenseRows:
         """``U v`` for ``v`` given per parameter (indexed like the caller's list)."""
         return self.rows @ torch.cat([vs[i].reshape(-1).to(self.rows.dtype) for i in self.index])
 
-    def tmv(self, w: Tensor) -> list[Tensor]:
-        """``Uᵀ w`` as one tensor per parameter of :attr:`index`."""
-        flat = self.rows.T @ w
-        sizes = [math.prod(s) for s in self.shapes]
-        return [part.view(s) for part, s in zip(flat.split(sizes), self.shapes)]
+    def tmv_chunks(self, w: Tensor) -> Iterator[tuple[int, tuple, Tensor]]:
+        """``Uᵀ w`` as ``(parameter index, () (the whole parameter), tensor)``."""
+        for i, t in zip(self.index, self.tmv_like(self.rows.T @ w)):
+            yield i, (), t
 
     def diagonal(self, num_samples: int) -> list[Tensor]:
         """``diag(UᵀU) / n`` per parameter."""
         return self.tmv_like(self.rows.pow(2).sum(0) / num_samples)
 
     def tmv_like(self, flat: Tensor) -> list[Tensor]:
+        """A flat vector over these columns as one tensor per parameter."""
         sizes = [math.prod(s) for s in self.shapes]
         return [part.view(s) for part, s in zip(flat.split(sizes), self.shapes)]
 
@@ -124,14 +127,26 @@ class LayerRows:
             return ops.conv2d_rows_mv(self.x, self.g, w, b, *self._conv_args())
         return ops.embedding_rows_mv(self.x, self.g, w)
 
-    def tmv(self, w: Tensor) -> list[Tensor]:
-        if self.kind == "linear":
-            parts = ops.linear_rows_tmv(self.x, self.g, w)
-        elif self.kind == "conv2d":
-            parts = ops.conv2d_rows_tmv(self.x, self.g, w, self.module.kernel_size, *self._conv_args())
-        else:
-            parts = (ops.embedding_rows_tmv(self.x, self.g, w, self.module.num_embeddings),)
-        return list(parts[:len(self.index)])
+    def tmv_chunks(self, w: Tensor) -> Iterator[tuple[int, tuple, Tensor]]:
+        """``Uᵀ w`` in blocks of at most :data:`CHUNK_ELEMENTS` weight entries: blocks of output
+        features (Linear, Conv2d: rows of the weight and the bias) or of embedding dims
+        (Embedding: columns), as ``(parameter index, index into the parameter, block)``, so the
+        caller never holds a whole layer's direction at once."""
+        width = self.g.shape[1] if self.kind == "conv2d" else self.g.shape[-1]
+        per_unit = max(self.module.weight.numel() // max(width, 1), 1)
+        step = max(1, CHUNK_ELEMENTS // per_unit)
+        for a in range(0, width, step):
+            b = min(width, a + step)
+            g = self.g[:, a:b] if self.kind == "conv2d" else self.g[..., a:b]
+            if self.kind == "linear":
+                parts = ops.linear_rows_tmv(self.x, g, w)
+            elif self.kind == "conv2d":
+                parts = ops.conv2d_rows_tmv(self.x, g, w, self.module.kernel_size, *self._conv_args())
+            else:
+                parts = (ops.embedding_rows_tmv(self.x, g, w, self.module.num_embeddings),)
+            where = (slice(None), slice(a, b)) if self.kind == "embedding" else (slice(a, b),)
+            for i, part in zip(self.index, parts):
+                yield i, where, part
 
 
 Part = DenseRows | LayerRows
@@ -184,12 +199,12 @@ class BatchRows:
                 out[i] = d
         return out  # type: ignore[return-value]
 
-    def directions(self, vs: Sequence[Tensor], damping: float) -> Iterator[tuple[int, Tensor]]:
-        """``(F + λI)⁻¹ v`` by the Woodbury identity, yielded as ``(parameter index, tensor)``
-        one part at a time (so a caller that applies them at once never holds all of them).
-        ``last_rung`` and ``finite_guaranteed`` are set before the first yield. A batch of
-        explicit rows alone is solved by the ``woodbury_solve`` op (which picks the n×n or p×p
-        system by cost)."""
+    def directions(self, vs: Sequence[Tensor], damping: float) -> Iterator[tuple[int, tuple, Tensor]]:
+        """``(F + λI)⁻¹ v`` by the Woodbury identity. Solves the small system now (setting
+        ``last_rung`` and ``finite_guaranteed``) and returns an iterator of ``(parameter index,
+        index into the parameter, block)`` that forms the direction one block at a time, so a
+        caller that applies each at once never holds all of it. A batch of explicit rows alone is solved by the
+        ``woodbury_solve`` op (which picks the n×n or p×p system by cost)."""
         if len(self.parts) == 1 and isinstance(self.parts[0], DenseRows):
             part = self.parts[0]
             rows = part.rows
@@ -199,8 +214,7 @@ class BatchRows:
             res = ops.woodbury_solve(rows, flat, damping)
             self.last_rung = int(res.rung)
             self.finite_guaranteed = math.isfinite(_max_abs(res.solution))
-            yield from zip(part.index, part.tmv_like(res.solution))
-            return
+            return ((i, (), t) for i, t in zip(part.index, part.tmv_like(res.solution)))
         res = ops.gram_solve(self.gram(), self.mv(vs), self.num_samples * damping)
         self.last_rung = int(res.rung)
         y = res.solution
@@ -210,9 +224,14 @@ class BatchRows:
         peak_u = max(part.row_bound() for part in self.parts)
         limit = min(torch.finfo(_dtype(part)).max for part in self.parts) / 4
         self.finite_guaranteed = (peak_v + self.num_rows * _max_abs(y) * peak_u) / damping < limit
+        return self._parts_directions(vs, y, damping)
+
+    def _parts_directions(self, vs: Sequence[Tensor], y: Tensor, damping: float) -> Iterator[tuple[int, tuple, Tensor]]:
+        """``(v − Uᵀy)/λ`` block by block (in place on each ``Uᵀy`` block)."""
         for part in self.parts:
-            for i, u in zip(part.index, part.tmv(y.to(_dtype(part)))):
-                yield i, u.view_as(vs[i]).sub_(vs[i]).div_(-damping)
+            for i, where, u in part.tmv_chunks(y.to(_dtype(part))):
+                v = vs[i][where]
+                yield i, where, u.view_as(v).sub_(v).div_(-damping)
 
     def gathered(self, all_gather: Callable[[Tensor], list[Tensor]], world: int) -> BatchRows:
         """Every rank's rows (equal shards): inputs concatenated in rank order, rows reordered
@@ -345,7 +364,8 @@ def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequ
     outputs = [r.output for name in data for r in recs[name]]
     grads = torch.autograd.grad(losses.sum(), outputs + list(chosen), retain_graph=passes is not None,
                                 allow_unused=True)
-    mean = [torch.zeros_like(p) if g is None else g / n for p, g in zip(chosen, grads[len(outputs):])]
+    # autograd's fresh gradient buffers become the means in place (no second parameter-sized copy)
+    mean = [torch.zeros_like(p) if g is None else g.div_(n) for p, g in zip(chosen, grads[len(outputs):])]
     per_pass = [grads[:len(outputs)]]
     for k, (target, weight) in enumerate(passes or []):
         per_pass.append(torch.autograd.grad(lik.weighted_nll(out, target, weight), outputs,

@@ -1,7 +1,6 @@
 """natgrad.NaturalGradient: the exact (empirical or sampled) Fisher natural gradient."""
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -192,46 +191,49 @@ class NaturalGradient(Optimizer):
                  for g, (p, grp) in zip(raw, entries)]
         damping = resolved_number("damping", self.damping, self._steps, low=0.0, low_open=True)
         if self.structure == "diagonal":
-            directions = ((i, g / (d.to(g.dtype) + damping))
+            directions = ((i, (), g / (d.to(g.dtype) + damping))
                           for i, (g, d) in enumerate(zip(grads, batch.diagonal())))
         else:
             directions = batch.directions(grads, damping)
         kl_clip = resolved_number("kl_clip", self.kl_clip, self._steps, low=0.0, low_open=True, allow_none=True)
         if self.structure != "diagonal":
-            next_part = next(directions, None)  # solves the small system; sets the flags below
-            directions = itertools.chain([] if next_part is None else [next_part], directions)
             self._warn_rung(batch.last_rung)
         if kl_clip is None and batch.finite_guaranteed:
             # apply each part as it is solved: no full-size copy of the direction is ever held
             self._apply(entries, directions, 1.0)
         else:
             pending = list(directions)
-            if not all(bool(torch.isfinite(d).all()) for _, d in pending):
+            if not all(bool(torch.isfinite(d).all()) for _, _, d in pending):
                 raise FloatingPointError("NaturalGradient: the solve produced NaN/Inf (a too small "
                                          "damping or overflowing per-sample gradients?); "
                                          "parameters were not changed")
             nu = 1.0
             if kl_clip is not None:
-                vg = sum(float((d * raw[i].to(d.dtype)).sum()) * entries[i][1]["lr"] ** 2 for i, d in pending)
+                vg = sum(float((d * raw[i][where].to(d.dtype)).sum()) * entries[i][1]["lr"] ** 2
+                         for i, where, d in pending)
                 nu = 1.0 if vg <= 0 else min(1.0, math.sqrt(kl_clip / vg))
             self._apply(entries, pending, nu)
         self._steps += 1
         return loss
 
-    def _apply(self, entries: list[tuple[Tensor, dict]], directions: Iterable[tuple[int, Tensor]],
+    def _apply(self, entries: list[tuple[Tensor, dict]], directions: Iterable[tuple[int, tuple, Tensor]],
                nu: float) -> None:
-        """``b ← μb + νd``, ``θ ← θ − ηb`` per parameter."""
-        for i, d in directions:
+        """``b ← μb + νd``, ``θ ← θ − ηb`` on each block ``(parameter index, index into it,
+        direction)``. Each block is dropped before the next is formed (a streaming caller then
+        holds one block of the direction at a time)."""
+        it = iter(directions)
+        while (item := next(it, None)) is not None:
+            i, where, d = item
+            del item
             p, group = entries[i]
             d = d.to(p.dtype) if nu == 1.0 else d.to(p.dtype) * nu
             if group["momentum"]:
                 buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(d)
-                d = buf
-            p.add_(d, alpha=-group["lr"])
+                if buf is None:  # the first step's buffer is the direction itself (0·μ + d)
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                d = buf[where].mul_(group["momentum"]).add_(d)
+            p[where].add_(d, alpha=-group["lr"])
+            del d
 
     @staticmethod
     def _warn_rung(rung: int) -> None:
