@@ -102,7 +102,7 @@ QUICK: dict[str, Any] = {
     "seeds": 1, "extend": 2,
     "step_cost": {"models": {"linear 1000-100": {"widths": (1000, 100), "n": 64, "explicit": True},
                              "mlp 784-1024-512-256-10": {"widths": (784, 1024, 512, 256, 10), "n": 128,
-                                                         "explicit": False}},
+                                                         "explicit": False, "memory": False}},
                   "damping": 1e-3, "warmup": 1, "repeats": 2},
 }
 
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
              for name, m in sc["models"].items()
              for rec in step_cost(name, m["widths"], m["n"], sc["damping"], sc["warmup"], sc["repeats"],
                                   threads, m["explicit"])]
-    memory = [rec for name, m in sc["models"].items()
+    memory = [rec for name, m in sc["models"].items() if m.get("memory", True)
               if (rec := memory_record(name, m["widths"], m["n"], sc["damping"],
                                        ("plain", "implicit", "explicit") if m["explicit"] else
                                        ("plain", "implicit"))) is not None]

@@ -145,7 +145,7 @@ def groups(model):
             {"params": model[2].parameters(), "weight_decay": 1e-2}]
 
 
-@pytest.mark.parametrize("chunk", [1 << 16, 7])
+@pytest.mark.parametrize("chunk", [1 << 17, 7])
 def test_features_follow_the_explicit_path_and_resume_from_state_dict(chunk, monkeypatch):
     # chunk 7: each layer's direction is formed and applied a few output rows at a time
     monkeypatch.setattr(gram, "CHUNK_ELEMENTS", chunk)

@@ -32,7 +32,7 @@ from natgrad.likelihoods import Likelihood
 __all__ = ["CHUNK_ELEMENTS", "BatchRows", "DenseRows", "LayerRows", "collect_rows", "supported_layers"]
 
 #: weight entries per block of a layer's direction (see :meth:`LayerRows.tmv_chunks`)
-CHUNK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS = 1 << 17
 
 
 @dataclass
@@ -108,8 +108,11 @@ class LayerRows:
     def row_bound(self) -> float:
         """An upper bound on ``|U_rk|``: positions × max|activation| × max|output gradient|."""
         positions = self.g[0].numel() // self.g.shape[-1] if self.kind != "conv2d" else self.g[0, 0].numel()
-        act = 1.0 if self.kind == "embedding" else max(_max_abs(self.x), 1.0 if self._bias else 0.0)
-        return positions * act * _max_abs(self.g)
+        if self.kind == "embedding":
+            return positions * _max_abs(self.g)
+        act, grad = (float(v) for v in torch.stack([torch.stack(torch.aminmax(t)).to(torch.float64).abs().max()
+                                                    for t in (self.x, self.g)]))
+        return positions * max(act, 1.0 if self._bias else 0.0) * grad
 
     def gram(self) -> Tensor:
         if self.kind == "linear":
@@ -220,7 +223,7 @@ class BatchRows:
         y = res.solution
         # |(v - Uᵀy)_k| / λ <= (max|v| + R max|y| max|U|) / λ: below the dtype's range, every
         # direction is finite without looking at it.
-        peak_v = max(_max_abs(vs[i]) for part in self.parts for i in part.index)
+        peak_v = _max_abs_all([vs[i] for part in self.parts for i in part.index])
         peak_u = max(part.row_bound() for part in self.parts)
         limit = min(torch.finfo(_dtype(part)).max for part in self.parts) / 4
         self.finite_guaranteed = (peak_v + self.num_rows * _max_abs(y) * peak_u) / damping < limit
@@ -262,6 +265,12 @@ def _max_abs(t: Tensor) -> float:
     return max(-float(low), float(high))
 
 
+def _max_abs_all(tensors: Sequence[Tensor]) -> float:
+    """max |t| over several tensors with one host read."""
+    ends = [torch.stack(torch.aminmax(t)).to(torch.float64).abs() for t in tensors if t.numel()]
+    return float(torch.cat(ends).max()) if ends else 0.0
+
+
 def _dtype(part: Part) -> torch.dtype:
     return part.rows.dtype if isinstance(part, DenseRows) else part.g.dtype
 
@@ -286,9 +295,11 @@ def supported_layers(model: nn.Module, params: Sequence[nn.Parameter]) -> dict[s
 
 
 def _finite_flag(tensors: Sequence[Tensor]) -> Tensor:
-    flags = [torch.isfinite(torch.stack(list(torch.aminmax(t)))).all()
-             for t in tensors if t.numel() and t.is_floating_point()]
-    return torch.stack(flags).all() if flags else torch.tensor(True)
+    """Whether every floating tensor is finite: NaN/Inf reach min or max, so two scalars per
+    tensor decide it (one aminmax pass each, one host read for all)."""
+    ends = [torch.stack(torch.aminmax(t)).to(torch.float64)
+            for t in tensors if t.numel() and t.is_floating_point()]
+    return torch.isfinite(torch.cat(ends)).all() if ends else torch.tensor(True)
 
 
 def _per_sample_losses(out: Tensor, targets: Tensor, lik: Likelihood, loss_fn) -> Tensor:
