@@ -375,8 +375,11 @@ def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequ
     outputs = [r.output for name in data for r in recs[name]]
     grads = torch.autograd.grad(losses.sum(), outputs + list(chosen), retain_graph=passes is not None,
                                 allow_unused=True)
-    # autograd's fresh gradient buffers become the means in place (no second parameter-sized copy)
-    mean = [torch.zeros_like(p) if g is None else g.div_(n) for p, g in zip(chosen, grads[len(outputs):])]
+    # autograd's fresh gradient buffers become the means in place (no second parameter-sized
+    # copy), unless one is also a layer's output gradient (a parameter added to an output as is)
+    shared = {g.data_ptr() for g in grads[:len(outputs)] if g is not None}
+    mean = [torch.zeros_like(p) if g is None else (g / n if g.data_ptr() in shared else g.div_(n))
+            for p, g in zip(chosen, grads[len(outputs):])]
     per_pass = [grads[:len(outputs)]]
     for k, (target, weight) in enumerate(passes or []):
         per_pass.append(torch.autograd.grad(lik.weighted_nll(out, target, weight), outputs,
