@@ -19,10 +19,15 @@ zero_grad, backward, step). Target = Adam's mean final loss at its best lr; iter
 seconds to it come from the seed-mean curves; if SGD misses it, SGD is rerun at its best lr for
 ``extend`` times the budget.
 
-Part 2 -- step cost at p ~ 100,000, n = 64 (``nn.Linear(1000, 100)``; a 1000-99-10 tanh MLP),
-interleaved rounds at 2 threads and at 1 (wall-clock, and the thread's CPU time): a plain step
-(forward, ``loss.backward()``, ``SGD.step()``), ``opt.backward`` (per-sample gradients, torch.func),
-``opt.step`` (Woodbury solve + update) and the bare ``natgrad.ops.woodbury_solve``.
+``fashion-mlp``, a 784-64-10 tanh MLP on 4,096 standardised Fashion-MNIST training images,
+minibatches of 128. On ``mlp`` and ``fashion-mlp`` every optimizer gets the same tuning budget
+(six grid points); the table also gives each optimizer's wall-clock time to SGD's final loss.
+
+Part 2 -- step cost and memory at scale (:mod:`_ngd_scale`): ``nn.Linear(1000, 100)`` at n = 64
+and a 784-1024-512-256-10 tanh MLP (1.46M parameters) at n = 128, a plain step against
+``opt.backward`` + ``opt.step`` (implicit rows; explicit torch.func rows and the bare
+``woodbury_solve`` op for the Linear layer) at 2 threads and at 1 (wall-clock, and the thread's
+CPU time), and the peak memory of one step of each in a fresh subprocess.
 """
 from __future__ import annotations
 
@@ -45,14 +50,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import natgrad  # noqa: E402
 from _harness import format_rows, machine_info, write_payload  # noqa: E402
-from data import load_digits  # noqa: E402
+from _ngd_scale import (build_model, format_scale_goals, memory_record, memory_table,  # noqa: E402
+                        scale_goals, step_cost, step_cost_table)
+from data import load_digits, load_fashion_mnist  # noqa: E402
 
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 OPTIMIZERS = ("SGD", "Adam", "DiagNGD", "NGD")
 GOAL_ITERS = "NaturalGradient reaches the target in <= 1/5 of SGD's iterations on logreg"
 GOAL_ITERS_RATIO = 0.2
-GOAL_STEP = "Woodbury step at p = 100,000, n = 64 costs <= 5x a plain gradient step"
-GOAL_STEP_RATIO = 5.0
 
 
 def _grids(sgd: tuple[float, ...], adam: tuple[float, ...], diag: tuple[tuple[float, ...], ...],
@@ -75,31 +80,31 @@ FULL: dict[str, Any] = {
                           "grids": _grids((3.0, 10.0, 30.0, 100.0), (0.1, 0.3, 1.0),
                                           ((0.1, 0.3, 1.0), (1e-2, 1e-1)),
                                           ((1.0, 3.0, 10.0), (1e-2, 1e-1)))},
+        # equal tuning budgets: six grid points per optimizer
         "mlp": {"data": "digits", "widths": (64, 32, 10), "batch": 128, "iters": 300,
-                "grids": _grids((1.0, 3.0, 10.0), (0.03, 0.1, 0.3),
-                                ((0.03, 0.1, 0.3), (1e-4, 1e-3, 1e-2)),
-                                ((0.3, 1.0, 3.0), (1e-3, 1e-2)))},
+                "grids": _grids((0.3, 1.0, 3.0, 10.0, 30.0, 100.0), (0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
+                                ((0.03, 0.1, 0.3), (1e-3, 1e-2)), ((0.3, 1.0, 3.0), (1e-3, 1e-2)))},
+        "fashion-mlp": {"data": "fashion", "widths": (784, 64, 10), "batch": 128, "iters": 300, "train_size": 4096,
+                        "grids": _grids((0.03, 0.1, 0.3, 1.0, 3.0, 10.0), (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+                                        ((0.01, 0.03, 0.1), (1e-3, 1e-2)), ((0.1, 0.3, 1.0), (1e-2, 1e-1)))},
     },
     "seeds": 3, "extend": 10,
-    "step_cost": {"models": {"linear 1000-100": (1000, 100), "mlp 1000-99-10": (1000, 99, 10)},
-                  "n": 64, "damping": 1e-3, "warmup": 3, "repeats": 20},
+    "step_cost": {"models": {"linear 1000-100": {"widths": (1000, 100), "n": 64, "explicit": True},
+                             "mlp 784-1024-512-256-10": {"widths": (784, 1024, 512, 256, 10), "n": 128,
+                                                         "explicit": False}},
+                  "damping": 1e-3, "warmup": 3, "repeats": 20},
 }
 QUICK: dict[str, Any] = {
     "problems": {name: dict(cfg, iters=15, grids=_grids((1.0,), (0.03,), ((0.03,), (1e-2,)),
-                                                        ((0.3,), (1e-2,))))
+                                                        ((0.3,), (1e-2,))),
+                            **({"train_size": 512} if cfg["data"] == "fashion" else {}))
                  for name, cfg in FULL["problems"].items()},
     "seeds": 1, "extend": 2,
-    "step_cost": {"models": {"linear 1000-100": (1000, 100)}, "n": 64, "damping": 1e-3,
-                  "warmup": 1, "repeats": 2},
+    "step_cost": {"models": {"linear 1000-100": {"widths": (1000, 100), "n": 64, "explicit": True},
+                             "mlp 784-1024-512-256-10": {"widths": (784, 1024, 512, 256, 10), "n": 128,
+                                                         "explicit": False, "memory": False}},
+                  "damping": 1e-3, "warmup": 1, "repeats": 2},
 }
-
-
-def build_model(widths: tuple[int, ...]) -> nn.Module:
-    """``nn.Linear`` layers of the given widths with tanh between them (one layer: no tanh)."""
-    layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
-    for a, b in zip(widths[1:-1], widths[2:]):
-        layers += [nn.Tanh(), nn.Linear(a, b)]
-    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
 def make_optimizer(name: str, model: nn.Module, hp: dict[str, float]) -> torch.optim.Optimizer:
@@ -113,6 +118,15 @@ def make_optimizer(name: str, model: nn.Module, hp: dict[str, float]) -> torch.o
 def load_standardized_digits() -> tuple[Tensor, Tensor]:
     """Digits training split (1,438 images) with each pixel standardised (constant pixels: 0)."""
     train, _ = load_digits()
+    mean, std = train.x.mean(0), train.x.std(0)
+    x = (train.x - mean) / torch.where(std > 1e-6, std, torch.ones_like(std))
+    return x.contiguous(), train.y
+
+
+def load_standardized_fashion(train_size: int) -> tuple[Tensor, Tensor]:
+    """A fixed random subset (seed 0) of ``train_size`` Fashion-MNIST training images, each
+    pixel standardised."""
+    train, _ = load_fashion_mnist(train_size=train_size, test_size=1)
     mean, std = train.x.mean(0), train.x.std(0)
     x = (train.x - mean) / torch.where(std > 1e-6, std, torch.ones_like(std))
     return x.contiguous(), train.y
@@ -226,6 +240,8 @@ def run_problem(cfg: dict[str, Any], seeds: int, progress: Callable[[], None],
     ``optimizers.SGD.extended``)."""
     if cfg["data"] == "digits":  # separable by a softmax regression: no finite minimiser
         (x, y), optimum = load_standardized_digits(), None
+    elif cfg["data"] == "fashion":
+        (x, y), optimum = load_standardized_fashion(cfg["train_size"]), None
     else:
         x, y = make_synthetic_logreg(**SYNTHETIC)
         optimum = optimum_loss(x, y, cfg["widths"][-1])
@@ -256,6 +272,8 @@ def run_problem(cfg: dict[str, Any], seeds: int, progress: Callable[[], None],
         i = first_at_or_below(res["curve"], target * (1 + 1e-9))
         res["iters_to_target"] = i
         res["time_to_target_s"] = None if i is None else res["cum_time_s"][i]
+        j = first_at_or_below(res["curve"], results["SGD"]["final_mean"] * (1 + 1e-9))
+        res["time_to_sgd_final_s"] = None if j is None else res["cum_time_s"][j]
     sgd = results["SGD"]
     if sgd["iters_to_target"] is None and extend > 1:
         runs = [train_run(cfg["widths"], x, y, "SGD", sgd["best_hp"], seed, cfg["batch"],
@@ -263,63 +281,13 @@ def run_problem(cfg: dict[str, Any], seeds: int, progress: Callable[[], None],
         curve = [statistics.fmean(v) for v in zip(*(losses for losses, _ in runs))]
         sgd["extended"] = {"iters": extend * cfg["iters"], "final_mean": curve[-1],
                            "iters_to_target": first_at_or_below(curve, target * (1 + 1e-9))}
-    data = dict(SYNTHETIC) if cfg["data"] == "synthetic" else {"name": "digits"}
+    data = dict(SYNTHETIC) if cfg["data"] == "synthetic" else {"name": cfg["data"]}
     widths = cfg["widths"]
     return {"config": {**cfg, "data": data, "num_samples": int(x.shape[0]), "seeds": seeds,
                        "num_params": sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))},
             "optimum_loss": optimum, "target_loss": target,
             "target_rule": "Adam's mean final loss at its best lr",
             "initial_loss": results["SGD"]["curve"][0], "optimizers": results}
-
-
-def step_cost(name: str, widths: tuple[int, ...], n: int, damping: float, warmup: int,
-              repeats: int, threads: int) -> list[dict[str, Any]]:
-    """Interleaved timings (``threads`` torch threads) of a plain SGD step, NaturalGradient's
-    backward and step and the bare Woodbury op at batch size ``n`` on the model ``widths``.
-
-    Returns a record of wall-clock medians and, with one thread, one of the thread's CPU-time
-    medians (immune to other processes taking the core)."""
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    plain_model = build_model(widths)
-    ngd_model = copy.deepcopy(plain_model)
-    p = sum(q.numel() for q in plain_model.parameters())
-    x, y = torch.randn(n, widths[0]), torch.randint(0, widths[-1], (n,))
-    sgd = torch.optim.SGD(plain_model.parameters(), lr=1e-3)
-    ngd = natgrad.NaturalGradient(ngd_model, lr=1e-3, damping=damping)
-    rows, rhs = torch.randn(n, p) / math.sqrt(p), torch.randn(p)
-
-    def plain() -> None:
-        sgd.zero_grad()
-        F.cross_entropy(plain_model(x), y).backward()
-        sgd.step()
-
-    parts: dict[str, Callable[[], Any]] = {
-        "plain": plain, "backward": lambda: ngd.backward(x, y), "step": ngd.step,
-        "op": lambda: natgrad.ops.woodbury_solve(rows, rhs, damping).solution}
-    clocks = {"wall": time.perf_counter} | ({"cpu": time.thread_time} if threads == 1 else {})
-    t: dict[str, dict[str, list[float]]] = {c: {k: [] for k in parts} for c in clocks}
-    for r in range(warmup + repeats):
-        ngd.zero_grad()
-        for key, fn in parts.items():
-            start = {c: clock() for c, clock in clocks.items()}
-            out = fn()
-            for c, clock in clocks.items():
-                if r >= warmup:
-                    t[c][key].append(clock() - start[c])
-    torch.set_num_threads(saved_threads)
-    residual = float((rows.T @ (rows @ out) / n + damping * out - rhs).norm() / rhs.norm())
-    records = []
-    for clock, times in t.items():
-        ms = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}
-        total, plain_ms = ms["backward_ms"] + ms["step_ms"], ms["plain_ms"]
-        records.append({"name": name, "threads": threads, "clock": clock, "widths": list(widths),
-                        "num_params": p, "n": n, "damping": damping, "times_s": times, **ms,
-                        "ngd_total_ms": total, "ratio_total": total / plain_ms,
-                        "ratio_step": ms["step_ms"] / plain_ms, "ratio_op": ms["op_ms"] / plain_ms,
-                        "op_relative_residual": residual, "flop_ratio_estimate": (n + 2) / 3})
-    return records
 
 
 def _fmt(v: float | None, spec: str = ".4f") -> str:
@@ -342,7 +310,7 @@ def _iters_cell(prob: dict[str, Any], res: dict[str, Any]) -> str:
 def convergence_table(problems: dict[str, Any]) -> str:
     """Fixed-width table of the best point of each optimizer on each problem."""
     headers = ["problem", "optimizer", "best hyperparameters", "final loss", "final - L*",
-               "iters to target", "s to target", "step ms", "step x SGD"]
+               "iters to target", "s to target", "s to SGD's final", "step ms", "step x SGD"]
     rows = []
     for pname, prob in problems.items():
         sgd_step = prob["optimizers"]["SGD"]["median_step_s"]
@@ -352,6 +320,7 @@ def convergence_table(problems: dict[str, Any]) -> str:
                          "-" if prob["optimum_loss"] is None else
                          _fmt(res["final_mean"] - prob["optimum_loss"], ".1e"),
                          _iters_cell(prob, res), _fmt(res["time_to_target_s"], ".3f"),
+                         _fmt(res.get("time_to_sgd_final_s"), ".3f"),
                          _fmt(res["median_step_s"] * 1e3, ".2f"),
                          _fmt(res["median_step_s"] / sgd_step, ".1f")])
     return format_rows(headers, rows, left={0, 1, 2})
@@ -364,25 +333,13 @@ def describe_problems(problems: dict[str, Any]) -> str:
         c = prob["config"]
         data = ("synthetic binary (2-logit softmax) logistic regression, {num} samples, {dim} "
                 "features, covariance condition {kappa:g}".format(**c["data"])
-                if c["data"].get("name") != "digits" else
-                f"digits, {c['num_samples']} standardised training images, 10 classes")
+                if c["data"].get("name") not in ("digits", "fashion") else
+                f"{c['data']['name']}, {c['num_samples']} standardised training images, 10 classes")
         opt = "" if prob["optimum_loss"] is None else f", minimum L* = {prob['optimum_loss']:.6f}"
         lines.append(f"  {pname}: {data}; widths {c['widths']} ({c['num_params']} params); "
                      f"{'full batch' if c['batch'] is None else 'minibatch ' + str(c['batch'])}; "
                      f"{c['iters']} iterations; target {prob['target_loss']:.6f}{opt}")
     return "\n".join(lines)
-
-
-def step_cost_table(costs: list[dict[str, Any]]) -> str:
-    """Fixed-width table of the step-cost measurements."""
-    headers = ["model", "p", "n", "threads", "clock", "plain ms", "NGD ms", "backward ms",
-               "step ms", "op ms", "NGD/plain", "step/plain", "op/plain", "op residual"]
-    rows = [[c["name"], str(c["num_params"]), str(c["n"]), str(c["threads"]), c["clock"],
-             _fmt(c["plain_ms"], ".2f"),
-             _fmt(c["ngd_total_ms"], ".2f"), _fmt(c["backward_ms"], ".2f"), _fmt(c["step_ms"], ".2f"),
-             _fmt(c["op_ms"], ".2f"), _fmt(c["ratio_total"], ".1f"), _fmt(c["ratio_step"], ".1f"),
-             _fmt(c["ratio_op"], ".1f"), _fmt(c["op_relative_residual"], ".1e")] for c in costs]
-    return format_rows(headers, rows, left={0, 4})
 
 
 def iteration_goal(prob: dict[str, Any]) -> dict[str, Any]:
@@ -404,21 +361,14 @@ def iteration_goal(prob: dict[str, Any]) -> dict[str, Any]:
             "upper_bound": bound is not None, "met": ngd <= GOAL_ITERS_RATIO * den, "note": note}
 
 
-def evaluate_goals(problems: dict[str, Any], costs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's two goals with the measured numbers and MET / NOT MET. The iteration goal is
-    judged on ``logreg``, the step-cost goal on the one-thread CPU-time records (the only clock
-    that other processes on a shared machine cannot inflate); the rest is informational."""
+def evaluate_goals(problems: dict[str, Any], costs: list[dict[str, Any]],
+                   memory: list[dict[str, Any]]) -> dict[str, Any]:
+    """The goals with the measured numbers and MET / NOT MET: iterations to the target (judged on
+    ``logreg``), and step cost and memory at scale (see :func:`_ngd_scale.scale_goals`)."""
     iters = {name: iteration_goal(prob) for name, prob in problems.items()}
-    steps = [{"model": c["name"], "threads": c["threads"], "clock": c["clock"],
-              "judged": c["clock"] == "cpu", "whole_step_ratio": c["ratio_total"],
-              "whole_step_met": c["ratio_total"] <= GOAL_STEP_RATIO, "solve_ratio": c["ratio_step"],
-              "solve_met": c["ratio_step"] <= GOAL_STEP_RATIO} for c in costs]
-    judged = [g for g in steps if g["judged"]]
     return {"iterations": {"text": GOAL_ITERS, "judged_on": "logreg", "met": iters["logreg"]["met"],
                            "per_problem": iters},
-            "step_cost": {"text": GOAL_STEP, "judged_on": "threads=1, clock=cpu",
-                          "whole_step_met": all(g["whole_step_met"] for g in judged),
-                          "solve_met": all(g["solve_met"] for g in judged), "records": steps}}
+            "step_cost": scale_goals(costs, memory)}
 
 
 def format_goals(goals: dict[str, Any]) -> str:
@@ -432,14 +382,7 @@ def format_goals(goals: dict[str, Any]) -> str:
         lines.append(f"  {tag} {name}: NGD {g['ngd_iters']} vs SGD {sgd} iterations, ratio "
                      f"{'<= ' if g['upper_bound'] else ''}{ratio} (goal <= {GOAL_ITERS_RATIO})"
                      + (f"; {g['note']}" if g["note"] else ""))
-    sc = goals["step_cost"]
-    lines.append(f"Goal: {sc['text']} (judged on {sc['judged_on']})")
-    for g in sc["records"]:
-        tag = (lambda ok: f"[{word(ok)}]") if g["judged"] else (lambda ok: "(info)")
-        lines.append(f"  {g['model']}, {g['threads']} thread(s), {g['clock']}: whole step "
-                     f"(opt.backward + opt.step) / plain = {g['whole_step_ratio']:.1f}x "
-                     f"{tag(g['whole_step_met'])}; solve + update (opt.step) / plain = "
-                     f"{g['solve_ratio']:.1f}x {tag(g['solve_met'])}")
+    lines.append(format_scale_goals(goals["step_cost"]))
     return "\n".join(lines)
 
 
@@ -505,10 +448,14 @@ def main(argv: list[str] | None = None) -> int:
             problems[pname] = run_problem(pcfg, seeds, lambda: bar.update(1), cfg["extend"])
     sc = cfg["step_cost"]
     costs = [rec for threads in sorted({args.threads, 2, 1}, reverse=True)
-             for name, widths in sc["models"].items()
-             for rec in step_cost(name, widths, sc["n"], sc["damping"], sc["warmup"], sc["repeats"],
-                                  threads)]
-    goals = evaluate_goals(problems, costs)
+             for name, m in sc["models"].items()
+             for rec in step_cost(name, m["widths"], m["n"], sc["damping"], sc["warmup"], sc["repeats"],
+                                  threads, m["explicit"])]
+    memory = [rec for name, m in sc["models"].items() if m.get("memory", True)
+              if (rec := memory_record(name, m["widths"], m["n"], sc["damping"],
+                                       ("plain", "implicit", "explicit") if m["explicit"] else
+                                       ("plain", "implicit"))) is not None]
+    goals = evaluate_goals(problems, costs, memory)
     wall = time.perf_counter() - wall
     load_after = os.getloadavg()
 
@@ -518,13 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     print(describe_problems(problems) + "\n")
     print(convergence_table(problems))
     print(f"\nStep cost (medians of {sc['repeats']} interleaved rounds): plain = forward + "
-          "loss.backward() + SGD.step(); NGD = backward (opt.backward: per-sample gradients) + step "
-          "(opt.step: Woodbury\nsolve + update); op = bare woodbury_solve on a random [n, p] matrix "
-          "(residual ||(UᵀU/n+λI)d - g|| / ||g||); clock cpu = the thread's CPU time (1 thread; "
-          "immune to other processes).\nArithmetic: the Gram UUᵀ alone is n²p multiply-adds, plus "
-          f"2np for Uv and Uᵀs, against ~3np for a plain step: (n + 2)/3 = {(sc['n'] + 2) / 3:.0f}x "
-          f"at n = {sc['n']} before any overhead.\n")
-    print(step_cost_table(costs))
+          "loss.backward() + SGD.step(); NGD = opt.backward + opt.step with implicit rows (layer Gram "
+          "matrices from hook data,\nthe default); explicit = the same with rows='explicit' (torch.func "
+          "per-sample gradients); op = bare woodbury_solve on a random [n, p] matrix; clock cpu = "
+          "the thread's CPU time\n(1 thread; immune to other processes).\n")
+    print(step_cost_table(costs, format_rows))
+    print("\nPeak step memory (a fresh subprocess per cell, MALLOC_MMAP_THRESHOLD_=65536, peak "
+          "resident set of one step above the resident set before it; see benchmarks/_ngd_scale.py):\n")
+    print(memory_table(memory, format_rows))
     print("\nGoals from the issue:")
     print(format_goals(goals))
     print(f"\nWall time {wall:.1f} s; torch threads {args.threads}; load average "
@@ -533,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path, png_path = (os.path.join(args.out_dir, f"natural_gradient.{e}") for e in ("json", "png"))
     write_payload(json_path, {"machine": machine_info(), "quick": args.quick, "wall_s": wall,
                               "load_average": {"before": list(load_before), "after": list(load_after)},
-                              "problems": problems, "step_cost": costs, "goals": goals})
+                              "problems": problems, "step_cost": costs, "memory": memory,
+                              "goals": goals})
     plot(problems, png_path)  # write_payload created the directory
     print(f"Wrote {json_path}\nWrote {png_path}")
     return 0

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "empirical/empirical_fisher.h"
+#include "empirical/layer_gram.h"
 #include "ewc/ewc_penalty.h"
 #include "factors/kron_factors.h"
 #include "linalg/ladder.h"

@@ -44,6 +44,27 @@ TORCH_LIBRARY(natgrad, m) {
       "linear_diag_fisher(Tensor input, Tensor grad_output, bool bias, float grad_scale) -> "
       "Tensor");
 
+  // Per-sample gradient rows of a layer, implicitly (empirical/layer_gram.h).
+  m.def("linear_gram(Tensor input, Tensor grad_output, bool bias) -> Tensor");
+  m.def(
+      "linear_rows_mv(Tensor input, Tensor grad_output, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_rows_tmv(Tensor input, Tensor grad_output, Tensor weights) -> (Tensor, Tensor)");
+  m.def(
+      "conv2d_gram(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool bias) -> Tensor");
+  m.def(
+      "conv2d_rows_mv(Tensor input, Tensor grad_output, Tensor weight, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "conv2d_rows_tmv(Tensor input, Tensor grad_output, Tensor weights, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor)");
+  m.def("embedding_gram(Tensor indices, Tensor grad_output) -> Tensor");
+  m.def("embedding_rows_mv(Tensor indices, Tensor grad_output, Tensor weight) -> Tensor");
+  m.def(
+      "embedding_rows_tmv(Tensor indices, Tensor grad_output, Tensor weights, "
+      "int num_embeddings) -> Tensor");
+  m.def("gram_solve(Tensor gram, Tensor rhs, float shift) -> (Tensor solution, Tensor rung)");
+
   // EWC (ewc/ewc_penalty.h).
   m.def("ewc_penalty(Tensor[] params, Tensor[] fisher, Tensor[] anchor) -> (Tensor, Tensor[])");
 }

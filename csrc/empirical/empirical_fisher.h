@@ -12,10 +12,12 @@ namespace natgrad {
 // With U = per_sample_grads [n, p] (one flattened per-sample gradient per row) and
 // F = U^T U / n, returns ((F + damping I)^-1 rhs, rung) for rhs [p] or [p, k]:
 //   (F + damping I)^-1 v = (v - U^T (U U^T + n damping I)^-1 U v) / damping.
-// Cost O(n^2 p + n^3) time and O(n p + n^2) memory; the p x p matrix is never formed. The whole
-// solve runs in float64 (U is copied to float64 when it is float32, so U U^T cannot overflow);
-// the n x n system is solved by Cholesky through the fallback ladder (rung reported), and the
-// solution is returned in the inputs' dtype. Non-finite inputs are rejected.
+// Cost O(n^2 p + n^3) time and O(n p + n^2) memory when n <= p (the p x p matrix is never
+// formed); when p < n the p x p system (U^T U + n damping I) x = n v is cheaper (O(n p^2 + p^3))
+// and is solved instead. U and rhs are scaled by exact powers of two so that the products
+// cannot overflow; the small system is solved in float64 by Cholesky through the fallback
+// ladder (rung reported), and the solution is returned in the inputs' dtype. Non-finite inputs
+// are rejected.
 std::tuple<at::Tensor, at::Tensor> woodbury_solve(const at::Tensor& per_sample_grads,
                                                   const at::Tensor& rhs, double damping);
 

@@ -116,18 +116,7 @@ def score_rows_and_losses(model: nn.Module, inputs: Tensor, targets: Tensor | No
                                    "score_rows", stacklevel=_stacklevel)
     lik, chosen = check_request(model, inputs, targets, fisher_type, likelihood, params,
                                 mc_samples, chunk_size)
-    named = dict(model.named_parameters())
-    ids = {id(p) for p in chosen}
-    names = [n for n, p in named.items() if id(p) in ids]
-    if len(names) != len(chosen):
-        raise ValueError("params must be parameters of model")
-    frozen = {n: p.detach() for n, p in named.items() if id(p) not in ids}
-    buffers = dict(model.named_buffers())
-    values = {n: named[n].detach() for n in names}
-
-    def output_of(train: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, ({**train, **frozen}, buffers), (x[None],))
-
+    output_of, values, names = functional_model(model, chosen)
     if fisher_type == "empirical" and loss_fn is None:
         with torch.no_grad():  # one sample's forward: validates the targets before any work
             first = output_of(values, inputs[0])
@@ -147,6 +136,45 @@ def score_rows_and_losses(model: nn.Module, inputs: Tensor, targets: Tensor | No
             rows.append(torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], 1))
             losses.append(loss)
     return torch.cat(rows), (torch.cat(losses) if fisher_type == "empirical" else None)
+
+
+def functional_model(model: nn.Module, chosen: Sequence[nn.Parameter]):
+    """``(output_of, values, names)``: ``output_of(values, x)`` is the model's output for one
+    sample ``x`` (batch of one) as a function of the chosen parameters ``values`` (detached,
+    keyed by ``names``, in the order of ``chosen``); the other parameters are frozen."""
+    named = dict(model.named_parameters())
+    ids = {id(p) for p in chosen}
+    order = {id(p): i for i, p in enumerate(chosen)}
+    names = sorted((n for n, p in named.items() if id(p) in ids), key=lambda n: order[id(named[n])])
+    if len(names) != len(chosen):
+        raise ValueError("params must be parameters of model")
+    frozen = {n: p.detach() for n, p in named.items() if id(p) not in ids}
+    buffers = dict(model.named_buffers())
+    values = {n: named[n].detach() for n in names}
+
+    def output_of(train: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, ({**train, **frozen}, buffers), (x[None],))
+
+    return output_of, values, names
+
+
+def pass_rows(model: nn.Module, inputs: Tensor, passes: Sequence[tuple[Tensor, Tensor | None]],
+              params: Sequence[nn.Parameter], likelihood: Likelihood,
+              loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+              chunk_size: int = 256) -> Tensor:
+    """The rows ``w·∇ℓ(f(x_i), y_i)`` over ``params`` for given (targets, weight) passes over the
+    whole batch, pass-major (``[len(passes) · n, p]``), in chunks of samples. Inputs are not
+    validated here (callers did)."""
+    output_of, values, names = functional_model(model, params)
+    rows = []
+    for target, weight in passes:
+        for start in range(0, inputs.shape[0], chunk_size):
+            end = start + chunk_size
+            w = None if weight is None else weight[start:end]
+            g, _ = _weighted_grads(output_of, values, inputs[start:end], target[start:end], w,
+                                   likelihood, loss_fn)
+            rows.append(torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], 1))
+    return torch.cat(rows)
 
 
 def _weighted_grads(output_of, values, x, target, weight, lik: Likelihood, loss_fn):

@@ -7,6 +7,8 @@ and torch.library.opcheck validate them. Ops by family:
 * :mod:`natgrad.ops.linalg` — damped eigendecomposition with a fallback ladder; K-FAC
   preconditioning in eigen and inverse form.
 * :mod:`natgrad.ops.empirical` — Woodbury natural-gradient solve; per-sample diagonal Fisher.
+* :mod:`natgrad.ops.gram` — a layer's per-sample gradient rows, implicitly: their Gram matrix and
+  the products ``U v``, ``Uᵀ w`` from hook data; the small Woodbury system (``gram_solve``).
 * :mod:`natgrad.ops.ewc` — the diagonal EWC penalty and its gradient in one pass.
 
 Devices: every op is an ATen composition registered for every device
@@ -20,6 +22,19 @@ from __future__ import annotations
 from natgrad.ops._common import Rung
 from natgrad.ops.empirical import WoodburySolution, linear_diag_fisher, woodbury_solve
 from natgrad.ops.ewc import ewc_penalty, ewc_penalty_and_grad
+from natgrad.ops.gram import (
+    GramSolution,
+    conv2d_gram,
+    conv2d_rows_mv,
+    conv2d_rows_tmv,
+    embedding_gram,
+    embedding_rows_mv,
+    embedding_rows_tmv,
+    gram_solve,
+    linear_gram,
+    linear_rows_mv,
+    linear_rows_tmv,
+)
 from natgrad.ops.factors import (
     conv2d_act_factor,
     conv2d_act_factor_ema_,
@@ -42,15 +57,23 @@ from natgrad.ops.linalg import (
 __all__ = [
     "DampedInverses",
     "EighResult",
+    "GramSolution",
     "Rung",
     "WoodburySolution",
     "conv2d_act_factor",
     "conv2d_act_factor_ema_",
     "conv2d_grad_factor",
     "conv2d_grad_factor_ema_",
+    "conv2d_gram",
+    "conv2d_rows_mv",
+    "conv2d_rows_tmv",
     "damped_eigh",
+    "embedding_gram",
+    "embedding_rows_mv",
+    "embedding_rows_tmv",
     "ewc_penalty",
     "ewc_penalty_and_grad",
+    "gram_solve",
     "kfac_damped_inverses",
     "kfac_precondition_eigen",
     "kfac_precondition_inverse",
@@ -59,5 +82,8 @@ __all__ = [
     "linear_diag_fisher",
     "linear_grad_factor",
     "linear_grad_factor_ema_",
+    "linear_gram",
+    "linear_rows_mv",
+    "linear_rows_tmv",
     "woodbury_solve",
 ]

@@ -13,8 +13,7 @@ from torch.optim import Optimizer
 
 from natgrad._vocabulary import renamed_value
 from natgrad.distributed import collective, group_device
-from natgrad.fisher.matrices import LowRankFisher
-from natgrad.fisher.scores import score_rows, score_rows_and_losses
+from natgrad.fisher.gram import BatchRows, collect_rows
 from natgrad.likelihoods import get_likelihood
 from natgrad.optim._hyper import Schedule, check_choice, check_group, check_number, resolved_number
 
@@ -32,16 +31,28 @@ class NaturalGradient(Optimizer):
         \nu = \min\bigl(1, \sqrt{\kappa / (\eta^2 d^\top \nabla L)}\bigr), \qquad
         b \leftarrow \mu b + \nu d, \qquad \theta \leftarrow \theta - \eta b,
 
-    by the Woodbury identity in :math:`O(n^2 p + n^3)` time and :math:`O(np)` memory (the C++
-    ``woodbury_solve`` op). ``fisher_type="mc"`` uses rows from labels sampled from the model
-    instead, ``"exact"`` the expectation over its predictive distribution (one row per sample
-    and class); ``structure="diagonal"`` keeps only :math:`\mathrm{diag}(F)` (an Adam-like
-    per-parameter scaling, but from per-sample squares). If the solve needed a fallback-ladder
-    rung (an ill-conditioned system), a RuntimeWarning says so.
+    by the Woodbury identity, :math:`d = (g - U^\top (UU^\top + n\lambda I)^{-1} U g)/\lambda`,
+    never forming the :math:`p \times p` matrix. ``fisher_type="mc"`` uses rows from labels
+    sampled from the model instead, ``"exact"`` the expectation over its predictive distribution
+    (one row per sample and class); ``structure="diagonal"`` keeps only :math:`\mathrm{diag}(F)`
+    (an Adam-like per-parameter scaling, but from per-sample squares). If the solve needed a
+    fallback-ladder rung (an ill-conditioned system), a RuntimeWarning says so.
 
-    Per-sample gradients come from torch.func, so the loop has one changed line: call
-    ``opt.backward(inputs, targets)`` instead of ``loss_fn(model(inputs), targets).backward()``.
-    It sets ``.grad`` to the batch-mean gradient (as backward would) and returns the loss::
+    ``rows="implicit"`` (the default) never forms :math:`U` for the layers K-FAC understands
+    (``nn.Linear`` with any leading shape, ``nn.Conv2d``, ``nn.Embedding``): one forward and one
+    backward pass capture each layer's inputs :math:`X` and output gradients :math:`G`, its part
+    of :math:`UU^\top` is :math:`(XX^\top)\circ(GG^\top)` (summed over weight-sharing
+    positions inside each per-sample product), and :math:`Ug`, :math:`U^\top w` are one GEMM
+    each (C++ ops, :mod:`natgrad.ops.gram`): a step costs :math:`O(n p + n^2 (d_{in} + d_{out}))`
+    per layer, not :math:`O(n^2 p)`. Other parameters (LayerNorm, weights used functionally or
+    shared between modules, layers called on a reshaped batch) get explicit per-sample rows from
+    torch.func, and both kinds add up in one Gram matrix. ``rows="explicit"`` forms every row
+    with torch.func and solves with the ``woodbury_solve`` op (which picks the
+    :math:`n\times n` or :math:`p\times p` system by cost); the diagonal structure always does.
+
+    The loop has one changed line: call ``opt.backward(inputs, targets)`` instead of
+    ``loss_fn(model(inputs), targets).backward()``. It sets ``.grad`` to the batch-mean gradient
+    (as backward would) and returns the loss::
 
         opt.zero_grad()
         loss = opt.backward(x, y)
@@ -68,8 +79,11 @@ class NaturalGradient(Optimizer):
         chunk_size (int): samples per vectorised per-sample-gradient call (default: 256).
         seed (int): seed of the label sampler for ``fisher_type="mc"`` (plus the rank) (default: 0).
         process_group: with torch.distributed initialised, each rank passes an equal-sized shard
-            to :meth:`backward`; the per-sample rows are all-gathered so every rank solves with
+            to :meth:`backward`; the layers' inputs and output gradients (and any explicit
+            per-sample rows) are all-gathered so every rank solves with
             the whole batch's Fisher and takes the same step (default: the world group).
+        rows (str): "implicit" (layer Gram matrices from hook data) or "explicit" (torch.func
+            per-sample gradients) (default: "implicit").
     """
 
     def __init__(self, model: nn.Module, params: Iterable | None = None, *, lr: float = 1.0,
@@ -77,7 +91,7 @@ class NaturalGradient(Optimizer):
                  kl_clip: Schedule | None = None, fisher_type: str = "empirical",
                  structure: str = "dense", likelihood: str = "categorical",
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, chunk_size: int = 256,
-                 seed: int = 0, process_group=None) -> None:
+                 seed: int = 0, process_group=None, rows: str = "implicit") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
         check_number("lr", lr, low=0.0)
@@ -93,6 +107,7 @@ class NaturalGradient(Optimizer):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r} (expected a callable or None)")
         check_number("chunk_size", chunk_size, low=1, integer=True)
         check_number("seed", seed, integer=True)
+        check_choice("rows", rows, ("implicit", "explicit"))
         super().__init__(model.parameters() if params is None else params,
                          dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.model = model
@@ -108,8 +123,8 @@ class NaturalGradient(Optimizer):
         rank = dist.get_rank(process_group) if self._world > 1 else 0
         self._generator = torch.Generator().manual_seed(seed + rank)
         self._steps = 0
-        self._rows: Tensor | None = None
-        self._num_samples = 0
+        self.rows = rows
+        self._batch: BatchRows | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's, plus ``__init__``'s checks for the values the group sets itself."""
@@ -121,43 +136,42 @@ class NaturalGradient(Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def backward(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """Per-sample gradients of the batch: accumulates their mean into ``.grad`` (like
+        """The batch's per-sample gradients: accumulates their mean into ``.grad`` (like
         ``loss.backward()`` on the batch-mean loss), keeps them for :meth:`step`, and returns the
-        batch-mean loss (detached). One vectorised forward and backward; inputs, targets and the
-        per-sample gradients are validated before ``.grad`` is touched."""
+        batch-mean loss (detached). With ``rows="implicit"``, one forward and one backward pass
+        (plus one backward per class or draw for ``fisher_type="exact"``/``"mc"``) capture each
+        supported layer's inputs and output gradients; per-sample gradients are never formed.
+        Inputs, targets and the per-sample gradients are validated (empty batch, NaN/Inf,
+        mismatched sizes) before ``.grad`` is touched."""
         params = self._params()
-        kwargs = dict(params=params, likelihood=self.likelihood, chunk_size=self.chunk_size)
-        rows, losses = score_rows_and_losses(self.model, inputs, targets, fisher_type="empirical",
-                                             loss_fn=self.loss_fn, **kwargs)
-        if not bool(torch.isfinite(rows).all()):
-            raise FloatingPointError("NaturalGradient.backward: the per-sample gradients hold NaN "
-                                     "or Inf (finite inputs, but the model overflowed?); .grad and "
-                                     "the parameters were not changed")
-        rows = self._gather(rows)
-        mean_grad = rows.mean(0)
-        offset = 0
-        for p in params:
-            g = mean_grad[offset:offset + p.numel()].view_as(p).to(p.dtype)
-            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-            offset += p.numel()
-        if self.fisher_type != "empirical":
-            rows = self._gather(score_rows(self.model, inputs, fisher_type=self.fisher_type,
-                                           generator=self._generator, **kwargs))
-        self._rows, self._num_samples = rows, inputs.shape[0] * self._world
+        batch, losses, mean = collect_rows(
+            self.model, inputs, targets, params, fisher_type=self.fisher_type,
+            likelihood=self.likelihood, loss_fn=self.loss_fn, generator=self._generator,
+            chunk_size=self.chunk_size, implicit=self.rows == "implicit" and self.structure != "diagonal")
+        if self._world > 1:
+            self._check_shards(inputs.shape[0])
+            batch = batch.gathered(self._all_gather, self._world)
+            for g in mean:
+                collective(dist.all_reduce, g, group=self._group)
+                g.div_(self._world)
+        for p, g in zip(params, mean):
+            g = g.to(p.dtype)
+            p.grad = g if p.grad is None else p.grad.add_(g)
+        self._batch = batch
         return losses.mean()
 
-    def _gather(self, rows: Tensor) -> Tensor:
-        """All ranks' rows, in rank order (equal shard sizes are required)."""
-        if self._world == 1:
-            return rows
-        sizes = torch.tensor([rows.shape[0]], device=group_device(self._group))
+    def _check_shards(self, size: int) -> None:
+        """Equal shard sizes on every rank (the rows are gathered in rank order)."""
+        sizes = torch.tensor([size], device=group_device(self._group))
         collective(dist.all_reduce, sizes, group=self._group, op=dist.ReduceOp.MAX)
-        if int(sizes) != rows.shape[0]:
+        if int(sizes) != size:
             raise ValueError("NaturalGradient under torch.distributed needs the same batch size on "
-                             f"every rank; this rank has {rows.shape[0]}, another {int(sizes)}")
-        parts = [torch.empty_like(rows) for _ in range(self._world)]
-        collective(dist.all_gather, (parts, rows.contiguous()), group=self._group)
-        return torch.cat(parts)
+                             f"every rank; this rank has {size}, another {int(sizes)}")
+
+    def _all_gather(self, t: Tensor) -> list[Tensor]:
+        parts = [torch.empty_like(t) for _ in range(self._world)]
+        collective(dist.all_gather, (parts, t.contiguous()), group=self._group)
+        return parts
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -167,56 +181,66 @@ class NaturalGradient(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._rows is None:
+        if self._batch is None:
             raise RuntimeError("NaturalGradient.step() needs per-sample gradients: call "
                                "opt.backward(inputs, targets) instead of loss.backward() first")
-        params = [p for p in self._params()]
-        grads, raw = [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = torch.zeros_like(p) if p.grad is None else p.grad
-                raw.append(g.reshape(-1))
-                grads.append((g + group["weight_decay"] * p if group["weight_decay"] else g).reshape(-1))
-        g = torch.cat(grads).to(self._rows.dtype)
+        batch, self._batch = self._batch, None
+        entries = [(p, group) for group in self.param_groups for p in group["params"]]
+        raw = [torch.zeros_like(p) if p.grad is None else p.grad for p, _ in entries]
+        grads = [g + grp["weight_decay"] * p if grp["weight_decay"] else g
+                 for g, (p, grp) in zip(raw, entries)]
         damping = resolved_number("damping", self.damping, self._steps, low=0.0, low_open=True)
         if self.structure == "diagonal":
-            direction = g / (self._rows.pow(2).sum(0) / self._num_samples + damping)
+            directions = ((i, (), g / (d.to(g.dtype) + damping))
+                          for i, (g, d) in enumerate(zip(grads, batch.diagonal())))
         else:
-            fisher = LowRankFisher(self._rows, self._num_samples)
-            direction = fisher.solve(g, damping)
-            if fisher.last_rung > 0:
-                warnings.warn(f"natgrad.NaturalGradient: the Woodbury solve needed fallback-ladder "
-                              f"rung {fisher.last_rung} (see natgrad.ops.Rung): the batch's Fisher "
-                              "is ill-conditioned; consider a larger damping", RuntimeWarning, stacklevel=2)
-        if not torch.isfinite(direction).all():
-            raise FloatingPointError("NaturalGradient: the solve produced NaN/Inf (NaN in the "
-                                     "per-sample gradients?); parameters were not changed")
-        nu = self._trust_region(torch.cat(raw).to(g.dtype), direction, params)
-        offset = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                d = direction[offset:offset + p.numel()].view_as(p).to(p.dtype) * nu
-                offset += p.numel()
-                if group["momentum"]:
-                    buf = self.state[p].get("momentum_buffer")
-                    if buf is None:
-                        buf = self.state[p]["momentum_buffer"] = d.clone()
-                    else:
-                        buf.mul_(group["momentum"]).add_(d)
-                    d = buf
-                p.add_(d, alpha=-group["lr"])
-        self._rows = None
+            directions = batch.directions(grads, damping)
+        kl_clip = resolved_number("kl_clip", self.kl_clip, self._steps, low=0.0, low_open=True, allow_none=True)
+        if self.structure != "diagonal":
+            self._warn_rung(batch.last_rung)
+        if kl_clip is None and batch.finite_guaranteed:
+            # apply each part as it is solved: no full-size copy of the direction is ever held
+            self._apply(entries, directions, 1.0)
+        else:
+            pending = list(directions)
+            if not all(bool(torch.isfinite(d).all()) for _, _, d in pending):
+                raise FloatingPointError("NaturalGradient: the solve produced NaN/Inf (a too small "
+                                         "damping or overflowing per-sample gradients?); "
+                                         "parameters were not changed")
+            nu = 1.0
+            if kl_clip is not None:
+                vg = sum(float((d * raw[i][where].to(d.dtype)).sum()) * entries[i][1]["lr"] ** 2
+                         for i, where, d in pending)
+                nu = 1.0 if vg <= 0 else min(1.0, math.sqrt(kl_clip / vg))
+            self._apply(entries, pending, nu)
         self._steps += 1
         return loss
 
-    def _trust_region(self, g: Tensor, direction: Tensor, params: list[Tensor]) -> float:
-        kl_clip = resolved_number("kl_clip", self.kl_clip, self._steps, low=0.0, low_open=True, allow_none=True)
-        if kl_clip is None:
-            return 1.0
-        lrs = torch.cat([torch.full((p.numel(),), grp["lr"], dtype=g.dtype, device=g.device)
-                         for grp in self.param_groups for p in grp["params"]])
-        vg = float((direction * g * lrs**2).sum())
-        return 1.0 if vg <= 0 else min(1.0, math.sqrt(kl_clip / vg))
+    def _apply(self, entries: list[tuple[Tensor, dict]], directions: Iterable[tuple[int, tuple, Tensor]],
+               nu: float) -> None:
+        """``b ← μb + νd``, ``θ ← θ − ηb`` on each block ``(parameter index, index into it,
+        direction)``. Each block is dropped before the next is formed (a streaming caller then
+        holds one block of the direction at a time)."""
+        it = iter(directions)
+        while (item := next(it, None)) is not None:
+            i, where, d = item
+            del item
+            p, group = entries[i]
+            d = d.to(p.dtype) if nu == 1.0 else d.to(p.dtype) * nu
+            if group["momentum"]:
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:  # the first step's buffer is the direction itself (0·μ + d)
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                d = buf[where].mul_(group["momentum"]).add_(d)
+            p[where].add_(d, alpha=-group["lr"])
+            del d
+
+    @staticmethod
+    def _warn_rung(rung: int) -> None:
+        if rung > 0:
+            warnings.warn(f"natgrad.NaturalGradient: the Woodbury solve needed fallback-ladder "
+                          f"rung {rung} (see natgrad.ops.Rung): the batch's Fisher is "
+                          "ill-conditioned; consider a larger damping", RuntimeWarning, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state plus the step counter and the label sampler's state."""
