@@ -427,7 +427,7 @@ def stability(methods: dict[str, Any], ewc_run: Callable[[float], dict[str, Any]
     diverged = sorted(float(lam) for lam, why in methods["ewc"]["diverged_by_lambda"].items() if why)
     probe = max(methods["ewc"]["grid"])
     for _ in range(0 if diverged else 6):  # beyond the tuned grid (seed 0; not used for selection)
-        probe = float(f"{probe * 10 ** 0.5:.4g}")
+        probe = float(f"{10 ** (round(2 * math.log10(probe)) / 2 + 0.5):.4g}")  # next half decade
         if ewc_run(probe)["diverged"]:
             diverged = [probe]
             break
