@@ -25,19 +25,22 @@ def format_scenario(name: str, res: dict[str, Any]) -> str:
     first-task accuracy over time, memory."""
     n = len(next(iter(res["methods"].values()))["first_task_acc"])
     shown = range(n) if n <= 5 else sorted({0, 1, n // 2, n - 1})
-    headers = ["method", "λ", "λ in grid", "avg acc", *[f"T1 after {t + 1}" for t in shown], "Fisher MB/task"]
+    headers = ["method", "λ", "λ in grid", "avg acc", "learned", "forgot", *[f"T1 after {t + 1}" for t in shown],
+               "Fisher MB/task"]
     rows = []
     for m in res["methods"].values():
         mem = m["memory_per_task_bytes"]
+        learned, forgot = plasticity(m["acc_matrix_mean"])
         rows.append([m["label"], f"{m['lambda']:g}", f"{m['best_lambda_position']} of {len(m['grid'])}",
-                     "%.1f ± %.1f" % tuple(100 * v for v in m["avg_acc"]),
+                     "%.1f ± %.1f" % tuple(100 * v for v in m["avg_acc"]), f"{100 * learned:.1f}", f"{100 * forgot:.1f}",
                      *["%.1f" % (100 * m["first_task_acc"][t][0]) for t in shown],
                      f"{mem[0] / 2**20:.2f}" if mem else "-"])
     c = res["config"]
     head = (f"{name} ({c['optimizer']}): {n} tasks, {c['train_per_task']} train / {c['val_per_task']} val / "
             f"{c['test_per_task']} test images per task, {c['epochs']} epoch(s); λ chosen on validation avg acc "
             f"over seeds {tuple(c['grid_seeds'])}, test accuracy (%) mean ± std over seeds {tuple(c['seeds'])}")
-    text = head + "\n" + format_rows(headers, rows)
+    text = (head + "\n(learned: mean accuracy on each task right after training it; forgot: its mean drop by the "
+                   "end)\n" + format_rows(headers, rows))
     st = res.get("stability")
     if st and st.get("sgd_ewc_diverges_at") is not None:
         runs = ", ".join(f"λ={lam}: {'DIVERGED' if r['diverged'] else 'stable'} (val {100 * r['val_avg']:.1f})"
@@ -47,6 +50,15 @@ def format_scenario(name: str, res: dict[str, Any]) -> str:
                  f"{100 * st['sgd_ewc_val_avg']:.1f}; predicted limit 2(1+μ)/(lr·max F) = "
                  + (f"{limit:.3g}" if limit else "?") + f"); K-FAC + attached EWC: {runs}")
     return text
+
+
+def plasticity(acc: list[list[float]]) -> tuple[float, float]:
+    """``(learned, forgot)``: the mean accuracy on each task right after training it, and its
+    mean drop by the end (over all but the last task): avg acc = learned − forgot·(n−1)/n."""
+    n = len(acc)
+    learned = statistics.fmean(acc[t][t] for t in range(n))
+    forgot = statistics.fmean(acc[t][t] - acc[n - 1][t] for t in range(n - 1)) if n > 1 else 0.0
+    return learned, forgot
 
 
 def plot(res: dict[str, Any], path: str, title: str) -> None:
