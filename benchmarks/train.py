@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import natgrad  # noqa: E402
 from _harness import machine_info, write_payload  # noqa: E402
-from _train_report import format_table, plot  # noqa: E402
+from _train_report import _fmt, format_table, plot  # noqa: E402
 from data import Split, load_digits, load_fashion_mnist  # noqa: E402
 
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -170,10 +170,13 @@ def _bce_sum_pixels(out: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(out, x, reduction="sum") / x.shape[0]
 
 
-def build_tasks(quick: bool) -> list[Task]:
-    """Loads the data of every task (``quick``: small subsets, budgets and grids)."""
+def build_tasks(quick: bool, names: list[str] | None = None) -> list[Task]:
+    """Loads the data of the tasks ``names`` (default: all; ``quick``: small subsets, budgets
+    and grids)."""
     tasks = []
     for name, base in FULL.items():
+        if names is not None and name not in names:
+            continue
         cfg = {**base, **(QUICK_OVERRIDES[name] if quick else {})}
         if quick:
             cfg["grids"] = {o: quick_grid(g) for o, g in cfg["grids"].items()}
@@ -385,6 +388,8 @@ def summarize(task: Task, runs: list[Run]) -> dict[str, Any]:
 
 def goal_status(summary: dict[str, Any]) -> dict[str, Any]:
     """Whether K-FAC reached Adam's final loss within GOAL_RATIO x Adam's wall-clock time."""
+    if GOAL_TASK not in summary:
+        return {"text": GOAL, "adam_time_s": None, "kfac_time_to_target_s": None, "ratio": None, "met": False}
     s = summary[GOAL_TASK]
     ratio = s["kfac_time_ratio"]
     return {"text": GOAL, "adam_time_s": s["optimizers"]["Adam"]["total_time_s_mean"],
@@ -418,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="where JSON and PNG go")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (2; quick: 1)")
+    parser.add_argument("--tasks", nargs="+", choices=list(FULL), default=None, help="a subset of the tasks")
     args = parser.parse_args(argv)
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
     if seeds < 1:
@@ -426,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     wall = time.perf_counter()
-    tasks = build_tasks(args.quick)
+    tasks = build_tasks(args.quick, args.tasks)
     total = sum(run_steps(t, c)[0] for t in tasks for g in t.cfg["grids"].values() for c in g)
     total += (seeds - 1) * sum(max(run_steps(t, c)[0] for c in g) for t in tasks for g in t.cfg["grids"].values())
     summary: dict[str, Any] = {}
@@ -447,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(summary))
     r = goal["ratio"]
     print(f"\nGoal: {GOAL}: {'MET' if goal['met'] else 'NOT MET'}\n  K-FAC "
-          f"{'never reached it' if r is None else f'needed {r:.2f}x'} of Adam's {goal['adam_time_s']:.1f} s")
+          f"{'never reached it' if r is None else f'needed {r:.2f}x'} of Adam's {_fmt(goal['adam_time_s'], '.1f')} s")
 
     json_path = os.path.join(args.out_dir, "train.json")
     png_path = os.path.join(args.out_dir, "train.png")

@@ -115,7 +115,7 @@ def test_warm_refreshes_follow_the_schedule_and_stay_close_to_exact(method, monk
     for name in ("warm_eigh", "newton_schulz_inverse"):
         real = getattr(refresh, name)
         monkeypatch.setattr(refresh, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
-    model, exact_model = mlp(), mlp()
+    model = mlp()
     kwargs = dict(lr=0.05, damping=0.01, inverse_method=method, inverse_update_period=2, kl_clip=None)
     opt = natgrad.KFAC(model, warm_refreshes=2, **kwargs)
     data = batches(12)
