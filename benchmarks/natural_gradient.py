@@ -19,7 +19,7 @@ zero_grad, backward, step). Target = Adam's mean final loss at its best lr; iter
 seconds to it come from the seed-mean curves; if SGD misses it, SGD is rerun at its best lr for
 ``extend`` times the budget.
 
-``fashion-mlp``, a 784-64-10 tanh MLP on 4,096 standardised Fashion-MNIST training images,
+``fashion-mlp``, a 784-32-10 tanh MLP on 2,048 standardised Fashion-MNIST training images,
 minibatches of 128. On ``mlp`` and ``fashion-mlp`` every optimizer gets the same tuning budget
 (six grid points); the table also gives each optimizer's wall-clock time to SGD's final loss.
 
@@ -84,7 +84,7 @@ FULL: dict[str, Any] = {
         "mlp": {"data": "digits", "widths": (64, 32, 10), "batch": 128, "iters": 300,
                 "grids": _grids((0.3, 1.0, 3.0, 10.0, 30.0, 100.0), (0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
                                 ((0.03, 0.1, 0.3), (1e-3, 1e-2)), ((0.3, 1.0, 3.0), (1e-3, 1e-2)))},
-        "fashion-mlp": {"data": "fashion", "widths": (784, 64, 10), "batch": 128, "iters": 300, "train_size": 4096,
+        "fashion-mlp": {"data": "fashion", "widths": (784, 32, 10), "batch": 128, "iters": 300, "train_size": 2048,
                         "grids": _grids((0.03, 0.1, 0.3, 1.0, 3.0, 10.0), (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
                                         ((0.01, 0.03, 0.1), (1e-3, 1e-2)), ((0.1, 0.3, 1.0), (1e-2, 1e-1)))},
     },
@@ -366,7 +366,8 @@ def evaluate_goals(problems: dict[str, Any], costs: list[dict[str, Any]],
     """The goals with the measured numbers and MET / NOT MET: iterations to the target (judged on
     ``logreg``), and step cost and memory at scale (see :func:`_ngd_scale.scale_goals`)."""
     iters = {name: iteration_goal(prob) for name, prob in problems.items()}
-    return {"iterations": {"text": GOAL_ITERS, "judged_on": "logreg", "met": iters["logreg"]["met"],
+    return {"iterations": {"text": GOAL_ITERS, "judged_on": "logreg",
+                           "met": iters["logreg"]["met"] if "logreg" in iters else None,
                            "per_problem": iters},
             "step_cost": scale_goals(costs, memory)}
 
@@ -433,8 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="where the JSON and PNG go")
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--problems", default=None, help="comma-separated subset of the problems")
     args = parser.parse_args(argv)
     cfg = copy.deepcopy(QUICK if args.quick else FULL)
+    if args.problems:
+        cfg["problems"] = {k: cfg["problems"][k] for k in args.problems.split(",")}
     seeds = args.seeds or cfg["seeds"]
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
