@@ -17,6 +17,7 @@ from natgrad.fisher.matrices import LowRankFisher
 from natgrad.fisher.scores import score_rows, score_rows_and_losses
 from natgrad.likelihoods import get_likelihood
 from natgrad.optim._hyper import Schedule, check_choice, check_group, check_number, resolved_number
+from natgrad.optim._ngd_cg import CGOptions, CGSolver  # solver="cg" (issue 17)
 
 __all__ = ["NaturalGradient"]
 
@@ -70,6 +71,14 @@ class NaturalGradient(Optimizer):
         process_group: with torch.distributed initialised, each rank passes an equal-sized shard
             to :meth:`backward`; the per-sample rows are all-gathered so every rank solves with
             the whole batch's Fisher and takes the same step (default: the world group).
+        solver (str): "woodbury" (the solves above) or "cg": Hessian-free style — every step
+            solves the batch's exact Fisher system by preconditioned conjugate gradient on
+            matrix-free Fisher-vector products (``compute_fisher(structure="implicit")``, no
+            ``n × p`` rows), warm-started from the last solution, with ``kl_clip`` bounding
+            ``(ηd)ᵀ(F + λI)(ηd)`` exactly; ``structure`` must be "dense", one process only
+            (see :mod:`natgrad.optim._ngd_cg`) (default: "woodbury").
+        cg (CGOptions, optional): tolerance, iteration cap, preconditioner ("none", "diagonal",
+            "kfac") and warm start of ``solver="cg"`` (default: ``CGOptions()``).
     """
 
     def __init__(self, model: nn.Module, params: Iterable | None = None, *, lr: float = 1.0,
@@ -77,7 +86,8 @@ class NaturalGradient(Optimizer):
                  kl_clip: Schedule | None = None, fisher_type: str = "empirical",
                  structure: str = "dense", likelihood: str = "categorical",
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, chunk_size: int = 256,
-                 seed: int = 0, process_group=None) -> None:
+                 seed: int = 0, process_group=None, solver: str = "woodbury",
+                 cg: CGOptions | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
         check_number("lr", lr, low=0.0)
@@ -110,6 +120,13 @@ class NaturalGradient(Optimizer):
         self._steps = 0
         self._rows: Tensor | None = None
         self._num_samples = 0
+        # ---- solver="cg" hook (issue 17): all of its logic lives in natgrad.optim._ngd_cg ----
+        check_choice("solver", solver, ("woodbury", "cg"))
+        self._cg = CGSolver(cg) if solver == "cg" else None
+        if self._cg is not None and (structure == "diagonal" or self._world > 1):
+            raise ValueError("solver='cg' needs structure='dense' and a single process, got "
+                             f"structure={structure!r} with {self._world} processes")
+        # ---- end of the solver="cg" hook ----
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's, plus ``__init__``'s checks for the values the group sets itself."""
@@ -126,6 +143,8 @@ class NaturalGradient(Optimizer):
         batch-mean loss (detached). One vectorised forward and backward; inputs, targets and the
         per-sample gradients are validated before ``.grad`` is touched."""
         params = self._params()
+        if self._cg is not None:  # solver="cg" hook (issue 17)
+            return self._cg.backward(self, inputs, targets)
         kwargs = dict(params=params, likelihood=self.likelihood, chunk_size=self.chunk_size)
         rows, losses = score_rows_and_losses(self.model, inputs, targets, fisher_type="empirical",
                                              loss_fn=self.loss_fn, **kwargs)
@@ -167,7 +186,7 @@ class NaturalGradient(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._rows is None:
+        if self._rows is None and self._cg is None:
             raise RuntimeError("NaturalGradient.step() needs per-sample gradients: call "
                                "opt.backward(inputs, targets) instead of loss.backward() first")
         params = [p for p in self._params()]
@@ -177,8 +196,10 @@ class NaturalGradient(Optimizer):
                 g = torch.zeros_like(p) if p.grad is None else p.grad
                 raw.append(g.reshape(-1))
                 grads.append((g + group["weight_decay"] * p if group["weight_decay"] else g).reshape(-1))
-        g = torch.cat(grads).to(self._rows.dtype)
         damping = resolved_number("damping", self.damping, self._steps, low=0.0, low_open=True)
+        if self._cg is not None:  # solver="cg" hook (issue 17)
+            return self._apply(*self._cg.step(self, torch.cat(grads), damping), loss)
+        g = torch.cat(grads).to(self._rows.dtype)
         if self.structure == "diagonal":
             direction = g / (self._rows.pow(2).sum(0) / self._num_samples + damping)
         else:
@@ -192,6 +213,10 @@ class NaturalGradient(Optimizer):
             raise FloatingPointError("NaturalGradient: the solve produced NaN/Inf (NaN in the "
                                      "per-sample gradients?); parameters were not changed")
         nu = self._trust_region(torch.cat(raw).to(g.dtype), direction, params)
+        return self._apply(direction, nu, loss)
+
+    def _apply(self, direction: Tensor, nu: float, loss: Tensor | None) -> Tensor | None:
+        """``b ← μb + νd``, ``θ ← θ − ηb`` per group; ends the step."""
         offset = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -222,6 +247,8 @@ class NaturalGradient(Optimizer):
         """torch.optim's state plus the step counter and the label sampler's state."""
         state = super().state_dict()
         state["natural_gradient"] = {"steps": self._steps, "generator": self._generator.get_state()}
+        if self._cg is not None:  # solver="cg" hook (issue 17)
+            state["natural_gradient"]["cg"] = self._cg.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -230,6 +257,9 @@ class NaturalGradient(Optimizer):
         extra = state_dict.pop("natural_gradient", None)
         if extra is None:
             raise ValueError("state_dict has no 'natural_gradient' entry: not saved by natgrad.NaturalGradient")
+        previous = CGSolver.checked_state(extra.get("cg")) if self._cg is not None else None
         super().load_state_dict(state_dict)
+        if self._cg is not None:  # solver="cg" hook (issue 17)
+            self._cg.load_state_dict(previous)
         self._steps = int(extra["steps"])
         self._generator.set_state(extra["generator"])
