@@ -104,12 +104,12 @@ def surrogate(policy: nn.Module, states, actions, adv) -> torch.Tensor:
     return (logp * adv).mean()
 
 
-def npg_step(policy: nn.Module, states, actions, adv, delta: float) -> int:
+def npg_step(policy: nn.Module, states, actions, adv, delta: float, damping: float = CG_DAMPING) -> int:
     """One natural policy-gradient step with the KL step size; returns CG's iteration count."""
     params = list(policy.parameters())
     g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(surrogate(policy, states, actions, adv), params)])
     fisher = compute_fisher(policy, states, fisher_type="exact", structure="implicit", chunk_size=len(states))
-    result = conjugate_gradient(fisher, g, damping=CG_DAMPING, tol=1e-10, max_iters=CG_ITERS)
+    result = conjugate_gradient(fisher, g, damping=damping, tol=1e-10, max_iters=CG_ITERS)
     x = result.solution
     curvature = float(fisher.quad_form(x))
     scale = (2 * delta / curvature) ** 0.5 if curvature > 0 else 0.0
@@ -121,7 +121,8 @@ def npg_step(policy: nn.Module, states, actions, adv, delta: float) -> int:
     return result.iterations
 
 
-def train(method: str, value: float, seed: int, max_steps: int, envs: int, horizon: int) -> dict[str, Any]:
+def train(method: str, value: float, seed: int, max_steps: int, envs: int, horizon: int,
+          damping: float = CG_DAMPING) -> dict[str, Any]:
     """One run; returns the curve (env steps, seconds, average return) and steps/seconds to target."""
     policy = make_policy(seed)
     sampler = Sampler(envs, seed)
@@ -136,7 +137,7 @@ def train(method: str, value: float, seed: int, max_steps: int, envs: int, horiz
             (-surrogate(policy, states, actions, adv)).backward()
             adam.step()
         else:
-            npg_step(policy, states, actions, adv, value)
+            npg_step(policy, states, actions, adv, value, damping)
         seconds += time.perf_counter() - start
         steps += len(states)
         avg = sampler.average_return()
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="where the JSON and PNG go")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--max-steps", type=int, default=300_000, help="environment steps per run")
+    parser.add_argument("--cg-damping", type=float, default=CG_DAMPING, help="λ of NPG's CG solve (TRPO: 0.1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     envs, horizon = (4, 64) if args.quick else (8, 256)
@@ -197,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for method, (hyper, grid) in GRIDS.items():
         grid = grid[1:2] if args.quick else grid
-        tuning = {v: train(method, v, tuning_seed, max_steps, envs, horizon) for v in grid}
+        tuning = {v: train(method, v, tuning_seed, max_steps, envs, horizon, args.cg_damping) for v in grid}
         best = min(grid, key=lambda v: rank_key(tuning[v]))
-        runs = [train(method, best, s, max_steps, envs, horizon) for s in seeds]
+        runs = [train(method, best, s, max_steps, envs, horizon, args.cg_damping) for s in seeds]
         results[method] = {"hyper": hyper, "value": best, "runs": runs,
                            "tuning": {str(v): {k: r[k] for k in ("steps_to_target", "seconds_to_target",
                                                                   "final_average_return")}
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     payload = {"quick": args.quick, "wall_s": time.perf_counter() - started, "threads": args.threads,
                "target": TARGET, "window": WINDOW, "envs": envs, "horizon": horizon, "max_steps": max_steps,
-               "seeds": seeds, "tuning_seed": tuning_seed, "cg": {"iters": CG_ITERS, "damping": CG_DAMPING},
+               "seeds": seeds, "tuning_seed": tuning_seed, "cg": {"iters": CG_ITERS, "damping": args.cg_damping},
                "grids": {m: list(g) for m, (_, g) in GRIDS.items()}, "results": results,
                "mean_steps_to_target": means, "goal_met": met}
     with open(os.path.join(args.out_dir, "policy_gradient.json"), "w") as f:

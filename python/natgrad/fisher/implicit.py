@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
+from natgrad.curvature.block import max_abs
 from natgrad.fisher.matrices import FisherMatrix, _check_damping
 from natgrad.fisher.scores import check_request, functional_model, score_rows
 from natgrad.likelihoods import Categorical, Gaussian, Likelihood
@@ -164,8 +165,10 @@ class ImplicitFisher(FisherMatrix):
 
             _, pull_back, jv = vjp(with_tangent, self._values, has_aux=True)
             (grads,) = pull_back(self._apply_h(jv, probs, passes))
-            total += torch.cat([grads[n].reshape(-1) for n in self.names])
-        return (total / self.num_samples).to(v.dtype)
+            del pull_back, jv
+            for part, n in zip(torch.split(total, self._sizes), self.names):
+                part.add_(grads.pop(n).reshape(-1))  # frees each gradient as it is added
+        return total.div_(self.num_samples).to(v.dtype)
 
     def quad_form(self, v: Tensor) -> Tensor:
         """``vᵀ F v`` from forward-mode passes only (no reverse pass)."""
@@ -236,7 +239,7 @@ class ImplicitFisher(FisherMatrix):
         if v.dim() not in ((1, 2) if allow_matrix else (1,)) or v.shape[0] != self.num_params:
             raise ValueError(f"{name} must have shape {shapes} (one entry per parameter), got "
                              f"{tuple(v.shape)}")
-        if not bool(torch.isfinite(v).all()):
+        if not bool(torch.isfinite(max_abs(v))):  # no p-sized temporaries, unlike isfinite(v)
             raise ValueError(f"{name} holds NaN or Inf")
 
     def _check_fresh(self) -> None:

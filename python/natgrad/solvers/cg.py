@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from natgrad.curvature.block import max_abs
 from natgrad.fisher.matrices import FisherMatrix, _check_damping
 
 __all__ = ["CGResult", "conjugate_gradient"]
@@ -52,7 +53,7 @@ def _vector(name: str, v: object, size: int | None) -> Tensor:
     if v.dim() != 1 or (size is not None and v.shape[0] != size):
         want = f"[{size}]" if size is not None else "[p]"
         raise ValueError(f"{name} must be a vector of shape {want} (one entry per parameter), got {tuple(v.shape)}")
-    if not bool(torch.isfinite(v).all()):
+    if not bool(torch.isfinite(max_abs(v))):
         raise ValueError(f"{name} holds NaN or Inf")
     return v
 
@@ -121,8 +122,8 @@ def conjugate_gradient(operator: Operator, b: Tensor, *, damping: float,
         if not isinstance(out, Tensor) or out.shape != v.shape:
             raise ValueError(f"operator must map a [{v.shape[0]}] vector to one of the same shape, "
                              f"got {getattr(out, 'shape', type(out).__name__)}")
-        out = out.to(v.dtype) + damping * v
-        if not bool(torch.isfinite(out).all()):
+        out = out.to(v.dtype).add_(v, alpha=damping)
+        if not bool(torch.isfinite(max_abs(out))):
             raise FloatingPointError("conjugate_gradient: the operator returned NaN/Inf")
         return out
 
