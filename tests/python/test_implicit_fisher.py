@@ -207,3 +207,16 @@ def test_unconverged_solve_warns():
     with pytest.warns(RuntimeWarning, match="stopped after 2 iterations"):
         fisher.solve(torch.ones(fisher.num_params, dtype=torch.float64), 1e-3, max_iters=2)
     assert fisher.last_solve.iterations == 2 and not fisher.last_solve.converged
+
+
+@pytest.mark.parametrize("structure", ["dense", "implicit"])
+def test_vectors_follow_the_order_of_params(structure):
+    """The flat layout is the order of ``params`` (as documented), not the model's order."""
+    model, x = make("mlp")
+    y = targets_for(model, x, "categorical")
+    params = list(model.parameters())
+    full = compute_fisher(model, x, y).to_dense()
+    starts = torch.cumsum(torch.tensor([0] + [p.numel() for p in params]), 0).tolist()
+    perm = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in reversed(range(len(params)))])
+    got = compute_fisher(model, x, y, params=params[::-1], structure=structure).to_dense()
+    torch.testing.assert_close(got, full[perm][:, perm], rtol=0, atol=1e-12)
