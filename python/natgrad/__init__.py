@@ -9,13 +9,13 @@ from typing import Any
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from natgrad import _C, curvature, fisher, likelihoods, ops, stats
+from natgrad import _C, curvature, fisher, likelihoods, ops, solvers, stats
 from natgrad._version import __version__
 from natgrad.optim import KFAC, NaturalGradient
 from natgrad.regularizers import EWC
 
 __all__ = ["EWC", "KFAC", "NaturalGradient", "__version__", "build_info", "curvature", "fisher",
-           "likelihoods", "ops", "stats"]
+           "likelihoods", "ops", "solvers", "stats"]
 
 
 def build_info() -> dict[str, Any]:

@@ -3,7 +3,8 @@
 * ``fisher_type`` — which labels define the Fisher: "empirical" (the observed targets), "mc"
   (labels sampled from the model's predictive distribution) or "exact" (the expectation over
   it). Formerly ``kind`` (``compute_fisher``) and ``fisher`` (``EWC``).
-* ``structure`` — how it is stored: "dense", "lowrank", "diagonal", "block_diagonal" or "kfac".
+* ``structure`` — how it is stored: "dense", "lowrank", "diagonal", "block_diagonal", "kfac" or
+  "implicit" (not stored: matrix-free products).
   ``NaturalGradient``'s former "full" is "dense".
 
 Old spellings keep working for one release with a :class:`DeprecationWarning`.
@@ -14,7 +15,7 @@ import warnings
 from typing import Any
 
 FISHER_TYPES = ("empirical", "mc", "exact")
-STRUCTURES = ("dense", "lowrank", "diagonal", "block_diagonal", "kfac")
+STRUCTURES = ("dense", "lowrank", "diagonal", "block_diagonal", "kfac", "implicit")
 
 _UNSET: Any = object()
 

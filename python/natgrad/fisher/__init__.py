@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from natgrad._vocabulary import FISHER_TYPES, STRUCTURES
 from natgrad.fisher.compute import compute_fisher, kfac_blocks
+from natgrad.fisher.implicit import ImplicitFisher
 from natgrad.fisher.matrices import (BlockDiagonalFisher, BlockFisher, DenseFisher, DiagonalFisher,
                                      FisherMatrix, LowRankFisher)
 from natgrad.fisher.scores import KINDS, score_rows
@@ -18,6 +19,7 @@ __all__ = [
     "DenseFisher",
     "DiagonalFisher",
     "FisherMatrix",
+    "ImplicitFisher",
     "LowRankFisher",
     "compute_fisher",
     "kfac_blocks",

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from natgrad._vocabulary import _UNSET, STRUCTURES, check_choice, renamed_argument
 from natgrad.curvature import KroneckerBlock, capturing, kronecker_block, owner_groups
+from natgrad.fisher.implicit import ImplicitFisher
 from natgrad.fisher.matrices import (BlockDiagonalFisher, BlockFisher, DenseFisher, DiagonalFisher,
                                      FisherMatrix, LowRankFisher)
 from natgrad.fisher.scores import check_request, score_rows
@@ -35,7 +36,9 @@ def compute_fisher(model: nn.Module, inputs: Tensor, targets: Tensor | None = No
             (default: "empirical").
         structure (str): "dense", "lowrank", "diagonal", "block_diagonal" (one dense block per
             module) or "kfac" (the curvature blocks natgrad.KFAC uses — Linear in the "expand"
-            form, Conv2d, Embedding — and dense blocks for other modules) (default: "dense").
+            form, Conv2d, Embedding — and dense blocks for other modules), or "implicit" (nothing
+            stored: exact matrix-free products ``F v = Jᵀ H J v`` by jvp/vjp, see
+            :class:`natgrad.fisher.ImplicitFisher`) (default: "dense").
             See :mod:`natgrad.fisher.matrices` for their memory.
         likelihood (str): "categorical" or "gaussian" (default: "categorical").
         params (sequence of nn.Parameter, optional): parameters, in vector order (default: all
@@ -54,6 +57,8 @@ def compute_fisher(model: nn.Module, inputs: Tensor, targets: Tensor | None = No
     n = inputs.shape[0]
     rows_kwargs = dict(fisher_type=fisher_type, likelihood=lik, mc_samples=mc_samples,
                        generator=generator, chunk_size=chunk_size)
+    if structure == "implicit":
+        return ImplicitFisher(model, inputs, targets, params=chosen, **rows_kwargs)
     if structure == "kfac":
         return _kfac(model, inputs, targets, chosen, rows_kwargs)
     if structure == "lowrank":

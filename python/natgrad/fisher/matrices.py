@@ -13,6 +13,7 @@ structure             stores                                 solve
 ``diagonal``          p                                      elementwise
 ``block_diagonal``    Σ_layers p_ℓ²                          per block, O(Σ p_ℓ³)
 ``kfac``              Σ_layers (d_in+1)² + d_out²            per layer, eigendecompositions
+``implicit``          inputs + outputs' residuals/probs      CG on jvp/vjp products
 ====================  =====================================  =================================
 """
 from __future__ import annotations

@@ -19,7 +19,8 @@ from natgrad._vocabulary import _UNSET, FISHER_TYPES, check_choice, renamed_argu
 from natgrad.likelihoods import LIKELIHOODS, Likelihood, check_count, get_likelihood
 
 KINDS = FISHER_TYPES  # deprecated name of FISHER_TYPES
-__all__ = ["FISHER_TYPES", "KINDS", "LIKELIHOODS", "check_inputs", "check_params", "check_request", "score_rows"]
+__all__ = ["FISHER_TYPES", "KINDS", "LIKELIHOODS", "check_inputs", "check_params", "check_request", "functional_model",
+           "score_rows"]
 
 
 def check_params(params: Sequence[Tensor]) -> None:
@@ -76,6 +77,27 @@ def check_request(model: nn.Module, inputs: Tensor, targets: Tensor | None, fish
     return lik, chosen
 
 
+def functional_model(model: nn.Module, params: Sequence[nn.Parameter]
+                     ) -> tuple[list[str], dict[str, Tensor], Callable[[dict[str, Tensor], Tensor], Tensor]]:
+    """``model`` as a function of ``params``: their names (in the order of ``params``, the
+    order of every flat vector), their detached values by name, and ``output(values, x)`` — the
+    batched forward with those values and every other parameter and buffer as they are
+    (torch.func.functional_call)."""
+    named = dict(model.named_parameters())
+    name_of = {id(p): n for n, p in named.items()}
+    ids = {id(p) for p in params}
+    if any(id(p) not in name_of for p in params) or len(ids) != len(params):
+        raise ValueError("params must be distinct parameters of model")
+    names = [name_of[id(p)] for p in params]
+    frozen = {n: p.detach() for n, p in named.items() if id(p) not in ids}
+    buffers = dict(model.named_buffers())
+
+    def output(train: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, ({**train, **frozen}, buffers), (x,))
+
+    return names, {n: named[n].detach() for n in names}, output
+
+
 def score_rows(model: nn.Module, inputs: Tensor, targets: Tensor | None = None, *,
                fisher_type: str = _UNSET, likelihood: str | Likelihood = "categorical",
                params: Sequence[nn.Parameter] | None = None, mc_samples: int = 1,
@@ -116,7 +138,7 @@ def score_rows_and_losses(model: nn.Module, inputs: Tensor, targets: Tensor | No
                                    "score_rows", stacklevel=_stacklevel)
     lik, chosen = check_request(model, inputs, targets, fisher_type, likelihood, params,
                                 mc_samples, chunk_size)
-    output_of, values, names = functional_model(model, chosen)
+    names, values, output_of = _one_sample_model(model, chosen)
     if fisher_type == "empirical" and loss_fn is None:
         with torch.no_grad():  # one sample's forward: validates the targets before any work
             first = output_of(values, inputs[0])
@@ -138,24 +160,15 @@ def score_rows_and_losses(model: nn.Module, inputs: Tensor, targets: Tensor | No
     return torch.cat(rows), (torch.cat(losses) if fisher_type == "empirical" else None)
 
 
-def functional_model(model: nn.Module, chosen: Sequence[nn.Parameter]):
-    """``(output_of, values, names)``: ``output_of(values, x)`` is the model's output for one
-    sample ``x`` (batch of one) as a function of the chosen parameters ``values`` (detached,
-    keyed by ``names``, in the order of ``chosen``); the other parameters are frozen."""
-    named = dict(model.named_parameters())
-    ids = {id(p) for p in chosen}
-    order = {id(p): i for i, p in enumerate(chosen)}
-    names = sorted((n for n, p in named.items() if id(p) in ids), key=lambda n: order[id(named[n])])
-    if len(names) != len(chosen):
-        raise ValueError("params must be parameters of model")
-    frozen = {n: p.detach() for n, p in named.items() if id(p) not in ids}
-    buffers = dict(model.named_buffers())
-    values = {n: named[n].detach() for n in names}
+def _one_sample_model(model: nn.Module, params: Sequence[nn.Parameter]):
+    """:func:`functional_model` with ``output_of(values, x)`` taking one sample ``x`` (run as a
+    batch of one), the form torch.func.vmap over samples needs."""
+    names, values, batch_output = functional_model(model, params)
 
     def output_of(train: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, ({**train, **frozen}, buffers), (x[None],))
+        return batch_output(train, x[None])
 
-    return output_of, values, names
+    return names, values, output_of
 
 
 def pass_rows(model: nn.Module, inputs: Tensor, passes: Sequence[tuple[Tensor, Tensor | None]],
@@ -165,7 +178,7 @@ def pass_rows(model: nn.Module, inputs: Tensor, passes: Sequence[tuple[Tensor, T
     """The rows ``w·∇ℓ(f(x_i), y_i)`` over ``params`` for given (targets, weight) passes over the
     whole batch, pass-major (``[len(passes) · n, p]``), in chunks of samples. Inputs are not
     validated here (callers did)."""
-    output_of, values, names = functional_model(model, params)
+    names, values, output_of = _one_sample_model(model, params)
     rows = []
     for target, weight in passes:
         for start in range(0, inputs.shape[0], chunk_size):

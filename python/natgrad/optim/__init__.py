@@ -1,7 +1,8 @@
 """natgrad's optimizers (torch.optim.Optimizer subclasses)."""
 from __future__ import annotations
 
+from natgrad.optim._ngd_cg import CGOptions
 from natgrad.optim.kfac import KFAC
 from natgrad.optim.natural_gradient import NaturalGradient
 
-__all__ = ["KFAC", "NaturalGradient"]
+__all__ = ["CGOptions", "KFAC", "NaturalGradient"]

@@ -16,6 +16,7 @@ from natgrad.distributed import collective, group_device
 from natgrad.fisher.gram import BatchRows, collect_rows
 from natgrad.likelihoods import get_likelihood
 from natgrad.optim._hyper import Schedule, check_choice, check_group, check_number, resolved_number
+from natgrad.optim._ngd_cg import CGOptions, CGSolver  # solver="cg" (issue 17)
 
 __all__ = ["NaturalGradient"]
 
@@ -84,6 +85,14 @@ class NaturalGradient(Optimizer):
             the whole batch's Fisher and takes the same step (default: the world group).
         rows (str): "implicit" (layer Gram matrices from hook data) or "explicit" (torch.func
             per-sample gradients) (default: "implicit").
+        solver (str): "woodbury" (the solves above) or "cg": Hessian-free style — every step
+            solves the batch's exact Fisher system by preconditioned conjugate gradient on
+            matrix-free Fisher-vector products (``compute_fisher(structure="implicit")``, no
+            ``n × p`` rows), warm-started from the last solution, with ``kl_clip`` bounding
+            ``(ηd)ᵀ(F + λI)(ηd)`` exactly; ``structure`` must be "dense", one process only
+            (see :mod:`natgrad.optim._ngd_cg`) (default: "woodbury").
+        cg (CGOptions, optional): tolerance, iteration cap, preconditioner ("none", "diagonal",
+            "kfac") and warm start of ``solver="cg"`` (default: ``CGOptions()``).
     """
 
     def __init__(self, model: nn.Module, params: Iterable | None = None, *, lr: float = 1.0,
@@ -91,7 +100,8 @@ class NaturalGradient(Optimizer):
                  kl_clip: Schedule | None = None, fisher_type: str = "empirical",
                  structure: str = "dense", likelihood: str = "categorical",
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, chunk_size: int = 256,
-                 seed: int = 0, process_group=None, rows: str = "implicit") -> None:
+                 seed: int = 0, process_group=None, rows: str = "implicit",
+                 solver: str = "woodbury", cg: CGOptions | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
         check_number("lr", lr, low=0.0)
@@ -125,6 +135,13 @@ class NaturalGradient(Optimizer):
         self._steps = 0
         self.rows = rows
         self._batch: BatchRows | None = None
+        # ---- solver="cg" hook (issue 17): all of its logic lives in natgrad.optim._ngd_cg ----
+        check_choice("solver", solver, ("woodbury", "cg"))
+        self._cg = CGSolver(cg) if solver == "cg" else None
+        if self._cg is not None and (structure == "diagonal" or self._world > 1):
+            raise ValueError("solver='cg' needs structure='dense' and a single process, got "
+                             f"structure={structure!r} with {self._world} processes")
+        # ---- end of the solver="cg" hook ----
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's, plus ``__init__``'s checks for the values the group sets itself."""
@@ -144,6 +161,8 @@ class NaturalGradient(Optimizer):
         Inputs, targets and the per-sample gradients are validated (empty batch, NaN/Inf,
         mismatched sizes) before ``.grad`` is touched."""
         params = self._params()
+        if self._cg is not None:  # solver="cg" hook (issue 17)
+            return self._cg.backward(self, inputs, targets)
         batch, losses, mean = collect_rows(
             self.model, inputs, targets, params, fisher_type=self.fisher_type,
             likelihood=self.likelihood, loss_fn=self.loss_fn, generator=self._generator,
@@ -181,7 +200,7 @@ class NaturalGradient(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._batch is None:
+        if self._batch is None and self._cg is None:
             raise RuntimeError("NaturalGradient.step() needs per-sample gradients: call "
                                "opt.backward(inputs, targets) instead of loss.backward() first")
         batch, self._batch = self._batch, None
@@ -190,6 +209,12 @@ class NaturalGradient(Optimizer):
         grads = [g + grp["weight_decay"] * p if grp["weight_decay"] else g
                  for g, (p, grp) in zip(raw, entries)]
         damping = resolved_number("damping", self.damping, self._steps, low=0.0, low_open=True)
+        if self._cg is not None:  # solver="cg" hook (issue 17): a flat direction, split per parameter
+            direction, nu = self._cg.step(self, torch.cat([g.reshape(-1) for g in grads]), damping)
+            parts = direction.split([p.numel() for p, _ in entries])
+            self._apply(entries, ((i, (), d.view_as(p)) for i, (d, (p, _)) in enumerate(zip(parts, entries))), nu)
+            self._steps += 1
+            return loss
         if self.structure == "diagonal":
             directions = ((i, (), g / (d.to(g.dtype) + damping))
                           for i, (g, d) in enumerate(zip(grads, batch.diagonal())))
@@ -246,6 +271,8 @@ class NaturalGradient(Optimizer):
         """torch.optim's state plus the step counter and the label sampler's state."""
         state = super().state_dict()
         state["natural_gradient"] = {"steps": self._steps, "generator": self._generator.get_state()}
+        if self._cg is not None:  # solver="cg" hook (issue 17)
+            state["natural_gradient"]["cg"] = self._cg.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -254,6 +281,9 @@ class NaturalGradient(Optimizer):
         extra = state_dict.pop("natural_gradient", None)
         if extra is None:
             raise ValueError("state_dict has no 'natural_gradient' entry: not saved by natgrad.NaturalGradient")
+        previous = CGSolver.checked_state(extra.get("cg")) if self._cg is not None else None
         super().load_state_dict(state_dict)
+        if self._cg is not None:  # solver="cg" hook (issue 17)
+            self._cg.load_state_dict(previous)
         self._steps = int(extra["steps"])
         self._generator.set_state(extra["generator"])
