@@ -249,8 +249,8 @@ class AttentionBlock(CurvatureBlock):
 
     # ---- decompositions and products ----------------------------------------------------------
 
-    def update_inverse(self, method, damping, pi_correction=False):
-        return max(p.update_inverse(method, damping, pi_correction) for p in self.parts.values())
+    def update_inverse(self, method, damping, pi_correction=False, warm=False):
+        return max(p.update_inverse(method, damping, pi_correction, warm) for p in self.parts.values())
 
     def decomposition_template(self, method):
         return {f"{s}.{k}": v for s, p in self.parts.items() for k, v in p.decomposition_template(method).items()}

@@ -111,8 +111,11 @@ class CurvatureBlock:
 
     # ---- decompositions -----------------------------------------------------------------------
 
-    def update_inverse(self, method: str, damping: float, pi_correction: bool = False) -> int:
-        """Recomputes the decomposition; returns the fallback-ladder rung used (0: native)."""
+    def update_inverse(self, method: str, damping: float, pi_correction: bool = False,
+                       warm: bool = False) -> int:
+        """Recomputes the decomposition; returns the fallback-ladder rung used (0: native).
+        ``warm`` allows a cheap refresh from the previous decomposition where the block has
+        one (KFAC's ``warm_refreshes``); blocks without one recompute exactly."""
         return 0
 
     def decomposition_template(self, method: str) -> dict[str, Tensor]:

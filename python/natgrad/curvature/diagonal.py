@@ -124,7 +124,8 @@ class DiagonalBlock(CurvatureBlock):
 
     # ---- decompositions and products ----------------------------------------------------------
 
-    def update_inverse(self, method: str, damping: float, pi_correction: bool = False) -> int:
+    def update_inverse(self, method: str, damping: float, pi_correction: bool = False,
+                       warm: bool = False) -> int:
         """Nothing to decompose: the damped diagonal is inverted when applied."""
         return 0
 
