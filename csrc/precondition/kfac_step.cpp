@@ -87,6 +87,24 @@ at::Tensor stack_rows(const std::vector<at::Tensor>& rows) {
   return at::stack(rows);
 }
 
+// Runs `layer(i, w, b)` -> (dw, db, extra finite flag or undefined) for every layer and collects
+// the directions and stats rows.
+template <class LayerFn>
+KfacDirections for_each_layer(at::TensorList weight_grads,
+                              const c10::List<std::optional<at::Tensor>>& bias_grads,
+                              double grad_scale, LayerFn layer) {
+  KfacDirections out;
+  std::vector<at::Tensor> rows;
+  for (size_t i = 0; i < weight_grads.size(); ++i) {
+    const at::Tensor& w = weight_grads[i];
+    const at::Tensor b = bias_grads.get(i).has_value() ? *bias_grads.get(i) : at::Tensor();
+    auto [dw, db, extra_finite] = layer(i, w, b);
+    finish_layer(out, rows, w, b, dw, db, extra_finite, grad_scale);
+  }
+  out.stats = stack_rows(rows);
+  return out;
+}
+
 at::Tensor pi_of(const at::Tensor& a_eigenvalues, const at::Tensor& g_eigenvalues) {
   const at::Tensor ma = a_eigenvalues.mean(), mg = g_eigenvalues.mean();
   const at::Tensor ok = (ma > 0).logical_and(mg > 0);
@@ -125,12 +143,7 @@ KfacDirections kfac_directions_eigen(at::TensorList weight_grads,
     checked_grads(weight_grads[i], bias_grads.get(i), i, a_eigenvectors[i].size(0),
                   g_eigenvectors[i].size(0), g_eigenvectors[i]);
   }
-  DenormalGuard guard;
-  KfacDirections out;
-  std::vector<at::Tensor> rows;
-  for (size_t i = 0; i < layers; ++i) {
-    const at::Tensor& w = weight_grads[i];
-    const at::Tensor b = bias_grads.get(i).has_value() ? *bias_grads.get(i) : at::Tensor();
+  auto layer = [&](size_t i, const at::Tensor& w, const at::Tensor& b) {
     const at::Tensor &vg = g_eigenvectors[i], &va = a_eigenvectors[i];
     const at::Tensor &lg = g_eigenvalues[i], &la = a_eigenvalues[i];
     const int64_t n = w.size(1);
@@ -153,12 +166,10 @@ KfacDirections kfac_directions_eigen(at::TensorList weight_grads,
     denom.masked_fill_(denom <= 0, 1.0);
     rotated.div_(denom);
     const at::Tensor y = vg.mm(rotated);  // [d_out, d_in (+1)] in the eigenbasis of A
-    at::Tensor dw = y.mm(va_w.t());
     at::Tensor db = b.defined() ? y.mv(va.select(0, n)) : at::Tensor();
-    finish_layer(out, rows, w, b, dw, db, denom_ok, grad_scale);
-  }
-  out.stats = stack_rows(rows);
-  return out;
+    return std::make_tuple(y.mm(va_w.t()), db, denom_ok);
+  };
+  return for_each_layer(weight_grads, bias_grads, grad_scale, layer);
 }
 
 KfacDirections kfac_directions_inverse(at::TensorList weight_grads,
@@ -176,12 +187,7 @@ KfacDirections kfac_directions_inverse(at::TensorList weight_grads,
     checked_grads(weight_grads[i], bias_grads.get(i), i, a_inverses[i].size(0),
                   g_inverses[i].size(0), g_inverses[i]);
   }
-  DenormalGuard guard;
-  KfacDirections out;
-  std::vector<at::Tensor> rows;
-  for (size_t i = 0; i < layers; ++i) {
-    const at::Tensor& w = weight_grads[i];
-    const at::Tensor b = bias_grads.get(i).has_value() ? *bias_grads.get(i) : at::Tensor();
+  auto layer = [&](size_t i, const at::Tensor& w, const at::Tensor& b) {
     const at::Tensor &gi = g_inverses[i], &ai = a_inverses[i];
     const int64_t n = w.size(1);
     // G^-1 [W | b] A^-1, blockwise in A^-1 = [[A_ww, a_wb], [a_bw, a_bb]].
@@ -193,10 +199,9 @@ KfacDirections kfac_directions_inverse(at::TensorList weight_grads,
       dw.addr_(gb, ai.select(0, n).narrow(0, 0, n));
       db = gw.mv(ai.select(1, n).narrow(0, 0, n)).add_(gb * ai.select(0, n).select(0, n));
     }
-    finish_layer(out, rows, w, b, dw, db, at::Tensor(), grad_scale);
-  }
-  out.stats = stack_rows(rows);
-  return out;
+    return std::make_tuple(dw, db, at::Tensor());
+  };
+  return for_each_layer(weight_grads, bias_grads, grad_scale, layer);
 }
 
 void kfac_momentum_step_(at::TensorList params, at::TensorList momentum_buffers,
@@ -226,7 +231,6 @@ void kfac_momentum_step_(at::TensorList params, at::TensorList momentum_buffers,
                        at_layer("momentum_buffers", i).c_str(), "shaped like its parameter");
     }
   }
-  DenormalGuard guard;
   for (size_t i = 0; i < params.size(); ++i) {
     at::Tensor p = params[i];
     at::Tensor d = direction_scale != 1.0 ? directions[i] * direction_scale : directions[i];

@@ -17,7 +17,8 @@
 //   direction and scaled gradient, accumulated in float64; 0 for a layer without bias).
 // Decomposition tensors may have another dtype than the gradients (inverse_dtype): the
 // gradient is converted to theirs and the directions back. Directions are flushed of
-// subnormal values (common/subnormal.h) and computed under a DenormalGuard.
+// subnormal values, and gradients holding any are read through a flushed copy
+// (common/subnormal.h).
 #pragma once
 
 #include <ATen/ATen.h>

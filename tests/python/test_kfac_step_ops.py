@@ -187,3 +187,19 @@ def test_opcheck_step_ops():
     torch.library.opcheck(OPS.kfac_momentum_step_.default,
                           (params, [torch.zeros_like(p) for p in params], [torch.randn_like(p) for p in params],
                            0.1, 0.9, 0.01, 1.0))
+
+
+def test_threads_started_inside_an_op_do_not_inherit_flush_to_zero():
+    # A fresh process whose first multi-threaded work (an MKL GEMM that starts the OpenMP pool)
+    # runs inside a natgrad op: the pool threads must not keep the op's flush-to-zero mode.
+    import subprocess
+    import sys
+    code = (
+        "import torch\nfrom natgrad import ops\ntorch.set_num_threads(2)\n"
+        "x, factor = torch.randn(4096, 128), torch.zeros(128, 128)\n"
+        "ops.linear_grad_factor_ema_(factor, x, 1.0, 0.0)\n"
+        "big = torch.full((1 << 20,), 3e-20)\nprod = big * big\n"
+        "print(int(((prod != 0) & (prod.abs() < torch.finfo(prod.dtype).tiny)).sum()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip().splitlines()[-1]) == 1 << 20

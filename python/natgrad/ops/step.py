@@ -12,9 +12,9 @@
 Unlike the single-layer preconditioning ops, a layer with NaN/Inf does not raise: ``stats``
 (``[L, 4]`` float64) holds, per layer, ``grad finite``, ``direction finite``, ``⟨u_w, g_w⟩``,
 ``⟨u_b, g_b⟩`` (the direction and gradient both times ``grad_scale``), and the caller skips the
-layer. Every direction and momentum buffer is flushed of subnormal numbers, and the ops run
-with flush-to-zero set locally on their threads and restored afterwards (the user's
-floating-point mode is untouched; see csrc/common/subnormal.h). Not differentiable.
+layer. Every direction and momentum buffer is flushed of subnormal numbers, and gradients
+holding any are read through a flushed copy; the floating-point mode is never changed (see
+csrc/common/subnormal.h). Not differentiable.
 """
 from __future__ import annotations
 
