@@ -53,14 +53,11 @@ def _read(tensors: list[Tensor]) -> list[float]:
     return [v for t in tensors for v in t.reshape(-1).tolist()]
 
 
-def directions(opt, skipped: set[str], amp_unscale: float) -> tuple[Updates, dict]:
-    """Preconditioned directions and (unscaled) gradients of every parameter that moves this
-    step, keyed by parameter; see the module docstring."""
-    comm = opt._comm
-    if getattr(comm, "workers", comm.world_size) != comm.world_size:
-        return per_block_directions(opt, skipped, amp_unscale)
-    fast: list[KroneckerBlock] = []
-    other: list[tuple[CurvatureBlock, list]] = []  # (block, parameter-shaped gradients)
+def moving(opt, skipped: set[str]) -> tuple[list[CurvatureBlock], list[Tensor]]:
+    """The blocks to precondition this step (decomposed, not skipped, some gradient present)
+    and the parameters that take their plain gradient (outside every block, or in a block
+    with no curvature yet), in the optimizer's order."""
+    blocks: list[CurvatureBlock] = []
     done: set[int] = set()
     for block in opt._blocks:
         params = [p for p in block.params if p.grad is not None]
@@ -70,14 +67,22 @@ def directions(opt, skipped: set[str], amp_unscale: float) -> tuple[Updates, dic
         if block.name not in opt._decomposed:  # no curvature yet: the plain gradient
             done.difference_update(id(p) for p in params)
             continue
-        if listable(block):
-            fast.append(block)
-        else:
-            other.append((block, [p.grad for p in block.params]))
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.grad is not None and id(p) not in done:
-                other.append((opt._plain_block(p), [p.grad]))
+        blocks.append(block)
+    plain = [p for group in opt.param_groups for p in group["params"]
+             if p.grad is not None and id(p) not in done]
+    return blocks, plain
+
+
+def directions(opt, skipped: set[str], amp_unscale: float) -> tuple[Updates, dict]:
+    """Preconditioned directions and (unscaled) gradients of every parameter that moves this
+    step, keyed by parameter; see the module docstring."""
+    comm = opt._comm
+    if getattr(comm, "workers", comm.world_size) != comm.world_size:
+        return per_block_directions(opt, skipped, amp_unscale)
+    blocks, plain = moving(opt, skipped)
+    fast = [b for b in blocks if listable(b)]
+    other = [(b, [p.grad for p in b.params]) for b in blocks if not listable(b)]
+    other += [(opt._plain_block(p), [p.grad]) for p in plain]
 
     layers: list[tuple[CurvatureBlock, list[Tensor], list[Tensor]]] = []  # block, grads, directions
     stats: list[Tensor] = []
@@ -197,21 +202,9 @@ def per_block_directions(opt, skipped: set[str], amp_unscale: float) -> tuple[di
     a block whose gradient is not finite is skipped before preconditioning, one whose direction
     is not (an op that refused, or a rank's broadcast of it) after; each check is one host
     read for all blocks."""
-    work: list[tuple[CurvatureBlock, Tensor]] = []
-    done: set[int] = set()
-    for block in opt._blocks:
-        params = [p for p in block.params if p.grad is not None]
-        done.update(id(p) for p in block.params)
-        if block.name in skipped or not params:
-            continue
-        if block.name not in opt._decomposed:
-            done.difference_update(id(p) for p in params)
-            continue
-        work.append((block, _scaled(block.pack([p.grad for p in block.params]), amp_unscale)))
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.grad is not None and id(p) not in done:
-                work.append((opt._plain_block(p), _scaled(p.grad, amp_unscale)))
+    blocks, plain = moving(opt, skipped)
+    work = [(b, _scaled(b.pack([p.grad for p in b.params]), amp_unscale)) for b in blocks]
+    work += [(opt._plain_block(p), _scaled(p.grad, amp_unscale)) for p in plain]
     finite = all_true([torch.isfinite(max_abs(grad)) for _, grad in work])
     kept, dirs = [], []
     for (block, grad), ok in zip(work, finite):
