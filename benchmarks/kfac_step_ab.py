@@ -75,13 +75,14 @@ def _build(spec):
     return nn.Sequential(*layers)
 
 
-def _timed(fn, reps):
-    import time as _t
-    fn()
-    start = _t.perf_counter()
+def _timed(fn, reps, warm=True):
+    """(wall, CPU) seconds per call of ``fn`` (after one untimed call if ``warm``)."""
+    if warm:
+        fn()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(reps):
         fn()
-    return (_t.perf_counter() - start) / reps
+    return (time.perf_counter() - wall) / reps, (time.process_time() - cpu) / reps
 
 
 def _floor_ops(model, x, method, loss_fn):
@@ -193,22 +194,22 @@ def worker(job):
             steps = -(-max(job["min_steps"], ip) // ip) * ip
             train(model, opt, 3)
             train(sgd_model, sgd, 3)
-            kfac_t, sgd_t, pre_t, fac_t, dec_t = [], [], [], [], []
+            times = {k: [] for k in ("kfac", "sgd", "precondition", "factors", "decompose")}
             for _ in range(job["reps"]):  # interleaved, so that load spikes hit all alike
-                t = time.perf_counter()
-                train(model, opt, steps)
-                kfac_t.append((time.perf_counter() - t) / steps)
-                t = time.perf_counter()
-                train(sgd_model, sgd, steps)
-                sgd_t.append((time.perf_counter() - t) / steps)
-                pre_t.append(_timed(precondition, 10))
-                fac_t.append(_timed(factors, 5))
-                dec_t.append(_timed(decompose, 1))
-            kfac, sgd_s, pre, fac, dec = (min(v) for v in (kfac_t, sgd_t, pre_t, fac_t, dec_t))
-            rows.append({"periods": [fp, ip], "threads": threads, "steps": steps, "kfac_s": kfac,
-                         "kfac_runs_s": kfac_t, "sgd_runs_s": sgd_t,
-                         "sgd_s": sgd_s, "precondition_s": pre, "factors_s": fac, "decompose_s": dec,
-                         "floor_s": sgd_s + pre + fac / fp + dec / ip})
+                times["kfac"].append(_timed(lambda: train(model, opt, steps), 1, warm=False))
+                times["sgd"].append(_timed(lambda: train(sgd_model, sgd, steps), 1, warm=False))
+                times["precondition"].append(_timed(precondition, 10))
+                times["factors"].append(_timed(factors, 5))
+                times["decompose"].append(_timed(decompose, 1))
+            row = {"periods": [fp, ip], "threads": threads, "steps": steps}
+            for clock, c in (("wall", 0), ("cpu", 1)):
+                best = {k: min(t[c] for t in v) for k, v in times.items()}
+                best["kfac"] /= steps
+                best["sgd"] /= steps
+                row[clock] = {**{f"{k}_s": v for k, v in best.items()},
+                              "floor_s": best["sgd"] + best["precondition"] + best["factors"] / fp
+                              + best["decompose"] / ip}
+            rows.append(row)
     print(json.dumps(rows))
 
 
@@ -237,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", nargs="*", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--warm", type=int, default=None, help="warm-up training steps before timing")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="which times the table and ratios use (both are stored)")
+    parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -244,12 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(args.worker))
         return 0
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("models", "threads", "rounds", "warm"):
+    for key in ("models", "threads", "rounds", "warm", "reps"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     out_path = args.out or os.path.join(HERE, "results", "kfac_step_ab_quick.json" if args.quick else "kfac_step_ab.json")
     trees = ([("a", args.a)] if args.a else []) + [("b", args.b)]
-    print(f"trees: {dict(trees)}; load average {os.getloadavg()}")
+    print(f"trees: {dict(trees)}; {args.clock} time; load average {os.getloadavg()}")
     head = f"{'model':<12} {'method':<8} {'periods':<9} {'thr':>3} " + \
         (f"{'A ms':>8} " if args.a else "") + f"{'B ms':>8} " + (f"{'B/A':>5} " if args.a else "") + \
         f"{'SGD ms':>7} {'floor ms':>8} " + (f"{'A/floor':>7} " if args.a else "") + f"{'B/floor':>7}"
@@ -264,11 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                 for key, tree in trees:
                     runs[key].append(measure(tree, job))
             for i, first in enumerate(runs["b"][0]):
-                med = {k: statistics.median(r[i]["kfac_s"] for r in runs[k]) for k in runs}
-                floor = statistics.median(r[i]["floor_s"] for k in runs for r in runs[k])
-                sgd = statistics.median(r[i]["sgd_s"] for k in runs for r in runs[k])
+                med = {k: statistics.median(r[i][args.clock]["kfac_s"] for r in runs[k]) for k in runs}
+                floor = statistics.median(r[i][args.clock]["floor_s"] for k in runs for r in runs[k])
+                sgd = statistics.median(r[i][args.clock]["sgd_s"] for k in runs for r in runs[k])
                 row = {"model": model, "method": method, "periods": first["periods"], "threads": first["threads"],
-                       "steps": first["steps"], "floor_s": floor, "sgd_s": sgd,
+                       "steps": first["steps"], "clock": args.clock, "floor_s": floor, "sgd_s": sgd,
                        **{f"{k}_s": med[k] for k in med}, **{f"{k}_over_floor": med[k] / floor for k in med},
                        "runs": {k: [r[i] for r in runs[k]] for k in runs}}
                 if args.a:
