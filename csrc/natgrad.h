@@ -9,3 +9,5 @@
 #include "linalg/ladder.h"
 #include "linalg/psd_linalg.h"
 #include "precondition/kfac_precondition.h"
+#include "precondition/kfac_step.h"
+#include "common/subnormal.h"

@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "common/checks.h"
+#include "common/subnormal.h"
 
 namespace natgrad {
 namespace {
@@ -116,9 +117,10 @@ void linear_act_factor_ema_(at::Tensor& factor, const at::Tensor& input, bool bi
   checks::decay(decay);
   const int64_t d = input.size(-1);
   check_factor(factor, input, "input", d + (bias ? 1 : 0));
-  const at::Tensor rows = as_rows(input).to(factor.scalar_type());
+  const at::Tensor rows = without_subnormals(as_rows(input).to(factor.scalar_type()));
   checks::nonempty_rows(rows.size(0), "input");
   add_gram_(factor, rows.t(), bias, decay, (1.0 - decay) / static_cast<double>(rows.size(0)));
+  flush_subnormal_(factor);
 }
 
 at::Tensor linear_act_factor(const at::Tensor& input, bool bias) {
@@ -138,10 +140,11 @@ void linear_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output,
   checks::decay(decay);
   const int64_t d = grad_output.size(-1);
   check_factor(factor, grad_output, "grad_output", d);
-  const at::Tensor rows = as_rows(grad_output).to(factor.scalar_type());
+  const at::Tensor rows = without_subnormals(as_rows(grad_output).to(factor.scalar_type()));
   checks::nonempty_rows(rows.size(0), "grad_output");
   const double alpha = (1.0 - decay) * grad_scale * grad_scale / static_cast<double>(rows.size(0));
   add_gram_(factor, rows.t(), /*bias=*/false, decay, alpha);
+  flush_subnormal_(factor);
 }
 
 at::Tensor linear_grad_factor(const at::Tensor& grad_output, double grad_scale) {
@@ -162,11 +165,13 @@ void conv2d_act_factor_ema_(at::Tensor& factor, const at::Tensor& input,
   check_factor(factor, input, "input", g.patch_dim + (bias ? 1 : 0));
   const int64_t samples = input.size(0);
   const double alpha = (1.0 - decay) / static_cast<double>(samples * g.positions);
+  const at::Tensor clean = without_subnormals(input);
   add_gram_chunked_(factor, samples, g.patch_dim, g.positions, bias, decay, alpha,
                     [&](int64_t first, int64_t count) {
-                      return at::im2col(input.narrow(0, first, count), kernel_size, dilation,
+                      return at::im2col(clean.narrow(0, first, count), kernel_size, dilation,
                                         padding, stride);
                     });
+  flush_subnormal_(factor);
 }
 
 at::Tensor conv2d_act_factor(const at::Tensor& input, at::IntArrayRef kernel_size,
@@ -193,10 +198,12 @@ void conv2d_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output,
   const int64_t positions = grad_output.size(2) * grad_output.size(3);
   const double alpha =
       (1.0 - decay) * grad_scale * grad_scale / static_cast<double>(samples * positions);
+  const at::Tensor clean = without_subnormals(grad_output);
   add_gram_chunked_(factor, samples, d, positions, /*bias=*/false, decay, alpha,
                     [&](int64_t first, int64_t count) {
-                      return grad_output.narrow(0, first, count).reshape({count, d, positions});
+                      return clean.narrow(0, first, count).reshape({count, d, positions});
                     });
+  flush_subnormal_(factor);
 }
 
 at::Tensor conv2d_grad_factor(const at::Tensor& grad_output, double grad_scale) {

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/subnormal.h"
 
 namespace natgrad {
 
@@ -36,6 +37,8 @@ EighResult damped_eigh(const at::Tensor& factor, double damping) {
   }
   evals = evals.clamp_min(0.0).add_(damping).to(factor.scalar_type());
   evecs = evecs.to(factor.scalar_type()).contiguous();  // LAPACK returns column-major
+  flush_subnormal_(evals);
+  flush_subnormal_(evecs);
   return {evals, evecs, rung};
 }
 
@@ -55,6 +58,7 @@ SolveResult spd_solve(const at::Tensor& spd, const at::Tensor& rhs) {
     const double floor = std::max(diag.abs().max().item<double>() * 1e-12, 1e-300);
     solution = rhs.to(at::kDouble) / diag.clamp_min(floor).unsqueeze(-1);
   }
+  flush_subnormal_(solution);
   return {solution, rung};
 }
 

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "common/checks.h"
+#include "common/subnormal.h"
 #include "linalg/psd_linalg.h"
 
 namespace natgrad {
@@ -30,14 +31,13 @@ void check_sides(const at::Tensor& grad, const at::Tensor& g_side, const char* g
   checks::shape_eq(a_side, a_shape, a_name, "[..., d_in, d_in] matching grad");
 }
 
-// pi = sqrt(mean(l_A) / mean(l_G)) per batch element, 1 where either mean is not positive.
+}  // namespace
+
 at::Tensor pi_from_traces(const at::Tensor& a_trace_mean, const at::Tensor& g_trace_mean) {
   const at::Tensor ok = (a_trace_mean > 0).logical_and(g_trace_mean > 0);
   const at::Tensor pi = (a_trace_mean / g_trace_mean.where(ok, at::ones_like(g_trace_mean))).sqrt();
   return pi.where(ok, at::ones_like(pi));
 }
-
-}  // namespace
 
 at::Tensor kfac_precondition_eigen(const at::Tensor& grad, const at::Tensor& g_eigenvalues,
                                    const at::Tensor& g_eigenvectors,
@@ -53,7 +53,8 @@ at::Tensor kfac_precondition_eigen(const at::Tensor& grad, const at::Tensor& g_e
                    "a_eigenvalues", "[..., d_in] matching a_eigenvectors");
   checks::damping(damping, /*strictly_positive=*/false);
 
-  at::Tensor rotated = at::matmul(at::matmul(g_eigenvectors.mT(), grad), a_eigenvectors);
+  at::Tensor rotated =
+      at::matmul(at::matmul(g_eigenvectors.mT(), without_subnormals(grad)), a_eigenvectors);
   at::Tensor denom;
   if (pi_correction) {
     const at::Tensor pi = pi_from_traces(a_eigenvalues.mean(-1), g_eigenvalues.mean(-1))
@@ -76,6 +77,7 @@ at::Tensor kfac_precondition_eigen(const at::Tensor& grad, const at::Tensor& g_e
                         {g_eigenvectors, "g_eigenvectors"}, {a_eigenvalues, "a_eigenvalues"},
                         {a_eigenvectors, "a_eigenvectors"}},
                        kNonFiniteAdvice);
+  flush_subnormal_(out);
   return out;
 }
 
@@ -110,17 +112,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kfac_damped_inverses(const at::Te
   SolveResult g = damped_inverse(g_factor, root / pi);
   SolveResult a = damped_inverse(a_factor, pi * root);
   const Rung worst = std::max(g.rung, a.rung);
-  return {g.solution.to(g_factor.scalar_type()).contiguous(),
-          a.solution.to(a_factor.scalar_type()).contiguous(),
-          rung_tensor(worst)};
+  at::Tensor g_inverse = g.solution.to(g_factor.scalar_type()).contiguous();
+  at::Tensor a_inverse = a.solution.to(a_factor.scalar_type()).contiguous();
+  flush_subnormal_(g_inverse);  // float64 -> float32 can land below float32's normal range
+  flush_subnormal_(a_inverse);
+  return {g_inverse, a_inverse, rung_tensor(worst)};
 }
 
 at::Tensor kfac_precondition_inverse(const at::Tensor& grad, const at::Tensor& g_inverse,
                                      const at::Tensor& a_inverse) {
   check_sides(grad, g_inverse, "g_inverse", a_inverse, "a_inverse");
-  at::Tensor out = at::matmul(at::matmul(g_inverse, grad), a_inverse);
+  at::Tensor out = at::matmul(at::matmul(g_inverse, without_subnormals(grad)), a_inverse);
   checks::finite_result(out, {{grad, "grad"}, {g_inverse, "g_inverse"}, {a_inverse, "a_inverse"}},
                         kNonFiniteAdvice);
+  flush_subnormal_(out);
   return out;
 }
 

@@ -25,6 +25,11 @@
 
 namespace natgrad {
 
+// Martens & Grosse's pi = sqrt(mean(l_A) / mean(l_G)) per batch element (means of the factors'
+// eigenvalues, i.e. tr/d), 1 where either mean is not positive. Shared by every op that damps
+// the factors separately (kfac_precondition_eigen, kfac_damped_inverses, kfac_directions_*).
+at::Tensor pi_from_traces(const at::Tensor& a_trace_mean, const at::Tensor& g_trace_mean);
+
 at::Tensor kfac_precondition_eigen(const at::Tensor& grad, const at::Tensor& g_eigenvalues,
                                    const at::Tensor& g_eigenvectors,
                                    const at::Tensor& a_eigenvalues,

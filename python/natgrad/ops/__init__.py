@@ -6,6 +6,8 @@ and torch.library.opcheck validate them. Ops by family:
 * :mod:`natgrad.ops.factors` — K-FAC Kronecker factors of Linear and Conv2d layers (+ EMA).
 * :mod:`natgrad.ops.linalg` — damped eigendecomposition with a fallback ladder; K-FAC
   preconditioning in eigen and inverse form.
+* :mod:`natgrad.ops.step` — the per-step K-FAC work of every layer in one call (directions,
+  trust-region inner products and finite flags; the momentum step).
 * :mod:`natgrad.ops.empirical` — Woodbury natural-gradient solve; per-sample diagonal Fisher.
 * :mod:`natgrad.ops.gram` — a layer's per-sample gradient rows, implicitly: their Gram matrix and
   the products ``U v``, ``Uᵀ w`` from hook data; the small Woodbury system (``gram_solve``).
@@ -45,6 +47,7 @@ from natgrad.ops.factors import (
     linear_grad_factor,
     linear_grad_factor_ema_,
 )
+from natgrad.ops.step import Directions, kfac_directions_eigen, kfac_directions_inverse, kfac_momentum_step_
 from natgrad.ops.linalg import (
     DampedInverses,
     EighResult,
@@ -56,6 +59,7 @@ from natgrad.ops.linalg import (
 
 __all__ = [
     "DampedInverses",
+    "Directions",
     "EighResult",
     "GramSolution",
     "Rung",
@@ -75,6 +79,9 @@ __all__ = [
     "ewc_penalty_and_grad",
     "gram_solve",
     "kfac_damped_inverses",
+    "kfac_directions_eigen",
+    "kfac_directions_inverse",
+    "kfac_momentum_step_",
     "kfac_precondition_eigen",
     "kfac_precondition_inverse",
     "linear_act_factor",

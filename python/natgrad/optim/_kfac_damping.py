@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from natgrad.optim._hyper import resolved_number
+from natgrad.optim._kfac_step import weighted_inner
 
 if TYPE_CHECKING:  # pragma: no cover
     from natgrad.optim.kfac import KFAC
@@ -63,6 +64,9 @@ def trust_region(opt: KFAC, k: int, updates: dict, grads: dict) -> float:
     kl_clip = resolved_number("kl_clip", opt.kl_clip, k, low=0.0, low_open=True, allow_none=True)
     if kl_clip is None or not updates:
         return 1.0
+    if not any(opt._group_of[id(p)]["momentum"] for p in updates):  # ⟨u, g⟩ only: no extra read
+        total = weighted_inner(updates, grads, lambda p: opt._group_of[id(p)]["lr"] ** 2)
+        return min(1.0, math.sqrt(kl_clip / total)) if total > 0 and math.isfinite(total) else 1.0
     shares, weighted, carried = [], [], []
     for p, u in updates.items():
         group, g = opt._group_of[id(p)], grads[p]

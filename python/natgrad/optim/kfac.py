@@ -9,13 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.profiler import record_function
 
 from natgrad.curvature import CurvatureBlock, GradientPhase, LayerCapture, PlainBlock
 from natgrad.curvature.block import all_true, max_abs
 from natgrad.curvature.plan import CaptureFactory, module_blocks, sample_scale
 from natgrad.distributed.communicator import make_communicator
 from natgrad.likelihoods import get_likelihood
-from natgrad.optim import _kfac_io
+from natgrad.optim import _kfac_io, _kfac_step
 from natgrad.optim._hyper import Schedule, check_group, resolved_number
 from natgrad.optim._kfac_damping import adapt_damping, trust_region
 from natgrad.optim._kfac_checks import check_kfac_arguments, check_schedules, checked_skip_modules
@@ -320,13 +321,18 @@ class KFAC(Optimizer):
         if not self._ddp:
             self._comm.average_gradients([p.grad for g in self.param_groups for p in g["params"]
                                           if p.grad is not None])
-        skipped = self._update_factors(k, amp_unscale)
-        self._update_inverses(k)
-        updates, grads = self._directions(skipped, amp_unscale)
-        nu = trust_region(self, k, updates, grads)
+        with record_function("natgrad.KFAC.factor_update"):
+            skipped = self._update_factors(k, amp_unscale)
+        with record_function("natgrad.KFAC.inverse_update"):
+            self._update_inverses(k)
+        with record_function("natgrad.KFAC.precondition"):
+            updates, grads = self._directions(skipped, amp_unscale)
+        with record_function("natgrad.KFAC.trust_region"):
+            nu = trust_region(self, k, updates, grads)
         adapt = self.adaptive_damping and closure is not None and k % self.damping_adaptation_interval == 0
         before = {p: p.detach().clone() for p in updates} if adapt else None
-        self._apply(updates, nu)
+        with record_function("natgrad.KFAC.update"):
+            self._apply(updates, nu)
         if adapt:
             adapt_damping(self, closure, loss, before, grads)
         self._steps += 1
@@ -415,71 +421,11 @@ class KFAC(Optimizer):
 
     def _directions(self, skipped: set[str], amp_unscale: float) -> tuple[dict, dict]:
         """Preconditioned directions and (unscaled) gradients of every parameter that moves this
-        step. A block whose gradient is not finite is skipped before preconditioning, one whose
-        direction is not (an op that refused, or a rank's broadcast of it) after; each check is
-        one host read for all blocks."""
-        work: list[tuple[CurvatureBlock, Tensor]] = []
-        done: set[int] = set()
-        for block in self._blocks:
-            params = [p for p in block.params if p.grad is not None]
-            done.update(id(p) for p in block.params)
-            if block.name in skipped or not params:
-                continue
-            if block.name not in self._decomposed:  # no curvature yet: the plain gradient
-                done.difference_update(id(p) for p in params)
-                continue
-            grad = block.pack([p.grad for p in block.params])
-            work.append((block, grad * amp_unscale if amp_unscale != 1.0 else grad))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in done:
-                    work.append((self._plain_block(p), p.grad * amp_unscale if amp_unscale != 1.0 else p.grad))
-        finite = all_true([torch.isfinite(max_abs(grad)) for _, grad in work])
-        kept, directions = [], []
-        for (block, grad), ok in zip(work, finite):
-            if not ok:
-                self._fault(block.name, "gradients", "parameter" if isinstance(block, PlainBlock) else "layer")
-                continue
-            direction = grad
-            if not isinstance(block, PlainBlock):
-                direction = None
-                if self._comm.is_grad_worker(block):
-                    try:
-                        direction = block.precondition(grad, self._damping(block.weight), self.pi_correction)
-                    except RuntimeError:  # the op refused a non-finite result: skip the layer
-                        direction = torch.full_like(grad, float("nan"))
-                direction = self._comm.share_direction(block, direction, grad)
-                directions.append(direction)
-            kept.append((block, grad, direction))
-        finite = iter(all_true([torch.isfinite(max_abs(d)) for d in directions]))
-        updates: dict[Tensor, Tensor] = {}
-        grads: dict[Tensor, Tensor] = {}
-        for block, grad, direction in kept:
-            if not isinstance(block, PlainBlock) and not next(finite):
-                self._fault(block.name, "preconditioned gradients")
-                continue
-            for p, g, u in zip(block.params, block.unpack(grad), block.unpack(direction)):
-                if p.grad is not None and p.requires_grad:
-                    updates[p], grads[p] = u, g
-        return updates, grads
+        step, with one host read (see :mod:`natgrad.optim._kfac_step`)."""
+        return _kfac_step.directions(self, skipped, amp_unscale)
 
     def _apply(self, updates: dict, nu: float) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p not in updates:
-                    continue
-                d = updates[p].mul(nu) if nu != 1.0 else updates[p].clone()
-                if group["weight_decay"]:
-                    d.add_(p, alpha=group["weight_decay"])
-                if group["momentum"]:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        state["momentum_buffer"] = buf = d.clone()
-                    else:
-                        buf.mul_(group["momentum"] * nu).add_(d)  # ν scales the accumulated step
-                    d = buf
-                p.add_(d, alpha=-group["lr"])
+        _kfac_step.apply(self, updates, nu)
 
     def _fault(self, where: str, what: str, kind: str = "layer") -> None:
         if where not in self._faults:

@@ -1,0 +1,237 @@
+"""natgrad.KFAC's per-step work after the curvature refresh: directions, trust-region inner
+products and the momentum / weight-decay update, with one host read per step.
+
+Layers whose block uses the standard Kronecker layout (:class:`KroneckerBlock`'s own ``pack``
+and ``precondition``: Linear and Conv2d) go through one list op per inverse method
+(:func:`natgrad.ops.kfac_directions_eigen` / ``_inverse``), which returns the directions (weight
+and bias apart, no packed copies), ``⟨u, g⟩`` and the finite flags together. Any other block
+(an Embedding, a block type of another module) and the fallback parameters are preconditioned
+one by one, and their flags and inner products join the same read. In a distributed run whose
+layers are preconditioned on a subset of ranks the per-block path with its broadcasts is used
+(:func:`per_block_directions`, the original sequence).
+
+The NaN/Inf policy is the documented one: a block whose (unscaled) gradient is not finite is
+skipped with a "gradients" fault, one whose direction is not with a "preconditioned gradients"
+fault; parameters and factors of a skipped block are untouched.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from natgrad import ops
+from natgrad.curvature import CurvatureBlock, KroneckerBlock, PlainBlock
+from natgrad.curvature.block import all_true, max_abs
+
+
+class Updates(dict):
+    """Directions by parameter; ``inner`` holds each one's ``⟨u, g⟩`` when it was read already
+    (None: the trust region computes it)."""
+
+    inner: dict[Tensor, float] | None = None
+
+
+def listable(block: CurvatureBlock) -> bool:
+    """Whether the list ops serve this block (standard packed layout and preconditioner)."""
+    return (isinstance(block, KroneckerBlock) and type(block).pack is KroneckerBlock.pack
+            and type(block).precondition is KroneckerBlock.precondition and block.has_inverse
+            and block.prior is None)  # an attached EWC prior solves with its own curvature
+
+
+def _scaled(g: Tensor, scale: float) -> Tensor:
+    return g * scale if scale != 1.0 else g
+
+
+def _read(tensors: list[Tensor]) -> list[float]:
+    """The values of several tensors, flattened, with one host read when they share a device."""
+    if not tensors:
+        return []
+    if len({t.device for t in tensors}) == 1:
+        return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()
+    return [v for t in tensors for v in t.reshape(-1).tolist()]
+
+
+def moving(opt, skipped: set[str]) -> tuple[list[CurvatureBlock], list[Tensor]]:
+    """The blocks to precondition this step (decomposed, not skipped, some gradient present)
+    and the parameters that take their plain gradient (outside every block, or in a block
+    with no curvature yet), in the optimizer's order."""
+    blocks: list[CurvatureBlock] = []
+    done: set[int] = set()
+    for block in opt._blocks:
+        params = [p for p in block.params if p.grad is not None]
+        done.update(id(p) for p in block.params)
+        if block.name in skipped or not params:
+            continue
+        if block.name not in opt._decomposed:  # no curvature yet: the plain gradient
+            done.difference_update(id(p) for p in params)
+            continue
+        blocks.append(block)
+    plain = [p for group in opt.param_groups for p in group["params"]
+             if p.grad is not None and id(p) not in done]
+    return blocks, plain
+
+
+def directions(opt, skipped: set[str], amp_unscale: float) -> tuple[Updates, dict]:
+    """Preconditioned directions and (unscaled) gradients of every parameter that moves this
+    step, keyed by parameter; see the module docstring."""
+    comm = opt._comm
+    if getattr(comm, "workers", comm.world_size) != comm.world_size:
+        return per_block_directions(opt, skipped, amp_unscale)
+    blocks, plain = moving(opt, skipped)
+    fast = [b for b in blocks if listable(b)]
+    other = [(b, [p.grad for p in b.params]) for b in blocks if not listable(b)]
+    other += [(opt._plain_block(p), [p.grad]) for p in plain]
+
+    layers: list[tuple[CurvatureBlock, list[Tensor], list[Tensor]]] = []  # block, grads, directions
+    stats: list[Tensor] = []
+    for method, key in (("eigen", "g_eigenvectors"), ("inverse", "g_inverse")):
+        group = [b for b in fast if key in b.state]
+        if group:
+            layers += _list_directions(opt, group, method, amp_unscale, stats)
+    for block, grads in other:
+        layers.append(_block_direction(opt, block, grads, amp_unscale, stats))
+    rows = _read(stats)
+
+    updates, grads_out = Updates(), {}
+    updates.inner = {}
+    for i, (block, grads, dirs) in enumerate(layers):
+        grad_ok, dir_ok = rows[4 * i], rows[4 * i + 1]
+        if not grad_ok:
+            opt._fault(block.name, "gradients", "parameter" if isinstance(block, PlainBlock) else "layer")
+            continue
+        if not dir_ok:
+            opt._fault(block.name, "preconditioned gradients")
+            continue
+        inner = rows[4 * i + 2: 4 * i + 4]
+        for j, (p, g, u) in enumerate(zip(block.params, grads, dirs)):
+            if p.grad is not None and p.requires_grad:
+                updates[p], grads_out[p] = u, g
+                updates.inner[p] = inner[j] if j < 2 else 0.0
+    return updates, grads_out
+
+
+def _list_directions(opt, blocks: list[KroneckerBlock], method: str, amp_unscale: float,
+                     stats: list[Tensor]) -> list:
+    weights, biases = [], []
+    for b in blocks:
+        w = b.weight.grad if b.weight.grad is not None else torch.zeros_like(b.weight)
+        weights.append(w.reshape(w.shape[0], -1))
+        if b.bias is not None:
+            biases.append(b.bias.grad if b.bias.grad is not None else torch.zeros_like(b.bias))
+        else:
+            biases.append(None)
+    s = [b.state for b in blocks]
+    if method == "eigen":
+        out = ops.kfac_directions_eigen(
+            weights, biases, [x["g_eigenvalues"] for x in s], [x["g_eigenvectors"] for x in s],
+            [x["a_eigenvalues"] for x in s], [x["a_eigenvectors"] for x in s],
+            [opt._damping(b.weight) for b in blocks], opt.pi_correction, amp_unscale)
+    else:
+        out = ops.kfac_directions_inverse(weights, biases, [x["g_inverse"] for x in s],
+                                          [x["a_inverse"] for x in s], amp_unscale)
+    stats.append(out.stats)
+    bias_dirs = iter(out.bias)
+    layers = []
+    for b, w, g_w, g_b in zip(blocks, out.weight, weights, biases):
+        grads = [_scaled(g_w.view_as(b.weight), amp_unscale)]
+        dirs = [w.view_as(b.weight)]
+        if b.bias is not None:
+            grads.append(_scaled(g_b, amp_unscale))
+            dirs.append(next(bias_dirs))
+        layers.append((b, grads, dirs))
+    return layers
+
+
+def _block_direction(opt, block: CurvatureBlock, grads: list, amp_unscale: float,
+                     stats: list[Tensor]) -> tuple:
+    """One block outside the list ops (or a fallback parameter): its direction, and its stats
+    row (grad finite, direction finite, then ⟨u, g⟩ of its first two parameters and the rest)."""
+    grad = _scaled(block.pack(grads), amp_unscale)
+    grad_ok = torch.isfinite(max_abs(grad))
+    if not isinstance(block, PlainBlock):
+        try:
+            direction = block.precondition(grad, opt._damping(block.weight), opt.pi_correction)
+        except RuntimeError:  # the op refused a non-finite result: skip the layer
+            direction = torch.full_like(grad, float("nan"))
+        dir_ok = torch.isfinite(max_abs(direction))
+    else:
+        direction, dir_ok = grad, grad_ok
+    g_parts, u_parts = block.unpack(grad), block.unpack(direction)
+    inner = [(u * g).sum(dtype=torch.float64) for u, g in zip(u_parts, g_parts)]
+    inner = (inner + [torch.zeros((), dtype=torch.float64, device=grad.device)] * 2)[:2]
+    if len(u_parts) > 2:  # more than two parameters: the rest is summed into the second slot
+        inner[1] = inner[1] + sum(((u * g).sum(dtype=torch.float64) for u, g in zip(u_parts[2:], g_parts[2:])))
+    stats.append(torch.stack([grad_ok.to(torch.float64), dir_ok.to(torch.float64), *inner]))
+    return block, g_parts, u_parts
+
+
+def weighted_inner(updates: dict, grads: dict, weight: Callable[[Tensor], float]) -> float:
+    """``Σ_p weight(p) ⟨u_p, g_p⟩`` (from ``updates.inner`` when it was read already, otherwise
+    with one host read)."""
+    inner = getattr(updates, "inner", None)
+    if inner is not None and all(p in inner for p in updates):
+        return math.fsum(inner[p] * weight(p) for p in updates)
+    terms = [(updates[p] * grads[p]).sum(dtype=torch.float64) * weight(p) for p in updates]
+    return float(torch.stack(terms).sum())
+
+
+def apply(opt, updates: dict, nu: float) -> None:
+    """``θ ← θ − η b`` with ``b ← ν(μ b + u) + ω θ`` for every parameter in ``updates`` (ν, the
+    trust region's scale, bounds the momentum-accumulated step: see
+    :func:`natgrad.optim._kfac_damping.trust_region`), one fused op per parameter group
+    (momentum buffers start at zero: the first ``b`` is the direction itself)."""
+    for group in opt.param_groups:
+        params = [p for p in group["params"] if p in updates]
+        if not params:
+            continue
+        dirs = [updates[p] for p in params]
+        buffers = []
+        if group["momentum"]:
+            for p in params:
+                state = opt.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffers.append(state["momentum_buffer"])
+        ops.kfac_momentum_step_(params, buffers, dirs, group["lr"], group["momentum"] * nu,
+                                group["weight_decay"], nu)
+
+
+def per_block_directions(opt, skipped: set[str], amp_unscale: float) -> tuple[dict, dict]:
+    """The per-block sequence (distributed runs whose directions are broadcast by an owner):
+    a block whose gradient is not finite is skipped before preconditioning, one whose direction
+    is not (an op that refused, or a rank's broadcast of it) after; each check is one host
+    read for all blocks."""
+    blocks, plain = moving(opt, skipped)
+    work = [(b, _scaled(b.pack([p.grad for p in b.params]), amp_unscale)) for b in blocks]
+    work += [(opt._plain_block(p), _scaled(p.grad, amp_unscale)) for p in plain]
+    finite = all_true([torch.isfinite(max_abs(grad)) for _, grad in work])
+    kept, dirs = [], []
+    for (block, grad), ok in zip(work, finite):
+        if not ok:
+            opt._fault(block.name, "gradients", "parameter" if isinstance(block, PlainBlock) else "layer")
+            continue
+        direction = grad
+        if not isinstance(block, PlainBlock):
+            direction = None
+            if opt._comm.is_grad_worker(block):
+                try:
+                    direction = block.precondition(grad, opt._damping(block.weight), opt.pi_correction)
+                except RuntimeError:
+                    direction = torch.full_like(grad, float("nan"))
+            direction = opt._comm.share_direction(block, direction, grad)
+            dirs.append(direction)
+        kept.append((block, grad, direction))
+    finite = iter(all_true([torch.isfinite(max_abs(d)) for d in dirs]))
+    updates: dict[Tensor, Tensor] = {}
+    grads: dict[Tensor, Tensor] = {}
+    for block, grad, direction in kept:
+        if not isinstance(block, PlainBlock) and not next(finite):
+            opt._fault(block.name, "preconditioned gradients")
+            continue
+        for p, g, u in zip(block.params, block.unpack(grad), block.unpack(direction)):
+            if p.grad is not None and p.requires_grad:
+                updates[p], grads[p] = u, g
+    return updates, grads
