@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import torch
+from torch import nn
 from torch._C._autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -112,6 +113,17 @@ class Comparison:
         if self.goal.min_mem_ratio_exclusive is not None:
             ok &= self.mem_ratio > self.goal.min_mem_ratio_exclusive
         return ok
+
+
+def mlp(widths: Sequence[int], act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """The benchmarks' plain MLP: Linear layers of the given widths with ``act`` between them
+    (PyTorch's default init; the caller seeds)."""
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(widths) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
 
 
 def _ratio(num: float, den: float) -> float:

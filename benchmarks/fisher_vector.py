@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
-from _harness import machine_info, measure  # noqa: E402
+from _harness import machine_info, measure, mlp  # noqa: E402
 from data import load_fashion_mnist  # noqa: E402
 
 from natgrad.fisher import compute_fisher  # noqa: E402
@@ -37,16 +37,6 @@ from natgrad.solvers import conjugate_gradient  # noqa: E402
 
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TOL = 1e-3
-
-
-def mlp(widths: tuple[int, ...], act=nn.ReLU) -> nn.Module:
-    """A plain MLP."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
 
 
 def pretrain(model: nn.Module, x, y, steps: int, batch: int) -> None:

@@ -30,9 +30,9 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import natgrad  # noqa: E402
-from _harness import format_rows, machine_info, write_payload  # noqa: E402
+from _harness import format_rows, machine_info, mlp, write_payload  # noqa: E402
 from data import load_digits, load_fashion_mnist  # noqa: E402
-from kfac_refresh import loss_of, mlp  # noqa: E402
+from kfac_refresh import loss_of  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kfac_defaults.json")
 # name: widths, activation, loss, batch, steps, lr grid (SGD's in benchmarks/train.py), classifier

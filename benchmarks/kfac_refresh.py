@@ -40,7 +40,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import natgrad  # noqa: E402
-from _harness import format_rows, machine_info, write_payload  # noqa: E402
+from _harness import format_rows, machine_info, mlp, write_payload  # noqa: E402
 from data import load_digits, load_fashion_mnist  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kfac_refresh.json")
@@ -51,16 +51,6 @@ MODELS = {  # widths, activation, loss, batch
 }
 SETTINGS = dict(lr=0.1, momentum=0.9, damping=1e-3, kl_clip=1e-3, factor_decay=0.95,
                 factor_update_period=1, inverse_update_period=10)
-
-
-def mlp(widths, act) -> nn.Module:
-    """A plain MLP (seeded by the caller)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
 
 
 def loss_of(kind: str, out, x, y):

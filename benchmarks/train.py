@@ -61,7 +61,7 @@ from torch import Tensor, nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import natgrad  # noqa: E402
-from _harness import machine_info, write_payload  # noqa: E402
+from _harness import machine_info, mlp, write_payload  # noqa: E402
 from _train_report import _fmt, format_table, plot  # noqa: E402
 from data import Split, load_digits, load_fashion_mnist  # noqa: E402
 
@@ -152,14 +152,7 @@ class Task:
     def model(self, seed: int) -> nn.Module:
         """The task's MLP with weights drawn from ``seed`` (PyTorch's default init)."""
         torch.manual_seed(seed)
-        act = {"relu": nn.ReLU, "tanh": nn.Tanh}[self.cfg["act"]]
-        widths = self.cfg["widths"]
-        layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
-            layers.append(nn.Linear(d_in, d_out))
-            if i < len(widths) - 2:
-                layers.append(act())
-        return nn.Sequential(*layers)
+        return mlp(self.cfg["widths"], {"relu": nn.ReLU, "tanh": nn.Tanh}[self.cfg["act"]])
 
 
 def _ce(out: Tensor, x: Tensor, y: Tensor) -> Tensor:
