@@ -36,15 +36,18 @@ TORCH_LIBRARY(natgrad, m) {
       "bool pi_correction) -> (Tensor g_inverse, Tensor a_inverse, Tensor rung)");
   m.def("kfac_precondition_inverse(Tensor grad, Tensor g_inverse, Tensor a_inverse) -> Tensor");
 
-  // The per-step work of every layer at once (precondition/kfac_step.h).
+  // The per-step work of every layer at once (precondition/kfac_step.h). Trailing arguments
+  // with defaults only: callers of the earlier schema keep working.
   m.def(
       "kfac_directions_eigen(Tensor[] weight_grads, Tensor?[] bias_grads, "
       "Tensor[] g_eigenvalues, Tensor[] g_eigenvectors, Tensor[] a_eigenvalues, "
-      "Tensor[] a_eigenvectors, float[] damping, bool pi_correction, float grad_scale) -> "
+      "Tensor[] a_eigenvectors, float[] damping, bool pi_correction, float grad_scale, "
+      "Tensor?[]? weight_buffers=None, Tensor?[]? bias_buffers=None) -> "
       "(Tensor[] weight_directions, Tensor[] bias_directions, Tensor stats)");
   m.def(
       "kfac_directions_inverse(Tensor[] weight_grads, Tensor?[] bias_grads, "
-      "Tensor[] g_inverses, Tensor[] a_inverses, float grad_scale) -> "
+      "Tensor[] g_inverses, Tensor[] a_inverses, float grad_scale, "
+      "Tensor?[]? weight_buffers=None, Tensor?[]? bias_buffers=None) -> "
       "(Tensor[] weight_directions, Tensor[] bias_directions, Tensor stats)");
   m.def(
       "kfac_momentum_step_(Tensor(a!)[] params, Tensor(b!)[] momentum_buffers, "

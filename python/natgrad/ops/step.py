@@ -12,7 +12,10 @@
 Unlike the single-layer preconditioning ops, a layer with NaN/Inf does not raise: ``stats``
 (``[L, 4]`` float64) holds, per layer, ``grad finite``, ``direction finite``, ``⟨u_w, g_w⟩``,
 ``⟨u_b, g_b⟩`` (the direction and gradient both times ``grad_scale``), and the caller skips the
-layer. Every direction and momentum buffer is flushed of subnormal numbers, and gradients
+layer. Given the layers' momentum buffers (``weight_buffers``, ``bias_buffers``: one entry per
+layer, None where a layer has none yet), two columns ``⟨b_w, g_w⟩``, ``⟨b_b, g_b⟩`` (gradient times
+``grad_scale``) are appended, ``[L, 6]``, computed in the same pass as ``⟨u, g⟩``: what the KL trust
+region on the momentum-accumulated step needs (natgrad.KFAC), with no further reduction. Every direction and momentum buffer is flushed of subnormal numbers, and gradients
 holding any are read through a flushed copy; the floating-point mode is never changed (see
 csrc/common/subnormal.h). Not differentiable.
 """
@@ -38,32 +41,44 @@ class Directions(NamedTuple):
 
     weight: list[Tensor]  #: one per layer, shaped like its weight gradient
     bias: list[Tensor]  #: one per layer that has a bias gradient, in layer order
-    stats: Tensor  #: ``[L, 4]`` float64: grad finite, direction finite, ⟨u_w, g_w⟩, ⟨u_b, g_b⟩
+    #: ``[L, 4]`` float64: grad finite, direction finite, ⟨u_w, g_w⟩, ⟨u_b, g_b⟩; with momentum
+    #: buffers ``[L, 6]``: then ⟨b_w, g_w⟩, ⟨b_b, g_b⟩
+    stats: Tensor
 
 
 def kfac_directions_eigen(weight_grads: Sequence[Tensor], bias_grads: Sequence[Tensor | None],
                           g_eigenvalues: Sequence[Tensor], g_eigenvectors: Sequence[Tensor],
                           a_eigenvalues: Sequence[Tensor], a_eigenvectors: Sequence[Tensor],
                           damping: Sequence[float], pi_correction: bool = False,
-                          grad_scale: float = 1.0) -> Directions:
+                          grad_scale: float = 1.0, weight_buffers: Sequence[Tensor | None] | None = None,
+                          bias_buffers: Sequence[Tensor | None] | None = None) -> Directions:
     """Eigenbasis K-FAC directions of every layer (see the module docstring); per layer the
     result equals ``grad_scale * kfac_precondition_eigen([W, b], ...)`` split into weight and
-    bias."""
+    bias. ``weight_buffers`` / ``bias_buffers`` (momentum buffers shaped like the gradients)
+    append ``⟨b, g⟩`` to ``stats``."""
     w, b, stats = _ops.kfac_directions_eigen(list(weight_grads), list(bias_grads), list(g_eigenvalues),
                                              list(g_eigenvectors), list(a_eigenvalues),
                                              list(a_eigenvectors), [float(d) for d in damping],
-                                             bool(pi_correction), float(grad_scale))
+                                             bool(pi_correction), float(grad_scale),
+                                             _optional(weight_buffers), _optional(bias_buffers))
     return Directions(w, b, stats)
 
 
 def kfac_directions_inverse(weight_grads: Sequence[Tensor], bias_grads: Sequence[Tensor | None],
                             g_inverses: Sequence[Tensor], a_inverses: Sequence[Tensor],
-                            grad_scale: float = 1.0) -> Directions:
+                            grad_scale: float = 1.0, weight_buffers: Sequence[Tensor | None] | None = None,
+                            bias_buffers: Sequence[Tensor | None] | None = None) -> Directions:
     """Inverse-form K-FAC directions ``G⁻¹ [W, b] A⁻¹`` of every layer, from
-    :func:`natgrad.ops.kfac_damped_inverses` (see the module docstring)."""
+    :func:`natgrad.ops.kfac_damped_inverses` (see the module docstring); momentum buffers as
+    for :func:`kfac_directions_eigen`."""
     w, b, stats = _ops.kfac_directions_inverse(list(weight_grads), list(bias_grads), list(g_inverses),
-                                               list(a_inverses), float(grad_scale))
+                                               list(a_inverses), float(grad_scale),
+                                               _optional(weight_buffers), _optional(bias_buffers))
     return Directions(w, b, stats)
+
+
+def _optional(buffers: Sequence[Tensor | None] | None) -> list[Tensor | None] | None:
+    return None if buffers is None else list(buffers)
 
 
 def kfac_momentum_step_(params: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
@@ -106,16 +121,39 @@ def _matrix(t: Tensor, name: str, ref: Tensor) -> None:
     _checks.same_device_dtype(t, ref, name, "the layer's other decomposition tensors")
 
 
-def _outputs(weight_grads, bias_grads):
+def _buffers(weight_grads, bias_grads, weight_buffers, bias_buffers) -> None:
+    layers = len(weight_grads)
+    if not weight_buffers:
+        torch._check(not bias_buffers, lambda: "bias_buffers needs weight_buffers (one entry per layer, "
+                     "None where a layer has no momentum buffer yet)")
+        return
+    _lengths(layers, weight_buffers=weight_buffers)
+    torch._check(not bias_buffers or len(bias_buffers) == layers, lambda: "bias_buffers must be empty or "
+                 f"hold one entry per layer ({layers} weight_grads), got {len(bias_buffers)}")
+    for i, w in enumerate(weight_grads):
+        bw = weight_buffers[i]
+        bb = bias_buffers[i] if bias_buffers else None
+        if bw is not None:
+            _checks.same_device_dtype(bw, w, f"weight_buffers[{i}]", "its weight gradient")
+            _checks.shape_eq(bw, list(w.shape), f"weight_buffers[{i}]", "shaped like its weight gradient")
+        if bb is not None:
+            b = bias_grads[i]
+            torch._check(b is not None, lambda: f"bias_buffers[{i}] is given but layer {i} has no bias gradient")
+            _checks.same_device_dtype(bb, b, f"bias_buffers[{i}]", "its bias gradient")
+            _checks.shape_eq(bb, list(b.shape), f"bias_buffers[{i}]", "shaped like its bias gradient")
+
+
+def _outputs(weight_grads, bias_grads, weight_buffers=None):
     w = [g.new_empty(g.shape) for g in weight_grads]
     b = [g.new_empty(g.shape) for g in bias_grads if g is not None]
     device = weight_grads[0].device if weight_grads else torch.device("cpu")
-    return w, b, torch.empty(len(weight_grads), 4, dtype=torch.float64, device=device)
+    width = 6 if weight_buffers else 4
+    return w, b, torch.empty(len(weight_grads), width, dtype=torch.float64, device=device)
 
 
 @torch.library.register_fake("natgrad::kfac_directions_eigen")
 def _(weight_grads, bias_grads, g_eigenvalues, g_eigenvectors, a_eigenvalues, a_eigenvectors, damping,
-      pi_correction, grad_scale):
+      pi_correction, grad_scale, weight_buffers=None, bias_buffers=None):
     layers = len(weight_grads)
     _lengths(layers, bias_grads=bias_grads, g_eigenvalues=g_eigenvalues, g_eigenvectors=g_eigenvectors,
              a_eigenvalues=a_eigenvalues, a_eigenvectors=a_eigenvectors, damping=damping)
@@ -130,11 +168,12 @@ def _(weight_grads, bias_grads, g_eigenvalues, g_eigenvectors, a_eigenvalues, a_
         _checks.shape_eq(a_eigenvalues[i], [va.shape[0]], f"a_eigenvalues[{i}]", "one per eigenvector")
         _checks.damping(damping[i], strictly_positive=False)
         _layer(i, weight_grads[i], bias_grads[i], va.shape[0], vg.shape[0], vg)
-    return _outputs(weight_grads, bias_grads)
+    _buffers(weight_grads, bias_grads, weight_buffers, bias_buffers)
+    return _outputs(weight_grads, bias_grads, weight_buffers)
 
 
 @torch.library.register_fake("natgrad::kfac_directions_inverse")
-def _(weight_grads, bias_grads, g_inverses, a_inverses, grad_scale):
+def _(weight_grads, bias_grads, g_inverses, a_inverses, grad_scale, weight_buffers=None, bias_buffers=None):
     layers = len(weight_grads)
     _lengths(layers, bias_grads=bias_grads, g_inverses=g_inverses, a_inverses=a_inverses)
     _checks.grad_scale(grad_scale)
@@ -143,7 +182,8 @@ def _(weight_grads, bias_grads, g_inverses, a_inverses, grad_scale):
         _matrix(a_inverses[i], f"a_inverses[{i}]", g_inverses[i])
         _layer(i, weight_grads[i], bias_grads[i], a_inverses[i].shape[0], g_inverses[i].shape[0],
                g_inverses[i])
-    return _outputs(weight_grads, bias_grads)
+    _buffers(weight_grads, bias_grads, weight_buffers, bias_buffers)
+    return _outputs(weight_grads, bias_grads, weight_buffers)
 
 
 @torch.library.register_fake("natgrad::kfac_momentum_step_")

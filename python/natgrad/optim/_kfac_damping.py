@@ -67,6 +67,8 @@ def trust_region(opt: KFAC, k: int, updates: dict, grads: dict) -> float:
     if not any(opt._group_of[id(p)]["momentum"] for p in updates):  # ⟨u, g⟩ only: no extra read
         total = weighted_inner(updates, grads, lambda p: opt._group_of[id(p)]["lr"] ** 2)
         return min(1.0, math.sqrt(kl_clip / total)) if total > 0 and math.isfinite(total) else 1.0
+    if _read_already(opt, updates):
+        return _trust_region_read(opt, kl_clip, updates)
     shares, weighted, carried = [], [], []
     for p, u in updates.items():
         group, g = opt._group_of[id(p)], grads[p]
@@ -86,4 +88,40 @@ def trust_region(opt: KFAC, k: int, updates: dict, grads: dict) -> float:
     nu = min(1.0, math.sqrt(kl_clip / total)) if total > 0 and math.isfinite(total) else 1.0
     for p, term in carried:
         opt.state[p]["kl_share"] = term * (nu * nu)
+    return nu
+
+
+def _read_already(opt: KFAC, updates) -> bool:
+    """Whether the directions' single read brought ``⟨u, g⟩`` and ``⟨b, g⟩`` of every parameter
+    (the list ops and the per-block path do; the distributed per-block sequence does not)."""
+    inner, cross = getattr(updates, "inner", None), getattr(updates, "cross", None)
+    return inner is not None and cross is not None and all(p in inner and p in cross for p in updates)
+
+
+def _trust_region_read(opt: KFAC, kl_clip: float, updates) -> float:
+    """:func:`trust_region` from the values read with the directions: the same float64
+    arithmetic on host numbers, no reduction and no read (``kl_share`` stays a float64 0-d
+    tensor in ``opt.state[p]``, on the CPU; its value is remembered so as not to be read back)."""
+    known = opt.__dict__.setdefault("_kl_share_values", {})
+    weighted, carried = [], []
+    for p in updates:
+        group = opt._group_of[id(p)]
+        term = updates.inner[p]
+        mu = group["momentum"]
+        if mu and opt.state[p].get("momentum_buffer") is not None:
+            term = term + 2 * mu * updates.cross[p]
+            share = opt.state[p].get("kl_share")
+            if share is not None:
+                cached = known.get(id(p))
+                value = cached[1] if cached is not None and cached[0] is share else float(share)
+                term = term + mu * mu * value
+        if mu:
+            carried.append((p, term))
+        weighted.append(term * group["lr"] ** 2)
+    total = math.fsum(weighted)
+    nu = min(1.0, math.sqrt(kl_clip / total)) if total > 0 and math.isfinite(total) else 1.0
+    for p, term in carried:
+        value = term * (nu * nu)
+        share = opt.state[p]["kl_share"] = torch.tensor(value, dtype=torch.float64)
+        known[id(p)] = (share, value)
     return nu

@@ -28,10 +28,12 @@ from natgrad.curvature.block import all_true, max_abs
 
 
 class Updates(dict):
-    """Directions by parameter; ``inner`` holds each one's ``⟨u, g⟩`` when it was read already
-    (None: the trust region computes it)."""
+    """Directions by parameter. ``inner`` holds each one's ``⟨u, g⟩`` and ``cross`` its
+    ``⟨b, g⟩`` (b: its momentum buffer before the step) when they were read already; None: the
+    trust region computes them."""
 
     inner: dict[Tensor, float] | None = None
+    cross: dict[Tensor, float] | None = None
 
 
 def listable(block: CurvatureBlock) -> bool:
@@ -84,38 +86,52 @@ def directions(opt, skipped: set[str], amp_unscale: float) -> tuple[Updates, dic
     fast = [b for b in blocks if listable(b)]
     other = [(b, [p.grad for p in b.params]) for b in blocks if not listable(b)]
     other += [(opt._plain_block(p), [p.grad]) for p in plain]
+    buffers = _cross_wanted(opt)
 
-    layers: list[tuple[CurvatureBlock, list[Tensor], list[Tensor]]] = []  # block, grads, directions
+    layers: list[tuple] = []  # (block, grads, directions, first stats entry, slots per product)
     stats: list[Tensor] = []
     for method, key in (("eigen", "g_eigenvectors"), ("inverse", "g_inverse")):
         group = [b for b in fast if key in b.state]
         if group:
-            layers += _list_directions(opt, group, method, amp_unscale, stats)
+            layers += _list_directions(opt, group, method, amp_unscale, stats, buffers)
     for block, grads in other:
-        layers.append(_block_direction(opt, block, grads, amp_unscale, stats))
+        layers.append(_block_direction(opt, block, grads, amp_unscale, stats, buffers))
     rows = _read(stats)
 
     updates, grads_out = Updates(), {}
     updates.inner = {}
-    for i, (block, grads, dirs) in enumerate(layers):
-        grad_ok, dir_ok = rows[4 * i], rows[4 * i + 1]
-        if not grad_ok:
+    updates.cross = {} if buffers else None
+    for block, grads, dirs, at, slots in layers:
+        if not rows[at]:
             opt._fault(block.name, "gradients", "parameter" if isinstance(block, PlainBlock) else "layer")
             continue
-        if not dir_ok:
+        if not rows[at + 1]:
             opt._fault(block.name, "preconditioned gradients")
             continue
-        inner = rows[4 * i + 2: 4 * i + 4]
         for j, (p, g, u) in enumerate(zip(block.params, grads, dirs)):
             if p.grad is not None and p.requires_grad:
                 updates[p], grads_out[p] = u, g
-                updates.inner[p] = inner[j] if j < 2 else 0.0
+                updates.inner[p] = rows[at + 2 + j]
+                if buffers:
+                    updates.cross[p] = rows[at + 2 + slots + j]
     return updates, grads_out
 
 
+def _cross_wanted(opt) -> bool:
+    """Whether the trust region will need ``⟨b, g⟩`` (a KL clip and momentum somewhere)."""
+    return opt.kl_clip is not None and any(g["momentum"] for g in opt.param_groups)
+
+
+def _buffer(opt, p: Tensor) -> Tensor | None:
+    """``p``'s momentum buffer if its group uses momentum (None before its first step)."""
+    if not opt._group_of[id(p)]["momentum"]:
+        return None
+    return opt.state[p].get("momentum_buffer") if p in opt.state else None
+
+
 def _list_directions(opt, blocks: list[KroneckerBlock], method: str, amp_unscale: float,
-                     stats: list[Tensor]) -> list:
-    weights, biases = [], []
+                     stats: list[Tensor], buffers: bool) -> list:
+    weights, biases, w_bufs, b_bufs = [], [], [], []
     for b in blocks:
         w = b.weight.grad if b.weight.grad is not None else torch.zeros_like(b.weight)
         weights.append(w.reshape(w.shape[0], -1))
@@ -123,32 +139,40 @@ def _list_directions(opt, blocks: list[KroneckerBlock], method: str, amp_unscale
             biases.append(b.bias.grad if b.bias.grad is not None else torch.zeros_like(b.bias))
         else:
             biases.append(None)
+        if buffers:
+            buf = _buffer(opt, b.weight)
+            w_bufs.append(None if buf is None else buf.reshape(buf.shape[0], -1))
+            b_bufs.append(None if b.bias is None else _buffer(opt, b.bias))
     s = [b.state for b in blocks]
+    extra = dict(weight_buffers=w_bufs, bias_buffers=b_bufs) if buffers else {}
     if method == "eigen":
         out = ops.kfac_directions_eigen(
             weights, biases, [x["g_eigenvalues"] for x in s], [x["g_eigenvectors"] for x in s],
             [x["a_eigenvalues"] for x in s], [x["a_eigenvectors"] for x in s],
-            [opt._damping(b.weight) for b in blocks], opt.pi_correction, amp_unscale)
+            [opt._damping(b.weight) for b in blocks], opt.pi_correction, amp_unscale, **extra)
     else:
         out = ops.kfac_directions_inverse(weights, biases, [x["g_inverse"] for x in s],
-                                          [x["a_inverse"] for x in s], amp_unscale)
+                                          [x["a_inverse"] for x in s], amp_unscale, **extra)
+    width = int(out.stats.shape[1]) if out.stats.dim() == 2 else 4
+    first = sum(t.numel() for t in stats)
     stats.append(out.stats)
     bias_dirs = iter(out.bias)
     layers = []
-    for b, w, g_w, g_b in zip(blocks, out.weight, weights, biases):
+    for i, (b, w, g_w, g_b) in enumerate(zip(blocks, out.weight, weights, biases)):
         grads = [_scaled(g_w.view_as(b.weight), amp_unscale)]
         dirs = [w.view_as(b.weight)]
         if b.bias is not None:
             grads.append(_scaled(g_b, amp_unscale))
             dirs.append(next(bias_dirs))
-        layers.append((b, grads, dirs))
+        layers.append((b, grads, dirs, first + i * width, 2))
     return layers
 
 
 def _block_direction(opt, block: CurvatureBlock, grads: list, amp_unscale: float,
-                     stats: list[Tensor]) -> tuple:
+                     stats: list[Tensor], buffers: bool) -> tuple:
     """One block outside the list ops (or a fallback parameter): its direction, and its stats
-    row (grad finite, direction finite, then ⟨u, g⟩ of its first two parameters and the rest)."""
+    entries (grad finite, direction finite, ⟨u, g⟩ per parameter, then ⟨b, g⟩ per parameter when
+    ``buffers``)."""
     grad = _scaled(block.pack(grads), amp_unscale)
     grad_ok = torch.isfinite(max_abs(grad))
     if not isinstance(block, PlainBlock):
@@ -160,12 +184,15 @@ def _block_direction(opt, block: CurvatureBlock, grads: list, amp_unscale: float
     else:
         direction, dir_ok = grad, grad_ok
     g_parts, u_parts = block.unpack(grad), block.unpack(direction)
-    inner = [(u * g).sum(dtype=torch.float64) for u, g in zip(u_parts, g_parts)]
-    inner = (inner + [torch.zeros((), dtype=torch.float64, device=grad.device)] * 2)[:2]
-    if len(u_parts) > 2:  # more than two parameters: the rest is summed into the second slot
-        inner[1] = inner[1] + sum(((u * g).sum(dtype=torch.float64) for u, g in zip(u_parts[2:], g_parts[2:])))
-    stats.append(torch.stack([grad_ok.to(torch.float64), dir_ok.to(torch.float64), *inner]))
-    return block, g_parts, u_parts
+    zero = torch.zeros((), dtype=torch.float64, device=grad.device)
+    entries = [grad_ok.to(torch.float64), dir_ok.to(torch.float64)]
+    entries += [(u * g).sum(dtype=torch.float64) for u, g in zip(u_parts, g_parts)]
+    if buffers:
+        bufs = [_buffer(opt, p) for p in block.params]
+        entries += [zero if b is None else (b * g).sum(dtype=torch.float64) for b, g in zip(bufs, g_parts)]
+    first = sum(t.numel() for t in stats)
+    stats.append(torch.stack(entries))
+    return block, g_parts, u_parts, first, len(u_parts)
 
 
 def weighted_inner(updates: dict, grads: dict, weight: Callable[[Tensor], float]) -> float:
