@@ -21,6 +21,10 @@ TORCH_LIBRARY(natgrad, m) {
   m.def(
       "conv2d_grad_factor_ema_(Tensor(a!) factor, Tensor grad_output, float grad_scale, "
       "float decay) -> ()");
+  // Every layer's A and G EMA of one K-FAC factor step, with per-layer fault flags.
+  m.def(
+      "kfac_factors_ema_(Tensor(a!)[] a_factors, Tensor(b!)[] g_factors, Tensor[] inputs, "
+      "Tensor[] grad_outputs, int[] layouts, float[] grad_scales, float[] decays) -> Tensor");
 
   // PSD linear algebra with the fallback ladder (linalg/psd_linalg.h).
   m.def(

@@ -4,6 +4,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/subnormal.h"
@@ -215,6 +220,167 @@ at::Tensor conv2d_grad_factor(const at::Tensor& grad_output, double grad_scale) 
   return factor;
 }
 
+namespace {
+
+constexpr int64_t kLayout = 9;  // integers per layer in kfac_factors_ema_'s `layouts`
+
+std::string at_layer(const char* name, size_t i) {
+  return std::string(name) + "[" + std::to_string(i) + "]";
+}
+
+// torch.finfo(dtype).max of a factor dtype.
+double dtype_max(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble:
+      return std::numeric_limits<double>::max();
+    case at::kHalf:
+      return 65504.0;
+    case at::kBFloat16:
+      return 3.3895313892515355e38;
+    default:
+      return static_cast<double>(std::numeric_limits<float>::max());
+  }
+}
+
+// One layer of kfac_factors_ema_, validated: its geometry and the row counts of its bound.
+struct FactorLayer {
+  bool bias, conv;
+  std::array<int64_t, 2> kernel, stride, padding, dilation;
+  double input_rows, grad_rows;
+};
+
+FactorLayer checked_layer(size_t i, const at::Tensor& a, const at::Tensor& g, const at::Tensor& x,
+                          const at::Tensor& dy, const int64_t* layout, double grad_scale,
+                          double decay) {
+  FactorLayer l{};
+  TORCH_CHECK(layout[0] == 0 || layout[0] == 1, "layouts[", i * kLayout, "] (layer ", i,
+              "'s bias flag) must be 0 or 1, got ", layout[0]);
+  l.bias = layout[0] == 1;
+  for (int j = 0; j < 2; ++j) {
+    l.kernel[j] = layout[1 + j];
+    l.stride[j] = layout[3 + j];
+    l.padding[j] = layout[5 + j];
+    l.dilation[j] = layout[7 + j];
+  }
+  l.conv = l.kernel[0] != 0 || l.kernel[1] != 0;
+  const std::string an = at_layer("a_factors", i), gn = at_layer("g_factors", i);
+  const std::string xn = at_layer("inputs", i), dn = at_layer("grad_outputs", i);
+  checks::floating(a, an.c_str());
+  checks::same_device_dtype(g, a, gn.c_str(), an.c_str());
+  checks::floating(x, xn.c_str());
+  checks::floating(dy, dn.c_str());
+  TORCH_CHECK(x.device() == a.device() && dy.device() == a.device(), "layer ", i,
+              ": inputs and grad_outputs must be on the factors' device (", a.device(), "), got ",
+              x.device(), " and ", dy.device());
+  checks::grad_scale(grad_scale);
+  checks::decay(decay);
+  int64_t a_dim = 0, g_dim = 0;
+  if (l.conv) {
+    const ConvGeometry geo = conv_geometry(x, l.kernel, l.stride, l.padding, l.dilation);
+    checks::dim_eq(dy, 4, dn.c_str(), "[N, C_out, OH, OW]");
+    a_dim = geo.patch_dim;
+    g_dim = dy.size(1);
+    l.input_rows = static_cast<double>(x.size(0) * geo.positions);
+    const int64_t passes = std::max<int64_t>(dy.size(0) / x.size(0), 1);
+    l.grad_rows = l.input_rows * static_cast<double>(passes);
+  } else {
+    TORCH_CHECK(l.kernel == l.stride && l.stride == l.padding && l.padding == l.dilation,
+                "layouts of Linear layer ", i, " must be zero after its bias flag, got ",
+                at::IntArrayRef(layout, kLayout));
+    checks::dim_ge(x, 1, xn.c_str(), "[..., in_features]");
+    checks::dim_ge(dy, 1, dn.c_str(), "[..., out_features]");
+    a_dim = x.size(-1);
+    g_dim = dy.size(-1);
+    l.input_rows = static_cast<double>(as_rows(x).size(0));
+    l.grad_rows = static_cast<double>(as_rows(dy).size(0));
+  }
+  checks::nonempty_rows(static_cast<int64_t>(l.input_rows), xn.c_str());
+  checks::nonempty_rows(static_cast<int64_t>(l.grad_rows), dn.c_str());
+  checks::shape_eq(a, {a_dim + l.bias, a_dim + l.bias}, an.c_str(),
+                   "square, one row per input feature (+1 for bias)");
+  checks::shape_eq(g, {g_dim, g_dim}, gn.c_str(), "square, one row per output feature");
+  return l;
+}
+
+// max |t| as a 0-d float64 tensor (NaN if t holds one; 0 if t is empty).
+at::Tensor peak(const at::Tensor& t) {
+  if (t.numel() == 0) return at::zeros({}, t.options().dtype(at::kDouble));
+  const auto [low, high] = at::aminmax(t);
+  return at::maximum(high, low.neg()).to(at::kDouble);
+}
+
+}  // namespace
+
+at::Tensor kfac_factors_ema_(at::TensorList a_factors, at::TensorList g_factors,
+                             at::TensorList inputs, at::TensorList grad_outputs,
+                             at::IntArrayRef layouts, at::ArrayRef<double> grad_scales,
+                             at::ArrayRef<double> decays) {
+  const size_t layers = a_factors.size();
+  for (const auto& [n, name] : {std::pair{g_factors.size(), "g_factors"},
+                                std::pair{inputs.size(), "inputs"},
+                                std::pair{grad_outputs.size(), "grad_outputs"},
+                                std::pair{grad_scales.size(), "grad_scales"},
+                                std::pair{decays.size(), "decays"}}) {
+    TORCH_CHECK(n == layers, name, " must hold one entry per layer (", layers, " a_factors), got ",
+                n);
+  }
+  TORCH_CHECK(layouts.size() == layers * kLayout, "layouts must hold ", kLayout,
+              " integers per layer (bias, kernel, stride, padding, dilation), i.e. ",
+              layers * kLayout, ", got ", layouts.size());
+  std::vector<FactorLayer> geo;
+  for (size_t i = 0; i < layers; ++i) {
+    geo.push_back(checked_layer(i, a_factors[i], g_factors[i], inputs[i], grad_outputs[i],
+                                layouts.data() + i * kLayout, grad_scales[i], decays[i]));
+  }
+  if (layers == 0) return at::zeros({0, 2}, at::TensorOptions().dtype(at::kDouble));
+  // The bounds: every layer's two peaks, read back at once.
+  std::vector<at::Tensor> peaks;
+  for (size_t i = 0; i < layers; ++i) {
+    peaks.push_back(peak(inputs[i]));
+    peaks.push_back(peak(grad_outputs[i]));
+  }
+  const at::Tensor host = at::stack(peaks).to(at::kCPU);
+  const double* pk = host.const_data_ptr<double>();
+  std::vector<at::Tensor> updated, finite;
+  for (size_t i = 0; i < layers; ++i) {
+    at::Tensor a = a_factors[i], g = g_factors[i];
+    const double limit = dtype_max(a.scalar_type()) / 4;
+    const FactorLayer& l = geo[i];
+    const double px = pk[2 * i], pg = pk[2 * i + 1];
+    // NaN fails both comparisons; Inf fails them too (Inf < limit is false).
+    const bool ok = px * px * l.input_rows < limit &&
+                    pg * pg * l.grad_rows * std::max(grad_scales[i] * grad_scales[i], 1.0) < limit;
+    updated.push_back(at::scalar_tensor(ok ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble)));
+    if (!ok) {
+      finite.push_back(at::ones({}, a.options().dtype(at::kDouble)));
+      continue;
+    }
+    if (l.conv) {
+      conv2d_act_factor_ema_(a, inputs[i], l.kernel, l.stride, l.padding, l.dilation, l.bias,
+                             decays[i]);
+      conv2d_grad_factor_ema_(g, grad_outputs[i], grad_scales[i], decays[i]);
+    } else {
+      linear_act_factor_ema_(a, inputs[i], l.bias, decays[i]);
+      linear_grad_factor_ema_(g, grad_outputs[i], grad_scales[i], decays[i]);
+    }
+    const at::Tensor fine =
+        checks::finite_flag(a.diagonal()).logical_and_(checks::finite_flag(g.diagonal()));
+    if (a.device().is_cpu()) {  // a read costs nothing here
+      if (!fine.item<bool>()) {
+        a.zero_();
+        g.zero_();
+      }
+    } else {  // no synchronisation: zero through a broadcast mask
+      const at::Tensor bad = fine.logical_not();
+      a.masked_fill_(bad, 0.0);
+      g.masked_fill_(bad, 0.0);
+    }
+    finite.push_back(fine.to(at::kDouble));
+  }
+  const at::Tensor device_updated = at::stack(updated).to(a_factors[0].device());
+  return at::stack({device_updated, at::stack(finite)}, 1);
+}
+
 // ATen compositions (addmm_, im2col, sum): one registration serves every device (CPU, CUDA, ...).
 // The Meta key is served by the Python fake kernels (python/natgrad/ops/factors.py).
 TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
@@ -226,6 +392,7 @@ TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
   m.impl("linear_grad_factor_ema_", &linear_grad_factor_ema_);
   m.impl("conv2d_grad_factor", &conv2d_grad_factor);
   m.impl("conv2d_grad_factor_ema_", &conv2d_grad_factor_ema_);
+  m.impl("kfac_factors_ema_", &kfac_factors_ema_);
 }
 
 }  // namespace natgrad

@@ -46,6 +46,28 @@ at::Tensor conv2d_grad_factor(const at::Tensor& grad_output, double grad_scale);
 void conv2d_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output,
                              double grad_scale, double decay);
 
+// Every Linear/Conv2d layer's A and G EMA updates of one K-FAC factor step in one call
+// (natgrad.KFAC; one read of the statistics' bounds inside, none by the caller until it wants the
+// flags). Per layer i: a_factors[i] <- decays[i] * A + (1 - decays[i]) * new A from inputs[i]
+// (linear_act_factor_ema_ or conv2d_act_factor_ema_), and g_factors[i] likewise from
+// grad_outputs[i] with grad_scales[i]. `layouts` holds 9 integers per layer:
+//   [bias (0/1), kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w, dilation_h,
+//    dilation_w]   (kernel 0 0 and zeros after it: a Linear layer; else a Conv2d layer).
+// Every argument of every layer is validated before any factor changes.
+// Faults. A layer whose inputs or output gradients hold NaN/Inf, or values so large that a Gram
+// sum of the update could overflow the factor dtype (max|x|^2 * rows >= finfo.max / 4, and for
+// the gradients max|g|^2 * rows * max(grad_scale^2, 1) >= finfo.max / 4), is left untouched.
+// Should an updated factor still be non-finite (the bound makes it unreachable: a Gram EMA's
+// largest entries lie on its diagonal, |F_ij| <= sqrt(F_ii F_jj), so the diagonal is checked), both
+// of the layer's factors are zeroed, so that nothing non-finite is ever kept.
+// Returns flags [L, 2] float64 on the factors' device: (1 if the layer was updated else 0,
+// 1 if its factors are finite after the step else 0 (then zeroed)); nothing is read back by the
+// caller until it reads the flags (off the CPU, the bounds cost one synchronisation in the op).
+at::Tensor kfac_factors_ema_(at::TensorList a_factors, at::TensorList g_factors,
+                             at::TensorList inputs, at::TensorList grad_outputs,
+                             at::IntArrayRef layouts, at::ArrayRef<double> grad_scales,
+                             at::ArrayRef<double> decays);
+
 // Number of samples per chunk when unfolding Conv2d patches: the largest count whose
 // [chunk, patch_dim, positions] block holds at most factor_dim^2 elements (at least 1).
 int64_t conv_chunk_samples(int64_t patch_dim, int64_t positions, int64_t factor_dim);

@@ -109,6 +109,11 @@ class CurvatureBlock:
     def ensure_factors(self) -> None:
         """Creates zero statistics if none exist (a layer the forward never used: F = 0)."""
 
+    def factor_layout(self) -> list[int] | None:
+        """This block's entry of :func:`natgrad.ops.kfac_factors_ema_`'s ``layouts`` when that
+        list op computes exactly its statistics update (Linear, Conv2d); None: it does not."""
+        return None
+
     # ---- decompositions -----------------------------------------------------------------------
 
     def update_inverse(self, method: str, damping: float, pi_correction: bool = False,

@@ -286,6 +286,9 @@ class LinearBlock(KroneckerBlock):
     def _update_a(self, stats, rho):
         ops.linear_act_factor_ema_(self.state["A"], stats.inputs, self.bias is not None, rho)
 
+    def factor_layout(self):
+        return ops.factor_layout(self.bias is not None) if type(self) is LinearBlock else None
+
     def count_rows(self, inputs):  # issue 16
         return sum(x.numel() // max(self.weight.shape[1], 1) for x in inputs)
 
@@ -317,6 +320,12 @@ class Conv2dBlock(KroneckerBlock):
         ops.conv2d_act_factor_ema_(self.state["A"], stats.inputs, m.kernel_size, m.stride, m.padding,
                                    m.dilation, self.bias is not None, rho)
         ops.conv2d_grad_factor_ema_(self.state["G"], stats.grads, stats.grad_scale, rho)
+
+    def factor_layout(self):
+        if type(self) is not Conv2dBlock:
+            return None
+        m = self.module
+        return ops.factor_layout(self.bias is not None, m.kernel_size, m.stride, m.padding, m.dilation)
 
 
 class EmbeddingBlock(KroneckerBlock):

@@ -3,7 +3,8 @@
 Importing this package registers the fake (meta) kernels that let torch.compile trace the ops
 and torch.library.opcheck validate them. Ops by family:
 
-* :mod:`natgrad.ops.factors` — K-FAC Kronecker factors of Linear and Conv2d layers (+ EMA).
+* :mod:`natgrad.ops.factors` — K-FAC Kronecker factors of Linear and Conv2d layers (+ EMA; every
+  layer's EMAs of a step in one call).
 * :mod:`natgrad.ops.linalg` — damped eigendecomposition with a fallback ladder; K-FAC
   preconditioning in eigen and inverse form.
 * :mod:`natgrad.ops.step` — the per-step K-FAC work of every layer in one call (directions,
@@ -42,6 +43,8 @@ from natgrad.ops.factors import (
     conv2d_act_factor_ema_,
     conv2d_grad_factor,
     conv2d_grad_factor_ema_,
+    factor_layout,
+    kfac_factors_ema_,
     linear_act_factor,
     linear_act_factor_ema_,
     linear_grad_factor,
@@ -77,10 +80,12 @@ __all__ = [
     "embedding_rows_tmv",
     "ewc_penalty",
     "ewc_penalty_and_grad",
+    "factor_layout",
     "gram_solve",
     "kfac_damped_inverses",
     "kfac_directions_eigen",
     "kfac_directions_inverse",
+    "kfac_factors_ema_",
     "kfac_momentum_step_",
     "kfac_precondition_eigen",
     "kfac_precondition_inverse",

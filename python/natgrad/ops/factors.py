@@ -21,6 +21,9 @@ Conventions (shared with the C++ ops, csrc/factors/kron_factors.h):
 
 * ``decay=0`` replaces the whole factor, bias row and column included, even when the factor
   held NaN or Inf.
+* :func:`kfac_factors_ema_` runs every layer's two EMA updates of one K-FAC factor step in one
+  call and leaves a layer whose statistics hold NaN/Inf (or values that could overflow a Gram sum)
+  untouched, returning per-layer flags instead of raising.
 * A Linear input with 0 features gives the bias entry alone (``[[1]]``) with ``bias=True`` and a
   ``0 x 0`` factor without.
 
@@ -43,6 +46,8 @@ __all__ = [
     "conv2d_act_factor_ema_",
     "conv2d_grad_factor",
     "conv2d_grad_factor_ema_",
+    "factor_layout",
+    "kfac_factors_ema_",
     "linear_act_factor",
     "linear_act_factor_ema_",
     "linear_grad_factor",
@@ -182,6 +187,42 @@ def conv2d_grad_factor_ema_(
     return factor
 
 
+def factor_layout(bias: bool, kernel_size: _IntOrPair | None = None, stride: _IntOrPair = 1,
+                  padding: _IntOrPair = 0, dilation: _IntOrPair = 1) -> list[int]:
+    """One layer's 9 entries of :func:`kfac_factors_ema_`'s ``layouts``: ``[bias, kernel, stride,
+    padding, dilation]`` (pairs) for a Conv2d layer; ``kernel_size=None``: a Linear layer (zeros)."""
+    if kernel_size is None:
+        return [int(bias)] + [0] * 8
+    return [int(bias), *_pair(kernel_size), *_pair(stride), *_pair(padding), *_pair(dilation)]
+
+
+def kfac_factors_ema_(a_factors: list[Tensor], g_factors: list[Tensor], inputs: list[Tensor],
+                      grad_outputs: list[Tensor], layouts: list[int], grad_scales: list[float],
+                      decays: list[float]) -> Tensor:
+    """Every Linear/Conv2d layer's factor EMAs of one K-FAC step, in place, in one call.
+
+    Per layer ``i``: ``a_factors[i] ← ρ_i A + (1 − ρ_i) Â`` from ``inputs[i]`` (as
+    :func:`linear_act_factor_ema_` or :func:`conv2d_act_factor_ema_`) and ``g_factors[i]`` likewise
+    from ``grad_outputs[i]`` and ``grad_scales[i]``, ``ρ_i = decays[i]``. ``layouts`` holds each
+    layer's :func:`factor_layout` (9 integers), concatenated. Every argument is validated before
+    any factor changes.
+
+    A layer whose inputs or output gradients hold NaN/Inf, or values so large that a Gram sum could
+    overflow the factor dtype (``max|x|² · rows ≥ finfo.max / 4``; for the gradients times
+    ``max(grad_scale², 1)``), is left untouched. Should an updated factor still be non-finite
+    (unreachable under that bound; its diagonal, which holds a Gram EMA's largest entries, is
+    checked), both of the layer's factors are zeroed.
+
+    Returns:
+        Tensor: ``[L, 2]`` float64 on the factors' device, per layer: 1 if it was updated, 1 if its
+        factors are finite afterwards (0: zeroed). Not read back: the caller reads it when it
+        wants (natgrad.KFAC joins it to the step's single read).
+    """
+    return _ops.kfac_factors_ema_(list(a_factors), list(g_factors), list(inputs), list(grad_outputs),
+                                  [int(v) for v in layouts], [float(v) for v in grad_scales],
+                                  [float(v) for v in decays])
+
+
 # ---- fake kernels (shapes, dtypes, devices and the C++ argument checks; torch.compile, opcheck
 # and the meta device run them) ------------------------------------------------------------------
 
@@ -267,6 +308,49 @@ def _(factor, grad_output, grad_scale, decay):
     _check_conv_grad(grad_output, grad_scale)
     _checks.decay(decay)
     _checks.factor(factor, grad_output, "grad_output", grad_output.shape[1])
+
+
+@torch.library.register_fake("natgrad::kfac_factors_ema_")
+def _(a_factors, g_factors, inputs, grad_outputs, layouts, grad_scales, decays):
+    layers = len(a_factors)
+    for name, values in (("g_factors", g_factors), ("inputs", inputs), ("grad_outputs", grad_outputs),
+                         ("grad_scales", grad_scales), ("decays", decays)):
+        torch._check(len(values) == layers, lambda: f"{name} must hold one entry per layer ({layers} "
+                     f"a_factors), got {len(values)}")
+    torch._check(len(layouts) == 9 * layers, lambda: f"layouts must hold 9 integers per layer (bias, kernel, "
+                 f"stride, padding, dilation), i.e. {9 * layers}, got {len(layouts)}")
+    for i in range(layers):
+        a, g, x, dy = a_factors[i], g_factors[i], inputs[i], grad_outputs[i]
+        layout = layouts[9 * i: 9 * i + 9]
+        torch._check(layout[0] in (0, 1), lambda: f"layouts[{9 * i}] (layer {i}'s bias flag) must be 0 or 1, "
+                     f"got {layout[0]}")
+        bias = bool(layout[0])
+        _checks.floating(a, f"a_factors[{i}]")
+        _checks.same_device_dtype(g, a, f"g_factors[{i}]", f"a_factors[{i}]")
+        _checks.floating(x, f"inputs[{i}]")
+        _checks.floating(dy, f"grad_outputs[{i}]")
+        torch._check(x.device == a.device and dy.device == a.device, lambda: (
+            f"layer {i}: inputs and grad_outputs must be on the factors' device ({a.device}), got "
+            f"{x.device} and {dy.device}"))
+        _checks.grad_scale(grad_scales[i])
+        _checks.decay(decays[i])
+        if layout[1] or layout[2]:
+            a_dim, _ = _checks.conv_geometry(x, layout[1:3], layout[3:5], layout[5:7], layout[7:9])
+            _checks.dim_eq(dy, 4, f"grad_outputs[{i}]", "[N, C_out, OH, OW]")
+            g_dim = dy.shape[1]
+        else:
+            torch._check(not any(layout[1:]), lambda: f"layouts of Linear layer {i} must be zero after its "
+                         f"bias flag, got {layout}")
+            _check_linear(x, f"inputs[{i}]", "[..., in_features]")
+            _check_linear(dy, f"grad_outputs[{i}]", "[..., out_features]")
+            _checks.nonempty_rows(_rows(x), f"inputs[{i}]")
+            _checks.nonempty_rows(_rows(dy), f"grad_outputs[{i}]")
+            a_dim, g_dim = x.shape[-1], dy.shape[-1]
+        _checks.shape_eq(a, [a_dim + int(bias)] * 2, f"a_factors[{i}]", "square, one row per input feature "
+                         "(+1 for bias)")
+        _checks.shape_eq(g, [g_dim] * 2, f"g_factors[{i}]", "square, one row per output feature")
+    device = a_factors[0].device if a_factors else torch.device("cpu")
+    return torch.empty(layers, 2, dtype=torch.float64, device=device)
 
 
 # ---- autograd: d(XᵀX·c)/dX = X (Ḡ + Ḡᵀ)·c ----------------------------------------------------

@@ -76,6 +76,52 @@ def moving(opt, skipped: set[str]) -> tuple[list[CurvatureBlock], list[Tensor]]:
     return blocks, plain
 
 
+def update_listed_factors(opt, stats: dict) -> list[str]:
+    """The factor step of every Linear/Conv2d layer that has factors already, in one list op
+    (:func:`natgrad.ops.kfac_factors_ema_`), in a single process; returns their names. The op
+    leaves a layer with NaN/Inf or overflowing statistics untouched (and zeroes factors that an
+    update left non-finite, which its bound makes unreachable); its flags are kept in
+    ``opt._pending_factors`` and read with the directions' stats (:func:`directions`), where
+    such a layer is skipped with the documented fault, and reset in the second case. A layer's
+    first update (no factors yet: nothing to leave untouched) and distributed runs (factors are
+    averaged across ranks before any check) take the per-layer path in ``KFAC._update_factors``."""
+    opt._pending_factors = None
+    if opt._comm.world_size != 1:
+        return []
+    blocks = [b for b in opt._blocks if b.name in stats and b.has_factors and b.factor_layout() is not None]
+    if not blocks:
+        return []
+    data = [stats[b.name] for b in blocks]
+    flags = ops.kfac_factors_ema_([b.state["A"] for b in blocks], [b.state["G"] for b in blocks],
+                                  [d.inputs for d in data], [d.grads for d in data],
+                                  [v for b in blocks for v in b.factor_layout()],
+                                  [d.grad_scale for d in data], [opt.factor_decay] * len(blocks))
+    opt._pending_factors = (blocks, flags)
+    return [b.name for b in blocks]
+
+
+def _factor_faults(opt, blocks: list[CurvatureBlock], rows: list[float]) -> set[str]:
+    """The documented faults of the list op's factor step from its flags (read with the
+    directions); returns the layers to skip this step."""
+    bad = set()
+    for i, block in enumerate(blocks):
+        if not rows[2 * i]:  # captured, but NaN/Inf or overflow: factors untouched, step skipped
+            bad.add(block.name)
+            opt._fault(block.name, "activations or output gradients")
+        elif not rows[2 * i + 1]:  # the layer restarts its estimate (and skips this step)
+            block.state = {}
+            opt._decomposed.discard(block.name)
+            bad.add(block.name)
+            opt._fault(block.name, "updated factors (reset)")
+    return bad
+
+
+def _pending_flags(opt) -> tuple[list, list[Tensor]]:
+    """The factor step's pending (blocks, [flags]) and clears them."""
+    pending, opt._pending_factors = getattr(opt, "_pending_factors", None), None
+    return ([], []) if pending is None else (pending[0], [pending[1]])
+
+
 def directions(opt, skipped: set[str], amp_unscale: float) -> tuple[Updates, dict]:
     """Preconditioned directions and (unscaled) gradients of every parameter that moves this
     step, keyed by parameter; see the module docstring."""
@@ -89,7 +135,7 @@ def directions(opt, skipped: set[str], amp_unscale: float) -> tuple[Updates, dic
     buffers = _cross_wanted(opt)
 
     layers: list[tuple] = []  # (block, grads, directions, first stats entry, slots per product)
-    stats: list[Tensor] = []
+    factor_blocks, stats = _pending_flags(opt)  # the factor step's flags come first
     for method, key in (("eigen", "g_eigenvectors"), ("inverse", "g_inverse")):
         group = [b for b in fast if key in b.state]
         if group:
@@ -97,11 +143,14 @@ def directions(opt, skipped: set[str], amp_unscale: float) -> tuple[Updates, dic
     for block, grads in other:
         layers.append(_block_direction(opt, block, grads, amp_unscale, stats, buffers))
     rows = _read(stats)
+    bad = _factor_faults(opt, factor_blocks, rows)
 
     updates, grads_out = Updates(), {}
     updates.inner = {}
     updates.cross = {} if buffers else None
     for block, grads, dirs, at, slots in layers:
+        if block.name in bad:
+            continue
         if not rows[at]:
             opt._fault(block.name, "gradients", "parameter" if isinstance(block, PlainBlock) else "layer")
             continue
@@ -231,6 +280,8 @@ def per_block_directions(opt, skipped: set[str], amp_unscale: float) -> tuple[di
     a block whose gradient is not finite is skipped before preconditioning, one whose direction
     is not (an op that refused, or a rank's broadcast of it) after; each check is one host
     read for all blocks."""
+    factor_blocks, flags = _pending_flags(opt)  # (none in a distributed run)
+    skipped = skipped | _factor_faults(opt, factor_blocks, _read(flags))
     blocks, plain = moving(opt, skipped)
     work = [(b, _scaled(b.pack([p.grad for p in b.params]), amp_unscale)) for b in blocks]
     work += [(opt._plain_block(p), _scaled(p.grad, amp_unscale)) for p in plain]

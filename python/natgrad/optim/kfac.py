@@ -361,7 +361,7 @@ class KFAC(Optimizer):
         if not self._is_factor_step(k):
             self._clear_records()
             return skipped
-        stats, checks = {}, []
+        stats = {}
         for block in self._blocks:
             # an empty batch holds no statistics: the layer is left as if it had not been called
             records = [r for r in self._captures[block.name].complete() if block.count_samples([r.input])]
@@ -369,7 +369,11 @@ class KFAC(Optimizer):
                 inputs, grads = [r.input for r in records], [r.grad_output for r in records]
                 per_sample = sample_scale(block, inputs, self.loss_reduction)
                 stats[block.name] = block.prepare(inputs, grads, per_sample * amp_unscale)
-                checks.append(block.statistics_ok(stats[block.name]))
+        # Linear/Conv2d layers: one list op, whose fault flags join the step's single read
+        # (_kfac_step.update_listed_factors); the others below, with a read of their own.
+        for name in _kfac_step.update_listed_factors(self, stats):
+            del stats[name]
+        checks = [b.statistics_ok(stats[b.name]) for b in self._blocks if b.name in stats]
         ok = iter(all_true(checks))
         present = [b.name in stats for b in self._blocks]
         good = self._comm.agree([seen and next(ok) for seen in present])
