@@ -203,3 +203,75 @@ def test_threads_started_inside_an_op_do_not_inherit_flush_to_zero():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip().splitlines()[-1]) == 1 << 20
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_momentum_buffers_append_their_inner_products(method):
+    """With momentum buffers the stats gain ⟨b_w, g_w⟩, ⟨b_b, g_b⟩ (gradients times grad_scale),
+    0 for a missing buffer; columns 0-3 and the directions are those of the call without."""
+    ls = layers()
+    w, b = [w for *_, w, _ in ls], [b for *_, b in ls]
+    bw = [torch.randn_like(w[0]), None, torch.randn_like(w[2])]
+    bb = [torch.randn_like(b[0]), None, None]
+    if method == "eigen":
+        eig = [(ops.damped_eigh(g), ops.damped_eigh(a)) for g, a, _, _ in ls]
+        args = (w, b, [e[0][0] for e in eig], [e[0][1] for e in eig], [e[1][0] for e in eig],
+                [e[1][1] for e in eig], [0.1, 0.2, 0.3], False, 0.5)
+        call = ops.kfac_directions_eigen
+    else:
+        inv = [ops.kfac_damped_inverses(g, a, 0.05) for g, a, _, _ in ls]
+        args = (w, b, [x.g_inverse for x in inv], [x.a_inverse for x in inv], 0.5)
+        call = ops.kfac_directions_inverse
+    plain = call(*args)
+    out = call(*args, weight_buffers=bw, bias_buffers=bb)
+    assert plain.stats.shape == (3, 4) and out.stats.shape == (3, 6)
+    assert torch.equal(out.stats[:, :4], plain.stats)
+    for x, y in zip(out.weight + out.bias, plain.weight + plain.bias):
+        assert torch.equal(x, y)
+    expected = [[float((bw[0] * w[0]).sum() * 0.5), float((bb[0] * b[0]).sum() * 0.5)], [0.0, 0.0],
+                [float((bw[2] * w[2]).sum() * 0.5), 0.0]]
+    torch.testing.assert_close(out.stats[:, 4:], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    # <u, g> of the fused pass equals the float64 formula
+    u_dot_g = float((plain.weight[0].double() * w[0].double()).sum() * 0.5)
+    assert abs(float(out.stats[0, 2]) - u_dot_g) <= 1e-12 * abs(u_dot_g)
+    torch.library.opcheck(getattr(OPS, f"kfac_directions_{method}").default, args + (bw, bb))
+
+
+def test_momentum_buffers_float32_match_float64_sums_and_flag_non_finite():
+    torch.manual_seed(3)
+    g, a = random_psd(40), random_psd(71)
+    w = torch.randn(40, 70)  # one chunk of the fused pass; big_w below spans several
+    big_w = torch.randn(200, 300)
+    g2, a2 = random_psd(200).float(), random_psd(301).float()
+    inv = [ops.kfac_damped_inverses(g.float(), a.float(), 0.05), ops.kfac_damped_inverses(g2, a2, 0.05)]
+    b = [torch.randn(40), torch.randn(200)]
+    bufs = [torch.randn(40, 70), torch.randn(200, 300)]
+    out = ops.kfac_directions_inverse([w, big_w], b, [x.g_inverse for x in inv], [x.a_inverse for x in inv],
+                                      weight_buffers=bufs, bias_buffers=[None, None])
+    for i, (gw, buf) in enumerate(zip([w, big_w], bufs)):
+        ref = float((out.weight[i].double() * gw.double()).sum())
+        assert abs(float(out.stats[i, 2]) - ref) <= 1e-12 * max(1.0, abs(ref))
+        ref = float((buf.double() * gw.double()).sum())
+        assert abs(float(out.stats[i, 4]) - ref) <= 1e-12 * max(1.0, abs(ref))
+    bad = big_w.clone()
+    bad[150, 7] = float("inf")
+    out = ops.kfac_directions_inverse([w, bad], b, [x.g_inverse for x in inv], [x.a_inverse for x in inv],
+                                      weight_buffers=bufs)
+    assert out.stats[:, 0].tolist() == [1.0, 0.0] and out.stats[:, 1].tolist() == [1.0, 0.0]
+
+
+def test_bad_momentum_buffers_name_the_argument():
+    g, a, w, b = layers()[0]
+    inv = ops.kfac_damped_inverses(g, a, 0.05)
+    call = lambda **kw: ops.kfac_directions_inverse([w], [b], [inv.g_inverse], [inv.a_inverse], **kw)  # noqa: E731
+    with pytest.raises(RuntimeError, match="weight_buffers must hold one entry per layer"):
+        call(weight_buffers=[None, None])
+    with pytest.raises(RuntimeError, match=r"weight_buffers\[0\] must have shape"):
+        call(weight_buffers=[w[:1].clone()])
+    with pytest.raises(RuntimeError, match=r"bias_buffers\[0\] must have the same dtype"):
+        call(weight_buffers=[None], bias_buffers=[b.float()])
+    with pytest.raises(RuntimeError, match="bias_buffers needs weight_buffers"):
+        call(bias_buffers=[None])
+    with pytest.raises(RuntimeError, match=r"bias_buffers\[0\] is given but layer 0 has no bias"):
+        ops.kfac_directions_inverse([w], [None], [inv.g_inverse], [random_psd(4)], weight_buffers=[None],
+                                    bias_buffers=[b])

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from natgrad import ops
+from natgrad.ops.factors import factor_layout
 
 OPS = torch.ops.natgrad
 
@@ -219,3 +220,98 @@ def test_linear_input_with_zero_features_gives_the_bias_entry():
     assert ops.linear_grad_factor(torch.randn(4, 0), 1.0).shape == (0, 0)
     meta = ops.linear_act_factor(torch.randn(5, 0, device="meta"), True)
     assert meta.shape == (1, 1)
+
+
+# ---- kfac_factors_ema_: every layer's EMAs of a K-FAC factor step in one call -------------------
+
+
+def _factor_step_layers(dtype=torch.float64):
+    """A Linear layer with bias (3-D input), one without, and a strided Conv2d layer."""
+    torch.manual_seed(5)
+    x1, g1 = torch.randn(4, 3, 5, dtype=dtype), torch.randn(4, 3, 2, dtype=dtype)
+    x2, g2 = torch.randn(7, 4, dtype=dtype), torch.randn(7, 3, dtype=dtype)
+    img, g_img = torch.randn(3, 2, 6, 6, dtype=dtype), torch.randn(3, 4, 3, 3, dtype=dtype)
+    psd = lambda d: (lambda m: m @ m.T / d)(torch.randn(d, d, dtype=dtype))  # noqa: E731
+    return [
+        dict(a=psd(6), g=psd(2), x=x1, dy=g1, layout=factor_layout(True), scale=2.0),
+        dict(a=psd(4), g=psd(3), x=x2, dy=g2, layout=factor_layout(False), scale=1.0),
+        dict(a=psd(19), g=psd(4), x=img, dy=g_img, layout=factor_layout(True, 3, 2, 1, 1), scale=3.0),
+    ]
+
+
+def _run_factor_step(ls, decays):
+    return ops.kfac_factors_ema_([l["a"] for l in ls], [l["g"] for l in ls], [l["x"] for l in ls],
+                                 [l["dy"] for l in ls], [v for l in ls for v in l["layout"]],
+                                 [l["scale"] for l in ls], decays)
+
+
+def test_factor_step_equals_the_per_layer_ema_ops():
+    ls = _factor_step_layers()
+    expected = []
+    for l, decay in zip(ls, (0.9, 0.5, 0.0)):
+        a, g = l["a"].clone(), l["g"].clone()
+        if l["layout"][1]:
+            ops.conv2d_act_factor_ema_(a, l["x"], 3, 2, 1, 1, True, decay)
+            ops.conv2d_grad_factor_ema_(g, l["dy"], l["scale"], decay)
+        else:
+            ops.linear_act_factor_ema_(a, l["x"], bool(l["layout"][0]), decay)
+            ops.linear_grad_factor_ema_(g, l["dy"], l["scale"], decay)
+        expected.append((a, g))
+    flags = _run_factor_step(ls, [0.9, 0.5, 0.0])
+    assert flags.dtype == torch.float64 and flags.tolist() == [[1.0, 1.0]] * 3
+    for l, (a, g) in zip(ls, expected):
+        torch.testing.assert_close(l["a"], a, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(l["g"], g, rtol=1e-13, atol=1e-13)
+    # and the conv layer against the unfold reference (decay 0: the factor is replaced)
+    ref = ref_act_factor(ref_conv_patches(ls[2]["x"], 3, 2, 1, 1), True)
+    torch.testing.assert_close(ls[2]["a"], ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fault", ["nan_input", "inf_grad", "overflow"])
+def test_factor_step_leaves_a_bad_layer_untouched_and_flags_it(fault):
+    ls = _factor_step_layers(torch.float32)
+    if fault == "nan_input":
+        ls[1]["x"][2, 1] = float("nan")
+    elif fault == "inf_grad":
+        ls[1]["dy"][0, 0] = float("inf")
+    else:  # finite, but 1e19² · 7 rows overflows a float32 Gram sum
+        ls[1]["x"][0, 0] = 1e19
+    before = [(l["a"].clone(), l["g"].clone()) for l in ls]
+    flags = _run_factor_step(ls, [0.9] * 3)
+    assert flags.tolist() == [[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]]
+    assert torch.equal(ls[1]["a"], before[1][0]) and torch.equal(ls[1]["g"], before[1][1])
+    assert not torch.equal(ls[0]["a"], before[0][0]) and not torch.equal(ls[2]["g"], before[2][1])
+    assert all(torch.isfinite(l["a"]).all() and torch.isfinite(l["g"]).all() for l in ls)
+
+
+def test_factor_step_checks_every_argument_before_changing_a_factor():
+    ls = _factor_step_layers()
+    before = [l["a"].clone() for l in ls]
+    cases = [
+        (dict(a=torch.eye(5, dtype=torch.float64)), 1, r"a_factors\[1\] must have shape \[4, 4\]"),
+        (dict(g=torch.eye(4)), 2, r"g_factors\[2\] must have the same dtype as a_factors\[2\]"),
+        (dict(layout=[2] + [0] * 8), 1, r"layouts\[9\] \(layer 1's bias flag\) must be 0 or 1"),
+        (dict(layout=[1, 0, 0, 1, 1, 0, 0, 1, 1]), 0, "layouts of Linear layer 0 must be zero"),
+        (dict(scale=0.0), 2, "grad_scale"),
+        (dict(dy=torch.randn(3, 4, dtype=torch.float64)), 2, r"grad_outputs\[2\] must be 4-D"),
+    ]
+    for change, i, message in cases:
+        bad = [dict(l) for l in ls]
+        bad[i].update(change)
+        with pytest.raises(RuntimeError, match=message):
+            _run_factor_step(bad, [0.9] * 3)
+        assert all(torch.equal(l["a"], b) for l, b in zip(ls, before))
+    with pytest.raises(RuntimeError, match="decays must hold one entry per layer"):
+        _run_factor_step(ls, [0.9])
+    with pytest.raises(RuntimeError, match="decay must be in"):
+        _run_factor_step(ls, [0.9, 1.5, 0.9])
+    with pytest.raises(RuntimeError, match="layouts must hold 9 integers per layer"):
+        ops.kfac_factors_ema_([ls[0]["a"]], [ls[0]["g"]], [ls[0]["x"]], [ls[0]["dy"]], [1], [1.0], [0.9])
+
+
+def test_opcheck_factor_step():
+    ls = _factor_step_layers()
+    torch.library.opcheck(OPS.kfac_factors_ema_.default,
+                          ([l["a"] for l in ls], [l["g"] for l in ls], [l["x"] for l in ls], [l["dy"] for l in ls],
+                           [v for l in ls for v in l["layout"]], [l["scale"] for l in ls], [0.9, 0.8, 0.7]))
+    torch.library.opcheck(OPS.kfac_factors_ema_.default, ([], [], [], [], [], [], []))

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from natgrad import ops
 from natgrad.curvature import refresh
 from natgrad.curvature.block import CurvatureBlock, max_abs
+from natgrad.ops.factors import factor_layout
 
 
 class Statistics(NamedTuple):
@@ -287,7 +288,7 @@ class LinearBlock(KroneckerBlock):
         ops.linear_act_factor_ema_(self.state["A"], stats.inputs, self.bias is not None, rho)
 
     def factor_layout(self):
-        return ops.factor_layout(self.bias is not None) if type(self) is LinearBlock else None
+        return factor_layout(self.bias is not None) if type(self) is LinearBlock else None
 
     def count_rows(self, inputs):  # issue 16
         return sum(x.numel() // max(self.weight.shape[1], 1) for x in inputs)
@@ -325,7 +326,7 @@ class Conv2dBlock(KroneckerBlock):
         if type(self) is not Conv2dBlock:
             return None
         m = self.module
-        return ops.factor_layout(self.bias is not None, m.kernel_size, m.stride, m.padding, m.dilation)
+        return factor_layout(self.bias is not None, m.kernel_size, m.stride, m.padding, m.dilation)
 
 
 class EmbeddingBlock(KroneckerBlock):
