@@ -112,7 +112,8 @@ void add_gram_chunked_(at::Tensor& factor, int64_t samples, int64_t d, int64_t p
 }  // namespace
 
 int64_t conv_chunk_samples(int64_t patch_dim, int64_t positions, int64_t factor_dim) {
-  return std::max<int64_t>(1, (factor_dim * factor_dim) / std::max<int64_t>(1, patch_dim * positions));
+  const int64_t budget = std::max(factor_dim * factor_dim, kConvChunkElements);
+  return std::max<int64_t>(1, budget / std::max<int64_t>(1, patch_dim * positions));
 }
 
 void linear_act_factor_ema_(at::Tensor& factor, const at::Tensor& input, bool bias,

@@ -19,8 +19,11 @@
 //   pass: the Gram product is accumulated straight into the factor's storage (BLAS beta), so no
 //   second factor-sized tensor is allocated. Inputs of another floating dtype are converted to
 //   the factor's dtype (e.g. bfloat16 activations under autocast into a float32 factor).
-// * Conv2d patches are unfolded in chunks of whole samples whose patch block is at most the
-//   size of the factor, so the full unfolded patch matrix (n x C*kh*kw) never exists.
+// * Conv2d patches are unfolded in chunks of whole samples whose patch block holds at most
+//   max(factor size, kConvChunkElements) entries, so memory stays bounded by the larger of the
+//   factor and 2^18 entries (the full unfolded patch matrix, n x C*kh*kw, exists only when it is
+//   that small), while small layers take one or a few chunks (a chunk per sample cost more in
+//   per-call overhead than its GEMM on small convolutions).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -68,8 +71,12 @@ at::Tensor kfac_factors_ema_(at::TensorList a_factors, at::TensorList g_factors,
                              at::IntArrayRef layouts, at::ArrayRef<double> grad_scales,
                              at::ArrayRef<double> decays);
 
+// The smallest patch block a Conv2d factor op unfolds at once (whole samples permitting).
+inline constexpr int64_t kConvChunkElements = int64_t{1} << 18;
+
 // Number of samples per chunk when unfolding Conv2d patches: the largest count whose
-// [chunk, patch_dim, positions] block holds at most factor_dim^2 elements (at least 1).
+// [chunk, patch_dim, positions] block holds at most max(factor_dim^2, kConvChunkElements)
+// elements (at least 1).
 int64_t conv_chunk_samples(int64_t patch_dim, int64_t positions, int64_t factor_dim);
 
 }  // namespace natgrad

@@ -115,6 +115,45 @@ TEST(KfacDirections, NonFiniteGradientIsFlaggedAndLengthsAreChecked) {
       {"g_inverses", "one entry per layer"}));
 }
 
+TEST(KfacDirections, MomentumBuffersAppendTheirInnerProductsWithTheGradient) {
+  at::manual_seed(3);
+  const auto ls = make_layers();
+  std::vector<at::Tensor> w, gi, ai;
+  for (const Layer& l : ls) {
+    auto [g_inv, a_inv, rung] = natgrad::kfac_damped_inverses(l.g, l.a, 0.04, false);
+    w.push_back(l.w);
+    gi.push_back(g_inv);
+    ai.push_back(a_inv);
+  }
+  const at::Tensor bw0 = at::randn_like(ls[0].w), bb0 = at::randn_like(*ls[0].b);
+  const at::Tensor bw1 = at::randn_like(ls[1].w);
+  natgrad::OptionalTensors weight_buffers, bias_buffers;
+  weight_buffers.push_back(bw0);
+  weight_buffers.push_back(bw1);
+  bias_buffers.push_back(bb0);
+  bias_buffers.push_back(std::nullopt);
+  const auto plain = natgrad::kfac_directions_inverse(w, bias_list(ls), gi, ai, 0.5);
+  const auto out =
+      natgrad::kfac_directions_inverse(w, bias_list(ls), gi, ai, 0.5, weight_buffers, bias_buffers);
+  ASSERT_EQ(plain.stats.sizes(), (std::vector<int64_t>{2, 4}));
+  ASSERT_EQ(out.stats.sizes(), (std::vector<int64_t>{2, 6}));
+  EXPECT_TRUE(at::equal(out.stats.narrow(1, 0, 4), plain.stats));
+  // <b, s g> in float64, 0 where a layer has no buffer
+  EXPECT_NEAR(out.stats[0][4].item<double>(), (bw0 * ls[0].w).sum().item<double>() * 0.5, 1e-12);
+  EXPECT_NEAR(out.stats[0][5].item<double>(), (bb0 * *ls[0].b).sum().item<double>() * 0.5, 1e-12);
+  EXPECT_NEAR(out.stats[1][4].item<double>(), (bw1 * ls[1].w).sum().item<double>() * 0.5, 1e-12);
+  EXPECT_EQ(out.stats[1][5].item<double>(), 0.0);
+  // <u, g> of the fused pass equals the float64 formula
+  EXPECT_NEAR(out.stats[1][2].item<double>(), (out.weight[1] * ls[1].w).sum().item<double>() * 0.5,
+              1e-12);
+  natgrad::OptionalTensors bad;
+  bad.push_back(bw1);  // layer 0's buffer must be [3, 4]
+  bad.push_back(std::nullopt);
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] { natgrad::kfac_directions_inverse(w, bias_list(ls), gi, ai, 1.0, bad); },
+      {"weight_buffers[0]", "shape"}));
+}
+
 TEST(KfacMomentum, MatchesHeavyBallAndFlushesBuffers) {
   at::Tensor p = at::ones({4}, at::kFloat), buf = at::full({4}, 1e-37, at::kFloat);
   at::Tensor u = at::full({4}, 2.0, at::kFloat);

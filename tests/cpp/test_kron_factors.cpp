@@ -2,6 +2,7 @@
 // theory check for one sample, and calls through the dispatcher.
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
@@ -226,9 +227,9 @@ TEST(KronFactors, Conv2dActAcceptsNonContiguousInput) {
 TEST(KronFactors, Conv2dActChunksTheBatchIntoSeveralChunks) {
   at::manual_seed(15);
   // C=3, 3x3 kernel: patch_dim 27, factor 28 with bias; a 5x5 input gives 9 positions, so
-  // chunks hold 784 / 243 = 3 samples and a batch of 7 is unfolded as 3 + 3 + 1.
-  const ConvCase cc{7, 3, 5, 5, {3, 3}, {1, 1}, {0, 0}, {1, 1}};
-  ASSERT_EQ(natgrad::conv_chunk_samples(27, 9, 28), 3);
+  // chunks hold 2^18 / 243 = 1078 samples and a batch of 1100 is unfolded as 1078 + 22.
+  const ConvCase cc{1100, 3, 5, 5, {3, 3}, {1, 1}, {0, 0}, {1, 1}};
+  ASSERT_EQ(natgrad::conv_chunk_samples(27, 9, 28), 1078);
   const at::Tensor x = at::randn({cc.n, cc.c, cc.h, cc.w}, at::kDouble);
   EXPECT_TRUE(AllClose(conv_act(x, cc, true), ref_conv_act(x, cc, true), kTol64));
 
@@ -278,9 +279,10 @@ TEST(KronFactors, Conv2dGradMatchesReference) {
 
 TEST(KronFactors, Conv2dGradChunksTheBatchAndEmaUpdatesInPlace) {
   at::manual_seed(18);
-  // 8 channels over 2x2 positions: chunks of 64 / 32 = 2 samples; a batch of 5 is 2 + 2 + 1.
-  ASSERT_EQ(natgrad::conv_chunk_samples(8, 4, 8), 2);
-  const at::Tensor g = at::randn({5, 8, 2, 2}, at::kDouble);
+  // 8 channels over 2x2 positions: chunks of 2^18 / 32 = 8192 samples; a batch of 16389 is
+  // 8192 + 8192 + 5.
+  ASSERT_EQ(natgrad::conv_chunk_samples(8, 4, 8), 8192);
+  const at::Tensor g = at::randn({16389, 8, 2, 2}, at::kDouble);
   EXPECT_TRUE(AllClose(natgrad::conv2d_grad_factor(g, 3.0), ref_conv_grad(g, 3.0), kTol64));
   at::Tensor factor = natgrad_test::random_spd(8);
   const at::Tensor old = factor.clone();
@@ -291,16 +293,18 @@ TEST(KronFactors, Conv2dGradChunksTheBatchAndEmaUpdatesInPlace) {
 }
 
 TEST(KronFactors, ConvChunkSamplesFollowsItsDocumentedBound) {
-  EXPECT_EQ(natgrad::conv_chunk_samples(27, 9, 28), 3);
-  EXPECT_EQ(natgrad::conv_chunk_samples(1, 1, 5), 25);
+  EXPECT_EQ(natgrad::conv_chunk_samples(27, 9, 28), 1078);  // the floor: 2^18 / 243
+  EXPECT_EQ(natgrad::conv_chunk_samples(1, 1, 5), natgrad::kConvChunkElements);
+  EXPECT_EQ(natgrad::conv_chunk_samples(100, 100, 1000), 100);  // the factor: 10^6 / 10^4
   EXPECT_EQ(natgrad::conv_chunk_samples(1000, 1000, 10), 1);  // never below one sample
-  for (int64_t patch : {3, 18, 50})
-    for (int64_t pos : {1, 4, 49})
-      for (int64_t dim : {4, 19, 51}) {
+  for (int64_t patch : {3, 18, 50, 700})
+    for (int64_t pos : {1, 4, 49, 900})
+      for (int64_t dim : {4, 19, 51, 701}) {
         const int64_t chunk = natgrad::conv_chunk_samples(patch, pos, dim);
+        const int64_t budget = std::max(dim * dim, natgrad::kConvChunkElements);
         EXPECT_GE(chunk, 1);
-        if (chunk > 1) EXPECT_LE(chunk * patch * pos, dim * dim);
-        EXPECT_GT((chunk + 1) * patch * pos, dim * dim);
+        if (chunk > 1) EXPECT_LE(chunk * patch * pos, budget);
+        EXPECT_GT((chunk + 1) * patch * pos, budget);
       }
 }
 
@@ -469,7 +473,7 @@ TEST(KronFactorErrors, Conv2dRejectsBadGeometryNamingTheArgument) {
 
 // ---- The dispatcher: ops registered by the C++ library itself -------------------------------
 
-constexpr std::array<const char*, 15> kOps = {
+constexpr std::array<const char*, 16> kOps = {
     "natgrad::linear_act_factor",       "natgrad::linear_act_factor_ema_",
     "natgrad::conv2d_act_factor",       "natgrad::conv2d_act_factor_ema_",
     "natgrad::linear_grad_factor",      "natgrad::linear_grad_factor_ema_",
@@ -477,7 +481,73 @@ constexpr std::array<const char*, 15> kOps = {
     "natgrad::damped_eigh",             "natgrad::kfac_precondition_eigen",
     "natgrad::kfac_damped_inverses",    "natgrad::kfac_precondition_inverse",
     "natgrad::woodbury_solve",          "natgrad::linear_diag_fisher",
-    "natgrad::ewc_penalty"};
+    "natgrad::kfac_factors_ema_",       "natgrad::ewc_penalty"};
+
+// ---- kfac_factors_ema_: every layer's EMAs of a K-FAC factor step ------------------------------
+
+TEST(KfacFactorsEma, EqualsThePerLayerEmaOpsAndFlagsABadLayer) {
+  at::manual_seed(23);
+  const ConvCase cc = conv_cases()[0];
+  const at::Tensor x0 = at::randn({6, 4}, at::kDouble), g0 = at::randn({6, 3}, at::kDouble);
+  const at::Tensor img = at::randn({cc.n, cc.c, cc.h, cc.w}, at::kDouble);
+  const at::Tensor a1_ref = conv_act(img, cc, true);
+  const int64_t c_out = 3;
+  const int64_t oh = natgrad_test::conv_out(cc.h, cc.kernel[0], cc.stride[0], cc.padding[0],
+                                            cc.dilation[0]);
+  const int64_t ow = natgrad_test::conv_out(cc.w, cc.kernel[1], cc.stride[1], cc.padding[1],
+                                            cc.dilation[1]);
+  const at::Tensor g_img = at::randn({cc.n, c_out, oh, ow}, at::kDouble);
+  at::Tensor a0 = at::eye(5, at::kDouble), g0f = at::eye(3, at::kDouble);
+  at::Tensor a1 = at::eye(a1_ref.size(0), at::kDouble), g1f = at::eye(c_out, at::kDouble);
+  std::vector<int64_t> layouts{1, 0, 0, 0, 0, 0, 0, 0, 0, 1, cc.kernel[0], cc.kernel[1],
+                               cc.stride[0], cc.stride[1], cc.padding[0], cc.padding[1],
+                               cc.dilation[0], cc.dilation[1]};
+  const at::Tensor flags = natgrad::kfac_factors_ema_({a0, a1}, {g0f, g1f}, {x0, img}, {g0, g_img},
+                                                      layouts, {2.0, 1.5}, {0.5, 0.0});
+  EXPECT_TRUE(at::equal(flags, at::ones({2, 2}, at::kDouble)));
+  EXPECT_TRUE(AllClose(a0, at::eye(5, at::kDouble) * 0.5 + ref_linear_act(x0, true) * 0.5, kTol64));
+  EXPECT_TRUE(AllClose(g0f, at::eye(3, at::kDouble) * 0.5 + ref_linear_grad(g0, 2.0) * 0.5, kTol64));
+  EXPECT_TRUE(AllClose(a1, a1_ref, kTol64));
+  EXPECT_TRUE(AllClose(g1f, natgrad::conv2d_grad_factor(g_img, 1.5), kTol64));
+  // A NaN gradient: that layer is left untouched and flagged, the other one is updated.
+  at::Tensor bad = g0.clone();
+  bad[1][2] = std::numeric_limits<double>::quiet_NaN();
+  const at::Tensor a0_before = a0.clone(), g0_before = g0f.clone(), a1_before = a1.clone();
+  const at::Tensor flags2 = natgrad::kfac_factors_ema_({a0, a1}, {g0f, g1f}, {x0, img}, {bad, g_img},
+                                                       layouts, {2.0, 1.5}, {0.5, 0.5});
+  EXPECT_EQ(flags2[0][0].item<double>(), 0.0);
+  EXPECT_EQ(flags2[0][1].item<double>(), 1.0);
+  EXPECT_EQ(flags2[1][0].item<double>(), 1.0);
+  EXPECT_TRUE(at::equal(a0, a0_before) && at::equal(g0f, g0_before));
+  EXPECT_FALSE(at::equal(a1, a1_before));
+}
+
+TEST(KfacFactorsEma, OverflowingStatisticsAreSkippedAndArgumentsCheckedFirst) {
+  at::Tensor a = at::eye(3, at::kFloat), g = at::eye(2, at::kFloat);
+  at::Tensor x = at::ones({4, 2}, at::kFloat);
+  x[0][0] = 1e19f;  // finite, but 1e38 * 4 rows overflows a float32 Gram sum
+  const std::vector<int64_t> linear{1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const at::Tensor flags = natgrad::kfac_factors_ema_({a}, {g}, {x}, {at::ones({4, 2})}, linear,
+                                                      {1.0}, {0.9});
+  EXPECT_EQ(flags[0][0].item<double>(), 0.0);
+  EXPECT_TRUE(at::equal(a, at::eye(3, at::kFloat)) && at::equal(g, at::eye(2, at::kFloat)));
+  const at::Tensor ok = at::ones({4, 2});
+  at::Tensor a2 = at::eye(3, at::kFloat);
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] {
+        natgrad::kfac_factors_ema_({a2, a}, {g, at::eye(3, at::kFloat)}, {ok, ok}, {ok, ok},
+                                   {1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0},
+                                   {1.0, 1.0}, {0.5, 0.5});
+      },
+      {"g_factors[1]", "shape"}));
+  EXPECT_TRUE(at::equal(a2, at::eye(3, at::kFloat)));  // layer 0 was not updated either
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] { natgrad::kfac_factors_ema_({a}, {g}, {ok}, {ok}, {1, 0}, {1.0}, {0.5}); },
+      {"layouts", "9 integers per layer"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] { natgrad::kfac_factors_ema_({a}, {g}, {ok}, {ok}, linear, {1.0}, {0.5, 0.5}); },
+      {"decays", "one entry per layer"}));
+}
 
 TEST(Dispatcher, EveryOperatorIsAnAtenCompositionRegisteredForEveryDevice) {
   for (const char* name : kOps) {

@@ -16,8 +16,10 @@ Conventions (shared with the C++ ops, csrc/factors/kron_factors.h):
 * ``*_ema_`` forms update ``factor`` in place, ``factor ← decay·factor + (1 − decay)·new``,
   accumulating the Gram product straight into the factor (no second factor-sized tensor).
   Inputs of another floating dtype are converted to the factor's dtype.
-* Conv2d patches are unfolded in chunks of samples no larger than the factor, so the full
-  unfolded patch matrix never exists (the autograd backward does materialise it).
+* Conv2d patches are unfolded in chunks of whole samples of at most ``max(factor size, 2^18)``
+  entries, so memory stays bounded while small layers take one or a few chunks (the full
+  unfolded patch matrix exists only when it is that small; the autograd backward does
+  materialise it).
 
 * ``decay=0`` replaces the whole factor, bias row and column included, even when the factor
   held NaN or Inf.
