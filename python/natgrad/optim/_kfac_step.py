@@ -1,18 +1,29 @@
-"""natgrad.KFAC's per-step work after the curvature refresh: directions, trust-region inner
+"""natgrad.KFAC's per-step work: the list-op factor step, directions, trust-region inner
 products and the momentum / weight-decay update, with one host read per step.
 
-Layers whose block uses the standard Kronecker layout (:class:`KroneckerBlock`'s own ``pack``
-and ``precondition``: Linear and Conv2d) go through one list op per inverse method
-(:func:`natgrad.ops.kfac_directions_eigen` / ``_inverse``), which returns the directions (weight
-and bias apart, no packed copies), ``⟨u, g⟩`` and the finite flags together. Any other block
-(an Embedding, a block type of another module) and the fallback parameters are preconditioned
-one by one, and their flags and inner products join the same read. In a distributed run whose
-layers are preconditioned on a subset of ranks the per-block path with its broadcasts is used
-(:func:`per_block_directions`, the original sequence).
+Factor step: every Linear/Conv2d layer that has factors already is updated by one list op
+(:func:`update_listed_factors`, :func:`natgrad.ops.kfac_factors_ema_`), which checks each layer's
+statistics in C++ and leaves a bad layer untouched; its flags are not read there but with the
+directions' stats below.
 
-The NaN/Inf policy is the documented one: a block whose (unscaled) gradient is not finite is
-skipped with a "gradients" fault, one whose direction is not with a "preconditioned gradients"
-fault; parameters and factors of a skipped block are untouched.
+Directions: layers whose block uses the standard Kronecker layout (:class:`KroneckerBlock`'s own
+``pack`` and ``precondition``: Linear and Conv2d) go through one list op per inverse method
+(:func:`natgrad.ops.kfac_directions_eigen` / ``_inverse``), which returns the directions (weight
+and bias apart, no packed copies), ``⟨u, g⟩``, the finite flags and, when the KL trust region
+bounds a momentum step, the buffers' ``⟨b, g⟩`` together. Any other block (an Embedding, a block
+type of another module) and the fallback parameters are preconditioned one by one, and their
+flags and inner products join the same read, so that the trust region
+(:func:`natgrad.optim._kfac_damping.trust_region`) needs no reduction and no read of its own.
+In a distributed run whose layers are preconditioned on a subset of ranks the per-block path
+with its broadcasts is used (:func:`per_block_directions`, the original sequence; factors are
+then updated per layer, averaged across ranks and checked with reads of their own).
+
+The NaN/Inf policy is the documented one: a layer whose captured statistics hold NaN/Inf (or
+values that could overflow its factors) is skipped with an "activations or output gradients"
+fault (its factors untouched), one whose updated factors are not finite restarts its estimate;
+a block whose (unscaled) gradient is not finite is skipped with a "gradients" fault, one whose
+direction is not with a "preconditioned gradients" fault; parameters and factors of a skipped
+block are untouched.
 """
 from __future__ import annotations
 
