@@ -2,6 +2,8 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "common/checks.h"
 #include "common/subnormal.h"
 
@@ -42,13 +44,18 @@ EighResult damped_eigh(const at::Tensor& factor, double damping) {
   return {evals, evecs, rung};
 }
 
-SolveResult spd_solve(const at::Tensor& spd, const at::Tensor& rhs) {
+namespace {
+
+// Through the ladder: Cholesky of each rung's matrix, then `finish(chol, m)`; rung kDiagonal solves
+// `rhs` (built on demand) with diag(S), a Jacobi approximation.
+template <class Finish, class Rhs>
+SolveResult cholesky_ladder(const at::Tensor& spd, Finish finish, Rhs rhs) {
   const at::Tensor sym = symmetrized(spd);
   at::Tensor solution;
   const Rung rung = climb_ladder(sym, [&](const at::Tensor& m) {
     auto [chol, info] = at::linalg_cholesky_ex(m);
     if (info.ne(0).any().item<bool>()) return false;
-    at::Tensor x = at::cholesky_solve(rhs.to(m.scalar_type()), chol);
+    at::Tensor x = finish(chol, m);
     if (!all_finite({x})) return false;
     solution = x;
     return true;
@@ -56,10 +63,27 @@ SolveResult spd_solve(const at::Tensor& spd, const at::Tensor& rhs) {
   if (rung == Rung::kDiagonal) {
     const at::Tensor diag = sym.to(at::kDouble).diagonal(0, -2, -1);
     const double floor = std::max(diag.abs().max().item<double>() * 1e-12, 1e-300);
-    solution = rhs.to(at::kDouble) / diag.clamp_min(floor).unsqueeze(-1);
+    solution = rhs().to(at::kDouble) / diag.clamp_min(floor).unsqueeze(-1);
   }
   flush_subnormal_(solution);
   return {solution, rung};
+}
+
+}  // namespace
+
+SolveResult spd_solve(const at::Tensor& spd, const at::Tensor& rhs) {
+  return cholesky_ladder(
+      spd,
+      [&](const at::Tensor& chol, const at::Tensor& m) {
+        return at::cholesky_solve(rhs.to(m.scalar_type()), chol);
+      },
+      [&] { return rhs; });
+}
+
+SolveResult spd_inverse(const at::Tensor& spd) {
+  return cholesky_ladder(
+      spd, [](const at::Tensor& chol, const at::Tensor&) { return at::cholesky_inverse(chol); },
+      [&] { return at::eye(spd.size(-1), spd.options()).expand_as(spd); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_eigh_op(const at::Tensor& factor,

@@ -35,6 +35,11 @@ struct SolveResult {
 // through the ladder; rung kDiagonal solves with diag(S) (a Jacobi approximation).
 SolveResult spd_solve(const at::Tensor& spd, const at::Tensor& rhs);
 
+// S^-1 of a symmetric positive-definite S [..., n, n]: spd_solve(S, I), but through
+// cholesky_inverse (LAPACK potri: one triangular inverse and a symmetric product, about half the
+// work of solving against the identity, and exactly symmetric).
+SolveResult spd_inverse(const at::Tensor& spd);
+
 // Op entry point: (eigenvalues, eigenvectors, rung as a 0-dim int64 tensor).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_eigh_op(const at::Tensor& factor,
                                                               double damping);

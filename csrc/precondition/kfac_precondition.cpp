@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kfac_damped_inverses(const at::Te
   auto damped_inverse = [](const at::Tensor& factor, const at::Tensor& shift) {
     const at::Tensor eye = at::eye(factor.size(-1), factor.options());
     const at::Tensor shifted = factor + eye * shift.to(factor.scalar_type()).unsqueeze(-1).unsqueeze(-1);
-    return spd_solve(shifted, eye.expand_as(shifted));
+    return spd_inverse(shifted);
   };
   SolveResult g = damped_inverse(g_factor, root / pi);
   SolveResult a = damped_inverse(a_factor, pi * root);

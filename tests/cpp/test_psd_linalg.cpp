@@ -318,4 +318,28 @@ TEST_F(SpdSolve, SingularAndIndefiniteSystemsClimbTheLadderWithoutForcing) {
   EXPECT_DOUBLE_EQ(r.solution[2][0].item<double>(), 0.5);
 }
 
+TEST_F(SpdSolve, InverseMatchesTheDenseInverseIsSymmetricAndClimbsTheLadder) {
+  at::manual_seed(112);
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    const at::Tensor s = random_spd(6).to(dtype);
+    const natgrad::SolveResult r = natgrad::spd_inverse(s);
+    EXPECT_EQ(r.rung, Rung::kNative);
+    EXPECT_EQ(r.solution.scalar_type(), dtype);
+    EXPECT_TRUE(AllClose(r.solution, at::linalg_inv(s.to(at::kDouble)), tol_for(dtype)));
+    EXPECT_TRUE(at::equal(r.solution, r.solution.mT()));
+  }
+  const at::Tensor batch = at::stack({random_spd(4), random_spd(4)});
+  EXPECT_TRUE(AllClose(natgrad::spd_inverse(batch).solution, at::linalg_inv(batch), kTol64));
+  const at::Tensor s = random_spd(5).to(at::kFloat);
+  force_ladder_failures(1);
+  natgrad::SolveResult r = natgrad::spd_inverse(s);
+  EXPECT_EQ(r.rung, Rung::kFloat64);
+  EXPECT_TRUE(AllClose(r.solution, at::linalg_inv(s.to(at::kDouble)), kTol64));
+  force_ladder_failures(2 + natgrad::kJitterSteps);
+  r = natgrad::spd_inverse(s);
+  EXPECT_EQ(r.rung, Rung::kDiagonal);  // Jacobi: diag(S)^-1
+  EXPECT_TRUE(AllClose(r.solution, at::diag(1.0 / s.to(at::kDouble).diagonal()), kTol64));
+  EXPECT_EQ(pending_ladder_failures(), 0);
+}
+
 }  // namespace
