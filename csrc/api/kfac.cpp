@@ -23,21 +23,46 @@ std::unique_ptr<torch::optim::OptimizerOptions> checked(const KFACOptions& defau
   return std::make_unique<KFACOptions>(defaults);
 }
 
+std::vector<torch::Tensor> parameters_of(const std::shared_ptr<torch::nn::Module>& model) {
+  TORCH_CHECK(model != nullptr, "Invalid model: expected a torch::nn::Module, got nullptr");
+  return model->parameters();
+}
+
 }  // namespace
 
 KFAC::KFAC(std::shared_ptr<torch::nn::Module> model, const KFACOptions& defaults)
-    : KFAC(model, {torch::optim::OptimizerParamGroup(model->parameters())}, defaults) {}
+    : KFAC(model, {torch::optim::OptimizerParamGroup(parameters_of(model))}, defaults) {}
 
 KFAC::KFAC(std::shared_ptr<torch::nn::Module> model,
            const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
            const KFACOptions& defaults)
     : torch::optim::Optimizer(param_groups, checked(defaults)) {
   TORCH_CHECK(model != nullptr, "Invalid model: expected a torch::nn::Module, got nullptr");
+  // torch::optim's add_param_group replaces options of optimizer types it does not know by
+  // the defaults: a group's own KFACOptions are put back (and checked) here.
+  for (size_t i = 0; i < param_groups.size(); ++i) restore_group_options(i, param_groups[i]);
   index_groups();  // every group holds KFACOptions
-  for (size_t i = 0; i < this->param_groups().size(); ++i) {
-    check_options(static_cast<const KFACOptions&>(this->param_groups()[i].options()), i);
-  }
   build(model);
+}
+
+void KFAC::restore_group_options(size_t index, const torch::optim::OptimizerParamGroup& group) {
+  if (group.has_options()) {
+    const auto* own = dynamic_cast<const KFACOptions*>(&group.options());
+    TORCH_CHECK(own != nullptr, "param group ", index, " of natgrad::optim::KFAC must hold KFACOptions");
+    this->param_groups()[index].set_options(group.options().clone());
+  }
+  check_options(static_cast<const KFACOptions&>(this->param_groups()[index].options()), index);
+}
+
+void KFAC::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  torch::optim::Optimizer::add_param_group(param_group);
+  try {
+    restore_group_options(param_groups().size() - 1, param_group);
+  } catch (...) {
+    param_groups().pop_back();  // an invalid group is not added (as natgrad.KFAC)
+    throw;
+  }
+  index_groups();
 }
 
 KFAC::~KFAC() { remove_hooks(); }

@@ -109,6 +109,9 @@ struct Case {
   }
 };
 
+/// gtest prints a case by its name.
+inline void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 inline std::vector<Case> parity_cases() {
   std::vector<Case> cases;
   for (std::string model : {"mlp", "cnn", "emb"}) {
