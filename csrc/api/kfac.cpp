@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <torch/nn/modules/container/any.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -148,7 +149,9 @@ void KFAC::build(const std::shared_ptr<torch::nn::Module>& model) {
   }
 }
 
-bool KFAC::capturing() const { return steps_ % global().factor_update_period() == 0; }
+bool KFAC::capturing() const {  // (a period edited to < 1 is rejected by the next step())
+  return steps_ % std::max<int64_t>(global().factor_update_period(), 1) == 0;
+}
 
 void KFAC::clear_records() {
   for (auto& records : records_) records->clear();

@@ -75,7 +75,8 @@ class KFAC : public torch::optim::Optimizer {
   std::map<std::string, int64_t> nonfinite_skips() const { return faults_; }
   /// Steps taken so far.
   int64_t steps() const { return steps_; }
-  /// Stops recording in every layer (afterwards every parameter takes the plain gradient).
+  /// Stops recording in every layer: factors are no longer updated (as natgrad.KFAC's
+  /// remove_hooks; also done by the destructor).
   void remove_hooks();
 
   /// torch::optim's state (momentum buffers, kl_share, param groups) plus, under "kfac", the
