@@ -162,6 +162,32 @@ TEST(ApiKfac, PerGroupLearningRateAppliesToItsParametersOnly) {
   EXPECT_EQ(opt.blocks().size(), 2u);
 }
 
+TEST(ApiKfac, StepWithClosureEqualsTheExplicitLoopAndReturnsTheLoss) {
+  Case c{"mlp_eigen_11", "mlp", "eigen", 1, 1};
+  natgrad_test::Model loop = natgrad_test::make_model("mlp");
+  KFAC opt_loop(loop.module, c.options());
+  natgrad_test::train(loop, opt_loop, c, 0, 4);
+  natgrad_test::Model closed = natgrad_test::make_model("mlp");
+  KFAC opt(closed.module, c.options());
+  for (int k = 0; k < 4; ++k) {
+    const auto x = natgrad_test::fixture_tensor("mlp/x")[k];
+    const auto y = natgrad_test::fixture_tensor("mlp/y")[k];
+    torch::NoGradGuard no_grad;  // step() enables grad for the closure, as torch::optim does
+    torch::Tensor loss = opt.step([&] {
+      opt.zero_grad();
+      torch::Tensor l = torch::nn::functional::cross_entropy(closed.forward(x), y);
+      l.backward();
+      return l;
+    });
+    ASSERT_TRUE(loss.defined());
+    EXPECT_TRUE(std::isfinite(loss.item<double>()));
+  }
+  auto expected = loop.module->named_parameters();
+  for (const auto& item : closed.module->named_parameters()) {
+    EXPECT_TRUE(torch::equal(item.value(), expected[item.key()])) << item.key();
+  }
+}
+
 // ---- faults ---------------------------------------------------------------------------------
 
 TEST(ApiKfac, NanInBatchSkipsEveryLayerItReachesAndTrainingGoesOn) {
