@@ -106,9 +106,11 @@ void KFAC::build(const std::shared_ptr<torch::nn::Module>& model) {
     for (const auto& p : group.params()) managed.insert(p.unsafeGetTensorImpl());
   }
   for (const auto& item : model->named_parameters()) names_[item.value().unsafeGetTensorImpl()] = item.key();
+  std::set<const torch::nn::Module*> seen;  // a module registered twice is visited once
   for (const auto& item : model->named_modules()) {
     const std::string& name = item.key();
     const std::shared_ptr<torch::nn::Module>& module = item.value();
+    if (!seen.insert(module.get()).second) continue;
     const std::string owner = detail::type_name(*module) + " '" + name + "'";
     std::vector<torch::Tensor> own;
     for (const auto& p : module->parameters(/*recurse=*/false)) {

@@ -283,6 +283,18 @@ TEST(ApiKfac, PlainModulesFollowTheTrustRegionMomentumFormula) {
   EXPECT_TRUE(opt.blocks().empty());
 }
 
+TEST(ApiKfac, ALayerRegisteredTwiceGetsOneBlock) {
+  natgrad::nn::Linear shared(3, 3);
+  torch::nn::Sequential net(shared, torch::nn::Tanh(), shared);
+  KFAC opt(net, KFACOptions(0.1));
+  ASSERT_EQ(opt.blocks().size(), 1u);
+  EXPECT_EQ(shared->attached(), 1u);
+  net->forward(torch::randn({4, 3})).sum().backward();
+  opt.step();  // two calls of one layer: one factor update from both
+  EXPECT_TRUE(opt.blocks()[0]->has_factors());
+  EXPECT_TRUE(opt.nonfinite_skips().empty());
+}
+
 // ---- describe -----------------------------------------------------------------------------------
 
 struct DescribeNetImpl : torch::nn::Module {
