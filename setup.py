@@ -33,7 +33,9 @@ def extension_modules() -> list:
     def rel(pattern: str) -> list[str]:
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
-    sources = rel("csrc/**/*.cpp")
+    # csrc/api/ is the LibTorch C++ frontend (natgrad::optim::KFAC, natgrad::EWC): built by CMake
+    # into libnatgrad only; the Python package has its own optimizers and needs none of it.
+    sources = [s for s in rel("csrc/**/*.cpp") if not s.startswith(os.path.join("csrc", "api", ""))]
     cuda_sources = rel("csrc/**/*.cu")  # none today: CUDA is reached through ATen
     with_cuda = (
         bool(cuda_sources)
