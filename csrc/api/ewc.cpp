@@ -5,8 +5,11 @@
 
 #include <cmath>
 #include <sstream>
-#include <unordered_map>
+#include <map>
+#include <optional>
 
+#include "api/layers.h"
+#include "empirical/empirical_fisher.h"
 #include "ewc/ewc_penalty.h"
 
 namespace natgrad {
@@ -128,6 +131,51 @@ std::vector<Pass> pseudo_targets(const EWCOptions& o, const at::Tensor& out, con
   return passes;
 }
 
+// A natgrad::nn::Linear layer whose parameters all take the linear_diag_fisher path: indices
+// of its weight and bias (-1: none) in the trainable list, and its own records.
+struct LinearSlot {
+  nn::LinearImpl* layer;
+  size_t weight;
+  int64_t bias;
+  std::shared_ptr<nn::LayerRecords> records;
+};
+
+// Every natgrad::nn::Linear of `model` whose parameters are all trainable.
+std::vector<LinearSlot> linear_slots(torch::nn::Module& model,
+                                     const std::vector<std::pair<std::string, at::Tensor>>& named) {
+  auto index_of = [&](const std::string& name) -> int64_t {
+    for (size_t j = 0; j < named.size(); ++j) {
+      if (named[j].first == name) return static_cast<int64_t>(j);
+    }
+    return -1;
+  };
+  std::vector<LinearSlot> out;
+  for (const auto& item : model.named_modules("", /*include_self=*/true)) {
+    auto* layer = dynamic_cast<nn::LinearImpl*>(item.value().get());
+    if (layer == nullptr) continue;
+    const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+    const int64_t w = index_of(prefix + "weight");
+    const int64_t b = layer->bias.defined() ? index_of(prefix + "bias") : -1;
+    if (w < 0 || (layer->bias.defined() && b < 0)) continue;  // some parameter frozen
+    out.push_back({layer, static_cast<size_t>(w), b,
+                   std::make_shared<nn::LayerRecords>(
+                       nullptr, nn::LayerRecordsOptions{/*training_only=*/false, /*keep_output=*/true,
+                                                        /*hook_gradients=*/false})});
+  }
+  return out;
+}
+
+// Attaches each slot's records to its layer for one forward (detached on scope exit).
+struct AttachGuard {
+  const std::vector<LinearSlot>& slots;
+  explicit AttachGuard(const std::vector<LinearSlot>& s) : slots(s) {
+    for (const auto& slot : slots) slot.layer->attach(slot.records);
+  }
+  ~AttachGuard() {
+    for (const auto& slot : slots) slot.layer->detach(slot.records);
+  }
+};
+
 // Restores the model's training flag on scope exit.
 struct TrainModeGuard {
   torch::nn::Module& model;
@@ -213,6 +261,7 @@ void EWC::consolidate(const std::vector<Batch>& batches, std::optional<at::Gener
   for (const auto& [name, p] : named) params.push_back(p);
 
   std::vector<at::Tensor> diag(named.size());
+  std::map<std::string, std::string> estimator;
   int64_t seen = 0;
   {
     TrainModeGuard mode(*model_, options_.train_mode());
@@ -221,32 +270,84 @@ void EWC::consolidate(const std::vector<Batch>& batches, std::optional<at::Gener
       const std::string at_batch = where + ", batch " + std::to_string(b);
       const at::Tensor& x = batches[b].first;
       const int64_t n = x.size(0);
+      // natgrad::nn::Linear layers: one batched forward records each layer's input and output;
+      // their per-sample Fisher comes from linear_diag_fisher on the output gradients.
+      const std::vector<LinearSlot> linear = linear_slots(*model_, named);
       at::Tensor out;
       {
-        torch::NoGradGuard no_grad;
+        AttachGuard attached(linear);
+        std::optional<torch::NoGradGuard> no_grad;
+        if (linear.empty()) no_grad.emplace();
         out = forward_(x);
       }
       if (batches[b].second.defined()) check_targets(options_.likelihood(), out, batches[b].second, at_batch);
-      const std::vector<Pass> passes = pseudo_targets(options_, out, batches[b].second, generator, at_batch);
-      // Per-sample autograd: each sample as a batch of one, one backward per pass.
+      const std::vector<Pass> passes = pseudo_targets(options_, out.detach(), batches[b].second, generator, at_batch);
       std::vector<at::Tensor> acc(params.size());
-      for (int64_t i = 0; i < n; ++i) {
+      std::vector<bool> done(params.size(), false);
+      std::vector<at::Tensor> outputs;
+      std::vector<size_t> used;
+      for (size_t l = 0; l < linear.size(); ++l) {
+        if (linear[l].records->calls().size() == 1) {  // called once: one row per sample
+          used.push_back(l);
+          outputs.push_back(linear[l].records->calls()[0]->output);
+        }
+      }
+      if (!used.empty()) {
+        std::vector<at::Tensor> fisher(used.size());
+        for (size_t k = 0; k < passes.size(); ++k) {
+          const auto grads = torch::autograd::grad(
+              {weighted_nll(options_.likelihood(), out, passes[k].first, passes[k].second)}, outputs, {},
+              /*retain_graph=*/true, /*create_graph=*/false, /*allow_unused=*/true);
+          for (size_t u = 0; u < used.size(); ++u) {
+            const LinearSlot& slot = linear[used[u]];
+            const at::Tensor g = grads[u].defined() ? grads[u].detach() : at::zeros_like(outputs[u]);
+            const at::Tensor d = linear_diag_fisher(slot.records->calls()[0]->input, g, slot.bias >= 0, 1.0);
+            fisher[u] = fisher[u].defined() ? fisher[u] + d : d;
+          }
+        }
+        for (size_t u = 0; u < used.size(); ++u) {
+          const LinearSlot& slot = linear[used[u]];
+          const int64_t in = params[slot.weight].size(1);
+          acc[slot.weight] = fisher[u].narrow(1, 0, in).contiguous();  // already the mean
+          done[slot.weight] = true;
+          if (slot.bias >= 0) {
+            acc[slot.bias] = fisher[u].select(1, in).contiguous();
+            done[slot.bias] = true;
+          }
+        }
+      }
+      out = at::Tensor();
+      // Every other parameter: per-sample autograd, each sample as a batch of one, one backward
+      // per pass.
+      std::vector<at::Tensor> rest;
+      std::vector<size_t> rest_index;
+      for (size_t j = 0; j < params.size(); ++j) {
+        if (!done[j]) {
+          rest.push_back(params[j]);
+          rest_index.push_back(j);
+        }
+      }
+      for (int64_t i = 0; i < n && !rest.empty(); ++i) {
         const at::Tensor out_i = forward_(x.narrow(0, i, 1));
         for (size_t k = 0; k < passes.size(); ++k) {
           const at::Tensor& w = passes[k].second;
           const at::Tensor loss = weighted_nll(options_.likelihood(), out_i, passes[k].first.narrow(0, i, 1),
                                                w.defined() ? w.narrow(0, i, 1) : at::Tensor());
-          const auto grads = torch::autograd::grad({loss}, params, {}, /*retain_graph=*/k + 1 < passes.size(),
+          const auto grads = torch::autograd::grad({loss}, rest, {}, /*retain_graph=*/k + 1 < passes.size(),
                                                    /*create_graph=*/false, /*allow_unused=*/true);
-          for (size_t j = 0; j < params.size(); ++j) {
-            if (!grads[j].defined()) continue;
-            const at::Tensor sq = grads[j].detach().square();
-            acc[j] = acc[j].defined() ? acc[j].add_(sq) : sq;
+          for (size_t r = 0; r < rest.size(); ++r) {
+            if (!grads[r].defined()) continue;
+            const at::Tensor sq = grads[r].detach().square();
+            at::Tensor& a = acc[rest_index[r]];
+            a = a.defined() ? a.add_(sq) : sq;
           }
         }
       }
       for (size_t j = 0; j < params.size(); ++j) {
-        const at::Tensor mean = acc[j].defined() ? acc[j] / n : at::zeros_like(params[j]).detach();
+        estimator[named[j].first] = done[j] ? "linear_diag_fisher" : "per-sample autograd";
+      }
+      for (size_t j = 0; j < params.size(); ++j) {
+        const at::Tensor mean = done[j] ? acc[j] : acc[j].defined() ? acc[j] / n : at::zeros_like(params[j]).detach();
         diag[j] = weighted(diag[j], mean, n, seen);
       }
       seen += n;
@@ -278,6 +379,7 @@ void EWC::consolidate(const std::vector<Batch>& batches, std::optional<at::Gener
   } else {
     tasks_.push_back(std::move(task));
   }
+  estimator_ = std::move(estimator);
   ++revision_;
 }
 

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -118,6 +119,9 @@ class EWC {
   const std::vector<Task>& tasks() const { return tasks_; }
   // The stored Fisher of parameter `name` in task `task` (c10::Error if absent).
   at::Tensor fisher(const std::string& name, size_t task = 0) const;
+  // How the last consolidate() estimated each parameter's Fisher: "linear_diag_fisher" (a
+  // natgrad::nn::Linear layer called once per forward) or "per-sample autograd".
+  const std::map<std::string, std::string>& estimator() const { return estimator_; }
   // Bumped whenever the stored Fisher changes.
   int64_t revision() const { return revision_; }
 
@@ -134,6 +138,7 @@ class EWC {
   Forward forward_;
   EWCOptions options_;
   std::vector<Task> tasks_;
+  std::map<std::string, std::string> estimator_;
   int64_t revision_ = 0;
 };
 

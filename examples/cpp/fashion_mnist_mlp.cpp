@@ -26,9 +26,6 @@
 
 namespace {
 
-// TODO(merge issue-14a): natgrad::nn::Linear, once the capture layers are on this branch.
-using Linear = torch::nn::Linear;
-
 struct Args {
   int64_t steps = 400, batch = 256, hidden = 512, train_size = 10000, test_size = 2000;
   int64_t threads = 2, seed = 0, evals = 20;
@@ -67,9 +64,9 @@ Args parse(int argc, char** argv) {
 
 torch::nn::Sequential make_mlp(int64_t hidden, int64_t seed) {
   torch::manual_seed(seed);
-  return torch::nn::Sequential(Linear(784, hidden), torch::nn::ReLU(),
-                               Linear(hidden, hidden), torch::nn::ReLU(),
-                               Linear(hidden, 10));
+  return torch::nn::Sequential(natgrad::nn::Linear(784, hidden), torch::nn::ReLU(),
+                               natgrad::nn::Linear(hidden, hidden), torch::nn::ReLU(),
+                               natgrad::nn::Linear(hidden, 10));
 }
 
 struct Run {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "api/ewc.h"
+#include "api/layers.h"
 #include "test_helpers.h"
 
 namespace {
@@ -55,13 +56,24 @@ const Fixture& fixture() {
 }
 
 // The fixture's model: Linear(6,5) → Tanh → LayerNorm(5) → Linear(5,3), float64, θ₁.
-torch::nn::Sequential make_model() {
-  torch::nn::Sequential net(torch::nn::Linear(6, 5), torch::nn::Tanh(),
-                            torch::nn::LayerNorm(torch::nn::LayerNormOptions({5})),
-                            torch::nn::Linear(5, 3));
+// With capture = true its Linear layers are natgrad::nn::Linear (the linear_diag_fisher path);
+// otherwise torch::nn::Linear (per-sample autograd for every parameter).
+torch::nn::Sequential make_model(bool capture = false) {
+  torch::nn::Sequential net;
+  if (capture) net->push_back(natgrad::nn::Linear(6, 5));
+  else net->push_back(torch::nn::Linear(6, 5));
+  net->push_back(torch::nn::Tanh());
+  net->push_back(torch::nn::LayerNorm(torch::nn::LayerNormOptions({5})));
+  if (capture) net->push_back(natgrad::nn::Linear(5, 3));
+  else net->push_back(torch::nn::Linear(5, 3));
   net->to(at::kDouble);
   return net;
 }
+
+// Both paths give the Python values; the tests below run on each.
+class ApiEwcPaths : public ::testing::TestWithParam<bool> {};
+INSTANTIATE_TEST_SUITE_P(LinearLayers, ApiEwcPaths, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "NatgradLinear" : "TorchLinear"; });
 
 void set_params(torch::nn::Module& net, const std::string& prefix) {
   torch::NoGradGuard no_grad;
@@ -100,16 +112,16 @@ void expect_matches_python(const std::string& case_name, torch::nn::Module& net,
   }
 }
 
-TEST(ApiEwc, SeparateModeFisherPenaltyAndGradientMatchPython) {
-  auto net = make_model();
+TEST_P(ApiEwcPaths, SeparateModeFisherPenaltyAndGradientMatchPython) {
+  auto net = make_model(GetParam());
   natgrad::EWC ewc(net, natgrad::EWCOptions(3.0).mode("separate"));
   EXPECT_TRUE(AllClose(ewc.penalty(), at::zeros({}, at::kDouble), 0.0));  // nothing consolidated
   run_two_tasks(*net, ewc);
   expect_matches_python("separate", *net, ewc, 2);
 }
 
-TEST(ApiEwc, OnlineModeDecaysTheFisherAndKeepsTheLatestAnchor) {
-  auto net = make_model();
+TEST_P(ApiEwcPaths, OnlineModeDecaysTheFisherAndKeepsTheLatestAnchor) {
+  auto net = make_model(GetParam());
   natgrad::EWC ewc(net, natgrad::EWCOptions(3.0).mode("online").gamma(0.7));
   run_two_tasks(*net, ewc);
   expect_matches_python("online", *net, ewc, 1);
@@ -119,10 +131,10 @@ TEST(ApiEwc, OnlineModeDecaysTheFisherAndKeepsTheLatestAnchor) {
   }
 }
 
-TEST(ApiEwc, ExactCategoricalAndGaussianFishersMatchPython) {
+TEST_P(ApiEwcPaths, ExactCategoricalAndGaussianFishersMatchPython) {
   const Fixture& f = fixture();
   for (const std::string which : {"exact", "gaussian"}) {
-    auto net = make_model();
+    auto net = make_model(GetParam());
     set_params(*net, "init/");
     natgrad::EWCOptions o(1.0);
     if (which == "exact") o.fisher_type("exact");
@@ -136,12 +148,12 @@ TEST(ApiEwc, ExactCategoricalAndGaussianFishersMatchPython) {
   }
 }
 
-TEST(ApiEwc, MonteCarloFisherIsTheEmpiricalOneAtSampledLabels) {
+TEST_P(ApiEwcPaths, MonteCarloFisherIsTheEmpiricalOneAtSampledLabels) {
   // One draw per sample: the mc Fisher is the empirical Fisher at labels drawn from the model's
   // predictive distribution with the same generator (Python's draw: softmax in float32, then
   // multinomial over the batch's rows).
   const Fixture& f = fixture();
-  auto net = make_model();
+  auto net = make_model(GetParam());
   set_params(*net, "init/");
   natgrad::EWC mc(net, natgrad::EWCOptions(1.0).fisher_type("mc"));
   mc.consolidate(f["x1"], at::Tensor(), at::make_generator<at::CPUGeneratorImpl>(7));
@@ -189,6 +201,45 @@ TEST(ApiEwc, SaveLoadRoundTripRestoresTasksAndOptions) {
   }
   EXPECT_TRUE(AllClose(restored.penalty(), ewc.penalty(), 0.0));
   expect_matches_python("separate", *net, restored, 2);
+}
+
+TEST(ApiEwc, EstimatorNamesThePathOfEachParameter) {
+  auto net = make_model(/*capture=*/true);
+  natgrad::EWC ewc(net, natgrad::EWCOptions(1.0));
+  ewc.consolidate(fixture()["x1"], fixture()["y1"]);
+  EXPECT_EQ(ewc.estimator().at("0.weight"), "linear_diag_fisher");
+  EXPECT_EQ(ewc.estimator().at("3.bias"), "linear_diag_fisher");
+  EXPECT_EQ(ewc.estimator().at("2.weight"), "per-sample autograd");  // the LayerNorm
+  auto plain = make_model(/*capture=*/false);
+  natgrad::EWC other(plain, natgrad::EWCOptions(1.0));
+  other.consolidate(fixture()["x1"], fixture()["y1"]);
+  EXPECT_EQ(other.estimator().at("0.weight"), "per-sample autograd");
+}
+
+TEST(ApiEwc, ALayerCalledTwicePerForwardTakesThePerSamplePath) {
+  // fc(tanh(fc(x))): the layer's rows are no longer one per sample, so linear_diag_fisher does not
+  // apply; the per-sample autograd path gives the same Fisher as for a torch::nn::Linear.
+  const at::Tensor x = fixture()["x1"].narrow(1, 0, 4).contiguous();
+  const at::Tensor y = fixture()["y1"].remainder(4);
+  natgrad::nn::Linear captured(4, 4);
+  torch::nn::Linear plain(4, 4);
+  captured->to(at::kDouble);
+  plain->to(at::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    plain->weight.copy_(captured->weight);
+    plain->bias.copy_(captured->bias);
+  }
+  natgrad::EWC a(captured.ptr(), [&](const at::Tensor& in) { return captured(at::tanh(captured(in))); },
+                 natgrad::EWCOptions(1.0));
+  natgrad::EWC b(plain.ptr(), [&](const at::Tensor& in) { return plain(at::tanh(plain(in))); },
+                 natgrad::EWCOptions(1.0));
+  a.consolidate(x, y);
+  b.consolidate(x, y);
+  EXPECT_EQ(a.estimator().at("weight"), "per-sample autograd");
+  EXPECT_TRUE(AllClose(a.fisher("weight"), b.fisher("weight"), 1e-12));
+  EXPECT_TRUE(AllClose(a.fisher("bias"), b.fisher("bias"), 1e-12));
+  EXPECT_EQ(captured->attached(), 0u);  // the consolidation's records are gone
 }
 
 TEST(ApiEwc, InvalidOptionsNameTheOption) {
