@@ -242,6 +242,34 @@ TEST(ApiEwc, ALayerCalledTwicePerForwardTakesThePerSamplePath) {
   EXPECT_EQ(captured->attached(), 0u);  // the consolidation's records are gone
 }
 
+// The README's usage example ("C++ example program and EWC"), as written there.
+TEST(ApiEwc, ReadmeExampleRuns) {
+  torch::manual_seed(0);
+  torch::nn::Sequential model(natgrad::nn::Linear(784, 64), torch::nn::ReLU(), natgrad::nn::Linear(64, 10));
+  auto x_a = torch::rand({256, 784}), x_b = torch::rand({256, 784});
+  auto y_a = torch::randint(0, 10, {256}), y_b = torch::randint(0, 10, {256});
+  torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-3));
+
+  natgrad::EWC ewc(model, natgrad::EWCOptions(/*lambda=*/100.0).mode("online").gamma(0.9));
+  // ... train on task A, then:
+  ewc.consolidate(x_a, y_a);                    // or a std::vector of (inputs, targets) batches
+  for (int step = 0; step < 10; ++step) {       // task B, kept close to A where A's Fisher is large
+    opt.zero_grad();
+    auto loss = torch::nn::functional::cross_entropy(model->forward(x_b), y_b) + ewc.penalty();
+    loss.backward();
+    opt.step();
+  }
+  torch::save(ewc, "/tmp/ewc.pt");              // Fisher, anchors and options
+  natgrad::EWC restored(model);
+  torch::load(restored, "/tmp/ewc.pt");
+
+  EXPECT_EQ(restored.options().lambda(), 100.0);
+  EXPECT_EQ(restored.estimator().size(), 0u);  // nothing estimated by this object
+  EXPECT_EQ(ewc.estimator().at("0.weight"), "linear_diag_fisher");
+  EXPECT_GT(ewc.penalty().item<double>(), 0.0);
+  EXPECT_TRUE(AllClose(restored.penalty(), ewc.penalty(), 0.0));
+}
+
 TEST(ApiEwc, InvalidOptionsNameTheOption) {
   auto net = make_model();
   auto make = [&](natgrad::EWCOptions o) { return [net, o] { natgrad::EWC ewc(net, o); }; };
