@@ -5,7 +5,7 @@
 // final loss.
 //
 //   build/cmake/examples/cpp/fashion_mnist_mlp [--steps 400] [--batch 256] [--hidden 512]
-//       [--train-size 10000] [--test-size 2000] [--threads 2] [--seed 0] [--data DIR]
+//       [--train-size 10000] [--test-size 2000] [--threads 1] [--seed 0] [--data DIR]
 //
 // The model is 784-H-H-10 (ReLU; H = --hidden, default 512: the main job's Fashion MLP) built
 // from natgrad::nn::Linear layers, which behave exactly as torch::nn::Linear under SGD and Adam
@@ -28,7 +28,7 @@ namespace {
 
 struct Args {
   int64_t steps = 400, batch = 256, hidden = 512, train_size = 10000, test_size = 2000;
-  int64_t threads = 2, seed = 0, evals = 20;
+  int64_t threads = 1, seed = 0, evals = 20;
   std::optional<std::string> data;
 };
 
