@@ -14,3 +14,4 @@
 #include "precondition/kfac_step.h"
 #include "common/subnormal.h"
 #include "api/layers.h"
+#include "api/kfac.h"

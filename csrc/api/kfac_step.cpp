@@ -1,0 +1,266 @@
+// natgrad::optim::KFAC's per-step work after the curvature refresh: directions (the list ops
+// for Linear/Conv2d, per block for Embedding, the plain gradient for the rest), the KL trust
+// region and the momentum / weight-decay update, with one host read for all directions.
+// Reference: python/natgrad/optim/_kfac_step.py and _kfac_damping.py (trust_region).
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <unordered_map>
+
+#include "api/kfac.h"
+#include "api/kfac_util.h"
+#include "precondition/kfac_step.h"
+
+namespace natgrad::optim {
+
+using detail::KronBlock;
+
+namespace detail {
+
+std::string type_name(const torch::nn::Module& module) {
+  std::string name = module.name();
+  const auto colon = name.rfind("::");
+  if (colon != std::string::npos) name = name.substr(colon + 2);
+  const auto tmpl = name.find('<');
+  if (tmpl != std::string::npos) name = name.substr(0, tmpl);
+  if (name.size() > 4 && name.compare(name.size() - 4, 4, "Impl") == 0) {
+    name = name.substr(0, name.size() - 4);
+  }
+  return name;
+}
+
+std::vector<bool> all_true(const std::vector<torch::Tensor>& flags) {
+  std::vector<bool> out;
+  if (flags.empty()) return out;
+  const torch::Tensor values = torch::stack(flags).to(torch::kCPU, torch::kBool).contiguous();
+  const bool* data = values.data_ptr<bool>();
+  for (int64_t i = 0; i < values.numel(); ++i) out.push_back(data[i]);
+  return out;
+}
+
+std::vector<double> read_values(const std::vector<torch::Tensor>& tensors) {
+  if (tensors.empty()) return {};
+  std::vector<torch::Tensor> flat;
+  for (const auto& t : tensors) flat.push_back(t.reshape({-1}).to(torch::kDouble));
+  const torch::Tensor all = torch::cat(flat).to(torch::kCPU).contiguous();
+  return std::vector<double>(all.data_ptr<double>(), all.data_ptr<double>() + all.numel());
+}
+
+double fsum(const std::vector<double>& values) {
+  std::vector<double> partials;
+  for (double x : values) {
+    size_t i = 0;
+    for (double y : partials) {
+      if (std::abs(x) < std::abs(y)) std::swap(x, y);
+      const double hi = x + y;
+      const double lo = y - (hi - x);
+      if (lo != 0.0) partials[i++] = lo;
+      x = hi;
+    }
+    partials.resize(i);
+    partials.push_back(x);
+  }
+  double total = 0.0;
+  for (double p : partials) total += p;
+  return total;
+}
+
+}  // namespace detail
+
+namespace {
+
+// One layer (or fallback parameter) of the directions pass: its parameters, gradients and
+// directions, and its row of the stats read.
+struct Layer {
+  std::string name;
+  bool plain = false;
+  std::vector<torch::Tensor> params, grads, dirs;
+};
+
+torch::Tensor grad_or_zeros(const torch::Tensor& p) {
+  return p.grad().defined() ? p.grad() : torch::zeros_like(p);
+}
+
+}  // namespace
+
+std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipped) {
+  // moving(): blocks to precondition, and the parameters that take the plain gradient.
+  std::vector<KronBlock*> moving;
+  std::set<const void*> done;
+  for (auto& block : blocks_) {
+    std::vector<torch::Tensor> with_grad;
+    for (const auto& p : block->params()) {
+      done.insert(p.unsafeGetTensorImpl());
+      if (p.grad().defined()) with_grad.push_back(p);
+    }
+    if (skipped.count(block->name()) || with_grad.empty()) continue;
+    if (!decomposed_.count(block->name())) {  // no curvature yet: the plain gradient
+      for (const auto& p : with_grad) done.erase(p.unsafeGetTensorImpl());
+      continue;
+    }
+    moving.push_back(block.get());
+  }
+  std::vector<torch::Tensor> plain;
+  for (const auto& group : param_groups()) {
+    for (const auto& p : group.params()) {
+      if (p.grad().defined() && !done.count(p.unsafeGetTensorImpl())) plain.push_back(p);
+    }
+  }
+
+  const bool pi = global().pi_correction_enabled();
+  std::vector<Layer> layers;
+  std::vector<torch::Tensor> stats;
+  for (const char* key : {"g_eigenvectors", "g_inverse"}) {  // the list ops, one per method
+    std::vector<KronBlock*> group;
+    for (KronBlock* b : moving) {
+      if (b->listable() && b->state.count(key)) group.push_back(b);
+    }
+    if (group.empty()) continue;
+    std::vector<torch::Tensor> weights, g_vals, g_vecs, a_vals, a_vecs, g_invs, a_invs;
+    c10::List<std::optional<torch::Tensor>> biases;
+    std::vector<double> damping;
+    for (KronBlock* b : group) {
+      const torch::Tensor w = grad_or_zeros(b->weight());
+      weights.push_back(w.reshape({w.size(0), -1}));
+      biases.push_back(b->bias().defined() ? std::optional<torch::Tensor>(grad_or_zeros(b->bias()))
+                                           : std::nullopt);
+      const auto& s = b->state;
+      if (std::string(key) == "g_eigenvectors") {
+        g_vals.push_back(s.at("g_eigenvalues"));
+        g_vecs.push_back(s.at("g_eigenvectors"));
+        a_vals.push_back(s.at("a_eigenvalues"));
+        a_vecs.push_back(s.at("a_eigenvectors"));
+        damping.push_back(group_options(b->weight()).damping());
+      } else {
+        g_invs.push_back(s.at("g_inverse"));
+        a_invs.push_back(s.at("a_inverse"));
+      }
+    }
+    KfacDirections out =
+        std::string(key) == "g_eigenvectors"
+            ? kfac_directions_eigen(weights, biases, g_vals, g_vecs, a_vals, a_vecs, damping, pi, 1.0)
+            : kfac_directions_inverse(weights, biases, g_invs, a_invs, 1.0);
+    stats.push_back(out.stats);
+    size_t next_bias = 0;
+    for (size_t i = 0; i < group.size(); ++i) {
+      KronBlock* b = group[i];
+      Layer layer{b->name(), false, b->params(), {weights[i].view_as(b->weight())},
+                  {out.weight[i].view_as(b->weight())}};
+      if (b->bias().defined()) {
+        layer.grads.push_back(*biases.get(i));
+        layer.dirs.push_back(out.bias[next_bias++]);
+      }
+      layers.push_back(std::move(layer));
+    }
+  }
+  const torch::Tensor zero = torch::zeros({}, torch::kDouble);
+  for (KronBlock* b : moving) {  // blocks outside the list ops: an Embedding
+    if (b->listable()) continue;
+    const torch::Tensor grad = grad_or_zeros(b->weight()).t();  // packed: weight^T
+    const torch::Tensor grad_ok = torch::isfinite(detail::max_abs(grad));
+    torch::Tensor direction;
+    try {
+      direction = b->precondition_embedding(grad, group_options(b->weight()).damping(), pi);
+    } catch (const c10::Error&) {  // an op that refused a non-finite result: skip the layer
+      direction = torch::full_like(grad, std::nan(""));
+    }
+    const torch::Tensor dir_ok = torch::isfinite(detail::max_abs(direction));
+    const torch::Tensor g = grad.t(), u = direction.t();
+    stats.push_back(torch::stack({grad_ok.to(torch::kDouble), dir_ok.to(torch::kDouble),
+                                  (u * g).sum(torch::kDouble), zero.to(g.device())}));
+    layers.push_back(Layer{b->name(), false, b->params(), {g}, {u}});
+  }
+  for (const auto& p : plain) {  // the fallback: the plain gradient
+    const torch::Tensor& g = p.grad();
+    const torch::Tensor ok = torch::isfinite(detail::max_abs(g)).to(torch::kDouble);
+    stats.push_back(torch::stack({ok, ok, (g * g).sum(torch::kDouble), zero.to(g.device())}));
+    layers.push_back(Layer{param_name(p), true, {p}, {g}, {g}});
+  }
+
+  const std::vector<double> rows = detail::read_values(stats);
+  std::vector<Direction> updates;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const Layer& layer = layers[i];
+    if (rows[4 * i] == 0.0) {
+      fault(layer.name, "gradients", layer.plain ? "parameter" : "layer");
+      continue;
+    }
+    if (rows[4 * i + 1] == 0.0) {
+      fault(layer.name, "preconditioned gradients");
+      continue;
+    }
+    for (size_t j = 0; j < layer.params.size(); ++j) {
+      const torch::Tensor& p = layer.params[j];
+      if (p.grad().defined() && p.requires_grad()) {
+        updates.push_back({p, layer.grads[j], layer.dirs[j], j < 2 ? rows[4 * i + 2 + j] : 0.0});
+      }
+    }
+  }
+  return updates;
+}
+
+double KFAC::trust_region(std::vector<Direction>& updates) {
+  const std::optional<double> kl_clip = global().kl_clip();
+  if (!kl_clip.has_value() || updates.empty()) return 1.0;
+  auto scale = [&](double total) {
+    return total > 0 && std::isfinite(total) ? std::min(1.0, std::sqrt(*kl_clip / total)) : 1.0;
+  };
+  bool momentum = false;
+  for (const auto& u : updates) momentum = momentum || group_options(u.param).momentum() != 0.0;
+  if (!momentum) {  // <u, g> only, read already
+    std::vector<double> terms;
+    for (const auto& u : updates) {
+      const double lr = group_options(u.param).lr();
+      terms.push_back(u.inner * (lr * lr));
+    }
+    return scale(detail::fsum(terms));
+  }
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> carried;
+  std::vector<torch::Tensor> weighted;
+  for (const auto& u : updates) {
+    const KFACOptions& o = group_options(u.param);
+    torch::Tensor term = (u.update * u.grad).sum(torch::kDouble);
+    if (o.momentum() != 0.0) {
+      auto it = state().find(u.param.unsafeGetTensorImpl());
+      if (it != state().end()) {
+        const auto& s = static_cast<const KFACParamState&>(*it->second);
+        const double mu = o.momentum();
+        if (s.momentum_buffer().defined()) {
+          term = term + (s.momentum_buffer() * u.grad).sum(torch::kDouble) * (2 * mu);
+          if (s.kl_share().defined()) term = term + s.kl_share().to(term.device()) * (mu * mu);
+        }
+      }
+      carried.emplace_back(u.param, term);
+    }
+    weighted.push_back(term * (o.lr() * o.lr()));
+  }
+  const double nu = scale(torch::stack(weighted).sum().item<double>());
+  for (auto& [p, term] : carried) param_state(p).kl_share(term * (nu * nu));
+  return nu;
+}
+
+void KFAC::apply(const std::vector<Direction>& updates, double nu) {
+  std::unordered_map<const void*, const Direction*> by_param;
+  for (const auto& u : updates) by_param[u.param.unsafeGetTensorImpl()] = &u;
+  for (auto& group : param_groups()) {
+    const auto& o = static_cast<const KFACOptions&>(group.options());
+    std::vector<torch::Tensor> params, dirs, buffers;
+    for (const auto& p : group.params()) {
+      auto it = by_param.find(p.unsafeGetTensorImpl());
+      if (it == by_param.end()) continue;
+      params.push_back(p);
+      dirs.push_back(it->second->update);
+      if (o.momentum() != 0.0) {
+        KFACParamState& s = param_state(p);
+        if (!s.momentum_buffer().defined()) s.momentum_buffer(torch::zeros_like(p));
+        buffers.push_back(s.momentum_buffer());
+      }
+    }
+    if (params.empty()) continue;
+    kfac_momentum_step_(params, buffers, dirs, o.lr(), o.momentum() * nu, o.weight_decay(), nu);
+  }
+}
+
+}  // namespace natgrad::optim
