@@ -155,6 +155,12 @@ int main(int argc, char** argv) {
       {"Adam", [](torch::nn::Sequential& net) -> std::unique_ptr<torch::optim::Optimizer> {
          return std::make_unique<torch::optim::Adam>(net->parameters(), torch::optim::AdamOptions(1e-3));
        }},
+      {"KFAC", [](torch::nn::Sequential& net) -> std::unique_ptr<torch::optim::Optimizer> {
+         natgrad::optim::KFACOptions o(0.3);
+         o.momentum(0.9).damping(1e-3).kl_clip(1e-3).factor_update_period(1).inverse_update_period(10)
+             .inverse_method("eigen");
+         return std::make_unique<natgrad::optim::KFAC>(net, o);
+       }},
   };
   std::vector<Run> runs;
   for (const auto& [name, make] : optimizers) {
