@@ -87,7 +87,14 @@ int main(int argc, char** argv) {
       .factor_decay(hyper("factor_decay")).factor_update_period(1).inverse_update_period(10)
       .inverse_method(method);
   natgrad::optim::KFAC opt(net, options);
-  auto& group = static_cast<natgrad::optim::KFACOptions&>(opt.param_groups()[0].options());
+  // The periods are optimizer-wide (defaults(), as natgrad.KFAC's attributes); the group's copy
+  // is kept equal.
+  auto set_periods = [&](int64_t fp, int64_t ip) {
+    for (auto* o : {&static_cast<natgrad::optim::KFACOptions&>(opt.defaults()),
+                    &static_cast<natgrad::optim::KFACOptions&>(opt.param_groups()[0].options())}) {
+      o->factor_update_period(fp).inverse_update_period(ip);
+    }
+  };
 
   size_t next = 0;
   auto train = [&](int64_t steps) {
@@ -107,13 +114,13 @@ int main(int argc, char** argv) {
     if (op == "warm") {
       int64_t n = 0;
       cmd >> n;
-      group.factor_update_period(1).inverse_update_period(10);
+      set_periods(1, 10);
       train(n);
       std::cout << "ok" << std::endl;
     } else if (op == "time") {
       int64_t fp = 1, ip = 1, steps = 1;
       cmd >> fp >> ip >> steps;
-      group.factor_update_period(fp).inverse_update_period(ip);
+      set_periods(fp, ip);
       const double cpu = cpu_seconds();
       const auto wall = std::chrono::steady_clock::now();
       train(steps);
