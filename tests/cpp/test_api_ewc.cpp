@@ -12,8 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "api/ewc.h"
-#include "api/layers.h"
+#include "natgrad.h"  // natgrad::EWC and the capture layers, as users include them
 #include "test_helpers.h"
 
 namespace {
