@@ -2,8 +2,8 @@
 
 Usage::
 
-    bash scripts/test.sh -k nothing      # or: source scripts/env.sh && build_cpp_tests
-    PYTHONPATH=python python benchmarks/cpp_frontend.py [--quick]
+    source scripts/env.sh && build_cpp_tests     # builds build/cmake/benchmarks/cpp/kfac_frontend_bench
+    "$PY" benchmarks/cpp_frontend.py [--quick]
 
 Models (real data, ``benchmarks/data.py``): the digits MLP 64-256-256-10 and the Fashion-MNIST
 MLP 784-512-512-10, batch 128, float32, 1 thread, the eigen method, periods (factor, inverse)

@@ -15,8 +15,6 @@
 namespace natgrad {
 namespace {
 
-constexpr int64_t kFormatVersion = 1;
-
 // (targets, per-sample weight or undefined for 1): the passes whose weighted per-sample
 // gradients have the requested Fisher as their summed squares (python/natgrad/likelihoods.py).
 using Pass = std::pair<at::Tensor, at::Tensor>;
@@ -202,6 +200,80 @@ struct PenaltyFunction : public torch::autograd::Function<PenaltyFunction> {
   }
 };
 
+// The batch-mean Fisher of the parameters of natgrad::nn::Linear layers called once in the
+// forward that produced `out` (one row per sample): per pass, the output gradients of the
+// weighted NLL summed over samples, then linear_diag_fisher (no loop over samples). Sets
+// mean[j] and done[j] for those parameters.
+void linear_path(const std::string& likelihood, const std::vector<LinearSlot>& linear, const at::Tensor& out,
+                 const std::vector<Pass>& passes, const std::vector<at::Tensor>& params,
+                 std::vector<at::Tensor>& mean, std::vector<bool>& done) {
+  std::vector<const LinearSlot*> used;
+  std::vector<at::Tensor> outputs;
+  for (const LinearSlot& slot : linear) {
+    if (slot.records->calls().size() == 1) {
+      used.push_back(&slot);
+      outputs.push_back(slot.records->calls()[0]->output);
+    }
+  }
+  if (used.empty()) return;
+  std::vector<at::Tensor> fisher(used.size());
+  for (const Pass& pass : passes) {
+    const auto grads = torch::autograd::grad({weighted_nll(likelihood, out, pass.first, pass.second)}, outputs,
+                                             {}, /*retain_graph=*/true, /*create_graph=*/false,
+                                             /*allow_unused=*/true);
+    for (size_t u = 0; u < used.size(); ++u) {
+      const at::Tensor g = grads[u].defined() ? grads[u].detach() : at::zeros_like(outputs[u]);
+      const at::Tensor d = linear_diag_fisher(used[u]->records->calls()[0]->input, g, used[u]->bias >= 0, 1.0);
+      fisher[u] = fisher[u].defined() ? fisher[u] + d : d;
+    }
+  }
+  for (size_t u = 0; u < used.size(); ++u) {
+    const int64_t in = params[used[u]->weight].size(1);
+    mean[used[u]->weight] = fisher[u].narrow(1, 0, in).contiguous();
+    done[used[u]->weight] = true;
+    if (used[u]->bias >= 0) {
+      mean[used[u]->bias] = fisher[u].select(1, in).contiguous();
+      done[used[u]->bias] = true;
+    }
+  }
+}
+
+// The batch-mean Fisher of every parameter not `done`, by per-sample autograd: each sample of x
+// forwarded as a batch of one, one backward per pass, squared gradients summed, over n.
+void per_sample_path(const std::string& likelihood, const EWC::Forward& forward, const at::Tensor& x,
+                     const std::vector<Pass>& passes, const std::vector<at::Tensor>& params,
+                     const std::vector<bool>& done, std::vector<at::Tensor>& mean) {
+  std::vector<at::Tensor> rest;
+  std::vector<size_t> index;
+  for (size_t j = 0; j < params.size(); ++j) {
+    if (!done[j]) {
+      rest.push_back(params[j]);
+      index.push_back(j);
+    }
+  }
+  if (rest.empty()) return;
+  std::vector<at::Tensor> acc(rest.size());
+  const int64_t n = x.size(0);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor out_i = forward(x.narrow(0, i, 1));
+    for (size_t k = 0; k < passes.size(); ++k) {
+      const at::Tensor& w = passes[k].second;
+      const at::Tensor loss = weighted_nll(likelihood, out_i, passes[k].first.narrow(0, i, 1),
+                                           w.defined() ? w.narrow(0, i, 1) : at::Tensor());
+      const auto grads = torch::autograd::grad({loss}, rest, {}, /*retain_graph=*/k + 1 < passes.size(),
+                                               /*create_graph=*/false, /*allow_unused=*/true);
+      for (size_t r = 0; r < rest.size(); ++r) {
+        if (!grads[r].defined()) continue;  // unused by the forward: zero Fisher
+        const at::Tensor sq = grads[r].detach().square();
+        acc[r] = acc[r].defined() ? acc[r].add_(sq) : sq;
+      }
+    }
+  }
+  for (size_t r = 0; r < rest.size(); ++r) {
+    mean[index[r]] = acc[r].defined() ? acc[r] / n : at::zeros_like(rest[r]).detach();
+  }
+}
+
 // Running mean over batches (regularizers/ewc.py _weighted).
 at::Tensor weighted(const at::Tensor& old, const at::Tensor& fresh, int64_t n, int64_t seen) {
   if (!old.defined()) return fresh;
@@ -282,73 +354,14 @@ void EWC::consolidate(const std::vector<Batch>& batches, std::optional<at::Gener
       }
       if (batches[b].second.defined()) check_targets(options_.likelihood(), out, batches[b].second, at_batch);
       const std::vector<Pass> passes = pseudo_targets(options_, out.detach(), batches[b].second, generator, at_batch);
-      std::vector<at::Tensor> acc(params.size());
+      std::vector<at::Tensor> mean(params.size());
       std::vector<bool> done(params.size(), false);
-      std::vector<at::Tensor> outputs;
-      std::vector<size_t> used;
-      for (size_t l = 0; l < linear.size(); ++l) {
-        if (linear[l].records->calls().size() == 1) {  // called once: one row per sample
-          used.push_back(l);
-          outputs.push_back(linear[l].records->calls()[0]->output);
-        }
-      }
-      if (!used.empty()) {
-        std::vector<at::Tensor> fisher(used.size());
-        for (size_t k = 0; k < passes.size(); ++k) {
-          const auto grads = torch::autograd::grad(
-              {weighted_nll(options_.likelihood(), out, passes[k].first, passes[k].second)}, outputs, {},
-              /*retain_graph=*/true, /*create_graph=*/false, /*allow_unused=*/true);
-          for (size_t u = 0; u < used.size(); ++u) {
-            const LinearSlot& slot = linear[used[u]];
-            const at::Tensor g = grads[u].defined() ? grads[u].detach() : at::zeros_like(outputs[u]);
-            const at::Tensor d = linear_diag_fisher(slot.records->calls()[0]->input, g, slot.bias >= 0, 1.0);
-            fisher[u] = fisher[u].defined() ? fisher[u] + d : d;
-          }
-        }
-        for (size_t u = 0; u < used.size(); ++u) {
-          const LinearSlot& slot = linear[used[u]];
-          const int64_t in = params[slot.weight].size(1);
-          acc[slot.weight] = fisher[u].narrow(1, 0, in).contiguous();  // already the mean
-          done[slot.weight] = true;
-          if (slot.bias >= 0) {
-            acc[slot.bias] = fisher[u].select(1, in).contiguous();
-            done[slot.bias] = true;
-          }
-        }
-      }
+      linear_path(options_.likelihood(), linear, out, passes, params, mean, done);
       out = at::Tensor();
-      // Every other parameter: per-sample autograd, each sample as a batch of one, one backward
-      // per pass.
-      std::vector<at::Tensor> rest;
-      std::vector<size_t> rest_index;
-      for (size_t j = 0; j < params.size(); ++j) {
-        if (!done[j]) {
-          rest.push_back(params[j]);
-          rest_index.push_back(j);
-        }
-      }
-      for (int64_t i = 0; i < n && !rest.empty(); ++i) {
-        const at::Tensor out_i = forward_(x.narrow(0, i, 1));
-        for (size_t k = 0; k < passes.size(); ++k) {
-          const at::Tensor& w = passes[k].second;
-          const at::Tensor loss = weighted_nll(options_.likelihood(), out_i, passes[k].first.narrow(0, i, 1),
-                                               w.defined() ? w.narrow(0, i, 1) : at::Tensor());
-          const auto grads = torch::autograd::grad({loss}, rest, {}, /*retain_graph=*/k + 1 < passes.size(),
-                                                   /*create_graph=*/false, /*allow_unused=*/true);
-          for (size_t r = 0; r < rest.size(); ++r) {
-            if (!grads[r].defined()) continue;
-            const at::Tensor sq = grads[r].detach().square();
-            at::Tensor& a = acc[rest_index[r]];
-            a = a.defined() ? a.add_(sq) : sq;
-          }
-        }
-      }
+      per_sample_path(options_.likelihood(), forward_, x, passes, params, done, mean);
       for (size_t j = 0; j < params.size(); ++j) {
         estimator[named[j].first] = done[j] ? "linear_diag_fisher" : "per-sample autograd";
-      }
-      for (size_t j = 0; j < params.size(); ++j) {
-        const at::Tensor mean = done[j] ? acc[j] : acc[j].defined() ? acc[j] / n : at::zeros_like(params[j]).detach();
-        diag[j] = weighted(diag[j], mean, n, seen);
+        diag[j] = weighted(diag[j], mean[j], n, seen);
       }
       seen += n;
     }
@@ -418,88 +431,6 @@ at::Tensor EWC::fisher(const std::string& name, size_t task) const {
     if (t.names[j] == name) return t.fisher[j];
   }
   TORCH_CHECK(false, "EWC.fisher: no parameter '", name, "' in task ", task);
-}
-
-void EWC::save(torch::serialize::OutputArchive& archive) const {
-  archive.write("format_version", c10::IValue(kFormatVersion));
-  archive.write("lambda", c10::IValue(options_.lambda()));
-  archive.write("mode", c10::IValue(options_.mode()));
-  archive.write("gamma", c10::IValue(options_.gamma()));
-  archive.write("fisher_type", c10::IValue(options_.fisher_type()));
-  archive.write("likelihood", c10::IValue(options_.likelihood()));
-  archive.write("train_mode", c10::IValue(options_.train_mode()));
-  archive.write("mc_samples", c10::IValue(options_.mc_samples()));
-  archive.write("num_tasks", c10::IValue(static_cast<int64_t>(tasks_.size())));
-  for (size_t t = 0; t < tasks_.size(); ++t) {
-    torch::serialize::OutputArchive sub(archive.compilation_unit());
-    c10::List<std::string> names;
-    for (const auto& n : tasks_[t].names) names.push_back(n);
-    sub.write("names", c10::IValue(names));
-    for (size_t j = 0; j < tasks_[t].names.size(); ++j) {
-      sub.write("fisher_" + std::to_string(j), tasks_[t].fisher[j], /*is_buffer=*/true);
-      sub.write("anchor_" + std::to_string(j), tasks_[t].anchor[j], /*is_buffer=*/true);
-    }
-    archive.write("task_" + std::to_string(t), sub);
-  }
-}
-
-void EWC::load(torch::serialize::InputArchive& archive) {
-  c10::IValue v;
-  TORCH_CHECK(archive.try_read("format_version", v) && v.isInt() && v.toInt() == kFormatVersion,
-              "EWC.load: not a natgrad::EWC archive (format_version ", kFormatVersion, " expected)");
-  EWCOptions o;
-  archive.read("lambda", v);
-  o.lambda(v.toDouble());
-  archive.read("mode", v);
-  o.mode(v.toStringRef());
-  archive.read("gamma", v);
-  o.gamma(v.toDouble());
-  archive.read("fisher_type", v);
-  o.fisher_type(v.toStringRef());
-  archive.read("likelihood", v);
-  o.likelihood(v.toStringRef());
-  archive.read("train_mode", v);
-  o.train_mode(v.toBool());
-  archive.read("mc_samples", v);
-  o.mc_samples(v.toInt());
-  validate(o);
-  archive.read("num_tasks", v);
-  const int64_t count = v.toInt();
-  TORCH_CHECK(count >= 0, "EWC.load: num_tasks must be >= 0, got ", count);
-  std::vector<Task> tasks(count);
-  for (int64_t t = 0; t < count; ++t) {
-    torch::serialize::InputArchive sub;
-    archive.read("task_" + std::to_string(t), sub);
-    sub.read("names", v);
-    for (const auto& n : v.toListRef()) tasks[t].names.push_back(n.toStringRef());
-    for (size_t j = 0; j < tasks[t].names.size(); ++j) {
-      at::Tensor f, a;
-      sub.read("fisher_" + std::to_string(j), f, /*is_buffer=*/true);
-      sub.read("anchor_" + std::to_string(j), a, /*is_buffer=*/true);
-      for (const auto& [tensor, part] : {std::pair{f, "fisher"}, std::pair{a, "anchor"}}) {
-        TORCH_CHECK(tensor.defined() && tensor.is_floating_point() && all_finite(tensor), "EWC.load: task ",
-                    t, " ", part, " of '", tasks[t].names[j],
-                    "' must be a finite floating-point tensor (NaN/Inf or not a tensor)");
-      }
-      TORCH_CHECK(f.sizes() == a.sizes(), "EWC.load: task ", t, " fisher of '", tasks[t].names[j],
-                  "' has shape ", f.sizes(), " but its anchor ", a.sizes());
-      tasks[t].fisher.push_back(f);
-      tasks[t].anchor.push_back(a);
-    }
-  }
-  options_ = std::move(o);
-  tasks_ = std::move(tasks);
-  ++revision_;
-}
-
-torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive, const EWC& ewc) {
-  ewc.save(archive);
-  return archive;
-}
-
-torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archive, EWC& ewc) {
-  ewc.load(archive);
-  return archive;
 }
 
 }  // namespace natgrad
