@@ -11,6 +11,9 @@
 // Then it reads commands on stdin, one per line, and answers each on stdout:
 //   warm N              trains N steps at periods (1, 10); answers "ok"
 //   time FP IP STEPS    sets the periods, trains STEPS steps; answers "<wall s> <cpu s>" (totals)
+//   sgd STEPS           STEPS steps of torch::optim::SGD (lr 0.01, momentum 0.9) on a copy of the
+//                       model made at its first call (the floor's SGD part, timed in C++);
+//                       answers "<wall s> <cpu s>"
 //   quit
 #include <torch/torch.h>
 
@@ -18,6 +21,7 @@
 
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <sstream>
@@ -105,6 +109,16 @@ int main(int argc, char** argv) {
       opt.step();
     }
   };
+  torch::nn::Sequential sgd_net;
+  std::unique_ptr<torch::optim::SGD> sgd;
+  size_t sgd_next = 0;
+  auto timed = [](const std::function<void()>& fn) {
+    const double cpu = cpu_seconds();
+    const auto wall = std::chrono::steady_clock::now();
+    fn();
+    const double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall).count();
+    std::cout << wall_s << " " << cpu_seconds() - cpu << std::endl;
+  };
   std::string line;
   while (std::getline(std::cin, line)) {
     std::istringstream cmd(line);
@@ -121,11 +135,34 @@ int main(int argc, char** argv) {
       int64_t fp = 1, ip = 1, steps = 1;
       cmd >> fp >> ip >> steps;
       set_periods(fp, ip);
-      const double cpu = cpu_seconds();
-      const auto wall = std::chrono::steady_clock::now();
-      train(steps);
-      const double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall).count();
-      std::cout << wall_s << " " << cpu_seconds() - cpu << std::endl;
+      timed([&] { train(steps); });
+    } else if (op == "sgd") {
+      int64_t steps = 1;
+      cmd >> steps;
+      if (!sgd) {
+        sgd_net = torch::nn::Sequential();
+        for (const auto& layer : *net) {
+          if (auto* linear = layer.ptr()->as<torch::nn::Linear>()) {
+            torch::nn::Linear copy(linear->options);
+            torch::NoGradGuard no_grad;
+            copy->weight.copy_(linear->weight);
+            copy->bias.copy_(linear->bias);
+            sgd_net->push_back(copy);
+          } else {
+            sgd_net->push_back(torch::nn::ReLU());
+          }
+        }
+        sgd = std::make_unique<torch::optim::SGD>(sgd_net->parameters(),
+                                                  torch::optim::SGDOptions(0.01).momentum(0.9));
+      }
+      timed([&] {
+        for (int64_t s = 0; s < steps; ++s) {
+          const auto& [x, y] = batches[sgd_next++ % batches.size()];
+          sgd->zero_grad();
+          torch::nn::functional::cross_entropy(sgd_net->forward(x), y).backward();
+          sgd->step();
+        }
+      });
     } else {
       std::cout << "error unknown command " << op << std::endl;
     }
