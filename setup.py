@@ -50,7 +50,7 @@ def extension_modules() -> list:
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args={"cxx": ["-O2"], "nvcc": ["-O2"]},
-        depends=rel("csrc/**/*.h"),
+        depends=[h for h in rel("csrc/**/*.h") if not h.startswith(os.path.join("csrc", "api", ""))],
     )
     return [CUDAExtension(**kwargs) if with_cuda else CppExtension(**kwargs)]
 

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <torch/nn/modules/container/any.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -23,21 +24,46 @@ std::unique_ptr<torch::optim::OptimizerOptions> checked(const KFACOptions& defau
   return std::make_unique<KFACOptions>(defaults);
 }
 
+std::vector<torch::Tensor> parameters_of(const std::shared_ptr<torch::nn::Module>& model) {
+  TORCH_CHECK(model != nullptr, "Invalid model: expected a torch::nn::Module, got nullptr");
+  return model->parameters();
+}
+
 }  // namespace
 
 KFAC::KFAC(std::shared_ptr<torch::nn::Module> model, const KFACOptions& defaults)
-    : KFAC(model, {torch::optim::OptimizerParamGroup(model->parameters())}, defaults) {}
+    : KFAC(model, {torch::optim::OptimizerParamGroup(parameters_of(model))}, defaults) {}
 
 KFAC::KFAC(std::shared_ptr<torch::nn::Module> model,
            const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
            const KFACOptions& defaults)
     : torch::optim::Optimizer(param_groups, checked(defaults)) {
   TORCH_CHECK(model != nullptr, "Invalid model: expected a torch::nn::Module, got nullptr");
+  // torch::optim's add_param_group replaces options of optimizer types it does not know by
+  // the defaults: a group's own KFACOptions are put back (and checked) here.
+  for (size_t i = 0; i < param_groups.size(); ++i) restore_group_options(i, param_groups[i]);
   index_groups();  // every group holds KFACOptions
-  for (size_t i = 0; i < this->param_groups().size(); ++i) {
-    check_options(static_cast<const KFACOptions&>(this->param_groups()[i].options()), i);
-  }
   build(model);
+}
+
+void KFAC::restore_group_options(size_t index, const torch::optim::OptimizerParamGroup& group) {
+  if (group.has_options()) {
+    const auto* own = dynamic_cast<const KFACOptions*>(&group.options());
+    TORCH_CHECK(own != nullptr, "param group ", index, " of natgrad::optim::KFAC must hold KFACOptions");
+    this->param_groups()[index].set_options(group.options().clone());
+  }
+  check_options(static_cast<const KFACOptions&>(this->param_groups()[index].options()), index);
+}
+
+void KFAC::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  torch::optim::Optimizer::add_param_group(param_group);
+  try {
+    restore_group_options(param_groups().size() - 1, param_group);
+  } catch (...) {
+    param_groups().pop_back();  // an invalid group is not added (as natgrad.KFAC)
+    throw;
+  }
+  index_groups();
 }
 
 KFAC::~KFAC() { remove_hooks(); }
@@ -80,9 +106,11 @@ void KFAC::build(const std::shared_ptr<torch::nn::Module>& model) {
     for (const auto& p : group.params()) managed.insert(p.unsafeGetTensorImpl());
   }
   for (const auto& item : model->named_parameters()) names_[item.value().unsafeGetTensorImpl()] = item.key();
+  std::set<const torch::nn::Module*> seen;  // a module registered twice is visited once
   for (const auto& item : model->named_modules()) {
     const std::string& name = item.key();
     const std::shared_ptr<torch::nn::Module>& module = item.value();
+    if (!seen.insert(module.get()).second) continue;
     const std::string owner = detail::type_name(*module) + " '" + name + "'";
     std::vector<torch::Tensor> own;
     for (const auto& p : module->parameters(/*recurse=*/false)) {
@@ -123,7 +151,9 @@ void KFAC::build(const std::shared_ptr<torch::nn::Module>& model) {
   }
 }
 
-bool KFAC::capturing() const { return steps_ % global().factor_update_period() == 0; }
+bool KFAC::capturing() const {  // (a period edited to < 1 is rejected by the next step())
+  return steps_ % std::max<int64_t>(global().factor_update_period(), 1) == 0;
+}
 
 void KFAC::clear_records() {
   for (auto& records : records_) records->clear();

@@ -61,6 +61,10 @@ class KFAC : public torch::optim::Optimizer {
   KFAC& operator=(KFAC&&) = delete;
   ~KFAC() override;
 
+  /// torch::optim's, keeping the group's own KFACOptions (checked; an invalid group is not
+  /// added). Its parameters take the plain gradient (no layer was built for them).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   /// One K-FAC step; `closure` (re-evaluating the loss with grad enabled) is optional.
   /// Returns the closure's loss (undefined without a closure).
   torch::Tensor step(LossClosure closure = nullptr) override;
@@ -71,7 +75,8 @@ class KFAC : public torch::optim::Optimizer {
   std::map<std::string, int64_t> nonfinite_skips() const { return faults_; }
   /// Steps taken so far.
   int64_t steps() const { return steps_; }
-  /// Stops recording in every layer (afterwards every parameter takes the plain gradient).
+  /// Stops recording in every layer: factors are no longer updated (as natgrad.KFAC's
+  /// remove_hooks; also done by the destructor).
   void remove_hooks();
 
   /// torch::optim's state (momentum buffers, kl_share, param groups) plus, under "kfac", the
@@ -94,6 +99,7 @@ class KFAC : public torch::optim::Optimizer {
   const KFACOptions& global() const;
   const KFACOptions& group_options(const torch::Tensor& p) const;
   void index_groups();
+  void restore_group_options(size_t index, const torch::optim::OptimizerParamGroup& group);
   bool capturing() const;
   void clear_records();
   std::set<std::string> update_factors(int64_t k);

@@ -77,6 +77,7 @@ struct Layer {
   std::string name;
   bool plain = false;
   std::vector<torch::Tensor> params, grads, dirs;
+  int64_t row = 0;  // offset of its stats row (grad ok, direction ok, <u_w, g_w>, <u_b, g_b>, ...)
 };
 
 torch::Tensor grad_or_zeros(const torch::Tensor& p) {
@@ -112,6 +113,7 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
   const bool pi = global().pi_correction_enabled();
   std::vector<Layer> layers;
   std::vector<torch::Tensor> stats;
+  int64_t offset = 0;  // of the next stats row in the single read
   for (const char* key : {"g_eigenvectors", "g_inverse"}) {  // the list ops, one per method
     std::vector<KronBlock*> group;
     for (KronBlock* b : moving) {
@@ -143,11 +145,14 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
             ? kfac_directions_eigen(weights, biases, g_vals, g_vecs, a_vals, a_vecs, damping, pi, 1.0)
             : kfac_directions_inverse(weights, biases, g_invs, a_invs, 1.0);
     stats.push_back(out.stats);
+    TORCH_INTERNAL_ASSERT(out.stats.dim() == 2 && out.stats.size(1) >= 4, "unexpected stats shape");
+    const int64_t columns = out.stats.size(1);  // 4 (more columns may be appended by the op)
     size_t next_bias = 0;
     for (size_t i = 0; i < group.size(); ++i) {
       KronBlock* b = group[i];
       Layer layer{b->name(), false, b->params(), {weights[i].view_as(b->weight())},
-                  {out.weight[i].view_as(b->weight())}};
+                  {out.weight[i].view_as(b->weight())}, offset};
+      offset += columns;
       if (b->bias().defined()) {
         layer.grads.push_back(*biases.get(i));
         layer.dirs.push_back(out.bias[next_bias++]);
@@ -170,31 +175,34 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
     const torch::Tensor g = grad.t(), u = direction.t();
     stats.push_back(torch::stack({grad_ok.to(torch::kDouble), dir_ok.to(torch::kDouble),
                                   (u * g).sum(torch::kDouble), zero.to(g.device())}));
-    layers.push_back(Layer{b->name(), false, b->params(), {g}, {u}});
+    layers.push_back(Layer{b->name(), false, b->params(), {g}, {u}, offset});
+    offset += 4;
   }
   for (const auto& p : plain) {  // the fallback: the plain gradient
     const torch::Tensor& g = p.grad();
     const torch::Tensor ok = torch::isfinite(detail::max_abs(g)).to(torch::kDouble);
     stats.push_back(torch::stack({ok, ok, (g * g).sum(torch::kDouble), zero.to(g.device())}));
-    layers.push_back(Layer{param_name(p), true, {p}, {g}, {g}});
+    layers.push_back(Layer{param_name(p), true, {p}, {g}, {g}, offset});
+    offset += 4;
   }
 
   const std::vector<double> rows = detail::read_values(stats);
   std::vector<Direction> updates;
   for (size_t i = 0; i < layers.size(); ++i) {
     const Layer& layer = layers[i];
-    if (rows[4 * i] == 0.0) {
+    const double* row = rows.data() + layer.row;
+    if (row[0] == 0.0) {
       fault(layer.name, "gradients", layer.plain ? "parameter" : "layer");
       continue;
     }
-    if (rows[4 * i + 1] == 0.0) {
+    if (row[1] == 0.0) {
       fault(layer.name, "preconditioned gradients");
       continue;
     }
     for (size_t j = 0; j < layer.params.size(); ++j) {
       const torch::Tensor& p = layer.params[j];
       if (p.grad().defined() && p.requires_grad()) {
-        updates.push_back({p, layer.grads[j], layer.dirs[j], j < 2 ? rows[4 * i + 2 + j] : 0.0});
+        updates.push_back({p, layer.grads[j], layer.dirs[j], j < 2 ? row[2 + j] : 0.0});
       }
     }
   }

@@ -101,6 +101,47 @@ torch::Tensor EmbeddingImpl::forward(const torch::Tensor& indices) {
   return output;
 }
 
+namespace {
+
+// Copies `from`'s parameters and buffers (values, requires_grad) and mode into `to`, a fresh
+// module of the same type and options, optionally onto `device`.
+std::shared_ptr<torch::nn::Module> copied(const torch::nn::Module& from,
+                                          std::shared_ptr<torch::nn::Module> to,
+                                          const std::optional<torch::Device>& device) {
+  torch::NoGradGuard no_grad;
+  auto params = to->named_parameters(/*recurse=*/false);
+  for (const auto& item : from.named_parameters(/*recurse=*/false)) {
+    torch::Tensor data = device ? item.value().to(*device).clone() : item.value().clone();
+    params[item.key()].set_data(data);
+    params[item.key()].set_requires_grad(item.value().requires_grad());
+  }
+  auto buffers = to->named_buffers(/*recurse=*/false);
+  for (const auto& item : from.named_buffers(/*recurse=*/false)) {
+    buffers[item.key()].set_data(device ? item.value().to(*device).clone() : item.value().clone());
+  }
+  to->train(from.is_training());
+  return to;
+}
+
+}  // namespace
+
+std::shared_ptr<torch::nn::Module> LinearImpl::clone(const std::optional<torch::Device>& device) const {
+  return copied(*this, std::make_shared<LinearImpl>(options), device);
+}
+
+std::shared_ptr<torch::nn::Module> Conv2dImpl::clone(const std::optional<torch::Device>& device) const {
+  torch::nn::Conv2dOptions o(options.in_channels(), options.out_channels(), options.kernel_size());
+  o.stride(options.stride()).padding(options.padding()).dilation(options.dilation())
+      .groups(options.groups()).bias(options.bias()).padding_mode(options.padding_mode());
+  return copied(*this, std::make_shared<Conv2dImpl>(o), device);
+}
+
+std::shared_ptr<torch::nn::Module> EmbeddingImpl::clone(const std::optional<torch::Device>& device) const {
+  torch::nn::EmbeddingOptions o = options;
+  o._weight(torch::Tensor());  // never share a pretrained weight with the copy
+  return copied(*this, std::make_shared<EmbeddingImpl>(o), device);
+}
+
 CaptureLayer* as_capture_layer(torch::nn::Module& module) {
   return dynamic_cast<CaptureLayer*>(&module);
 }

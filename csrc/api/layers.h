@@ -22,6 +22,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -105,6 +106,9 @@ class LinearImpl : public torch::nn::LinearImpl, public CaptureLayer {
   /// torch::nn::Linear's forward, recorded while an owner is collecting.
   torch::Tensor forward(const torch::Tensor& input);
   std::string capture_kind() const override { return "linear"; }
+  /// A deep copy that is a natgrad::nn::Linear too (no records attached).
+  std::shared_ptr<torch::nn::Module> clone(
+      const std::optional<torch::Device>& device = std::nullopt) const override;
 };
 
 /// torch::nn::Conv2d that records for natgrad (see the file comment).
@@ -117,6 +121,9 @@ class Conv2dImpl : public torch::nn::Conv2dImpl, public CaptureLayer {
   /// torch::nn::Conv2d's forward, recorded while an owner is collecting.
   torch::Tensor forward(const torch::Tensor& input);
   std::string capture_kind() const override { return "conv2d"; }
+  /// A deep copy that is a natgrad::nn::Conv2d too (no records attached).
+  std::shared_ptr<torch::nn::Module> clone(
+      const std::optional<torch::Device>& device = std::nullopt) const override;
 };
 
 /// torch::nn::Embedding that records for natgrad (see the file comment).
@@ -129,6 +136,9 @@ class EmbeddingImpl : public torch::nn::EmbeddingImpl, public CaptureLayer {
   /// torch::nn::Embedding's forward, recorded while an owner is collecting.
   torch::Tensor forward(const torch::Tensor& indices);
   std::string capture_kind() const override { return "embedding"; }
+  /// A deep copy that is a natgrad::nn::Embedding too (no records attached).
+  std::shared_ptr<torch::nn::Module> clone(
+      const std::optional<torch::Device>& device = std::nullopt) const override;
 };
 
 TORCH_MODULE(Linear);

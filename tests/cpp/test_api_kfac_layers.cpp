@@ -151,4 +151,26 @@ TEST(ApiLayers, EmbeddingRecordsIndicesAndKeepsOutputOnRequest) {
   EXPECT_TRUE(records->complete().empty());  // no gradient hook requested
 }
 
+TEST(ApiLayers, CloneKeepsTheNatgradTypeValuesAndOptionsButNoRecords) {
+  natgrad::nn::Conv2d conv(torch::nn::Conv2dOptions(2, 4, 3).stride(2).padding(1).bias(false));
+  conv->attach(std::make_shared<LayerRecords>());
+  conv->eval();
+  auto copy = std::dynamic_pointer_cast<natgrad::nn::Conv2dImpl>(conv->clone());
+  ASSERT_NE(copy, nullptr);
+  EXPECT_TRUE(torch::equal(copy->weight, conv->weight));
+  EXPECT_FALSE(copy->weight.is_same(conv->weight));
+  EXPECT_FALSE(copy->bias.defined());
+  EXPECT_FALSE(copy->is_training());
+  EXPECT_EQ(copy->attached(), 0u);
+  auto x = torch::randn({1, 2, 5, 5});
+  EXPECT_TRUE(torch::equal(copy->forward(x), conv(x)));
+
+  torch::nn::Sequential net(natgrad::nn::Linear(3, 2), natgrad::nn::Embedding(4, 2));
+  auto net_copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(net->clone());
+  ASSERT_NE(net_copy, nullptr);
+  EXPECT_NE(natgrad::nn::as_capture_layer(*net_copy->ptr(0)), nullptr);
+  EXPECT_NE(natgrad::nn::as_capture_layer(*net_copy->ptr(1)), nullptr);
+  EXPECT_TRUE(torch::equal(net_copy->ptr(1)->named_parameters()["weight"], net[1]->named_parameters()["weight"]));
+}
+
 }  // namespace

@@ -109,6 +109,9 @@ struct Case {
   }
 };
 
+/// gtest prints a case by its name.
+inline void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 inline std::vector<Case> parity_cases() {
   std::vector<Case> cases;
   for (std::string model : {"mlp", "cnn", "emb"}) {
@@ -132,7 +135,13 @@ inline std::vector<Case> parity_cases() {
   Case evalfirst{"mlp_inverse_23_evalfirst", "mlp", "inverse", 2, 3};
   evalfirst.eval_first = true;
   Case norm{"mlpnorm_eigen_23", "mlpnorm", "eigen", 2, 3};
-  for (const Case& c : {wd, pi_off, pi_sum, noclip, nomomentum, evalfirst, norm}) cases.push_back(c);
+  Case cnn_tokens{"cnn_eigen_11_token_mean", "cnn", "eigen", 1, 1};
+  cnn_tokens.reduction = "token_mean";
+  Case emb_tokens{"emb_inverse_11_token_mean", "emb", "inverse", 1, 1};
+  emb_tokens.reduction = "token_mean";
+  for (const Case& c : {wd, pi_off, pi_sum, noclip, nomomentum, evalfirst, cnn_tokens, emb_tokens, norm}) {
+    cases.push_back(c);
+  }
   return cases;
 }
 
