@@ -65,6 +65,11 @@ struct EWCOptions {
 // Parameters created after a consolidation are not penalised; a consolidated parameter that no
 // longer exists or changed shape makes penalty() raise.
 //
+// With natgrad::optim::KFAC: add penalty() to the loss as usual (its gradient joins .grad and is
+// preconditioned; K-FAC's statistics come from the data term only). Consolidate in eval mode
+// (the default): with train_mode(true), a KFAC attached to the same layers would record
+// consolidate()'s forward and gradient passes into its next step's factors (as in Python).
+//
 // Bad input never reaches the stored Fisher: non-finite inputs/targets or a non-finite Fisher
 // raise c10::Error naming the task ("EWC.consolidate (task k)") and what was not finite, and
 // leave this object unchanged.
