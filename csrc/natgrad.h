@@ -15,3 +15,4 @@
 #include "common/subnormal.h"
 #include "api/layers.h"
 #include "api/kfac.h"
+#include "api/ewc.h"
