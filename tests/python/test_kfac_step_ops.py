@@ -200,7 +200,12 @@ def test_threads_started_inside_an_op_do_not_inherit_flush_to_zero():
         "ops.linear_grad_factor_ema_(factor, x, 1.0, 0.0)\n"
         "big = torch.full((1 << 20,), 3e-20)\nprod = big * big\n"
         "print(int(((prod != 0) & (prod.abs() < torch.finfo(prod.dtype).tiny)).sum()))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    import os
+
+    import natgrad
+    root = os.path.dirname(os.path.dirname(natgrad.__file__))  # the child imports this natgrad
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip().splitlines()[-1]) == 1 << 20
 
