@@ -39,6 +39,9 @@ TORCH_LIBRARY(natgrad, m) {
       "kfac_damped_inverses(Tensor g_factor, Tensor a_factor, float damping, "
       "bool pi_correction) -> (Tensor g_inverse, Tensor a_inverse, Tensor rung)");
   m.def("kfac_precondition_inverse(Tensor grad, Tensor g_inverse, Tensor a_inverse) -> Tensor");
+  m.def(
+      "kfac_precondition_diagonal_a(Tensor grad, Tensor a_diagonal, Tensor g_eigenvalues, "
+      "Tensor g_eigenvectors, float damping, bool pi_correction) -> Tensor");
 
   // The per-step work of every layer at once (precondition/kfac_step.h). Trailing arguments
   // with defaults only: callers of the earlier schema keep working.

@@ -90,9 +90,10 @@ class KFAC : public torch::optim::Optimizer {
   const std::vector<std::unique_ptr<detail::KronBlock>>& blocks() const { return blocks_; }
 
  private:
-  struct Direction {  // one moving parameter's u, g and <u, g>
+  struct Direction {  // one moving parameter's u, g, <u, g> and <b, g> (b: momentum buffer)
     torch::Tensor param, grad, update;
     double inner = 0.0;
+    double cross = 0.0;  // read with the directions when the trust region bounds momentum
   };
 
   void build(const std::shared_ptr<torch::nn::Module>& model);
@@ -105,6 +106,8 @@ class KFAC : public torch::optim::Optimizer {
   std::set<std::string> update_factors(int64_t k);
   void update_inverses(int64_t k);
   std::vector<Direction> directions(const std::set<std::string>& skipped);
+  bool cross_wanted() const;
+  std::optional<torch::Tensor> momentum_buffer_of(const torch::Tensor& p) const;
   double trust_region(std::vector<Direction>& updates);
   void apply(const std::vector<Direction>& updates, double nu);
   void fault(const std::string& where, const std::string& what, const std::string& kind = "layer");

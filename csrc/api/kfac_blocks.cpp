@@ -266,22 +266,12 @@ int64_t KronBlock::update_inverse(const std::string& method, double damping, boo
 
 torch::Tensor KronBlock::precondition_embedding(const torch::Tensor& packed, double damping,
                                                 bool pi_correction) const {
-  // EmbeddingBlock.precondition: A is diagonal (token frequencies), G in its eigenbasis.
-  const torch::Tensor a = state.at("A").clamp_min(0);
-  const torch::Tensor& lam_g = state.at("g_eigenvalues");
+  // EmbeddingBlock.precondition: the same op, in the decomposition's dtype.
   const torch::Tensor& vecs = state.at("g_eigenvectors");
-  const torch::Tensor x = packed.to(vecs.scalar_type());
-  const torch::Tensor rotated = torch::matmul(vecs.mT(), x);
-  torch::Tensor denom;
-  if (pi_correction) {
-    const torch::Tensor pi = torch::sqrt(a.mean().clamp_min(1e-30) / lam_g.mean().clamp_min(1e-30));
-    const double root = std::sqrt(damping);
-    denom = (lam_g.unsqueeze(1) + root / pi) * (a.unsqueeze(0) + pi * root);
-  } else {
-    denom = lam_g.unsqueeze(1) * a.unsqueeze(0) + damping;
-  }
-  denom = torch::where(denom > 0, denom, torch::ones_like(denom));
-  return torch::matmul(vecs, rotated / denom).to(packed.scalar_type());
+  return kfac_precondition_diagonal_a(packed.to(vecs.scalar_type()),
+                                      state.at("A").to(vecs.scalar_type()),
+                                      state.at("g_eigenvalues"), vecs, damping, pi_correction)
+      .to(packed.scalar_type());
 }
 
 std::map<std::string, std::vector<int64_t>> KronBlock::expected_shapes() const {

@@ -1,6 +1,7 @@
 // natgrad::optim::KFAC's per-step work after the curvature refresh: directions (the list ops
 // for Linear/Conv2d, per block for Embedding, the plain gradient for the rest), the KL trust
-// region and the momentum / weight-decay update, with one host read for all directions.
+// region and the momentum / weight-decay update, with one host read for all directions (their
+// finite flags, <u, g> and, when the trust region bounds a momentum step, the buffers' <b, g>).
 // Reference: python/natgrad/optim/_kfac_step.py and _kfac_damping.py (trust_region).
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -77,7 +78,8 @@ struct Layer {
   std::string name;
   bool plain = false;
   std::vector<torch::Tensor> params, grads, dirs;
-  int64_t row = 0;  // offset of its stats row (grad ok, direction ok, <u_w, g_w>, <u_b, g_b>, ...)
+  int64_t row = 0;    // offset of its stats row: grad ok, direction ok, <u, g> per slot,
+  int64_t slots = 1;  // then <b, g> per slot when buffers are read (the list ops: 2 slots)
 };
 
 torch::Tensor grad_or_zeros(const torch::Tensor& p) {
@@ -85,6 +87,23 @@ torch::Tensor grad_or_zeros(const torch::Tensor& p) {
 }
 
 }  // namespace
+
+bool KFAC::cross_wanted() const {
+  if (!global().kl_clip().has_value()) return false;
+  for (const auto& group : param_groups()) {
+    if (static_cast<const KFACOptions&>(group.options()).momentum() != 0.0) return true;
+  }
+  return false;
+}
+
+std::optional<torch::Tensor> KFAC::momentum_buffer_of(const torch::Tensor& p) const {
+  if (group_options(p).momentum() == 0.0) return std::nullopt;
+  auto it = state().find(p.unsafeGetTensorImpl());
+  if (it == state().end()) return std::nullopt;
+  const auto& s = static_cast<const KFACParamState&>(*it->second);
+  if (!s.momentum_buffer().defined()) return std::nullopt;
+  return s.momentum_buffer();
+}
 
 std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipped) {
   // moving(): blocks to precondition, and the parameters that take the plain gradient.
@@ -111,6 +130,7 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
   }
 
   const bool pi = global().pi_correction_enabled();
+  const bool buffers = cross_wanted();  // <b, g> joins the read (Python: _cross_wanted)
   std::vector<Layer> layers;
   std::vector<torch::Tensor> stats;
   int64_t offset = 0;  // of the next stats row in the single read
@@ -121,13 +141,19 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
     }
     if (group.empty()) continue;
     std::vector<torch::Tensor> weights, g_vals, g_vecs, a_vals, a_vecs, g_invs, a_invs;
-    c10::List<std::optional<torch::Tensor>> biases;
+    c10::List<std::optional<torch::Tensor>> biases, w_bufs, b_bufs;
     std::vector<double> damping;
     for (KronBlock* b : group) {
       const torch::Tensor w = grad_or_zeros(b->weight());
       weights.push_back(w.reshape({w.size(0), -1}));
       biases.push_back(b->bias().defined() ? std::optional<torch::Tensor>(grad_or_zeros(b->bias()))
                                            : std::nullopt);
+      if (buffers) {
+        const std::optional<torch::Tensor> buf = momentum_buffer_of(b->weight());
+        w_bufs.push_back(buf ? std::optional<torch::Tensor>(buf->reshape({buf->size(0), -1}))
+                             : std::nullopt);
+        b_bufs.push_back(b->bias().defined() ? momentum_buffer_of(b->bias()) : std::nullopt);
+      }
       const auto& s = b->state;
       if (std::string(key) == "g_eigenvectors") {
         g_vals.push_back(s.at("g_eigenvalues"));
@@ -142,16 +168,18 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
     }
     KfacDirections out =
         std::string(key) == "g_eigenvectors"
-            ? kfac_directions_eigen(weights, biases, g_vals, g_vecs, a_vals, a_vecs, damping, pi, 1.0)
-            : kfac_directions_inverse(weights, biases, g_invs, a_invs, 1.0);
+            ? kfac_directions_eigen(weights, biases, g_vals, g_vecs, a_vals, a_vecs, damping, pi,
+                                    1.0, w_bufs, b_bufs)
+            : kfac_directions_inverse(weights, biases, g_invs, a_invs, 1.0, w_bufs, b_bufs);
     stats.push_back(out.stats);
     TORCH_INTERNAL_ASSERT(out.stats.dim() == 2 && out.stats.size(1) >= 4, "unexpected stats shape");
-    const int64_t columns = out.stats.size(1);  // 4 (more columns may be appended by the op)
+    const int64_t columns = out.stats.size(1);  // 4, or 6 with buffers (<b_w, g_w>, <b_b, g_b>)
+    TORCH_INTERNAL_ASSERT(!buffers || columns >= 6, "the list op returned no <b, g> columns");
     size_t next_bias = 0;
     for (size_t i = 0; i < group.size(); ++i) {
       KronBlock* b = group[i];
       Layer layer{b->name(), false, b->params(), {weights[i].view_as(b->weight())},
-                  {out.weight[i].view_as(b->weight())}, offset};
+                  {out.weight[i].view_as(b->weight())}, offset, 2};
       offset += columns;
       if (b->bias().defined()) {
         layer.grads.push_back(*biases.get(i));
@@ -161,6 +189,20 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
     }
   }
   const torch::Tensor zero = torch::zeros({}, torch::kDouble);
+  // One block outside the list ops: flags, <u, g> and (with buffers) <b, g> of its parameter.
+  auto row_of = [&](const torch::Tensor& p, const torch::Tensor& g, const torch::Tensor& u,
+                    const torch::Tensor& g_ok, const torch::Tensor& u_ok) {
+    std::vector<torch::Tensor> entries{g_ok.to(torch::kDouble), u_ok.to(torch::kDouble),
+                                       (u * g).sum(torch::kDouble)};
+    if (buffers) {
+      const std::optional<torch::Tensor> buf = momentum_buffer_of(p);
+      entries.push_back(buf ? (*buf * g).sum(torch::kDouble) : zero.to(g.device()));
+    }
+    stats.push_back(torch::stack(entries));
+    const int64_t row = offset;
+    offset += static_cast<int64_t>(entries.size());
+    return row;
+  };
   for (KronBlock* b : moving) {  // blocks outside the list ops: an Embedding
     if (b->listable()) continue;
     const torch::Tensor grad = grad_or_zeros(b->weight()).t();  // packed: weight^T
@@ -173,17 +215,14 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
     }
     const torch::Tensor dir_ok = torch::isfinite(detail::max_abs(direction));
     const torch::Tensor g = grad.t(), u = direction.t();
-    stats.push_back(torch::stack({grad_ok.to(torch::kDouble), dir_ok.to(torch::kDouble),
-                                  (u * g).sum(torch::kDouble), zero.to(g.device())}));
-    layers.push_back(Layer{b->name(), false, b->params(), {g}, {u}, offset});
-    offset += 4;
+    const int64_t row = row_of(b->weight(), g, u, grad_ok, dir_ok);
+    layers.push_back(Layer{b->name(), false, b->params(), {g}, {u}, row, 1});
   }
   for (const auto& p : plain) {  // the fallback: the plain gradient
     const torch::Tensor& g = p.grad();
-    const torch::Tensor ok = torch::isfinite(detail::max_abs(g)).to(torch::kDouble);
-    stats.push_back(torch::stack({ok, ok, (g * g).sum(torch::kDouble), zero.to(g.device())}));
-    layers.push_back(Layer{param_name(p), true, {p}, {g}, {g}, offset});
-    offset += 4;
+    const torch::Tensor ok = torch::isfinite(detail::max_abs(g));
+    const int64_t row = row_of(p, g, g, ok, ok);
+    layers.push_back(Layer{param_name(p), true, {p}, {g}, {g}, row, 1});
   }
 
   const std::vector<double> rows = detail::read_values(stats);
@@ -202,7 +241,9 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
     for (size_t j = 0; j < layer.params.size(); ++j) {
       const torch::Tensor& p = layer.params[j];
       if (p.grad().defined() && p.requires_grad()) {
-        updates.push_back({p, layer.grads[j], layer.dirs[j], j < 2 ? row[2 + j] : 0.0});
+        const auto slot = static_cast<int64_t>(j);
+        updates.push_back({p, layer.grads[j], layer.dirs[j], slot < layer.slots ? row[2 + slot] : 0.0,
+                           buffers && slot < layer.slots ? row[2 + layer.slots + slot] : 0.0});
       }
     }
   }
@@ -225,27 +266,32 @@ double KFAC::trust_region(std::vector<Direction>& updates) {
     }
     return scale(detail::fsum(terms));
   }
-  std::vector<std::pair<torch::Tensor, torch::Tensor>> carried;
-  std::vector<torch::Tensor> weighted;
+  // <u, g> and <b, g> came with the directions' read (directions(): cross_wanted()): the
+  // same float64 arithmetic as Python's _trust_region_read, on host numbers, no read here.
+  // kl_share stays a float64 0-d tensor on the CPU (reading it back syncs no device).
+  std::vector<std::pair<torch::Tensor, double>> carried;
+  std::vector<double> weighted;
   for (const auto& u : updates) {
     const KFACOptions& o = group_options(u.param);
-    torch::Tensor term = (u.update * u.grad).sum(torch::kDouble);
-    if (o.momentum() != 0.0) {
+    double term = u.inner;
+    const double mu = o.momentum();
+    if (mu != 0.0) {
       auto it = state().find(u.param.unsafeGetTensorImpl());
       if (it != state().end()) {
         const auto& s = static_cast<const KFACParamState&>(*it->second);
-        const double mu = o.momentum();
         if (s.momentum_buffer().defined()) {
-          term = term + (s.momentum_buffer() * u.grad).sum(torch::kDouble) * (2 * mu);
-          if (s.kl_share().defined()) term = term + s.kl_share().to(term.device()) * (mu * mu);
+          term += 2 * mu * u.cross;
+          if (s.kl_share().defined()) term += mu * mu * s.kl_share().item<double>();
         }
       }
       carried.emplace_back(u.param, term);
     }
     weighted.push_back(term * (o.lr() * o.lr()));
   }
-  const double nu = scale(torch::stack(weighted).sum().item<double>());
-  for (auto& [p, term] : carried) param_state(p).kl_share(term * (nu * nu));
+  const double nu = scale(detail::fsum(weighted));
+  for (auto& [p, term] : carried) {
+    param_state(p).kl_share(torch::tensor(term * (nu * nu), torch::kDouble));
+  }
   return nu;
 }
 

@@ -3,6 +3,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/subnormal.h"
@@ -129,12 +131,57 @@ at::Tensor kfac_precondition_inverse(const at::Tensor& grad, const at::Tensor& g
   return out;
 }
 
+at::Tensor kfac_precondition_diagonal_a(const at::Tensor& grad, const at::Tensor& a_diagonal,
+                                        const at::Tensor& g_eigenvalues,
+                                        const at::Tensor& g_eigenvectors, double damping,
+                                        bool pi_correction) {
+  checks::floating(grad, "grad");
+  checks::dim_ge(grad, 2, "grad", "[..., d_g, d_a]");
+  checks::same_device_dtype(a_diagonal, grad, "a_diagonal", "grad");
+  checks::same_device_dtype(g_eigenvalues, grad, "g_eigenvalues", "grad");
+  checks::same_device_dtype(g_eigenvectors, grad, "g_eigenvectors", "grad");
+  const auto batch = grad.sizes().slice(0, grad.dim() - 2);
+  std::vector<int64_t> a_shape(batch.begin(), batch.end()), g_shape = a_shape;
+  a_shape.push_back(grad.size(-1));
+  g_shape.push_back(grad.size(-2));
+  checks::shape_eq(a_diagonal, a_shape, "a_diagonal", "[..., d_a] matching grad");
+  checks::shape_eq(g_eigenvalues, g_shape, "g_eigenvalues", "[..., d_g] matching grad");
+  g_shape.push_back(grad.size(-2));
+  checks::shape_eq(g_eigenvectors, g_shape, "g_eigenvectors", "[..., d_g, d_g] matching grad");
+  checks::damping(damping, /*strictly_positive=*/false);
+
+  const at::Tensor a = a_diagonal.clamp_min(0);
+  at::Tensor rotated = at::matmul(g_eigenvectors.mT(), without_subnormals(grad));
+  at::Tensor denom;
+  if (pi_correction) {
+    const at::Tensor pi =
+        (a.mean(-1, /*keepdim=*/true).clamp_min(1e-30) /
+         g_eigenvalues.mean(-1, /*keepdim=*/true).clamp_min(1e-30))
+            .sqrt();
+    const double root = std::sqrt(damping);
+    denom = (g_eigenvalues + root / pi).unsqueeze(-1) * (a + pi * root).unsqueeze(-2);
+  } else {
+    denom = (g_eigenvalues.unsqueeze(-1) * a.unsqueeze(-2)).add_(damping);
+  }
+  // An Inf in the denominator would vanish from the result (x / Inf = 0): it poisons the
+  // result instead, on the device (NaN where any denominator is not finite).
+  const at::Tensor poison =
+      at::where(checks::finite_flag(denom), at::zeros({}, denom.options()),
+                at::full({}, std::numeric_limits<double>::quiet_NaN(), denom.options()));
+  denom.masked_fill_(denom <= 0, 1.0);
+  rotated.div_(denom);
+  at::Tensor out = at::matmul(g_eigenvectors, rotated).add_(poison);
+  flush_subnormal_(out);
+  return out;
+}
+
 // ATen compositions (matmul, linalg): registered for every device; Meta is served by the Python
 // fake kernels (python/natgrad/ops/linalg.py).
 TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
   m.impl("kfac_precondition_eigen", &kfac_precondition_eigen);
   m.impl("kfac_damped_inverses", &kfac_damped_inverses);
   m.impl("kfac_precondition_inverse", &kfac_precondition_inverse);
+  m.impl("kfac_precondition_diagonal_a", &kfac_precondition_diagonal_a);
 }
 
 }  // namespace natgrad

@@ -46,4 +46,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kfac_damped_inverses(const at::Te
 at::Tensor kfac_precondition_inverse(const at::Tensor& grad, const at::Tensor& g_inverse,
                                      const at::Tensor& a_inverse);
 
+// K-FAC preconditioning when A is diagonal (an embedding: A = diag(token frequencies), G in its
+// eigenbasis G = V_G diag(l_G) V_G^T). grad is [..., d_g, d_a] (the embedding weight's
+// transpose), a_diagonal [..., d_a] (clamped at 0), g_eigenvalues [..., d_g]:
+//   P = V_G [(V_G^T dW) / (l_G a^T + damping)],
+// or with pi_correction
+//   P = V_G [(V_G^T dW) / ((l_G + sqrt(damping) / pi) (a + pi sqrt(damping))^T)],
+//   pi = sqrt(max(mean(a), 1e-30) / max(mean(l_G), 1e-30)).
+// Zero denominators are left unscaled, as in kfac_precondition_eigen. No host read: non-finite
+// inputs (an Inf in a or l_G included, which a division would otherwise turn into 0) give a
+// NaN result, for the caller's one finiteness read over every direction of the step.
+at::Tensor kfac_precondition_diagonal_a(const at::Tensor& grad, const at::Tensor& a_diagonal,
+                                        const at::Tensor& g_eigenvalues,
+                                        const at::Tensor& g_eigenvectors, double damping,
+                                        bool pi_correction);
+
 }  // namespace natgrad

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "natgrad.h"  // natgrad::EWC and the capture layers, as users include them
+#include "test_fixtures.h"
 #include "test_helpers.h"
 
 namespace {
@@ -20,14 +21,8 @@ namespace {
 using natgrad_test::AllClose;
 using natgrad_test::ThrowsMentioning;
 
-// The fixture, found next to this source file (or under $NATGRAD_SOURCE_ROOT).
-std::string fixture_path() {
-#ifdef NATGRAD_SOURCE_ROOT
-  return std::string(NATGRAD_SOURCE_ROOT) + "/tests/cpp/data/ewc_parity.pt";
-#else
-  return (std::filesystem::path(__FILE__).parent_path() / "data" / "ewc_parity.pt").string();
-#endif
-}
+// The fixture, under $NATGRAD_SOURCE_ROOT (set by ctest).
+std::string fixture_path() { return natgrad_test::source_path("tests/cpp/data/ewc_parity.pt"); }
 
 class Fixture {
  public:

@@ -14,10 +14,7 @@
 #include <vector>
 
 #include "natgrad.h"
-
-#ifndef NATGRAD_TEST_FIXTURES
-#error "NATGRAD_TEST_FIXTURES (the tests/fixtures directory) must be defined by the build"
-#endif
+#include "test_fixtures.h"
 
 namespace natgrad_test {
 
@@ -43,8 +40,9 @@ struct Model {
 /// The fixture's tensors by key.
 inline const std::map<std::string, torch::Tensor>& fixture() {
   static const std::map<std::string, torch::Tensor> data = [] {
-    std::ifstream in(std::string(NATGRAD_TEST_FIXTURES) + "/kfac_parity.pt", std::ios::binary);
-    TORCH_CHECK(in.good(), "cannot open ", NATGRAD_TEST_FIXTURES, "/kfac_parity.pt");
+    const std::string path = source_path("tests/fixtures/kfac_parity.pt");
+    std::ifstream in(path, std::ios::binary);
+    TORCH_CHECK(in.good(), "cannot open ", path);
     std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     std::map<std::string, torch::Tensor> out;
     for (const auto& item : torch::pickle_load(bytes).toGenericDict()) {

@@ -360,4 +360,52 @@ TEST(KfacPreconditionErrors, OverflowOfFiniteInputsIsReportedAsOverflow) {
                                {"overflowed Float", "every input is finite"}));
 }
 
+// ---- Diagonal A (an embedding: token frequencies), G in its eigenbasis ----------------------
+
+TEST(KfacPreconditionDiagonalA, EqualsTheDenseSolveAndFactoredDamping) {
+  at::manual_seed(401);
+  const at::Tensor g = random_spd(4), a = at::rand({6}, at::kDouble) + 0.1;
+  const at::Tensor dw = at::randn({4, 6}, at::kDouble);
+  const auto [gw, gv] = eig(g, at::kDouble);
+  for (const double damping : {1e-3, 0.5}) {
+    EXPECT_TRUE(AllClose(natgrad::kfac_precondition_diagonal_a(dw, a, gw, gv, damping, false),
+                         ref_kron_solve(dw, g, at::diag(a), damping), kTol64));
+    EXPECT_TRUE(AllClose(natgrad::kfac_precondition_diagonal_a(dw, a, gw, gv, damping, true),
+                         ref_factored(dw, g, at::diag(a), damping, ref_pi(g, at::diag(a))),
+                         kTol64));
+  }
+  // float32 in, float32 out, same numbers to float32 accuracy
+  const at::Tensor p32 = natgrad::kfac_precondition_diagonal_a(
+      dw.to(at::kFloat), a.to(at::kFloat), gw.to(at::kFloat), gv.to(at::kFloat), 0.1, true);
+  EXPECT_EQ(p32.scalar_type(), at::kFloat);
+  EXPECT_TRUE(AllClose(p32, ref_factored(dw, g, at::diag(a), 0.1, ref_pi(g, at::diag(a))), kTol32));
+}
+
+TEST(KfacPreconditionDiagonalA, ClampsFrequenciesLeavesZeroDenominatorsAndPoisonsInf) {
+  // G = diag(2, 4) (identity eigenvectors), a = (-1 -> 0, 1), no damping: column 0 unscaled.
+  const at::Tensor gw = at::tensor({2.0, 4.0}, at::kDouble), eye = at::eye(2, at::kDouble);
+  const at::Tensor dw = at::tensor({1.0, 2.0, 3.0, 4.0}, at::kDouble).reshape({2, 2});
+  const at::Tensor p = natgrad::kfac_precondition_diagonal_a(
+      dw, at::tensor({-1.0, 1.0}, at::kDouble), gw, eye, 0.0, false);
+  EXPECT_TRUE(AllClose(p, at::tensor({1.0, 1.0, 3.0, 1.0}, at::kDouble).reshape({2, 2}), kTol64));
+  const double inf = std::numeric_limits<double>::infinity();
+  const at::Tensor poisoned = natgrad::kfac_precondition_diagonal_a(
+      dw, at::tensor({inf, 1.0}, at::kDouble), gw, eye, 0.1, false);
+  EXPECT_TRUE(poisoned.isnan().all().item<bool>());  // not a silent 0 from x / Inf
+}
+
+TEST(KfacPreconditionDiagonalA, BadArgumentsAreNamed) {
+  const at::Tensor dw = at::ones({3, 4}, at::kDouble), gw = at::ones({3}, at::kDouble);
+  const at::Tensor gv = at::eye(3, at::kDouble), a = at::ones({4}, at::kDouble);
+  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_diagonal_a(dw, gw, gw, gv, 0.1, false); },
+                               {"a_diagonal must have shape [4]"}));
+  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_diagonal_a(dw, a, a, gv, 0.1, false); },
+                               {"g_eigenvalues must have shape [3]"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] { natgrad::kfac_precondition_diagonal_a(dw, a.to(at::kFloat), gw, gv, 0.1, false); },
+      {"a_diagonal", "dtype"}));
+  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_diagonal_a(dw, a, gw, gv, -1.0, false); },
+                               {"damping"}));
+}
+
 }  // namespace

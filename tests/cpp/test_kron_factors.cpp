@@ -473,7 +473,7 @@ TEST(KronFactorErrors, Conv2dRejectsBadGeometryNamingTheArgument) {
 
 // ---- The dispatcher: ops registered by the C++ library itself -------------------------------
 
-constexpr std::array<const char*, 16> kOps = {
+constexpr std::array<const char*, 17> kOps = {
     "natgrad::linear_act_factor",       "natgrad::linear_act_factor_ema_",
     "natgrad::conv2d_act_factor",       "natgrad::conv2d_act_factor_ema_",
     "natgrad::linear_grad_factor",      "natgrad::linear_grad_factor_ema_",
@@ -481,7 +481,8 @@ constexpr std::array<const char*, 16> kOps = {
     "natgrad::damped_eigh",             "natgrad::kfac_precondition_eigen",
     "natgrad::kfac_damped_inverses",    "natgrad::kfac_precondition_inverse",
     "natgrad::woodbury_solve",          "natgrad::linear_diag_fisher",
-    "natgrad::kfac_factors_ema_",       "natgrad::ewc_penalty"};
+    "natgrad::kfac_factors_ema_",       "natgrad::ewc_penalty",
+    "natgrad::kfac_precondition_diagonal_a"};
 
 TEST(Dispatcher, EveryOperatorIsAnAtenCompositionRegisteredForEveryDevice) {
   for (const char* name : kOps) {

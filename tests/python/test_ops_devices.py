@@ -49,6 +49,7 @@ def _samples() -> dict[str, tuple]:
         "kfac_precondition_eigen": (torch.randn(3, 4, dtype=torch.float64), eg[0], eg[1], ea[0], ea[1], 0.1, True),
         "kfac_damped_inverses": (g, a, 0.1, True),
         "kfac_precondition_inverse": (torch.randn(3, 4, dtype=torch.float64), g_inv, a_inv),
+        "kfac_precondition_diagonal_a": (torch.randn(3, 4, dtype=torch.float64), torch.rand(4, dtype=torch.float64), eg[0], eg[1], 0.1, True),
         "kfac_directions_eigen": ([torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)],
                                   [torch.randn(3, dtype=torch.float64), None], [eg[0], eg[0]], [eg[1], eg[1]],
                                   [ea[0], ea[0]], [ea[1], ea[1]], [0.1, 0.2], False, 1.0),
@@ -183,6 +184,10 @@ BAD_ARGUMENTS = [
     ("kfac_precondition_eigen", lambda d: (_ones(3, 4)(d), _ones(3, dtype=torch.float32)(d), _ones(3, 3)(d), _ones(4)(d), _ones(4, 4)(d), 0.1, False), "g_eigenvalues must have the same dtype as grad (Double), got Float"),
     ("kfac_precondition_eigen", lambda d: (_ones(3, 4)(d), _ones(2)(d), _ones(3, 3)(d), _ones(4)(d), _ones(4, 4)(d), 0.1, False), "g_eigenvalues must have shape [3]"),
     ("kfac_precondition_eigen", lambda d: (_ones(4)(d), _ones(3)(d), _ones(3, 3)(d), _ones(4)(d), _ones(4, 4)(d), 0.1, False), "grad must have at least 2 dimensions"),
+    ("kfac_precondition_diagonal_a", lambda d: (_ones(3, 4)(d), _ones(3)(d), _ones(3)(d), _ones(3, 3)(d), 0.1, False), "a_diagonal must have shape [4]"),
+    ("kfac_precondition_diagonal_a", lambda d: (_ones(3, 4)(d), _ones(4)(d), _ones(3)(d), _ones(4, 4)(d), 0.1, False), "g_eigenvectors must have shape [3, 3]"),
+    ("kfac_precondition_diagonal_a", lambda d: (_ones(3, 4)(d), _ones(4, dtype=torch.float32)(d), _ones(3)(d), _ones(3, 3)(d), 0.1, False), "a_diagonal must have the same dtype as grad (Double), got Float"),
+    ("kfac_precondition_diagonal_a", lambda d: (_ones(3, 4)(d), _ones(4)(d), _ones(3)(d), _ones(3, 3)(d), -1.0, False), "damping must be a finite number >= 0"),
     ("kfac_damped_inverses", lambda d: (_ones(3, 3)(d), _ones(4, 3)(d), 0.1, False), "a_factor must be a square matrix"),
     ("kfac_damped_inverses", lambda d: (_ones(3, 3)(d), _ones(4, 4)(d), 0.0, False), "damping must be a finite number > 0"),
     ("kfac_damped_inverses", lambda d: (_ones(2, 3, 3)(d), _ones(3, 4, 4)(d), 0.1, False), "must have the same batch dims"),
@@ -217,6 +222,7 @@ MIXED_DEVICES = [
     ("kfac_precondition_inverse", lambda d, o: (_ones(3, 4)(d), _ones(3, 3)(o), _ones(4, 4)(d)), "g_inverse must be on the same device as grad"),
     ("kfac_precondition_eigen", lambda d, o: (_ones(3, 4)(d), _ones(3)(d), _ones(3, 3)(d), _ones(4)(o), _ones(4, 4)(d), 0.1, False), "a_eigenvalues must be on the same device as grad"),
     ("kfac_damped_inverses", lambda d, o: (_ones(3, 3)(d), _ones(4, 4)(o), 0.1, False), "a_factor must be on the same device as g_factor"),
+    ("kfac_precondition_diagonal_a", lambda d, o: (_ones(3, 4)(d), _ones(4)(o), _ones(3)(d), _ones(3, 3)(d), 0.1, False), "a_diagonal must be on the same device as grad"),
     ("woodbury_solve", lambda d, o: (_ones(4, 6)(d), _ones(6)(o), 0.1), "rhs must be on the same device as per_sample_grads"),
     ("linear_diag_fisher", lambda d, o: (_ones(4, 3)(d), _ones(4, 2)(o), True, 1.0), "grad_output must be on the same device as input"),
     ("ewc_penalty", lambda d, o: ([_ones(2)(d)], [_ones(2)(o)], [_ones(2)(d)]), "fisher[0] must have dtype Double on"),
@@ -240,7 +246,7 @@ def test_opcheck_on_cuda(name, requires_grad):
     differentiable = {"linear_act_factor", "linear_grad_factor", "conv2d_act_factor",
                       "conv2d_grad_factor", "kfac_precondition_inverse", "woodbury_solve", "ewc_penalty"}
     if requires_grad:
-        if name == "kfac_precondition_eigen":  # differentiable with respect to grad only
+        if name in ("kfac_precondition_eigen", "kfac_precondition_diagonal_a"):  # grad only
             args = (args[0].requires_grad_(), *args[1:])
         elif name in differentiable:
             args = _map(args, lambda t: t.requires_grad_())

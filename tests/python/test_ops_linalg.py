@@ -235,3 +235,58 @@ def test_preconditioning_overflow_of_finite_inputs_is_reported_as_such():
     eye = torch.eye(2)
     with pytest.raises(RuntimeError, match="overflowed Float although every input is finite"):
         ops.kfac_precondition_inverse(grad, 2 * eye, eye)
+
+
+def diagonal_a_problem(batch=()):
+    torch.manual_seed(3)
+    g = random_psd(4, batch=batch)
+    a = torch.rand(*batch, 6, dtype=torch.float64) + 0.1  # token frequencies
+    return g, a, torch.randn(*batch, 4, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_diagonal_a_preconditioning_equals_dense_damped_solve(damping):
+    g, a, grad = diagonal_a_problem()
+    eg = ops.damped_eigh(g)
+    out = ops.kfac_precondition_diagonal_a(grad, a, eg.eigenvalues, eg.eigenvectors, damping)
+    torch.testing.assert_close(out, dense_natural_gradient(g, torch.diag(a), grad, damping), rtol=1e-9, atol=1e-10)
+
+
+def test_pi_corrected_diagonal_a_equals_factored_damping():
+    g, a, grad = diagonal_a_problem()
+    eg = ops.damped_eigh(g)
+    out = ops.kfac_precondition_diagonal_a(grad, a, eg.eigenvalues, eg.eigenvectors, 0.1, pi_correction=True)
+    torch.testing.assert_close(out, pi_reference(g, torch.diag(a), grad, 0.1), rtol=1e-9, atol=1e-10)
+    # batched: each element its own π
+    g2, a2, grad2 = diagonal_a_problem((2,))
+    eg2 = ops.damped_eigh(g2)
+    batched = ops.kfac_precondition_diagonal_a(grad2, a2, *eg2[:2], 0.1, pi_correction=True)
+    for i in range(2):
+        torch.testing.assert_close(batched[i], pi_reference(g2[i], torch.diag(a2[i]), grad2[i], 0.1), rtol=1e-9, atol=1e-10)
+
+
+def test_diagonal_a_clamps_frequencies_skips_zero_denominators_and_poisons_inf():
+    g, a, grad = diagonal_a_problem()
+    eg = ops.damped_eigh(g)
+    a[2], a[4] = -1.0, 0.0  # clamped at 0: with no damping those columns have no curvature
+    out = ops.kfac_precondition_diagonal_a(grad, a, *eg[:2], 0.0)
+    vecs = eg.eigenvectors
+    expected = vecs @ ((vecs.mT @ grad) / (eg.eigenvalues[:, None] * a.clamp_min(0)[None, :]).where(a.clamp_min(0)[None, :] > 0, 1.0))
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out[:, 2], grad[:, 2], rtol=1e-9, atol=1e-10)  # left unscaled
+    a[0] = float("inf")  # would vanish as x / Inf = 0: the whole result is NaN instead
+    assert ops.kfac_precondition_diagonal_a(grad, a, *eg[:2], 0.1).isnan().all()
+
+
+def test_opcheck_and_gradcheck_diagonal_a():
+    g, a, grad = diagonal_a_problem()
+    eg = ops.damped_eigh(g)
+    for rg in (False, True):
+        for pi in (False, True):
+            x = grad.clone().requires_grad_(rg)
+            torch.library.opcheck(OPS.kfac_precondition_diagonal_a.default, (x, a, *eg[:2], 0.1, pi))
+    x = grad.clone().requires_grad_()
+    for pi in (False, True):
+        assert torch.autograd.gradcheck(lambda t: ops.kfac_precondition_diagonal_a(t, a, *eg[:2], 0.2, pi), (x,))
+    with pytest.raises(RuntimeError, match="differentiable with respect to grad only"):
+        ops.kfac_precondition_diagonal_a(x, a.clone().requires_grad_(), *eg[:2], 0.2).sum().backward()

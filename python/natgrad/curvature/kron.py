@@ -392,17 +392,10 @@ class EmbeddingBlock(KroneckerBlock):
 
     def precondition(self, packed, damping, pi_correction=False):
         s = self.state
-        a = s["A"].to(self.inverse_dtype).clamp_min(0)
-        lam_g, vecs = s["g_eigenvalues"], s["g_eigenvectors"]
-        rotated = vecs.mT @ packed.to(self.inverse_dtype)
-        if pi_correction:
-            pi = torch.sqrt(a.mean().clamp_min(1e-30) / lam_g.mean().clamp_min(1e-30))
-            root = math.sqrt(damping)
-            denom = (lam_g[:, None] + root / pi) * (a[None, :] + pi * root)
-        else:
-            denom = lam_g[:, None] * a[None, :] + damping
-        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-        return (vecs @ (rotated / denom)).to(packed.dtype)
+        out = ops.kfac_precondition_diagonal_a(
+            packed.to(self.inverse_dtype), s["A"].to(self.inverse_dtype), s["g_eigenvalues"],
+            s["g_eigenvectors"], damping, pi_correction)
+        return out.to(packed.dtype)
 
     def product(self, packed):
         return (self.state["G"] @ packed.to(self.factor_dtype)) * self.state["A"][None, :]

@@ -55,6 +55,7 @@ from natgrad.ops.linalg import (
     EighResult,
     damped_eigh,
     kfac_damped_inverses,
+    kfac_precondition_diagonal_a,
     kfac_precondition_eigen,
     kfac_precondition_inverse,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "kfac_directions_inverse",
     "kfac_factors_ema_",
     "kfac_momentum_step_",
+    "kfac_precondition_diagonal_a",
     "kfac_precondition_eigen",
     "kfac_precondition_inverse",
     "linear_act_factor",

@@ -39,6 +39,7 @@ __all__ = [
     "Rung",
     "damped_eigh",
     "kfac_damped_inverses",
+    "kfac_precondition_diagonal_a",
     "kfac_precondition_eigen",
     "kfac_precondition_inverse",
 ]
@@ -116,6 +117,39 @@ def kfac_precondition_eigen(
     )
 
 
+def kfac_precondition_diagonal_a(
+    grad: Tensor,
+    a_diagonal: Tensor,
+    g_eigenvalues: Tensor,
+    g_eigenvectors: Tensor,
+    damping: float,
+    pi_correction: bool = False,
+) -> Tensor:
+    """K-FAC preconditioned gradient when A is diagonal (an embedding's token frequencies).
+
+    ``P = V_G [(V_Gᵀ ∇W) ⊘ (λ_G aᵀ + γ)]`` with ``a = max(a_diagonal, 0)``; with
+    ``pi_correction`` the denominator is ``(λ_G + √γ/π)(a + π√γ)ᵀ``,
+    ``π = sqrt(max(mean a, 1e-30) / max(mean λ_G, 1e-30))``. Zero denominators are left
+    unscaled. No host read: NaN/Inf inputs give a NaN result (an Inf eigenvalue or frequency
+    included), for the caller to detect with its own finiteness read. Differentiable with
+    respect to ``grad`` (the preconditioner is self-adjoint); the factors are constants.
+
+    Args:
+        grad (Tensor): ``[..., d_g, d_a]``, e.g. the transposed embedding-weight gradient.
+        a_diagonal (Tensor): ``[..., d_a]`` diagonal of A.
+        g_eigenvalues (Tensor): ``[..., d_g]`` from :func:`damped_eigh` of G.
+        g_eigenvectors (Tensor): ``[..., d_g, d_g]``.
+        damping (float): γ >= 0.
+        pi_correction (bool): factored, π-corrected damping (default: False).
+
+    Returns:
+        Tensor: the preconditioned gradient, shaped like ``grad``.
+    """
+    return _ops.kfac_precondition_diagonal_a(
+        grad, a_diagonal, g_eigenvalues, g_eigenvectors, damping, pi_correction
+    )
+
+
 def kfac_damped_inverses(
     g_factor: Tensor, a_factor: Tensor, damping: float, pi_correction: bool = False
 ) -> DampedInverses:
@@ -186,6 +220,22 @@ def _(grad, g_eigenvalues, g_eigenvectors, a_eigenvalues, a_eigenvectors, dampin
     return grad.new_empty(grad.shape)
 
 
+@torch.library.register_fake("natgrad::kfac_precondition_diagonal_a")
+def _(grad, a_diagonal, g_eigenvalues, g_eigenvectors, damping, pi_correction):
+    _checks.floating(grad, "grad")
+    _checks.dim_ge(grad, 2, "grad", "[..., d_g, d_a]")
+    _checks.same_device_dtype(a_diagonal, grad, "a_diagonal", "grad")
+    _checks.same_device_dtype(g_eigenvalues, grad, "g_eigenvalues", "grad")
+    _checks.same_device_dtype(g_eigenvectors, grad, "g_eigenvectors", "grad")
+    batch, d_g, d_a = list(grad.shape[:-2]), grad.shape[-2], grad.shape[-1]
+    _checks.shape_eq(a_diagonal, batch + [d_a], "a_diagonal", "[..., d_a] matching grad")
+    _checks.shape_eq(g_eigenvalues, batch + [d_g], "g_eigenvalues", "[..., d_g] matching grad")
+    _checks.shape_eq(g_eigenvectors, batch + [d_g, d_g], "g_eigenvectors",
+                     "[..., d_g, d_g] matching grad")
+    _checks.damping(damping, strictly_positive=False)
+    return grad.new_empty(grad.shape)
+
+
 @torch.library.register_fake("natgrad::kfac_damped_inverses")
 def _(g_factor, a_factor, damping, pi_correction):
     _checks.floating(g_factor, "g_factor")
@@ -228,6 +278,24 @@ def _eigen_backward(ctx, grad):
     return grad_in, None, None, None, None, None, None
 
 
+def _setup_diagonal_a(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:4])
+    ctx.damping, ctx.pi_correction = inputs[4], inputs[5]
+
+
+def _diagonal_a_backward(ctx, grad):
+    if any(ctx.needs_input_grad[1:4]):
+        raise RuntimeError(
+            "natgrad::kfac_precondition_diagonal_a is differentiable with respect to grad only; "
+            "detach a_diagonal, g_eigenvalues and g_eigenvectors"
+        )
+    a_diagonal, evals_g, evecs_g = ctx.saved_tensors
+    grad_in = _ops.kfac_precondition_diagonal_a(
+        grad.contiguous(), a_diagonal, evals_g, evecs_g, ctx.damping, ctx.pi_correction
+    )
+    return grad_in, None, None, None, None, None
+
+
 def _setup_inverse(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
@@ -242,6 +310,9 @@ def _inverse_backward(ctx, grad):
 
 torch.library.register_autograd(
     "natgrad::kfac_precondition_eigen", _eigen_backward, setup_context=_setup_eigen
+)
+torch.library.register_autograd(
+    "natgrad::kfac_precondition_diagonal_a", _diagonal_a_backward, setup_context=_setup_diagonal_a
 )
 torch.library.register_autograd(
     "natgrad::kfac_precondition_inverse", _inverse_backward, setup_context=_setup_inverse
