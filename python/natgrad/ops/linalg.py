@@ -260,40 +260,27 @@ def _(grad, g_inverse, a_inverse):
 # ---- autograd ----------------------------------------------------------------------------------
 
 
-def _setup_eigen(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[1:5])
-    ctx.damping, ctx.pi_correction = inputs[5], inputs[6]
+def _register_self_adjoint(name: str, curvature: int, detach: str) -> None:
+    """Autograd of a preconditioner that is linear and symmetric in ``grad`` (its first
+    argument): the input gradient is the same op applied to the output gradient. The next
+    ``curvature`` arguments (the decomposition) get none; asking for one is an error."""
+    op = getattr(_ops, name)
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[1:1 + curvature])
+        ctx.rest = inputs[1 + curvature:]
+
+    def backward(ctx, grad):
+        if any(ctx.needs_input_grad[1:1 + curvature]):
+            raise RuntimeError(f"natgrad::{name} is differentiable with respect to grad only; detach {detach}")
+        grad_in = op(grad.contiguous(), *ctx.saved_tensors, *ctx.rest)
+        return (grad_in,) + (None,) * (curvature + len(ctx.rest))
+
+    torch.library.register_autograd(f"natgrad::{name}", backward, setup_context=setup)
 
 
-def _eigen_backward(ctx, grad):
-    if any(ctx.needs_input_grad[1:5]):
-        raise RuntimeError(
-            "natgrad::kfac_precondition_eigen is differentiable with respect to grad only; "
-            "detach the eigenvalues and eigenvectors"
-        )
-    evals_g, evecs_g, evals_a, evecs_a = ctx.saved_tensors
-    grad_in = _ops.kfac_precondition_eigen(
-        grad.contiguous(), evals_g, evecs_g, evals_a, evecs_a, ctx.damping, ctx.pi_correction
-    )
-    return grad_in, None, None, None, None, None, None
-
-
-def _setup_diagonal_a(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[1:4])
-    ctx.damping, ctx.pi_correction = inputs[4], inputs[5]
-
-
-def _diagonal_a_backward(ctx, grad):
-    if any(ctx.needs_input_grad[1:4]):
-        raise RuntimeError(
-            "natgrad::kfac_precondition_diagonal_a is differentiable with respect to grad only; "
-            "detach a_diagonal, g_eigenvalues and g_eigenvectors"
-        )
-    a_diagonal, evals_g, evecs_g = ctx.saved_tensors
-    grad_in = _ops.kfac_precondition_diagonal_a(
-        grad.contiguous(), a_diagonal, evals_g, evecs_g, ctx.damping, ctx.pi_correction
-    )
-    return grad_in, None, None, None, None, None
+_register_self_adjoint("kfac_precondition_eigen", 4, "the eigenvalues and eigenvectors")
+_register_self_adjoint("kfac_precondition_diagonal_a", 3, "a_diagonal, g_eigenvalues and g_eigenvectors")
 
 
 def _setup_inverse(ctx, inputs, output):
@@ -308,12 +295,6 @@ def _inverse_backward(ctx, grad):
     return d_x, d_g, d_a
 
 
-torch.library.register_autograd(
-    "natgrad::kfac_precondition_eigen", _eigen_backward, setup_context=_setup_eigen
-)
-torch.library.register_autograd(
-    "natgrad::kfac_precondition_diagonal_a", _diagonal_a_backward, setup_context=_setup_diagonal_a
-)
 torch.library.register_autograd(
     "natgrad::kfac_precondition_inverse", _inverse_backward, setup_context=_setup_inverse
 )
