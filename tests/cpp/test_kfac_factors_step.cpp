@@ -43,17 +43,27 @@ TEST(KfacFactorsEma, EqualsThePerLayerEmaOpsAndFlagsABadLayer) {
   EXPECT_TRUE(AllClose(g0f, at::eye(3, at::kDouble) * 0.5 + ref_linear_grad(g0, 2.0) * 0.5, kTol64));
   EXPECT_TRUE(AllClose(a1, a1_ref, kTol64));
   EXPECT_TRUE(AllClose(g1f, natgrad::conv2d_grad_factor(g_img, 1.5), kTol64));
-  // A NaN gradient: that layer is left untouched and flagged, the other one is updated.
+  // A NaN gradient: that layer is left untouched and flagged; the healthy layer, fed a new batch,
+  // is updated to the reference EMA (not merely "changed", which rounding alone could decide).
   at::Tensor bad = g0.clone();
   bad[1][2] = std::numeric_limits<double>::quiet_NaN();
-  const at::Tensor a0_before = a0.clone(), g0_before = g0f.clone(), a1_before = a1.clone();
-  const at::Tensor flags2 = natgrad::kfac_factors_ema_({a0, a1}, {g0f, g1f}, {x0, img}, {bad, g_img},
-                                                       layouts, {2.0, 1.5}, {0.5, 0.5});
+  const at::Tensor img2 = at::randn_like(img), g_img2 = at::randn_like(g_img);
+  const at::Tensor a0_before = a0.clone(), g0_before = g0f.clone();
+  const at::Tensor a1_before = a1.clone(), g1_before = g1f.clone();
+  const at::Tensor flags2 = natgrad::kfac_factors_ema_({a0, a1}, {g0f, g1f}, {x0, img2},
+                                                       {bad, g_img2}, layouts, {2.0, 1.5},
+                                                       {0.5, 0.5});
   EXPECT_EQ(flags2[0][0].item<double>(), 0.0);
   EXPECT_EQ(flags2[0][1].item<double>(), 1.0);
   EXPECT_EQ(flags2[1][0].item<double>(), 1.0);
+  EXPECT_EQ(flags2[1][1].item<double>(), 1.0);
   EXPECT_TRUE(at::equal(a0, a0_before) && at::equal(g0f, g0_before));
-  EXPECT_FALSE(at::equal(a1, a1_before));
+  const at::Tensor a1_new =
+      natgrad::conv2d_act_factor(img2, cc.kernel, cc.stride, cc.padding, cc.dilation, true);
+  EXPECT_TRUE(AllClose(a1, a1_before * 0.5 + a1_new * 0.5, kTol64));
+  EXPECT_TRUE(AllClose(g1f, g1_before * 0.5 + natgrad::conv2d_grad_factor(g_img2, 1.5) * 0.5,
+                       kTol64));
+  EXPECT_FALSE(AllClose(a1_new, a1_before, 1e-3));  // the new batch's statistic really differs
 }
 
 TEST(KfacFactorsEma, OverflowingStatisticsAreSkippedAndArgumentsCheckedFirst) {
