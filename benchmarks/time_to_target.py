@@ -58,7 +58,7 @@ from ttt import protocol, report, workloads  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FULL = {"trials": 6, "budget_scale": 1.0, "evals": 20}
-QUICK = {"trials": 2, "budget_scale": 0.15, "evals": 10}
+QUICK = {"trials": 2, "budget_scale": 0.12, "evals": 8}
 EXTRA_SEEDS = (1, 2)
 CLOCK = ("time.process_time(): CPU seconds of the process (all torch threads) summed over the "
          "training steps (batch sampling, forward, backward, optimizer step); evaluation excluded")
@@ -73,8 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optimizers", nargs="+", choices=list(opt_mod.OPTIMIZERS), default=None,
                    help="default: all (AdamW is always run: it sets the target)")
     p.add_argument("--trials", type=int, default=None, help="trials per optimizer (6; quick: 2)")
-    p.add_argument("--budget-scale", type=float, default=None, help="multiplies every budget (1; quick: 0.15)")
-    p.add_argument("--evals", type=int, default=None, help="evaluations per run (20; quick: 10)")
+    p.add_argument("--budget-scale", type=float, default=None, help="multiplies every budget (1; quick: 0.12)")
+    p.add_argument("--evals", type=int, default=None, help="evaluations per run (20; quick: 8)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory")
     p.add_argument("--name", default=None, help="file name stem (time_to_target[_quick])")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2)")
@@ -158,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     summary_png = os.path.join(args.out, f"{args.name}_summary.png")
     report.plot_summary(results, summary_png)
     results.update(machine=machine_info(), wall_time_s=time.perf_counter() - start_wall,
-                   loadavg_end=list(os.getloadavg()))
+                   process_cpu_s=time.process_time(), loadavg_end=list(os.getloadavg()))
     write_payload(json_path, results)
     print(f"\nTime to AdamW's validation target ({'quick' if args.quick else 'full'} protocol: "
           f"{args.trials} trials per optimizer on seed 0, best rerun on seeds {list(EXTRA_SEEDS)}; budgets x"
           f"{args.budget_scale:g}; clock: training CPU seconds, evaluation excluded; {args.threads} threads; "
-          f"wall {results['wall_time_s']:.0f} s; load average {load_start[0]:.2f} -> {results['loadavg_end'][0]:.2f})\n")
+          f"wall {results['wall_time_s']:.0f} s, process CPU {results['process_cpu_s']:.0f} s; load average {load_start[0]:.2f} -> {results['loadavg_end'][0]:.2f})\n")
     print(report.format_table(results))
     print(f"\nwrote {json_path}, {summary_png} and {args.name}_<workload>.png")
     return 0

@@ -2,7 +2,7 @@
 # natgrad's main job: the quick version of the time-to-target harness
 # (benchmarks/time_to_target.py --quick). Every workload (Fashion-MNIST MLP, deep autoencoder,
 # ResNet-8 CNN, char transformer on Debian's fortunes) and every optimizer (SGD-Nesterov, AdamW,
-# Muon, SOAP, natgrad.KFAC; kfac-pytorch is reported as not installable) on budgets x0.15 with
+# Muon, SOAP, natgrad.KFAC; kfac-pytorch is reported as not installable) on budgets x0.12 with
 # 2 trials each, then the best trial on 2 more seeds; prints the time-to-AdamW's-validation-target
 # table and writes benchmarks/results/time_to_target_quick{.json,_*.png}. About 10 minutes on
 # 2 cores after set-up. The full protocol (~2 h) is `python benchmarks/time_to_target.py`; the
