@@ -44,8 +44,8 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str
     out = tmp_path_factory.mktemp("ttt")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--smoke", "--trials", "1", "--evals", "2",
-                           "--budget-scale", "0.004", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--smoke", "--trials", "1", "--evals", "1",
+                           "--budget-scale", "0.002", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"time_to_target.py failed:\n{proc.stdout}\n{proc.stderr}"
     with open(out / "time_to_target_quick.json") as f:
