@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                      "score": "median over 3 seeds of the training CPU seconds at the first evaluation at or "
                               "below the target (inf: not reached)",
                      "clock": CLOCK, "threads": args.threads,
-                     "divergence": f"metric not finite or > {protocol.DIVERGENCE_FACTOR:g}x its initial value: run stopped"},
+                     "divergence": f"metric not finite or > {protocol.DIVERGENCE_FACTOR:g}x its initial value: "
+                                   "run stopped"},
         "optimizers": {o: opt_mod.spec(o) for o in optimizers + list(unavailable)},
         "unavailable": unavailable, "loadavg_start": load_start, "workloads": {}}
     json_path = os.path.join(args.out, f"{args.name}.json")
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             budget = w.budget_s * args.budget_scale
             summary = protocol.run_workload(
                 w, optimizers, args.trials, EXTRA_SEEDS, budget, args.evals,
-                on_run=lambda s: bar.set_postfix_str(s, refresh=False), on_progress=lambda s: bar.update(min(round(s, 3), max(bar.total - bar.n, 0))))
+                on_run=lambda s: bar.set_postfix_str(s, refresh=False),
+                on_progress=lambda s: bar.update(min(round(s, 3), max(bar.total - bar.n, 0))))
             results["workloads"][n] = {"describe": w.describe, "budget_s": budget, "batch_size": w.batch_size,
                                        "evals": args.evals, **summary}
             results.update(machine=machine_info(), wall_time_s=time.perf_counter() - start_wall)
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nTime to AdamW's validation target ({'quick' if args.quick else 'full'} protocol: "
           f"{args.trials} trials per optimizer on seed 0, best rerun on seeds {list(EXTRA_SEEDS)}; budgets x"
           f"{args.budget_scale:g}; clock: training CPU seconds, evaluation excluded; {args.threads} threads; "
-          f"wall {results['wall_time_s']:.0f} s, process CPU {results['process_cpu_s']:.0f} s; load average {load_start[0]:.2f} -> {results['loadavg_end'][0]:.2f})\n")
+          f"wall {results['wall_time_s']:.0f} s, process CPU {results['process_cpu_s']:.0f} s; load average "
+          f"{load_start[0]:.2f} -> {results['loadavg_end'][0]:.2f})\n")
     print(report.format_table(results))
     print(f"\nwrote {json_path}, {summary_png} and {args.name}_<workload>.png")
     return 0

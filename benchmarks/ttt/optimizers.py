@@ -132,7 +132,8 @@ class Trainer:
             o.step()
 
 
-def muon_split(model: nn.Module, io_modules: tuple[str, ...]) -> tuple[list[tuple[nn.Parameter, nn.Parameter]], list[nn.Parameter]]:
+def muon_split(model: nn.Module, io_modules: tuple[str, ...]
+               ) -> tuple[list[tuple[nn.Parameter, nn.Parameter]], list[nn.Parameter]]:
     """(hidden matrices as (parameter, 2-D view) pairs, the rest) per torch.optim.Muon's docs:
     hidden Linear/Conv2d weights and attention in_proj weights go to Muon (conv filters viewed
     as [out, in*k*k] on the same storage, as in the reference implementation); everything else

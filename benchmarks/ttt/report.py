@@ -50,13 +50,14 @@ def format_table(results: dict[str, Any]) -> str:
     left = {0, 1, 2}
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     out = [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
     out.append("")
     for name, w in results["workloads"].items():
         out.append(f"target ({name}) = median over AdamW's seeds of its best {w['metric']} = {w['target']:.4g}"
-                   f"; budget {w['budget_s']:.1f} CPU s per run; winner: {winner(w)}")
+                   f"; budget {w['budget_s']:.3g} CPU s per run; winner: {winner(w)}")
     for o, why in results.get("unavailable", {}).items():
         out.append(f"not run: {o}: {why}")
     return "\n".join(out)
