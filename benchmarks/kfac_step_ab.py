@@ -18,7 +18,7 @@ they hold no subnormal numbers: the floor is a clean lower bound.
 Protocol. One process per (tree, model, inverse method, round). The model is first trained
 ``--warm`` steps (default 300) on real data with natgrad.KFAC at periods (1, 10), lr 0.1,
 momentum 0.9, damping 1e-3, kl_clip 1e-3, factor decay 0.95, batch as below, so that whatever
-training puts into factors, decompositions and buffers (subnormal numbers, issue 11) is there.
+training puts into factors, decompositions and buffers (subnormal numbers among them) is there.
 Then, for each periods (factor, inverse) in (1, 1), (1, 10), (10, 100) and each thread count
 (1, 2), the same optimizer continues with those periods for N steps (a multiple of the inverse
 period, so each run holds its amortized share of decompositions), then SGD for N steps on a

@@ -154,8 +154,8 @@ def test_a_checkpoint_of_the_previous_release_still_loads_and_resumes_exactly():
         for key, value in saved[block.name].items():
             if key != "kind":
                 torch.testing.assert_close(block.state[key], value, rtol=0, atol=0)
-    # Since issue 11 the trust region bounds the momentum-accumulated step, so 0.1.0's own
-    # continuation (params_after_3_more_steps) is no longer this version's: resuming from the old
+    # The trust region bounds the momentum-accumulated step, which the fixture's version did not,
+    # so its own continuation (params_after_3_more_steps) is not this version's: resuming from the old
     # checkpoint must equal resuming from a copy of the same state (the checkpoint lost nothing).
     twin = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     twin.load_state_dict(model.state_dict())

@@ -129,7 +129,7 @@ def test_unsupported_layers_fall_back_and_training_runs():
     table = opt.describe()
     assert "conv.weight" in table and "K-FAC conv2d" in table
     rows = {line.split()[0]: line for line in table.splitlines()[1:]}
-    # issue 16: every parameter here now has a curvature block (none on the plain gradient)
+    # every parameter here has a curvature block (none on the plain gradient)
     assert "diagonal" in rows["grouped.weight"] and "diagonal" in rows["norm.weight"]
     assert "K-FAC attention" in rows["attn.in_proj_weight"]
     assert "K-FAC linear" in rows["attn.out_proj.weight"]

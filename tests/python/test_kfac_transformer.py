@@ -1,4 +1,4 @@
-"""K-FAC for transformers (issue 16): attention Kronecker blocks against an explicit nn.Linear
+"""K-FAC for transformers: attention Kronecker blocks against an explicit nn.Linear
 re-implementation and the exact Fisher, diagonal blocks against per-sample loops, whole
 transformer models trained with every parameter in a curvature block, and the token-mean
 scaling of G."""
@@ -328,7 +328,7 @@ def test_transformers_train_with_every_parameter_in_a_curvature_block(kind, batc
 def test_token_mean_and_mean_scalings_of_the_sampled_fisher():
     """Logits [N, T, C] from one repeated input: with "token_mean" every row is a sample, so
     G → diag(p) − ppᵀ; with "mean" a sample's loss sums its T positions, so G → T (diag(p) − ppᵀ)
-    (before issue 16 the sampled loss was divided by N·T there: G was T² too small)."""
+    (dividing the sampled loss by N·T there would make G T² too small)."""
     torch.manual_seed(5)
     n, t = 4000, 3
     layer = nn.Linear(3, 4).to(D)
