@@ -87,7 +87,7 @@ def test_kfac_compute_fisher_and_ewc_share_one_estimator():
     ewc = natgrad.EWC(model, structure="kfac")
     ewc.consolidate(x, y)
     ewc_blocks = list(ewc.tasks[0]["kron"].values())
-    for mine, theirs, kept in zip(opt._blocks, fisher.blocks, ewc_blocks, strict=True):
+    for mine, theirs, kept in zip(opt.estimator.blocks, fisher.blocks, ewc_blocks, strict=True):
         for key in ("A", "G"):
             assert torch.equal(mine.state[key], theirs.block.state[key])
             assert torch.equal(mine.state[key], kept.state[key])
@@ -101,7 +101,7 @@ def test_mean_loss_factors_equal_the_summed_loss_factors():
     F.cross_entropy(model(x), y).backward()
     opt.step()
     fisher = compute_fisher(model, x, y, structure="kfac")
-    for mine, theirs in zip(opt._blocks, fisher.blocks, strict=True):
+    for mine, theirs in zip(opt.estimator.blocks, fisher.blocks, strict=True):
         torch.testing.assert_close(mine.state["G"], theirs.block.state["G"], rtol=1e-12, atol=1e-14)
 
 
@@ -150,7 +150,7 @@ def test_a_checkpoint_of_the_previous_release_still_loads_and_resumes_exactly():
         ewc.load_state_dict(ckpt["ewc"])
     assert ewc.fisher_type == "exact"
     saved = ckpt["optimizer"]["kfac"]["blocks"]
-    for block in opt._blocks:  # the curvature is restored as saved
+    for block in opt.estimator.blocks:  # the curvature is restored as saved
         for key, value in saved[block.name].items():
             if key != "kind":
                 torch.testing.assert_close(block.state[key], value, rtol=0, atol=0)

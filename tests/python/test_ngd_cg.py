@@ -37,7 +37,7 @@ def test_converged_cg_takes_the_woodbury_step(fisher_type):
             loss = opt.backward(x, y)
             opt.step()
         torch.testing.assert_close(flat(twin), flat(model), rtol=1e-9, atol=1e-10)
-    assert cg._cg.last_result.converged and torch.isfinite(loss)
+    assert cg.solver.last_result.converged and torch.isfinite(loss)
 
 
 def test_kl_clip_bounds_the_step_exactly():
@@ -89,7 +89,7 @@ def test_warm_start_saves_iterations_on_a_repeated_batch():
             opt.zero_grad()
             opt.backward(x, y)
             opt.step()
-        counts[warm] = opt._cg.last_result.iterations
+        counts[warm] = opt.solver.last_result.iterations
     assert counts[1.0] < counts[0.0]
 
 

@@ -276,8 +276,7 @@ class AttentionBlock(CurvatureBlock):
                    for p, c in zip(self.parts.values(), torch.split(packed, self._sizes())))
 
     def diagonal(self):
-        return self.unpack(torch.cat([torch.outer(torch.diagonal(p.state["G"]), p._a_diagonal()).reshape(-1)
-                                      for p in self.parts.values()]))
+        return self.unpack(torch.cat([p.pack(p.diagonal()).reshape(-1) for p in self.parts.values()]))
 
     def _dtype(self):
         return self.parts["q"].factor_dtype

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from natgrad import ops
 from natgrad.curvature import refresh
-from natgrad.curvature.block import CurvatureBlock, max_abs
+from natgrad.curvature.block import BlockDirections, CurvatureBlock, DirectionRequest, max_abs
 from natgrad.ops.factors import factor_layout
 
 
@@ -51,9 +51,6 @@ class KroneckerBlock(CurvatureBlock):
     """
 
     kind = "kron"
-    #: EWC-aware curvature hook: an ``EWCCurvature`` (natgrad.EWC.attach) makes
-    #: :meth:`precondition` solve with ``A ⊗ G + λ·F_old + damping``; None: plain K-FAC.
-    prior = None
 
     def __init__(self, name: str, module: nn.Module, factor_dtype: torch.dtype | None = None,
                  inverse_dtype: torch.dtype | None = None) -> None:
@@ -214,9 +211,6 @@ class KroneckerBlock(CurvatureBlock):
 
     def precondition(self, packed: Tensor, damping: float, pi_correction: bool = False) -> Tensor:
         """``(A ⊗ G + damping·I)⁻¹`` (or its π-corrected or inverse form) on a packed matrix."""
-        out = self.prior and self.prior.precondition(self, packed, damping)  # EWC-aware curvature
-        if out is not None:  # (natgrad.regularizers.ewc_curvature); None: no penalty here
-            return out
         s = self.state
         x = packed.to(self.inverse_dtype)
         if "g_inverse" in s:
@@ -251,6 +245,87 @@ class KroneckerBlock(CurvatureBlock):
 
     def _dtype(self) -> torch.dtype:
         return self.factor_dtype
+
+    # ---- the family's batched step ------------------------------------------------------------
+    # Blocks of this family pack ``[W.reshape(d_out, -1), b]`` and precondition with the state
+    # keys above, which is what the list ops take (a subclass that changes either names another
+    # family, as EmbeddingBlock does).
+
+    @classmethod
+    def family(cls) -> type[CurvatureBlock]:
+        return KroneckerBlock
+
+    @classmethod
+    def update_many(cls, blocks, stats, decay):
+        """Every block with factors already and a :meth:`factor_layout`, in one call of
+        :func:`natgrad.ops.kfac_factors_ema_` (each layer's bound checked in C++: a bad layer is
+        left untouched, and factors an update left non-finite are zeroed; both flagged)."""
+        chosen = [(b, s) for b, s in zip(blocks, stats) if b.has_factors and b.factor_layout() is not None]
+        if not chosen:
+            return []
+        listed, data = [b for b, _ in chosen], [s for _, s in chosen]
+        flags = ops.kfac_factors_ema_([b.state["A"] for b in listed], [b.state["G"] for b in listed],
+                                      [d.inputs for d in data], [d.grads for d in data],
+                                      [v for b in listed for v in b.factor_layout()],
+                                      [d.grad_scale for d in data], [decay] * len(listed))
+        return [(listed, flags)]
+
+    @classmethod
+    def directions_many(cls, blocks, request):
+        """One list op per inverse method (:func:`natgrad.ops.kfac_directions_eigen` /
+        ``_inverse``): the directions (weight and bias apart, no packed copies), ``⟨u, g⟩``, the
+        finite flags and, when asked, the buffers' ``⟨b, g⟩``; a block without a decomposition
+        one at a time."""
+        out: list[BlockDirections] = []
+        for method, key in (("eigen", "g_eigenvectors"), ("inverse", "g_inverse")):
+            group = [b for b in blocks if b.has_inverse and key in b.state]
+            if group:
+                out += cls._listed_directions(group, method, request)
+        return out + super().directions_many([b for b in blocks if not b.has_inverse], request)
+
+    @classmethod
+    def _listed_directions(cls, blocks, method: str, request: DirectionRequest) -> list[BlockDirections]:
+        weights, biases, w_bufs, b_bufs = [], [], [], []
+        buffer = request.buffer
+        for b in blocks:
+            w = b.weight.grad if b.weight.grad is not None else torch.zeros_like(b.weight)
+            weights.append(w.reshape(w.shape[0], -1))
+            if b.bias is not None:
+                biases.append(b.bias.grad if b.bias.grad is not None else torch.zeros_like(b.bias))
+            else:
+                biases.append(None)
+            if buffer is not None:
+                buf = buffer(b.weight)
+                w_bufs.append(None if buf is None else buf.reshape(buf.shape[0], -1))
+                b_bufs.append(None if b.bias is None else buffer(b.bias))
+        s = [b.state for b in blocks]
+        extra = dict(weight_buffers=w_bufs, bias_buffers=b_bufs) if buffer is not None else {}
+        scale = request.grad_scale
+        if method == "eigen":
+            out = ops.kfac_directions_eigen(
+                weights, biases, [x["g_eigenvalues"] for x in s], [x["g_eigenvectors"] for x in s],
+                [x["a_eigenvalues"] for x in s], [x["a_eigenvectors"] for x in s],
+                [request.damping(b) for b in blocks], request.pi_correction, scale, **extra)
+        else:
+            out = ops.kfac_directions_inverse(weights, biases, [x["g_inverse"] for x in s],
+                                              [x["a_inverse"] for x in s], scale, **extra)
+        width = int(out.stats.shape[1]) if out.stats.dim() == 2 else 4
+        first = request.offset()
+        request.stats.append(out.stats)
+        bias_dirs = iter(out.bias)
+        entries = []
+        for i, (b, w, g_w, g_b) in enumerate(zip(blocks, out.weight, weights, biases)):
+            grads = [_scaled(g_w.view_as(b.weight), scale)]
+            dirs = [w.view_as(b.weight)]
+            if b.bias is not None:
+                grads.append(_scaled(g_b, scale))
+                dirs.append(next(bias_dirs))
+            entries.append(BlockDirections(b, grads, dirs, first + i * width, 2))
+        return entries
+
+
+def _scaled(g: Tensor, scale: float) -> Tensor:
+    return g * scale if scale != 1.0 else g
 
 
 def _rows(t: Tensor, width: int) -> Tensor:
@@ -335,6 +410,10 @@ class EmbeddingBlock(KroneckerBlock):
     (``[dim, num_embeddings]``)."""
 
     kind = "embedding"
+
+    @classmethod
+    def family(cls) -> type[CurvatureBlock]:
+        return CurvatureBlock  # transposed layout, diagonal A: one block at a time
 
     def a_dim(self) -> int:
         return self.weight.shape[0]
