@@ -194,6 +194,7 @@ class KFAC(Optimizer):
         self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
 
     def _factor_step_now(self) -> bool:
+        """Whether the current step collects statistics (asked by the hooks at every call)."""
         return self._is_factor_step(self._steps)
 
     def _is_factor_step(self, step: int) -> bool:
@@ -292,7 +293,7 @@ class KFAC(Optimizer):
             updates, grads = estimator.directions(params, skipped, request)
         with record_function("natgrad.KFAC.trust_region"):
             kl_clip = resolved_number("kl_clip", self.kl_clip, k, low=0.0, low_open=True, allow_none=True)
-            nu = self._trust_region.scale(kl_clip, updates, grads, lambda p: self._group_of[id(p)], self.state)
+            nu = self._trust_region.scale(kl_clip, updates, grads, self._group_of, self.state)
         adapt = self.adaptive_damping and closure is not None and k % self.damping_adaptation_interval == 0
         before = {p: p.detach().clone() for p in updates} if adapt else None
         with record_function("natgrad.KFAC.update"):

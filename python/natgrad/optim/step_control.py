@@ -48,21 +48,21 @@ class TrustRegion:
         # id(parameter) -> (the tensor, its value)
         self._known: dict[int, tuple[Tensor, float]] = {}
 
-    def scale(self, kl_clip: float | None, updates: dict, grads: dict, group_of: Callable[[Tensor], dict],
+    def scale(self, kl_clip: float | None, updates: dict, grads: dict, group_of: dict[int, dict],
               state: MutableMapping[Tensor, Any]) -> float:
         """ν of the step ``updates`` (directions by parameter) with gradients ``grads``;
-        ``group_of`` gives a parameter's param group, ``state`` is the optimizer's state."""
+        ``group_of`` maps ``id(p)`` to ``p``'s param group, ``state`` is the optimizer's state."""
         if kl_clip is None or not updates:
             return 1.0
-        if not any(group_of(p)["momentum"] for p in updates):  # ⟨u, g⟩ only: no extra read
-            total = self._weighted_inner(updates, grads, lambda p: group_of(p)["lr"] ** 2)
+        if not any(group_of[id(p)]["momentum"] for p in updates):  # ⟨u, g⟩ only: no extra read
+            total = self._weighted_inner(updates, grads, lambda p: group_of[id(p)]["lr"] ** 2)
             return trust_region_scale(kl_clip, total)
         inner, cross = getattr(updates, "inner", None), getattr(updates, "cross", None)
         if inner is not None and cross is not None and all(p in inner and p in cross for p in updates):
             return self._scale_read(kl_clip, updates, group_of, state)
         weighted, carried = [], []
         for p, u in updates.items():
-            group, g = group_of(p), grads[p]
+            group, g = group_of[id(p)], grads[p]
             term = (u * g).sum(dtype=torch.float64)
             buf = state[p].get("momentum_buffer") if group["momentum"] else None
             if buf is not None:
@@ -95,7 +95,7 @@ class TrustRegion:
         ``state[p]``, on the CPU; its value is remembered so as not to be read back)."""
         weighted, carried = [], []
         for p in updates:
-            group = group_of(p)
+            group = group_of[id(p)]
             term = updates.inner[p]
             mu = group["momentum"]
             if mu and state[p].get("momentum_buffer") is not None:
