@@ -114,3 +114,22 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="NaN or Inf"):
         opt.backward(bad, y)
     assert all(p.grad is None for p in model.parameters()) and torch.equal(flat(model), before)
+
+
+def test_a_solver_object_is_the_same_strategy_as_its_name():
+    from natgrad.optim import CGSolver, WoodburySolver
+    for by_name, by_object in ((dict(solver="cg", cg=CGOptions(tol=1e-8, max_iters=4)), CGSolver(CGOptions(tol=1e-8, max_iters=4))),
+                               (dict(solver="woodbury"), WoodburySolver())):
+        model, x, y = setup()
+        twin = copy.deepcopy(model)
+        named = natgrad.NaturalGradient(model, lr=0.5, damping=1e-2, kl_clip=1e-3, **by_name)
+        given = natgrad.NaturalGradient(twin, lr=0.5, damping=1e-2, kl_clip=1e-3, solver=by_object)
+        assert type(named.solver) is type(given.solver) and given.solver is by_object
+        for _ in range(3):
+            for opt in (named, given):
+                opt.zero_grad()
+                opt.backward(x, y)
+                opt.step()
+        assert torch.equal(flat(model), flat(twin))
+    with pytest.raises(ValueError, match="solver"):
+        natgrad.NaturalGradient(model, solver=object())
