@@ -186,6 +186,10 @@ class CurvatureBlock:
         for key in DECOMPOSITION_KEYS:
             self.state.pop(key, None)
 
+    def reset(self) -> None:
+        """Forgets statistics and decomposition: the estimate restarts."""
+        self.state = {}
+
     # ---- products -----------------------------------------------------------------------------
 
     def mv(self, tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -289,7 +289,7 @@ class CurvatureEstimator:
 
     def _reset(self, block: CurvatureBlock) -> None:
         """The layer restarts its estimate."""
-        block.state = {}
+        block.reset()
         self._decomposed.discard(block.name)
 
     def _factor_faults(self, rows: list[float]) -> set[str]:
@@ -476,7 +476,7 @@ class CurvatureEstimator:
         self.ledger.faults, self.ledger.ladder = dict(state["faults"]), dict(state["ladder"])
         self._decomposed = set(state.get("decomposed", ()))
         for block in self._blocks:
-            block.state = {}
+            block.reset()
             if block.name in state["blocks"]:
                 block.load_state_dict(state["blocks"][block.name])
         if self._decomposed:

@@ -129,6 +129,9 @@ class PriorBlock(CurvatureBlock):
     def drop_decomposition(self):
         self.inner.drop_decomposition()
 
+    def reset(self):
+        self.inner.reset()
+
     def mv(self, tensors):
         return self.inner.mv(tensors)
 
