@@ -12,6 +12,7 @@
 
 #include "common/checks.h"
 #include "common/subnormal.h"
+#include "kfac/kfac_rules.h"
 
 namespace natgrad {
 namespace {
@@ -229,20 +230,6 @@ std::string at_layer(const char* name, size_t i) {
   return std::string(name) + "[" + std::to_string(i) + "]";
 }
 
-// torch.finfo(dtype).max of a factor dtype.
-double dtype_max(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble:
-      return std::numeric_limits<double>::max();
-    case at::kHalf:
-      return 65504.0;
-    case at::kBFloat16:
-      return 3.3895313892515355e38;
-    default:
-      return static_cast<double>(std::numeric_limits<float>::max());
-  }
-}
-
 // One layer of kfac_factors_ema_, validated: its geometry and the row counts of its bound.
 struct FactorLayer {
   bool bias, conv;
@@ -345,12 +332,13 @@ at::Tensor kfac_factors_ema_(at::TensorList a_factors, at::TensorList g_factors,
   std::vector<at::Tensor> updated, finite;
   for (size_t i = 0; i < layers; ++i) {
     at::Tensor a = a_factors[i], g = g_factors[i];
-    const double limit = dtype_max(a.scalar_type()) / 4;
     const FactorLayer& l = geo[i];
     const double px = pk[2 * i], pg = pk[2 * i + 1];
-    // NaN fails both comparisons; Inf fails them too (Inf < limit is false).
-    const bool ok = px * px * l.input_rows < limit &&
-                    pg * pg * l.grad_rows * std::max(grad_scales[i] * grad_scales[i], 1.0) < limit;
+    // The statistics bound (kfac/kfac_rules.h): NaN and Inf fail it.
+    const bool ok = kfac::within_bound(px, l.input_rows, a.scalar_type()) &&
+                    kfac::within_bound(pg, kfac::grad_count(static_cast<int64_t>(l.grad_rows),
+                                                            grad_scales[i]),
+                                       a.scalar_type());
     updated.push_back(at::scalar_tensor(ok ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble)));
     if (!ok) {
       finite.push_back(at::ones({}, a.options().dtype(at::kDouble)));

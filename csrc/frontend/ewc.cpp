@@ -1,4 +1,4 @@
-#include "api/ewc.h"
+#include "frontend/ewc.h"
 
 #include <torch/autograd.h>
 #include <torch/serialize/archive.h>
@@ -8,7 +8,7 @@
 #include <map>
 #include <optional>
 
-#include "api/layers.h"
+#include "frontend/layers.h"
 #include "empirical/empirical_fisher.h"
 #include "ewc/ewc_penalty.h"
 

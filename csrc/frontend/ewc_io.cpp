@@ -1,12 +1,12 @@
 // natgrad::EWC checkpoints: options and every task through torch::serialize archives
-// (see api/ewc.h).
+// (see frontend/ewc.h).
 #include <torch/serialize/archive.h>
 
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "api/ewc.h"
+#include "frontend/ewc.h"
 
 namespace natgrad {
 namespace {

@@ -1,5 +1,7 @@
 // KFACOptions, KFACParamState and their checks (see kfac_options.h).
-#include "api/kfac_options.h"
+#include "frontend/kfac_options.h"
+
+#include "kfac/kfac_rules.h"
 
 #include <torch/optim/serialize.h>
 
@@ -15,7 +17,7 @@ double KFACOptions::get_lr() const { return lr(); }
 void KFACOptions::set_lr(const double lr) { this->lr(lr); }
 
 bool KFACOptions::pi_correction_enabled() const {
-  return pi_correction().has_value() ? *pi_correction() : inverse_method() == "inverse";
+  return kfac::pi_correction_enabled(inverse_method(), pi_correction());
 }
 
 bool operator==(const KFACOptions& lhs, const KFACOptions& rhs) {

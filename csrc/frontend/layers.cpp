@@ -1,5 +1,5 @@
 // natgrad::nn capture layers (see layers.h).
-#include "api/layers.h"
+#include "frontend/layers.h"
 
 #include <ATen/core/grad_mode.h>
 

@@ -1,4 +1,4 @@
-// natgrad::EWC (csrc/api/ewc.h) against the Python natgrad.EWC: the reference values in
+// natgrad::EWC (csrc/frontend/ewc.h) against the Python natgrad.EWC: the reference values in
 // tests/cpp/data/ewc_parity.pt are written by tests/python/ewc_cpp_fixture.py (float64), and
 // tests/python/test_ewc_cpp_fixture.py checks that the committed file still matches Python.
 #include <torch/serialize.h>

@@ -6,7 +6,7 @@
 #include <cstdio>
 #include <sstream>
 
-#include "test_api_kfac_models.h"
+#include "test_frontend_kfac_models.h"
 #include "test_helpers.h"
 
 namespace {

@@ -1,4 +1,4 @@
-// natgrad::nn capture layers: torch's modules plus recording (csrc/api/layers.h).
+// natgrad::nn capture layers: torch's modules plus recording (csrc/frontend/layers.h).
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
