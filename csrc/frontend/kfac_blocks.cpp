@@ -28,7 +28,7 @@ torch::Tensor cat_rows(const std::vector<torch::Tensor>& ts, int64_t width) {
 std::vector<int64_t> vec(at::IntArrayRef a) { return a.vec(); }
 
 // A Conv2d's padding as Python writes nn.Conv2d's: "(1, 1)", "'same'" or "'valid'".
-std::string padding_text(const torch::nn::Conv2dOptions& o) {
+std::string padding_text(const torch::nn::detail::ConvNdOptions<2>& o) {
   if (const auto* pad = std::get_if<torch::ExpandingArray<2>>(&o.padding())) {
     return "(" + std::to_string((**pad)[0]) + ", " + std::to_string((**pad)[1]) + ")";
   }
@@ -36,7 +36,7 @@ std::string padding_text(const torch::nn::Conv2dOptions& o) {
 }
 
 // A Conv2d's padding_mode as Python names it.
-std::string padding_mode_name(const torch::nn::Conv2dOptions& o) {
+std::string padding_mode_name(const torch::nn::detail::ConvNdOptions<2>& o) {
   const auto& mode = o.padding_mode();
   if (std::holds_alternative<torch::enumtype::kZeros>(mode)) return "zeros";
   if (std::holds_alternative<torch::enumtype::kReflect>(mode)) return "reflect";
