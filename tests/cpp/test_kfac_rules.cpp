@@ -42,7 +42,7 @@ TEST(KfacRules, StatisticsOkBoundsGradientsAndFloatingInputsOnly) {
   auto x = torch::ones({4, 3}, torch::kFloat);
   auto g = torch::ones({4, 2}, torch::kFloat);
   EXPECT_TRUE(kfac::statistics_ok(x, g, 4, 4, 2.0, torch::kFloat).item<bool>());
-  auto big = torch::full({4, 2}, 1e18, torch::kFloat);  // 1e36 * 4 rows * 4 > 3.4e38 / 4
+  auto big = torch::full({4, 2}, 1e19, torch::kFloat);  // 1e38 * 4 rows * 2^2 > 3.4e38 / 4
   EXPECT_FALSE(kfac::statistics_ok(x, big, 4, 4, 2.0, torch::kFloat).item<bool>());
   EXPECT_TRUE(kfac::statistics_ok(x, big, 4, 4, 2.0, torch::kDouble).item<bool>());
   auto bad_x = x.clone();
