@@ -5,16 +5,16 @@
 // libnatgrad_frontend (CMake target natgrad::frontend, which links natgrad::natgrad, the ops).
 #pragma once
 
+#include "common/subnormal.h"
 #include "empirical/empirical_fisher.h"
 #include "empirical/layer_gram.h"
 #include "ewc/ewc_penalty.h"
 #include "factors/kron_factors.h"
+#include "frontend/ewc.h"
+#include "frontend/kfac.h"
+#include "frontend/layers.h"
+#include "kfac/kfac_rules.h"
 #include "linalg/ladder.h"
 #include "linalg/psd_linalg.h"
 #include "precondition/kfac_precondition.h"
 #include "precondition/kfac_step.h"
-#include "common/subnormal.h"
-#include "kfac/kfac_rules.h"
-#include "frontend/layers.h"
-#include "frontend/kfac.h"
-#include "frontend/ewc.h"

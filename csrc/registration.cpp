@@ -71,8 +71,7 @@ TORCH_LIBRARY(natgrad, m) {
 
   // Per-sample gradient rows of a layer, implicitly (empirical/layer_gram.h).
   m.def("linear_gram(Tensor input, Tensor grad_output, bool bias) -> Tensor");
-  m.def(
-      "linear_rows_mv(Tensor input, Tensor grad_output, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_rows_mv(Tensor input, Tensor grad_output, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_rows_tmv(Tensor input, Tensor grad_output, Tensor weights) -> (Tensor, Tensor)");
   m.def(
       "conv2d_gram(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, "

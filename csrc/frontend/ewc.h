@@ -86,7 +86,8 @@ class EWC {
   // A module whose forward takes one tensor (torch::nn::Sequential, your own ...Impl).
   template <typename ModuleType>
   EWC(const std::shared_ptr<ModuleType>& model, EWCOptions options = {})
-      : EWC(std::static_pointer_cast<torch::nn::Module>(model),
+      : EWC(
+            std::static_pointer_cast<torch::nn::Module>(model),
             [m = model.get()](const at::Tensor& x) -> at::Tensor { return m->forward(x); },
             std::move(options)) {}
 

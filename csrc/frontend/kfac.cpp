@@ -49,7 +49,8 @@ KFAC::KFAC(std::shared_ptr<torch::nn::Module> model,
 void KFAC::restore_group_options(size_t index, const torch::optim::OptimizerParamGroup& group) {
   if (group.has_options()) {
     const auto* own = dynamic_cast<const KFACOptions*>(&group.options());
-    TORCH_CHECK(own != nullptr, "param group ", index, " of natgrad::optim::KFAC must hold KFACOptions");
+    TORCH_CHECK(own != nullptr, "param group ", index,
+                " of natgrad::optim::KFAC must hold KFACOptions");
     this->param_groups()[index].set_options(group.options().clone());
   }
   check_options(static_cast<const KFACOptions&>(this->param_groups()[index].options()), index);
@@ -105,7 +106,8 @@ void KFAC::build(const std::shared_ptr<torch::nn::Module>& model) {
   for (const auto& group : param_groups()) {
     for (const auto& p : group.params()) managed.insert(p.unsafeGetTensorImpl());
   }
-  for (const auto& item : model->named_parameters()) names_[item.value().unsafeGetTensorImpl()] = item.key();
+  for (const auto& item : model->named_parameters())
+    names_[item.value().unsafeGetTensorImpl()] = item.key();
   std::set<const torch::nn::Module*> seen;  // a module registered twice is visited once
   for (const auto& item : model->named_modules()) {
     const std::string& name = item.key();
@@ -170,7 +172,8 @@ std::string KFAC::plain_reason(const torch::Tensor& p) const {
 }
 
 void KFAC::fault(const std::string& where, kfac::Fault what, const std::string& kind) {
-  if (!faults_.count(where)) TORCH_WARN(kfac::fault_message("natgrad::optim::KFAC", what, kind, where));
+  if (!faults_.count(where))
+    TORCH_WARN(kfac::fault_message("natgrad::optim::KFAC", what, kind, where));
   faults_[where] += 1;
 }
 
@@ -246,8 +249,7 @@ std::set<std::string> KFAC::update_factors(int64_t k) {
   for (size_t i : updated) {
     auto& s = blocks_[i]->state;
     healthy.push_back(
-        torch::isfinite(torch::stack({kfac::max_abs(s.at("A")), kfac::max_abs(s.at("G"))}))
-            .all());
+        torch::isfinite(torch::stack({kfac::max_abs(s.at("A")), kfac::max_abs(s.at("G"))})).all());
   }
   const std::vector<bool> fine = detail::all_true(healthy);
   for (size_t j = 0; j < updated.size(); ++j) {
@@ -281,9 +283,8 @@ void KFAC::update_inverses(int64_t k) {
   }
   for (KroneckerBlock* block : due) {
     decomposed_.insert(block->name());
-    const int64_t rung = block->update_inverse(global().inverse_method(),
-                                               damping_of(block->weight()),
-                                               global().pi_correction_enabled());
+    const int64_t rung = block->update_inverse(
+        global().inverse_method(), damping_of(block->weight()), global().pi_correction_enabled());
     if (rung > 0) {
       const bool first = !ladder_.count(block->name());
       ladder_[block->name()] += 1;

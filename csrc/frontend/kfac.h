@@ -120,9 +120,9 @@ class KFAC : public torch::optim::Optimizer {
 
   std::vector<std::unique_ptr<detail::KroneckerBlock>> blocks_;
   std::vector<std::shared_ptr<nn::LayerRecords>> records_;  // one per block
-  std::unordered_map<const void*, size_t> block_of_;          // TensorImpl* -> block index
-  std::unordered_map<const void*, size_t> group_of_;          // TensorImpl* -> group index
-  std::unordered_map<const void*, std::string> names_;        // parameter names
+  std::unordered_map<const void*, size_t> block_of_;        // TensorImpl* -> block index
+  std::unordered_map<const void*, size_t> group_of_;        // TensorImpl* -> group index
+  std::unordered_map<const void*, std::string> names_;      // parameter names
   std::unordered_map<const void*, std::string> fallback_reason_;
   int64_t steps_ = 0;
   std::map<std::string, int64_t> faults_;

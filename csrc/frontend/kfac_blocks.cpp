@@ -16,7 +16,9 @@ namespace natgrad::optim::detail {
 
 namespace {
 
-int64_t rows_of(const torch::Tensor& t, int64_t width) { return kfac::linear_rows(t.sizes(), width); }
+int64_t rows_of(const torch::Tensor& t, int64_t width) {
+  return kfac::linear_rows(t.sizes(), width);
+}
 
 torch::Tensor cat_rows(const std::vector<torch::Tensor>& ts, int64_t width) {
   if (ts.size() == 1) return ts[0];
@@ -53,7 +55,8 @@ std::optional<std::string> or_none(std::string reason) {
 std::optional<std::string> KroneckerBlock::unsupported_reason(torch::nn::Module& module) {
   if (auto* conv = dynamic_cast<torch::nn::Conv2dImpl*>(&module)) {
     const auto& o = conv->options;
-    return or_none(kfac::conv_unsupported_reason(o.groups(), padding_text(o), padding_mode_name(o)));
+    return or_none(
+        kfac::conv_unsupported_reason(o.groups(), padding_text(o), padding_mode_name(o)));
   }
   if (auto* emb = dynamic_cast<torch::nn::EmbeddingImpl*>(&module)) {
     return or_none(kfac::embedding_unsupported_reason(emb->options.sparse(),
@@ -89,9 +92,12 @@ std::vector<torch::Tensor> KroneckerBlock::params() const {
 
 std::string KroneckerBlock::description() const {
   switch (kind_) {
-    case Kind::kLinear: return "K-FAC linear (expand)";
-    case Kind::kConv2d: return "K-FAC conv2d";
-    default: return "K-FAC embedding";
+    case Kind::kLinear:
+      return "K-FAC linear (expand)";
+    case Kind::kConv2d:
+      return "K-FAC conv2d";
+    default:
+      return "K-FAC embedding";
   }
 }
 
@@ -138,15 +144,15 @@ int64_t KroneckerBlock::count_rows(const std::vector<torch::Tensor>& inputs) con
 }
 
 double KroneckerBlock::sample_scale(const std::vector<torch::Tensor>& inputs,
-                               const std::string& loss_reduction) const {
+                                    const std::string& loss_reduction) const {
   return kfac::sample_scale(count_samples(inputs),
                             loss_reduction == "token_mean" ? count_rows(inputs) : 0,
                             loss_reduction);
 }
 
 KroneckerStatistics KroneckerBlock::prepare(const std::vector<torch::Tensor>& inputs,
-                                  const std::vector<torch::Tensor>& grads,
-                                  double grad_scale) const {
+                                            const std::vector<torch::Tensor>& grads,
+                                            double grad_scale) const {
   KroneckerStatistics s;
   if (kind_ == Kind::kLinear) {
     const int64_t d_in = weight_.size(1), d_out = weight_.size(0);
@@ -222,7 +228,8 @@ void KroneckerBlock::apply_update(const KroneckerStatistics& s, double decay) {
   }
 }
 
-int64_t KroneckerBlock::update_inverse(const std::string& method, double damping, bool pi_correction) {
+int64_t KroneckerBlock::update_inverse(const std::string& method, double damping,
+                                       bool pi_correction) {
   for (const char* key : {"a_eigenvalues", "a_eigenvectors", "g_eigenvalues", "g_eigenvectors",
                           "a_inverse", "g_inverse"}) {
     state.erase(key);
@@ -251,7 +258,7 @@ int64_t KroneckerBlock::update_inverse(const std::string& method, double damping
 }
 
 torch::Tensor KroneckerBlock::precondition_embedding(const torch::Tensor& packed, double damping,
-                                                bool pi_correction) const {
+                                                     bool pi_correction) const {
   // EmbeddingBlock.precondition: the same op, in the decomposition's dtype.
   const torch::Tensor& vecs = state.at("g_eigenvectors");
   return kfac_precondition_diagonal_a(packed.to(vecs.scalar_type()),
@@ -265,8 +272,9 @@ std::map<std::string, std::vector<int64_t>> KroneckerBlock::expected_shapes() co
   if (kind_ == Kind::kEmbedding) {
     return {{"A", {a}}, {"G", {g, g}}, {"g_eigenvalues", {g}}, {"g_eigenvectors", {g, g}}};
   }
-  return {{"A", {a, a}},          {"G", {g, g}},          {"a_eigenvalues", {a}},
-          {"a_eigenvectors", {a, a}}, {"g_eigenvalues", {g}}, {"g_eigenvectors", {g, g}},
+  return {{"A", {a, a}},          {"G", {g, g}},
+          {"a_eigenvalues", {a}}, {"a_eigenvectors", {a, a}},
+          {"g_eigenvalues", {g}}, {"g_eigenvectors", {g, g}},
           {"a_inverse", {a, a}},  {"g_inverse", {g, g}}};
 }
 

@@ -1,8 +1,9 @@
 // The Kronecker curvature block of one natgrad::nn layer for natgrad::optim::KFAC: the C++
 // counterpart of python/natgrad/curvature/kron.py's LinearBlock ("expand"), Conv2dBlock and
 // EmbeddingBlock, calling the same csrc ops (factors/kron_factors.h, linalg/psd_linalg.h,
-// precondition/kfac_precondition.h) and the shared rules (kfac/kfac_rules.h). Policy (when to update, skip, decompose) is the
-// optimizer's; this class only turns captured calls into factor updates and decompositions.
+// precondition/kfac_precondition.h) and the shared rules (kfac/kfac_rules.h). Policy (when to
+// update, skip, decompose) is the optimizer's; this class only turns captured calls into factor
+// updates and decompositions.
 #pragma once
 
 #include <torch/nn/module.h>
@@ -65,7 +66,7 @@ class KroneckerBlock {
                       const std::string& loss_reduction) const;
 
   KroneckerStatistics prepare(const std::vector<torch::Tensor>& inputs,
-                         const std::vector<torch::Tensor>& grads, double grad_scale) const;
+                              const std::vector<torch::Tensor>& grads, double grad_scale) const;
   /// kfac::statistics_ok: every value finite and small enough that no Gram sum can overflow.
   torch::Tensor statistics_ok(const KroneckerStatistics& stats) const;
   /// The EMA update (the first update replaces).

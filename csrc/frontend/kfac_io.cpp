@@ -29,9 +29,12 @@ std::string padded(const std::string& s, size_t width) {
 
 const char* kind_name(KroneckerBlock::Kind kind) {
   switch (kind) {
-    case KroneckerBlock::Kind::kLinear: return "linear";
-    case KroneckerBlock::Kind::kConv2d: return "conv2d";
-    default: return "embedding";
+    case KroneckerBlock::Kind::kLinear:
+      return "linear";
+    case KroneckerBlock::Kind::kConv2d:
+      return "conv2d";
+    default:
+      return "embedding";
   }
 }
 
@@ -75,7 +78,8 @@ std::string KFAC::describe() const {
   }
   std::ostringstream out;
   out << padded("parameter", w0) << "  " << padded("shape", w1) << "  preconditioner";
-  for (const auto& r : rows) out << "\n" << padded(r[0], w0) << "  " << padded(r[1], w1) << "  " << r[2];
+  for (const auto& r : rows)
+    out << "\n" << padded(r[0], w0) << "  " << padded(r[1], w1) << "  " << r[2];
   return out.str();
 }
 
@@ -132,8 +136,9 @@ void KFAC::load(torch::serialize::InputArchive& archive) {
     entry.read("name", v);
     const std::string name = v.toStringRef();
     auto it = mine.find(name);
-    TORCH_CHECK(it != mine.end(), "natgrad::optim::KFAC::load: the archive has curvature for layer '",
-                name, "', which this model lacks");
+    TORCH_CHECK(it != mine.end(),
+                "natgrad::optim::KFAC::load: the archive has curvature for layer '", name,
+                "', which this model lacks");
     KroneckerBlock& block = *it->second;
     entry.read("kind", v);
     TORCH_CHECK(v.toStringRef() == kind_name(block.kind()), "checkpoint block '", name, "' is '",
@@ -152,7 +157,8 @@ void KFAC::load(torch::serialize::InputArchive& archive) {
                   " has shape ", t.sizes(), ", this layer needs ", at::IntArrayRef(shape->second),
                   " (was the model's width changed?)");
       TORCH_CHECK(t.is_floating_point() && torch::isfinite(t).all().item<bool>(),
-                  "checkpoint block '", name, "': ", key, " must hold finite floating-point values");
+                  "checkpoint block '", name, "': ", key,
+                  " must hold finite floating-point values");
       state[key] = t.to(block.weight().device());
     }
   }

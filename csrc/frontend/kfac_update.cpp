@@ -161,8 +161,13 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
     size_t next_bias = 0;
     for (size_t i = 0; i < group.size(); ++i) {
       KroneckerBlock* b = group[i];
-      Layer layer{b->name(), false, b->params(), {weights[i].view_as(b->weight())},
-                  {out.weight[i].view_as(b->weight())}, offset, 2};
+      Layer layer{b->name(),
+                  false,
+                  b->params(),
+                  {weights[i].view_as(b->weight())},
+                  {out.weight[i].view_as(b->weight())},
+                  offset,
+                  2};
       offset += columns;
       if (b->bias().defined()) {
         layer.grads.push_back(*biases.get(i));
@@ -225,7 +230,8 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
       const torch::Tensor& p = layer.params[j];
       if (p.grad().defined() && p.requires_grad()) {
         const auto slot = static_cast<int64_t>(j);
-        updates.push_back({p, layer.grads[j], layer.dirs[j], slot < layer.slots ? row[2 + slot] : 0.0,
+        updates.push_back({p, layer.grads[j], layer.dirs[j],
+                           slot < layer.slots ? row[2 + slot] : 0.0,
                            buffers && slot < layer.slots ? row[2 + layer.slots + slot] : 0.0});
       }
     }

@@ -15,8 +15,8 @@ namespace natgrad::kfac {
 // ---- statistics bound ----------------------------------------------------------------------
 
 double statistics_limit(at::ScalarType factor_dtype) {
-  TORCH_CHECK(at::isFloatingType(factor_dtype),
-              "factor_dtype must be a floating-point dtype, got ", factor_dtype);
+  TORCH_CHECK(at::isFloatingType(factor_dtype), "factor_dtype must be a floating-point dtype, got ",
+              factor_dtype);
   double max = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, factor_dtype, "statistics_limit", [&] {
     max = static_cast<double>(std::numeric_limits<scalar_t>::max());
@@ -53,7 +53,8 @@ at::Tensor statistics_ok(const at::Tensor& inputs, const at::Tensor& grad_output
   TORCH_CHECK(grad_outputs.defined() && at::isFloatingType(grad_outputs.scalar_type()),
               "grad_outputs must be a floating-point tensor");
   TORCH_CHECK(inputs.defined(), "inputs must be a defined tensor");
-  at::Tensor ok = peak_bounded(max_abs(grad_outputs), grad_count(grad_rows, grad_scale), factor_dtype);
+  at::Tensor ok =
+      peak_bounded(max_abs(grad_outputs), grad_count(grad_rows, grad_scale), factor_dtype);
   if (inputs.is_floating_point()) {
     const double count = static_cast<double>(std::max<int64_t>(input_rows, 1));
     ok = ok.logical_and(peak_bounded(max_abs(inputs), count, factor_dtype).to(ok.device()));
@@ -82,12 +83,13 @@ int64_t linear_rows(at::IntArrayRef input_shape, int64_t in_features) {
   return product(input_shape) / std::max<int64_t>(in_features, 1);
 }
 
-int64_t conv_rows(at::IntArrayRef input_shape, at::IntArrayRef kernel_size,
-                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+int64_t conv_rows(at::IntArrayRef input_shape, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation) {
   const size_t d = kernel_size.size();
   TORCH_CHECK(d >= 1 && stride.size() == d && padding.size() == d && dilation.size() == d,
               "kernel_size, stride, padding and dilation must have one entry per spatial "
-              "dimension, got ", kernel_size, ", ", stride, ", ", padding, " and ", dilation);
+              "dimension, got ",
+              kernel_size, ", ", stride, ", ", padding, " and ", dilation);
   for (size_t i = 0; i < d; ++i) {
     TORCH_CHECK(stride[i] >= 1, "stride must be positive, got ", stride);
   }
@@ -95,7 +97,8 @@ int64_t conv_rows(at::IntArrayRef input_shape, at::IntArrayRef kernel_size,
   int64_t rows = input_shape[0];
   for (size_t i = 0; i < d; ++i) {
     const int64_t size = input_shape[2 + i];
-    rows *= floor_div(size + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1, stride[i]) + 1;
+    rows *=
+        floor_div(size + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1, stride[i]) + 1;
   }
   return rows;
 }
@@ -191,9 +194,9 @@ TrustRegion trust_region(double kl_clip, at::ArrayRef<double> inner, at::ArrayRe
   TORCH_CHECK(std::isfinite(kl_clip) && kl_clip > 0, "kl_clip must be a finite number > 0, got ",
               kl_clip);
   const size_t n = inner.size();
-  for (const auto& [size, name] : {std::pair{cross.size(), "cross"}, std::pair{lr.size(), "lr"},
-                                   std::pair{momentum.size(), "momentum"},
-                                   std::pair{kl_share.size(), "kl_share"}}) {
+  for (const auto& [size, name] :
+       {std::pair{cross.size(), "cross"}, std::pair{lr.size(), "lr"},
+        std::pair{momentum.size(), "momentum"}, std::pair{kl_share.size(), "kl_share"}}) {
     TORCH_CHECK(size == n, name, " must hold one entry per parameter (", n, " inner), got ", size);
   }
   std::vector<double> terms(n), weighted(n);
@@ -203,7 +206,8 @@ TrustRegion trust_region(double kl_clip, at::ArrayRef<double> inner, at::ArrayRe
     weighted[p] = terms[p] * (lr[p] * lr[p]);
   }
   const double total = fsum(weighted);
-  const double nu = total > 0 && std::isfinite(total) ? std::min(1.0, std::sqrt(kl_clip / total)) : 1.0;
+  const double nu =
+      total > 0 && std::isfinite(total) ? std::min(1.0, std::sqrt(kl_clip / total)) : 1.0;
   for (double& t : terms) t *= nu * nu;
   return {nu, std::move(terms)};
 }
@@ -251,18 +255,24 @@ Fault fault_of(int64_t code) {
 
 std::string fault_what(Fault fault) {
   switch (fault) {
-    case Fault::kGradients: return "gradients";
-    case Fault::kDirections: return "preconditioned gradients";
-    case Fault::kStatistics: return "activations or output gradients";
-    case Fault::kFactors: return "updated factors (reset)";
-    default: return "";
+    case Fault::kGradients:
+      return "gradients";
+    case Fault::kDirections:
+      return "preconditioned gradients";
+    case Fault::kStatistics:
+      return "activations or output gradients";
+    case Fault::kFactors:
+      return "updated factors (reset)";
+    default:
+      return "";
   }
 }
 
 std::string fault_message(const std::string& optimizer, Fault fault, const std::string& kind,
                           const std::string& where) {
   TORCH_CHECK(fault != Fault::kNone, "fault_message needs a fault, got none");
-  const bool doubled = where.find('\'') != std::string::npos && where.find('"') == std::string::npos;
+  const bool doubled =
+      where.find('\'') != std::string::npos && where.find('"') == std::string::npos;
   const char quote = doubled ? '"' : '\'';
   return optimizer + ": NaN or Inf (or values that would overflow) in the " + fault_what(fault) +
          " of " + kind + " " + quote + where + quote +

@@ -56,8 +56,8 @@ int64_t linear_rows(at::IntArrayRef input_shape, int64_t in_features);
 // Rows of one convolution input [N, C, *spatial]: N x output positions (floor division, as
 // torch's output size); an unbatched input (one dimension fewer) counts as one row. The
 // convolution's dimensionality is kernel_size.size(); padding is numeric.
-int64_t conv_rows(at::IntArrayRef input_shape, at::IntArrayRef kernel_size,
-                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+int64_t conv_rows(at::IntArrayRef input_shape, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation);
 
 // Rows of one Embedding input (indices of any shape): its number of indices.
 int64_t embedding_rows(at::IntArrayRef input_shape);
@@ -94,8 +94,9 @@ DampingAdaptation adapt_damping(double multiplier, double loss_change, double mo
 double fsum(at::ArrayRef<double> values);
 
 struct TrustRegion {
-  double nu;                     // the step's scale, in (0, 1]
-  std::vector<double> kl_share;  // each parameter's new share of b^T F b (store it where momentum != 0)
+  double nu;  // the step's scale, in (0, 1]
+  std::vector<double>
+      kl_share;  // each parameter's new share of b^T F b (store it where momentum != 0)
 };
 
 // The KL trust region on the momentum-accumulated step, from host numbers per parameter:

@@ -170,7 +170,8 @@ TEST(ApiLayers, CloneKeepsTheNatgradTypeValuesAndOptionsButNoRecords) {
   ASSERT_NE(net_copy, nullptr);
   EXPECT_NE(natgrad::nn::as_capture_layer(*net_copy->ptr(0)), nullptr);
   EXPECT_NE(natgrad::nn::as_capture_layer(*net_copy->ptr(1)), nullptr);
-  EXPECT_TRUE(torch::equal(net_copy->ptr(1)->named_parameters()["weight"], net[1]->named_parameters()["weight"]));
+  EXPECT_TRUE(torch::equal(net_copy->ptr(1)->named_parameters()["weight"],
+                           net[1]->named_parameters()["weight"]));
 }
 
 }  // namespace

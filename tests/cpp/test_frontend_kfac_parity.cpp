@@ -25,6 +25,8 @@ TEST_P(ApiKfacParity, TenStepsMatchPythonKfac) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, ApiKfacParity, ::testing::ValuesIn(natgrad_test::parity_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name;
+                         });
 
 }  // namespace

@@ -34,7 +34,7 @@ TEST(KfacRules, BoundRejectsNaNInfAndPeaksWhoseGramSumCouldOverflow) {
   const double edge = std::sqrt(limit / 100.0);
   EXPECT_TRUE(kfac::within_bound(edge * 0.99, 100.0, torch::kFloat));
   EXPECT_FALSE(kfac::within_bound(edge * 1.01, 100.0, torch::kFloat));
-  EXPECT_EQ(kfac::grad_count(0, 0.5), 1.0);     // rows and scale each count at least 1
+  EXPECT_EQ(kfac::grad_count(0, 0.5), 1.0);  // rows and scale each count at least 1
   EXPECT_EQ(kfac::grad_count(8, 3.0), 8 * 9.0);
 }
 
@@ -74,7 +74,7 @@ TEST(KfacRules, ConvRowsAreSamplesTimesTorchsOutputPositions) {
   EXPECT_EQ(kfac::conv_rows({2, 3, 8, 9}, {3, 3}, {2, 2}, {1, 1}, {1, 1}), 2 * 4 * 5);
   EXPECT_EQ(kfac::conv_rows({2, 3, 8, 9}, {3, 2}, {1, 1}, {0, 0}, {2, 1}), 2 * 4 * 8);
   EXPECT_EQ(kfac::conv_rows({3, 8, 9}, {3, 3}, {1, 1}, {0, 0}, {1, 1}), 1);  // unbatched
-  EXPECT_EQ(kfac::conv_rows({4, 2, 10}, {3}, {1}, {0}, {1}), 4 * 8);          // 1-d
+  EXPECT_EQ(kfac::conv_rows({4, 2, 10}, {3}, {1}, {0}, {1}), 4 * 8);         // 1-d
   // An input smaller than the kernel: floor division, as Python's (truncation would give 0).
   EXPECT_EQ(kfac::conv_rows({2, 1, 1}, {4}, {2}, {0}, {1}), 2 * -1);
   EXPECT_THROW(kfac::conv_rows({1, 1, 4, 4}, {3, 3}, {1}, {0, 0}, {1, 1}), c10::Error);
