@@ -1,16 +1,16 @@
-#include "api/ewc.h"
+#include "frontend/ewc.h"
 
 #include <torch/autograd.h>
 #include <torch/serialize/archive.h>
 
 #include <cmath>
-#include <sstream>
 #include <map>
 #include <optional>
+#include <sstream>
 
-#include "api/layers.h"
 #include "empirical/empirical_fisher.h"
 #include "ewc/ewc_penalty.h"
+#include "frontend/layers.h"
 
 namespace natgrad {
 namespace {
@@ -27,7 +27,9 @@ std::string names_list(const std::vector<std::string>& names) {
   return out.str();
 }
 
-bool all_finite(const at::Tensor& t) { return t.numel() == 0 || at::isfinite(t).all().item<bool>(); }
+bool all_finite(const at::Tensor& t) {
+  return t.numel() == 0 || at::isfinite(t).all().item<bool>();
+}
 
 // Python's check_inputs: a non-empty batch of finite inputs (and finite float targets) with
 // matching lengths.
@@ -50,14 +52,17 @@ void check_batch(const at::Tensor& x, const at::Tensor& y, bool need_targets,
 // The likelihood's check of targets against the model's outputs.
 void check_targets(const std::string& likelihood, const at::Tensor& out, const at::Tensor& y,
                    const std::string& where) {
-  TORCH_CHECK(out.dim() > 0, where, ": the model's output must have a batch dimension, got a 0-d tensor");
+  TORCH_CHECK(out.dim() > 0, where,
+              ": the model's output must have a batch dimension, got a 0-d tensor");
   if (likelihood == "categorical") {
-    TORCH_CHECK(at::isIntegralType(y.scalar_type(), /*includeBool=*/false), where,
-                ": targets must hold integer class indices for the categorical likelihood, got dtype ",
-                y.scalar_type());
-    TORCH_CHECK(y.sizes() == out.sizes().slice(0, out.dim() - 1), where, ": targets must have shape ",
-                out.sizes().slice(0, out.dim() - 1), " (the logits' shape without the class dim) for logits ",
-                out.sizes(), ", got ", y.sizes());
+    TORCH_CHECK(
+        at::isIntegralType(y.scalar_type(), /*includeBool=*/false), where,
+        ": targets must hold integer class indices for the categorical likelihood, got dtype ",
+        y.scalar_type());
+    TORCH_CHECK(y.sizes() == out.sizes().slice(0, out.dim() - 1), where,
+                ": targets must have shape ", out.sizes().slice(0, out.dim() - 1),
+                " (the logits' shape without the class dim) for logits ", out.sizes(), ", got ",
+                y.sizes());
     if (y.numel()) {
       const int64_t low = y.min().item<int64_t>(), high = y.max().item<int64_t>();
       TORCH_CHECK(low >= 0 && high < out.size(-1), where, ": targets must be class indices in [0, ",
@@ -65,16 +70,17 @@ void check_targets(const std::string& likelihood, const at::Tensor& out, const a
     }
   } else {
     TORCH_CHECK(y.is_floating_point(), where,
-                ": targets must be floating point for the Gaussian likelihood, got ", y.scalar_type());
-    TORCH_CHECK(y.sizes() == out.sizes(), where, ": targets must have the outputs' shape ", out.sizes(),
-                " for the Gaussian likelihood, got ", y.sizes());
+                ": targets must be floating point for the Gaussian likelihood, got ",
+                y.scalar_type());
+    TORCH_CHECK(y.sizes() == out.sizes(), where, ": targets must have the outputs' shape ",
+                out.sizes(), " for the Gaussian likelihood, got ", y.sizes());
   }
 }
 
 // Σ over the samples of out (dim 0) of their NLL (summed over positions), optionally weighted
 // per sample: its gradient w.r.t. out[n] is w_n ∇ℓ_n.
-at::Tensor weighted_nll(const std::string& likelihood, const at::Tensor& out, const at::Tensor& target,
-                        const at::Tensor& weight) {
+at::Tensor weighted_nll(const std::string& likelihood, const at::Tensor& out,
+                        const at::Tensor& target, const at::Tensor& weight) {
   at::Tensor per_sample;
   if (likelihood == "categorical") {
     const int64_t classes = out.size(-1);
@@ -96,11 +102,14 @@ std::vector<Pass> pseudo_targets(const EWCOptions& o, const at::Tensor& out, con
   std::vector<Pass> passes;
   if (o.fisher_type() == "exact") {
     if (o.likelihood() == "categorical") {
-      TORCH_CHECK(out.dim() == 2, where, ": fisher_type='exact' with the categorical likelihood needs "
-                  "logits [n, classes], got ", out.sizes());
+      TORCH_CHECK(out.dim() == 2, where,
+                  ": fisher_type='exact' with the categorical likelihood needs "
+                  "logits [n, classes], got ",
+                  out.sizes());
       const at::Tensor probs = at::softmax(out, -1);
       for (int64_t c = 0; c < out.size(1); ++c) {
-        passes.emplace_back(at::full({n}, c, out.options().dtype(at::kLong)), probs.select(1, c).sqrt());
+        passes.emplace_back(at::full({n}, c, out.options().dtype(at::kLong)),
+                            probs.select(1, c).sqrt());
       }
     } else {
       const int64_t size = out.numel() / n;
@@ -111,14 +120,17 @@ std::vector<Pass> pseudo_targets(const EWCOptions& o, const at::Tensor& out, con
     }
     return passes;
   }
-  const at::Tensor weight = o.mc_samples() == 1
-      ? at::Tensor()
-      : at::full({n}, 1.0 / std::sqrt(static_cast<double>(o.mc_samples())), out.options());
+  const at::Tensor weight =
+      o.mc_samples() == 1
+          ? at::Tensor()
+          : at::full({n}, 1.0 / std::sqrt(static_cast<double>(o.mc_samples())), out.options());
   for (int64_t s = 0; s < o.mc_samples(); ++s) {
     at::Tensor labels;
     if (o.likelihood() == "categorical") {
-      const at::Tensor probs = at::softmax(out.reshape({-1, out.size(-1)}).to(at::kFloat), -1).cpu();
-      labels = at::multinomial(probs, 1, false, gen).reshape(out.sizes().slice(0, out.dim() - 1))
+      const at::Tensor probs =
+          at::softmax(out.reshape({-1, out.size(-1)}).to(at::kFloat), -1).cpu();
+      labels = at::multinomial(probs, 1, false, gen)
+                   .reshape(out.sizes().slice(0, out.dim() - 1))
                    .to(out.device());
     } else {
       const at::Tensor noise = at::randn(out.sizes(), gen, at::TensorOptions().dtype(at::kFloat));
@@ -155,10 +167,11 @@ std::vector<LinearSlot> linear_slots(torch::nn::Module& model,
     const int64_t w = index_of(prefix + "weight");
     const int64_t b = layer->bias.defined() ? index_of(prefix + "bias") : -1;
     if (w < 0 || (layer->bias.defined() && b < 0)) continue;  // some parameter frozen
-    out.push_back({layer, static_cast<size_t>(w), b,
-                   std::make_shared<nn::LayerRecords>(
-                       nullptr, nn::LayerRecordsOptions{/*training_only=*/false, /*keep_output=*/true,
-                                                        /*hook_gradients=*/false})});
+    out.push_back(
+        {layer, static_cast<size_t>(w), b,
+         std::make_shared<nn::LayerRecords>(
+             nullptr, nn::LayerRecordsOptions{/*training_only=*/false, /*keep_output=*/true,
+                                              /*hook_gradients=*/false})});
   }
   return out;
 }
@@ -178,7 +191,9 @@ struct AttachGuard {
 struct TrainModeGuard {
   torch::nn::Module& model;
   bool was;
-  TrainModeGuard(torch::nn::Module& m, bool train) : model(m), was(m.is_training()) { m.train(train); }
+  TrainModeGuard(torch::nn::Module& m, bool train) : model(m), was(m.is_training()) {
+    m.train(train);
+  }
   ~TrainModeGuard() { model.train(was); }
 };
 
@@ -204,9 +219,10 @@ struct PenaltyFunction : public torch::autograd::Function<PenaltyFunction> {
 // forward that produced `out` (one row per sample): per pass, the output gradients of the
 // weighted NLL summed over samples, then linear_diag_fisher (no loop over samples). Sets
 // mean[j] and done[j] for those parameters.
-void linear_path(const std::string& likelihood, const std::vector<LinearSlot>& linear, const at::Tensor& out,
-                 const std::vector<Pass>& passes, const std::vector<at::Tensor>& params,
-                 std::vector<at::Tensor>& mean, std::vector<bool>& done) {
+void linear_path(const std::string& likelihood, const std::vector<LinearSlot>& linear,
+                 const at::Tensor& out, const std::vector<Pass>& passes,
+                 const std::vector<at::Tensor>& params, std::vector<at::Tensor>& mean,
+                 std::vector<bool>& done) {
   std::vector<const LinearSlot*> used;
   std::vector<at::Tensor> outputs;
   for (const LinearSlot& slot : linear) {
@@ -218,12 +234,14 @@ void linear_path(const std::string& likelihood, const std::vector<LinearSlot>& l
   if (used.empty()) return;
   std::vector<at::Tensor> fisher(used.size());
   for (const Pass& pass : passes) {
-    const auto grads = torch::autograd::grad({weighted_nll(likelihood, out, pass.first, pass.second)}, outputs,
-                                             {}, /*retain_graph=*/true, /*create_graph=*/false,
-                                             /*allow_unused=*/true);
+    const auto grads =
+        torch::autograd::grad({weighted_nll(likelihood, out, pass.first, pass.second)}, outputs, {},
+                              /*retain_graph=*/true, /*create_graph=*/false,
+                              /*allow_unused=*/true);
     for (size_t u = 0; u < used.size(); ++u) {
       const at::Tensor g = grads[u].defined() ? grads[u].detach() : at::zeros_like(outputs[u]);
-      const at::Tensor d = linear_diag_fisher(used[u]->records->calls()[0]->input, g, used[u]->bias >= 0, 1.0);
+      const at::Tensor d =
+          linear_diag_fisher(used[u]->records->calls()[0]->input, g, used[u]->bias >= 0, 1.0);
       fisher[u] = fisher[u].defined() ? fisher[u] + d : d;
     }
   }
@@ -240,9 +258,10 @@ void linear_path(const std::string& likelihood, const std::vector<LinearSlot>& l
 
 // The batch-mean Fisher of every parameter not `done`, by per-sample autograd: each sample of x
 // forwarded as a batch of one, one backward per pass, squared gradients summed, over n.
-void per_sample_path(const std::string& likelihood, const EWC::Forward& forward, const at::Tensor& x,
-                     const std::vector<Pass>& passes, const std::vector<at::Tensor>& params,
-                     const std::vector<bool>& done, std::vector<at::Tensor>& mean) {
+void per_sample_path(const std::string& likelihood, const EWC::Forward& forward,
+                     const at::Tensor& x, const std::vector<Pass>& passes,
+                     const std::vector<at::Tensor>& params, const std::vector<bool>& done,
+                     std::vector<at::Tensor>& mean) {
   std::vector<at::Tensor> rest;
   std::vector<size_t> index;
   for (size_t j = 0; j < params.size(); ++j) {
@@ -260,8 +279,9 @@ void per_sample_path(const std::string& likelihood, const EWC::Forward& forward,
       const at::Tensor& w = passes[k].second;
       const at::Tensor loss = weighted_nll(likelihood, out_i, passes[k].first.narrow(0, i, 1),
                                            w.defined() ? w.narrow(0, i, 1) : at::Tensor());
-      const auto grads = torch::autograd::grad({loss}, rest, {}, /*retain_graph=*/k + 1 < passes.size(),
-                                               /*create_graph=*/false, /*allow_unused=*/true);
+      const auto grads =
+          torch::autograd::grad({loss}, rest, {}, /*retain_graph=*/k + 1 < passes.size(),
+                                /*create_graph=*/false, /*allow_unused=*/true);
       for (size_t r = 0; r < rest.size(); ++r) {
         if (!grads[r].defined()) continue;  // unused by the forward: zero Fisher
         const at::Tensor sq = grads[r].detach().square();
@@ -290,17 +310,21 @@ void validate(const EWCOptions& o) {
               " (expected a number in [0, 1])");
   TORCH_CHECK(o.mode() == "separate" || o.mode() == "online", "Invalid mode: '", o.mode(),
               "' (expected one of 'separate', 'online')");
-  TORCH_CHECK(o.fisher_type() == "empirical" || o.fisher_type() == "mc" || o.fisher_type() == "exact",
-              "Invalid fisher_type: '", o.fisher_type(), "' (expected one of 'empirical', 'mc', 'exact')");
-  TORCH_CHECK(o.likelihood() == "categorical" || o.likelihood() == "gaussian", "Invalid likelihood: '",
-              o.likelihood(), "' (expected one of 'categorical', 'gaussian')");
-  TORCH_CHECK(o.mc_samples() >= 1, "Invalid mc_samples: ", o.mc_samples(), " (expected an int >= 1)");
+  TORCH_CHECK(
+      o.fisher_type() == "empirical" || o.fisher_type() == "mc" || o.fisher_type() == "exact",
+      "Invalid fisher_type: '", o.fisher_type(), "' (expected one of 'empirical', 'mc', 'exact')");
+  TORCH_CHECK(o.likelihood() == "categorical" || o.likelihood() == "gaussian",
+              "Invalid likelihood: '", o.likelihood(),
+              "' (expected one of 'categorical', 'gaussian')");
+  TORCH_CHECK(o.mc_samples() >= 1, "Invalid mc_samples: ", o.mc_samples(),
+              " (expected an int >= 1)");
 }
 
 EWC::EWC(std::shared_ptr<torch::nn::Module> model, Forward forward, EWCOptions options)
     : model_(std::move(model)), forward_(std::move(forward)), options_(std::move(options)) {
   TORCH_CHECK(model_ != nullptr, "Invalid model: expected a module, got nullptr");
-  TORCH_CHECK(static_cast<bool>(forward_), "Invalid forward: expected a callable, got an empty function");
+  TORCH_CHECK(static_cast<bool>(forward_),
+              "Invalid forward: expected a callable, got an empty function");
   validate(options_);
 }
 
@@ -352,8 +376,10 @@ void EWC::consolidate(const std::vector<Batch>& batches, std::optional<at::Gener
         if (linear.empty()) no_grad.emplace();
         out = forward_(x);
       }
-      if (batches[b].second.defined()) check_targets(options_.likelihood(), out, batches[b].second, at_batch);
-      const std::vector<Pass> passes = pseudo_targets(options_, out.detach(), batches[b].second, generator, at_batch);
+      if (batches[b].second.defined())
+        check_targets(options_.likelihood(), out, batches[b].second, at_batch);
+      const std::vector<Pass> passes =
+          pseudo_targets(options_, out.detach(), batches[b].second, generator, at_batch);
       std::vector<at::Tensor> mean(params.size());
       std::vector<bool> done(params.size(), false);
       linear_path(options_.likelihood(), linear, out, passes, params, mean, done);
@@ -406,13 +432,14 @@ at::Tensor EWC::penalty() const {
     for (const auto& name : task.names) {
       if (all.find(name) == nullptr) missing.push_back(name);
     }
-    TORCH_CHECK(missing.empty(), "consolidated parameters no longer exist in the model: ",
-                names_list(missing));
+    TORCH_CHECK(missing.empty(),
+                "consolidated parameters no longer exist in the model: ", names_list(missing));
     std::vector<at::Tensor> params;
     for (size_t j = 0; j < task.names.size(); ++j) {
       const at::Tensor& p = all[task.names[j]];
       TORCH_CHECK(p.sizes() == task.anchor[j].sizes(), "parameter '", task.names[j],
-                  "' changed shape since consolidation: ", task.anchor[j].sizes(), " -> ", p.sizes());
+                  "' changed shape since consolidation: ", task.anchor[j].sizes(), " -> ",
+                  p.sizes());
       params.push_back(p);
     }
     if (!params.empty()) {

@@ -1,6 +1,6 @@
 // Options and per-parameter state of natgrad::optim::KFAC (in torch::optim::AdamOptions' style),
-// and their checks (the bounds of python/natgrad/optim/_kfac_checks.py; a violated bound throws
-// c10::Error naming the option and its value).
+// and their checks (natgrad.KFAC's bounds; a violated bound throws c10::Error naming the option
+// and its value).
 #pragma once
 
 #include <torch/arg.h>

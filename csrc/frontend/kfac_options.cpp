@@ -1,5 +1,7 @@
 // KFACOptions, KFACParamState and their checks (see kfac_options.h).
-#include "api/kfac_options.h"
+#include "frontend/kfac_options.h"
+
+#include "kfac/kfac_rules.h"
 
 #include <torch/optim/serialize.h>
 
@@ -15,7 +17,7 @@ double KFACOptions::get_lr() const { return lr(); }
 void KFACOptions::set_lr(const double lr) { this->lr(lr); }
 
 bool KFACOptions::pi_correction_enabled() const {
-  return pi_correction().has_value() ? *pi_correction() : inverse_method() == "inverse";
+  return kfac::pi_correction_enabled(inverse_method(), pi_correction());
 }
 
 bool operator==(const KFACOptions& lhs, const KFACOptions& rhs) {
@@ -25,8 +27,7 @@ bool operator==(const KFACOptions& lhs, const KFACOptions& rhs) {
          lhs.factor_update_period() == rhs.factor_update_period() &&
          lhs.inverse_update_period() == rhs.inverse_update_period() &&
          lhs.kl_clip() == rhs.kl_clip() && lhs.inverse_method() == rhs.inverse_method() &&
-         lhs.pi_correction() == rhs.pi_correction() &&
-         lhs.loss_reduction() == rhs.loss_reduction();
+         lhs.pi_correction() == rhs.pi_correction() && lhs.loss_reduction() == rhs.loss_reduction();
 }
 
 namespace {
@@ -93,8 +94,7 @@ std::string where(const char* name, std::optional<size_t> group) {
 
 // value in [low, high] with optional open ends, finite; the message names the option.
 void check_range(const char* name, double value, std::optional<size_t> group, double low,
-                 bool low_open, std::optional<double> high = std::nullopt,
-                 bool high_open = false) {
+                 bool low_open, std::optional<double> high = std::nullopt, bool high_open = false) {
   const std::string label = where(name, group);
   TORCH_CHECK(std::isfinite(value), "Invalid ", label, ": ", value, " (expected a finite number)");
   TORCH_CHECK(!(value < low || (low_open && value == low)), "Invalid ", label, ": ", value,
@@ -114,10 +114,10 @@ void check_options(const KFACOptions& o, std::optional<size_t> group) {
   check_range("damping", o.damping(), group, 0.0, true);
   if (group.has_value()) return;
   check_range("factor_decay", o.factor_decay(), group, 0.0, false, 1.0, true);
-  TORCH_CHECK(o.factor_update_period() >= 1, "Invalid factor_update_period: ",
-              o.factor_update_period(), " (must be >= 1)");
-  TORCH_CHECK(o.inverse_update_period() >= 1, "Invalid inverse_update_period: ",
-              o.inverse_update_period(), " (must be >= 1)");
+  TORCH_CHECK(o.factor_update_period() >= 1,
+              "Invalid factor_update_period: ", o.factor_update_period(), " (must be >= 1)");
+  TORCH_CHECK(o.inverse_update_period() >= 1,
+              "Invalid inverse_update_period: ", o.inverse_update_period(), " (must be >= 1)");
   if (o.kl_clip().has_value()) check_range("kl_clip", *o.kl_clip(), group, 0.0, true);
   TORCH_CHECK(o.inverse_method() == "eigen" || o.inverse_method() == "inverse",
               "Invalid inverse_method: '", o.inverse_method(), "' (expected 'eigen' or 'inverse')");

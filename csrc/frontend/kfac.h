@@ -1,8 +1,9 @@
 // natgrad::optim::KFAC: K-FAC (Martens & Grosse, 2015; KFC for convolutions, Grosse & Martens,
 // 2016) as a torch::optim::Optimizer for LibTorch programs.
 //
-// The update rule is natgrad.KFAC's (python/natgrad/optim/kfac.py, the reference): every
-// natgrad::nn layer (Linear, Conv2d, Embedding; csrc/api/layers.h) gets a Kronecker block
+// The update rule is natgrad.KFAC's (python/natgrad/optim/kfac.py), with the numeric rules
+// both share in kfac/kfac_rules.h: every
+// natgrad::nn layer (Linear, Conv2d, Embedding; csrc/frontend/layers.h) gets a Kronecker block
 // F ≈ A ⊗ G whose factors are running averages (factor_decay) refreshed every
 // factor_update_period steps from the inputs and output gradients the layer records, and
 // decomposed every inverse_update_period steps through the ops' fallback ladder. Each step,
@@ -36,9 +37,10 @@
 #include <unordered_map>
 #include <vector>
 
-#include "api/kfac_blocks.h"
-#include "api/kfac_options.h"
-#include "api/layers.h"
+#include "frontend/kfac_blocks.h"
+#include "frontend/kfac_options.h"
+#include "frontend/layers.h"
+#include "kfac/kfac_rules.h"
 
 namespace natgrad::optim {
 
@@ -87,7 +89,7 @@ class KFAC : public torch::optim::Optimizer {
   void load(torch::serialize::InputArchive& archive) override;
 
   /// The curvature blocks, in model order (tests and introspection).
-  const std::vector<std::unique_ptr<detail::KronBlock>>& blocks() const { return blocks_; }
+  const std::vector<std::unique_ptr<detail::KroneckerBlock>>& blocks() const { return blocks_; }
 
  private:
   struct Direction {  // one moving parameter's u, g, <u, g> and <b, g> (b: momentum buffer)
@@ -110,16 +112,17 @@ class KFAC : public torch::optim::Optimizer {
   std::optional<torch::Tensor> momentum_buffer_of(const torch::Tensor& p) const;
   double trust_region(std::vector<Direction>& updates);
   void apply(const std::vector<Direction>& updates, double nu);
-  void fault(const std::string& where, const std::string& what, const std::string& kind = "layer");
+  void fault(const std::string& where, kfac::Fault what, const std::string& kind = "layer");
+  double damping_of(const torch::Tensor& p) const;
   std::string param_name(const torch::Tensor& p) const;
   std::string plain_reason(const torch::Tensor& p) const;
   KFACParamState& param_state(const torch::Tensor& p);
 
-  std::vector<std::unique_ptr<detail::KronBlock>> blocks_;
+  std::vector<std::unique_ptr<detail::KroneckerBlock>> blocks_;
   std::vector<std::shared_ptr<nn::LayerRecords>> records_;  // one per block
-  std::unordered_map<const void*, size_t> block_of_;          // TensorImpl* -> block index
-  std::unordered_map<const void*, size_t> group_of_;          // TensorImpl* -> group index
-  std::unordered_map<const void*, std::string> names_;        // parameter names
+  std::unordered_map<const void*, size_t> block_of_;        // TensorImpl* -> block index
+  std::unordered_map<const void*, size_t> group_of_;        // TensorImpl* -> group index
+  std::unordered_map<const void*, std::string> names_;      // parameter names
   std::unordered_map<const void*, std::string> fallback_reason_;
   int64_t steps_ = 0;
   std::map<std::string, int64_t> faults_;

@@ -1,6 +1,6 @@
-// natgrad::optim::KFAC: set-up and the step (see kfac.h). The reference for every line of
-// policy is python/natgrad/optim/kfac.py, _kfac_step.py and _kfac_damping.py.
-#include "api/kfac.h"
+// natgrad::optim::KFAC: set-up and the step (see kfac.h). The policy is natgrad.KFAC's
+// (python/natgrad/optim/kfac.py); the numeric rules are kfac/kfac_rules.h's.
+#include "frontend/kfac.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -10,12 +10,12 @@
 #include <cmath>
 #include <sstream>
 
-#include "api/kfac_util.h"
+#include "frontend/kfac_util.h"
 #include "precondition/kfac_step.h"
 
 namespace natgrad::optim {
 
-using detail::KronBlock;
+using detail::KroneckerBlock;
 
 namespace {
 
@@ -49,7 +49,8 @@ KFAC::KFAC(std::shared_ptr<torch::nn::Module> model,
 void KFAC::restore_group_options(size_t index, const torch::optim::OptimizerParamGroup& group) {
   if (group.has_options()) {
     const auto* own = dynamic_cast<const KFACOptions*>(&group.options());
-    TORCH_CHECK(own != nullptr, "param group ", index, " of natgrad::optim::KFAC must hold KFACOptions");
+    TORCH_CHECK(own != nullptr, "param group ", index,
+                " of natgrad::optim::KFAC must hold KFACOptions");
     this->param_groups()[index].set_options(group.options().clone());
   }
   check_options(static_cast<const KFACOptions&>(this->param_groups()[index].options()), index);
@@ -105,7 +106,8 @@ void KFAC::build(const std::shared_ptr<torch::nn::Module>& model) {
   for (const auto& group : param_groups()) {
     for (const auto& p : group.params()) managed.insert(p.unsafeGetTensorImpl());
   }
-  for (const auto& item : model->named_parameters()) names_[item.value().unsafeGetTensorImpl()] = item.key();
+  for (const auto& item : model->named_parameters())
+    names_[item.value().unsafeGetTensorImpl()] = item.key();
   std::set<const torch::nn::Module*> seen;  // a module registered twice is visited once
   for (const auto& item : model->named_modules()) {
     const std::string& name = item.key();
@@ -128,11 +130,11 @@ void KFAC::build(const std::shared_ptr<torch::nn::Module>& model) {
     if (listed.empty()) continue;
     std::string reason = "not a natgrad::nn capture layer (Linear, Conv2d, Embedding)";
     if (nn::as_capture_layer(*module) != nullptr) {
-      auto unsupported = KronBlock::unsupported_reason(*module);
+      auto unsupported = KroneckerBlock::unsupported_reason(*module);
       if (unsupported.has_value()) {
         reason = *unsupported;
       } else {
-        auto block = std::make_unique<KronBlock>(name, module);
+        auto block = std::make_unique<KroneckerBlock>(name, module);
         const auto covered = block->params();
         bool same = covered.size() == listed.size() && covered.size() == own.size();
         for (size_t i = 0; same && i < covered.size(); ++i) same = covered[i].is_same(listed[i]);
@@ -169,13 +171,14 @@ std::string KFAC::plain_reason(const torch::Tensor& p) const {
   return it == fallback_reason_.end() ? "not owned by any module" : it->second;
 }
 
-void KFAC::fault(const std::string& where, const std::string& what, const std::string& kind) {
-  if (!faults_.count(where)) {
-    TORCH_WARN("natgrad::optim::KFAC: NaN or Inf (or values that would overflow) in the ", what,
-               " of ", kind, " '", where,
-               "'; its update is skipped this step (parameters and factors untouched)");
-  }
+void KFAC::fault(const std::string& where, kfac::Fault what, const std::string& kind) {
+  if (!faults_.count(where))
+    TORCH_WARN(kfac::fault_message("natgrad::optim::KFAC", what, kind, where));
   faults_[where] += 1;
+}
+
+double KFAC::damping_of(const torch::Tensor& p) const {
+  return kfac::resolved_damping(group_options(p).damping(), 1.0);  // no adaptive multiplier here
 }
 
 torch::Tensor KFAC::step(LossClosure closure) {
@@ -211,10 +214,10 @@ std::set<std::string> KFAC::update_factors(int64_t k) {
     clear_records();
     return skipped;
   }
-  std::vector<std::pair<size_t, detail::KronStatistics>> pending;
+  std::vector<std::pair<size_t, detail::KroneckerStatistics>> pending;
   std::vector<torch::Tensor> checks;
   for (size_t i = 0; i < blocks_.size(); ++i) {
-    const KronBlock& block = *blocks_[i];
+    const KroneckerBlock& block = *blocks_[i];
     std::vector<torch::Tensor> inputs, grads;
     for (const auto& call : records_[i]->complete()) {
       if (block.count_samples({call->input}) == 0) continue;  // an empty batch holds nothing
@@ -229,13 +232,14 @@ std::set<std::string> KFAC::update_factors(int64_t k) {
   const std::vector<bool> ok = detail::all_true(checks);
   std::vector<size_t> updated;
   for (size_t j = 0; j < pending.size(); ++j) {
-    KronBlock& block = *blocks_[pending[j].first];
-    if (ok[j]) {
+    KroneckerBlock& block = *blocks_[pending[j].first];
+    const kfac::Fault what = kfac::factor_fault(ok[j] ? 1.0 : 0.0, 1.0);
+    if (what == kfac::Fault::kNone) {
       block.apply_update(pending[j].second, global().factor_decay());
       updated.push_back(pending[j].first);
     } else {  // NaN/Inf or overflow: keep the factors, skip the layer
       skipped.insert(block.name());
-      fault(block.name(), "activations or output gradients");
+      fault(block.name(), what);
     }
   }
   clear_records();
@@ -245,24 +249,24 @@ std::set<std::string> KFAC::update_factors(int64_t k) {
   for (size_t i : updated) {
     auto& s = blocks_[i]->state;
     healthy.push_back(
-        torch::isfinite(torch::stack({detail::max_abs(s.at("A")), detail::max_abs(s.at("G"))}))
-            .all());
+        torch::isfinite(torch::stack({kfac::max_abs(s.at("A")), kfac::max_abs(s.at("G"))})).all());
   }
   const std::vector<bool> fine = detail::all_true(healthy);
   for (size_t j = 0; j < updated.size(); ++j) {
-    if (fine[j]) continue;
-    KronBlock& block = *blocks_[updated[j]];
+    const kfac::Fault what = kfac::factor_fault(1.0, fine[j] ? 1.0 : 0.0);
+    if (what == kfac::Fault::kNone) continue;
+    KroneckerBlock& block = *blocks_[updated[j]];
     block.state.clear();
     decomposed_.erase(block.name());
     skipped.insert(block.name());
-    fault(block.name(), "updated factors (reset)");
+    fault(block.name(), what);
   }
   return skipped;
 }
 
 void KFAC::update_inverses(int64_t k) {
   const int64_t period = global().inverse_update_period();
-  std::vector<KronBlock*> due;
+  std::vector<KroneckerBlock*> due;
   bool fresh = false;
   for (auto& block : blocks_) {
     const bool is_new = !decomposed_.count(block->name());
@@ -277,11 +281,10 @@ void KFAC::update_inverses(int64_t k) {
       if (block->has_factors()) due.push_back(block.get());
     }
   }
-  for (KronBlock* block : due) {
+  for (KroneckerBlock* block : due) {
     decomposed_.insert(block->name());
-    const int64_t rung = block->update_inverse(global().inverse_method(),
-                                               group_options(block->weight()).damping(),
-                                               global().pi_correction_enabled());
+    const int64_t rung = block->update_inverse(
+        global().inverse_method(), damping_of(block->weight()), global().pi_correction_enabled());
     if (rung > 0) {
       const bool first = !ladder_.count(block->name());
       ladder_[block->name()] += 1;

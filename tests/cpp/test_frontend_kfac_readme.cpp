@@ -20,8 +20,12 @@ TEST(ApiKfacReadme, ExampleTrainsDescribesSavesAndResumes) {
   torch::nn::Sequential model(natgrad::nn::Linear(64, 32), torch::nn::Tanh(),
                               natgrad::nn::Linear(32, 10));
   natgrad::optim::KFACOptions options(/*lr=*/0.1);
-  options.momentum(0.9).damping(1e-3).factor_update_period(1).inverse_update_period(10)
-      .kl_clip(1e-3).inverse_method("eigen");
+  options.momentum(0.9)
+      .damping(1e-3)
+      .factor_update_period(1)
+      .inverse_update_period(10)
+      .kl_clip(1e-3)
+      .inverse_method("eigen");
   natgrad::optim::KFAC opt(model, options);
 
   torch::Tensor x = torch::randn({128, 64}), y = torch::randint(0, 10, {128});
@@ -34,9 +38,9 @@ TEST(ApiKfacReadme, ExampleTrainsDescribesSavesAndResumes) {
     last_loss = loss.item<double>();
   }
   std::cout << opt.describe() << "\n";
-  torch::save(opt, path);       // factors, decompositions, momentum, step counter
+  torch::save(opt, path);  // factors, decompositions, momentum, step counter
   natgrad::optim::KFAC resumed(model, options);
-  torch::load(resumed, path);   // continues exactly like the uninterrupted run
+  torch::load(resumed, path);  // continues exactly like the uninterrupted run
   // ---- README example (end) ----
   std::remove(path.c_str());
   EXPECT_LT(last_loss, 0.8 * first_loss);

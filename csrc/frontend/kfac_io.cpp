@@ -7,12 +7,12 @@
 
 #include <sstream>
 
-#include "api/kfac.h"
-#include "api/kfac_util.h"
+#include "frontend/kfac.h"
+#include "frontend/kfac_util.h"
 
 namespace natgrad::optim {
 
-using detail::KronBlock;
+using detail::KroneckerBlock;
 
 namespace {
 
@@ -27,11 +27,14 @@ std::string padded(const std::string& s, size_t width) {
   return s + std::string(width > s.size() ? width - s.size() : 0, ' ');
 }
 
-const char* kind_name(KronBlock::Kind kind) {
+const char* kind_name(KroneckerBlock::Kind kind) {
   switch (kind) {
-    case KronBlock::Kind::kLinear: return "linear";
-    case KronBlock::Kind::kConv2d: return "conv2d";
-    default: return "embedding";
+    case KroneckerBlock::Kind::kLinear:
+      return "linear";
+    case KroneckerBlock::Kind::kConv2d:
+      return "conv2d";
+    default:
+      return "embedding";
   }
 }
 
@@ -57,7 +60,7 @@ std::string KFAC::describe() const {
       std::string how;
       auto it = block_of_.find(p.unsafeGetTensorImpl());
       if (it != block_of_.end()) {
-        const KronBlock& block = *blocks_[it->second];
+        const KroneckerBlock& block = *blocks_[it->second];
         how = records_[it->second]->fired() || block.has_factors()
                   ? block.description()
                   : "plain gradient until its hooks fire (none so far: is the layer used "
@@ -75,7 +78,8 @@ std::string KFAC::describe() const {
   }
   std::ostringstream out;
   out << padded("parameter", w0) << "  " << padded("shape", w1) << "  preconditioner";
-  for (const auto& r : rows) out << "\n" << padded(r[0], w0) << "  " << padded(r[1], w1) << "  " << r[2];
+  for (const auto& r : rows)
+    out << "\n" << padded(r[0], w0) << "  " << padded(r[1], w1) << "  " << r[2];
   return out.str();
 }
 
@@ -90,7 +94,7 @@ void KFAC::save(torch::serialize::OutputArchive& archive) const {
   kfac.write("decomposed", c10::IValue(decomposed));
   kfac.write("num_blocks", c10::IValue(static_cast<int64_t>(blocks_.size())));
   for (size_t i = 0; i < blocks_.size(); ++i) {
-    const KronBlock& block = *blocks_[i];
+    const KroneckerBlock& block = *blocks_[i];
     torch::serialize::OutputArchive entry(archive.compilation_unit());
     entry.write("name", c10::IValue(block.name()));
     entry.write("kind", c10::IValue(std::string(kind_name(block.kind()))));
@@ -123,18 +127,19 @@ void KFAC::load(torch::serialize::InputArchive& archive) {
   for (const auto& name : v.toListRef()) decomposed.insert(name.toStringRef());
   kfac.read("num_blocks", v);
   const int64_t count = v.toInt();
-  std::map<std::string, KronBlock*> mine;
+  std::map<std::string, KroneckerBlock*> mine;
   for (auto& block : blocks_) mine[block->name()] = block.get();
-  std::map<KronBlock*, std::map<std::string, torch::Tensor>> states;
+  std::map<KroneckerBlock*, std::map<std::string, torch::Tensor>> states;
   for (int64_t i = 0; i < count; ++i) {
     torch::serialize::InputArchive entry;
     kfac.read("block_" + std::to_string(i), entry);
     entry.read("name", v);
     const std::string name = v.toStringRef();
     auto it = mine.find(name);
-    TORCH_CHECK(it != mine.end(), "natgrad::optim::KFAC::load: the archive has curvature for layer '",
-                name, "', which this model lacks");
-    KronBlock& block = *it->second;
+    TORCH_CHECK(it != mine.end(),
+                "natgrad::optim::KFAC::load: the archive has curvature for layer '", name,
+                "', which this model lacks");
+    KroneckerBlock& block = *it->second;
     entry.read("kind", v);
     TORCH_CHECK(v.toStringRef() == kind_name(block.kind()), "checkpoint block '", name, "' is '",
                 v.toStringRef(), "', this layer is '", kind_name(block.kind()), "'");
@@ -152,7 +157,8 @@ void KFAC::load(torch::serialize::InputArchive& archive) {
                   " has shape ", t.sizes(), ", this layer needs ", at::IntArrayRef(shape->second),
                   " (was the model's width changed?)");
       TORCH_CHECK(t.is_floating_point() && torch::isfinite(t).all().item<bool>(),
-                  "checkpoint block '", name, "': ", key, " must hold finite floating-point values");
+                  "checkpoint block '", name, "': ", key,
+                  " must hold finite floating-point values");
       state[key] = t.to(block.weight().device());
     }
   }

@@ -1,8 +1,9 @@
 // The Kronecker curvature block of one natgrad::nn layer for natgrad::optim::KFAC: the C++
 // counterpart of python/natgrad/curvature/kron.py's LinearBlock ("expand"), Conv2dBlock and
 // EmbeddingBlock, calling the same csrc ops (factors/kron_factors.h, linalg/psd_linalg.h,
-// precondition/kfac_precondition.h). Policy (when to update, skip, decompose) is the
-// optimizer's; this class only turns captured calls into factor updates and decompositions.
+// precondition/kfac_precondition.h) and the shared rules (kfac/kfac_rules.h). Policy (when to
+// update, skip, decompose) is the optimizer's; this class only turns captured calls into factor
+// updates and decompositions.
 #pragma once
 
 #include <torch/nn/module.h>
@@ -13,12 +14,12 @@
 #include <string>
 #include <vector>
 
-#include "api/layers.h"
+#include "frontend/layers.h"
 
 namespace natgrad::optim::detail {
 
 /// One factor update's data in the ops' layout (kron.py's Statistics).
-struct KronStatistics {
+struct KroneckerStatistics {
   torch::Tensor inputs;
   torch::Tensor grads;
   double grad_scale = 1.0;  // per-sample scale x sqrt(positions x passes)
@@ -29,14 +30,14 @@ struct KronStatistics {
 /// F ≈ A ⊗ G over one layer's weight (+ bias); state keys as in Python ("A", "G",
 /// "a_eigenvalues", "a_eigenvectors", "g_eigenvalues", "g_eigenvectors", "a_inverse",
 /// "g_inverse"; an Embedding keeps A as a vector and only G's eigendecomposition).
-class KronBlock {
+class KroneckerBlock {
  public:
   enum class Kind { kLinear, kConv2d, kEmbedding };
 
   /// The block of `module` (a natgrad::nn layer) named `name` in the model, or the reason it
   /// cannot have one (grouped or non-zero-padded Conv2d, sparse or max_norm Embedding).
   static std::optional<std::string> unsupported_reason(torch::nn::Module& module);
-  KronBlock(std::string name, std::shared_ptr<torch::nn::Module> module);
+  KroneckerBlock(std::string name, std::shared_ptr<torch::nn::Module> module);
 
   const std::string& name() const { return name_; }
   Kind kind() const { return kind_; }
@@ -57,18 +58,19 @@ class KronBlock {
   int64_t g_dim() const;
   /// Samples in the calls' inputs (dim 0; an unbatched input is one sample).
   int64_t count_samples(const std::vector<torch::Tensor>& inputs) const;
-  /// Rows (samples x weight-sharing positions) of the calls.
+  /// Rows (samples x weight-sharing positions) of the calls (kfac::linear_rows, conv_rows,
+  /// embedding_rows).
   int64_t count_rows(const std::vector<torch::Tensor>& inputs) const;
-  /// sample_scale of python/natgrad/curvature/plan.py.
+  /// kfac::sample_scale of the calls.
   double sample_scale(const std::vector<torch::Tensor>& inputs,
                       const std::string& loss_reduction) const;
 
-  KronStatistics prepare(const std::vector<torch::Tensor>& inputs,
-                         const std::vector<torch::Tensor>& grads, double grad_scale) const;
-  /// 0-d bool tensor: every value finite and small enough that no Gram sum can overflow.
-  torch::Tensor statistics_ok(const KronStatistics& stats) const;
+  KroneckerStatistics prepare(const std::vector<torch::Tensor>& inputs,
+                              const std::vector<torch::Tensor>& grads, double grad_scale) const;
+  /// kfac::statistics_ok: every value finite and small enough that no Gram sum can overflow.
+  torch::Tensor statistics_ok(const KroneckerStatistics& stats) const;
   /// The EMA update (the first update replaces).
-  void apply_update(const KronStatistics& stats, double decay);
+  void apply_update(const KroneckerStatistics& stats, double decay);
   /// Decomposes the factors through the ladder; returns the rung used.
   int64_t update_inverse(const std::string& method, double damping, bool pi_correction);
   /// An Embedding block's (A ⊗ G + γI)⁻¹ on its packed gradient (weightᵀ, [dim, num]).
@@ -88,8 +90,5 @@ class KronBlock {
   nn::CaptureLayer* layer_;
   torch::Tensor weight_, bias_;
 };
-
-/// max|t| as a 0-d float64 tensor (NaN if t holds one, 0 if empty): block.py's max_abs.
-torch::Tensor max_abs(const torch::Tensor& t);
 
 }  // namespace natgrad::optim::detail

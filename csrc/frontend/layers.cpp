@@ -1,5 +1,5 @@
 // natgrad::nn capture layers (see layers.h).
-#include "api/layers.h"
+#include "frontend/layers.h"
 
 #include <ATen/core/grad_mode.h>
 
@@ -125,18 +125,25 @@ std::shared_ptr<torch::nn::Module> copied(const torch::nn::Module& from,
 
 }  // namespace
 
-std::shared_ptr<torch::nn::Module> LinearImpl::clone(const std::optional<torch::Device>& device) const {
+std::shared_ptr<torch::nn::Module> LinearImpl::clone(
+    const std::optional<torch::Device>& device) const {
   return copied(*this, std::make_shared<LinearImpl>(options), device);
 }
 
-std::shared_ptr<torch::nn::Module> Conv2dImpl::clone(const std::optional<torch::Device>& device) const {
+std::shared_ptr<torch::nn::Module> Conv2dImpl::clone(
+    const std::optional<torch::Device>& device) const {
   torch::nn::Conv2dOptions o(options.in_channels(), options.out_channels(), options.kernel_size());
-  o.stride(options.stride()).padding(options.padding()).dilation(options.dilation())
-      .groups(options.groups()).bias(options.bias()).padding_mode(options.padding_mode());
+  o.stride(options.stride())
+      .padding(options.padding())
+      .dilation(options.dilation())
+      .groups(options.groups())
+      .bias(options.bias())
+      .padding_mode(options.padding_mode());
   return copied(*this, std::make_shared<Conv2dImpl>(o), device);
 }
 
-std::shared_ptr<torch::nn::Module> EmbeddingImpl::clone(const std::optional<torch::Device>& device) const {
+std::shared_ptr<torch::nn::Module> EmbeddingImpl::clone(
+    const std::optional<torch::Device>& device) const {
   torch::nn::EmbeddingOptions o = options;
   o._weight(torch::Tensor());  // never share a pretrained weight with the copy
   return copied(*this, std::make_shared<EmbeddingImpl>(o), device);

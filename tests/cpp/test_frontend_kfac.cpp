@@ -6,7 +6,7 @@
 #include <cstdio>
 #include <sstream>
 
-#include "test_api_kfac_models.h"
+#include "test_frontend_kfac_models.h"
 #include "test_helpers.h"
 
 namespace {
@@ -30,7 +30,8 @@ struct Warnings : c10::WarningHandler {
 
 std::map<std::string, torch::Tensor> snapshot(const natgrad_test::Model& m) {
   std::map<std::string, torch::Tensor> out;
-  for (const auto& item : m.module->named_parameters()) out[item.key()] = item.value().detach().clone();
+  for (const auto& item : m.module->named_parameters())
+    out[item.key()] = item.value().detach().clone();
   return out;
 }
 
@@ -77,7 +78,9 @@ std::vector<Case> resume_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, ApiKfacResume, ::testing::ValuesIn(resume_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name;
+                         });
 
 TEST(ApiKfac, LoadRejectsAnotherModelsCheckpointAndChangesNothing) {
   Case c{"mlp_eigen_11", "mlp", "eigen", 1, 1};
@@ -98,7 +101,8 @@ TEST(ApiKfac, LoadRejectsAnotherModelsCheckpointAndChangesNothing) {
   torch::serialize::InputArchive in;
   in.load_from(in_stream);
   // "0" exists in both models (a Linear there, a Conv2d here): the kind check names it.
-  EXPECT_TRUE(natgrad_test::ThrowsMentioning([&] { opt_cnn.load(in); }, {"'0'", "linear", "conv2d"}));
+  EXPECT_TRUE(
+      natgrad_test::ThrowsMentioning([&] { opt_cnn.load(in); }, {"'0'", "linear", "conv2d"}));
   EXPECT_EQ(opt_cnn.steps(), 1);
   EXPECT_TRUE(torch::equal(opt_cnn.blocks()[0]->state.at("A"), before));
 }
@@ -122,10 +126,14 @@ TEST(ApiKfac, InvalidOptionsThrowNamingTheOption) {
   EXPECT_TRUE(throws(KFACOptions().factor_update_period(0), "Invalid factor_update_period: 0"));
   EXPECT_TRUE(throws(KFACOptions().inverse_update_period(-2), "Invalid inverse_update_period: -2"));
   EXPECT_TRUE(throws(KFACOptions().kl_clip(0.0), "Invalid kl_clip: 0 (must be > 0)"));
-  EXPECT_TRUE(throws(KFACOptions().inverse_method("cholesky"), "Invalid inverse_method: 'cholesky'"));
+  EXPECT_TRUE(
+      throws(KFACOptions().inverse_method("cholesky"), "Invalid inverse_method: 'cholesky'"));
   EXPECT_TRUE(throws(KFACOptions().loss_reduction("max"), "Invalid loss_reduction: 'max'"));
-  EXPECT_TRUE(natgrad_test::ThrowsMentioning([] { KFAC opt{std::shared_ptr<torch::nn::Module>(), KFACOptions()}; },
-                                             {"Invalid model"}));
+  EXPECT_TRUE(natgrad_test::ThrowsMentioning(
+      [] {
+        KFAC opt{std::shared_ptr<torch::nn::Module>(), KFACOptions()};
+      },
+      {"Invalid model"}));
   // A group's own options are checked and named with the group.
   auto params = m.module->parameters();
   std::vector<torch::optim::OptimizerParamGroup> groups;
@@ -142,7 +150,8 @@ TEST(ApiKfac, InvalidOptionsThrowNamingTheOption) {
   torch::nn::functional::cross_entropy(m.forward(x), y).backward();
   const auto before = snapshot(m);
   EXPECT_TRUE(natgrad_test::ThrowsMentioning([&] { opt.step(); }, {"Invalid lr in param group 0"}));
-  for (const auto& item : m.module->named_parameters()) EXPECT_TRUE(torch::equal(item.value(), before.at(item.key())));
+  for (const auto& item : m.module->named_parameters())
+    EXPECT_TRUE(torch::equal(item.value(), before.at(item.key())));
   EXPECT_EQ(opt.steps(), 0);
 }
 
@@ -201,7 +210,8 @@ TEST(ApiKfac, NanInBatchSkipsEveryLayerItReachesAndTrainingGoesOn) {
     torch::Tensor x = natgrad_test::fixture_tensor("mlpnorm/x")[3].clone();
     x[0][0] = std::nan("");
     opt.zero_grad();
-    torch::nn::functional::cross_entropy(m.forward(x), natgrad_test::fixture_tensor("mlpnorm/y")[3]).backward();
+    torch::nn::functional::cross_entropy(m.forward(x), natgrad_test::fixture_tensor("mlpnorm/y")[3])
+        .backward();
     opt.step();
   };
   Warnings warnings;
@@ -264,7 +274,8 @@ TEST(ApiKfac, PlainModulesFollowTheTrustRegionMomentumFormula) {
     std::vector<double> terms;
     for (size_t i = 0; i < p.size(); ++i) {
       double t = (g[i] * g[i]).sum().item<double>();
-      if (k > 0) t += 2 * mu * (b[i] * g[i]).sum().item<double>() + mu * mu * shares[i].item<double>();
+      if (k > 0)
+        t += 2 * mu * (b[i] * g[i]).sum().item<double>() + mu * mu * shares[i].item<double>();
       terms.push_back(t);
       total += t * lr * lr;
     }
@@ -272,12 +283,16 @@ TEST(ApiKfac, PlainModulesFollowTheTrustRegionMomentumFormula) {
     for (size_t i = 0; i < p.size(); ++i) {
       shares[i] = torch::tensor(terms[i] * nu * nu, torch::kDouble);
       torch::Tensor d = nu * g[i] + wd * p[i];
-      if (k == 0) b.push_back(d); else b[i] = mu * nu * b[i] + d;
+      if (k == 0)
+        b.push_back(d);
+      else
+        b[i] = mu * nu * b[i] + d;
       p[i] = p[i] - lr * b[i];
     }
     opt.step();
     auto params = net->parameters();
-    for (size_t i = 0; i < p.size(); ++i) EXPECT_TRUE(natgrad_test::AllClose(params[i], p[i], 1e-12, 1e-14)) << k;
+    for (size_t i = 0; i < p.size(); ++i)
+      EXPECT_TRUE(natgrad_test::AllClose(params[i], p[i], 1e-12, 1e-14)) << k;
     if (k == 0) EXPECT_LT(nu, 1.0);  // the trust region is active
   }
   EXPECT_TRUE(opt.blocks().empty());
@@ -303,7 +318,8 @@ struct DescribeNetImpl : torch::nn::Module {
         fc(register_module("fc", natgrad::nn::Linear(3, 4))),
         norm(register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({4})))),
         head(register_module("head", torch::nn::Linear(4, 2))),
-        conv(register_module("conv", natgrad::nn::Conv2d(torch::nn::Conv2dOptions(2, 2, 1).groups(2)))),
+        conv(register_module("conv",
+                             natgrad::nn::Conv2d(torch::nn::Conv2dOptions(2, 2, 1).groups(2)))),
         frozen(register_module("frozen", natgrad::nn::Linear(2, 2))) {
     frozen->bias.set_requires_grad(false);
   }
@@ -318,14 +334,15 @@ struct DescribeNetImpl : torch::nn::Module {
 TORCH_MODULE(DescribeNet);
 
 std::string row(const std::string& name, const std::string& shape, const std::string& how) {
-  return name + std::string(13 - name.size(), ' ') + "  " + shape + std::string(7 - shape.size(), ' ') +
-         "  " + how;
+  return name + std::string(13 - name.size(), ' ') + "  " + shape +
+         std::string(7 - shape.size(), ' ') + "  " + how;
 }
 
 TEST(ApiKfac, DescribeListsEveryParameterAndItsPreconditioner) {
   DescribeNet net;
   auto opt = std::make_unique<KFAC>(net, KFACOptions(0.1));
-  const std::string waiting = "plain gradient until its hooks fire (none so far: is the layer used functionally?)";
+  const std::string waiting =
+      "plain gradient until its hooks fire (none so far: is the layer used functionally?)";
   const std::string not_layer = "not a natgrad::nn capture layer (Linear, Conv2d, Embedding)";
   auto table = [&](const std::string& fc) {
     return row("parameter", "shape", "preconditioner") + "\n" +
@@ -335,11 +352,17 @@ TEST(ApiKfac, DescribeListsEveryParameterAndItsPreconditioner) {
            row("norm.bias", "4", "plain gradient: LayerNorm 'norm': " + not_layer) + "\n" +
            row("head.weight", "2x4", "plain gradient: Linear 'head': " + not_layer) + "\n" +
            row("head.bias", "2", "plain gradient: Linear 'head': " + not_layer) + "\n" +
-           row("conv.weight", "2x1x1x1", "plain gradient: Conv2d 'conv': grouped convolution (groups=2)") + "\n" +
-           row("conv.bias", "2", "plain gradient: Conv2d 'conv': grouped convolution (groups=2)") + "\n" +
-           row("frozen.weight", "2x2", "plain gradient: Linear 'frozen': only some of its parameters are optimized") + "\n" +
-           row("frozen.bias", "2", "plain gradient: Linear 'frozen': frozen (requires_grad=False) when "
-                                   "natgrad::optim::KFAC was built");
+           row("conv.weight", "2x1x1x1",
+               "plain gradient: Conv2d 'conv': grouped convolution (groups=2)") +
+           "\n" +
+           row("conv.bias", "2", "plain gradient: Conv2d 'conv': grouped convolution (groups=2)") +
+           "\n" +
+           row("frozen.weight", "2x2",
+               "plain gradient: Linear 'frozen': only some of its parameters are optimized") +
+           "\n" +
+           row("frozen.bias", "2",
+               "plain gradient: Linear 'frozen': frozen (requires_grad=False) when "
+               "natgrad::optim::KFAC was built");
   };
   EXPECT_EQ(opt->describe(), table(waiting));
   net->forward(torch::randn({4, 3})).sum().backward();

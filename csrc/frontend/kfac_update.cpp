@@ -2,7 +2,8 @@
 // for Linear/Conv2d, per block for Embedding, the plain gradient for the rest), the KL trust
 // region and the momentum / weight-decay update, with one host read for all directions (their
 // finite flags, <u, g> and, when the trust region bounds a momentum step, the buffers' <b, g>).
-// Reference: python/natgrad/optim/_kfac_step.py and _kfac_damping.py (trust_region).
+// The trust region's nu and the fault classes of the stats are the shared rules of
+// kfac/kfac_rules.h.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
@@ -10,13 +11,14 @@
 #include <cmath>
 #include <unordered_map>
 
-#include "api/kfac.h"
-#include "api/kfac_util.h"
+#include "frontend/kfac.h"
+#include "frontend/kfac_util.h"
+#include "kfac/kfac_rules.h"
 #include "precondition/kfac_step.h"
 
 namespace natgrad::optim {
 
-using detail::KronBlock;
+using detail::KroneckerBlock;
 
 namespace detail {
 
@@ -47,25 +49,6 @@ std::vector<double> read_values(const std::vector<torch::Tensor>& tensors) {
   for (const auto& t : tensors) flat.push_back(t.reshape({-1}).to(torch::kDouble));
   const torch::Tensor all = torch::cat(flat).to(torch::kCPU).contiguous();
   return std::vector<double>(all.data_ptr<double>(), all.data_ptr<double>() + all.numel());
-}
-
-double fsum(const std::vector<double>& values) {
-  std::vector<double> partials;
-  for (double x : values) {
-    size_t i = 0;
-    for (double y : partials) {
-      if (std::abs(x) < std::abs(y)) std::swap(x, y);
-      const double hi = x + y;
-      const double lo = y - (hi - x);
-      if (lo != 0.0) partials[i++] = lo;
-      x = hi;
-    }
-    partials.resize(i);
-    partials.push_back(x);
-  }
-  double total = 0.0;
-  for (double p : partials) total += p;
-  return total;
 }
 
 }  // namespace detail
@@ -107,7 +90,7 @@ std::optional<torch::Tensor> KFAC::momentum_buffer_of(const torch::Tensor& p) co
 
 std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipped) {
   // moving(): blocks to precondition, and the parameters that take the plain gradient.
-  std::vector<KronBlock*> moving;
+  std::vector<KroneckerBlock*> moving;
   std::set<const void*> done;
   for (auto& block : blocks_) {
     std::vector<torch::Tensor> with_grad;
@@ -135,15 +118,15 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
   std::vector<torch::Tensor> stats;
   int64_t offset = 0;  // of the next stats row in the single read
   for (const char* key : {"g_eigenvectors", "g_inverse"}) {  // the list ops, one per method
-    std::vector<KronBlock*> group;
-    for (KronBlock* b : moving) {
+    std::vector<KroneckerBlock*> group;
+    for (KroneckerBlock* b : moving) {
       if (b->listable() && b->state.count(key)) group.push_back(b);
     }
     if (group.empty()) continue;
     std::vector<torch::Tensor> weights, g_vals, g_vecs, a_vals, a_vecs, g_invs, a_invs;
     c10::List<std::optional<torch::Tensor>> biases, w_bufs, b_bufs;
     std::vector<double> damping;
-    for (KronBlock* b : group) {
+    for (KroneckerBlock* b : group) {
       const torch::Tensor w = grad_or_zeros(b->weight());
       weights.push_back(w.reshape({w.size(0), -1}));
       biases.push_back(b->bias().defined() ? std::optional<torch::Tensor>(grad_or_zeros(b->bias()))
@@ -160,7 +143,7 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
         g_vecs.push_back(s.at("g_eigenvectors"));
         a_vals.push_back(s.at("a_eigenvalues"));
         a_vecs.push_back(s.at("a_eigenvectors"));
-        damping.push_back(group_options(b->weight()).damping());
+        damping.push_back(damping_of(b->weight()));
       } else {
         g_invs.push_back(s.at("g_inverse"));
         a_invs.push_back(s.at("a_inverse"));
@@ -177,9 +160,14 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
     TORCH_INTERNAL_ASSERT(!buffers || columns >= 6, "the list op returned no <b, g> columns");
     size_t next_bias = 0;
     for (size_t i = 0; i < group.size(); ++i) {
-      KronBlock* b = group[i];
-      Layer layer{b->name(), false, b->params(), {weights[i].view_as(b->weight())},
-                  {out.weight[i].view_as(b->weight())}, offset, 2};
+      KroneckerBlock* b = group[i];
+      Layer layer{b->name(),
+                  false,
+                  b->params(),
+                  {weights[i].view_as(b->weight())},
+                  {out.weight[i].view_as(b->weight())},
+                  offset,
+                  2};
       offset += columns;
       if (b->bias().defined()) {
         layer.grads.push_back(*biases.get(i));
@@ -203,46 +191,47 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
     offset += static_cast<int64_t>(entries.size());
     return row;
   };
-  for (KronBlock* b : moving) {  // blocks outside the list ops: an Embedding
+  for (KroneckerBlock* b : moving) {  // blocks outside the list ops: an Embedding
     if (b->listable()) continue;
     const torch::Tensor grad = grad_or_zeros(b->weight()).t();  // packed: weight^T
-    const torch::Tensor grad_ok = torch::isfinite(detail::max_abs(grad));
+    const torch::Tensor grad_ok = torch::isfinite(kfac::max_abs(grad));
     torch::Tensor direction;
     try {
-      direction = b->precondition_embedding(grad, group_options(b->weight()).damping(), pi);
+      direction = b->precondition_embedding(grad, damping_of(b->weight()), pi);
     } catch (const c10::Error&) {  // an op that refused a non-finite result: skip the layer
       direction = torch::full_like(grad, std::nan(""));
     }
-    const torch::Tensor dir_ok = torch::isfinite(detail::max_abs(direction));
+    const torch::Tensor dir_ok = torch::isfinite(kfac::max_abs(direction));
     const torch::Tensor g = grad.t(), u = direction.t();
     const int64_t row = row_of(b->weight(), g, u, grad_ok, dir_ok);
     layers.push_back(Layer{b->name(), false, b->params(), {g}, {u}, row, 1});
   }
   for (const auto& p : plain) {  // the fallback: the plain gradient
     const torch::Tensor& g = p.grad();
-    const torch::Tensor ok = torch::isfinite(detail::max_abs(g));
+    const torch::Tensor ok = torch::isfinite(kfac::max_abs(g));
     const int64_t row = row_of(p, g, g, ok, ok);
     layers.push_back(Layer{param_name(p), true, {p}, {g}, {g}, row, 1});
   }
 
   const std::vector<double> rows = detail::read_values(stats);
+  std::vector<int64_t> offsets;
+  for (const Layer& layer : layers) offsets.push_back(layer.row);
+  const std::vector<int64_t> faults = kfac::direction_faults(rows, offsets);
   std::vector<Direction> updates;
   for (size_t i = 0; i < layers.size(); ++i) {
     const Layer& layer = layers[i];
     const double* row = rows.data() + layer.row;
-    if (row[0] == 0.0) {
-      fault(layer.name, "gradients", layer.plain ? "parameter" : "layer");
-      continue;
-    }
-    if (row[1] == 0.0) {
-      fault(layer.name, "preconditioned gradients");
+    const kfac::Fault what = kfac::fault_of(faults[i]);
+    if (what != kfac::Fault::kNone) {
+      fault(layer.name, what, layer.plain ? "parameter" : "layer");
       continue;
     }
     for (size_t j = 0; j < layer.params.size(); ++j) {
       const torch::Tensor& p = layer.params[j];
       if (p.grad().defined() && p.requires_grad()) {
         const auto slot = static_cast<int64_t>(j);
-        updates.push_back({p, layer.grads[j], layer.dirs[j], slot < layer.slots ? row[2 + slot] : 0.0,
+        updates.push_back({p, layer.grads[j], layer.dirs[j],
+                           slot < layer.slots ? row[2 + slot] : 0.0,
                            buffers && slot < layer.slots ? row[2 + layer.slots + slot] : 0.0});
       }
     }
@@ -253,46 +242,36 @@ std::vector<KFAC::Direction> KFAC::directions(const std::set<std::string>& skipp
 double KFAC::trust_region(std::vector<Direction>& updates) {
   const std::optional<double> kl_clip = global().kl_clip();
   if (!kl_clip.has_value() || updates.empty()) return 1.0;
-  auto scale = [&](double total) {
-    return total > 0 && std::isfinite(total) ? std::min(1.0, std::sqrt(*kl_clip / total)) : 1.0;
-  };
-  bool momentum = false;
-  for (const auto& u : updates) momentum = momentum || group_options(u.param).momentum() != 0.0;
-  if (!momentum) {  // <u, g> only, read already
-    std::vector<double> terms;
-    for (const auto& u : updates) {
-      const double lr = group_options(u.param).lr();
-      terms.push_back(u.inner * (lr * lr));
-    }
-    return scale(detail::fsum(terms));
-  }
-  // <u, g> and <b, g> came with the directions' read (directions(): cross_wanted()): the
-  // same float64 arithmetic as Python's _trust_region_read, on host numbers, no read here.
+  // <u, g> and <b, g> came with the directions' read (directions(): cross_wanted()); a
+  // parameter without a momentum buffer contributes neither <b, g> nor a carried share.
   // kl_share stays a float64 0-d tensor on the CPU (reading it back syncs no device).
-  std::vector<std::pair<torch::Tensor, double>> carried;
-  std::vector<double> weighted;
+  std::vector<double> inner, cross, lr, momentum, share;
   for (const auto& u : updates) {
     const KFACOptions& o = group_options(u.param);
-    double term = u.inner;
-    const double mu = o.momentum();
-    if (mu != 0.0) {
+    double b_g = 0.0, s_p = 0.0;
+    if (o.momentum() != 0.0) {
       auto it = state().find(u.param.unsafeGetTensorImpl());
       if (it != state().end()) {
         const auto& s = static_cast<const KFACParamState&>(*it->second);
         if (s.momentum_buffer().defined()) {
-          term += 2 * mu * u.cross;
-          if (s.kl_share().defined()) term += mu * mu * s.kl_share().item<double>();
+          b_g = u.cross;
+          if (s.kl_share().defined()) s_p = s.kl_share().item<double>();
         }
       }
-      carried.emplace_back(u.param, term);
     }
-    weighted.push_back(term * (o.lr() * o.lr()));
+    inner.push_back(u.inner);
+    cross.push_back(b_g);
+    lr.push_back(o.lr());
+    momentum.push_back(o.momentum());
+    share.push_back(s_p);
   }
-  const double nu = scale(detail::fsum(weighted));
-  for (auto& [p, term] : carried) {
-    param_state(p).kl_share(torch::tensor(term * (nu * nu), torch::kDouble));
+  const kfac::TrustRegion region = kfac::trust_region(*kl_clip, inner, cross, lr, momentum, share);
+  for (size_t i = 0; i < updates.size(); ++i) {
+    if (momentum[i] != 0.0) {
+      param_state(updates[i].param).kl_share(torch::tensor(region.kl_share[i], torch::kDouble));
+    }
   }
-  return nu;
+  return region.nu;
 }
 
 void KFAC::apply(const std::vector<Direction>& updates, double nu) {

@@ -63,7 +63,8 @@ inline const torch::Tensor& fixture_tensor(const std::string& key) {
 inline Model make_model(const std::string& name) {
   Model m;
   if (name == "mlp") {
-    torch::nn::Sequential s(natgrad::nn::Linear(6, 8), torch::nn::Tanh(), natgrad::nn::Linear(8, 4));
+    torch::nn::Sequential s(natgrad::nn::Linear(6, 8), torch::nn::Tanh(),
+                            natgrad::nn::Linear(8, 4));
     m = {s.ptr(), [s](const torch::Tensor& x) mutable { return s->forward(x); }};
   } else if (name == "mlpnorm") {
     torch::nn::Sequential s(natgrad::nn::Linear(6, 8),
@@ -71,10 +72,10 @@ inline Model make_model(const std::string& name) {
                             torch::nn::Tanh(), natgrad::nn::Linear(8, 4));
     m = {s.ptr(), [s](const torch::Tensor& x) mutable { return s->forward(x); }};
   } else if (name == "cnn") {
-    torch::nn::Sequential s(
-        natgrad::nn::Conv2d(torch::nn::Conv2dOptions(1, 3, 3).padding(1)), torch::nn::ReLU(),
-        natgrad::nn::Conv2d(torch::nn::Conv2dOptions(3, 4, 3).stride(2)), torch::nn::ReLU(),
-        torch::nn::Flatten(), natgrad::nn::Linear(36, 3));
+    torch::nn::Sequential s(natgrad::nn::Conv2d(torch::nn::Conv2dOptions(1, 3, 3).padding(1)),
+                            torch::nn::ReLU(),
+                            natgrad::nn::Conv2d(torch::nn::Conv2dOptions(3, 4, 3).stride(2)),
+                            torch::nn::ReLU(), torch::nn::Flatten(), natgrad::nn::Linear(36, 3));
     m = {s.ptr(), [s](const torch::Tensor& x) mutable { return s->forward(x); }};
   } else {
     EmbeddingBag e;
@@ -100,9 +101,16 @@ struct Case {
 
   natgrad::optim::KFACOptions options() const {
     natgrad::optim::KFACOptions o(0.1);
-    o.momentum(momentum).damping(1e-2).factor_decay(0.9).kl_clip(kl_clip).weight_decay(weight_decay)
-        .factor_update_period(factor_period).inverse_update_period(inverse_period)
-        .inverse_method(method).pi_correction(pi_correction).loss_reduction(reduction);
+    o.momentum(momentum)
+        .damping(1e-2)
+        .factor_decay(0.9)
+        .kl_clip(kl_clip)
+        .weight_decay(weight_decay)
+        .factor_update_period(factor_period)
+        .inverse_update_period(inverse_period)
+        .inverse_method(method)
+        .pi_correction(pi_correction)
+        .loss_reduction(reduction);
     return o;
   }
 };
@@ -137,7 +145,8 @@ inline std::vector<Case> parity_cases() {
   cnn_tokens.reduction = "token_mean";
   Case emb_tokens{"emb_inverse_11_token_mean", "emb", "inverse", 1, 1};
   emb_tokens.reduction = "token_mean";
-  for (const Case& c : {wd, pi_off, pi_sum, noclip, nomomentum, evalfirst, cnn_tokens, emb_tokens, norm}) {
+  for (const Case& c :
+       {wd, pi_off, pi_sum, noclip, nomomentum, evalfirst, cnn_tokens, emb_tokens, norm}) {
     cases.push_back(c);
   }
   return cases;

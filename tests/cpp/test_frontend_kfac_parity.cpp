@@ -1,6 +1,6 @@
 // natgrad::optim::KFAC against natgrad.KFAC (Python, the reference): ten steps of every case of
 // tests/fixtures/make_kfac_parity.py give the same parameters to 1e-10 (float64).
-#include "test_api_kfac_models.h"
+#include "test_frontend_kfac_models.h"
 #include "test_helpers.h"
 
 namespace {
@@ -25,6 +25,8 @@ TEST_P(ApiKfacParity, TenStepsMatchPythonKfac) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, ApiKfacParity, ::testing::ValuesIn(natgrad_test::parity_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name;
+                         });
 
 }  // namespace

@@ -1,19 +1,21 @@
 // natgrad::EWC checkpoints: options and every task through torch::serialize archives
-// (see api/ewc.h).
+// (see frontend/ewc.h).
 #include <torch/serialize/archive.h>
 
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "api/ewc.h"
+#include "frontend/ewc.h"
 
 namespace natgrad {
 namespace {
 
 constexpr int64_t kFormatVersion = 1;
 
-bool all_finite(const at::Tensor& t) { return t.numel() == 0 || at::isfinite(t).all().item<bool>(); }
+bool all_finite(const at::Tensor& t) {
+  return t.numel() == 0 || at::isfinite(t).all().item<bool>();
+}
 
 }  // namespace
 
@@ -43,7 +45,8 @@ void EWC::save(torch::serialize::OutputArchive& archive) const {
 void EWC::load(torch::serialize::InputArchive& archive) {
   c10::IValue v;
   TORCH_CHECK(archive.try_read("format_version", v) && v.isInt() && v.toInt() == kFormatVersion,
-              "EWC.load: not a natgrad::EWC archive (format_version ", kFormatVersion, " expected)");
+              "EWC.load: not a natgrad::EWC archive (format_version ", kFormatVersion,
+              " expected)");
   EWCOptions o;
   archive.read("lambda", v);
   o.lambda(v.toDouble());
@@ -74,8 +77,8 @@ void EWC::load(torch::serialize::InputArchive& archive) {
       sub.read("fisher_" + std::to_string(j), f, /*is_buffer=*/true);
       sub.read("anchor_" + std::to_string(j), a, /*is_buffer=*/true);
       for (const auto& [tensor, part] : {std::pair{f, "fisher"}, std::pair{a, "anchor"}}) {
-        TORCH_CHECK(tensor.defined() && tensor.is_floating_point() && all_finite(tensor), "EWC.load: task ",
-                    t, " ", part, " of '", tasks[t].names[j],
+        TORCH_CHECK(tensor.defined() && tensor.is_floating_point() && all_finite(tensor),
+                    "EWC.load: task ", t, " ", part, " of '", tasks[t].names[j],
                     "' must be a finite floating-point tensor (NaN/Inf or not a tensor)");
       }
       TORCH_CHECK(f.sizes() == a.sizes(), "EWC.load: task ", t, " fisher of '", tasks[t].names[j],
@@ -89,7 +92,8 @@ void EWC::load(torch::serialize::InputArchive& archive) {
   ++revision_;
 }
 
-torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive, const EWC& ewc) {
+torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive,
+                                            const EWC& ewc) {
   ewc.save(archive);
   return archive;
 }

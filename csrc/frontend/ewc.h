@@ -52,10 +52,10 @@ struct EWCOptions {
 // for every trainable parameter. penalty() returns (λ/2) Σ_tasks Σ_i F_i (θ_i − θ*_i)², a
 // differentiable scalar (its gradient λ F (θ − θ*) comes from the ewc_penalty op together with
 // the value) to add to the next task's loss. Semantics, conventions and errors are those of
-// natgrad.EWC (structure="diagonal"); the Python package is the reference the tests compare to.
+// natgrad.EWC (structure="diagonal"); the tests compare it with the Python package.
 //
 // How the Fisher is computed: parameters of natgrad::nn::Linear layers (the capture layers of
-// csrc/api/layers.h) that are called once per forward come from the recorded layer input and
+// csrc/frontend/layers.h) that are called once per forward come from the recorded layer input and
 // output gradient through the linear_diag_fisher op (no loop over samples); every other
 // parameter by per-sample autograd: one forward of each sample as a batch of one and one
 // backward per label pass (a loop over samples: O(N) small passes, documented cost).
@@ -86,7 +86,8 @@ class EWC {
   // A module whose forward takes one tensor (torch::nn::Sequential, your own ...Impl).
   template <typename ModuleType>
   EWC(const std::shared_ptr<ModuleType>& model, EWCOptions options = {})
-      : EWC(std::static_pointer_cast<torch::nn::Module>(model),
+      : EWC(
+            std::static_pointer_cast<torch::nn::Module>(model),
             [m = model.get()](const at::Tensor& x) -> at::Tensor { return m->forward(x); },
             std::move(options)) {}
 

@@ -1,6 +1,6 @@
-// KronBlock: one natgrad::nn layer's Kronecker factors (see kfac_blocks.h; the reference is
-// python/natgrad/curvature/kron.py, whose comments explain the scaling).
-#include "api/kfac_blocks.h"
+// KroneckerBlock: one natgrad::nn layer's Kronecker factors (see kfac_blocks.h; the scaling is
+// explained in python/natgrad/curvature/kron.py, which builds the same statistics).
+#include "frontend/kfac_blocks.h"
 
 #include <ATen/ATen.h>
 
@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "factors/kron_factors.h"
+#include "kfac/kfac_rules.h"
 #include "linalg/psd_linalg.h"
 #include "precondition/kfac_precondition.h"
 
@@ -15,7 +16,9 @@ namespace natgrad::optim::detail {
 
 namespace {
 
-int64_t rows_of(const torch::Tensor& t, int64_t width) { return t.numel() / std::max<int64_t>(width, 1); }
+int64_t rows_of(const torch::Tensor& t, int64_t width) {
+  return kfac::linear_rows(t.sizes(), width);
+}
 
 torch::Tensor cat_rows(const std::vector<torch::Tensor>& ts, int64_t width) {
   if (ts.size() == 1) return ts[0];
@@ -24,46 +27,48 @@ torch::Tensor cat_rows(const std::vector<torch::Tensor>& ts, int64_t width) {
   return torch::cat(rows);
 }
 
-torch::Tensor bounded(const torch::Tensor& t, double count, double limit) {
-  torch::Tensor peak = max_abs(t);  // NaN propagates: NaN < limit is false
-  return (peak * peak * count).lt(limit);
+std::vector<int64_t> vec(at::IntArrayRef a) { return a.vec(); }
+
+// A Conv2d's padding as Python writes nn.Conv2d's: "(1, 1)", "'same'" or "'valid'".
+std::string padding_text(const torch::nn::detail::ConvNdOptions<2>& o) {
+  if (const auto* pad = std::get_if<torch::ExpandingArray<2>>(&o.padding())) {
+    return "(" + std::to_string((**pad)[0]) + ", " + std::to_string((**pad)[1]) + ")";
+  }
+  return std::holds_alternative<torch::enumtype::kSame>(o.padding()) ? "'same'" : "'valid'";
 }
 
-std::vector<int64_t> vec(at::IntArrayRef a) { return a.vec(); }
+// A Conv2d's padding_mode as Python names it.
+std::string padding_mode_name(const torch::nn::detail::ConvNdOptions<2>& o) {
+  const auto& mode = o.padding_mode();
+  if (std::holds_alternative<torch::enumtype::kZeros>(mode)) return "zeros";
+  if (std::holds_alternative<torch::enumtype::kReflect>(mode)) return "reflect";
+  if (std::holds_alternative<torch::enumtype::kReplicate>(mode)) return "replicate";
+  return "circular";
+}
+
+std::optional<std::string> or_none(std::string reason) {
+  return reason.empty() ? std::nullopt : std::optional<std::string>(std::move(reason));
+}
 
 }  // namespace
 
-torch::Tensor max_abs(const torch::Tensor& t) {
-  if (t.numel() == 0) return torch::zeros({}, t.options().dtype(torch::kDouble));
-  auto [low, high] = torch::aminmax(t);
-  return torch::maximum(high, -low).to(torch::kDouble);
-}
-
-std::optional<std::string> KronBlock::unsupported_reason(torch::nn::Module& module) {
+std::optional<std::string> KroneckerBlock::unsupported_reason(torch::nn::Module& module) {
   if (auto* conv = dynamic_cast<torch::nn::Conv2dImpl*>(&module)) {
     const auto& o = conv->options;
-    if (o.groups() != 1) return "grouped convolution (groups=" + std::to_string(o.groups()) + ")";
-    const bool numeric = std::holds_alternative<torch::ExpandingArray<2>>(o.padding());
-    const bool zeros = std::holds_alternative<torch::enumtype::kZeros>(o.padding_mode());
-    if (!numeric || !zeros) {
-      return std::string("padding=") +
-             (numeric ? "numeric" : (std::holds_alternative<torch::enumtype::kSame>(o.padding())
-                                         ? "'same'"
-                                         : "'valid'")) +
-             ", padding_mode=" + (zeros ? "'zeros'" : "not 'zeros'");
-    }
+    return or_none(
+        kfac::conv_unsupported_reason(o.groups(), padding_text(o), padding_mode_name(o)));
   }
   if (auto* emb = dynamic_cast<torch::nn::EmbeddingImpl*>(&module)) {
-    if (emb->options.sparse()) return "sparse gradients";
-    if (emb->options.max_norm().has_value()) return "max_norm renormalises weights in forward";
+    return or_none(kfac::embedding_unsupported_reason(emb->options.sparse(),
+                                                      emb->options.max_norm().has_value()));
   }
   return std::nullopt;
 }
 
-KronBlock::KronBlock(std::string name, std::shared_ptr<torch::nn::Module> module)
+KroneckerBlock::KroneckerBlock(std::string name, std::shared_ptr<torch::nn::Module> module)
     : name_(std::move(name)), module_(std::move(module)) {
   layer_ = nn::as_capture_layer(*module_);
-  TORCH_CHECK(layer_ != nullptr, "KronBlock: module '", name_, "' is not a natgrad::nn layer");
+  TORCH_CHECK(layer_ != nullptr, "KroneckerBlock: module '", name_, "' is not a natgrad::nn layer");
   if (auto* fc = dynamic_cast<torch::nn::LinearImpl*>(module_.get())) {
     kind_ = Kind::kLinear;
     weight_ = fc->weight;
@@ -74,40 +79,43 @@ KronBlock::KronBlock(std::string name, std::shared_ptr<torch::nn::Module> module
     bias_ = conv->bias;
   } else {
     auto* emb = dynamic_cast<torch::nn::EmbeddingImpl*>(module_.get());
-    TORCH_CHECK(emb != nullptr, "KronBlock: unknown layer kind of '", name_, "'");
+    TORCH_CHECK(emb != nullptr, "KroneckerBlock: unknown layer kind of '", name_, "'");
     kind_ = Kind::kEmbedding;
     weight_ = emb->weight;
   }
 }
 
-std::vector<torch::Tensor> KronBlock::params() const {
+std::vector<torch::Tensor> KroneckerBlock::params() const {
   if (bias_.defined()) return {weight_, bias_};
   return {weight_};
 }
 
-std::string KronBlock::description() const {
+std::string KroneckerBlock::description() const {
   switch (kind_) {
-    case Kind::kLinear: return "K-FAC linear (expand)";
-    case Kind::kConv2d: return "K-FAC conv2d";
-    default: return "K-FAC embedding";
+    case Kind::kLinear:
+      return "K-FAC linear (expand)";
+    case Kind::kConv2d:
+      return "K-FAC conv2d";
+    default:
+      return "K-FAC embedding";
   }
 }
 
-bool KronBlock::has_inverse() const {
+bool KroneckerBlock::has_inverse() const {
   if (kind_ == Kind::kEmbedding) return state.count("g_eigenvectors") > 0;
   return state.count("g_eigenvectors") > 0 || state.count("g_inverse") > 0;
 }
 
-int64_t KronBlock::a_dim() const {
+int64_t KroneckerBlock::a_dim() const {
   if (kind_ == Kind::kEmbedding) return weight_.size(0);
   return weight_[0].numel() + (bias_.defined() ? 1 : 0);
 }
 
-int64_t KronBlock::g_dim() const {
+int64_t KroneckerBlock::g_dim() const {
   return kind_ == Kind::kEmbedding ? weight_.size(1) : weight_.size(0);
 }
 
-int64_t KronBlock::count_samples(const std::vector<torch::Tensor>& inputs) const {
+int64_t KroneckerBlock::count_samples(const std::vector<torch::Tensor>& inputs) const {
   int64_t n = 0;
   for (const auto& x : inputs) {
     if (kind_ == Kind::kEmbedding) {
@@ -119,38 +127,33 @@ int64_t KronBlock::count_samples(const std::vector<torch::Tensor>& inputs) const
   return n;
 }
 
-int64_t KronBlock::count_rows(const std::vector<torch::Tensor>& inputs) const {
+int64_t KroneckerBlock::count_rows(const std::vector<torch::Tensor>& inputs) const {
   int64_t n = 0;
   for (const auto& x : inputs) {
     if (kind_ == Kind::kLinear) {
-      n += rows_of(x, weight_.size(1));
+      n += kfac::linear_rows(x.sizes(), weight_.size(1));
     } else if (kind_ == Kind::kEmbedding) {
-      n += x.numel();
+      n += kfac::embedding_rows(x.sizes());
     } else {
       const auto& o = dynamic_cast<torch::nn::Conv2dImpl&>(*module_).options;
       const auto pad = std::get<torch::ExpandingArray<2>>(o.padding());
-      auto out = [&](int64_t size, int i) {
-        return (size + 2 * (*pad)[i] - (*o.dilation())[i] * ((*o.kernel_size())[i] - 1) - 1) /
-                   (*o.stride())[i] + 1;
-      };
-      n += x.dim() == 4 ? x.size(0) * out(x.size(-2), 0) * out(x.size(-1), 1) : 1;
+      n += kfac::conv_rows(x.sizes(), *o.kernel_size(), *o.stride(), *pad, *o.dilation());
     }
   }
   return n;
 }
 
-double KronBlock::sample_scale(const std::vector<torch::Tensor>& inputs,
-                               const std::string& loss_reduction) const {
-  if (loss_reduction == "sum") return 1.0;
-  const int64_t samples = count_samples(inputs);
-  if (loss_reduction == "mean") return static_cast<double>(samples);
-  return std::sqrt(static_cast<double>(samples) * static_cast<double>(count_rows(inputs)));
+double KroneckerBlock::sample_scale(const std::vector<torch::Tensor>& inputs,
+                                    const std::string& loss_reduction) const {
+  return kfac::sample_scale(count_samples(inputs),
+                            loss_reduction == "token_mean" ? count_rows(inputs) : 0,
+                            loss_reduction);
 }
 
-KronStatistics KronBlock::prepare(const std::vector<torch::Tensor>& inputs,
-                                  const std::vector<torch::Tensor>& grads,
-                                  double grad_scale) const {
-  KronStatistics s;
+KroneckerStatistics KroneckerBlock::prepare(const std::vector<torch::Tensor>& inputs,
+                                            const std::vector<torch::Tensor>& grads,
+                                            double grad_scale) const {
+  KroneckerStatistics s;
   if (kind_ == Kind::kLinear) {
     const int64_t d_in = weight_.size(1), d_out = weight_.size(0);
     const int64_t samples = count_samples(inputs);
@@ -190,23 +193,12 @@ KronStatistics KronBlock::prepare(const std::vector<torch::Tensor>& inputs,
   return s;
 }
 
-torch::Tensor KronBlock::statistics_ok(const KronStatistics& s) const {
-  const double limit = (weight_.scalar_type() == torch::kDouble
-                            ? std::numeric_limits<double>::max()
-                            : static_cast<double>(std::numeric_limits<float>::max())) /
-                       4;
-  torch::Tensor ok = bounded(s.grads,
-                             static_cast<double>(std::max<int64_t>(s.grad_rows, 1)) *
-                                 std::max(s.grad_scale * s.grad_scale, 1.0),
-                             limit);
-  if (s.inputs.is_floating_point()) {
-    ok = ok.logical_and(
-        bounded(s.inputs, static_cast<double>(std::max<int64_t>(s.input_rows, 1)), limit));
-  }
-  return ok;
+torch::Tensor KroneckerBlock::statistics_ok(const KroneckerStatistics& s) const {
+  return kfac::statistics_ok(s.inputs, s.grads, s.input_rows, s.grad_rows, s.grad_scale,
+                             weight_.scalar_type());  // the factors take the weight's dtype
 }
 
-void KronBlock::ensure_factors() {
+void KroneckerBlock::ensure_factors() {
   auto opts = weight_.options().requires_grad(false);
   if (!state.count("A")) {
     state["A"] = kind_ == Kind::kEmbedding ? torch::zeros({a_dim()}, opts)
@@ -215,7 +207,7 @@ void KronBlock::ensure_factors() {
   if (!state.count("G")) state["G"] = torch::zeros({g_dim(), g_dim()}, opts);
 }
 
-void KronBlock::apply_update(const KronStatistics& s, double decay) {
+void KroneckerBlock::apply_update(const KroneckerStatistics& s, double decay) {
   const double rho = has_factors() ? decay : 0.0;
   ensure_factors();
   torch::Tensor& a = state["A"];
@@ -236,7 +228,8 @@ void KronBlock::apply_update(const KronStatistics& s, double decay) {
   }
 }
 
-int64_t KronBlock::update_inverse(const std::string& method, double damping, bool pi_correction) {
+int64_t KroneckerBlock::update_inverse(const std::string& method, double damping,
+                                       bool pi_correction) {
   for (const char* key : {"a_eigenvalues", "a_eigenvectors", "g_eigenvalues", "g_eigenvectors",
                           "a_inverse", "g_inverse"}) {
     state.erase(key);
@@ -264,8 +257,8 @@ int64_t KronBlock::update_inverse(const std::string& method, double damping, boo
   return std::max(static_cast<int64_t>(ea.rung), static_cast<int64_t>(eg.rung));
 }
 
-torch::Tensor KronBlock::precondition_embedding(const torch::Tensor& packed, double damping,
-                                                bool pi_correction) const {
+torch::Tensor KroneckerBlock::precondition_embedding(const torch::Tensor& packed, double damping,
+                                                     bool pi_correction) const {
   // EmbeddingBlock.precondition: the same op, in the decomposition's dtype.
   const torch::Tensor& vecs = state.at("g_eigenvectors");
   return kfac_precondition_diagonal_a(packed.to(vecs.scalar_type()),
@@ -274,13 +267,14 @@ torch::Tensor KronBlock::precondition_embedding(const torch::Tensor& packed, dou
       .to(packed.scalar_type());
 }
 
-std::map<std::string, std::vector<int64_t>> KronBlock::expected_shapes() const {
+std::map<std::string, std::vector<int64_t>> KroneckerBlock::expected_shapes() const {
   const int64_t a = a_dim(), g = g_dim();
   if (kind_ == Kind::kEmbedding) {
     return {{"A", {a}}, {"G", {g, g}}, {"g_eigenvalues", {g}}, {"g_eigenvectors", {g, g}}};
   }
-  return {{"A", {a, a}},          {"G", {g, g}},          {"a_eigenvalues", {a}},
-          {"a_eigenvectors", {a, a}}, {"g_eigenvalues", {g}}, {"g_eigenvectors", {g, g}},
+  return {{"A", {a, a}},          {"G", {g, g}},
+          {"a_eigenvalues", {a}}, {"a_eigenvectors", {a, a}},
+          {"g_eigenvalues", {g}}, {"g_eigenvectors", {g, g}},
           {"a_inverse", {a, a}},  {"g_inverse", {g, g}}};
 }
 

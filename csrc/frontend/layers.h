@@ -114,8 +114,7 @@ class LinearImpl : public torch::nn::LinearImpl, public CaptureLayer {
 /// torch::nn::Conv2d that records for natgrad (see the file comment).
 class Conv2dImpl : public torch::nn::Conv2dImpl, public CaptureLayer {
  public:
-  Conv2dImpl(int64_t input_channels, int64_t output_channels,
-             torch::ExpandingArray<2> kernel_size)
+  Conv2dImpl(int64_t input_channels, int64_t output_channels, torch::ExpandingArray<2> kernel_size)
       : Conv2dImpl(torch::nn::Conv2dOptions(input_channels, output_channels, kernel_size)) {}
   explicit Conv2dImpl(const torch::nn::Conv2dOptions& options) : torch::nn::Conv2dImpl(options) {}
   /// torch::nn::Conv2d's forward, recorded while an owner is collecting.

@@ -1,4 +1,4 @@
-// natgrad::nn capture layers: torch's modules plus recording (csrc/api/layers.h).
+// natgrad::nn capture layers: torch's modules plus recording (csrc/frontend/layers.h).
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -170,7 +170,8 @@ TEST(ApiLayers, CloneKeepsTheNatgradTypeValuesAndOptionsButNoRecords) {
   ASSERT_NE(net_copy, nullptr);
   EXPECT_NE(natgrad::nn::as_capture_layer(*net_copy->ptr(0)), nullptr);
   EXPECT_NE(natgrad::nn::as_capture_layer(*net_copy->ptr(1)), nullptr);
-  EXPECT_TRUE(torch::equal(net_copy->ptr(1)->named_parameters()["weight"], net[1]->named_parameters()["weight"]));
+  EXPECT_TRUE(torch::equal(net_copy->ptr(1)->named_parameters()["weight"],
+                           net[1]->named_parameters()["weight"]));
 }
 
 }  // namespace

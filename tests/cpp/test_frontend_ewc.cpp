@@ -1,4 +1,4 @@
-// natgrad::EWC (csrc/api/ewc.h) against the Python natgrad.EWC: the reference values in
+// natgrad::EWC (csrc/frontend/ewc.h) against the Python natgrad.EWC: the reference values in
 // tests/cpp/data/ewc_parity.pt are written by tests/python/ewc_cpp_fixture.py (float64), and
 // tests/python/test_ewc_cpp_fixture.py checks that the committed file still matches Python.
 #include <torch/serialize.h>
@@ -54,12 +54,16 @@ const Fixture& fixture() {
 // otherwise torch::nn::Linear (per-sample autograd for every parameter).
 torch::nn::Sequential make_model(bool capture = false) {
   torch::nn::Sequential net;
-  if (capture) net->push_back(natgrad::nn::Linear(6, 5));
-  else net->push_back(torch::nn::Linear(6, 5));
+  if (capture)
+    net->push_back(natgrad::nn::Linear(6, 5));
+  else
+    net->push_back(torch::nn::Linear(6, 5));
   net->push_back(torch::nn::Tanh());
   net->push_back(torch::nn::LayerNorm(torch::nn::LayerNormOptions({5})));
-  if (capture) net->push_back(natgrad::nn::Linear(5, 3));
-  else net->push_back(torch::nn::Linear(5, 3));
+  if (capture)
+    net->push_back(natgrad::nn::Linear(5, 3));
+  else
+    net->push_back(torch::nn::Linear(5, 3));
   net->to(at::kDouble);
   return net;
 }
@@ -67,7 +71,9 @@ torch::nn::Sequential make_model(bool capture = false) {
 // Both paths give the Python values; the tests below run on each.
 class ApiEwcPaths : public ::testing::TestWithParam<bool> {};
 INSTANTIATE_TEST_SUITE_P(LinearLayers, ApiEwcPaths, ::testing::Values(false, true),
-                         [](const auto& info) { return info.param ? "NatgradLinear" : "TorchLinear"; });
+                         [](const auto& info) {
+                           return info.param ? "NatgradLinear" : "TorchLinear";
+                         });
 
 void set_params(torch::nn::Module& net, const std::string& prefix) {
   torch::NoGradGuard no_grad;
@@ -86,13 +92,14 @@ void run_two_tasks(torch::nn::Module& net, natgrad::EWC& ewc) {
   set_params(net, "theta3/");
 }
 
-void expect_matches_python(const std::string& case_name, torch::nn::Module& net, const natgrad::EWC& ewc,
-                           size_t tasks) {
+void expect_matches_python(const std::string& case_name, torch::nn::Module& net,
+                           const natgrad::EWC& ewc, size_t tasks) {
   ASSERT_EQ(ewc.tasks().size(), tasks);
   for (size_t t = 0; t < tasks; ++t) {
     for (const auto& item : net.named_parameters()) {
       EXPECT_TRUE(AllClose(ewc.fisher(item.key(), t),
-                           fixture()[case_name + "/fisher" + std::to_string(t) + "/" + item.key()], 1e-10))
+                           fixture()[case_name + "/fisher" + std::to_string(t) + "/" + item.key()],
+                           1e-10))
           << case_name << " task " << t << " " << item.key();
     }
   }
@@ -121,7 +128,8 @@ TEST_P(ApiEwcPaths, OnlineModeDecaysTheFisherAndKeepsTheLatestAnchor) {
   expect_matches_python("online", *net, ewc, 1);
   // θ* is the latest parameters (θ₂), not θ₁.
   for (size_t j = 0; j < ewc.tasks()[0].names.size(); ++j) {
-    EXPECT_TRUE(AllClose(ewc.tasks()[0].anchor[j], fixture()["theta2/" + ewc.tasks()[0].names[j]], 0.0));
+    EXPECT_TRUE(
+        AllClose(ewc.tasks()[0].anchor[j], fixture()["theta2/" + ewc.tasks()[0].names[j]], 0.0));
   }
 }
 
@@ -131,8 +139,10 @@ TEST_P(ApiEwcPaths, ExactCategoricalAndGaussianFishersMatchPython) {
     auto net = make_model(GetParam());
     set_params(*net, "init/");
     natgrad::EWCOptions o(1.0);
-    if (which == "exact") o.fisher_type("exact");
-    else o.likelihood("gaussian");
+    if (which == "exact")
+      o.fisher_type("exact");
+    else
+      o.likelihood("gaussian");
     natgrad::EWC ewc(net, o);
     ewc.consolidate(f["x1"], which == "exact" ? at::Tensor() : f["yg"]);
     for (const auto& item : net->named_parameters()) {
@@ -155,7 +165,8 @@ TEST_P(ApiEwcPaths, MonteCarloFisherIsTheEmpiricalOneAtSampledLabels) {
   {
     torch::NoGradGuard no_grad;
     const at::Tensor probs = at::softmax(net->forward(f["x1"]).to(at::kFloat), -1);
-    labels = at::multinomial(probs, 1, false, at::make_generator<at::CPUGeneratorImpl>(7)).reshape({-1});
+    labels =
+        at::multinomial(probs, 1, false, at::make_generator<at::CPUGeneratorImpl>(7)).reshape({-1});
   }
   natgrad::EWC empirical(net, natgrad::EWCOptions(1.0));
   empirical.consolidate(f["x1"], labels);
@@ -177,7 +188,8 @@ TEST(ApiEwc, SaveLoadRoundTripRestoresTasksAndOptions) {
   auto net = make_model();
   natgrad::EWC ewc(net, natgrad::EWCOptions(3.0).mode("separate"));
   run_two_tasks(*net, ewc);
-  const std::string path = (std::filesystem::temp_directory_path() / "natgrad_ewc_roundtrip.pt").string();
+  const std::string path =
+      (std::filesystem::temp_directory_path() / "natgrad_ewc_roundtrip.pt").string();
   torch::save(ewc, path);
   natgrad::EWC restored(net, natgrad::EWCOptions(0.5).mode("online").gamma(0.2));
   torch::load(restored, path);
@@ -224,10 +236,12 @@ TEST(ApiEwc, ALayerCalledTwicePerForwardTakesThePerSamplePath) {
     plain->weight.copy_(captured->weight);
     plain->bias.copy_(captured->bias);
   }
-  natgrad::EWC a(captured.ptr(), [&](const at::Tensor& in) { return captured(at::tanh(captured(in))); },
-                 natgrad::EWCOptions(1.0));
-  natgrad::EWC b(plain.ptr(), [&](const at::Tensor& in) { return plain(at::tanh(plain(in))); },
-                 natgrad::EWCOptions(1.0));
+  natgrad::EWC a(
+      captured.ptr(), [&](const at::Tensor& in) { return captured(at::tanh(captured(in))); },
+      natgrad::EWCOptions(1.0));
+  natgrad::EWC b(
+      plain.ptr(), [&](const at::Tensor& in) { return plain(at::tanh(plain(in))); },
+      natgrad::EWCOptions(1.0));
   a.consolidate(x, y);
   b.consolidate(x, y);
   EXPECT_EQ(a.estimator().at("weight"), "per-sample autograd");
@@ -239,21 +253,22 @@ TEST(ApiEwc, ALayerCalledTwicePerForwardTakesThePerSamplePath) {
 // The README's usage example ("C++ example program and EWC"), as written there.
 TEST(ApiEwc, ReadmeExampleRuns) {
   torch::manual_seed(0);
-  torch::nn::Sequential model(natgrad::nn::Linear(784, 64), torch::nn::ReLU(), natgrad::nn::Linear(64, 10));
+  torch::nn::Sequential model(natgrad::nn::Linear(784, 64), torch::nn::ReLU(),
+                              natgrad::nn::Linear(64, 10));
   auto x_a = torch::rand({256, 784}), x_b = torch::rand({256, 784});
   auto y_a = torch::randint(0, 10, {256}), y_b = torch::randint(0, 10, {256});
   torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-3));
 
   natgrad::EWC ewc(model, natgrad::EWCOptions(/*lambda=*/100.0).mode("online").gamma(0.9));
   // ... train on task A, then:
-  ewc.consolidate(x_a, y_a);                    // or a std::vector of (inputs, targets) batches
-  for (int step = 0; step < 10; ++step) {       // task B, kept close to A where A's Fisher is large
+  ewc.consolidate(x_a, y_a);               // or a std::vector of (inputs, targets) batches
+  for (int step = 0; step < 10; ++step) {  // task B, kept close to A where A's Fisher is large
     opt.zero_grad();
     auto loss = torch::nn::functional::cross_entropy(model->forward(x_b), y_b) + ewc.penalty();
     loss.backward();
     opt.step();
   }
-  torch::save(ewc, "/tmp/ewc.pt");              // Fisher, anchors and options
+  torch::save(ewc, "/tmp/ewc.pt");  // Fisher, anchors and options
   natgrad::EWC restored(model);
   torch::load(restored, "/tmp/ewc.pt");
 
@@ -271,13 +286,16 @@ TEST(ApiEwc, InvalidOptionsNameTheOption) {
   EXPECT_TRUE(ThrowsMentioning(make(natgrad::EWCOptions(std::nan(""))), {"lambda"}));
   EXPECT_TRUE(ThrowsMentioning(make(natgrad::EWCOptions().gamma(1.5)), {"gamma", "1.5"}));
   EXPECT_TRUE(ThrowsMentioning(make(natgrad::EWCOptions().mode("both")), {"mode", "both"}));
-  EXPECT_TRUE(ThrowsMentioning(make(natgrad::EWCOptions().fisher_type("true")), {"fisher_type", "true"}));
-  EXPECT_TRUE(ThrowsMentioning(make(natgrad::EWCOptions().likelihood("poisson")), {"likelihood", "poisson"}));
+  EXPECT_TRUE(
+      ThrowsMentioning(make(natgrad::EWCOptions().fisher_type("true")), {"fisher_type", "true"}));
+  EXPECT_TRUE(ThrowsMentioning(make(natgrad::EWCOptions().likelihood("poisson")),
+                               {"likelihood", "poisson"}));
   EXPECT_TRUE(ThrowsMentioning(make(natgrad::EWCOptions().mc_samples(0)), {"mc_samples"}));
   // Options changed after construction are re-checked before anything is estimated.
   natgrad::EWC ewc(net, natgrad::EWCOptions(1.0));
   ewc.options().mode("sometimes");
-  EXPECT_TRUE(ThrowsMentioning([&] { ewc.consolidate(fixture()["x1"], fixture()["y1"]); }, {"mode"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { ewc.consolidate(fixture()["x1"], fixture()["y1"]); }, {"mode"}));
   EXPECT_TRUE(ewc.tasks().empty());
 }
 
@@ -292,26 +310,31 @@ TEST(ApiEwc, NonFiniteDataOrFisherRaiseNamingTheTaskAndLeaveTheEwcUnchanged) {
   at::Tensor x = f["x2"].clone();
   x[3][2] = std::numeric_limits<double>::quiet_NaN();
   EXPECT_TRUE(ThrowsMentioning([&] { ewc.consolidate(x, f["y2"]); }, {"task 1", "inputs", "NaN"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { ewc.consolidate(f["x2"], at::Tensor()); }, {"task 1", "targets"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { ewc.consolidate(f["x2"], at::Tensor()); }, {"task 1", "targets"}));
   EXPECT_TRUE(ThrowsMentioning([&] { ewc.consolidate(f["x2"], f["y2"].narrow(0, 0, 4)); },
                                {"task 1", "targets", "one entry per input"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { ewc.consolidate(f["x2"], f["y2"] + 3); }, {"task 1", "class indices"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { ewc.consolidate(f["x2"].narrow(0, 0, 0), f["y2"].narrow(0, 0, 0)); },
-                               {"task 1", "no samples"}));
+  EXPECT_TRUE(ThrowsMentioning([&] { ewc.consolidate(f["x2"], f["y2"] + 3); },
+                               {"task 1", "class indices"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { ewc.consolidate(f["x2"].narrow(0, 0, 0), f["y2"].narrow(0, 0, 0)); },
+                       {"task 1", "no samples"}));
   EXPECT_TRUE(ThrowsMentioning([&] { ewc.consolidate(std::vector<natgrad::EWC::Batch>{}); },
                                {"task 1", "no samples"}));
   natgrad::EWC gaussian(net, natgrad::EWCOptions(1.0).likelihood("gaussian"));
   at::Tensor yg = f["yg"].clone();
   yg[0][0] = std::numeric_limits<double>::infinity();
-  EXPECT_TRUE(ThrowsMentioning([&] { gaussian.consolidate(f["x1"], yg); }, {"task 0", "targets", "NaN or Inf"}));
+  EXPECT_TRUE(ThrowsMentioning([&] { gaussian.consolidate(f["x1"], yg); },
+                               {"task 0", "targets", "NaN or Inf"}));
   EXPECT_TRUE(gaussian.tasks().empty());
   // Finite data, non-finite gradients: the Fisher itself is rejected, naming the parameters.
   {
     torch::NoGradGuard no_grad;
     net->named_parameters()["3.weight"][0][0] = std::numeric_limits<double>::infinity();
   }
-  EXPECT_TRUE(ThrowsMentioning([&] { ewc.consolidate(f["x2"], f["y2"]); },
-                               {"task 1", "Fisher", "3.weight", "not finite", "nothing was stored"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { ewc.consolidate(f["x2"], f["y2"]); },
+                       {"task 1", "Fisher", "3.weight", "not finite", "nothing was stored"}));
   set_params(*net, "init/");
   EXPECT_EQ(ewc.tasks().size(), 1u);
   EXPECT_EQ(ewc.revision(), revision);
@@ -323,7 +346,8 @@ TEST(ApiEwc, PenaltyRejectsMissingOrReshapedConsolidatedParameters) {
   set_params(*net, "init/");
   natgrad::EWC ewc(net, natgrad::EWCOptions(1.0));
   ewc.consolidate(fixture()["x1"], fixture()["y1"]);
-  const std::string path = (std::filesystem::temp_directory_path() / "natgrad_ewc_missing.pt").string();
+  const std::string path =
+      (std::filesystem::temp_directory_path() / "natgrad_ewc_missing.pt").string();
   torch::save(ewc, path);
   // A model with other parameter names: the consolidated ones no longer exist.
   torch::nn::Sequential other(torch::nn::Linear(6, 3));
@@ -333,7 +357,8 @@ TEST(ApiEwc, PenaltyRejectsMissingOrReshapedConsolidatedParameters) {
   EXPECT_TRUE(ThrowsMentioning([&] { elsewhere.penalty(); }, {"no longer exist", "2.weight"}));
   // Same names, another width: a changed shape.
   torch::nn::Sequential wider(torch::nn::Linear(6, 7), torch::nn::Tanh(),
-                              torch::nn::LayerNorm(torch::nn::LayerNormOptions({7})), torch::nn::Linear(7, 3));
+                              torch::nn::LayerNorm(torch::nn::LayerNormOptions({7})),
+                              torch::nn::Linear(7, 3));
   wider->to(at::kDouble);
   natgrad::EWC reshaped(wider, natgrad::EWCOptions(1.0));
   torch::load(reshaped, path);
@@ -343,7 +368,8 @@ TEST(ApiEwc, PenaltyRejectsMissingOrReshapedConsolidatedParameters) {
 
 TEST(ApiEwc, LoadRejectsAnArchiveThatIsNotAnEwc) {
   auto net = make_model();
-  const std::string path = (std::filesystem::temp_directory_path() / "natgrad_ewc_other.pt").string();
+  const std::string path =
+      (std::filesystem::temp_directory_path() / "natgrad_ewc_other.pt").string();
   torch::save(net, path);
   natgrad::EWC ewc(net, natgrad::EWCOptions(1.0));
   EXPECT_TRUE(ThrowsMentioning([&] { torch::load(ewc, path); }, {"not a natgrad::EWC archive"}));

@@ -12,13 +12,10 @@ namespace natgrad::optim::detail {
 /// "LayerNorm"), as Python's type(module).__name__ in describe().
 std::string type_name(const torch::nn::Module& module);
 
-/// Each 0-d bool tensor as a bool, with one host read for all of them (block.py's all_true).
+/// Each 0-d bool tensor as a bool, with one host read for all of them.
 std::vector<bool> all_true(const std::vector<torch::Tensor>& flags);
 
-/// Every value of the tensors, flattened to float64, with one host read (_kfac_step._read).
+/// Every value of the tensors, flattened to float64, with one host read.
 std::vector<double> read_values(const std::vector<torch::Tensor>& tensors);
-
-/// The correctly rounded sum of `values` (Python's math.fsum; Shewchuk's algorithm).
-double fsum(const std::vector<double>& values);
 
 }  // namespace natgrad::optim::detail
