@@ -1,16 +1,18 @@
 """Which curvature block each parameter of a model gets in natgrad.KFAC, and the capture that
-feeds it (issue 16: transformers with every parameter in a curvature block).
+feeds it.
 
 In order of preference, for a module's own optimized parameters:
 
-1. nn.MultiheadAttention: an :class:`~natgrad.curvature.attention.AttentionBlock` (q/k/v
-   Kronecker factors); its ``out_proj`` keeps its LinearBlock, fed by the attention's forward.
-2. The Kronecker blocks of :func:`~natgrad.curvature.registry.kronecker_block` (Linear,
-   Conv2d, Embedding).
-3. LayerNorm / RMSNorm / BatchNorm / GroupNorm: a :class:`~natgrad.curvature.diagonal.NormBlock`.
-4. Convolutions (grouped, non-zero padding, 1-d/3-d, transposed), a Linear or PReLU with only
-   some parameters optimized: a :class:`~natgrad.curvature.diagonal.PerSampleBlock`.
-5. Any other module's own parameters (a model's positional embedding, a class token, a layer
+1. The block of the module's layer kind (:mod:`natgrad.curvature.layers`: Linear, Conv1d,
+   Conv2d, Embedding, MultiheadAttention, and whatever :func:`~natgrad.curvature.register_layer`
+   added), when the module is supported and all its parameters are optimized. An
+   nn.MultiheadAttention's ``out_proj`` keeps its LinearBlock, fed by the attention's forward.
+   Otherwise its kind's ``fallback`` decides: the plain gradient, or step 3.
+2. LayerNorm / RMSNorm / BatchNorm / GroupNorm: a :class:`~natgrad.curvature.diagonal.NormBlock`.
+3. A module of a kind whose fallback is "per_sample" (a grouped convolution, a Linear with only
+   some parameters optimized), a 3-d or transposed convolution or a PReLU: a
+   :class:`~natgrad.curvature.diagonal.PerSampleBlock`.
+4. Any other module's own parameters (a model's positional embedding, a class token, a layer
    scale): one :class:`~natgrad.curvature.diagonal.FreeParameterBlock` each, traced through
    the module's forward (:mod:`natgrad.curvature.tracing`).
 
@@ -26,15 +28,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from natgrad.curvature.attention import AttentionBlock, AttentionCapture
 from natgrad.curvature.block import CurvatureBlock
 from natgrad.curvature.capture import GradientPhase, LayerCapture
 from natgrad.curvature.diagonal import NORMS, FreeParameterBlock, NormBlock, PerSampleBlock
-from natgrad.curvature.registry import kronecker_block
+from natgrad.curvature.layers import kind_of
+from natgrad.curvature.layers.attention import AttentionBlock, AttentionCapture
 from natgrad.curvature.tracing import FreeParameterCapture
 
-PER_SAMPLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-              nn.Linear, nn.PReLU)
+#: module types without a layer kind whose parameters get exact per-sample diagonal curvature
+PER_SAMPLE = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.PReLU)
 
 
 def _same(a: Sequence[nn.Parameter], b: Sequence[nn.Parameter]) -> bool:
@@ -46,23 +48,21 @@ def module_blocks(name: str, module: nn.Module, params: Sequence[nn.Parameter], 
                   inverse_dtype: torch.dtype | None = None) -> tuple[list[CurvatureBlock], str | None]:
     """The blocks covering ``params`` (the caller's optimized parameters owned directly by
     ``module``, in order), or ``([], reason)`` when they take the plain gradient."""
-    dtypes = dict(factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
-    if isinstance(module, nn.MultiheadAttention):
-        if module.bias_k is not None:
-            return [], "add_bias_kv (bias_k, bias_v) has no curvature block"
-        block = AttentionBlock(name, module, approx=linear_approx, **dtypes)
-        if _same(block.params, params):
-            return [block], None
-        return [], "only some of its parameters are optimized"
-    block, reason = kronecker_block(name, module, params, linear_approx=linear_approx, **dtypes)
-    if block is not None:
-        return [block], None
-    if isinstance(module, nn.Embedding):
-        return [], reason
+    kind = kind_of(module)
+    if kind is not None:
+        reason = kind.unsupported_reason(module)
+        if reason is None:
+            block = kind.block(name, module, approx=linear_approx, factor_dtype=factor_dtype,
+                               inverse_dtype=inverse_dtype)
+            if _same(block.params, params):
+                return [block], None
+            reason = "only some of its parameters are optimized"
+        if kind.fallback == "plain":
+            return [], reason
     if isinstance(module, NORMS):
         block = NormBlock(name, module, approx=linear_approx, factor_dtype=factor_dtype)
         return ([block], None) if _same(block.params, params) else ([], "only some of its parameters are optimized")
-    if isinstance(module, PER_SAMPLE):
+    if isinstance(module, PER_SAMPLE) or kind is not None:
         return [PerSampleBlock(name, module, params, approx=linear_approx, factor_dtype=factor_dtype)], None
     names = {id(p): n for n, p in module.named_parameters(recurse=False)}
     return [FreeParameterBlock(f"{name}.{names[id(p)]}" if name else names[id(p)], p, approx=linear_approx,
