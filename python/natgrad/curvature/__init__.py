@@ -1,7 +1,7 @@
 """natgrad's curvature core: one block interface, one layer kind per module type (Kronecker
-blocks for Linear, Conv1d, Conv2d, Embedding and attention, see :mod:`natgrad.curvature.layers`;
-diagonal blocks for norms, per-sample layers and free parameters) plus the plain fallback, one
-capture path (hooks) and the registry that maps modules to kinds (:func:`register_layer`).
+blocks, see :mod:`natgrad.curvature.layers`; diagonal blocks for norms, per-sample layers and
+free parameters) plus the plain fallback, one capture path (hooks) and the registry that maps
+module types to kinds (:func:`register_layer`).
 
 natgrad.KFAC, ``natgrad.fisher.compute_fisher(structure="kfac")`` and ``natgrad.EWC(structure=
 "kfac")`` all estimate, store and apply Kronecker-factored curvature through these blocks.
@@ -11,37 +11,29 @@ from __future__ import annotations
 from natgrad.curvature.block import CurvatureBlock, PlainBlock
 from natgrad.curvature.capture import GradientPhase, LayerCapture, Record, capturing
 from natgrad.curvature.kron import KroneckerBlock, Statistics
-from natgrad.curvature.layers import (AttentionBlock, Conv1dBlock, Conv2dBlock, EmbeddingBlock, LayerKind,
-                                      LinearBlock, kind_of, register_layer, registered_layers)
+from natgrad.curvature import layers
+from natgrad.curvature.layers import *  # noqa: F403  (each kind's block, LayerKind, register_layer)
 from natgrad.curvature.registry import kronecker_block, make_block, owner_groups, unsupported_reason
 from natgrad.curvature.diagonal import DiagonalBlock, FreeParameterBlock, NormBlock, PerSampleBlock
 from natgrad.curvature.plan import module_blocks
 
-__all__ = [
-    "AttentionBlock",
-    "Conv1dBlock",
-    "Conv2dBlock",
+__all__ = sorted([
+    *layers.__all__,
     "CurvatureBlock",
     "DiagonalBlock",
-    "EmbeddingBlock",
     "FreeParameterBlock",
     "GradientPhase",
     "KroneckerBlock",
     "LayerCapture",
-    "LayerKind",
-    "LinearBlock",
     "NormBlock",
     "PerSampleBlock",
     "PlainBlock",
     "Record",
     "Statistics",
     "capturing",
-    "kind_of",
     "kronecker_block",
     "make_block",
     "module_blocks",
     "owner_groups",
-    "register_layer",
-    "registered_layers",
     "unsupported_reason",
-]
+])

@@ -3,11 +3,10 @@ feeds it.
 
 In order of preference, for a module's own optimized parameters:
 
-1. The block of the module's layer kind (:mod:`natgrad.curvature.layers`: Linear, Conv1d,
-   Conv2d, Embedding, MultiheadAttention, and whatever :func:`~natgrad.curvature.register_layer`
-   added), when the module is supported and all its parameters are optimized. An
-   nn.MultiheadAttention's ``out_proj`` keeps its LinearBlock, fed by the attention's forward.
-   Otherwise its kind's ``fallback`` decides: the plain gradient, or step 3.
+1. The block of the module's layer kind (:mod:`natgrad.curvature.layers`, including whatever
+   :func:`~natgrad.curvature.register_layer` added), when the module is supported and all its
+   parameters are optimized; otherwise its kind's ``fallback`` decides: the plain gradient, or
+   step 3.
 2. LayerNorm / RMSNorm / BatchNorm / GroupNorm: a :class:`~natgrad.curvature.diagonal.NormBlock`.
 3. A module of a kind whose fallback is "per_sample" (a grouped convolution, a Linear with only
    some parameters optimized), a 3-d or transposed convolution or a PReLU: a
@@ -32,7 +31,6 @@ from natgrad.curvature.block import CurvatureBlock
 from natgrad.curvature.capture import GradientPhase, LayerCapture
 from natgrad.curvature.diagonal import NORMS, FreeParameterBlock, NormBlock, PerSampleBlock
 from natgrad.curvature.layers import kind_of
-from natgrad.curvature.layers.attention import AttentionBlock, AttentionCapture
 from natgrad.curvature.tracing import FreeParameterCapture
 
 #: module types without a layer kind whose parameters get exact per-sample diagonal curvature
@@ -70,8 +68,9 @@ def module_blocks(name: str, module: nn.Module, params: Sequence[nn.Parameter], 
 
 
 class CaptureFactory:
-    """Makes the capture of each block of one model (attention modules and traced owners get
-    one shared capture for all their blocks).
+    """Makes the capture of each block of one model: its kind's own (:meth:`LayerKind.captures
+    <natgrad.curvature.layers.LayerKind.captures>`: attention) when it has one, a traced owner's
+    shared capture for free parameters, otherwise the module's hooks.
 
     Args:
         model (nn.Module): the model.
@@ -81,21 +80,16 @@ class CaptureFactory:
 
     def __init__(self, model: nn.Module, active: Callable[[], bool], phase: GradientPhase) -> None:
         self.active, self.phase = active, phase
-        self._out_proj = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-        self._attention: dict[int, AttentionCapture] = {}
+        kinds = {id(k): k for m in model.modules() if (k := kind_of(m)) is not None}
+        self._kinds = [c for k in kinds.values() if (c := k.captures(model, active, phase)) is not None]
         self._traced: dict[int, FreeParameterCapture] = {}
-
-    def _attention_of(self, mha: nn.MultiheadAttention) -> AttentionCapture:
-        if id(mha) not in self._attention:
-            self._attention[id(mha)] = AttentionCapture(mha, self.active, self.phase)
-        return self._attention[id(mha)]
 
     def capture(self, block: CurvatureBlock, module: nn.Module) -> LayerCapture:
         """The capture that fills ``block``'s records (``module``: the parameters' owner)."""
-        if isinstance(block, AttentionBlock):
-            return self._attention_of(module).sink("inproj")
-        if id(module) in self._out_proj:
-            return self._attention_of(self._out_proj[id(module)]).sink("out")
+        for captures in self._kinds:  # kinds with a capture of their own (attention)
+            capture = captures.capture(block, module)
+            if capture is not None:
+                return capture
         if isinstance(block, FreeParameterBlock):
             if id(module) not in self._traced:
                 self._traced[id(module)] = FreeParameterCapture(module, self.active, self.phase)

@@ -39,7 +39,7 @@ from natgrad.curvature.capture import LayerCapture
 from natgrad.curvature.layers.base import LayerKind
 from natgrad.curvature.layers.linear import LinearBlock
 
-__all__ = ["AttentionBlock", "AttentionCapture", "AttentionKind"]
+__all__ = ["AttentionBlock", "AttentionCapture", "AttentionCaptures", "AttentionKind"]
 
 STREAMS = ("q", "k", "v")
 
@@ -377,3 +377,35 @@ class AttentionKind(LayerKind):
 
     def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
         return AttentionBlock(name, module, approx=approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+
+    def captures(self, model, active, phase):
+        return AttentionCaptures(model, active, phase)
+
+
+class AttentionCaptures:
+    """The attention captures of one model: one :class:`AttentionCapture` per attention module,
+    feeding its :class:`AttentionBlock` and its ``out_proj``'s LinearBlock.
+
+    Args:
+        model (nn.Module): the model.
+        active (Callable[[], bool]): whether the current step collects statistics.
+        phase (GradientPhase): which backward passes fill the records.
+    """
+
+    def __init__(self, model: nn.Module, active, phase) -> None:
+        self.active, self.phase = active, phase
+        self._out_proj = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+        self._attention: dict[int, AttentionCapture] = {}
+
+    def _of(self, mha: nn.MultiheadAttention) -> AttentionCapture:
+        if id(mha) not in self._attention:
+            self._attention[id(mha)] = AttentionCapture(mha, self.active, self.phase)
+        return self._attention[id(mha)]
+
+    def capture(self, block: CurvatureBlock, module: nn.Module) -> LayerCapture | None:
+        """The sink of ``block``: "inproj" for an AttentionBlock, "out" for an ``out_proj``."""
+        if isinstance(block, AttentionBlock):
+            return self._of(module).sink("inproj")
+        if id(module) in self._out_proj:
+            return self._of(self._out_proj[id(module)]).sink("out")
+        return None

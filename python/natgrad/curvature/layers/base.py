@@ -17,12 +17,14 @@ only needs :meth:`block`. All tensors arrive detached; the math runs in the ops.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from natgrad.curvature.block import CurvatureBlock
+from natgrad.curvature.capture import GradientPhase, LayerCapture
 
 #: what a module whose kind cannot give it a block takes: exact per-sample diagonal curvature
 #: (:class:`~natgrad.curvature.diagonal.PerSampleBlock`) or the plain gradient
@@ -30,6 +32,14 @@ FALLBACKS = ("per_sample", "plain")
 
 #: one chunk of :meth:`LayerKind.rows_tmv`: (parameter index, index into the parameter, part)
 Chunk = tuple[int, tuple, Tensor]
+
+
+class KindCaptures(Protocol):
+    """A kind's captures in one model (:meth:`LayerKind.captures`)."""
+
+    def capture(self, block: CurvatureBlock, module: nn.Module) -> LayerCapture | None:
+        """The capture that fills ``block`` (``module``: its parameters' owner), or None when
+        the block is not this kind's to feed."""
 
 
 class LayerKind:
@@ -69,6 +79,17 @@ class LayerKind:
             factor_dtype, inverse_dtype (torch.dtype or None): the block's dtypes.
         """
         raise NotImplementedError(f"layer kind {self.name!r} defines no block")
+
+    def captures(self, model: nn.Module, active: Callable[[], bool], phase: GradientPhase) -> KindCaptures | None:
+        """The kind's own captures in ``model`` (a kind that is not :attr:`standalone`), or None:
+        its blocks are fed by their module's hooks (default).
+
+        Args:
+            model (nn.Module): the model natgrad.KFAC holds.
+            active (Callable[[], bool]): whether the current step collects statistics.
+            phase (GradientPhase): which backward passes fill the records.
+        """
+        return None
 
     # ---- implicit per-sample gradient rows (natgrad.fisher.gram) ------------------------------
 
