@@ -189,3 +189,42 @@ def test_register_layer_rejects_what_is_not_a_module_type_or_a_kind():
     kind.fallback = "dense"
     with pytest.raises(ValueError, match="fallback"):
         natgrad.curvature.register_layer(Conv1D, kind)
+
+
+class Dense(nn.Module):
+    """A user's own linear layer (weight ``[out, in]``), unknown to natgrad until registered."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) * 0.5)
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class DenseKind(natgrad.curvature.LayerKind):
+    """The least a kind defines: its block."""
+
+    name = "dense"
+
+    def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
+        return LinearBlock(name, module, approx=approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+
+
+def test_a_kind_with_only_a_block_gets_kfac_and_explicit_rows():
+    torch.manual_seed(2)
+    model = nn.Sequential(Dense(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    before = natgrad.KFAC(copy.deepcopy(model))
+    F.cross_entropy(before.model(x), y).backward()
+    before.step()
+    assert "K-FAC" not in before.describe().splitlines()[1]  # unregistered: diagonal curvature
+    natgrad.curvature.register_layer(Dense, DenseKind())
+    opt = natgrad.KFAC(model)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert "K-FAC linear" in opt.describe().splitlines()[1]
+    batch, _, _ = collect_rows(model, x, y, list(model.parameters()), fisher_type="empirical",
+                               likelihood="categorical")
+    assert not any(isinstance(p, LayerRows) and p.module is model[0] for p in batch.parts)
