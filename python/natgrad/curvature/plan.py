@@ -31,6 +31,7 @@ from natgrad.curvature.block import CurvatureBlock
 from natgrad.curvature.capture import GradientPhase, LayerCapture
 from natgrad.curvature.diagonal import NORMS, FreeParameterBlock, NormBlock, PerSampleBlock
 from natgrad.curvature.layers import kind_of
+from natgrad.curvature.registry import PARTIAL
 from natgrad.curvature.tracing import FreeParameterCapture
 
 #: module types without a layer kind whose parameters get exact per-sample diagonal curvature
@@ -54,12 +55,12 @@ def module_blocks(name: str, module: nn.Module, params: Sequence[nn.Parameter], 
                                inverse_dtype=inverse_dtype)
             if _same(block.params, params):
                 return [block], None
-            reason = "only some of its parameters are optimized"
+            reason = PARTIAL
         if kind.fallback == "plain":
             return [], reason
     if isinstance(module, NORMS):
         block = NormBlock(name, module, approx=linear_approx, factor_dtype=factor_dtype)
-        return ([block], None) if _same(block.params, params) else ([], "only some of its parameters are optimized")
+        return ([block], None) if _same(block.params, params) else ([], PARTIAL)
     if isinstance(module, PER_SAMPLE) or kind is not None:
         return [PerSampleBlock(name, module, params, approx=linear_approx, factor_dtype=factor_dtype)], None
     names = {id(p): n for n, p in module.named_parameters(recurse=False)}

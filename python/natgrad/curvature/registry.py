@@ -10,6 +10,9 @@ from torch import nn
 from natgrad.curvature.kron import KroneckerBlock
 from natgrad.curvature.layers import kind_of
 
+#: why a module whose parameters are optimized only in part gets no block of its own
+PARTIAL = "only some of its parameters are optimized"
+
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why ``module`` (of a registered type) cannot get its kind's block, or None if it can."""
@@ -42,7 +45,7 @@ def kronecker_block(name: str, module: nn.Module | None, params: Sequence[nn.Par
     if reason is not None:
         return None, reason
     if [id(p) for p in params] != [id(p) for p in block.params]:
-        return None, "only some of its parameters are optimized"
+        return None, PARTIAL
     return block, None
 
 
