@@ -17,8 +17,7 @@ from natgrad.curvature.registry import kronecker_block, make_block, owner_groups
 from natgrad.curvature.diagonal import DiagonalBlock, FreeParameterBlock, NormBlock, PerSampleBlock
 from natgrad.curvature.plan import module_blocks
 
-__all__ = sorted([
-    *layers.__all__,
+__all__ = [
     "CurvatureBlock",
     "DiagonalBlock",
     "FreeParameterBlock",
@@ -36,4 +35,5 @@ __all__ = sorted([
     "module_blocks",
     "owner_groups",
     "unsupported_reason",
-])
+]
+__all__ += layers.__all__

@@ -3,6 +3,7 @@ lookups of :mod:`natgrad.curvature.layers` that natgrad.fisher and EWC share."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ def make_block(name: str, module: nn.Module, *, linear_approx: str = "expand",
     kind = kind_of(module)
     if kind is None or not kind.standalone:
         return None
-    return kind.block(name, module, approx=linear_approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+    block = kind.block(name, module, approx=linear_approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+    return cast(KroneckerBlock, block)  # a standalone kind's block is fed like a Kronecker block
 
 
 def kronecker_block(name: str, module: nn.Module | None, params: Sequence[nn.Parameter],

@@ -245,7 +245,8 @@ def _dtype(part: Part) -> torch.dtype:
     return part.rows.dtype if isinstance(part, DenseRows) else part.g.dtype
 
 
-def supported_layers(model: nn.Module, params: Sequence[nn.Parameter]) -> dict[str, tuple[LayerKind, nn.Module, list[int]]]:
+def supported_layers(model: nn.Module,
+                     params: Sequence[nn.Parameter]) -> dict[str, tuple[LayerKind, nn.Module, list[int]]]:
     """The modules whose rows can be implicit: ``name -> (kind, module, parameter indices)``. A
     module qualifies when it has a Kronecker block for exactly the optimized parameters it owns,
     none of them is shared with another module, and its kind forms its rows implicitly."""
@@ -256,10 +257,10 @@ def supported_layers(model: nn.Module, params: Sequence[nn.Parameter]) -> dict[s
     out = {}
     for name, module, idx in owner_groups(model, params):
         block, _ = kronecker_block(name, module, [params[i] for i in idx])
-        if block is None or any(owners.get(id(params[i]), 0) > 1 for i in idx):
+        if block is None or module is None or any(owners.get(id(params[i]), 0) > 1 for i in idx):
             continue
         kind = kind_of(module)
-        if not kind.implicit_rows(module):
+        if kind is None or not kind.implicit_rows(module):
             continue
         out[name] = (kind, module, idx)
     return out

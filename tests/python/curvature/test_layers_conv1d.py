@@ -14,7 +14,8 @@ from natgrad.curvature import Conv1dBlock
 from natgrad.fisher import BlockFisher, compute_fisher
 from natgrad.fisher.gram import LayerRows, collect_rows
 
-GEOMETRIES = [dict(kernel_size=3), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2, dilation=2, bias=False)]
+GEOMETRIES = [dict(kernel_size=3), dict(kernel_size=3, stride=2, padding=1),
+              dict(kernel_size=2, dilation=2, bias=False)]
 
 
 class Net1d(nn.Module):

@@ -405,7 +405,7 @@ class AttentionCaptures:
     def capture(self, block: CurvatureBlock, module: nn.Module) -> LayerCapture | None:
         """The sink of ``block``: "inproj" for an AttentionBlock, "out" for an ``out_proj``."""
         if isinstance(block, AttentionBlock):
-            return self._of(module).sink("inproj")
+            return self._of(block.module).sink("inproj")
         if id(module) in self._out_proj:
             return self._of(self._out_proj[id(module)]).sink("out")
         return None

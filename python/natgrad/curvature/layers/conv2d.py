@@ -7,6 +7,7 @@ Rows are samples × output pixels; the activation factor is the patches' second 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -16,10 +17,16 @@ from natgrad.curvature.kron import KroneckerBlock, Statistics
 from natgrad.curvature.layers.base import LayerKind, output_blocks
 from natgrad.ops.factors import factor_layout
 
-__all__ = ["Conv2dBlock", "Conv2dKind", "Geometry", "conv_unsupported_reason"]
+__all__ = ["Conv2dBlock", "Conv2dKind", "Geometry", "conv2d_geometry", "conv_unsupported_reason"]
 
 #: kernel_size, stride, padding, dilation as pairs: the conv2d ops' geometry
-Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]
+Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def conv2d_geometry(module: nn.Module) -> Geometry:
+    """An nn.Conv2d's kernel_size, stride, padding and dilation as the conv2d ops take them."""
+    m = cast(nn.Conv2d, module)
+    return tuple(m.kernel_size), tuple(m.stride), tuple(cast(tuple, m.padding)), tuple(m.dilation)
 
 
 def conv_unsupported_reason(module: nn.Module) -> str | None:
@@ -42,8 +49,7 @@ class Conv2dBlock(KroneckerBlock):
 
     def geometry(self) -> Geometry:
         """The layer's kernel_size, stride, padding and dilation as the conv2d ops take them."""
-        m = self.module
-        return tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), tuple(m.dilation)
+        return conv2d_geometry(self.module)
 
     def prepare(self, inputs, grads, grad_scale):
         x = inputs[0] if len(inputs) == 1 else torch.cat(list(inputs))
@@ -87,7 +93,7 @@ class Conv2dKind(LayerKind):
 
     def geometry(self, module: nn.Module) -> Geometry:
         """The module's geometry as the conv2d ops take it."""
-        return tuple(module.kernel_size), tuple(module.stride), tuple(module.padding), tuple(module.dilation)
+        return conv2d_geometry(module)
 
     def as_conv2d(self, module: nn.Module, t: Tensor) -> Tensor:
         """``t`` (an input or output gradient) in the conv2d ops' ``[N, C, H, W]`` layout."""

@@ -7,6 +7,7 @@ averages activations and sums gradients over them per sample first.
 from __future__ import annotations
 
 import math
+from typing import cast
 import torch
 from torch import Tensor, nn
 
@@ -80,7 +81,8 @@ class LinearKind(LayerKind):
 
     def features(self, module: nn.Module) -> tuple[int, int]:
         """``(in_features, out_features)``, read from the weight ``[out, in]``."""
-        return module.weight.shape[1], module.weight.shape[0]
+        weight = cast(Tensor, module.weight)
+        return weight.shape[1], weight.shape[0]
 
     def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
         return LinearBlock(name, module, approx=approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
