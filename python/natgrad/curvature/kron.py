@@ -1,4 +1,5 @@
-"""Kronecker-factored curvature blocks: one per nn.Linear, nn.Conv2d or nn.Embedding layer.
+"""The Kronecker-factored curvature block: the base of every layer kind's block
+(:mod:`natgrad.curvature.layers`).
 
 A block owns its layer's factors ``A`` (activation side) and ``G`` (gradient side), their
 decompositions, and every product with ``A ⊗ G`` (see :mod:`natgrad.curvature.block`). All
@@ -17,7 +18,6 @@ activations and sums gradients over positions first (``R = 1``).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from natgrad import ops
 from natgrad.curvature import refresh
 from natgrad.curvature.block import BlockDirections, CurvatureBlock, DirectionRequest, max_abs
-from natgrad.ops.factors import factor_layout
 
 
 class Statistics(NamedTuple):
@@ -51,6 +50,9 @@ class KroneckerBlock(CurvatureBlock):
     """
 
     kind = "kron"
+    #: ``A`` and ``G`` are full matrices over the packed ``[d_out, d_in (+1)]`` layout, solved by
+    #: :meth:`precondition` (an EWC prior can join them); False: a kind with its own structure
+    full_factors = True
 
     def __init__(self, name: str, module: nn.Module, factor_dtype: torch.dtype | None = None,
                  inverse_dtype: torch.dtype | None = None) -> None:
@@ -85,7 +87,7 @@ class KroneckerBlock(CurvatureBlock):
 
     def pack(self, tensors: Sequence[Tensor | None]) -> Tensor:
         w = tensors[0] if tensors[0] is not None else torch.zeros_like(self.weight)
-        w = w.reshape(self.weight.shape[0], -1)
+        w = w.reshape(self.g_dim(), -1)
         if self.bias is None:
             return w
         b = tensors[1] if tensors[1] is not None else torch.zeros_like(self.bias)
@@ -120,12 +122,10 @@ class KroneckerBlock(CurvatureBlock):
         one sample)."""
         return sum(x.shape[0] if x.dim() > 1 else 1 for x in inputs)
 
-    # -- issue 16: loss_reduction="token_mean" counts loss terms (samples × positions) --------
     def count_rows(self, inputs: Sequence[Tensor]) -> int:
         """Rows of the forward calls (samples × weight-sharing positions); the base: one per
         sample."""
         return self.count_samples(inputs)
-    # -- end issue 16 ----------------------------------------------------------------------------
 
     def prepare(self, inputs: Sequence[Tensor], grads: Sequence[Tensor], grad_scale: float) -> Statistics:
         """Concatenates the forward calls' data into the ops' layout (no statistics yet)."""
@@ -246,6 +246,11 @@ class KroneckerBlock(CurvatureBlock):
     def _dtype(self) -> torch.dtype:
         return self.factor_dtype
 
+    def factor_layout(self) -> list[int] | None:
+        """The layer's layout codes for the factor list op (:func:`natgrad.ops.factor_layout`),
+        or None when its statistics are not in a layout the op knows (updated one at a time)."""
+        return None
+
     # ---- the family's batched step ------------------------------------------------------------
     # Blocks of this family pack ``[W.reshape(d_out, -1), b]`` and precondition with the state
     # keys above, which is what the list ops take (a subclass that changes either names another
@@ -326,158 +331,3 @@ class KroneckerBlock(CurvatureBlock):
 
 def _scaled(g: Tensor, scale: float) -> Tensor:
     return g * scale if scale != 1.0 else g
-
-
-def _rows(t: Tensor, width: int) -> Tensor:
-    return t.reshape(-1, width)
-
-
-class LinearBlock(KroneckerBlock):
-    """nn.Linear with inputs of any leading shape ``[N, ..., d_in]``; ``approx`` is "expand"
-    (positions as extra rows) or "reduce" (averaged per sample)."""
-
-    kind = "linear"
-
-    def __init__(self, name: str, module: nn.Linear, approx: str = "expand", **kwargs) -> None:
-        super().__init__(name, module, **kwargs)
-        self.approx = approx
-
-    @property
-    def description(self) -> str:
-        return f"K-FAC linear ({self.approx})"
-
-    def prepare(self, inputs, grads, grad_scale):
-        d_in, d_out = self.weight.shape[1], self.weight.shape[0]
-        samples = self.count_samples(inputs)
-        if self.approx == "reduce":  # per sample: mean activation, summed gradient
-            inputs = [x.reshape(x.shape[0], -1, d_in).mean(1) if x.dim() > 2 else x for x in inputs]
-            grads = [g.reshape(g.shape[0], -1, d_out).sum(1) if g.dim() > 2 else g for g in grads]
-        x = inputs[0] if len(inputs) == 1 else torch.cat([_rows(t, d_in) for t in inputs])
-        g = grads[0] if len(grads) == 1 else torch.cat([_rows(t, d_out) for t in grads])
-        x_rows, g_rows = x.numel() // max(d_in, 1), g.numel() // d_out
-        positions = x_rows // max(samples, 1)
-        passes = g_rows // max(x_rows, 1)
-        return Statistics(x, g, grad_scale * math.sqrt(max(positions, 1) * max(passes, 1)), x_rows, g_rows)
-
-    def _update_a(self, stats, rho):
-        ops.linear_act_factor_ema_(self.state["A"], stats.inputs, self.bias is not None, rho)
-
-    def factor_layout(self):
-        return factor_layout(self.bias is not None) if type(self) is LinearBlock else None
-
-    def count_rows(self, inputs):  # issue 16
-        return sum(x.numel() // max(self.weight.shape[1], 1) for x in inputs)
-
-
-class Conv2dBlock(KroneckerBlock):
-    """nn.Conv2d with groups=1 and numeric zero padding, in the KFC ("expand") form."""
-
-    kind = "conv2d"
-
-    def prepare(self, inputs, grads, grad_scale):
-        x = inputs[0] if len(inputs) == 1 else torch.cat(list(inputs))
-        g = grads[0] if len(grads) == 1 else torch.cat(list(grads))
-        positions = g.shape[2] * g.shape[3]
-        passes = max(g.shape[0] // max(x.shape[0], 1), 1)
-        rows = x.shape[0] * positions
-        return Statistics(x, g, grad_scale * math.sqrt(positions * passes), rows, rows * passes)
-
-    def count_rows(self, inputs):  # issue 16: samples × output pixels
-        m = self.module
-
-        def out(size: int, i: int) -> int:
-            return (size + 2 * m.padding[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
-        return sum(x.shape[0] * out(x.shape[-2], 0) * out(x.shape[-1], 1) if x.dim() == 4 else 1 for x in inputs)
-
-    def apply_update(self, stats, decay):
-        rho = decay if self.has_factors else 0.0
-        self.ensure_factors()
-        m = self.module
-        ops.conv2d_act_factor_ema_(self.state["A"], stats.inputs, m.kernel_size, m.stride, m.padding,
-                                   m.dilation, self.bias is not None, rho)
-        ops.conv2d_grad_factor_ema_(self.state["G"], stats.grads, stats.grad_scale, rho)
-
-    def factor_layout(self):
-        if type(self) is not Conv2dBlock:
-            return None
-        m = self.module
-        return factor_layout(self.bias is not None, m.kernel_size, m.stride, m.padding, m.dilation)
-
-
-class EmbeddingBlock(KroneckerBlock):
-    """nn.Embedding: the activation factor of one-hot inputs is diagonal (token frequencies),
-    so A is kept as a vector and never decomposed. Packed layout: ``weight.T``
-    (``[dim, num_embeddings]``)."""
-
-    kind = "embedding"
-
-    @classmethod
-    def family(cls) -> type[CurvatureBlock]:
-        return CurvatureBlock  # transposed layout, diagonal A: one block at a time
-
-    def a_dim(self) -> int:
-        return self.weight.shape[0]
-
-    def g_dim(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def has_inverse(self) -> bool:
-        return "g_eigenvectors" in self.state
-
-    def pack(self, tensors):
-        w = tensors[0] if tensors[0] is not None else torch.zeros_like(self.weight)
-        return w.T
-
-    def unpack(self, packed):
-        return [packed.T]
-
-    def expected_shapes(self):
-        g = self.g_dim()
-        return {"A": (self.a_dim(),), "G": (g, g), "g_eigenvalues": (g,), "g_eigenvectors": (g, g)}
-
-    def count_samples(self, inputs):
-        return sum(t.shape[0] if t.dim() > 0 else 1 for t in inputs)
-
-    def count_rows(self, inputs):  # issue 16
-        return sum(t.numel() for t in inputs)
-
-    def prepare(self, inputs, grads, grad_scale):
-        dim = self.weight.shape[1]
-        idx = torch.cat([t.reshape(-1) for t in inputs])
-        g = torch.cat([t.reshape(-1, dim) for t in grads])
-        positions = idx.numel() // max(self.count_samples(inputs), 1)
-        passes = max(g.shape[0] // max(idx.numel(), 1), 1)
-        return Statistics(idx, g, grad_scale * math.sqrt(max(positions, 1) * passes), idx.numel(), g.shape[0])
-
-    def _update_a(self, stats, rho):
-        counts = torch.bincount(stats.inputs, minlength=self.weight.shape[0]).to(self.factor_dtype)
-        self.state["A"].mul_(rho).add_(counts / stats.inputs.numel(), alpha=1.0 - rho)
-
-    def decomposition_template(self, method):
-        opts = dict(dtype=self.inverse_dtype, device=self.weight.device)
-        g = self.g_dim()
-        return {"g_eigenvalues": torch.empty(g, **opts), "g_eigenvectors": torch.empty(g, g, **opts)}
-
-    def update_inverse(self, method, damping, pi_correction=False, warm=False):
-        if warm and "g_eigenvectors" in self.state:
-            self.state["g_eigenvalues"], self.state["g_eigenvectors"] = refresh.warm_eigh(
-                self.state["G"].to(self.inverse_dtype), self.state["g_eigenvalues"], self.state["g_eigenvectors"])
-            return 0
-        self.drop_decomposition()
-        eg = ops.damped_eigh(self.state["G"].to(self.inverse_dtype))
-        self.state["g_eigenvalues"], self.state["g_eigenvectors"] = eg.eigenvalues, eg.eigenvectors
-        return int(eg.rung)
-
-    def precondition(self, packed, damping, pi_correction=False):
-        s = self.state
-        out = ops.kfac_precondition_diagonal_a(
-            packed.to(self.inverse_dtype), s["A"].to(self.inverse_dtype), s["g_eigenvalues"],
-            s["g_eigenvectors"], damping, pi_correction)
-        return out.to(packed.dtype)
-
-    def product(self, packed):
-        return (self.state["G"] @ packed.to(self.factor_dtype)) * self.state["A"][None, :]
-
-    def _a_diagonal(self):
-        return self.state["A"]

@@ -44,8 +44,9 @@ there) and 0.43 on the head (plain K-FAC: 1.09). A first variant that kept γI e
 diagonal in the generalized basis was 5x more accurate on the tiny model but 2.5x off on that
 layer, whose input factor is singular (pixels that never light up).
 
-Scope: Linear and Conv2d blocks (the layers whose Fisher EWC stores); other parameters keep
-K-FAC's treatment (Embedding's Kronecker solve, the plain gradient of fallback parameters).
+Scope: Kronecker blocks with full factors (``KroneckerBlock.full_factors``: Linear and
+convolution layers, whose Fisher EWC stores); other parameters keep K-FAC's treatment
+(Embedding's Kronecker solve, the plain gradient of fallback parameters).
 The decompositions are refreshed whenever K-FAC refreshes the block's own (its
 ``inverse_update_period``), when damping or λ change, and after every ``consolidate``.
 Nothing here is saved: re-attach after loading checkpoints.
@@ -58,7 +59,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from natgrad.curvature.kron import Conv2dBlock, KroneckerBlock, LinearBlock
+from natgrad.curvature.kron import KroneckerBlock
 
 APPROXIMATIONS = ("auto", "generalized", "eigenbasis")
 
@@ -74,8 +75,8 @@ class ConsolidatedFisher(Protocol):
 
 
 class EWCCurvature:
-    """The handle :meth:`natgrad.EWC.attach` returns: while attached, every Linear/Conv2d block
-    of ``optimizer`` preconditions with ``F + λ·F_old + damping`` (see the module docstring).
+    """The handle :meth:`natgrad.EWC.attach` returns: while attached, every full-factor Kronecker
+    block of ``optimizer`` preconditions with ``F + λ·F_old + damping`` (see the module docstring).
     The prior is installed by the optimizer's curvature estimator, which wraps those blocks
     (:class:`natgrad.curvature.prior.PriorBlock`) until :meth:`detach`.
 
@@ -103,7 +104,8 @@ class EWCCurvature:
         self._estimator = optimizer.estimator
         self._cache: dict[str, tuple[tuple, tuple]] = {}
         self._split: dict[str, tuple[tuple, tuple]] = {}
-        self.blocks = self._estimator.install_prior(self, lambda b: isinstance(b, (LinearBlock, Conv2dBlock)))
+        self.blocks = self._estimator.install_prior(
+            self, lambda b: isinstance(b, KroneckerBlock) and b.full_factors)
         self._names = {b.name: tuple(names[id(p)] for p in b.params) for b in self.blocks}
 
     def detach(self) -> None:

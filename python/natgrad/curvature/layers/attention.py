@@ -1,4 +1,4 @@
-"""K-FAC for nn.MultiheadAttention: Kronecker blocks for the q/k/v and output projections.
+"""nn.MultiheadAttention: Kronecker blocks for the q/k/v and output projections.
 
 Mechanism. ``F.multi_head_attention_forward`` uses the projection weights functionally, so no
 module hook sees a projection's input or output (``out_proj``'s own hooks never fire). While a
@@ -15,9 +15,13 @@ q, k, v: the input's second moment and the projected output's gradient's, as for
 nn.Linear), held by one :class:`AttentionBlock` over the module's own parameters
 (``in_proj_weight``/``in_proj_bias``, or ``q/k/v_proj_weight`` with ``kdim``/``vdim``).
 In self-attention the three share their input, so ``A`` is computed once. ``out_proj`` (an
-nn.Linear) gets a plain :class:`~natgrad.curvature.kron.LinearBlock`, fed by the same
+nn.Linear) gets a plain :class:`~natgrad.curvature.layers.linear.LinearBlock`, fed by the same
 forward. Inputs are taken in sample-major layout whatever ``batch_first`` says, so "expand"
 and "reduce" mean what they mean for an nn.Linear on ``[N, T, d]``.
+
+Kind. An attention module with ``add_bias_kv`` takes the plain gradient, as does one whose
+parameters are optimized only in part. Its block is fed by :class:`AttentionCapture`, not by
+module hooks, so natgrad.fisher and EWC treat the module's parameters as dense blocks.
 """
 from __future__ import annotations
 
@@ -32,7 +36,10 @@ from natgrad import ops
 from natgrad.curvature._mha import mha_forward
 from natgrad.curvature.block import CurvatureBlock
 from natgrad.curvature.capture import LayerCapture
-from natgrad.curvature.kron import LinearBlock
+from natgrad.curvature.layers.base import LayerKind
+from natgrad.curvature.layers.linear import LinearBlock
+
+__all__ = ["AttentionBlock", "AttentionCapture", "AttentionCaptures", "AttentionKind"]
 
 STREAMS = ("q", "k", "v")
 
@@ -353,3 +360,51 @@ class AttentionCapture:
         self.sinks = {k: s for k, s in self.sinks.items() if s is not sink}
         if not self.sinks:
             self.mha.__dict__.pop("forward", None)
+
+
+class AttentionKind(LayerKind):
+    """nn.MultiheadAttention: one :class:`AttentionBlock` over the in-projection parameters."""
+
+    name = "attention"
+    fallback = "plain"
+    standalone = False
+
+    def unsupported_reason(self, module):
+        if module.bias_k is not None:
+            return "add_bias_kv (bias_k, bias_v) has no curvature block"
+        return None
+
+    def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
+        return AttentionBlock(name, module, approx=approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+
+    def captures(self, model, active, phase):
+        return AttentionCaptures(model, active, phase)
+
+
+class AttentionCaptures:
+    """The attention captures of one model: one :class:`AttentionCapture` per attention module,
+    feeding its :class:`AttentionBlock` and its ``out_proj``'s LinearBlock.
+
+    Args:
+        model (nn.Module): the model.
+        active (Callable[[], bool]): whether the current step collects statistics.
+        phase (GradientPhase): which backward passes fill the records.
+    """
+
+    def __init__(self, model: nn.Module, active, phase) -> None:
+        self.active, self.phase = active, phase
+        self._out_proj = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+        self._attention: dict[int, AttentionCapture] = {}
+
+    def _of(self, mha: nn.MultiheadAttention) -> AttentionCapture:
+        if id(mha) not in self._attention:
+            self._attention[id(mha)] = AttentionCapture(mha, self.active, self.phase)
+        return self._attention[id(mha)]
+
+    def capture(self, block: CurvatureBlock, module: nn.Module) -> LayerCapture | None:
+        """The sink of ``block``: "inproj" for an AttentionBlock, "out" for an ``out_proj``."""
+        if isinstance(block, AttentionBlock):
+            return self._of(block.module).sink("inproj")
+        if id(module) in self._out_proj:
+            return self._of(self._out_proj[id(module)]).sink("out")
+        return None
