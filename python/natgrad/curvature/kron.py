@@ -258,7 +258,12 @@ class KroneckerBlock(CurvatureBlock):
 
     @classmethod
     def family(cls) -> type[CurvatureBlock]:
-        return KroneckerBlock
+        """KroneckerBlock while the class keeps the packed layout and the preconditioner the list
+        ops assume; a subclass that changes either (e.g. a transposed weight) is served one at
+        a time."""
+        if cls.pack is KroneckerBlock.pack and cls.precondition is KroneckerBlock.precondition:
+            return KroneckerBlock
+        return CurvatureBlock
 
     @classmethod
     def update_many(cls, blocks, stats, decay):
