@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from natgrad import ops
 from natgrad.curvature import refresh
-from natgrad.curvature.block import BlockDirections, CurvatureBlock, DirectionRequest, max_abs
+from natgrad.curvature.block import BlockDirections, CurvatureBlock, DirectionRequest
 
 
 class Statistics(NamedTuple):
@@ -134,17 +134,10 @@ class KroneckerBlock(CurvatureBlock):
     def statistics_ok(self, stats: Statistics) -> Tensor:
         """A 0-d bool tensor (no host sync): every value is finite and small enough that no Gram
         sum of the update can overflow the factor dtype. The factors are then finite after the
-        update, so a bad batch skips the layer instead of poisoning its factors."""
-        limit = torch.finfo(self.factor_dtype).max / 4
-        ok = self._bounded(stats.grads, max(stats.grad_rows, 1) * max(stats.grad_scale**2, 1.0), limit)
-        if stats.inputs.is_floating_point():
-            ok = ok & self._bounded(stats.inputs, max(stats.input_rows, 1), limit)
-        return ok
-
-    @staticmethod
-    def _bounded(t: Tensor, count: float, limit: float) -> Tensor:
-        peak = max_abs(t)  # NaN propagates: NaN < limit is False
-        return peak * peak * count < limit
+        update, so a bad batch skips the layer instead of poisoning its factors
+        (:func:`natgrad.ops.kfac_statistics_ok`)."""
+        return ops.kfac_statistics_ok(stats.inputs, stats.grads, stats.input_rows, stats.grad_rows,
+                                      stats.grad_scale, self.factor_dtype)
 
     def update(self, inputs, grads, *, decay, grad_scale):
         self.apply_update(self.prepare(inputs, grads, grad_scale), decay)
