@@ -21,12 +21,12 @@ every parameter of a module named in ``skip_modules`` (the explicit opt-out).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from natgrad import ops
 from natgrad.curvature.block import CurvatureBlock
 from natgrad.curvature.capture import GradientPhase, LayerCapture
 from natgrad.curvature.diagonal import NORMS, FreeParameterBlock, NormBlock, PerSampleBlock
@@ -103,10 +103,9 @@ def sample_scale(block: CurvatureBlock, inputs: Sequence, loss_reduction: str) -
     :mod:`natgrad.curvature.kron`): ``N`` for "mean" (dim 0 counts samples), 1 for "sum", and
     for "token_mean" (a mean over all ``R = N·T`` rows, e.g. ``F.cross_entropy`` on flattened
     logits) ``sqrt(N·R)``, which makes each row one Fisher sample: ``G`` is the loss's
-    Gauss-Newton factor, ``R · Σ_rows g gᵀ``, whatever the batch layout."""
-    if loss_reduction == "sum":
-        return 1.0
-    samples = block.count_samples(inputs)
-    if loss_reduction == "mean":
-        return float(samples)
-    return math.sqrt(samples * block.count_rows(inputs))
+    Gauss-Newton factor, ``R · Σ_rows g gᵀ``, whatever the batch layout
+    (:func:`natgrad.ops.kfac_sample_scale`)."""
+    if loss_reduction == "sum":  # no count needed
+        return ops.kfac_sample_scale(0, 0, loss_reduction)
+    rows = block.count_rows(inputs) if loss_reduction == "token_mean" else 0
+    return ops.kfac_sample_scale(block.count_samples(inputs), rows, loss_reduction)

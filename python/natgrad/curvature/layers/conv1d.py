@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from natgrad.curvature.layers.conv2d import Conv2dBlock, Conv2dKind, Geometry, _output_size
+from natgrad import ops
+from natgrad.curvature.layers.conv2d import Conv2dBlock, Conv2dKind, Geometry
 from natgrad.ops.factors import factor_layout
 
 __all__ = ["Conv1dBlock", "Conv1dKind"]
@@ -39,9 +40,7 @@ class Conv1dBlock(Conv2dBlock):
 
     def count_rows(self, inputs):
         """Rows of the forward calls: samples × output positions."""
-        k, s, p, d = self.geometry()
-        return sum((x.shape[0] if x.dim() == 3 else 1) * _output_size(x.shape[-1], k[1], s[1], p[1], d[1])
-                   for x in inputs)
+        return sum(ops.kfac_conv_rows(_as_conv2d(x).shape, *self.geometry()) for x in inputs)
 
     def prepare(self, inputs, grads, grad_scale):
         return super().prepare([_as_conv2d(x) for x in inputs], [_as_conv2d(g) for g in grads], grad_scale)

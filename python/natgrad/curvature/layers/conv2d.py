@@ -30,16 +30,9 @@ def conv2d_geometry(module: nn.Module) -> Geometry:
 
 
 def conv_unsupported_reason(module: nn.Module) -> str | None:
-    """Why a convolution (nn.Conv1d or nn.Conv2d) has no Kronecker block, or None."""
-    if module.groups != 1:
-        return f"grouped convolution (groups={module.groups})"
-    if isinstance(module.padding, str) or module.padding_mode != "zeros":
-        return f"padding={module.padding!r}, padding_mode={module.padding_mode!r}"
-    return None
-
-
-def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    """Why a convolution (nn.Conv1d or nn.Conv2d) has no Kronecker block, or None
+    (:func:`natgrad.ops.kfac_conv_unsupported_reason`)."""
+    return ops.kfac_conv_unsupported_reason(module.groups, module.padding, module.padding_mode)
 
 
 class Conv2dBlock(KroneckerBlock):
@@ -61,9 +54,7 @@ class Conv2dBlock(KroneckerBlock):
 
     def count_rows(self, inputs):
         """Rows of the forward calls: samples × output pixels."""
-        k, s, p, d = self.geometry()
-        return sum(x.shape[0] * _output_size(x.shape[-2], k[0], s[0], p[0], d[0])
-                   * _output_size(x.shape[-1], k[1], s[1], p[1], d[1]) if x.dim() == 4 else 1 for x in inputs)
+        return sum(ops.kfac_conv_rows(x.shape, *self.geometry()) for x in inputs)
 
     def apply_update(self, stats, decay):
         rho = decay if self.has_factors else 0.0

@@ -68,7 +68,7 @@ class LinearBlock(KroneckerBlock):
 
     def count_rows(self, inputs):
         """Rows of the forward calls: samples × positions (tokens)."""
-        return sum(x.numel() // max(self.features()[0], 1) for x in inputs)
+        return sum(ops.kfac_linear_rows(x.shape, self.features()[0]) for x in inputs)
 
 
 class LinearKind(LayerKind):
