@@ -55,7 +55,7 @@ class EmbeddingBlock(KroneckerBlock):
 
     def count_rows(self, inputs):
         """Rows of the forward calls: one per looked-up index."""
-        return sum(t.numel() for t in inputs)
+        return sum(ops.kfac_embedding_rows(t.shape) for t in inputs)
 
     def prepare(self, inputs, grads, grad_scale):
         dim = self.weight.shape[1]
@@ -106,11 +106,7 @@ class EmbeddingKind(LayerKind):
     fallback = "plain"
 
     def unsupported_reason(self, module):
-        if module.sparse:
-            return "sparse gradients"
-        if module.max_norm is not None:
-            return "max_norm renormalises weights in forward"
-        return None
+        return ops.kfac_embedding_unsupported_reason(module.sparse, module.max_norm is not None)
 
     def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
         return EmbeddingBlock(name, module, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
