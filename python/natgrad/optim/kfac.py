@@ -167,7 +167,7 @@ class KFAC(Optimizer):
         self.inverse_update_period = inverse_update_period
         self.kl_clip = kl_clip
         self.inverse_method = inverse_method
-        self.pi_correction = inverse_method == "inverse" if pi_correction is None else pi_correction
+        self.pi_correction = ops.kfac_pi_correction(inverse_method, pi_correction)
         self.warm_refreshes = warm_refreshes
         self.adaptive_damping = adaptive_damping
         self.damping_adaptation_interval = damping_adaptation_interval
@@ -314,7 +314,7 @@ class KFAC(Optimizer):
     def _damping(self, param: Tensor) -> float:
         group = self._group_of[id(param)]
         value = resolved_number("damping", group["damping"], self._steps, low=0.0, low_open=True)
-        return value * self._adaptation.multiplier
+        return ops.kfac_damping(value, self._adaptation.multiplier)
 
     def _block_damping(self, block: CurvatureBlock) -> float:
         """A block's damping: its first parameter's group's."""

@@ -3,24 +3,13 @@ Levenberg–Marquardt damping adaptation (Martens & Grosse, 2015, §6.5: compare
 of a step with the reduction its quadratic model predicted)."""
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-
-def trust_region_scale(kl_clip: float, total: float) -> float:
-    r"""ν = min(1, sqrt(κ / total)) for the step's weighted KL ``total`` (1 when it is not a
-    positive finite number)."""
-    return min(1.0, math.sqrt(kl_clip / total)) if total > 0 and math.isfinite(total) else 1.0
-
-
-def reduction_ratio(change: float, model_change: float) -> float:
-    """ρ: the loss change over the change the quadratic model predicted (−∞ unless the model
-    predicted a decrease)."""
-    return change / model_change if model_change < 0 else -math.inf
+from natgrad import ops
 
 
 class TrustRegion:
@@ -51,75 +40,55 @@ class TrustRegion:
     def scale(self, kl_clip: float | None, updates: dict, grads: dict, group_of: dict[int, dict],
               state: MutableMapping[Tensor, Any]) -> float:
         """ν of the step ``updates`` (directions by parameter) with gradients ``grads``;
-        ``group_of`` maps ``id(p)`` to ``p``'s param group, ``state`` is the optimizer's state."""
+        ``group_of`` maps ``id(p)`` to ``p``'s param group, ``state`` is the optimizer's state.
+
+        The rule is :func:`natgrad.ops.kfac_trust_region`, on host numbers: ``⟨u, g⟩`` and
+        ``⟨b, g⟩`` as the directions read them (``updates.inner``, ``updates.cross``), otherwise
+        reduced here and read at once with the carried shares it does not know.
+        """
         if kl_clip is None or not updates:
             return 1.0
-        if not any(group_of[id(p)]["momentum"] for p in updates):  # ⟨u, g⟩ only: no extra read
-            total = self._weighted_inner(updates, grads, lambda p: group_of[id(p)]["lr"] ** 2)
-            return trust_region_scale(kl_clip, total)
+        params = list(updates)
+        groups = [group_of[id(p)] for p in params]
+        buffers = [state[p].get("momentum_buffer") if g["momentum"] else None for p, g in zip(params, groups)]
         inner, cross = getattr(updates, "inner", None), getattr(updates, "cross", None)
-        if inner is not None and cross is not None and all(p in inner and p in cross for p in updates):
-            return self._scale_read(kl_clip, updates, group_of, state)
-        weighted, carried = [], []
-        for p, u in updates.items():
-            group, g = group_of[id(p)], grads[p]
-            term = (u * g).sum(dtype=torch.float64)
-            buf = state[p].get("momentum_buffer") if group["momentum"] else None
-            if buf is not None:
-                mu = group["momentum"]
-                share = state[p].get("kl_share")
-                term = term + 2 * mu * (buf * g).sum(dtype=torch.float64)
-                if share is not None:
-                    term = term + mu * mu * share.to(term.device)
+        read = inner is not None and all(p in inner for p in params)
+        read = read and (cross is not None or all(b is None for b in buffers))
+        read = read and all(b is None or p in cross for p, b in zip(params, buffers))
+        values: list[float | Tensor] = []
+        for p, buf in zip(params, buffers):
+            values.append(inner[p] if read else (updates[p] * grads[p]).sum(dtype=torch.float64))
+            if buf is None:
+                values += [0.0, 0.0]
+                continue
+            values.append(cross[p] if read else (buf * grads[p]).sum(dtype=torch.float64))
+            values.append(self._share(p, state[p].get("kl_share")))
+        pending = [v for v in values if isinstance(v, Tensor)]
+        if pending:  # one host read
+            got = iter(torch.stack([t.to(pending[0].device) for t in pending]).tolist())
+            values = [next(got) if isinstance(v, Tensor) else v for v in values]
+        region = ops.kfac_trust_region(kl_clip, values[0::3], values[1::3], [g["lr"] for g in groups],
+                                       [g["momentum"] for g in groups], values[2::3])
+        for p, group, value in zip(params, groups, region.kl_share):
             if group["momentum"]:
-                carried.append((p, term))
-            weighted.append(term * group["lr"] ** 2)
-        nu = trust_region_scale(kl_clip, float(torch.stack(weighted).sum()))
-        for p, term in carried:
-            state[p]["kl_share"] = term * (nu * nu)
-        return nu
+                device = "cpu" if read else updates[p].device
+                share = state[p]["kl_share"] = torch.tensor(value, dtype=torch.float64, device=device)
+                self._known[id(p)] = (share, value)
+        return region.nu
 
-    @staticmethod
-    def _weighted_inner(updates: dict, grads: dict, weight: Callable[[Tensor], float]) -> float:
-        """``Σ_p weight(p) ⟨u_p, g_p⟩`` (from ``updates.inner`` when it was read already,
-        otherwise with one host read)."""
-        inner = getattr(updates, "inner", None)
-        if inner is not None and all(p in inner for p in updates):
-            return math.fsum(inner[p] * weight(p) for p in updates)
-        terms = [(updates[p] * grads[p]).sum(dtype=torch.float64) * weight(p) for p in updates]
-        return float(torch.stack(terms).sum())
-
-    def _scale_read(self, kl_clip: float, updates, group_of, state) -> float:
-        """:meth:`scale` from the values read with the directions: the same float64 arithmetic
-        on host numbers, no reduction and no read (``kl_share`` stays a float64 0-d tensor in
-        ``state[p]``, on the CPU; its value is remembered so as not to be read back)."""
-        weighted, carried = [], []
-        for p in updates:
-            group = group_of[id(p)]
-            term = updates.inner[p]
-            mu = group["momentum"]
-            if mu and state[p].get("momentum_buffer") is not None:
-                term = term + 2 * mu * updates.cross[p]
-                share = state[p].get("kl_share")
-                if share is not None:
-                    cached = self._known.get(id(p))
-                    value = cached[1] if cached is not None and cached[0] is share else float(share)
-                    term = term + mu * mu * value
-            if mu:
-                carried.append((p, term))
-            weighted.append(term * group["lr"] ** 2)
-        nu = trust_region_scale(kl_clip, math.fsum(weighted))
-        for p, term in carried:
-            value = term * (nu * nu)
-            share = state[p]["kl_share"] = torch.tensor(value, dtype=torch.float64)
-            self._known[id(p)] = (share, value)
-        return nu
+    def _share(self, p: Tensor, share: Tensor | None) -> float | Tensor:
+        """The carried share of ``p``: 0 without one, its value when this object wrote it, else
+        the tensor (to be read)."""
+        if share is None:
+            return 0.0
+        cached = self._known.get(id(p))
+        return cached[1] if cached is not None and cached[0] is share else share.to(torch.float64)
 
 
 class DampingAdaptation:
     """Levenberg–Marquardt adaptation of the damping: a multiplier of every group's damping,
     shrunk by ω₁^interval when the reduction ratio ρ exceeds 3/4 and grown by it below 1/4
-    (kept in [1e-8, 1e8])."""
+    (kept in [1e-8, 1e8]; the rule is :func:`natgrad.ops.kfac_adapt_damping`)."""
 
     def __init__(self) -> None:
         self.multiplier = 1.0
@@ -128,11 +97,5 @@ class DampingAdaptation:
     def update(self, change: float, model_change: float, decay: float, interval: int) -> None:
         """Adapts the multiplier from a step's loss ``change`` and its quadratic model's
         ``model_change``; ``decay`` is ω₁, ``interval`` the steps between adaptations."""
-        rho = reduction_ratio(change, model_change)
-        self.last_ratio = rho
-        omega = decay ** interval
-        if rho > 0.75:
-            self.multiplier *= omega
-        elif rho < 0.25:
-            self.multiplier /= omega
-        self.multiplier = min(max(self.multiplier, 1e-8), 1e8)
+        self.multiplier, self.last_ratio = ops.kfac_adapt_damping(self.multiplier, change, model_change,
+                                                                  decay, interval)
