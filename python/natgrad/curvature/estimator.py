@@ -34,11 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from natgrad import ops
 from natgrad.curvature.block import CurvatureBlock, DirectionRequest, PlainBlock, all_true, by_family, max_abs
 from natgrad.curvature.capture import GradientPhase, LayerCapture
 from natgrad.curvature.faults import FaultLedger
 from natgrad.curvature.plan import CaptureFactory, module_blocks, sample_scale
 from natgrad.curvature.prior import Prior, PriorBlock
+from natgrad.ops.rules import Fault
 
 
 class Updates(dict):
@@ -271,7 +273,7 @@ class CurvatureEstimator:
                 updated.append(block)
             elif seen:  # captured everywhere, but NaN/Inf or overflow somewhere: every rank skips
                 skipped.add(block.name)
-                self.ledger.fault(block.name, "activations or output gradients")
+                self.ledger.fault(block.name, Fault.STATISTICS)
         samples = next((b.count_samples([r.input for r in self._captures[b.name].complete()])
                         for b in updated), 0)
         comm.average_factors(updated, samples)
@@ -284,7 +286,7 @@ class CurvatureEstimator:
             if not fine:
                 self._reset(block)
                 skipped.add(block.name)
-                self.ledger.fault(block.name, "updated factors (reset)")
+                self.ledger.fault(block.name, Fault.FACTORS)
         return skipped
 
     def _reset(self, block: CurvatureBlock) -> None:
@@ -296,17 +298,14 @@ class CurvatureEstimator:
         """The faults of the batched factor step from its flags (the first entries of ``rows``);
         returns the layers to skip this step."""
         bad: set[str] = set()
-        at = 0
-        for blocks, _ in self._pending:
-            for block in blocks:
-                if not rows[at]:  # captured, but NaN/Inf or overflow: factors untouched, step skipped
-                    bad.add(block.name)
-                    self.ledger.fault(block.name, "activations or output gradients")
-                elif not rows[at + 1]:  # the layer restarts its estimate (and skips this step)
-                    self._reset(block)
-                    bad.add(block.name)
-                    self.ledger.fault(block.name, "updated factors (reset)")
-                at += 2
+        blocks = [block for group, _ in self._pending for block in group]
+        for block, fault in zip(blocks, ops.kfac_factor_faults(rows[:2 * len(blocks)])):
+            if fault == Fault.NONE:
+                continue
+            if fault == Fault.FACTORS:  # the layer restarts its estimate (and skips this step)
+                self._reset(block)
+            bad.add(block.name)  # STATISTICS: factors untouched, step skipped
+            self.ledger.fault(block.name, fault)
         self._pending = []
         return bad
 
@@ -370,14 +369,12 @@ class CurvatureEstimator:
         updates, grads_out = Updates(), {}
         updates.inner = {}
         updates.cross = {} if cross else None
-        for block, grads, dirs, at, slots in entries:
+        faults = ops.kfac_direction_faults(rows, [entry[3] for entry in entries])
+        for (block, grads, dirs, at, slots), fault in zip(entries, faults):
             if block.name in bad:
                 continue
-            if not rows[at]:
-                self.ledger.fault(block.name, "gradients", block.fault_kind)
-                continue
-            if not rows[at + 1]:
-                self.ledger.fault(block.name, "preconditioned gradients")
+            if fault != Fault.NONE:
+                self.ledger.fault(block.name, fault, block.fault_kind if fault == Fault.GRADIENTS else "layer")
                 continue
             for j, (p, g, u) in enumerate(zip(block.params, grads, dirs)):
                 if p.grad is not None and p.requires_grad:
@@ -404,7 +401,7 @@ class CurvatureEstimator:
         kept, dirs = [], []
         for (block, grad), ok in zip(work, finite):
             if not ok:
-                self.ledger.fault(block.name, "gradients", block.fault_kind)
+                self.ledger.fault(block.name, Fault.GRADIENTS, block.fault_kind)
                 continue
             direction = grad
             if not isinstance(block, PlainBlock):
@@ -422,7 +419,7 @@ class CurvatureEstimator:
         grads: dict[Tensor, Tensor] = {}
         for block, grad, direction in kept:
             if not isinstance(block, PlainBlock) and not next(fine):
-                self.ledger.fault(block.name, "preconditioned gradients")
+                self.ledger.fault(block.name, Fault.DIRECTIONS)
                 continue
             for p, g, u in zip(block.params, block.unpack(grad), block.unpack(direction)):
                 if p.grad is not None and p.requires_grad:

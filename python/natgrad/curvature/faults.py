@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import warnings
 
+from natgrad import ops
+from natgrad.ops.rules import Fault
+
 
 class FaultLedger:
     """The faults of a run: NaN/Inf skips and fallback-ladder rungs, each warned about once per
@@ -13,12 +16,12 @@ class FaultLedger:
         self.faults: dict[str, int] = {}
         self.ladder: dict[str, int] = {}
 
-    def fault(self, where: str, what: str, kind: str = "layer") -> None:
-        """Counts a skipped update of ``where`` (warns the first time)."""
+    def fault(self, where: str, fault: Fault, kind: str = "layer") -> None:
+        """Counts a skipped update of ``where`` (warns the first time, with
+        :func:`natgrad.ops.kfac_fault_message`); ``kind`` is "layer" or "parameter"."""
         if where not in self.faults:
-            warnings.warn(f"natgrad.KFAC: NaN or Inf (or values that would overflow) in the {what} of "
-                          f"{kind} {where!r}; its update is skipped this step (parameters and factors "
-                          "untouched)", RuntimeWarning, stacklevel=4)
+            warnings.warn(ops.kfac_fault_message("natgrad.KFAC", fault, kind, where), RuntimeWarning,
+                          stacklevel=4)
         self.faults[where] = self.faults.get(where, 0) + 1
 
     def rung(self, name: str, rung: int) -> None:
