@@ -51,22 +51,20 @@ class TrustRegion:
         params = list(updates)
         groups = [group_of[id(p)] for p in params]
         buffers = [state[p].get("momentum_buffer") if g["momentum"] else None for p, g in zip(params, groups)]
-        inner, cross = getattr(updates, "inner", None), getattr(updates, "cross", None)
-        read = inner is not None and all(p in inner for p in params)
-        read = read and (cross is not None or all(b is None for b in buffers))
-        read = read and all(b is None or p in cross for p, b in zip(params, buffers))
-        values: list[float | Tensor] = []
+        inner: dict = getattr(updates, "inner", None) or {}
+        cross: dict = getattr(updates, "cross", None) or {}
+        read = all(p in inner and (b is None or p in cross) for p, b in zip(params, buffers))
+        slots: list[float | Tensor] = []  # ⟨u, g⟩, ⟨b, g⟩, the carried share, per parameter
         for p, buf in zip(params, buffers):
-            values.append(inner[p] if read else (updates[p] * grads[p]).sum(dtype=torch.float64))
+            slots.append(inner[p] if read else (updates[p] * grads[p]).sum(dtype=torch.float64))
             if buf is None:
-                values += [0.0, 0.0]
+                slots += [0.0, 0.0]
                 continue
-            values.append(cross[p] if read else (buf * grads[p]).sum(dtype=torch.float64))
-            values.append(self._share(p, state[p].get("kl_share")))
-        pending = [v for v in values if isinstance(v, Tensor)]
-        if pending:  # one host read
-            got = iter(torch.stack([t.to(pending[0].device) for t in pending]).tolist())
-            values = [next(got) if isinstance(v, Tensor) else v for v in values]
+            slots.append(cross[p] if read else (buf * grads[p]).sum(dtype=torch.float64))
+            slots.append(self._share(p, state[p].get("kl_share")))
+        pending = [v for v in slots if isinstance(v, Tensor)]
+        got = iter(torch.stack([t.to(pending[0].device) for t in pending]).tolist() if pending else [])
+        values = [next(got) if isinstance(v, Tensor) else v for v in slots]  # one host read at most
         region = ops.kfac_trust_region(kl_clip, values[0::3], values[1::3], [g["lr"] for g in groups],
                                        [g["momentum"] for g in groups], values[2::3])
         for p, group, value in zip(params, groups, region.kl_share):
