@@ -267,13 +267,14 @@ class CurvatureEstimator:
         good = comm.agree([seen and next(ok) for seen in present])
         captured = comm.agree(present)
         updated = []
-        for block, is_good, seen in zip(self._blocks, good, captured):
-            if is_good:
+        flags = [(b, float(g), 1.0) for b, g, seen in zip(self._blocks, good, captured) if g or seen]
+        for (block, _, _), fault in zip(flags, ops.kfac_factor_faults([v for _, *f in flags for v in f])):
+            if fault == Fault.NONE:
                 block.apply_update(stats[block.name], decay)
                 updated.append(block)
-            elif seen:  # captured everywhere, but NaN/Inf or overflow somewhere: every rank skips
+            else:  # captured everywhere, but NaN/Inf or overflow somewhere: every rank skips
                 skipped.add(block.name)
-                self.ledger.fault(block.name, Fault.STATISTICS)
+                self.ledger.fault(block.name, fault)
         samples = next((b.count_samples([r.input for r in self._captures[b.name].complete()])
                         for b in updated), 0)
         comm.average_factors(updated, samples)
@@ -282,11 +283,11 @@ class CurvatureEstimator:
         # layer restarts its estimate (and skips this step) rather than keep poisoned factors.
         healthy = all_true([torch.isfinite(torch.stack([max_abs(f) for f in b.factors().values()])).all()
                             for b in updated])
-        for block, fine in zip(updated, healthy):
-            if not fine:
+        for block, fault in zip(updated, ops.kfac_factor_faults([v for fine in healthy for v in (1.0, float(fine))])):
+            if fault != Fault.NONE:
                 self._reset(block)
                 skipped.add(block.name)
-                self.ledger.fault(block.name, Fault.FACTORS)
+                self.ledger.fault(block.name, fault)
         return skipped
 
     def _reset(self, block: CurvatureBlock) -> None:
@@ -399,9 +400,10 @@ class CurvatureEstimator:
             work = [(b, g * scale) for b, g in work]
         finite = all_true([torch.isfinite(max_abs(grad)) for _, grad in work])
         kept, dirs = [], []
-        for (block, grad), ok in zip(work, finite):
-            if not ok:
-                self.ledger.fault(block.name, Fault.GRADIENTS, block.fault_kind)
+        faults = ops.kfac_direction_faults([v for ok in finite for v in (float(ok), 1.0)], range(0, 2 * len(work), 2))
+        for (block, grad), fault in zip(work, faults):
+            if fault != Fault.NONE:  # its gradient
+                self.ledger.fault(block.name, fault, block.fault_kind)
                 continue
             direction = grad
             if not isinstance(block, PlainBlock):
@@ -414,12 +416,14 @@ class CurvatureEstimator:
                 direction = comm.share_direction(block, direction, grad)
                 dirs.append(direction)
             kept.append((block, grad, direction))
-        fine = iter(all_true([torch.isfinite(max_abs(d)) for d in dirs]))
+        fine = all_true([torch.isfinite(max_abs(d)) for d in dirs])
+        late = iter(ops.kfac_direction_faults([v for ok in fine for v in (1.0, float(ok))], range(0, 2 * len(fine), 2)))
         updates: dict[Tensor, Tensor] = {}
         grads: dict[Tensor, Tensor] = {}
         for block, grad, direction in kept:
-            if not isinstance(block, PlainBlock) and not next(fine):
-                self.ledger.fault(block.name, Fault.DIRECTIONS)
+            fault = Fault.NONE if isinstance(block, PlainBlock) else next(late)
+            if fault != Fault.NONE:  # its direction
+                self.ledger.fault(block.name, fault)
                 continue
             for p, g, u in zip(block.params, block.unpack(grad), block.unpack(direction)):
                 if p.grad is not None and p.requires_grad:
