@@ -26,16 +26,18 @@ def read_version() -> str:
 
 
 def extension_modules() -> list:
-    """natgrad._C: every csrc/ source (the core shared with CMake) plus the pybind11 entry."""
+    """natgrad._C: every csrc/ source but the C++ frontend (the core shared with CMake), plus the
+    pybind11 entry."""
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     def rel(pattern: str) -> list[str]:
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
-    # csrc/api/ is the LibTorch C++ frontend (natgrad::optim::KFAC, natgrad::EWC): built by CMake
-    # into libnatgrad only; the Python package has its own optimizers and needs none of it.
-    sources = [s for s in rel("csrc/**/*.cpp") if not s.startswith(os.path.join("csrc", "api", ""))]
+    # csrc/frontend/ is the LibTorch C++ frontend (natgrad::optim::KFAC, natgrad::EWC): built by
+    # CMake into libnatgrad_frontend only; the Python package has its own optimizers.
+    frontend = os.path.join("csrc", "frontend", "")
+    sources = [s for s in rel("csrc/**/*.cpp") if not s.startswith(frontend)]
     cuda_sources = rel("csrc/**/*.cu")  # none today: CUDA is reached through ATen
     with_cuda = (
         bool(cuda_sources)
@@ -50,7 +52,7 @@ def extension_modules() -> list:
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args={"cxx": ["-O2"], "nvcc": ["-O2"]},
-        depends=[h for h in rel("csrc/**/*.h") if not h.startswith(os.path.join("csrc", "api", ""))],
+        depends=[h for h in rel("csrc/**/*.h") if not h.startswith(frontend)],
     )
     return [CUDAExtension(**kwargs) if with_cuda else CppExtension(**kwargs)]
 

@@ -72,7 +72,7 @@ def worker(rank: int, world: int, store: str, widths: list[int], batch: int, ste
             if k >= 2:  # warm-up
                 times.append(time.perf_counter() - start)
         grads = sum(p.numel() * p.element_size() for p in net.parameters())
-        sent = dict(opt._comm.bytes) if kind == "kfac" else {}
+        sent = dict(opt.estimator.communicator.bytes) if kind == "kfac" else {}
         results[name] = {"step_s": statistics.median(times), "mean_step_s": statistics.fmean(times),
                          "bytes_per_step": {"ddp_gradients": grads,
                                             **{k: v / (steps + 2) for k, v in sent.items()}}}

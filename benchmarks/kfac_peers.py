@@ -10,7 +10,7 @@ batch (cross-entropy, mean reduction) and is timed on its own "factors for this 
 forward and backward included (median of several runs after a warm-up, 2 threads):
 
 * natgrad: forward + ``loss.backward()`` with natgrad.KFAC's capture hooks, then the factor
-  update (``KFAC._update_factors``, the part of ``step()`` that refreshes A and G, with
+  update (``opt.estimator.update_factors``, the part of ``step()`` that refreshes A and G, with
   ``factor_decay=0``); the plain forward + backward without any hook is timed as reference.
 * curvlinops ``KFACLinearOperator(fisher_type="empirical", kfac_approx="expand",
   separate_weight_and_bias=False)``: construction + ``compute_kronecker_factors()``.
@@ -148,8 +148,8 @@ def natgrad_runner(model: nn.Module, x: Tensor, y: Tensor) -> Runner:
     def fn() -> Factors:
         model.zero_grad(set_to_none=True)
         _loss(model, x, y).backward()
-        opt._update_factors(0, 1.0)  # step 0 is always a factor step; clears the records
-        return {b.name: (b.state["A"], b.state["G"]) for b in opt._blocks}
+        opt.estimator.update_factors(opt.factor_decay, opt.loss_reduction)  # clears the records
+        return {b.name: (b.state["A"], b.state["G"]) for b in opt.estimator.blocks}
 
     fn.opt = opt  # type: ignore[attr-defined]  (keeps the hooks alive)
     return Runner("natgrad", "KFAC: fwd+bwd (hooks) + factor update", fn)

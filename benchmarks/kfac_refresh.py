@@ -73,12 +73,12 @@ def refresh_time(opt, warm: bool, repeats: int = 3) -> float:
     """Median seconds of one (warm or exact) refresh of every layer, on copies of the state."""
     times = []
     for _ in range(repeats):
-        states = [copy.copy(b.state) for b in opt._blocks]
+        states = [copy.copy(b.state) for b in opt.estimator.blocks]
         start = time.perf_counter()
-        for block in opt._blocks:
+        for block in opt.estimator.blocks:
             block.update_inverse(opt.inverse_method, SETTINGS["damping"], opt.pi_correction, warm)
         times.append(time.perf_counter() - start)
-        for block, state in zip(opt._blocks, states):
+        for block, state in zip(opt.estimator.blocks, states):
             block.state = state
     return statistics.median(times)
 
@@ -97,12 +97,12 @@ def run(name: str, method: str, data, steps: int, warm_refreshes: int) -> dict:
         x, y = data.x[idx], data.y[idx]
         opt.zero_grad()
         loss_of(kind, model(x), x, y).backward()
-        refreshing = k % period == 0 and opt._refreshes % (warm_refreshes + 1) != 0
-        before = [copy.copy(b.state) for b in opt._blocks] if refreshing else None
+        refreshing = k % period == 0 and opt.estimator.refreshes % (warm_refreshes + 1) != 0
+        before = [copy.copy(b.state) for b in opt.estimator.blocks] if refreshing else None
         opt.step()
         if not refreshing:
             continue
-        for block, old in zip(opt._blocks, before):
+        for block, old in zip(opt.estimator.blocks, before):
             exact_state = copy.copy(block.state)
             saved, block.state = block.state, exact_state
             block.update_inverse(method, SETTINGS["damping"], opt.pi_correction, False)

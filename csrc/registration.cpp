@@ -71,8 +71,7 @@ TORCH_LIBRARY(natgrad, m) {
 
   // Per-sample gradient rows of a layer, implicitly (empirical/layer_gram.h).
   m.def("linear_gram(Tensor input, Tensor grad_output, bool bias) -> Tensor");
-  m.def(
-      "linear_rows_mv(Tensor input, Tensor grad_output, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_rows_mv(Tensor input, Tensor grad_output, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_rows_tmv(Tensor input, Tensor grad_output, Tensor weights) -> (Tensor, Tensor)");
   m.def(
       "conv2d_gram(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, "
@@ -89,6 +88,34 @@ TORCH_LIBRARY(natgrad, m) {
       "embedding_rows_tmv(Tensor indices, Tensor grad_output, Tensor weights, "
       "int num_embeddings) -> Tensor");
   m.def("gram_solve(Tensor gram, Tensor rhs, float shift) -> (Tensor solution, Tensor rung)");
+
+  // The K-FAC rules both frontends share (kfac/kfac_rules.h): host numbers in and out, but for
+  // the statistics bound, a 0-d bool tensor (no host read).
+  m.def(
+      "kfac_statistics_ok(Tensor inputs, Tensor grad_outputs, int input_rows, int grad_rows, "
+      "float grad_scale, ScalarType factor_dtype) -> Tensor");
+  m.def("kfac_peak_bounded(Tensor peak, float count, ScalarType factor_dtype) -> Tensor");
+  m.def("kfac_statistics_limit(ScalarType factor_dtype) -> float");
+  m.def("kfac_linear_rows(int[] input_shape, int in_features) -> int");
+  m.def(
+      "kfac_conv_rows(int[] input_shape, int[] kernel_size, int[] stride, int[] padding, "
+      "int[] dilation) -> int");
+  m.def("kfac_embedding_rows(int[] input_shape) -> int");
+  m.def("kfac_sample_scale(int samples, int rows, str loss_reduction) -> float");
+  m.def("kfac_pi_correction(str inverse_method, bool? pi_correction) -> bool");
+  m.def("kfac_damping(float damping, float multiplier) -> float");
+  m.def(
+      "kfac_adapt_damping(float multiplier, float loss_change, float model_change, float decay, "
+      "int interval) -> (float multiplier, float ratio)");
+  m.def("kfac_fsum(float[] values) -> float");
+  m.def(
+      "kfac_trust_region(float kl_clip, float[] inner, float[] cross, float[] lr, "
+      "float[] momentum, float[] kl_share) -> (float nu, float[] kl_share)");
+  m.def("kfac_direction_faults(float[] rows, int[] offsets) -> int[]");
+  m.def("kfac_factor_faults(float[] flags) -> int[]");
+  m.def("kfac_fault_message(str optimizer, int fault, str kind, str where) -> str");
+  m.def("kfac_conv_unsupported_reason(int groups, str padding, str padding_mode) -> str");
+  m.def("kfac_embedding_unsupported_reason(bool sparse, bool max_norm) -> str");
 
   // EWC (ewc/ewc_penalty.h).
   m.def("ewc_penalty(Tensor[] params, Tensor[] fisher, Tensor[] anchor) -> (Tensor, Tensor[])");

@@ -39,17 +39,17 @@ inline void square(const at::Tensor& t, const char* name) {
 // A matrix-shaped argument has the exact (rows, cols) shape the op needs.
 inline void shape_eq(const at::Tensor& t, at::IntArrayRef expected, const char* name,
                      const char* why) {
-  TORCH_CHECK(t.sizes() == expected, name, " must have shape ", expected, " (", why,
-              "), got ", t.sizes());
+  TORCH_CHECK(t.sizes() == expected, name, " must have shape ", expected, " (", why, "), got ",
+              t.sizes());
 }
 
 // Two tensors live on the same device and share a dtype.
 inline void same_device_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name,
                               const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name,
-              " (", ref.device(), "), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ",
-              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
+              ref.device(), "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ", ref_name,
+              " (", ref.scalar_type(), "), got ", t.scalar_type());
 }
 
 // A batch of samples is not empty.
@@ -60,8 +60,7 @@ inline void nonempty_rows(int64_t rows, const char* name) {
 // An exponential-moving-average decay rho in [0, 1].
 inline void decay(double rho) {
   TORCH_CHECK(std::isfinite(rho) && rho >= 0.0 && rho <= 1.0,
-              "decay must be in [0, 1] (factor <- decay * factor + (1 - decay) * new), got ",
-              rho);
+              "decay must be in [0, 1] (factor <- decay * factor + (1 - decay) * new), got ", rho);
 }
 
 // A finite, non-negative damping.
@@ -119,7 +118,6 @@ inline void finite(std::initializer_list<Named> args, const char* advice) {
   const char* name = first_non_finite(args);
   TORCH_CHECK(false, name ? name : "an argument", " contains NaN or Inf; ", advice);
 }
-
 
 // Rejects NaN/Inf inputs of an op from flags (finite_flag) over tensors computed from those
 // inputs - the result, and any intermediate a NaN/Inf input reaches but the result may not (e.g.

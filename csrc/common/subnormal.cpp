@@ -3,8 +3,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -68,8 +68,8 @@ bool has_subnormal(const at::Tensor& t) {
     return found;
   }
   const double tiny = t.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
-                      : t.scalar_type() == at::kHalf  ? 6.103515625e-05
-                                                      : std::numeric_limits<float>::min();
+                      : t.scalar_type() == at::kHalf ? 6.103515625e-05
+                                                     : std::numeric_limits<float>::min();
   return t.abs().lt(tiny).logical_and_(t.ne(0)).any().item<bool>();
 }
 

@@ -61,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor> woodbury_solve(const at::Tensor& per_sample_g
     const at::Tensor Ud = Us.to(at::kDouble);
     at::Tensor system = at::matmul(Ud.t(), Ud);
     system.diagonal().add_(static_cast<double>(n) * damping * s * s);
-    const SolveResult big = spd_solve(system, Rs.to(at::kDouble).mul_(static_cast<double>(n) * s * s));
+    const SolveResult big =
+        spd_solve(system, Rs.to(at::kDouble).mul_(static_cast<double>(n) * s * s));
     at::Tensor x = big.solution.to(at::kDouble).div_(r).to(U.scalar_type());
     return {(rhs.dim() == 1 ? x.squeeze(1) : x).contiguous(), rung_tensor(big.rung)};
   }
@@ -81,9 +82,8 @@ at::Tensor linear_diag_fisher(const at::Tensor& input, const at::Tensor& grad_ou
   checks::floating(input, "input");
   checks::dim_ge(input, 2, "input", "[N, ..., in_features] (dim 0 indexes samples)");
   checks::same_device_dtype(grad_output, input, "grad_output", "input");
-  TORCH_CHECK(grad_output.dim() == input.dim() &&
-                  grad_output.sizes().slice(0, input.dim() - 1) ==
-                      input.sizes().slice(0, input.dim() - 1),
+  TORCH_CHECK(grad_output.dim() == input.dim() && grad_output.sizes().slice(0, input.dim() - 1) ==
+                                                      input.sizes().slice(0, input.dim() - 1),
               "grad_output must have the leading dims of input ",
               input.sizes().slice(0, input.dim() - 1), " followed by out_features, got ",
               grad_output.sizes());

@@ -18,8 +18,8 @@ constexpr int64_t kChunkElements = int64_t{1} << 22;
 // Passes P of grad_output's R = P * N rows.
 int64_t passes_of(int64_t samples, int64_t rows, const char* input_name) {
   TORCH_CHECK(rows > 0 && rows % samples == 0, "grad_output must have a positive multiple of ",
-              input_name, ".size(0) = ", samples,
-              " rows (one block of samples per pass), got ", rows);
+              input_name, ".size(0) = ", samples, " rows (one block of samples per pass), got ",
+              rows);
   return rows / samples;
 }
 
@@ -83,9 +83,8 @@ LinearRows linear_rows(const at::Tensor& input, const at::Tensor& grad_output) {
   checks::floating(input, "input");
   checks::dim_ge(input, 2, "input", "[N, ..., in_features] (dim 0 indexes samples)");
   checks::same_device_dtype(grad_output, input, "grad_output", "input");
-  TORCH_CHECK(grad_output.dim() == input.dim() &&
-                  grad_output.sizes().slice(1, input.dim() - 2) ==
-                      input.sizes().slice(1, input.dim() - 2),
+  TORCH_CHECK(grad_output.dim() == input.dim() && grad_output.sizes().slice(1, input.dim() - 2) ==
+                                                      input.sizes().slice(1, input.dim() - 2),
               "grad_output must have shape [R, ", input.sizes().slice(1, input.dim() - 2),
               ", out_features] (the positions of input ", input.sizes(), "), got ",
               grad_output.sizes());
@@ -93,8 +92,8 @@ LinearRows linear_rows(const at::Tensor& input, const at::Tensor& grad_output) {
   const int64_t n = input.size(0), rows = grad_output.size(0);
   const int64_t passes = passes_of(n, rows, "input");
   const int64_t t = c10::multiply_integers(input.sizes().slice(1, input.dim() - 2));
-  return {input.reshape({n, t, input.size(-1)}), grad_output.reshape({rows, t, grad_output.size(-1)}),
-          n, passes, t};
+  return {input.reshape({n, t, input.size(-1)}),
+          grad_output.reshape({rows, t, grad_output.size(-1)}), n, passes, t};
 }
 
 struct ConvShape {
@@ -142,8 +141,8 @@ struct EmbeddingRows {
 };
 
 EmbeddingRows embedding_rows(const at::Tensor& indices, const at::Tensor& grad_output) {
-  TORCH_CHECK(indices.defined() && (indices.scalar_type() == at::kLong ||
-                                    indices.scalar_type() == at::kInt),
+  TORCH_CHECK(indices.defined() &&
+                  (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt),
               "indices must be an int64 or int32 tensor of token ids, got ",
               indices.defined() ? c10::toString(indices.scalar_type()) : "undefined");
   checks::dim_ge(indices, 1, "indices", "[N, ...] (dim 0 indexes samples)");
@@ -160,8 +159,8 @@ EmbeddingRows embedding_rows(const at::Tensor& indices, const at::Tensor& grad_o
   const int64_t n = indices.size(0), rows = grad_output.size(0);
   const int64_t passes = passes_of(n, rows, "indices");
   const int64_t t = c10::multiply_integers(indices.sizes().slice(1));
-  return {indices.reshape({n, t}).to(at::kLong), grad_output.reshape({rows, t, grad_output.size(-1)}),
-          n, passes, t};
+  return {indices.reshape({n, t}).to(at::kLong),
+          grad_output.reshape({rows, t, grad_output.size(-1)}), n, passes, t};
 }
 
 void check_index_range(const at::Tensor& idx, int64_t num_embeddings) {
@@ -231,8 +230,8 @@ std::tuple<at::Tensor, at::Tensor> linear_rows_tmv(const at::Tensor& input,
 // ---- nn.Conv2d --------------------------------------------------------------------------------
 
 at::Tensor conv2d_gram(const at::Tensor& input, const at::Tensor& grad_output,
-                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation, bool bias) {
+                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, bool bias) {
   const ConvShape s = conv_rows(input, grad_output, kernel_size, stride, padding, dilation);
   const int64_t n = input.size(0), rows = grad_output.size(0), passes = rows / n;
   const int64_t c_out = grad_output.size(1), positions = s.out_h * s.out_w;
@@ -241,7 +240,8 @@ at::Tensor conv2d_gram(const at::Tensor& input, const at::Tensor& grad_output,
   // a time (the unfold of the whole batch is never held).
   at::Tensor u = at::empty({rows, c_out * d_in}, input.options());
   const at::Tensor g = grad_output.reshape({rows, c_out, positions});
-  const int64_t chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, d_in * positions));
+  const int64_t chunk =
+      std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, d_in * positions));
   for (int64_t first = 0; first < n; first += chunk) {
     const int64_t count = std::min(chunk, n - first);
     const at::Tensor cols =
@@ -249,7 +249,9 @@ at::Tensor conv2d_gram(const at::Tensor& input, const at::Tensor& grad_output,
             .transpose(1, 2);  // [count, positions, d_in]
     for (int64_t p = 0; p < passes; ++p) {
       const int64_t row = p * n + first;
-      u.narrow(0, row, count).view({count, c_out, d_in}).copy_(at::bmm(g.narrow(0, row, count), cols));
+      u.narrow(0, row, count)
+          .view({count, c_out, d_in})
+          .copy_(at::bmm(g.narrow(0, row, count), cols));
     }
   }
   const at::Tensor gram = at::matmul(u, u.t());
@@ -280,14 +282,13 @@ std::tuple<at::Tensor, at::Tensor> conv2d_rows_tmv(const at::Tensor& input,
                                                    const at::Tensor& grad_output,
                                                    const at::Tensor& weights,
                                                    at::IntArrayRef kernel_size,
-                                                   at::IntArrayRef stride,
-                                                   at::IntArrayRef padding,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                    at::IntArrayRef dilation) {
   conv_rows(input, grad_output, kernel_size, stride, padding, dilation);
   check_weights(weights, grad_output);
   const int64_t passes = grad_output.size(0) / input.size(0), c_out = grad_output.size(1);
-  const at::Tensor gw = pass_sum(grad_output, weights, passes).view(
-      {input.size(0), c_out, grad_output.size(2), grad_output.size(3)});
+  const at::Tensor gw = pass_sum(grad_output, weights, passes)
+                            .view({input.size(0), c_out, grad_output.size(2), grad_output.size(3)});
   // The weight gradient of the convolution for the weighted output gradient (no unfold).
   const at::Tensor shape_only =
       at::zeros({c_out, input.size(1), kernel_size[0], kernel_size[1]}, input.options());
@@ -306,7 +307,10 @@ at::Tensor embedding_gram(const at::Tensor& indices, const at::Tensor& grad_outp
   // One-hot activations: a_rt . a_su = [idx_rt == idx_su].
   const at::Tensor idx = tiled(E.idx, E.passes).reshape({rows * t});
   return pairwise_gram(E.g, [&](int64_t first, int64_t count) {
-    return idx.narrow(0, first * t, count * t).unsqueeze(1).eq(idx.unsqueeze(0)).to(E.g.scalar_type());
+    return idx.narrow(0, first * t, count * t)
+        .unsqueeze(1)
+        .eq(idx.unsqueeze(0))
+        .to(E.g.scalar_type());
   });
 }
 
@@ -328,7 +332,8 @@ at::Tensor embedding_rows_tmv(const at::Tensor& indices, const at::Tensor& grad_
   check_index_range(E.idx, num_embeddings);
   const int64_t dim = E.g.size(2);
   const at::Tensor gw = pass_sum(E.g, weights, E.passes).reshape({E.samples * E.positions, dim});
-  return at::zeros({num_embeddings, dim}, grad_output.options()).index_add_(0, E.idx.reshape({-1}), gw);
+  return at::zeros({num_embeddings, dim}, grad_output.options())
+      .index_add_(0, E.idx.reshape({-1}), gw);
 }
 
 // ---- the small system -------------------------------------------------------------------------
@@ -341,8 +346,8 @@ std::tuple<at::Tensor, at::Tensor> gram_solve(const at::Tensor& gram, const at::
   checks::nonempty_rows(gram.size(0), "gram");
   checks::same_device_dtype(rhs, gram, "rhs", "gram");
   TORCH_CHECK((rhs.dim() == 1 || rhs.dim() == 2) && rhs.size(0) == gram.size(0),
-              "rhs must have shape [R] or [R, k] with R = ", gram.size(0),
-              " (gram.size(0)), got ", rhs.sizes());
+              "rhs must have shape [R] or [R, k] with R = ", gram.size(0), " (gram.size(0)), got ",
+              rhs.sizes());
   TORCH_CHECK(std::isfinite(shift) && shift > 0.0,
               "shift must be a finite number > 0 (n * damping), got ", shift);
   checks::finite({{gram, "gram"}, {rhs, "rhs"}},

@@ -41,8 +41,8 @@ std::tuple<at::Tensor, at::Tensor> linear_rows_tmv(const at::Tensor& input,
 
 // Conv2d (groups = 1, zero padding): input [N, C_in, H, W], grad_output [R, C_out, H', W'].
 at::Tensor conv2d_gram(const at::Tensor& input, const at::Tensor& grad_output,
-                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation, bool bias);
+                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, bool bias);
 
 // U v [R] for v = (weight [C_out, C_in, kh, kw], optional bias [C_out]).
 at::Tensor conv2d_rows_mv(const at::Tensor& input, const at::Tensor& grad_output,
@@ -55,8 +55,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_rows_tmv(const at::Tensor& input,
                                                    const at::Tensor& grad_output,
                                                    const at::Tensor& weights,
                                                    at::IntArrayRef kernel_size,
-                                                   at::IntArrayRef stride,
-                                                   at::IntArrayRef padding,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                    at::IntArrayRef dilation);
 
 // nn.Embedding: indices [N, ...] (int64), grad_output [R, ..., dim].

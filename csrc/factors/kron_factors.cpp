@@ -12,6 +12,7 @@
 
 #include "common/checks.h"
 #include "common/subnormal.h"
+#include "kfac/kfac_rules.h"
 
 namespace natgrad {
 namespace {
@@ -54,8 +55,8 @@ at::Tensor as_rows(const at::Tensor& input) {
 void check_factor(const at::Tensor& factor, const at::Tensor& data, const char* data_name,
                   int64_t dim) {
   checks::floating(factor, "factor");
-  TORCH_CHECK(factor.device() == data.device(), "factor must be on the same device as ",
-              data_name, " (", data.device(), "), got ", factor.device());
+  TORCH_CHECK(factor.device() == data.device(), "factor must be on the same device as ", data_name,
+              " (", data.device(), "), got ", factor.device());
   checks::shape_eq(factor, {dim, dim}, "factor", "square, one row per feature (+1 for bias)");
 }
 
@@ -84,10 +85,9 @@ ConvGeometry conv_geometry(const at::Tensor& input, at::IntArrayRef kernel_size,
   for (int i = 0; i < 2; ++i) {
     const int64_t span = dilation[i] * (kernel_size[i] - 1) + 1;
     const int64_t out = (input.size(2 + i) + 2 * padding[i] - span) / stride[i] + 1;
-    TORCH_CHECK(input.size(2 + i) + 2 * padding[i] >= span && out > 0,
-                "input spatial size ", input.sizes().slice(2),
-                " is too small for kernel_size ", kernel_size, " with dilation ", dilation,
-                " and padding ", padding);
+    TORCH_CHECK(input.size(2 + i) + 2 * padding[i] >= span && out > 0, "input spatial size ",
+                input.sizes().slice(2), " is too small for kernel_size ", kernel_size,
+                " with dilation ", dilation, " and padding ", padding);
     positions *= out;
   }
   return {input.size(1) * kernel_size[0] * kernel_size[1], positions};
@@ -97,12 +97,13 @@ ConvGeometry conv_geometry(const at::Tensor& input, at::IntArrayRef kernel_size,
 // produced by `block(first, count)` for a chunk of samples, without ever holding all samples'
 // blocks at once.
 template <class BlockFn>
-void add_gram_chunked_(at::Tensor& factor, int64_t samples, int64_t d, int64_t positions,
-                       bool bias, double decay, double alpha, BlockFn block) {
+void add_gram_chunked_(at::Tensor& factor, int64_t samples, int64_t d, int64_t positions, bool bias,
+                       double decay, double alpha, BlockFn block) {
   const int64_t chunk = conv_chunk_samples(d, positions, factor.size(0));
   for (int64_t first = 0; first < samples; first += chunk) {
     const int64_t count = std::min(chunk, samples - first);
-    const at::Tensor cols = block(first, count).to(factor.scalar_type())  // [count, d, pos]
+    const at::Tensor cols = block(first, count)
+                                .to(factor.scalar_type())  // [count, d, pos]
                                 .transpose(0, 1)
                                 .reshape({d, count * positions});
     add_gram_(factor, cols, bias, first == 0 ? decay : 1.0, alpha);
@@ -116,8 +117,7 @@ int64_t conv_chunk_samples(int64_t patch_dim, int64_t positions, int64_t factor_
   return std::max<int64_t>(1, budget / std::max<int64_t>(1, patch_dim * positions));
 }
 
-void linear_act_factor_ema_(at::Tensor& factor, const at::Tensor& input, bool bias,
-                            double decay) {
+void linear_act_factor_ema_(at::Tensor& factor, const at::Tensor& input, bool bias, double decay) {
   checks::floating(input, "input");
   checks::dim_ge(input, 1, "input", "[..., in_features]");
   checks::decay(decay);
@@ -138,8 +138,8 @@ at::Tensor linear_act_factor(const at::Tensor& input, bool bias) {
   return factor;
 }
 
-void linear_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output,
-                             double grad_scale, double decay) {
+void linear_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output, double grad_scale,
+                             double decay) {
   checks::floating(grad_output, "grad_output");
   checks::dim_ge(grad_output, 1, "grad_output", "[..., out_features]");
   checks::grad_scale(grad_scale);
@@ -190,8 +190,8 @@ at::Tensor conv2d_act_factor(const at::Tensor& input, at::IntArrayRef kernel_siz
   return factor;
 }
 
-void conv2d_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output,
-                             double grad_scale, double decay) {
+void conv2d_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output, double grad_scale,
+                             double decay) {
   checks::floating(grad_output, "grad_output");
   checks::dim_eq(grad_output, 4, "grad_output", "[N, C_out, OH, OW]");
   checks::nonempty_rows(grad_output.size(0) * grad_output.size(2) * grad_output.size(3),
@@ -227,20 +227,6 @@ constexpr int64_t kLayout = 9;  // integers per layer in kfac_factors_ema_'s `la
 
 std::string at_layer(const char* name, size_t i) {
   return std::string(name) + "[" + std::to_string(i) + "]";
-}
-
-// torch.finfo(dtype).max of a factor dtype.
-double dtype_max(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble:
-      return std::numeric_limits<double>::max();
-    case at::kHalf:
-      return 65504.0;
-    case at::kBFloat16:
-      return 3.3895313892515355e38;
-    default:
-      return static_cast<double>(std::numeric_limits<float>::max());
-  }
 }
 
 // One layer of kfac_factors_ema_, validated: its geometry and the row counts of its bound.
@@ -317,11 +303,10 @@ at::Tensor kfac_factors_ema_(at::TensorList a_factors, at::TensorList g_factors,
                              at::IntArrayRef layouts, at::ArrayRef<double> grad_scales,
                              at::ArrayRef<double> decays) {
   const size_t layers = a_factors.size();
-  for (const auto& [n, name] : {std::pair{g_factors.size(), "g_factors"},
-                                std::pair{inputs.size(), "inputs"},
-                                std::pair{grad_outputs.size(), "grad_outputs"},
-                                std::pair{grad_scales.size(), "grad_scales"},
-                                std::pair{decays.size(), "decays"}}) {
+  for (const auto& [n, name] :
+       {std::pair{g_factors.size(), "g_factors"}, std::pair{inputs.size(), "inputs"},
+        std::pair{grad_outputs.size(), "grad_outputs"},
+        std::pair{grad_scales.size(), "grad_scales"}, std::pair{decays.size(), "decays"}}) {
     TORCH_CHECK(n == layers, name, " must hold one entry per layer (", layers, " a_factors), got ",
                 n);
   }
@@ -345,12 +330,13 @@ at::Tensor kfac_factors_ema_(at::TensorList a_factors, at::TensorList g_factors,
   std::vector<at::Tensor> updated, finite;
   for (size_t i = 0; i < layers; ++i) {
     at::Tensor a = a_factors[i], g = g_factors[i];
-    const double limit = dtype_max(a.scalar_type()) / 4;
     const FactorLayer& l = geo[i];
     const double px = pk[2 * i], pg = pk[2 * i + 1];
-    // NaN fails both comparisons; Inf fails them too (Inf < limit is false).
-    const bool ok = px * px * l.input_rows < limit &&
-                    pg * pg * l.grad_rows * std::max(grad_scales[i] * grad_scales[i], 1.0) < limit;
+    // The statistics bound (kfac/kfac_rules.h): NaN and Inf fail it.
+    const bool ok =
+        kfac::within_bound(px, l.input_rows, a.scalar_type()) &&
+        kfac::within_bound(pg, kfac::grad_count(static_cast<int64_t>(l.grad_rows), grad_scales[i]),
+                           a.scalar_type());
     updated.push_back(at::scalar_tensor(ok ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble)));
     if (!ok) {
       finite.push_back(at::ones({}, a.options().dtype(at::kDouble)));

@@ -42,12 +42,12 @@ void conv2d_act_factor_ema_(at::Tensor& factor, const at::Tensor& input,
                             double decay);
 
 at::Tensor linear_grad_factor(const at::Tensor& grad_output, double grad_scale);
-void linear_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output,
-                             double grad_scale, double decay);
+void linear_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output, double grad_scale,
+                             double decay);
 
 at::Tensor conv2d_grad_factor(const at::Tensor& grad_output, double grad_scale);
-void conv2d_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output,
-                             double grad_scale, double decay);
+void conv2d_grad_factor_ema_(at::Tensor& factor, const at::Tensor& grad_output, double grad_scale,
+                             double decay);
 
 // Every Linear/Conv2d layer's A and G EMA updates of one K-FAC factor step in one call
 // (natgrad.KFAC; one read of the statistics' bounds inside, none by the caller until it wants the

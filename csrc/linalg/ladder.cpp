@@ -31,9 +31,7 @@ bool try_rung(const LadderAttempt& attempt, const at::Tensor& matrix) {
 
 }  // namespace
 
-at::Tensor symmetrized(const at::Tensor& matrix) {
-  return (matrix + matrix.mT()).mul_(0.5);
-}
+at::Tensor symmetrized(const at::Tensor& matrix) { return (matrix + matrix.mT()).mul_(0.5); }
 
 bool all_finite(std::initializer_list<at::Tensor> tensors) {
   at::Tensor ok;  // per-tensor reductions combined on the device: one host read in all

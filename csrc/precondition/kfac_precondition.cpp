@@ -49,18 +49,18 @@ at::Tensor kfac_precondition_eigen(const at::Tensor& grad, const at::Tensor& g_e
   check_sides(grad, g_eigenvectors, "g_eigenvectors", a_eigenvectors, "a_eigenvectors");
   checks::same_device_dtype(g_eigenvalues, grad, "g_eigenvalues", "grad");
   checks::same_device_dtype(a_eigenvalues, grad, "a_eigenvalues", "grad");
-  checks::shape_eq(g_eigenvalues, g_eigenvectors.sizes().slice(0, grad.dim() - 1),
-                   "g_eigenvalues", "[..., d_out] matching g_eigenvectors");
-  checks::shape_eq(a_eigenvalues, a_eigenvectors.sizes().slice(0, grad.dim() - 1),
-                   "a_eigenvalues", "[..., d_in] matching a_eigenvectors");
+  checks::shape_eq(g_eigenvalues, g_eigenvectors.sizes().slice(0, grad.dim() - 1), "g_eigenvalues",
+                   "[..., d_out] matching g_eigenvectors");
+  checks::shape_eq(a_eigenvalues, a_eigenvectors.sizes().slice(0, grad.dim() - 1), "a_eigenvalues",
+                   "[..., d_in] matching a_eigenvectors");
   checks::damping(damping, /*strictly_positive=*/false);
 
   at::Tensor rotated =
       at::matmul(at::matmul(g_eigenvectors.mT(), without_subnormals(grad)), a_eigenvectors);
   at::Tensor denom;
   if (pi_correction) {
-    const at::Tensor pi = pi_from_traces(a_eigenvalues.mean(-1), g_eigenvalues.mean(-1))
-                              .unsqueeze(-1);
+    const at::Tensor pi =
+        pi_from_traces(a_eigenvalues.mean(-1), g_eigenvalues.mean(-1)).unsqueeze(-1);
     const double root = std::sqrt(damping);
     denom = (g_eigenvalues + root / pi).unsqueeze(-1) * (a_eigenvalues + pi * root).unsqueeze(-2);
   } else {
@@ -75,8 +75,10 @@ at::Tensor kfac_precondition_eigen(const at::Tensor& grad, const at::Tensor& g_e
   rotated.div_(denom);
   at::Tensor out = at::matmul(at::matmul(g_eigenvectors, rotated), a_eigenvectors.mT());
   checks::finite_flags({checks::finite_flag(out), denom_finite}, out.scalar_type(),
-                       {{grad, "grad"}, {g_eigenvalues, "g_eigenvalues"},
-                        {g_eigenvectors, "g_eigenvectors"}, {a_eigenvalues, "a_eigenvalues"},
+                       {{grad, "grad"},
+                        {g_eigenvalues, "g_eigenvalues"},
+                        {g_eigenvectors, "g_eigenvectors"},
+                        {a_eigenvalues, "a_eigenvalues"},
                         {a_eigenvectors, "a_eigenvectors"}},
                        kNonFiniteAdvice);
   flush_subnormal_(out);
@@ -108,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kfac_damped_inverses(const at::Te
   const double root = std::sqrt(damping);
   auto damped_inverse = [](const at::Tensor& factor, const at::Tensor& shift) {
     const at::Tensor eye = at::eye(factor.size(-1), factor.options());
-    const at::Tensor shifted = factor + eye * shift.to(factor.scalar_type()).unsqueeze(-1).unsqueeze(-1);
+    const at::Tensor shifted =
+        factor + eye * shift.to(factor.scalar_type()).unsqueeze(-1).unsqueeze(-1);
     return spd_inverse(shifted);
   };
   SolveResult g = damped_inverse(g_factor, root / pi);
@@ -154,10 +157,9 @@ at::Tensor kfac_precondition_diagonal_a(const at::Tensor& grad, const at::Tensor
   at::Tensor rotated = at::matmul(g_eigenvectors.mT(), without_subnormals(grad));
   at::Tensor denom;
   if (pi_correction) {
-    const at::Tensor pi =
-        (a.mean(-1, /*keepdim=*/true).clamp_min(1e-30) /
-         g_eigenvalues.mean(-1, /*keepdim=*/true).clamp_min(1e-30))
-            .sqrt();
+    const at::Tensor pi = (a.mean(-1, /*keepdim=*/true).clamp_min(1e-30) /
+                           g_eigenvalues.mean(-1, /*keepdim=*/true).clamp_min(1e-30))
+                              .sqrt();
     const double root = std::sqrt(damping);
     denom = (g_eigenvalues + root / pi).unsqueeze(-1) * (a + pi * root).unsqueeze(-2);
   } else {

@@ -44,11 +44,11 @@ at::Tensor checked_grads(const at::Tensor& w, const std::optional<at::Tensor>& b
     checks::same_device_dtype(b, w, bn.c_str(), wn.c_str());
     checks::shape_eq(b, {w.size(0)}, bn.c_str(), "[d_out] matching the weight gradient");
   }
-  TORCH_CHECK(w.size(0) == g_dim && w.size(1) + (b.defined() ? 1 : 0) == a_dim,
-              "layer ", i, ": the gradient [", w.size(0), ", ", w.size(1),
+  TORCH_CHECK(w.size(0) == g_dim && w.size(1) + (b.defined() ? 1 : 0) == a_dim, "layer ", i,
+              ": the gradient [", w.size(0), ", ", w.size(1),
               b.defined() ? "] with bias" : "] without bias", " needs decompositions of sizes ",
-              w.size(0), " (G side) and ", w.size(1) + (b.defined() ? 1 : 0),
-              " (A side), got ", g_dim, " and ", a_dim);
+              w.size(0), " (G side) and ", w.size(1) + (b.defined() ? 1 : 0), " (A side), got ",
+              g_dim, " and ", a_dim);
   return b;
 }
 
@@ -124,8 +124,9 @@ ParamSums host_sums(const at::Tensor& u, const at::Tensor& g, const at::Tensor& 
     ParamSums out;
     AT_DISPATCH_FLOATING_TYPES(t, "kfac_directions_sums", [&] {
       const scalar_t *pu = uc.const_data_ptr<scalar_t>(), *pg = gc.const_data_ptr<scalar_t>();
-      out = bc.defined() ? fused_sums<scalar_t, true>(pu, pg, bc.const_data_ptr<scalar_t>(), g.numel())
-                         : fused_sums<scalar_t, false>(pu, pg, nullptr, g.numel());
+      out = bc.defined()
+                ? fused_sums<scalar_t, true>(pu, pg, bc.const_data_ptr<scalar_t>(), g.numel())
+                : fused_sums<scalar_t, false>(pu, pg, nullptr, g.numel());
     });
     return out;
   }
@@ -168,14 +169,18 @@ void finish_layer(KfacDirections& out, StatsRows& stats, const at::Tensor& w, co
     if (grad_scale != 1.0) db.mul_(grad_scale);
     flush_subnormal_(db);
   }
-  // dw is already s u and the products are rescaled by s: <s u, s g> = s <dw, g>, <b, s g> = s <b, g>.
+  // dw is already s u and the products are rescaled by s: <s u, s g> = s <dw, g>, <b, s g> = s <b,
+  // g>.
   if (stats.host) {
     const ParamSums sw = host_sums(dw, w, bw);
     const ParamSums sb = b.defined() ? host_sums(db, b, bb) : ParamSums{};
-    const bool dir_ok = sw.u_finite && sb.u_finite &&
-                        (!extra_finite.defined() || extra_finite.item<bool>());
-    const double row[6] = {sw.g_finite && sb.g_finite ? 1.0 : 0.0, dir_ok ? 1.0 : 0.0,
-                           sw.ug * grad_scale, sb.ug * grad_scale, sw.bg * grad_scale,
+    const bool dir_ok =
+        sw.u_finite && sb.u_finite && (!extra_finite.defined() || extra_finite.item<bool>());
+    const double row[6] = {sw.g_finite && sb.g_finite ? 1.0 : 0.0,
+                           dir_ok ? 1.0 : 0.0,
+                           sw.ug * grad_scale,
+                           sb.ug * grad_scale,
+                           sw.bg * grad_scale,
                            sb.bg * grad_scale};
     stats.values.insert(stats.values.end(), row, row + stats.width);
   } else {
@@ -251,8 +256,8 @@ KfacDirections for_each_layer(at::TensorList weight_grads, const OptionalTensors
     const at::Tensor& w = weight_grads[i];
     const at::Tensor b = optional_at(bias_grads, i);
     auto [dw, db, extra_finite] = layer(i, w, b);
-    finish_layer(out, stats, w, b, dw, db, extra_finite, grad_scale,
-                 optional_at(weight_buffers, i), optional_at(bias_buffers, i));
+    finish_layer(out, stats, w, b, dw, db, extra_finite, grad_scale, optional_at(weight_buffers, i),
+                 optional_at(bias_buffers, i));
   }
   out.stats = stats.finish(weight_grads.size());
   return out;
@@ -302,7 +307,8 @@ KfacDirections kfac_directions_eigen(at::TensorList weight_grads,
     at::Tensor rotated = vg.t().mm(t);
     at::Tensor denom;
     if (pi_correction) {
-      // Martens & Grosse: A + pi sqrt(damping) I, G + sqrt(damping) / pi I (as kfac_precondition_eigen)
+      // Martens & Grosse: A + pi sqrt(damping) I, G + sqrt(damping) / pi I (as
+      // kfac_precondition_eigen)
       const at::Tensor pi = pi_from_traces(la.mean(), lg.mean());
       const double root = std::sqrt(damping[i]);
       denom = (lg + root / pi).unsqueeze(1) * (la + pi * root).unsqueeze(0);
@@ -356,15 +362,15 @@ KfacDirections kfac_directions_inverse(at::TensorList weight_grads,
 }
 
 void kfac_momentum_step_(at::TensorList params, at::TensorList momentum_buffers,
-                         at::TensorList directions, double lr, double momentum,
-                         double weight_decay, double direction_scale) {
+                         at::TensorList directions, double lr, double momentum, double weight_decay,
+                         double direction_scale) {
   TORCH_CHECK(directions.size() == params.size(), "directions must hold one entry per parameter (",
               params.size(), " params), got ", directions.size());
   TORCH_CHECK(momentum_buffers.empty() || momentum_buffers.size() == params.size(),
               "momentum_buffers must be empty (no momentum) or hold one entry per parameter (",
               params.size(), "), got ", momentum_buffers.size());
-  TORCH_CHECK(!momentum_buffers.empty() || momentum == 0.0,
-              "momentum ", momentum, " needs momentum_buffers (zeros before the first step)");
+  TORCH_CHECK(!momentum_buffers.empty() || momentum == 0.0, "momentum ", momentum,
+              " needs momentum_buffers (zeros before the first step)");
   TORCH_CHECK(std::isfinite(lr) && std::isfinite(momentum) && std::isfinite(weight_decay) &&
                   std::isfinite(direction_scale),
               "lr, momentum, weight_decay and direction_scale must be finite, got ", lr, ", ",
@@ -415,10 +421,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> directi
     at::TensorList a_eigenvectors, at::ArrayRef<double> damping, bool pi_correction,
     double grad_scale, const std::optional<OptionalTensors>& weight_buffers,
     const std::optional<OptionalTensors>& bias_buffers) {
-  return as_tuple(kfac_directions_eigen(weight_grads, bias_grads, g_eigenvalues, g_eigenvectors,
-                                        a_eigenvalues, a_eigenvectors, damping, pi_correction,
-                                        grad_scale, or_empty(weight_buffers),
-                                        or_empty(bias_buffers)));
+  return as_tuple(kfac_directions_eigen(
+      weight_grads, bias_grads, g_eigenvalues, g_eigenvectors, a_eigenvalues, a_eigenvectors,
+      damping, pi_correction, grad_scale, or_empty(weight_buffers), or_empty(bias_buffers)));
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> directions_inverse_op(

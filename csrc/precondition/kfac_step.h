@@ -69,7 +69,7 @@ KfacDirections kfac_directions_inverse(at::TensorList weight_grads,
 // (b = d when `momentum_buffers` is empty, which needs momentum == 0). Buffers are flushed of
 // subnormal values (an exponentially decaying buffer otherwise turns subnormal).
 void kfac_momentum_step_(at::TensorList params, at::TensorList momentum_buffers,
-                         at::TensorList directions, double lr, double momentum,
-                         double weight_decay, double direction_scale);
+                         at::TensorList directions, double lr, double momentum, double weight_decay,
+                         double direction_scale);
 
 }  // namespace natgrad

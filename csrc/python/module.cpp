@@ -18,8 +18,8 @@ PYBIND11_MODULE(_C, m) {
       [] {
         py::dict info;
         info["version"] = NATGRAD_VERSION;
-        // Hand-written CUDA kernels (csrc/**/*.cu) compiled in. There are none today: the ops
-        // reach CUDA through ATen (see natgrad.build_info()["devices"]).
+    // Hand-written CUDA kernels (csrc/**/*.cu) compiled in. There are none today: the ops
+    // reach CUDA through ATen (see natgrad.build_info()["devices"]).
 #ifdef NATGRAD_WITH_CUDA
         info["cuda_kernels"] = true;
 #else

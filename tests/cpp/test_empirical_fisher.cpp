@@ -37,8 +37,8 @@ at::Tensor ref_diag_fisher(const at::Tensor& input, const at::Tensor& grad_outpu
   for (int64_t s = 0; s < samples; ++s) {
     const at::Tensor a_s = x[s].reshape({-1, input.size(-1)});
     const at::Tensor g_s = g[s].reshape({-1, grad_output.size(-1)});
-    at::Tensor grad = at::matmul(g_s.t(), a_s);                            // [d_out, d_in]
-    if (bias) grad = at::cat({grad, g_s.sum(0).unsqueeze(1)}, 1);        // bias column last
+    at::Tensor grad = at::matmul(g_s.t(), a_s);                    // [d_out, d_in]
+    if (bias) grad = at::cat({grad, g_s.sum(0).unsqueeze(1)}, 1);  // bias column last
     sum = s == 0 ? grad.square() : sum + grad.square();
   }
   return sum * (grad_scale * grad_scale / static_cast<double>(samples));
@@ -65,8 +65,8 @@ TEST_F(Woodbury, EqualsTheDenseSolveForVectorAndMatrixRightHandSides) {
 
 TEST_F(Woodbury, AcceptsNonContiguousInputsAndLargeDamping) {
   at::manual_seed(301);
-  const at::Tensor u = at::randn({9, 4}, at::kDouble).t();               // [4, 9]
-  const at::Tensor rhs = at::randn({3, 9}, at::kDouble).t();             // [9, 3]
+  const at::Tensor u = at::randn({9, 4}, at::kDouble).t();    // [4, 9]
+  const at::Tensor rhs = at::randn({3, 9}, at::kDouble).t();  // [9, 3]
   ASSERT_FALSE(u.is_contiguous());
   ASSERT_FALSE(rhs.is_contiguous());
   for (double damping : {1e-3, 1.0, 100.0}) {
@@ -94,25 +94,31 @@ TEST_F(Woodbury, ReportsTheLadderRungAndStaysAccurate) {
   EXPECT_TRUE(AllFinite(x));
   // Jacobi fallback for the small system: y = (U v) / diag(U U^T + n damping I).
   const at::Tensor u64 = u.to(at::kDouble);
-  const at::Tensor y = at::matmul(u64, rhs.to(at::kDouble)) /
-                       (at::matmul(u64, u64.t()).diagonal() + 6 * 0.5);
+  const at::Tensor y =
+      at::matmul(u64, rhs.to(at::kDouble)) / (at::matmul(u64, u64.t()).diagonal() + 6 * 0.5);
   EXPECT_TRUE(AllClose(x, (rhs.to(at::kDouble) - at::matmul(u64.t(), y)) / 0.5, kTol32));
 }
 
 TEST_F(Woodbury, RejectsBadArgumentsNamingThem) {
   const at::Tensor u = at::randn({4, 6});
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::woodbury_solve(at::randn({6}), at::randn({6}), 0.1); },
-                               {"per_sample_grads", "2-D"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { natgrad::woodbury_solve(at::randn({6}), at::randn({6}), 0.1); },
+                       {"per_sample_grads", "2-D"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { natgrad::woodbury_solve(u.to(at::kLong), at::randn({6}), 0.1); },
+                       {"per_sample_grads", "floating"}));
   EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::woodbury_solve(u.to(at::kLong), at::randn({6}), 0.1); },
-      {"per_sample_grads", "floating"}));
-  EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::woodbury_solve(at::randn({0, 6}), at::randn({6}), 0.1); },
+      [&] {
+        natgrad::woodbury_solve(at::randn({0, 6}), at::randn({6}), 0.1);
+      },
       {"per_sample_grads", "empty batch"}));
   EXPECT_TRUE(ThrowsMentioning([&] { natgrad::woodbury_solve(u, at::randn({5}), 0.1); },
                                {"rhs", "n_params"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::woodbury_solve(u, at::randn({6, 2, 2}), 0.1); },
-                               {"rhs"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] {
+        natgrad::woodbury_solve(u, at::randn({6, 2, 2}), 0.1);
+      },
+      {"rhs"}));
   EXPECT_TRUE(ThrowsMentioning(
       [&] { natgrad::woodbury_solve(u, at::randn({6}, at::kDouble), 0.1); }, {"rhs", "dtype"}));
   for (double damping : {0.0, -1.0, std::numeric_limits<double>::quiet_NaN()}) {
@@ -168,7 +174,7 @@ TEST(LinearDiagFisher, DiffersFromSummingSquaresPerPosition) {
 
 TEST(LinearDiagFisher, AcceptsNonContiguousInputs) {
   at::manual_seed(312);
-  const at::Tensor x = at::randn({5, 4, 6}, at::kDouble).transpose(0, 1);  // [4, 5, 6]
+  const at::Tensor x = at::randn({5, 4, 6}, at::kDouble).transpose(0, 1);    // [4, 5, 6]
   const at::Tensor g = at::randn({4, 5, 6}, at::kDouble).slice(2, 0, 6, 2);  // [4, 5, 3]
   ASSERT_FALSE(x.is_contiguous());
   ASSERT_FALSE(g.is_contiguous());
@@ -194,24 +200,31 @@ TEST(LinearDiagFisher, RejectsBadArgumentsNamingThem) {
   const at::Tensor x = at::randn({4, 3}), g = at::randn({4, 2});
   EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_diag_fisher(at::randn({3}), g, true, 1.0); },
                                {"input", "dimensions"}));
+  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_diag_fisher(x.to(at::kLong), g, true, 1.0); },
+                               {"input", "floating"}));
   EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::linear_diag_fisher(x.to(at::kLong), g, true, 1.0); }, {"input", "floating"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_diag_fisher(x, at::randn({5, 2}), true, 1.0); },
-                               {"grad_output", "leading dims"}));
+      [&] {
+        natgrad::linear_diag_fisher(x, at::randn({5, 2}), true, 1.0);
+      },
+      {"grad_output", "leading dims"}));
   EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::linear_diag_fisher(at::randn({4, 2, 3}), at::randn({4, 3, 2}), true, 1.0); },
+      [&] {
+        natgrad::linear_diag_fisher(at::randn({4, 2, 3}), at::randn({4, 3, 2}), true, 1.0);
+      },
       {"grad_output"}));
   EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_diag_fisher(x, g.unsqueeze(1), true, 1.0); },
                                {"grad_output"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { natgrad::linear_diag_fisher(x, g.to(at::kDouble), true, 1.0); },
+                       {"grad_output", "dtype"}));
   EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::linear_diag_fisher(x, g.to(at::kDouble), true, 1.0); },
-      {"grad_output", "dtype"}));
-  EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::linear_diag_fisher(at::randn({0, 3}), at::randn({0, 2}), true, 1.0); },
+      [&] {
+        natgrad::linear_diag_fisher(at::randn({0, 3}), at::randn({0, 2}), true, 1.0);
+      },
       {"input", "empty batch"}));
   for (double scale : {0.0, -3.0, std::numeric_limits<double>::infinity()}) {
-    EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_diag_fisher(x, g, true, scale); },
-                                 {"grad_scale"}));
+    EXPECT_TRUE(
+        ThrowsMentioning([&] { natgrad::linear_diag_fisher(x, g, true, scale); }, {"grad_scale"}));
   }
 }
 

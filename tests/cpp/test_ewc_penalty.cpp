@@ -25,14 +25,14 @@ struct EwcLists {
 EwcLists random_lists(at::ScalarType dtype) {
   EwcLists l;
   l.params = {at::randn({3, 4}, dtype), at::randn({5}, dtype),
-              at::randn({4, 3, 2}, dtype).transpose(0, 2),          // [2, 3, 4] view
+              at::randn({4, 3, 2}, dtype).transpose(0, 2),  // [2, 3, 4] view
               at::randn({}, dtype), at::randn({6, 10}, dtype).slice(1, 0, 10, 3)};
   for (const at::Tensor& p : l.params) {
     l.fisher.push_back(at::rand(p.sizes(), dtype));
     l.anchor.push_back(at::randn(p.sizes(), dtype));
   }
-  l.fisher[2] = at::rand({4, 3, 2}, dtype).permute({2, 1, 0});       // non-contiguous too
-  l.anchor[4] = at::randn({12, 4}, dtype).slice(0, 0, 12, 2);        // [6, 4] view
+  l.fisher[2] = at::rand({4, 3, 2}, dtype).permute({2, 1, 0});  // non-contiguous too
+  l.anchor[4] = at::randn({12, 4}, dtype).slice(0, 0, 12, 2);   // [6, 4] view
   return l;
 }
 
@@ -78,7 +78,8 @@ TEST(EwcPenalty, IsZeroAtTheAnchorAndScalesWithTheFisher) {
   EXPECT_TRUE(zero_grads[0].equal(at::zeros({4, 4}, at::kDouble)));
   const at::Tensor anchor = at::zeros({4, 4}, at::kDouble);
   const double once = std::get<0>(natgrad::ewc_penalty({theta}, {f}, {anchor})).item<double>();
-  const double thrice = std::get<0>(natgrad::ewc_penalty({theta}, {f * 3.0}, {anchor})).item<double>();
+  const double thrice =
+      std::get<0>(natgrad::ewc_penalty({theta}, {f * 3.0}, {anchor})).item<double>();
   EXPECT_NEAR(thrice, 3.0 * once, kTol64 * thrice);
 }
 
@@ -124,21 +125,39 @@ TEST(EwcPenalty, WorksThroughTheDispatcher) {
 TEST(EwcPenaltyErrors, RejectsMismatchedListsShapesAndDtypesNamingThem) {
   const at::Tensor a = at::randn({3}), b = at::randn({2, 2});
   EXPECT_TRUE(ThrowsMentioning([] { natgrad::ewc_penalty({}, {}, {}); }, {"params"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::ewc_penalty({a, b}, {a}, {a, b}); },
-                               {"fisher", "one tensor per parameter"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::ewc_penalty({a, b}, {a, b}, {a, b, a}); },
-                               {"anchor", "one tensor per parameter"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::ewc_penalty({a, b}, {a, a}, {a, b}); },
-                               {"fisher[1]", "shape"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::ewc_penalty({a, b}, {a, b}, {a.t(), b.t().reshape({4})}); },
-                               {"anchor[1]", "shape"}));
   EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::ewc_penalty({a, b}, {a, b}, {a.to(at::kDouble), b}); }, {"anchor[0]", "dtype"}));
+      [&] {
+        natgrad::ewc_penalty({a, b}, {a}, {a, b});
+      },
+      {"fisher", "one tensor per parameter"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] {
+        natgrad::ewc_penalty({a, b}, {a, b}, {a, b, a});
+      },
+      {"anchor", "one tensor per parameter"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] {
+        natgrad::ewc_penalty({a, b}, {a, a}, {a, b});
+      },
+      {"fisher[1]", "shape"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] {
+        natgrad::ewc_penalty({a, b}, {a, b}, {a.t(), b.t().reshape({4})});
+      },
+      {"anchor[1]", "shape"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] {
+        natgrad::ewc_penalty({a, b}, {a, b}, {a.to(at::kDouble), b});
+      },
+      {"anchor[0]", "dtype"}));
   EXPECT_TRUE(ThrowsMentioning(
       [&] { natgrad::ewc_penalty({a.to(at::kLong)}, {a.to(at::kLong)}, {a.to(at::kLong)}); },
       {"params[0]", "floating"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::ewc_penalty({a, b.to(at::kInt)}, {a, b}, {a, b}); },
-                               {"params[1]", "dtype"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] {
+        natgrad::ewc_penalty({a, b.to(at::kInt)}, {a, b}, {a, b});
+      },
+      {"params[1]", "dtype"}));
   EXPECT_TRUE(ThrowsMentioning([&] { natgrad::ewc_penalty({a}, {at::Tensor()}, {a}); },
                                {"fisher[0]", "defined"}));
 }
@@ -155,7 +174,8 @@ TEST(EwcPenalty, CompositionForOtherDevicesMatchesTheFusedCpuLoop) {
     ASSERT_EQ(comp_grads.size(), fused_grads.size());
     for (size_t t = 0; t < comp_grads.size(); ++t) {
       EXPECT_TRUE(comp_grads[t].is_contiguous());
-      EXPECT_TRUE(AllClose(comp_grads[t], fused_grads[t], dtype == at::kBFloat16 ? 1e-2 : tol_for(dtype)));
+      EXPECT_TRUE(
+          AllClose(comp_grads[t], fused_grads[t], dtype == at::kBFloat16 ? 1e-2 : tol_for(dtype)));
     }
   }
 }

@@ -16,7 +16,8 @@ inline std::string source_path(const std::string& relative) {
   TORCH_CHECK(root != nullptr && *root != '\0',
               "NATGRAD_SOURCE_ROOT is not set: run the tests through ctest (which sets it), or "
               "export NATGRAD_SOURCE_ROOT=<the natgrad checkout> to run natgrad_tests directly "
-              "(needed for ", relative, ")");
+              "(needed for ",
+              relative, ")");
   return std::string(root) + "/" + relative;
 }
 

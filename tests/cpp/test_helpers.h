@@ -40,8 +40,8 @@ inline ::testing::AssertionResult AllClose(const at::Tensor& actual, const at::T
   const double err = (a - e).abs().max().item<double>();
   const double scale = e.abs().max().item<double>();
   if (err <= atol + rtol * scale) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "max abs error " << err << " > " << atol << " + "
-                                       << rtol << " * " << scale << " (max|expected|)";
+  return ::testing::AssertionFailure() << "max abs error " << err << " > " << atol << " + " << rtol
+                                       << " * " << scale << " (max|expected|)";
 }
 
 inline ::testing::AssertionResult AllFinite(const at::Tensor& t) {
@@ -58,8 +58,7 @@ template <class Fn>
     const std::string msg = e.what_without_backtrace();
     for (const char* needle : needles) {
       if (msg.find(needle) == std::string::npos) {
-        return ::testing::AssertionFailure()
-               << "message lacks \"" << needle << "\": " << msg;
+        return ::testing::AssertionFailure() << "message lacks \"" << needle << "\": " << msg;
       }
     }
     return ::testing::AssertionSuccess();

@@ -30,8 +30,8 @@ class KfacInverses : public natgrad_test::LadderTest {};
 at::Tensor ref_kron_solve(const at::Tensor& dw, const at::Tensor& g, const at::Tensor& a,
                           double damping) {
   const int64_t m = dw.size(0), n = dw.size(1);
-  const at::Tensor k = at::kron(a.to(at::kDouble), g.to(at::kDouble)) +
-                       at::eye(m * n, at::kDouble) * damping;
+  const at::Tensor k =
+      at::kron(a.to(at::kDouble), g.to(at::kDouble)) + at::eye(m * n, at::kDouble) * damping;
   const at::Tensor x = at::linalg_solve(k, natgrad_test::vec_columns(dw.to(at::kDouble)));
   return natgrad_test::unvec_columns(x, m, n);
 }
@@ -93,8 +93,8 @@ TEST(KfacPrecondition, EigenFormHandlesRankDeficientFactorsAndNonContiguousGradi
   const at::Tensor g = random_psd_rank(4, 2), a = random_psd_rank(7, 3);  // batch < dimension
   const at::Tensor dw = at::randn({7, 4}, at::kDouble).t();
   ASSERT_FALSE(dw.is_contiguous());
-  EXPECT_TRUE(AllClose(precondition_eigen(dw, g, a, 0.05, false),
-                       ref_kron_solve(dw, g, a, 0.05), kTol64));
+  EXPECT_TRUE(
+      AllClose(precondition_eigen(dw, g, a, 0.05, false), ref_kron_solve(dw, g, a, 0.05), kTol64));
 }
 
 TEST(KfacPrecondition, EigenFormMatchesInFloat32) {
@@ -111,14 +111,15 @@ TEST(KfacPrecondition, EigenFormFromDampedEighEqualsTheDenseSolve) {
   const at::Tensor g = random_psd_rank(4, 6), a = random_psd_rank(5, 3);
   const at::Tensor dw = at::randn({4, 5}, at::kDouble);
   const natgrad::EighResult ge = natgrad::damped_eigh(g, 0.0), ae = natgrad::damped_eigh(a, 0.0);
-  const at::Tensor p = natgrad::kfac_precondition_eigen(dw, ge.eigenvalues, ge.eigenvectors,
-                                                        ae.eigenvalues, ae.eigenvectors, 0.1, false);
+  const at::Tensor p = natgrad::kfac_precondition_eigen(
+      dw, ge.eigenvalues, ge.eigenvectors, ae.eigenvalues, ae.eigenvectors, 0.1, false);
   EXPECT_TRUE(AllClose(p, ref_kron_solve(dw, g, a, 0.1), kTol64));
 }
 
 TEST(KfacPrecondition, ZeroDenominatorLeavesThatDirectionUnscaled) {
   // G = diag(0, 2), A = diag(1, 4), no damping: the first row has no curvature.
-  const at::Tensor gw = at::tensor({0.0, 2.0}, at::kDouble), aw = at::tensor({1.0, 4.0}, at::kDouble);
+  const at::Tensor gw = at::tensor({0.0, 2.0}, at::kDouble),
+                   aw = at::tensor({1.0, 4.0}, at::kDouble);
   const at::Tensor eye = at::eye(2, at::kDouble);
   const at::Tensor dw = at::tensor({1.0, 2.0, 3.0, 4.0}, at::kDouble).reshape({2, 2});
   const at::Tensor p = natgrad::kfac_precondition_eigen(dw, gw, eye, aw, eye, 0.0, false);
@@ -142,8 +143,8 @@ TEST(KfacPrecondition, PiCorrectedEigenFormEqualsFactoredDampingAndTheInverseFor
         natgrad::kfac_damped_inverses(g.to(dtype), a.to(dtype), damping, true);
     EXPECT_EQ(rung.item<int64_t>(), 0);
     EXPECT_EQ(g_inv.scalar_type(), dtype);
-    EXPECT_TRUE(AllClose(natgrad::kfac_precondition_inverse(dw, g_inv, a_inv), expected,
-                         tol_for(dtype)));
+    EXPECT_TRUE(
+        AllClose(natgrad::kfac_precondition_inverse(dw, g_inv, a_inv), expected, tol_for(dtype)));
   }
 }
 
@@ -181,8 +182,8 @@ TEST(KfacPrecondition, BatchedLayersEqualPerLayerResults) {
   const auto [g_inv4, a_inv4, rung4] = natgrad::kfac_damped_inverses(g4, a4, 0.1, true);
   const at::Tensor dw4 = at::stack({dw, dw});
   const at::Tensor p4 = natgrad::kfac_precondition_inverse(dw4, g_inv4, a_inv4);
-  EXPECT_TRUE(AllClose(p4[1][2], ref_factored(dw[2], gs[2], as[2], 0.1, ref_pi(gs[2], as[2])),
-                       kTol64));
+  EXPECT_TRUE(
+      AllClose(p4[1][2], ref_factored(dw[2], gs[2], as[2], 0.1, ref_pi(gs[2], as[2])), kTol64));
 }
 
 // ---- Damped inverses ------------------------------------------------------------------------
@@ -236,7 +237,8 @@ TEST_F(KfacInverses, ForcedFailuresAreReportedAsTheWorstRung) {
 TEST_F(KfacInverses, IllConditionedFloat32FactorsGiveFiniteOutput) {
   at::manual_seed(210);
   const at::Tensor q = std::get<0>(at::linalg_qr(at::randn({6, 6}, at::kDouble)));
-  const at::Tensor f = at::matmul(q * at::logspace(-12, 0, 6, 10.0, at::kDouble), q.t()).to(at::kFloat);
+  const at::Tensor f =
+      at::matmul(q * at::logspace(-12, 0, 6, 10.0, at::kDouble), q.t()).to(at::kFloat);
   const auto [g_inv, a_inv, rung] = natgrad::kfac_damped_inverses(f, f, 1e-14, false);
   EXPECT_TRUE(AllFinite(g_inv));
   EXPECT_TRUE(AllFinite(a_inv));
@@ -255,18 +257,17 @@ TEST(KfacPreconditionErrors, EigenFormRejectsBadArgumentsNamingThem) {
     return [=] { natgrad::kfac_precondition_eigen(d, a, b, c, e, damping, false); };
   };
   EXPECT_TRUE(ThrowsMentioning(eigen(at::randn({4}, at::kDouble), gw, gv, aw, av, 0.1), {"grad"}));
-  EXPECT_TRUE(ThrowsMentioning(eigen(dw.to(at::kLong), gw, gv, aw, av, 0.1),
-                               {"grad", "floating"}));
+  EXPECT_TRUE(ThrowsMentioning(eigen(dw.to(at::kLong), gw, gv, aw, av, 0.1), {"grad", "floating"}));
   EXPECT_TRUE(ThrowsMentioning(eigen(dw, gw, at::eye(4, at::kDouble), aw, av, 0.1),
                                {"g_eigenvectors", "shape"}));
   EXPECT_TRUE(ThrowsMentioning(eigen(dw, gw, gv, aw, av.t().slice(0, 0, 3), 0.1),
                                {"a_eigenvectors", "shape"}));
   EXPECT_TRUE(ThrowsMentioning(eigen(dw, gw, gv, at::ones({3}, at::kDouble), av, 0.1),
                                {"a_eigenvalues", "shape"}));
-  EXPECT_TRUE(ThrowsMentioning(eigen(dw, gw.to(at::kFloat), gv, aw, av, 0.1),
-                               {"g_eigenvalues", "dtype"}));
-  EXPECT_TRUE(ThrowsMentioning(eigen(dw, gw, gv.to(at::kFloat), aw, av, 0.1),
-                               {"g_eigenvectors", "dtype"}));
+  EXPECT_TRUE(
+      ThrowsMentioning(eigen(dw, gw.to(at::kFloat), gv, aw, av, 0.1), {"g_eigenvalues", "dtype"}));
+  EXPECT_TRUE(
+      ThrowsMentioning(eigen(dw, gw, gv.to(at::kFloat), aw, av, 0.1), {"g_eigenvectors", "dtype"}));
   for (double damping : {-1.0, std::numeric_limits<double>::quiet_NaN()}) {
     EXPECT_TRUE(ThrowsMentioning(eigen(dw, gw, gv, aw, av, damping), {"damping"}));
   }
@@ -279,20 +280,24 @@ TEST(KfacPreconditionErrors, InverseFormsRejectBadArgumentsNamingThem) {
                                  {"damping"}));
   }
   EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::kfac_damped_inverses(g, at::randn({4, 3}, at::kDouble), 0.1, false); },
+      [&] {
+        natgrad::kfac_damped_inverses(g, at::randn({4, 3}, at::kDouble), 0.1, false);
+      },
       {"a_factor", "square"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { natgrad::kfac_damped_inverses(g.to(at::kLong), a, 0.1, false); },
+                       {"g_factor", "floating"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { natgrad::kfac_damped_inverses(g, a.to(at::kFloat), 0.1, true); },
+                       {"a_factor", "dtype"}));
   EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::kfac_damped_inverses(g.to(at::kLong), a, 0.1, false); },
-      {"g_factor", "floating"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_damped_inverses(g, a.to(at::kFloat), 0.1, true); },
-                               {"a_factor", "dtype"}));
-  EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::kfac_damped_inverses(g.expand({2, 3, 3}), a.expand({3, 4, 4}), 0.1, true); },
+      [&] {
+        natgrad::kfac_damped_inverses(g.expand({2, 3, 3}), a.expand({3, 4, 4}), 0.1, true);
+      },
       {"batch dims"}));
   at::Tensor bad = g.clone();
   bad[1][1] = std::numeric_limits<double>::quiet_NaN();
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_damped_inverses(bad, a, 0.1, true); },
-                               {"NaN"}));
+  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_damped_inverses(bad, a, 0.1, true); }, {"NaN"}));
 
   const at::Tensor dw = at::randn({3, 4}, at::kDouble);
   EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_inverse(dw, a, a); },
@@ -300,7 +305,9 @@ TEST(KfacPreconditionErrors, InverseFormsRejectBadArgumentsNamingThem) {
   EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_inverse(dw, g, g); },
                                {"a_inverse", "shape"}));
   EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::kfac_precondition_inverse(dw.expand({2, 3, 4}), g, a); },
+      [&] {
+        natgrad::kfac_precondition_inverse(dw.expand({2, 3, 4}), g, a);
+      },
       {"g_inverse", "shape"}));
 }
 
@@ -318,17 +325,22 @@ TEST(KfacPreconditionErrors, EigenFormRejectsNanOrInfNamingTheArgument) {
   const at::Tensor dw = at::randn({3, 4}, at::kDouble);
   auto [gw, gv] = at::linalg_eigh(random_spd(3));
   auto [aw, av] = at::linalg_eigh(random_spd(4));
-  const std::vector<std::pair<const char*, int>> names = {
-      {"grad", 0}, {"g_eigenvalues", 1}, {"g_eigenvectors", 2}, {"a_eigenvalues", 3},
-      {"a_eigenvectors", 4}};
-  for (double bad : {std::numeric_limits<double>::quiet_NaN(),
-                     std::numeric_limits<double>::infinity()}) {
+  const std::vector<std::pair<const char*, int>> names = {{"grad", 0},
+                                                          {"g_eigenvalues", 1},
+                                                          {"g_eigenvectors", 2},
+                                                          {"a_eigenvalues", 3},
+                                                          {"a_eigenvectors", 4}};
+  for (double bad :
+       {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
     for (const auto& [name, index] : names) {
       std::vector<at::Tensor> args = {dw, gw, gv, aw, av};
       args[index] = spoiled(args[index], bad);
       for (bool pi : {false, true}) {
         EXPECT_TRUE(ThrowsMentioning(
-            [&] { natgrad::kfac_precondition_eigen(args[0], args[1], args[2], args[3], args[4], 0.1, pi); },
+            [&] {
+              natgrad::kfac_precondition_eigen(args[0], args[1], args[2], args[3], args[4], 0.1,
+                                               pi);
+            },
             {name, "contains NaN or Inf"}))
             << name << " = " << bad << ", pi " << pi;
       }
@@ -346,10 +358,15 @@ TEST(KfacPreconditionErrors, InverseFormsRejectNanOrInfNamingTheArgument) {
   EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_inverse(dw, spoiled(g, nan), a); },
                                {"g_inverse", "NaN or Inf"}));
   EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::kfac_precondition_inverse(dw, g, spoiled(a, -std::numeric_limits<double>::infinity())); },
+      [&] {
+        natgrad::kfac_precondition_inverse(dw, g,
+                                           spoiled(a, -std::numeric_limits<double>::infinity()));
+      },
       {"a_inverse", "NaN or Inf"}));
   EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::kfac_damped_inverses(random_spd(3), spoiled(random_spd(4), nan), 0.1, false); },
+      [&] {
+        natgrad::kfac_damped_inverses(random_spd(3), spoiled(random_spd(4), nan), 0.1, false);
+      },
       {"a_factor", "NaN or Inf"}));
 }
 
@@ -397,15 +414,17 @@ TEST(KfacPreconditionDiagonalA, ClampsFrequenciesLeavesZeroDenominatorsAndPoison
 TEST(KfacPreconditionDiagonalA, BadArgumentsAreNamed) {
   const at::Tensor dw = at::ones({3, 4}, at::kDouble), gw = at::ones({3}, at::kDouble);
   const at::Tensor gv = at::eye(3, at::kDouble), a = at::ones({4}, at::kDouble);
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_diagonal_a(dw, gw, gw, gv, 0.1, false); },
-                               {"a_diagonal must have shape [4]"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_diagonal_a(dw, a, a, gv, 0.1, false); },
-                               {"g_eigenvalues must have shape [3]"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { natgrad::kfac_precondition_diagonal_a(dw, gw, gw, gv, 0.1, false); },
+                       {"a_diagonal must have shape [4]"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { natgrad::kfac_precondition_diagonal_a(dw, a, a, gv, 0.1, false); },
+                       {"g_eigenvalues must have shape [3]"}));
   EXPECT_TRUE(ThrowsMentioning(
       [&] { natgrad::kfac_precondition_diagonal_a(dw, a.to(at::kFloat), gw, gv, 0.1, false); },
       {"a_diagonal", "dtype"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::kfac_precondition_diagonal_a(dw, a, gw, gv, -1.0, false); },
-                               {"damping"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] { natgrad::kfac_precondition_diagonal_a(dw, a, gw, gv, -1.0, false); }, {"damping"}));
 }
 
 }  // namespace

@@ -19,16 +19,13 @@ at::Tensor dense_solve(const at::Tensor& packed, const at::Tensor& g, const at::
                        double damping) {
   const int64_t m = packed.size(0), n = packed.size(1);
   const at::Tensor k = at::kron(a, g) + at::eye(m * n, at::kDouble) * damping;
-  return natgrad_test::unvec_columns(
-      at::linalg_solve(k, natgrad_test::vec_columns(packed)), m, n);
+  return natgrad_test::unvec_columns(at::linalg_solve(k, natgrad_test::vec_columns(packed)), m, n);
 }
 
 struct Layer {
   at::Tensor g, a, w;
   std::optional<at::Tensor> b;
-  at::Tensor packed() const {
-    return b.has_value() ? at::cat({w, b->unsqueeze(1)}, 1) : w;
-  }
+  at::Tensor packed() const { return b.has_value() ? at::cat({w, b->unsqueeze(1)}, 1) : w; }
 };
 
 std::vector<Layer> make_layers() {
@@ -91,9 +88,9 @@ TEST(KfacDirections, InverseEqualsDampedInversesProduct) {
   }
   auto out = natgrad::kfac_directions_inverse(w, bias_list(ls), gi, ai, 1.0);
   for (size_t i = 0; i < ls.size(); ++i) {
-    const at::Tensor ref = at::linalg_solve(ls[i].g + 0.2 * at::eye(ls[i].g.size(0), at::kDouble),
-                                            ls[i].packed())
-                               .mm(at::linalg_inv(ls[i].a + 0.2 * at::eye(ls[i].a.size(0), at::kDouble)));
+    const at::Tensor ref =
+        at::linalg_solve(ls[i].g + 0.2 * at::eye(ls[i].g.size(0), at::kDouble), ls[i].packed())
+            .mm(at::linalg_inv(ls[i].a + 0.2 * at::eye(ls[i].a.size(0), at::kDouble)));
     const int64_t n = ls[i].w.size(1);
     EXPECT_TRUE(AllClose(out.weight[i], ref.narrow(1, 0, n), 1e-9));
     if (ls[i].b.has_value()) EXPECT_TRUE(AllClose(out.bias[0], ref.select(1, n), 1e-9));
@@ -110,9 +107,9 @@ TEST(KfacDirections, NonFiniteGradientIsFlaggedAndLengthsAreChecked) {
   EXPECT_EQ(out.stats[1][0].item<double>(), 0.0);
   EXPECT_EQ(out.stats[1][1].item<double>(), 0.0);
   std::vector<at::Tensor> one{ls[0].g};
-  EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::kfac_directions_inverse(w, bias_list(ls), one, ai, 1.0); },
-      {"g_inverses", "one entry per layer"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([&] { natgrad::kfac_directions_inverse(w, bias_list(ls), one, ai, 1.0); },
+                       {"g_inverses", "one entry per layer"}));
 }
 
 TEST(KfacDirections, MomentumBuffersAppendTheirInnerProductsWithTheGradient) {
@@ -170,9 +167,9 @@ TEST(KfacMomentum, MatchesHeavyBallAndFlushesBuffers) {
 
 TEST(Subnormal, FlushZeroesOnlySubnormals) {
   const float tiny = std::numeric_limits<float>::min();
-  at::Tensor t = at::tensor({tiny / 4, -tiny / 2, tiny, -1.0f, 0.0f,
-                             std::numeric_limits<float>::infinity(),
-                             std::numeric_limits<float>::quiet_NaN()});
+  at::Tensor t =
+      at::tensor({tiny / 4, -tiny / 2, tiny, -1.0f, 0.0f, std::numeric_limits<float>::infinity(),
+                  std::numeric_limits<float>::quiet_NaN()});
   EXPECT_TRUE(natgrad::has_subnormal(t));
   natgrad::flush_subnormal_(t);
   EXPECT_FALSE(natgrad::has_subnormal(t));

@@ -20,12 +20,12 @@ using natgrad_test::conv_cases;
 using natgrad_test::ConvCase;
 using natgrad_test::kTol32;
 using natgrad_test::kTol64;
-using natgrad_test::ThrowsMentioning;
 using natgrad_test::ref_conv_act;
 using natgrad_test::ref_conv_grad;
 using natgrad_test::ref_linear_act;
 using natgrad_test::ref_linear_grad;
 using natgrad_test::ref_patches;
+using natgrad_test::ThrowsMentioning;
 using natgrad_test::tol_for;
 
 at::Tensor conv_act(const at::Tensor& input, const ConvCase& cc, bool bias) {
@@ -66,9 +66,9 @@ TEST(KronFactors, LinearFlattensAllLeadingDimensions) {
 
 TEST(KronFactors, LinearAcceptsNonContiguousViews) {
   at::manual_seed(3);
-  const at::Tensor transposed = at::randn({6, 10}, at::kDouble).t();            // [10, 6]
+  const at::Tensor transposed = at::randn({6, 10}, at::kDouble).t();              // [10, 6]
   const at::Tensor strided = at::randn({8, 14}, at::kDouble).slice(1, 0, 14, 2);  // [8, 7]
-  const at::Tensor batched = at::randn({5, 3, 4}, at::kDouble).transpose(0, 1);  // [3, 5, 4]
+  const at::Tensor batched = at::randn({5, 3, 4}, at::kDouble).transpose(0, 1);   // [3, 5, 4]
   for (const at::Tensor& x : {transposed, strided, batched}) {
     ASSERT_FALSE(x.is_contiguous());
     EXPECT_TRUE(AllClose(natgrad::linear_act_factor(x, true), ref_linear_act(x, true), kTol64));
@@ -140,8 +140,8 @@ TEST(KronFactors, LinearEmaConvertsInputToTheFactorDtype) {
   at::Tensor factor = at::eye(4, at::kDouble);
   natgrad::linear_act_factor_ema_(factor, x, false, 0.5);
   EXPECT_EQ(factor.scalar_type(), at::kDouble);
-  EXPECT_TRUE(AllClose(factor, at::eye(4, at::kDouble) * 0.5 + ref_linear_act(x, false) * 0.5,
-                       kTol64));
+  EXPECT_TRUE(
+      AllClose(factor, at::eye(4, at::kDouble) * 0.5 + ref_linear_act(x, false) * 0.5, kTol64));
 }
 
 // ---- Linear gradient factor -----------------------------------------------------------------
@@ -153,8 +153,8 @@ TEST(KronFactors, LinearGradMatchesReferenceForScalesShapesAndViews) {
       at::randn({3, 4, 6}, at::kDouble), at::randn({7, 9}, at::kDouble).t()};
   for (const at::Tensor& g : grads) {
     for (double scale : {1.0, 12.0, 0.5}) {
-      EXPECT_TRUE(AllClose(natgrad::linear_grad_factor(g, scale), ref_linear_grad(g, scale),
-                           kTol64))
+      EXPECT_TRUE(
+          AllClose(natgrad::linear_grad_factor(g, scale), ref_linear_grad(g, scale), kTol64))
           << "shape " << g.sizes() << " scale " << scale;
     }
   }
@@ -237,8 +237,8 @@ TEST(KronFactors, Conv2dActChunksTheBatchIntoSeveralChunks) {
   at::Tensor factor = natgrad_test::random_spd(28);
   const at::Tensor old = factor.clone();
   const void* storage = factor.data_ptr();
-  natgrad::conv2d_act_factor_ema_(factor, x, cc.kernel, cc.stride, cc.padding, cc.dilation,
-                                  true, 0.8);
+  natgrad::conv2d_act_factor_ema_(factor, x, cc.kernel, cc.stride, cc.padding, cc.dilation, true,
+                                  0.8);
   EXPECT_EQ(factor.data_ptr(), storage);
   EXPECT_TRUE(AllClose(factor, old * 0.8 + ref_conv_act(x, cc, true) * 0.2, kTol64));
 }
@@ -252,8 +252,8 @@ TEST(KronFactors, Conv2dActEmaBlendsOldAndNewInPlace) {
     at::Tensor factor = natgrad_test::random_spd(dim).to(dtype);
     const at::Tensor old = factor.clone();
     const void* storage = factor.data_ptr();
-    natgrad::conv2d_act_factor_ema_(factor, x, cc.kernel, cc.stride, cc.padding, cc.dilation,
-                                    false, 0.9);
+    natgrad::conv2d_act_factor_ema_(factor, x, cc.kernel, cc.stride, cc.padding, cc.dilation, false,
+                                    0.9);
     EXPECT_EQ(factor.data_ptr(), storage);
     EXPECT_TRUE(AllClose(factor, old.to(at::kDouble) * 0.9 + ref_conv_act(x, cc, false) * 0.1,
                          tol_for(dtype)));
@@ -268,8 +268,7 @@ TEST(KronFactors, Conv2dGradMatchesReference) {
   for (const at::Tensor& g : grads) {
     const double kfc_scale = static_cast<double>(g.size(0)) * std::sqrt(g.size(2) * g.size(3));
     for (double scale : {1.0, kfc_scale}) {
-      EXPECT_TRUE(AllClose(natgrad::conv2d_grad_factor(g, scale), ref_conv_grad(g, scale),
-                           kTol64))
+      EXPECT_TRUE(AllClose(natgrad::conv2d_grad_factor(g, scale), ref_conv_grad(g, scale), kTol64))
           << "shape " << g.sizes() << " scale " << scale;
     }
   }
@@ -296,7 +295,7 @@ TEST(KronFactors, ConvChunkSamplesFollowsItsDocumentedBound) {
   EXPECT_EQ(natgrad::conv_chunk_samples(27, 9, 28), 1078);  // the floor: 2^18 / 243
   EXPECT_EQ(natgrad::conv_chunk_samples(1, 1, 5), natgrad::kConvChunkElements);
   EXPECT_EQ(natgrad::conv_chunk_samples(100, 100, 1000), 100);  // the factor: 10^6 / 10^4
-  EXPECT_EQ(natgrad::conv_chunk_samples(1000, 1000, 10), 1);  // never below one sample
+  EXPECT_EQ(natgrad::conv_chunk_samples(1000, 1000, 10), 1);    // never below one sample
   for (int64_t patch : {3, 18, 50, 700})
     for (int64_t pos : {1, 4, 49, 900})
       for (int64_t dim : {4, 19, 51, 701}) {
@@ -372,8 +371,8 @@ TEST(KronFactors, DecayZeroReplacesEveryNanFactorOfEveryEmaOp) {
   for (bool bias : {true, false}) {
     at::Tensor ca = nan_factor(2 * 9 + (bias ? 1 : 0));
     natgrad::conv2d_act_factor_ema_(ca, img, {3, 3}, {1, 1}, {1, 1}, {1, 1}, bias, 0.0);
-    EXPECT_TRUE(AllClose(ca, natgrad::conv2d_act_factor(img, {3, 3}, {1, 1}, {1, 1}, {1, 1}, bias),
-                         kTol64))
+    EXPECT_TRUE(
+        AllClose(ca, natgrad::conv2d_act_factor(img, {3, 3}, {1, 1}, {1, 1}, {1, 1}, bias), kTol64))
         << "bias " << bias;
   }
   at::Tensor cg = nan_factor(2);
@@ -393,7 +392,9 @@ TEST(KronFactors, LinearInputWithZeroFeaturesGivesTheBiasEntryAlone) {
 
 TEST(KronFactorErrors, Conv2dRejectsAnInputWithoutChannels) {
   EXPECT_TRUE(ThrowsMentioning(
-      [] { natgrad::conv2d_act_factor(at::randn({2, 0, 4, 4}), {3, 3}, {1, 1}, {0, 0}, {1, 1}, true); },
+      [] {
+        natgrad::conv2d_act_factor(at::randn({2, 0, 4, 4}), {3, 3}, {1, 1}, {0, 0}, {1, 1}, true);
+      },
       {"input", "at least one channel"}));
 }
 
@@ -401,16 +402,28 @@ TEST(KronFactorErrors, Conv2dRejectsAnInputWithoutChannels) {
 
 TEST(KronFactorErrors, LinearRejectsBadInputsNamingTheArgument) {
   const at::Tensor x = at::randn({4, 3});
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_act_factor(at::ones({4, 3}, at::kLong), true); },
-                               {"input", "floating"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] {
+        natgrad::linear_act_factor(at::ones({4, 3}, at::kLong), true);
+      },
+      {"input", "floating"}));
   EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_act_factor(at::randn({}), true); },
                                {"input", "dimensions"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_act_factor(at::randn({0, 3}), false); },
-                               {"input", "empty batch"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_grad_factor(at::ones({4, 3}, at::kInt), 1.0); },
-                               {"grad_output", "floating"}));
-  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_grad_factor(at::randn({2, 0, 3}), 1.0); },
-                               {"grad_output", "empty batch"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] {
+        natgrad::linear_act_factor(at::randn({0, 3}), false);
+      },
+      {"input", "empty batch"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] {
+        natgrad::linear_grad_factor(at::ones({4, 3}, at::kInt), 1.0);
+      },
+      {"grad_output", "floating"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [&] {
+        natgrad::linear_grad_factor(at::randn({2, 0, 3}), 1.0);
+      },
+      {"grad_output", "empty batch"}));
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const double inf = std::numeric_limits<double>::infinity();
   for (double scale : {0.0, -2.0, nan, inf}) {
@@ -425,13 +438,16 @@ TEST(KronFactorErrors, EmaRejectsBadDecayAndMismatchedFactors) {
     EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_act_factor_ema_(factor, x, true, decay); },
                                  {"decay"}));
     EXPECT_TRUE(ThrowsMentioning(
-        [&] { natgrad::linear_grad_factor_ema_(factor, at::randn({2, 4}), 1.0, decay); }, {"decay"}));
+        [&] {
+          natgrad::linear_grad_factor_ema_(factor, at::randn({2, 4}), 1.0, decay);
+        },
+        {"decay"}));
   }
   EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_act_factor_ema_(factor, x, false, 0.5); },
                                {"factor", "shape"}));
   at::Tensor long_factor = at::zeros({4, 4}, at::kLong);
-  EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::linear_act_factor_ema_(long_factor, x, true, 0.5); }, {"factor", "floating"}));
+  EXPECT_TRUE(ThrowsMentioning([&] { natgrad::linear_act_factor_ema_(long_factor, x, true, 0.5); },
+                               {"factor", "floating"}));
   at::Tensor conv_factor = at::eye(5);
   EXPECT_TRUE(ThrowsMentioning(
       [&] {
@@ -440,7 +456,9 @@ TEST(KronFactorErrors, EmaRejectsBadDecayAndMismatchedFactors) {
       },
       {"factor", "shape"}));
   EXPECT_TRUE(ThrowsMentioning(
-      [&] { natgrad::conv2d_grad_factor_ema_(conv_factor, at::randn({1, 5, 2, 2}), 1.0, 2.0); },
+      [&] {
+        natgrad::conv2d_grad_factor_ema_(conv_factor, at::randn({1, 5, 2, 2}), 1.0, 2.0);
+      },
       {"decay"}));
   EXPECT_EQ(factor.equal(at::eye(4)), true);  // failed calls leave the factor untouched
 }
@@ -463,26 +481,42 @@ TEST(KronFactorErrors, Conv2dRejectsBadGeometryNamingTheArgument) {
   EXPECT_TRUE(ThrowsMentioning(call(x, {3, 3}, {1, 1}, {-1, 0}, {1, 1}), {"padding"}));
   EXPECT_TRUE(ThrowsMentioning(call(x, {3, 3}, {1, 1}, {0, 0}, {1, 0}), {"dilation"}));
   EXPECT_TRUE(ThrowsMentioning(call(x, {3, 3}, {1, 1}, {0, 0}, {3, 3}), {"too small"}));
-  EXPECT_TRUE(ThrowsMentioning([] { natgrad::conv2d_grad_factor(at::randn({2, 3, 4}), 1.0); },
-                               {"grad_output", "4-D"}));
-  EXPECT_TRUE(ThrowsMentioning([] { natgrad::conv2d_grad_factor(at::randn({2, 3, 0, 4}), 1.0); },
-                               {"grad_output", "empty batch"}));
-  EXPECT_TRUE(ThrowsMentioning([] { natgrad::conv2d_grad_factor(at::randn({2, 3, 2, 2}), -1.0); },
-                               {"grad_scale"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [] {
+        natgrad::conv2d_grad_factor(at::randn({2, 3, 4}), 1.0);
+      },
+      {"grad_output", "4-D"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [] {
+        natgrad::conv2d_grad_factor(at::randn({2, 3, 0, 4}), 1.0);
+      },
+      {"grad_output", "empty batch"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [] {
+        natgrad::conv2d_grad_factor(at::randn({2, 3, 2, 2}), -1.0);
+      },
+      {"grad_scale"}));
 }
 
 // ---- The dispatcher: ops registered by the C++ library itself -------------------------------
 
-constexpr std::array<const char*, 17> kOps = {
-    "natgrad::linear_act_factor",       "natgrad::linear_act_factor_ema_",
-    "natgrad::conv2d_act_factor",       "natgrad::conv2d_act_factor_ema_",
-    "natgrad::linear_grad_factor",      "natgrad::linear_grad_factor_ema_",
-    "natgrad::conv2d_grad_factor",      "natgrad::conv2d_grad_factor_ema_",
-    "natgrad::damped_eigh",             "natgrad::kfac_precondition_eigen",
-    "natgrad::kfac_damped_inverses",    "natgrad::kfac_precondition_inverse",
-    "natgrad::woodbury_solve",          "natgrad::linear_diag_fisher",
-    "natgrad::kfac_factors_ema_",       "natgrad::ewc_penalty",
-    "natgrad::kfac_precondition_diagonal_a"};
+constexpr std::array<const char*, 17> kOps = {"natgrad::linear_act_factor",
+                                              "natgrad::linear_act_factor_ema_",
+                                              "natgrad::conv2d_act_factor",
+                                              "natgrad::conv2d_act_factor_ema_",
+                                              "natgrad::linear_grad_factor",
+                                              "natgrad::linear_grad_factor_ema_",
+                                              "natgrad::conv2d_grad_factor",
+                                              "natgrad::conv2d_grad_factor_ema_",
+                                              "natgrad::damped_eigh",
+                                              "natgrad::kfac_precondition_eigen",
+                                              "natgrad::kfac_damped_inverses",
+                                              "natgrad::kfac_precondition_inverse",
+                                              "natgrad::woodbury_solve",
+                                              "natgrad::linear_diag_fisher",
+                                              "natgrad::kfac_factors_ema_",
+                                              "natgrad::ewc_penalty",
+                                              "natgrad::kfac_precondition_diagonal_a"};
 
 TEST(Dispatcher, EveryOperatorIsAnAtenCompositionRegisteredForEveryDevice) {
   for (const char* name : kOps) {
@@ -520,8 +554,8 @@ TEST(Dispatcher, MutatingEmaOpUpdatesTheFactorThroughTheDispatcher) {
       .findSchemaOrThrow("natgrad::linear_grad_factor_ema_", "")
       .typed<void(at::Tensor&, const at::Tensor&, double, double)>()
       .call(factor, g, 2.0, 0.5);
-  EXPECT_TRUE(AllClose(factor, at::eye(3, at::kDouble) * 0.5 + ref_linear_grad(g, 2.0) * 0.5,
-                       kTol64));
+  EXPECT_TRUE(
+      AllClose(factor, at::eye(3, at::kDouble) * 0.5 + ref_linear_grad(g, 2.0) * 0.5, kTol64));
 }
 
 }  // namespace

@@ -90,7 +90,8 @@ TEST_F(Ladder, ForcedFailuresAreCountedConsumedAndReset) {
   force_ladder_failures(3);
   EXPECT_EQ(pending_ladder_failures(), 3);
   int calls = 0;
-  const Rung rung = natgrad::climb_ladder(at::eye(2), [&](const at::Tensor&) { return ++calls > 0; });
+  const Rung rung =
+      natgrad::climb_ladder(at::eye(2), [&](const at::Tensor&) { return ++calls > 0; });
   EXPECT_EQ(rung, Rung::kJitter);  // native, float64 and the first jitter step were forced
   EXPECT_EQ(calls, 1);
   EXPECT_EQ(pending_ladder_failures(), 0);
@@ -153,7 +154,8 @@ TEST_F(DampedEigh, SingularFactorsHaveEigenvaluesClampedAtExactlyZero) {
     EXPECT_TRUE(AllClose(r.eigenvalues.slice(0, 4, 6), ref.slice(0, 4, 6), tol_for(dtype)));
 
     const natgrad::EighResult damped = natgrad::damped_eigh(f, 0.1);
-    EXPECT_GE(damped.eigenvalues.min().item<double>(), at::scalar_tensor(0.1, dtype).item<double>());
+    EXPECT_GE(damped.eigenvalues.min().item<double>(),
+              at::scalar_tensor(0.1, dtype).item<double>());
   }
   const natgrad::EighResult zero = natgrad::damped_eigh(at::zeros({5, 5}), 0.5);
   EXPECT_TRUE(zero.eigenvalues.equal(at::full({5}, 0.5)));
@@ -219,8 +221,8 @@ TEST_F(DampedEigh, ExhaustedLadderFallsBackToTheDiagonal) {
     const natgrad::EighResult r = natgrad::damped_eigh(f, 0.3);
     EXPECT_EQ(r.rung, Rung::kDiagonal);
     EXPECT_EQ(pending_ladder_failures(), 0);
-    EXPECT_TRUE(AllClose(r.eigenvalues, f.diagonal().to(at::kDouble).clamp_min(0.0) + 0.3,
-                         tol_for(dtype)));
+    EXPECT_TRUE(
+        AllClose(r.eigenvalues, f.diagonal().to(at::kDouble).clamp_min(0.0) + 0.3, tol_for(dtype)));
     EXPECT_TRUE(r.eigenvectors.equal(at::eye(5, dtype)));
   }
 }
@@ -243,14 +245,20 @@ TEST_F(DampedEigh, OpReportsTheRungAsAnInt64ScalarThroughTheDispatcher) {
 
 TEST_F(DampedEigh, RejectsBadArgumentsNamingThem) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  EXPECT_TRUE(ThrowsMentioning([] { natgrad::damped_eigh(at::randn({3, 4}), 0.0); },
-                               {"factor", "square"}));
-  EXPECT_TRUE(ThrowsMentioning([] { natgrad::damped_eigh(at::randn({3}), 0.0); },
-                               {"factor", "square"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [] {
+        natgrad::damped_eigh(at::randn({3, 4}), 0.0);
+      },
+      {"factor", "square"}));
+  EXPECT_TRUE(
+      ThrowsMentioning([] { natgrad::damped_eigh(at::randn({3}), 0.0); }, {"factor", "square"}));
   EXPECT_TRUE(ThrowsMentioning([] { natgrad::damped_eigh(at::eye(3, at::kLong), 0.0); },
                                {"factor", "floating"}));
-  EXPECT_TRUE(ThrowsMentioning([] { natgrad::damped_eigh(at::zeros({0, 0}), 0.0); },
-                               {"factor", "empty"}));
+  EXPECT_TRUE(ThrowsMentioning(
+      [] {
+        natgrad::damped_eigh(at::zeros({0, 0}), 0.0);
+      },
+      {"factor", "empty"}));
   for (double damping : {-1e-3, nan, std::numeric_limits<double>::infinity()}) {
     EXPECT_TRUE(ThrowsMentioning([&] { natgrad::damped_eigh(at::eye(3), damping); }, {"damping"}));
   }
@@ -299,8 +307,8 @@ TEST_F(SpdSolve, ForcedFailuresReachEachRung) {
   force_ladder_failures(2 + natgrad::kJitterSteps);
   r = natgrad::spd_solve(s, b);
   EXPECT_EQ(r.rung, Rung::kDiagonal);  // Jacobi: rhs / diag(S)
-  EXPECT_TRUE(AllClose(r.solution, b.to(at::kDouble) / s.to(at::kDouble).diagonal().unsqueeze(1),
-                       kTol64));
+  EXPECT_TRUE(
+      AllClose(r.solution, b.to(at::kDouble) / s.to(at::kDouble).diagonal().unsqueeze(1), kTol64));
   EXPECT_EQ(pending_ladder_failures(), 0);
 }
 

@@ -69,7 +69,7 @@ def kfac_fractions(rank, world, store, out, use_ddp):
         gathered = [torch.empty_like(results[fraction]) for _ in range(world)]
         collective(dist.all_gather, (gathered, results[fraction]))
         results[f"identical_{fraction}"] = all(torch.equal(gathered[0], t) for t in gathered)
-        results[f"bytes_{fraction}"] = dict(opt._comm.bytes)
+        results[f"bytes_{fraction}"] = dict(opt.estimator.communicator.bytes)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """The reference values natgrad::EWC (C++) is tested against: natgrad.EWC on a small float64 model.
 
 ``python tests/python/ewc_cpp_fixture.py`` rewrites ``tests/cpp/data/ewc_parity.pt`` (a
-``torch.save``'d dict of tensors that tests/cpp/test_api_ewc.cpp reads with torch::pickle_load);
+``torch.save``'d dict of tensors that tests/cpp/test_frontend_ewc.cpp reads with torch::pickle_load);
 tests/python/test_ewc_cpp_fixture.py checks that the committed file still matches what the
 current Python natgrad.EWC computes.
 

@@ -87,7 +87,7 @@ def test_kfac_compute_fisher_and_ewc_share_one_estimator():
     ewc = natgrad.EWC(model, structure="kfac")
     ewc.consolidate(x, y)
     ewc_blocks = list(ewc.tasks[0]["kron"].values())
-    for mine, theirs, kept in zip(opt._blocks, fisher.blocks, ewc_blocks, strict=True):
+    for mine, theirs, kept in zip(opt.estimator.blocks, fisher.blocks, ewc_blocks, strict=True):
         for key in ("A", "G"):
             assert torch.equal(mine.state[key], theirs.block.state[key])
             assert torch.equal(mine.state[key], kept.state[key])
@@ -101,7 +101,7 @@ def test_mean_loss_factors_equal_the_summed_loss_factors():
     F.cross_entropy(model(x), y).backward()
     opt.step()
     fisher = compute_fisher(model, x, y, structure="kfac")
-    for mine, theirs in zip(opt._blocks, fisher.blocks, strict=True):
+    for mine, theirs in zip(opt.estimator.blocks, fisher.blocks, strict=True):
         torch.testing.assert_close(mine.state["G"], theirs.block.state["G"], rtol=1e-12, atol=1e-14)
 
 
@@ -150,7 +150,7 @@ def test_a_checkpoint_of_the_previous_release_still_loads_and_resumes_exactly():
         ewc.load_state_dict(ckpt["ewc"])
     assert ewc.fisher_type == "exact"
     saved = ckpt["optimizer"]["kfac"]["blocks"]
-    for block in opt._blocks:  # the curvature is restored as saved
+    for block in opt.estimator.blocks:  # the curvature is restored as saved
         for key, value in saved[block.name].items():
             if key != "kind":
                 torch.testing.assert_close(block.state[key], value, rtol=0, atol=0)
@@ -173,3 +173,24 @@ def test_a_checkpoint_of_the_previous_release_still_loads_and_resumes_exactly():
             p.copy_(value)
     torch.testing.assert_close(ewc.penalty().detach(), ckpt["ewc_penalty_after"], rtol=1e-12, atol=1e-14)
 
+
+
+def test_block_families_batch_the_kronecker_layers_and_serve_the_rest_one_at_a_time():
+    from natgrad.curvature.block import CurvatureBlock, by_family
+    from natgrad.curvature import KroneckerBlock
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 6), nn.LayerNorm(6),
+                          nn.Unflatten(1, (1, 2, 3)), nn.Conv2d(1, 2, 2, padding=1), nn.Flatten(), nn.Linear(24, 3))
+    opt = natgrad.KFAC(model, lr=0.1)
+    groups = {family: [b.kind for b in blocks] for family, blocks in by_family(opt.estimator.blocks)}
+    assert groups == {KroneckerBlock: ["linear", "conv2d", "linear"], CurvatureBlock: ["embedding", "norm"]}
+    assert list(groups) == [KroneckerBlock, CurvatureBlock]  # the single-block path comes last
+    x, y = torch.randint(0, 10, (16, 2)), torch.randint(0, 3, (16,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    deltas = {p: torch.randn_like(p) for p in model.parameters()}
+    forms = opt.estimator.quad_form(deltas)
+    blocks = [b for b in opt.estimator.blocks if b.has_factors]
+    assert forms == [float(b.quad_form([deltas[p] for p in b.params])) for b in blocks] and len(forms) == 5

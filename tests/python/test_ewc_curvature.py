@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
+from natgrad.curvature.prior import PriorBlock
 
 
 def setup(structure: str, lam: float, damping: float, approximation: str = "auto"):
@@ -58,7 +59,7 @@ def dense_solve(block, ewc, lam: float, damping: float, rhs):
 
 def errors(opt, ewc, lam, damping):
     out = []
-    for block in opt._blocks:
+    for block in opt.estimator.blocks:
         grad = block.pack([p.grad for p in block.params])
         ref = dense_solve(block, ewc, lam, damping, grad)
         out.append(float((block.precondition(grad, damping) - ref).norm() / ref.norm()))
@@ -139,12 +140,13 @@ def test_attach_validates_its_arguments_and_detach_restores_plain_kfac():
     other = natgrad.KFAC(nn.Sequential(nn.Linear(5, 4)).double())
     with pytest.raises(ValueError, match="model"):
         ewc.attach(other)
-    block = opt._blocks[0]
+    block = opt.estimator.blocks[0]
     grad = block.pack([p.grad for p in block.params])
     with_prior = block.precondition(grad, 1e-3)
     handle.detach()
-    assert all(b.prior is None for b in opt._blocks)
+    assert not any(isinstance(b, PriorBlock) for b in opt.estimator.blocks)
     assert not torch.allclose(with_prior, block.precondition(grad, 1e-3))
+    assert not torch.allclose(with_prior, opt.estimator.blocks[0].precondition(grad, 1e-3))
 
 
 def test_a_later_consolidation_refreshes_the_attached_curvature():

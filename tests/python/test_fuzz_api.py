@@ -361,7 +361,7 @@ def test_compute_fisher_arguments(arg, value, rows):
 
 def kfac_snapshot(opt, model):
     return {"params": [p.detach().clone() for p in model.parameters()],
-            "blocks": [{k: v.clone() for k, v in b.state.items()} for b in opt._blocks],
+            "blocks": [{k: v.clone() for k, v in b.state.items()} for b in opt.estimator.blocks],
             "momentum": [opt.state[p]["momentum_buffer"].clone() if "momentum_buffer" in opt.state[p] else None
                          for p in model.parameters()]}
 
@@ -470,7 +470,7 @@ def test_kfac_first_step_equals_dense_damped_solve(method, bias, n, strided, dam
     ref = kfac_reference(model if bias else _with_zero_bias(model), x, y, "empirical", "categorical")
     outcome("KFAC.step", opt.step)
     offset, i = 0, 0
-    for layer, block in zip([m for m in model if isinstance(m, nn.Linear)], opt._blocks):
+    for layer, block in zip([m for m in model if isinstance(m, nn.Linear)], opt.estimator.blocks):
         d_in, d_out = layer.weight.shape[1], layer.weight.shape[0]
         size = d_out * (d_in + 1)
         A, G = block.state["A"], block.state["G"]

@@ -161,15 +161,15 @@ def test_no_statistics_from_eval_or_no_grad_forwards():
     x, y = data()
     opt = natgrad.KFAC(model, lr=0.1)
     train(model, opt, x, y, 1)
-    factors = {b.name: b.state["A"].clone() for b in opt._blocks}
+    factors = {b.name: b.state["A"].clone() for b in opt.estimator.blocks}
     with torch.no_grad():
         model(x * 5)
     model.eval()
     F.cross_entropy(model(x * 7), y).backward()  # eval mode with grad: still not captured
     model.train()
-    assert all(not c.records for c in opt._captures.values())
+    assert all(not c.records for c in opt.estimator.captures.values())
     opt.step()
-    for b in opt._blocks:
+    for b in opt.estimator.blocks:
         torch.testing.assert_close(b.state["A"], factors[b.name], rtol=0, atol=0)
 
 
@@ -183,7 +183,7 @@ def test_scheduled_periods_and_damping_are_called_with_the_step():
     for _ in range(4):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        counts.append(sum(len(c.records) for c in opt._captures.values()))
+        counts.append(sum(len(c.records) for c in opt.estimator.captures.values()))
         opt.step()
     assert counts == [2, 0, 2, 0]  # two layers captured on even steps only
     assert set(seen) == {0, 1, 2, 3}
@@ -244,7 +244,7 @@ def test_monte_carlo_fisher_matches_the_expected_fisher():
     opt.step()
     p = torch.softmax(out[0].detach(), 0)
     expected = torch.diag(p) - torch.outer(p, p)
-    torch.testing.assert_close(opt._blocks[0].state["G"], expected, rtol=0, atol=0.02)
+    torch.testing.assert_close(opt.estimator.blocks[0].state["G"], expected, rtol=0, atol=0.02)
     torch.testing.assert_close(layer.weight.grad, grad_before)  # .grad untouched by sampling
     with pytest.raises(RuntimeError, match="fisher_type='mc'"):
         natgrad.KFAC(mlp()).sample_fisher(torch.zeros(2, 3))
@@ -272,6 +272,6 @@ def test_sequence_linear_factors_follow_expand_and_reduce_definitions(approx):
     else:
         mean_a, sum_g = a.mean(1), g.sum(1)
         A, G = mean_a.T @ mean_a / n, sum_g.T @ sum_g / n
-    block = opt._blocks[0]
+    block = opt.estimator.blocks[0]
     torch.testing.assert_close(block.state["A"], A, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(block.state["G"], G, rtol=1e-10, atol=1e-12)

@@ -1,8 +1,9 @@
 """natgrad.KFAC's step with one host read: the list ops' path (factor step in
 ``kfac_factors_ema_``, directions, ``⟨u, g⟩`` and the momentum terms ``⟨b, g⟩`` of the trust
 region in ``kfac_directions_*``) against the per-layer sequence it replaces, which distributed
-runs still take (``_kfac_step.per_block_directions``, the per-layer factor updates and the
-trust region's own reductions): the parameters after several steps agree to float64 rounding."""
+runs still take (``CurvatureEstimator.batched = False``: per-block directions, the per-layer
+factor updates and the trust region's own reductions): the parameters after several steps agree
+to float64 rounding."""
 from __future__ import annotations
 
 import warnings
@@ -14,7 +15,6 @@ from torch import nn
 
 import natgrad
 from natgrad import ops
-from natgrad.optim import _kfac_step
 
 
 def model_and_data(kind: str):
@@ -40,8 +40,7 @@ def run(kind: str, method: str, reference: bool, monkeypatch, steps: int = 10) -
                        inverse_method=method, factor_update_period=2, inverse_update_period=3)
     with monkeypatch.context() as m:
         if reference:  # the per-layer sequence
-            m.setattr(_kfac_step, "update_listed_factors", lambda opt, stats: [])
-            m.setattr(_kfac_step, "directions", _kfac_step.per_block_directions)
+            m.setattr(opt.estimator, "batched", False)
         for step in range(steps):
             batch = slice(8 * (step % 3), 8 * (step % 3) + 24)
             opt.zero_grad()
@@ -118,10 +117,10 @@ def test_a_factor_update_left_non_finite_resets_the_layer(monkeypatch):
                 m.setattr(ops, "kfac_factors_ema_", second_layer_overflows)
             opt.step()
         after = list(model.parameters())
-        block = opt._blocks[1]
+        block = opt.estimator.blocks[1]
         if step == 1:
             assert any("updated factors" in str(w.message) for w in caught)
-            assert block.state == {} and block.name not in opt._decomposed
+            assert block.state == {} and not opt.estimator.is_decomposed(block.name)
             assert torch.equal(after[2], before[2]) and torch.equal(after[3], before[3])
             assert not torch.equal(after[0], before[0])
         else:

@@ -1,5 +1,5 @@
 """The committed fixture of the C++ frontend's parity tests (tests/fixtures/kfac_parity.pt,
-checked by tests/cpp/test_api_kfac_parity.cpp) still is what the current natgrad.KFAC computes:
+checked by tests/cpp/test_frontend_kfac_parity.cpp) still is what the current natgrad.KFAC computes:
 a change of the Python update rule fails here until the fixture is regenerated with
 ``python tests/fixtures/make_kfac_parity.py`` (and the C++ optimizer then follows it)."""
 from __future__ import annotations

@@ -29,7 +29,7 @@ def natgrad_factors(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, tuple[s
     opt.step()
     for p, q in zip(model.parameters(), before):
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)  # lr=0 leaves weights alone
-    return {b.name: (b.kind, b.state["A"], b.state["G"]) for b in opt._blocks}
+    return {b.name: (b.kind, b.state["A"], b.state["G"]) for b in opt.estimator.blocks}
 
 
 def curvlinops_factors(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, Tensor]]:

@@ -99,7 +99,7 @@ def test_inverse_method_defaults_to_pi_corrected_damping():
     assert opt.pi_correction is True and natgrad.KFAC(mlp(), inverse_method="eigen").pi_correction is False
     train(opt, model, [(4 * x, y) for x, y in batches(3)])  # large inputs: A far larger than G
     pis = []
-    for block in opt._blocks:
+    for block in opt.estimator.blocks:
         A, G = block.state["A"], block.state["G"]
         pi = math.sqrt((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0]))
         pis.append(pi)
@@ -126,7 +126,7 @@ def test_warm_refreshes_follow_the_schedule_and_stay_close_to_exact(method, monk
         per_refresh.append(len(calls) - before)
     assert [n > 0 for n in per_refresh] == [False, True, True, False, True, True]
     # the warm preconditioner against the exact one of the same factors
-    for block in opt._blocks:
+    for block in opt.estimator.blocks:
         grad = torch.randn(block.g_dim(), block.a_dim(), dtype=DT)
         warm = block.precondition(grad, 0.01, opt.pi_correction)
         block.update_inverse(method, 0.01, opt.pi_correction)

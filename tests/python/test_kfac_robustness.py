@@ -38,7 +38,7 @@ def test_nan_gradient_skips_only_that_layer_and_warns_once():
         assert not torch.equal(after[0], before[0])  # the healthy layer still trains
     assert opt.nonfinite_skips == {"2": 2}
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert all(torch.isfinite(b.state["G"]).all() for b in opt._blocks)
+    assert all(torch.isfinite(b.state["G"]).all() for b in opt.estimator.blocks)
 
 
 def test_nan_activations_leave_factors_untouched():
@@ -46,14 +46,14 @@ def test_nan_activations_leave_factors_untouched():
     x, y = data()
     opt = natgrad.KFAC(model, lr=0.1)
     train(model, opt, x, y, 1)
-    saved = {b.name: (b.state["A"].clone(), b.state["G"].clone()) for b in opt._blocks}
+    saved = {b.name: (b.state["A"].clone(), b.state["G"].clone()) for b in opt.estimator.blocks}
     bad = x.clone()
     bad[0, 0] = float("inf")
     opt.zero_grad()
     F.cross_entropy(model(bad), y).backward()
     with pytest.warns(RuntimeWarning, match="NaN or Inf"):
         opt.step()
-    first, second = opt._blocks  # only layer '0' sees the Inf (tanh maps it to ±1 for layer '2')
+    first, second = opt.estimator.blocks  # only layer '0' sees the Inf (tanh maps it to ±1 for layer '2')
     assert torch.equal(first.state["A"], saved["0"][0]) and torch.equal(first.state["G"], saved["0"][1])
     assert not torch.equal(second.state["A"], saved["2"][0])
     assert opt.nonfinite_skips["0"] >= 1 and "2" not in opt.nonfinite_skips
@@ -72,7 +72,7 @@ def test_cpu_autocast_bfloat16_trains_with_float32_factors():
         loss.backward()
         opt.step()
         losses.append(float(loss))
-    assert all(b.state["G"].dtype == torch.float32 for b in opt._blocks)
+    assert all(b.state["G"].dtype == torch.float32 for b in opt.estimator.blocks)
     assert losses[-1] < 0.8 * losses[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -89,7 +89,7 @@ def test_grad_scaler_unscales_gradients_and_factors():
         scaler.scale(F.cross_entropy(scaled_model(x), y)).backward()
         scaler.step(scaled)
         scaler.update()
-    for a, b in zip(plain._blocks, scaled._blocks):
+    for a, b in zip(plain.estimator.blocks, scaled.estimator.blocks):
         torch.testing.assert_close(a.state["G"], b.state["G"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(flat_params(scaled_model), flat_params(plain_model), rtol=1e-5, atol=1e-6)
     # An overflow makes the scaler skip the step: parameters and factors unchanged.

@@ -95,8 +95,8 @@ def test_attention_factors_equal_an_explicit_linear_reimplementation(case, appro
     out_ref = ref(q, k, v)
     torch.testing.assert_close(out_ref, tr(out), rtol=1e-10, atol=1e-12)  # same function
     ((out_ref - target) ** 2).sum(dim=(1, 2)).mean().backward()
-    block = next(b for b in opt._blocks if b.kind == "attention")
-    out_block = next(b for b in opt._blocks if b.name == "out_proj")
+    block = next(b for b in opt.estimator.blocks if b.kind == "attention")
+    out_block = next(b for b in opt.estimator.blocks if b.name == "out_proj")
     bias = mha.in_proj_bias is not None
     for s, x, y in zip("qkv", (q, k, v), ref.outs):
         a, g = with_bias(x, bias), y.grad * n  # per-sample gradients
@@ -130,7 +130,7 @@ def test_one_sample_one_token_blocks_equal_the_exact_fisher(keys):
     grads = [p.grad.reshape(-1).clone() for p in (mha.in_proj_weight, mha.in_proj_bias,
                                                   mha.out_proj.weight, mha.out_proj.bias)]
     opt.step()
-    block = next(b for b in opt._blocks if b.kind == "attention")
+    block = next(b for b in opt.estimator.blocks if b.kind == "attention")
     dense = block.to_dense()
     gw, gb = grads[0].reshape(3 * e, e), grads[1]
     exact_rows = "qkv" if keys == 1 else "q"
@@ -141,7 +141,7 @@ def test_one_sample_one_token_blocks_equal_the_exact_fisher(keys):
         sub = dense[idx][:, idx]
         if s in exact_rows:
             torch.testing.assert_close(sub, torch.outer(flat, flat), rtol=1e-10, atol=1e-12)
-    out_block = next(b for b in opt._blocks if b.name == "out_proj")
+    out_block = next(b for b in opt.estimator.blocks if b.name == "out_proj")
     flat = torch.cat([grads[2], grads[3]])
     torch.testing.assert_close(out_block.to_dense(), torch.outer(flat, flat), rtol=1e-10, atol=1e-12)
 
@@ -185,7 +185,7 @@ def test_diagonal_blocks_equal_the_per_sample_loop_for_layernorm_and_free_parame
     opt.step()
     text = opt.describe()
     opt.remove_hooks()
-    blocks = {b.name: b for b in opt._blocks}
+    blocks = {b.name: b for b in opt.estimator.blocks}
     for name, params in (("cls", [model.cls]), ("pos", [model.pos]), ("gamma", [model.gamma]),
                          ("ln", [model.ln.weight, model.ln.bias])):
         expected = per_sample_diagonal(model, params, x, y)
@@ -203,7 +203,7 @@ def test_per_sample_and_batchnorm_diagonals_equal_the_per_sample_loop(module):
     opt = natgrad.KFAC(model, lr=0.0, linear_approx="reduce")
     F.cross_entropy(model(x), y).backward()
     opt.step()
-    block = next(b for b in opt._blocks if b.name == "0")
+    block = next(b for b in opt.estimator.blocks if b.name == "0")
     if module == "batchnorm":  # per-sample gradients with the batch statistics held fixed
         mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
         xhat = (x - mean) / torch.sqrt(var + first.eps)
@@ -307,7 +307,7 @@ def test_transformers_train_with_every_parameter_in_a_curvature_block(kind, batc
     assert losses[-1] < losses[0]
     text = opt.describe()
     assert "plain" not in text, text
-    assert all(b.has_factors for b in opt._blocks) and not opt.nonfinite_skips
+    assert all(b.has_factors for b in opt.estimator.blocks) and not opt.nonfinite_skips
     assert "attention" in text and "diagonal" in text
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     for batch in data[1:4]:
@@ -341,7 +341,7 @@ def test_token_mean_and_mean_scalings_of_the_sampled_fisher():
         opt.sample_fisher(out)
         out.sum().backward()
         opt.step()
-        torch.testing.assert_close(opt._blocks[0].state["G"], scale * expected, rtol=0, atol=0.03 * scale)
+        torch.testing.assert_close(opt.estimator.blocks[0].state["G"], scale * expected, rtol=0, atol=0.03 * scale)
         opt.remove_hooks()
 
 
@@ -357,8 +357,8 @@ def test_token_mean_empirical_factors_treat_every_row_as_a_sample():
     opt.step()
     g = out.grad * n * t  # per-token loss gradients
     A, G = expand_factors(with_bias(x), g, 1.0 / (n * t))
-    torch.testing.assert_close(opt._blocks[0].state["A"], A, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(opt._blocks[0].state["G"], G, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(opt.estimator.blocks[0].state["A"], A, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(opt.estimator.blocks[0].state["G"], G, rtol=1e-10, atol=1e-12)
 
 
 def test_sampled_fisher_reaches_every_block_of_a_transformer():
@@ -372,7 +372,7 @@ def test_sampled_fisher_reaches_every_block_of_a_transformer():
     F.cross_entropy(logits.reshape(-1, 7), idx.reshape(-1)).backward()
     opt.step()
     assert all(g is None for g in grads_before)  # sampling leaves .grad alone
-    assert all(b.has_factors for b in opt._blocks) and "plain" not in opt.describe()
+    assert all(b.has_factors for b in opt.estimator.blocks) and "plain" not in opt.describe()
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -37,7 +37,7 @@ def test_converged_cg_takes_the_woodbury_step(fisher_type):
             loss = opt.backward(x, y)
             opt.step()
         torch.testing.assert_close(flat(twin), flat(model), rtol=1e-9, atol=1e-10)
-    assert cg._cg.last_result.converged and torch.isfinite(loss)
+    assert cg.solver.last_result.converged and torch.isfinite(loss)
 
 
 def test_kl_clip_bounds_the_step_exactly():
@@ -89,7 +89,7 @@ def test_warm_start_saves_iterations_on_a_repeated_batch():
             opt.zero_grad()
             opt.backward(x, y)
             opt.step()
-        counts[warm] = opt._cg.last_result.iterations
+        counts[warm] = opt.solver.last_result.iterations
     assert counts[1.0] < counts[0.0]
 
 
@@ -114,3 +114,22 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="NaN or Inf"):
         opt.backward(bad, y)
     assert all(p.grad is None for p in model.parameters()) and torch.equal(flat(model), before)
+
+
+def test_a_solver_object_is_the_same_strategy_as_its_name():
+    from natgrad.optim import CGSolver, WoodburySolver
+    for by_name, by_object in ((dict(solver="cg", cg=CGOptions(tol=1e-8, max_iters=4)), CGSolver(CGOptions(tol=1e-8, max_iters=4))),
+                               (dict(solver="woodbury"), WoodburySolver())):
+        model, x, y = setup()
+        twin = copy.deepcopy(model)
+        named = natgrad.NaturalGradient(model, lr=0.5, damping=1e-2, kl_clip=1e-3, **by_name)
+        given = natgrad.NaturalGradient(twin, lr=0.5, damping=1e-2, kl_clip=1e-3, solver=by_object)
+        assert type(named.solver) is type(given.solver) and given.solver is by_object
+        for _ in range(3):
+            for opt in (named, given):
+                opt.zero_grad()
+                opt.backward(x, y)
+                opt.step()
+        assert torch.equal(flat(model), flat(twin))
+    with pytest.raises(ValueError, match="solver"):
+        natgrad.NaturalGradient(model, solver=object())

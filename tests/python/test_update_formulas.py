@@ -102,7 +102,7 @@ def dense_damped_fisher(opt, model: nn.Sequential, damping: float) -> torch.Tens
     """``kron(G, A) + γI`` per Linear layer (packed ``[W, b]`` row-major, as ``flat`` orders
     weight then bias, permuted below), from the factors the optimizer holds, in float64."""
     mats = []
-    for block in opt._blocks:
+    for block in opt.estimator.blocks:
         A, G = block.state["A"].to(DT), block.state["G"].to(DT)
         mats.append(torch.kron(G, A) + damping * torch.eye(G.shape[0] * A.shape[0], dtype=DT))
     return torch.block_diag(*mats)

@@ -5,7 +5,7 @@ This is the training path of ``MultiheadAttention.forward`` + ``F.multi_head_att
 with the same operations in the same order, so outputs and gradients are bit-identical, and
 scaled-dot-product attention (fused kernels included) still runs when ``need_weights=False``
 (as nn.TransformerEncoderLayer/DecoderLayer call it). The only difference is that the in- and
-output projections go through ``project``, which lets :mod:`natgrad.curvature.attention` see
+output projections go through ``project``, which lets :mod:`natgrad.curvature.layers.attention` see
 their inputs and attach hooks to their outputs. ``stream`` is "qkv" (one packed projection of
 a self-attention input), "q", "kv" (encoder-decoder attention), "k", "v" or "out".
 """

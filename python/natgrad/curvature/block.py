@@ -15,11 +15,17 @@ packs them into its own layout (:meth:`pack` / :meth:`unpack`). The math runs in
 ``diagonal``       ``diag F``, shaped like the parameters
 ``to_dense``       ``F`` as a ``p × p`` matrix in the parameters' flattened order (tests)
 =================  ==========================================================================
+
+Batching belongs to the block family. Blocks whose :meth:`CurvatureBlock.family` is the same
+class are updated and preconditioned together by that class's :meth:`~CurvatureBlock.update_many`
+and :meth:`~CurvatureBlock.directions_many` (the Kronecker family calls the list ops, one call
+for all of its layers); the base class serves every other block one at a time.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +33,52 @@ from torch import Tensor, nn
 #: State entries that hold a decomposition (dropped and rebuilt by ``update_inverse``).
 DECOMPOSITION_KEYS = ("a_eigenvalues", "a_eigenvectors", "g_eigenvalues", "g_eigenvectors",
                       "a_inverse", "g_inverse")
+
+
+class BlockDirections(NamedTuple):
+    """One block's share of a step's directions (see :meth:`CurvatureBlock.directions_many`).
+
+    Attributes:
+        block (CurvatureBlock): the block.
+        grads (list of Tensor): its parameters' (unscaled) gradients.
+        directions (list of Tensor): their preconditioned directions.
+        at (int): where its entries start in the step's flattened stats: gradient finite,
+            direction finite, ``⟨u, g⟩`` per parameter, then ``⟨b, g⟩`` per parameter when the
+            request asked for momentum buffers.
+        slots (int): the width of each per-parameter run of entries.
+    """
+
+    block: CurvatureBlock
+    grads: list[Tensor]
+    directions: list[Tensor]
+    at: int
+    slots: int
+
+
+@dataclass
+class DirectionRequest:
+    """What a step's directions need besides the blocks, and the stats they collect for one
+    host read.
+
+    Attributes:
+        damping (Callable[[CurvatureBlock], float]): a block's damping γ.
+        pi_correction (bool): factored, π-corrected damping.
+        grad_scale (float): multiplies every gradient first (an AMP unscale).
+        buffer (Callable[[Tensor], Tensor | None] or None): a parameter's momentum buffer (None
+            before its first step or without momentum), when the trust region needs ``⟨b, g⟩``;
+            None: it does not.
+        stats (list of Tensor): the step's stats so far, appended to (read once by the caller).
+    """
+
+    damping: Callable[[CurvatureBlock], float]
+    pi_correction: bool
+    grad_scale: float
+    buffer: Callable[[Tensor], Tensor | None] | None = None
+    stats: list[Tensor] = field(default_factory=list)
+
+    def offset(self) -> int:
+        """The flattened position of the next stats entry."""
+        return sum(t.numel() for t in self.stats)
 
 
 class CurvatureBlock:
@@ -38,6 +90,8 @@ class CurvatureBlock:
     """
 
     kind = "block"
+    #: How a fault of this block is named in warnings ("layer" or "parameter").
+    fault_kind = "layer"
 
     def __init__(self, name: str, params: Sequence[nn.Parameter]) -> None:
         self.name = name
@@ -132,6 +186,10 @@ class CurvatureBlock:
         for key in DECOMPOSITION_KEYS:
             self.state.pop(key, None)
 
+    def reset(self) -> None:
+        """Forgets statistics and decomposition: the estimate restarts."""
+        self.state = {}
+
     # ---- products -----------------------------------------------------------------------------
 
     def mv(self, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -141,6 +199,20 @@ class CurvatureBlock:
     def solve(self, tensors: Sequence[Tensor], damping: float, pi_correction: bool = False) -> list[Tensor]:
         """``(F + damping·I)⁻¹ v`` with the decomposition of the last :meth:`update_inverse`."""
         raise NotImplementedError
+
+    def precondition(self, packed: Tensor, damping: float, pi_correction: bool = False) -> Tensor:
+        """:meth:`solve` on a vector in the packed layout."""
+        return self.pack(self.solve(self.unpack(packed), damping, pi_correction))
+
+    def direction(self, grad: Tensor, request: DirectionRequest) -> tuple[Tensor, Tensor | None]:
+        """The preconditioned packed gradient and a 0-d flag of its finiteness (None: the
+        gradient's own flag holds). An op that refuses a non-finite result gives NaN, so that
+        the step skips the block."""
+        try:
+            out = self.precondition(grad, request.damping(self), request.pi_correction)
+        except RuntimeError:
+            out = torch.full_like(grad, float("nan"))
+        return out, torch.isfinite(max_abs(out))
 
     def quad_form(self, tensors: Sequence[Tensor]) -> Tensor:
         """``vᵀ F v`` (differentiable with respect to ``tensors``)."""
@@ -158,6 +230,47 @@ class CurvatureBlock:
 
     def _dtype(self) -> torch.dtype:
         return next(iter(self.factors().values()), self.params[0]).dtype
+
+    # ---- batching -----------------------------------------------------------------------------
+
+    @classmethod
+    def family(cls) -> type[CurvatureBlock]:
+        """The class whose :meth:`update_many` and :meth:`directions_many` serve this block
+        together with the other blocks of its family; the base class serves one at a time."""
+        return CurvatureBlock
+
+    @classmethod
+    def update_many(cls, blocks: Sequence[CurvatureBlock], stats: Sequence[Any],
+                    decay: float) -> list[tuple[list[CurvatureBlock], Tensor]]:
+        """The factor step of the blocks this family updates in one call, from their
+        :meth:`prepare` output: ``[(blocks, flags)]`` with ``flags[i]`` = (statistics used,
+        factors finite) of ``blocks[i]``, unread. The base updates none: the caller's checked
+        sequence (:meth:`statistics_ok`, then :meth:`apply_update`) updates them one by one."""
+        return []
+
+    @classmethod
+    def directions_many(cls, blocks: Sequence[CurvatureBlock], request: DirectionRequest) -> list[BlockDirections]:
+        """The directions of ``blocks`` from their parameters' ``.grad``, their stats appended
+        to ``request.stats``; the base: one block at a time."""
+        return [block.block_directions(request) for block in blocks]
+
+    def block_directions(self, request: DirectionRequest) -> BlockDirections:
+        """This block's share of :meth:`directions_many`, outside any list op."""
+        grad = self.pack([p.grad for p in self.params])
+        if request.grad_scale != 1.0:
+            grad = grad * request.grad_scale
+        grad_ok = torch.isfinite(max_abs(grad))
+        direction, dir_ok = self.direction(grad, request)
+        g_parts, u_parts = self.unpack(grad), self.unpack(direction)
+        entries = [grad_ok.to(torch.float64), (grad_ok if dir_ok is None else dir_ok).to(torch.float64)]
+        entries += [(u * g).sum(dtype=torch.float64) for u, g in zip(u_parts, g_parts)]
+        if request.buffer is not None:
+            zero = torch.zeros((), dtype=torch.float64, device=grad.device)
+            bufs = [request.buffer(p) for p in self.params]
+            entries += [zero if b is None else (b * g).sum(dtype=torch.float64) for b, g in zip(bufs, g_parts)]
+        at = request.offset()
+        request.stats.append(torch.stack(entries))
+        return BlockDirections(self, g_parts, u_parts, at, len(u_parts))
 
     # ---- checkpoints --------------------------------------------------------------------------
 
@@ -214,6 +327,16 @@ def all_true(flags: list[Tensor]) -> list[bool]:
     return [bool(f) for f in flags]
 
 
+def by_family(blocks: Sequence[CurvatureBlock]) -> list[tuple[type[CurvatureBlock], list[CurvatureBlock]]]:
+    """``blocks`` grouped by :meth:`CurvatureBlock.family`, in order: the batching families as
+    they first appear, then the blocks served one at a time."""
+    groups: dict[type[CurvatureBlock], list[CurvatureBlock]] = {}
+    for block in blocks:
+        groups.setdefault(block.family(), []).append(block)
+    single = groups.pop(CurvatureBlock, [])
+    return list(groups.items()) + ([(CurvatureBlock, single)] if single else [])
+
+
 def _or_zeros(t: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if t is None else t
 
@@ -231,6 +354,7 @@ class PlainBlock(CurvatureBlock):
     """
 
     kind = "plain"
+    fault_kind = "parameter"
 
     def __init__(self, name: str, param: nn.Parameter, reason: str) -> None:
         super().__init__(name, [param])
@@ -255,6 +379,9 @@ class PlainBlock(CurvatureBlock):
 
     def solve(self, tensors, damping, pi_correction=False):
         return [_or_zeros(t, p) for t, p in zip(tensors, self.params)]
+
+    def direction(self, grad, request):
+        return grad, None  # the plain gradient: finite exactly when the gradient is
 
     def quad_form(self, tensors):
         return torch.zeros((), dtype=self.params[0].dtype, device=self.params[0].device)

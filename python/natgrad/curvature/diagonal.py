@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from natgrad import ops
 from natgrad.curvature.block import CurvatureBlock, max_abs
 
 NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
@@ -110,8 +111,7 @@ class DiagonalBlock(CurvatureBlock):
 
     def statistics_ok(self, stats: Squares) -> Tensor:
         """A 0-d bool tensor: finite and small enough that the update cannot overflow."""
-        limit = torch.finfo(self.factor_dtype).max / 4
-        return stats.peak * stats.peak * max(stats.scale, 1.0) * max(stats.units, 1) < limit
+        return ops.kfac_peak_bounded(stats.peak, max(stats.scale, 1.0) * max(stats.units, 1), self.factor_dtype)
 
     def update(self, inputs, grads, *, decay, grad_scale):
         self.apply_update(self.prepare(inputs, grads, grad_scale), decay)

@@ -1,43 +1,36 @@
-"""Which curvature block handles which module, and why a module falls back when none does."""
+"""Which curvature block handles which module, and why a module falls back when none does: the
+lookups of :mod:`natgrad.curvature.layers` that natgrad.fisher and EWC share."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
 
-from natgrad.curvature.kron import Conv2dBlock, EmbeddingBlock, KroneckerBlock, LinearBlock
+from natgrad.curvature.kron import KroneckerBlock
+from natgrad.curvature.layers import kind_of
+
+#: why a module whose parameters are optimized only in part gets no block of its own
+PARTIAL = "only some of its parameters are optimized"
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
-    """Why ``module`` (of a registered type) cannot get a Kronecker block, or None if it can."""
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"grouped convolution (groups={module.groups})"
-        if isinstance(module.padding, str) or module.padding_mode != "zeros":
-            return f"padding={module.padding!r}, padding_mode={module.padding_mode!r}"
-    if isinstance(module, nn.Embedding):
-        if module.sparse:
-            return "sparse gradients"
-        if module.max_norm is not None:
-            return "max_norm renormalises weights in forward"
-    return None
+    """Why ``module`` (of a registered type) cannot get its kind's block, or None if it can."""
+    kind = kind_of(module)
+    return None if kind is None else kind.unsupported_reason(module)
 
 
 def make_block(name: str, module: nn.Module, *, linear_approx: str = "expand",
                factor_dtype: torch.dtype | None = None,
                inverse_dtype: torch.dtype | None = None) -> KroneckerBlock | None:
-    """A Kronecker block for ``module``, or None when its type is not supported."""
-    kwargs = dict(factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
-    if isinstance(module, nn.Linear):
-        # Includes nn.MultiheadAttention.out_proj, whose forward is never called (its weight is
-        # used functionally): it falls back to the plain gradient while its hooks never fire.
-        return LinearBlock(name, module, approx=linear_approx, **kwargs)
-    if isinstance(module, nn.Conv2d):
-        return Conv2dBlock(name, module, **kwargs)
-    if isinstance(module, nn.Embedding):
-        return EmbeddingBlock(name, module, **kwargs)
-    return None
+    """The block of ``module``'s kind when it is fed by the module's own hooks (see
+    :attr:`LayerKind.standalone <natgrad.curvature.layers.LayerKind>`), or None."""
+    kind = kind_of(module)
+    if kind is None or not kind.standalone:
+        return None
+    block = kind.block(name, module, approx=linear_approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+    return cast(KroneckerBlock, block)  # a standalone kind's block is fed like a Kronecker block
 
 
 def kronecker_block(name: str, module: nn.Module | None, params: Sequence[nn.Parameter],
@@ -54,7 +47,7 @@ def kronecker_block(name: str, module: nn.Module | None, params: Sequence[nn.Par
     if reason is not None:
         return None, reason
     if [id(p) for p in params] != [id(p) for p in block.params]:
-        return None, "only some of its parameters are optimized"
+        return None, PARTIAL
     return block, None
 
 

@@ -35,9 +35,9 @@ def compute_fisher(model: nn.Module, inputs: Tensor, targets: Tensor | None = No
             ``mc_samples`` draws) or "exact" (expectation over the predictive distribution)
             (default: "empirical").
         structure (str): "dense", "lowrank", "diagonal", "block_diagonal" (one dense block per
-            module) or "kfac" (the curvature blocks natgrad.KFAC uses — Linear in the "expand"
-            form, Conv2d, Embedding — and dense blocks for other modules), or "implicit" (nothing
-            stored: exact matrix-free products ``F v = Jᵀ H J v`` by jvp/vjp, see
+            module) or "kfac" (the Kronecker blocks natgrad.KFAC uses for the layer kinds of
+            :mod:`natgrad.curvature.layers`, Linear in the "expand" form, and dense blocks for
+            other modules), or "implicit" (nothing stored: exact matrix-free products ``F v = Jᵀ H J v`` by jvp/vjp, see
             :class:`natgrad.fisher.ImplicitFisher`) (default: "dense").
             See :mod:`natgrad.fisher.matrices` for their memory.
         likelihood (str): "categorical" or "gaussian" (default: "categorical").

@@ -6,10 +6,11 @@ Woodbury identity only needs the Gram matrix ``U Uᵀ`` and the products ``U v``
 .. math::
     (F + \\lambda I)^{-1} v = \\bigl(v - U^\\top (U U^\\top + n\\lambda I)^{-1} U v\\bigr) / \\lambda .
 
-For the layers K-FAC understands (``nn.Linear`` with any leading shape, ``nn.Conv2d``,
-``nn.Embedding``; see :func:`natgrad.curvature.kronecker_block`) the three come from the layer's
-captured inputs ``X`` and output gradients ``G`` (the C++ ops of :mod:`natgrad.ops.gram`): the
-Gram of a Linear layer is ``(X Xᵀ) ∘ (G Gᵀ)``, ``U v`` and ``Uᵀ w`` are one GEMM each, and
+For the layers whose kind forms implicit rows (:mod:`natgrad.curvature.layers`: Linear with any
+leading shape, convolutions, Embedding, and any kind :func:`natgrad.curvature.register_layer`
+adds) the three come from the layer's captured inputs ``X`` and output gradients ``G`` (the C++
+ops of :mod:`natgrad.ops.gram`, through the kind): the Gram of a Linear layer is
+``(X Xᵀ) ∘ (G Gᵀ)``, ``U v`` and ``Uᵀ w`` are one GEMM each, and
 ``U`` is never formed. Every other parameter (LayerNorm, a weight used functionally or shared
 between modules, a layer called on a reshaped batch, ...) gets explicit torch.func rows, and the
 parts add up in one Gram matrix. Rows are pass-major: ``fisher_type="mc"``/``"exact"`` run one
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad import ops
-from natgrad.curvature import capturing, kronecker_block, owner_groups
+from natgrad.curvature import LayerKind, capturing, kind_of, kronecker_block, owner_groups
 from natgrad.fisher.scores import check_request, pass_rows, score_rows, score_rows_and_losses
 from natgrad.likelihoods import Likelihood
 
@@ -83,10 +84,11 @@ class DenseRows:
 class LayerRows:
     """One supported layer's rows, implicitly: its input ``x`` ``[N, ...]`` (indices for
     Embedding) and output gradients ``g`` ``[R, ...]`` (pass-major); parameters ``index``
-    (weight, then bias if the layer has one and it is optimized)."""
+    (weight, then bias if the layer has one and it is optimized). The products are the layer
+    kind's (:class:`natgrad.curvature.LayerKind`)."""
 
     module: nn.Module
-    kind: str  # "linear", "conv2d" or "embedding"
+    kind: LayerKind
     x: Tensor
     g: Tensor
     index: list[int]
@@ -101,55 +103,23 @@ class LayerRows:
     def _bias(self) -> bool:
         return len(self.index) == 2
 
-    def _conv_args(self) -> tuple:
-        m = self.module
-        return m.stride, m.padding, m.dilation
-
     def row_bound(self) -> float:
         """An upper bound on ``|U_rk|``: positions × max|activation| × max|output gradient|."""
-        positions = self.g[0].numel() // self.g.shape[-1] if self.kind != "conv2d" else self.g[0, 0].numel()
-        if self.kind == "embedding":
-            return positions * _max_abs(self.g)
-        act, grad = (float(v) for v in torch.stack([torch.stack(torch.aminmax(t)).to(torch.float64).abs().max()
-                                                    for t in (self.x, self.g)]))
-        return positions * max(act, 1.0 if self._bias else 0.0) * grad
+        return self.kind.row_bound(self.module, self.x, self.g, self._bias)
 
     def gram(self) -> Tensor:
-        if self.kind == "linear":
-            return ops.linear_gram(self.x, self.g, self._bias)
-        if self.kind == "conv2d":
-            return ops.conv2d_gram(self.x, self.g, self.module.kernel_size, *self._conv_args(), self._bias)
-        return ops.embedding_gram(self.x, self.g)
+        return self.kind.gram(self.module, self.x, self.g, self._bias)
 
     def mv(self, vs: Sequence[Tensor]) -> Tensor:
         w = vs[self.index[0]].to(self.g.dtype)
         b = vs[self.index[1]].to(self.g.dtype) if self._bias else None
-        if self.kind == "linear":
-            return ops.linear_rows_mv(self.x, self.g, w, b)
-        if self.kind == "conv2d":
-            return ops.conv2d_rows_mv(self.x, self.g, w, b, *self._conv_args())
-        return ops.embedding_rows_mv(self.x, self.g, w)
+        return self.kind.rows_mv(self.module, self.x, self.g, w, b)
 
     def tmv_chunks(self, w: Tensor) -> Iterator[tuple[int, tuple, Tensor]]:
-        """``Uᵀ w`` in blocks of at most :data:`CHUNK_ELEMENTS` weight entries: blocks of output
-        features (Linear, Conv2d: rows of the weight and the bias) or of embedding dims
-        (Embedding: columns), as ``(parameter index, index into the parameter, block)``, so the
-        caller never holds a whole layer's direction at once."""
-        width = self.g.shape[1] if self.kind == "conv2d" else self.g.shape[-1]
-        per_unit = max(self.module.weight.numel() // max(width, 1), 1)
-        step = max(1, CHUNK_ELEMENTS // per_unit)
-        for a in range(0, width, step):
-            b = min(width, a + step)
-            g = self.g[:, a:b] if self.kind == "conv2d" else self.g[..., a:b]
-            if self.kind == "linear":
-                parts = ops.linear_rows_tmv(self.x, g, w)
-            elif self.kind == "conv2d":
-                parts = ops.conv2d_rows_tmv(self.x, g, w, self.module.kernel_size, *self._conv_args())
-            else:
-                parts = (ops.embedding_rows_tmv(self.x, g, w, self.module.num_embeddings),)
-            where = (slice(None), slice(a, b)) if self.kind == "embedding" else (slice(a, b),)
-            for i, part in zip(self.index, parts):
-                yield i, where, part
+        """``Uᵀ w`` in blocks of at most :data:`CHUNK_ELEMENTS` weight entries (blocks of output
+        features, as the kind chooses), as ``(parameter index, index into the parameter,
+        block)``, so the caller never holds a whole layer's direction at once."""
+        return self.kind.rows_tmv(self.module, self.x, self.g, w, self.index, CHUNK_ELEMENTS)
 
 
 Part = DenseRows | LayerRows
@@ -275,10 +245,11 @@ def _dtype(part: Part) -> torch.dtype:
     return part.rows.dtype if isinstance(part, DenseRows) else part.g.dtype
 
 
-def supported_layers(model: nn.Module, params: Sequence[nn.Parameter]) -> dict[str, tuple[str, nn.Module, list[int]]]:
+def supported_layers(model: nn.Module,
+                     params: Sequence[nn.Parameter]) -> dict[str, tuple[LayerKind, nn.Module, list[int]]]:
     """The modules whose rows can be implicit: ``name -> (kind, module, parameter indices)``. A
     module qualifies when it has a Kronecker block for exactly the optimized parameters it owns,
-    none of them is shared with another module, and (Embedding) no ``scale_grad_by_freq``."""
+    none of them is shared with another module, and its kind forms its rows implicitly."""
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
@@ -286,11 +257,12 @@ def supported_layers(model: nn.Module, params: Sequence[nn.Parameter]) -> dict[s
     out = {}
     for name, module, idx in owner_groups(model, params):
         block, _ = kronecker_block(name, module, [params[i] for i in idx])
-        if block is None or any(owners.get(id(params[i]), 0) > 1 for i in idx):
+        if block is None or module is None or any(owners.get(id(params[i]), 0) > 1 for i in idx):
             continue
-        if getattr(module, "scale_grad_by_freq", False):
+        kind = kind_of(module)
+        if kind is None or not kind.implicit_rows(module):
             continue
-        out[name] = (block.kind, module, idx)
+        out[name] = (kind, module, idx)
     return out
 
 
@@ -306,31 +278,6 @@ def _per_sample_losses(out: Tensor, targets: Tensor, lik: Likelihood, loss_fn) -
     if loss_fn is None:
         return lik.nll(out, targets, "none")
     return torch.vmap(lambda o, t: loss_fn(o[None], t[None]).reshape(()))(out, targets)
-
-
-def _layer_input(kind: str, module: nn.Module, records, n: int) -> Tensor | None:
-    """The layer's input over all its forward calls (Linear, Embedding: the calls' positions
-    side by side), or None when the records do not fit the implicit form (not called, called on
-    a reshaped batch, a convolution called twice)."""
-    if not records or any(r.input.shape[0] != n or r.input.dim() < (1 if kind == "embedding" else 2)
-                          for r in records):
-        return None
-    if kind == "conv2d" and len(records) > 1:
-        return None
-    if len(records) == 1:
-        return records[0].input
-    if kind == "linear":
-        d = module.in_features
-        return torch.cat([r.input.reshape(n, -1, d) for r in records], 1)
-    return torch.cat([r.input.reshape(n, -1) for r in records], 1)
-
-
-def _merge_grads(kind: str, module: nn.Module, grads: list[Tensor]) -> Tensor:
-    """The calls' output gradients side by side, like :func:`_layer_input`."""
-    if len(grads) == 1:
-        return grads[0]
-    width = module.out_features if kind == "linear" else module.embedding_dim
-    return torch.cat([g.reshape(g.shape[0], -1, width) for g in grads], 1)
 
 
 def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequence[nn.Parameter], *,
@@ -368,7 +315,7 @@ def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequ
     passes = None if fisher_type == "empirical" else lik.pseudo_targets(out.detach(), fisher_type, None, 1, generator)
     data = {}
     for name, (kind, module, idx) in layers.items():
-        x = _layer_input(kind, module, records[name], n)
+        x = kind.rows_input(module, [r.input for r in records[name]], n)
         if x is not None:
             data[name] = x
     recs = {name: records[name] for name in data}
@@ -391,15 +338,10 @@ def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequ
     for name, x in data.items():
         kind, module, idx = layers[name]
         count = len(recs[name])
-        gs = []
-        for pass_grads in per_pass:
-            pieces = [torch.zeros_like(r.output) if g is None else g
-                      for r, g in zip(recs[name], pass_grads[k:k + count])]
-            gs.append(_merge_grads(kind, module, pieces).detach())
+        passes_grads = [[(torch.zeros_like(r.output) if g is None else g).detach()
+                         for r, g in zip(recs[name], pass_grads[k:k + count])] for pass_grads in per_pass]
         k += count
-        g = gs[0] if len(gs) == 1 else torch.cat(gs)
-        if kind == "embedding" and module.padding_idx is not None:  # no gradient reaches that row
-            g = g * (x != module.padding_idx).unsqueeze(-1).repeat(len(gs), *[1] * x.dim()).to(g.dtype)
+        g = kind.rows_grads(module, x, passes_grads)
         parts.append(LayerRows(module, kind, x.detach(), g, idx))
         covered.update(idx)
     rest = [i for i in range(len(chosen)) if i not in covered]

@@ -247,7 +247,7 @@ class ImplicitFisher(FisherMatrix):
             raise RuntimeError("ImplicitFisher: the model's parameters changed in place since this "
                                "Fisher was built; build a new one at the new parameters")
 
-    def _tensors(self) -> list[Tensor]:
+    def tensors(self) -> list[Tensor]:
         held = []
         for x, probs, passes in self.chunks:
             held += [x] + ([probs] if probs is not None else [])

@@ -64,18 +64,19 @@ class FisherMatrix:
 
     def memory_bytes(self) -> int:
         """Bytes held by the tensors of this representation."""
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def _tensors(self) -> list[Tensor]:
+    def tensors(self) -> list[Tensor]:
+        """The tensors this representation holds."""
         raise NotImplementedError
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._tensors()[0].dtype
+        return self.tensors()[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self._tensors()[0].device
+        return self.tensors()[0].device
 
 
 def _check_damping(damping: float) -> None:
@@ -109,7 +110,7 @@ class DenseFisher(FisherMatrix):
         eye = torch.eye(self.num_params, dtype=self.matrix.dtype, device=self.matrix.device)
         return torch.linalg.solve(self.matrix + damping * eye, v)
 
-    def _tensors(self) -> list[Tensor]:
+    def tensors(self) -> list[Tensor]:
         return [self.matrix]
 
 
@@ -150,7 +151,7 @@ class LowRankFisher(FisherMatrix):
     def trace(self) -> Tensor:
         return self.rows.pow(2).sum() / self.num_samples
 
-    def _tensors(self) -> list[Tensor]:
+    def tensors(self) -> list[Tensor]:
         return [self.rows]
 
 
@@ -179,7 +180,7 @@ class DiagonalFisher(FisherMatrix):
         d = self.diag + damping
         return v / d if v.dim() == 1 else v / d[:, None]
 
-    def _tensors(self) -> list[Tensor]:
+    def tensors(self) -> list[Tensor]:
         return [self.diag]
 
 
@@ -213,8 +214,8 @@ class BlockDiagonalFisher(FisherMatrix):
     def trace(self) -> Tensor:
         return sum(b.trace() for b in self.blocks)
 
-    def _tensors(self) -> list[Tensor]:
-        return [t for b in self.blocks for t in b._tensors()]
+    def tensors(self) -> list[Tensor]:
+        return [t for b in self.blocks for t in b.tensors()]
 
 
 @dataclass
@@ -256,5 +257,5 @@ class BlockFisher(FisherMatrix):
     def trace(self) -> Tensor:
         return self.diagonal().sum()
 
-    def _tensors(self) -> list[Tensor]:
+    def tensors(self) -> list[Tensor]:
         return list(self.block.factors().values())

@@ -13,6 +13,9 @@ and torch.library.opcheck validate them. Ops by family:
 * :mod:`natgrad.ops.gram` — a layer's per-sample gradient rows, implicitly: their Gram matrix and
   the products ``U v``, ``Uᵀ w`` from hook data; the small Woodbury system (``gram_solve``).
 * :mod:`natgrad.ops.ewc` — the diagonal EWC penalty and its gradient in one pass.
+* :mod:`natgrad.ops.rules` — the K-FAC rules natgrad.KFAC and the C++ frontend share: the
+  statistics bound, rows and the sample scale, π and damping, the trust region, fault classes and
+  unsupported-layer reasons.
 
 Devices: every op is an ATen composition registered for every device
 (CompositeExplicitAutograd), so it runs on CPU, CUDA and any other torch device; ``ewc_penalty``
@@ -49,6 +52,28 @@ from natgrad.ops.factors import (
     linear_grad_factor,
     linear_grad_factor_ema_,
 )
+from natgrad.ops.rules import (
+    DampingAdaptation,
+    Fault,
+    TrustRegion,
+    kfac_adapt_damping,
+    kfac_conv_rows,
+    kfac_conv_unsupported_reason,
+    kfac_damping,
+    kfac_direction_faults,
+    kfac_embedding_rows,
+    kfac_embedding_unsupported_reason,
+    kfac_factor_faults,
+    kfac_fault_message,
+    kfac_fsum,
+    kfac_linear_rows,
+    kfac_peak_bounded,
+    kfac_pi_correction,
+    kfac_sample_scale,
+    kfac_statistics_limit,
+    kfac_statistics_ok,
+    kfac_trust_region,
+)
 from natgrad.ops.step import Directions, kfac_directions_eigen, kfac_directions_inverse, kfac_momentum_step_
 from natgrad.ops.linalg import (
     DampedInverses,
@@ -62,10 +87,13 @@ from natgrad.ops.linalg import (
 
 __all__ = [
     "DampedInverses",
+    "DampingAdaptation",
     "Directions",
     "EighResult",
+    "Fault",
     "GramSolution",
     "Rung",
+    "TrustRegion",
     "WoodburySolution",
     "conv2d_act_factor",
     "conv2d_act_factor_ema_",
@@ -81,14 +109,31 @@ __all__ = [
     "ewc_penalty",
     "ewc_penalty_and_grad",
     "gram_solve",
+    "kfac_adapt_damping",
+    "kfac_conv_rows",
+    "kfac_conv_unsupported_reason",
     "kfac_damped_inverses",
+    "kfac_damping",
+    "kfac_direction_faults",
     "kfac_directions_eigen",
     "kfac_directions_inverse",
+    "kfac_embedding_rows",
+    "kfac_embedding_unsupported_reason",
+    "kfac_factor_faults",
     "kfac_factors_ema_",
+    "kfac_fault_message",
+    "kfac_fsum",
+    "kfac_linear_rows",
     "kfac_momentum_step_",
+    "kfac_peak_bounded",
+    "kfac_pi_correction",
     "kfac_precondition_diagonal_a",
     "kfac_precondition_eigen",
     "kfac_precondition_inverse",
+    "kfac_sample_scale",
+    "kfac_statistics_limit",
+    "kfac_statistics_ok",
+    "kfac_trust_region",
     "linear_act_factor",
     "linear_act_factor_ema_",
     "linear_diag_fisher",

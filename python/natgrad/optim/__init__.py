@@ -1,8 +1,8 @@
-"""natgrad's optimizers (torch.optim.Optimizer subclasses)."""
+"""natgrad's optimizers (torch.optim.Optimizer subclasses) and NaturalGradient's solver strategies."""
 from __future__ import annotations
 
-from natgrad.optim._ngd_cg import CGOptions
 from natgrad.optim.kfac import KFAC
 from natgrad.optim.natural_gradient import NaturalGradient
+from natgrad.optim.ngd_solvers import CGOptions, CGSolver, NGDSolver, WoodburySolver
 
-__all__ = ["CGOptions", "KFAC", "NaturalGradient"]
+__all__ = ["CGOptions", "CGSolver", "KFAC", "NGDSolver", "NaturalGradient", "WoodburySolver"]

@@ -1,7 +1,6 @@
 r"""natgrad.KFAC: Kronecker-factored approximate curvature as a torch.optim.Optimizer."""
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -11,19 +10,19 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.profiler import record_function
 
-from natgrad.curvature import CurvatureBlock, GradientPhase, LayerCapture, PlainBlock
-from natgrad.curvature.block import all_true, max_abs
-from natgrad.curvature.plan import CaptureFactory, module_blocks, sample_scale
+from natgrad import ops
+from natgrad.curvature.block import CurvatureBlock, DirectionRequest
+from natgrad.curvature.estimator import CurvatureEstimator
 from natgrad.distributed.communicator import make_communicator
 from natgrad.likelihoods import get_likelihood
-from natgrad.optim import _kfac_io, _kfac_step
-from natgrad.optim._hyper import Schedule, check_group, resolved_number
-from natgrad.optim._kfac_damping import adapt_damping, trust_region
-from natgrad.optim._kfac_checks import check_kfac_arguments, check_schedules, checked_skip_modules
+from natgrad.optim._hyper import (Schedule, check_choice, check_flag, check_group, check_number,
+                                  resolved_number)
+from natgrad.optim.step_control import DampingAdaptation, TrustRegion
 
 __all__ = ["KFAC"]
 
-STATE_KEY = _kfac_io.STATE_KEY  # the optimizer-level entry in state_dict()
+STATE_KEY = "kfac"  # the optimizer-level entry in state_dict()
+_STATE_ENTRIES = ("steps", "damping_multiplier", "faults", "ladder", "generator", "blocks")
 _GROUP_DEFAULTS = ("lr", "momentum", "weight_decay", "damping")
 _GROUP_BOUNDS = {"lr": dict(low=0.0), "momentum": dict(low=0.0, high=1.0, high_open=True),
                  "weight_decay": dict(low=0.0),
@@ -47,7 +46,7 @@ class KFAC(Optimizer):
     (or the π-corrected factored damping), and steps :math:`\theta \leftarrow \theta - \eta\, b`,
     :math:`b \leftarrow \nu(\mu b + u) + \omega\theta`, where the KL trust region ν bounds the
     momentum-accumulated step actually taken, :math:`\eta^2\nu^2 \|\mu b + u\|_F^2 \le \kappa`
-    (:func:`natgrad.optim._kfac_damping.trust_region`; μ = 0: the usual
+    (:class:`natgrad.optim.step_control.TrustRegion`; μ = 0: the usual
     :math:`\min(1, \sqrt{\kappa / \sum_\ell \eta^2 \langle u_\ell, \nabla_\ell\rangle})`).
 
     Attention projections get Kronecker blocks, norms, grouped convolutions and parameters used
@@ -56,8 +55,9 @@ class KFAC(Optimizer):
     region, momentum, weight decay); :meth:`describe` lists every parameter's treatment. A
     parameter whose ``.grad`` is None or that does not require grad (frozen) is never moved.
 
-    Curvature lives in one block per layer (:mod:`natgrad.curvature`), not in
-    ``self.state[p]``: a Kronecker pair spans a layer's weight and bias together.
+    Curvature lives in one block per layer, held by :attr:`estimator` (a
+    :class:`~natgrad.curvature.estimator.CurvatureEstimator`), not in ``self.state[p]``: a
+    Kronecker pair spans a layer's weight and bias together.
     ``state_dict()`` stores the blocks under ``"kfac"`` keyed by module name (independent of
     parameter order); ``self.state[p]`` holds the per-parameter momentum buffers, as in
     torch.optim.SGD.
@@ -146,7 +146,7 @@ class KFAC(Optimizer):
                  skip_modules: Iterable[str] = (), seed: int = 0,
                  grad_worker_fraction: float = 1.0, triangle_packing: bool = True,
                  bucket_cap_mb: float = 25.0, process_group=None) -> None:
-        check_kfac_arguments(
+        _check_arguments(
             model=model, lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
             factor_decay=factor_decay, factor_update_period=factor_update_period,
             inverse_update_period=inverse_update_period, kl_clip=kl_clip,
@@ -161,83 +161,41 @@ class KFAC(Optimizer):
 
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.model = model.module if self._ddp else model
-        self._comm = make_communicator(grad_worker_fraction, triangle_packing, bucket_cap_mb, process_group)
+        comm = make_communicator(grad_worker_fraction, triangle_packing, bucket_cap_mb, process_group)
         self.factor_decay = factor_decay
         self.factor_update_period = factor_update_period
         self.inverse_update_period = inverse_update_period
         self.kl_clip = kl_clip
         self.inverse_method = inverse_method
-        self.pi_correction = inverse_method == "inverse" if pi_correction is None else pi_correction
-        self.warm_refreshes, self._refreshes = warm_refreshes, 0
+        self.pi_correction = ops.kfac_pi_correction(inverse_method, pi_correction)
+        self.warm_refreshes = warm_refreshes
         self.adaptive_damping = adaptive_damping
         self.damping_adaptation_interval = damping_adaptation_interval
         self.damping_adaptation_decay = damping_adaptation_decay
         self.fisher_type = fisher_type
         self.loss_reduction = loss_reduction
-        self._generator = torch.Generator().manual_seed(seed + self._comm.rank)
-        self._phase = GradientPhase(fisher_type=fisher_type)
+        self._generator = torch.Generator().manual_seed(seed + comm.rank)
         self._steps = 0
-        self._damping_multiplier = 1.0
-        self._faults: dict[str, int] = {}
-        self._decomposed: set[str] = set()  # layers decomposed at least once (same on every rank)
-        self._ladder: dict[str, int] = {}
-        self._suspend_capture = False
-        self.last_reduction_ratio: float | None = None
-        skip = checked_skip_modules(skip_modules, self.model)
-        self._build_blocks(skip, linear_approx, factor_dtype, inverse_dtype)
+        self._adaptation = DampingAdaptation()
+        self._trust_region = TrustRegion()
+        alive = weakref.WeakMethod(self._factor_step_now)  # the hooks must not keep self alive
+        #: The curvature: blocks, captures, communicator, refresh schedule and fault ledger.
+        self.estimator = CurvatureEstimator(
+            self.model, [p for g in self.param_groups for p in g["params"]], comm,
+            factor_step=lambda: (m := alive()) is not None and m(), skip_modules=skip_modules,
+            fisher_type=fisher_type, linear_approx=linear_approx, factor_dtype=factor_dtype,
+            inverse_dtype=inverse_dtype)
+        self._index_groups()
 
     # ---- set-up ---------------------------------------------------------------------------------
-
-    def _build_blocks(self, skip: set[str], approx: str, factor_dtype, inverse_dtype) -> None:
-        managed = {id(p) for g in self.param_groups for p in g["params"]}
-        self._blocks: list[CurvatureBlock] = []
-        self._captures: dict[str, LayerCapture] = {}
-        self._fallback_reason: dict[int, str] = {}
-        self._param_names = {id(p): n for n, p in self.model.named_parameters()}
-        self._plain: dict[int, PlainBlock] = {}
-        alive = weakref.WeakMethod(self._capturing)
-        factory = CaptureFactory(self.model, lambda: (m := alive()) is not None and m(), self._phase)
-        for name, module in self.model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            for p in module.parameters(recurse=False):
-                if not p.requires_grad:
-                    self._fallback_reason[id(p)] = (f"{type(module).__name__} {name!r}: frozen "
-                                                    "(requires_grad=False) when natgrad.KFAC was built")
-            if not own or not any(id(p) in managed for p in own):
-                continue
-            blocks, reason = [], "skipped by skip_modules"
-            if name not in skip:
-                blocks, reason = module_blocks(name, module, [p for p in own if id(p) in managed],
-                                               linear_approx=approx, factor_dtype=factor_dtype,
-                                               inverse_dtype=inverse_dtype)
-                if blocks and len(own) != sum(len(b.params) for b in blocks):
-                    blocks, reason = [], "only some of its parameters are optimized"
-            if not blocks:
-                for p in own:
-                    self._fallback_reason[id(p)] = f"{type(module).__name__} {name!r}: {reason}"
-            for block in blocks:
-                self._blocks.append(block)
-                self._captures[block.name] = factory.capture(block, module)
-        captures = list(self._captures.values())
-        self._finalizer = weakref.finalize(self, lambda: [c.remove() for c in captures])
-        self._block_of: dict[int, CurvatureBlock] = {id(p): b for b in self._blocks for p in b.params}
-        self._index_groups()
 
     def _index_groups(self) -> None:
         """Maps each parameter to its group (refreshed every step: add_param_group may run)."""
         self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
 
-    def _plain_block(self, p: Tensor) -> PlainBlock:
-        """The fallback block of a parameter outside every Kronecker block (made on demand:
-        add_param_group may add parameters)."""
-        block = self._plain.get(id(p))
-        if block is None:
-            reason = self._fallback_reason.get(id(p), "not owned by any module")
-            block = self._plain[id(p)] = PlainBlock(self._param_names.get(id(p), "<unnamed>"), p, reason)
-        return block
-
-    def _capturing(self) -> bool:
-        return not self._suspend_capture and self._is_factor_step(self._steps)
+    def _factor_step_now(self) -> bool:
+        """Whether the current step collects statistics (asked by the hooks at every call)."""
+        return self._is_factor_step(self._steps)
 
     def _is_factor_step(self, step: int) -> bool:
         period = resolved_number("factor_update_period", self.factor_update_period, step, low=1, integer=True)
@@ -246,7 +204,7 @@ class KFAC(Optimizer):
     def remove_hooks(self) -> None:
         """Removes every hook this optimizer placed on the model (also done on garbage
         collection). Afterwards all parameters use the fallback preconditioner."""
-        self._finalizer()
+        self.estimator.remove_hooks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's, plus the checks ``__init__`` runs on the defaults, for the values the
@@ -279,19 +237,15 @@ class KFAC(Optimizer):
         lik = get_likelihood(likelihood)
         if not isinstance(output, Tensor) or output.dim() == 0:
             raise ValueError("sample_fisher(output): output must be the model's batched output tensor")
-        targets = [r.output for c in self._captures.values() for r in c.records
-                   if r.output is not None and r.grad_output is None]
-        if not targets or not self._capturing():
+        targets = self.estimator.sampling_targets()
+        if not targets or not self.estimator.capturing():
             return
         with torch.no_grad():  # NaN/Inf outputs: labels from finite stand-ins; the NaN statistics
             labels = lik.sample(torch.nan_to_num(output), self._generator)  # then skip the step
         rows = {"mean": output.shape[0], "sum": 1}.get(self.loss_reduction, output.numel() // max(output.shape[-1], 1))
         loss = lik.nll(output, labels, "sum") / max(rows, 1)  # token_mean: over all rows
-        self._phase.sampling = True
-        try:
+        with self.estimator.sampling():
             torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
-        finally:
-            self._phase.sampling = False
 
     # ---- the step ---------------------------------------------------------------------------------
 
@@ -303,163 +257,146 @@ class KFAC(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        estimator = self.estimator
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler
         if found_inf is not None and float(found_inf) > 0:
-            self._clear_records()
+            estimator.clear()
             return loss
         amp_scale = getattr(self, "grad_scale", None)  # torch.amp.GradScaler's loss scale
         amp_unscale = 1.0 if amp_scale is None else 1.0 / float(amp_scale)
         k = self._steps
         self._index_groups()
         try:  # every schedule of step k resolves before anything changes
-            check_schedules(self, k)
+            self._check_schedules(k)
         except (ValueError, TypeError):
-            self._clear_records()
+            estimator.clear()
             raise
         if self.fisher_type == "mc" and self._is_factor_step(k):
-            self._check_sampled()
+            estimator.check_sampled()
+        params = [p for g in self.param_groups for p in g["params"]]
         if not self._ddp:
-            self._comm.average_gradients([p.grad for g in self.param_groups for p in g["params"]
-                                          if p.grad is not None])
+            estimator.communicator.average_gradients([p.grad for p in params if p.grad is not None])
         with record_function("natgrad.KFAC.factor_update"):
-            skipped = self._update_factors(k, amp_unscale)
+            skipped: set[str] = set()
+            if self._is_factor_step(k):
+                skipped = estimator.update_factors(self.factor_decay, self.loss_reduction, amp_unscale)
+            else:
+                estimator.clear()
         with record_function("natgrad.KFAC.inverse_update"):
-            self._update_inverses(k)
+            period = resolved_number("inverse_update_period", self.inverse_update_period, k, low=1, integer=True)
+            estimator.update_decompositions(k % period == 0, self.inverse_method, self._block_damping,
+                                            self.pi_correction, self.warm_refreshes)
         with record_function("natgrad.KFAC.precondition"):
-            updates, grads = self._directions(skipped, amp_unscale)
+            cross = self.kl_clip is not None and any(g["momentum"] for g in self.param_groups)
+            request = DirectionRequest(self._block_damping, self.pi_correction, amp_unscale,
+                                       self._momentum_buffer if cross else None)
+            updates, grads = estimator.directions(params, skipped, request)
         with record_function("natgrad.KFAC.trust_region"):
-            nu = trust_region(self, k, updates, grads)
+            kl_clip = resolved_number("kl_clip", self.kl_clip, k, low=0.0, low_open=True, allow_none=True)
+            nu = self._trust_region.scale(kl_clip, updates, grads, self._group_of, self.state)
         adapt = self.adaptive_damping and closure is not None and k % self.damping_adaptation_interval == 0
         before = {p: p.detach().clone() for p in updates} if adapt else None
         with record_function("natgrad.KFAC.update"):
             self._apply(updates, nu)
         if adapt:
-            adapt_damping(self, closure, loss, before, grads)
+            self._adapt_damping(closure, loss, before, grads)
         self._steps += 1
         return loss
 
-    def _check_sampled(self) -> None:
-        forwards = any(c.records for c in self._captures.values())
-        if forwards and not any(c.complete() for c in self._captures.values()):
-            self._clear_records()
-            raise RuntimeError(
-                "natgrad.KFAC(fisher_type='mc'): no sampled gradient reached any layer this step; "
-                "call opt.sample_fisher(output) after the forward pass and before loss.backward() "
-                "(or use fisher_type='empirical'). Parameters and factors were not changed.")
+    def _check_schedules(self, k: int) -> None:
+        """Resolves every scheduled hyperparameter of step ``k`` (raising on an invalid value)."""
+        for group in self.param_groups:
+            resolved_number("damping", group["damping"], k, low=0.0, low_open=True)
+        resolved_number("kl_clip", self.kl_clip, k, low=0.0, low_open=True, allow_none=True)
+        resolved_number("inverse_update_period", self.inverse_update_period, k, low=1, integer=True)
+        self._is_factor_step(k)
 
     def _damping(self, param: Tensor) -> float:
         group = self._group_of[id(param)]
         value = resolved_number("damping", group["damping"], self._steps, low=0.0, low_open=True)
-        return value * self._damping_multiplier
+        return ops.kfac_damping(value, self._adaptation.multiplier)
 
-    def _clear_records(self) -> None:
-        for capture in self._captures.values():
-            capture.clear()
+    def _block_damping(self, block: CurvatureBlock) -> float:
+        """A block's damping: its first parameter's group's."""
+        return self._damping(block.params[0])
 
-    def _update_factors(self, k: int, amp_unscale: float) -> set[str]:
-        skipped: set[str] = set()
-        if not self._is_factor_step(k):
-            self._clear_records()
-            return skipped
-        stats = {}
-        for block in self._blocks:
-            # an empty batch holds no statistics: the layer is left as if it had not been called
-            records = [r for r in self._captures[block.name].complete() if block.count_samples([r.input])]
-            if records:
-                inputs, grads = [r.input for r in records], [r.grad_output for r in records]
-                per_sample = sample_scale(block, inputs, self.loss_reduction)
-                stats[block.name] = block.prepare(inputs, grads, per_sample * amp_unscale)
-        # Linear/Conv2d layers: one list op, whose fault flags join the step's single read
-        # (_kfac_step.update_listed_factors); the others below, with a read of their own.
-        for name in _kfac_step.update_listed_factors(self, stats):
-            del stats[name]
-        checks = [b.statistics_ok(stats[b.name]) for b in self._blocks if b.name in stats]
-        ok = iter(all_true(checks))
-        present = [b.name in stats for b in self._blocks]
-        good = self._comm.agree([seen and next(ok) for seen in present])
-        captured = self._comm.agree(present)
-        updated = []
-        for block, is_good, seen in zip(self._blocks, good, captured):
-            if is_good:
-                block.apply_update(stats[block.name], self.factor_decay)
-                updated.append(block)
-            elif seen:  # captured everywhere, but NaN/Inf or overflow somewhere: every rank skips
-                skipped.add(block.name)
-                self._fault(block.name, "activations or output gradients")
-        samples = next((b.count_samples([r.input for r in self._captures[b.name].complete()])
-                        for b in updated), 0)
-        self._comm.average_factors(updated, samples)
-        self._clear_records()
-        # The bound above makes this unreachable; should a factor still turn non-finite, the
-        # layer restarts its estimate (and skips this step) rather than keep poisoned factors.
-        healthy = all_true([torch.isfinite(torch.stack([max_abs(f) for f in b.factors().values()])).all()
-                            for b in updated])
-        for block, fine in zip(updated, healthy):
-            if not fine:
-                block.state = {}
-                self._decomposed.discard(block.name)
-                skipped.add(block.name)
-                self._fault(block.name, "updated factors (reset)")
-        return skipped
-
-    def _update_inverses(self, k: int) -> None:
-        period = resolved_number("inverse_update_period", self.inverse_update_period, k, low=1, integer=True)
-        due = [b for b in self._blocks if b.has_factors and (k % period == 0 or b.name not in self._decomposed)]
-        if any(b.name not in self._decomposed for b in due):  # a new layer: (re)assign owners,
-            due = [b for b in self._blocks if b.has_factors]  # and every owner recomputes
-            self._comm.assign(due)
-        warm = bool(due) and self._refreshes % (self.warm_refreshes + 1) != 0
-        self._refreshes += bool(due)
-        for block in due:
-            self._decomposed.add(block.name)
-            rung = 0
-            if self._comm.is_owner(block):
-                rung = block.update_inverse(self.inverse_method, self._damping(block.weight), self.pi_correction, warm)
-            self._comm.share_decomposition(block, self.inverse_method)
-            if rung > 0:
-                first = block.name not in self._ladder
-                self._ladder[block.name] = self._ladder.get(block.name, 0) + 1
-                if first:
-                    warnings.warn(f"natgrad.KFAC: decomposing the factors of {block.name!r} needed "
-                                  f"fallback-ladder rung {rung}; see natgrad.ops.Rung", stacklevel=3)
-
-    def _directions(self, skipped: set[str], amp_unscale: float) -> tuple[dict, dict]:
-        """Preconditioned directions and (unscaled) gradients of every parameter that moves this
-        step, with one host read (see :mod:`natgrad.optim._kfac_step`)."""
-        return _kfac_step.directions(self, skipped, amp_unscale)
+    def _momentum_buffer(self, p: Tensor) -> Tensor | None:
+        """``p``'s momentum buffer if its group uses momentum (None before its first step)."""
+        if not self._group_of[id(p)]["momentum"]:
+            return None
+        return self.state[p].get("momentum_buffer") if p in self.state else None
 
     def _apply(self, updates: dict, nu: float) -> None:
-        _kfac_step.apply(self, updates, nu)
+        """``θ ← θ − η b`` with ``b ← ν(μ b + u) + ω θ`` for every parameter in ``updates`` (ν, the
+        trust region's scale, bounds the momentum-accumulated step), one fused op per parameter
+        group (momentum buffers start at zero: the first ``b`` is the direction itself)."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p in updates]
+            if not params:
+                continue
+            dirs = [updates[p] for p in params]
+            buffers = []
+            if group["momentum"]:
+                for p in params:
+                    state = self.state[p]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buffers.append(state["momentum_buffer"])
+            ops.kfac_momentum_step_(params, buffers, dirs, group["lr"], group["momentum"] * nu,
+                                    group["weight_decay"], nu)
 
-    def _fault(self, where: str, what: str, kind: str = "layer") -> None:
-        if where not in self._faults:
-            warnings.warn(f"natgrad.KFAC: NaN or Inf (or values that would overflow) in the {what} of "
-                          f"{kind} {where!r}; its update is skipped this step (parameters and factors "
-                          "untouched)", RuntimeWarning, stacklevel=4)
-        self._faults[where] = self._faults.get(where, 0) + 1
+    def _adapt_damping(self, closure, loss_before, before: dict, grads: dict) -> None:
+        """Levenberg–Marquardt: compare the loss reduction with the quadratic model's."""
+        deltas = {p: p.detach() - old for p, old in before.items()}
+        predicted = sum(float((grads[p] * d).sum()) for p, d in deltas.items())
+        curvature = 0.0
+        for p, d in deltas.items():
+            curvature += self._damping(p) * float(d.pow(2).sum())
+        for value in self.estimator.quad_form(deltas):
+            curvature += value
+        model_change = predicted + 0.5 * curvature
+        with self.estimator.paused(), torch.enable_grad():
+            loss_after = closure()
+        comm = self.estimator.communicator
+        change = comm.mean_scalar(float(loss_after)) - comm.mean_scalar(float(loss_before))
+        self._adaptation.update(change, model_change, self.damping_adaptation_decay,
+                                self.damping_adaptation_interval)
 
     # ---- introspection and checkpoints ------------------------------------------------------------
 
     @property
     def nonfinite_skips(self) -> dict[str, int]:
         """How many times each layer's update was skipped because of NaN/Inf or overflow."""
-        return dict(self._faults)
+        return dict(self.estimator.ledger.faults)
 
     @property
     def damping_multiplier(self) -> float:
         """The adaptive-damping multiplier applied to every group's damping (1.0 if unused)."""
-        return self._damping_multiplier
+        return self._adaptation.multiplier
+
+    @property
+    def last_reduction_ratio(self) -> float | None:
+        """The reduction ratio ρ of the last damping adaptation (None before the first)."""
+        return self._adaptation.last_ratio
 
     def describe(self) -> str:
         """A table of every optimized parameter and the preconditioner it gets."""
-        return _kfac_io.describe(self)
+        rows = [(self.estimator.param_name(p), "x".join(map(str, p.shape)) or "scalar", self.estimator.treatment(p))
+                for group in self.param_groups for p in group["params"]]
+        width = [max(len(r[i]) for r in rows + [("parameter", "shape", "")]) for i in range(2)]
+        lines = [f"{'parameter':<{width[0]}}  {'shape':<{width[1]}}  preconditioner"]
+        lines += [f"{n:<{width[0]}}  {s:<{width[1]}}  {h}" for n, s, h in rows]
+        return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state (momentum buffers, param groups) plus, under ``"kfac"``, the step
         counter, factors, decompositions, damping multiplier, fault counts and sampler state."""
-        self._comm.gather_decompositions(self._blocks, self.inverse_method)
+        curvature = self.estimator.state_dict(self.inverse_method)
         state = super().state_dict()
-        state[STATE_KEY] = _kfac_io.kfac_state(self)
+        state[STATE_KEY] = {"steps": self._steps, "refreshes": curvature["refreshes"],
+                            "damping_multiplier": self._adaptation.multiplier, "faults": curvature["faults"],
+                            "ladder": curvature["ladder"], "decomposed": curvature["decomposed"],
+                            "generator": self._generator.get_state(), "blocks": curvature["blocks"]}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -472,7 +409,71 @@ class KFAC(Optimizer):
         kfac = state_dict.pop(STATE_KEY, None)
         if not isinstance(kfac, dict):
             raise ValueError(f"state_dict has no {STATE_KEY!r} dict entry: not saved by natgrad.KFAC")
-        _kfac_io.check_state(self, state_dict, kfac)
+        self._check_state(state_dict, kfac)
         super().load_state_dict(state_dict)
-        _kfac_io.load_kfac_state(self, kfac)
+        self._steps = int(kfac["steps"])
+        self._adaptation.multiplier = float(kfac["damping_multiplier"])
+        self._generator.set_state(kfac["generator"])
+        self.estimator.load_state_dict(kfac)
 
+    def _check_state(self, state_dict: dict[str, Any], kfac: dict[str, Any]) -> None:
+        """Raises ValueError (naming the layer or parameter and both shapes) unless the checkpoint
+        fits this optimizer; changes nothing."""
+        missing = [k for k in _STATE_ENTRIES if k not in kfac]
+        if missing:
+            raise ValueError(f"state_dict[{STATE_KEY!r}] lacks {missing}: not saved by natgrad.KFAC")
+        self.estimator.check_state_dict(kfac["blocks"])
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch.optim's own load_state_dict raises its clear error
+        for saved, group in zip(saved_groups, self.param_groups):
+            for index, p in zip(saved["params"], group["params"]):
+                for key, value in state_dict.get("state", {}).get(index, {}).items():
+                    if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                        name = self.estimator.param_name(p, f"parameter {index}")
+                        raise ValueError(f"state_dict: {key} of {name!r} has shape {tuple(value.shape)}, "
+                                         f"the parameter has {tuple(p.shape)} (was the model's width changed?)")
+
+
+def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, damping: Any,
+                     factor_decay: Any, factor_update_period: Any, inverse_update_period: Any,
+                     kl_clip: Any, inverse_method: Any, pi_correction: Any, warm_refreshes: Any,
+                     adaptive_damping: Any, damping_adaptation_interval: Any, damping_adaptation_decay: Any,
+                     fisher_type: Any, loss_reduction: Any, linear_approx: Any, factor_dtype: Any,
+                     inverse_dtype: Any, seed: Any, grad_worker_fraction: Any,
+                     triangle_packing: Any, bucket_cap_mb: Any) -> None:
+    """Raises TypeError/ValueError naming the first invalid argument of ``natgrad.KFAC``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
+    check_number("lr", lr, low=0.0)
+    check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+    check_number("weight_decay", weight_decay, low=0.0)
+    check_number("damping", damping, low=0.0, low_open=True, allow_callable=True)
+    check_number("factor_decay", factor_decay, low=0.0, high=1.0, high_open=True)
+    check_number("factor_update_period", factor_update_period, low=1, integer=True, allow_callable=True)
+    check_number("inverse_update_period", inverse_update_period, low=1, integer=True, allow_callable=True)
+    check_number("kl_clip", kl_clip, low=0.0, low_open=True, allow_none=True, allow_callable=True)
+    check_choice("inverse_method", inverse_method, ("eigen", "inverse"))
+    if fisher_type == "exact":
+        raise ValueError("Invalid fisher_type: 'exact' (natgrad.KFAC estimates 'empirical' or "
+                         "'mc'; the exact Fisher is natgrad.fisher.compute_fisher's)")
+    check_choice("fisher_type", fisher_type, ("empirical", "mc"))
+    check_choice("loss_reduction", loss_reduction, ("mean", "sum", "token_mean"))
+    check_choice("linear_approx", linear_approx, ("expand", "reduce"))
+    check_number("damping_adaptation_interval", damping_adaptation_interval, low=1, integer=True)
+    check_number("damping_adaptation_decay", damping_adaptation_decay, low=0.0, high=1.0,
+                 low_open=True, high_open=True)
+    check_number("grad_worker_fraction", grad_worker_fraction, low=0.0, high=1.0, low_open=True)
+    check_number("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True)
+    check_number("seed", seed, integer=True)
+    check_number("warm_refreshes", warm_refreshes, low=0, integer=True)
+    if pi_correction is not None:
+        check_flag("pi_correction", pi_correction)
+    for name, flag in (("adaptive_damping", adaptive_damping), ("triangle_packing", triangle_packing)):
+        check_flag(name, flag)
+    if adaptive_damping and callable(damping):
+        raise ValueError("Invalid damping: a callable schedule cannot be combined with "
+                         "adaptive_damping=True (the adaptation owns the damping)")
+    for name, dt in (("factor_dtype", factor_dtype), ("inverse_dtype", inverse_dtype)):
+        if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+            raise ValueError(f"Invalid {name}: {dt!r} (expected a floating torch.dtype or None)")

@@ -1,8 +1,6 @@
 """natgrad.NaturalGradient: the exact (empirical or sampled) Fisher natural gradient."""
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,11 +10,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from natgrad._vocabulary import renamed_value
-from natgrad.distributed import collective, group_device
-from natgrad.fisher.gram import BatchRows, collect_rows
 from natgrad.likelihoods import get_likelihood
 from natgrad.optim._hyper import Schedule, check_choice, check_group, check_number, resolved_number
-from natgrad.optim._ngd_cg import CGOptions, CGSolver  # solver="cg" (issue 17)
+from natgrad.optim.ngd_solvers import CGOptions, CGSolver, NGDSolver, Problem, WoodburySolver
 
 __all__ = ["NaturalGradient"]
 
@@ -85,12 +81,14 @@ class NaturalGradient(Optimizer):
             the whole batch's Fisher and takes the same step (default: the world group).
         rows (str): "implicit" (layer Gram matrices from hook data) or "explicit" (torch.func
             per-sample gradients) (default: "implicit").
-        solver (str): "woodbury" (the solves above) or "cg": Hessian-free style — every step
-            solves the batch's exact Fisher system by preconditioned conjugate gradient on
-            matrix-free Fisher-vector products (``compute_fisher(structure="implicit")``, no
-            ``n × p`` rows), warm-started from the last solution, with ``kl_clip`` bounding
-            ``(ηd)ᵀ(F + λI)(ηd)`` exactly; ``structure`` must be "dense", one process only
-            (see :mod:`natgrad.optim._ngd_cg`) (default: "woodbury").
+        solver (str or NGDSolver): "woodbury" (the solves above) or "cg": Hessian-free style —
+            every step solves the batch's exact Fisher system by preconditioned conjugate
+            gradient on matrix-free Fisher-vector products (``compute_fisher(structure=
+            "implicit")``, no ``n × p`` rows), warm-started from the last solution, with
+            ``kl_clip`` bounding ``(ηd)ᵀ(F + λI)(ηd)`` exactly; ``structure`` must be "dense", one
+            process only; or a strategy object (:class:`~natgrad.optim.ngd_solvers.WoodburySolver`,
+            :class:`~natgrad.optim.ngd_solvers.CGSolver`), kept as :attr:`solver` (see
+            :mod:`natgrad.optim.ngd_solvers`) (default: "woodbury").
         cg (CGOptions, optional): tolerance, iteration cap, preconditioner ("none", "diagonal",
             "kfac") and warm start of ``solver="cg"`` (default: ``CGOptions()``).
     """
@@ -101,7 +99,7 @@ class NaturalGradient(Optimizer):
                  structure: str = "dense", likelihood: str = "categorical",
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, chunk_size: int = 256,
                  seed: int = 0, process_group=None, rows: str = "implicit",
-                 solver: str = "woodbury", cg: CGOptions | None = None) -> None:
+                 solver: str | NGDSolver = "woodbury", cg: CGOptions | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
         check_number("lr", lr, low=0.0)
@@ -128,20 +126,19 @@ class NaturalGradient(Optimizer):
         self.likelihood = likelihood
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
-        self._group = process_group
         self._world = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank(process_group) if self._world > 1 else 0
         self._generator = torch.Generator().manual_seed(seed + rank)
         self._steps = 0
         self.rows = rows
-        self._batch: BatchRows | None = None
-        # ---- solver="cg" hook (issue 17): all of its logic lives in natgrad.optim._ngd_cg ----
-        check_choice("solver", solver, ("woodbury", "cg"))
-        self._cg = CGSolver(cg) if solver == "cg" else None
-        if self._cg is not None and (structure == "diagonal" or self._world > 1):
-            raise ValueError("solver='cg' needs structure='dense' and a single process, got "
-                             f"structure={structure!r} with {self._world} processes")
-        # ---- end of the solver="cg" hook ----
+        if isinstance(solver, str):
+            check_choice("solver", solver, ("woodbury", "cg"))
+            solver = CGSolver(cg) if solver == "cg" else WoodburySolver()
+        elif not isinstance(solver, NGDSolver):
+            raise ValueError(f"Invalid solver: {solver!r} (expected 'woodbury', 'cg' or an NGDSolver)")
+        solver.bind(structure, self._world, process_group)
+        #: The solver strategy (:mod:`natgrad.optim.ngd_solvers`).
+        self.solver = solver
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's, plus ``__init__``'s checks for the values the group sets itself."""
@@ -152,6 +149,12 @@ class NaturalGradient(Optimizer):
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    def _problem(self) -> Problem:
+        return Problem(model=self.model, params=self._params(), param_groups=self.param_groups,
+                       fisher_type=self.fisher_type, likelihood=self.likelihood, loss_fn=self.loss_fn,
+                       chunk_size=self.chunk_size, generator=self._generator, structure=self.structure,
+                       rows=self.rows, kl_clip=self.kl_clip, step=self._steps)
+
     def backward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """The batch's per-sample gradients: accumulates their mean into ``.grad`` (like
         ``loss.backward()`` on the batch-mean loss), keeps them for :meth:`step`, and returns the
@@ -160,37 +163,7 @@ class NaturalGradient(Optimizer):
         supported layer's inputs and output gradients; per-sample gradients are never formed.
         Inputs, targets and the per-sample gradients are validated (empty batch, NaN/Inf,
         mismatched sizes) before ``.grad`` is touched."""
-        params = self._params()
-        if self._cg is not None:  # solver="cg" hook (issue 17)
-            return self._cg.backward(self, inputs, targets)
-        batch, losses, mean = collect_rows(
-            self.model, inputs, targets, params, fisher_type=self.fisher_type,
-            likelihood=self.likelihood, loss_fn=self.loss_fn, generator=self._generator,
-            chunk_size=self.chunk_size, implicit=self.rows == "implicit" and self.structure != "diagonal")
-        if self._world > 1:
-            self._check_shards(inputs.shape[0])
-            batch = batch.gathered(self._all_gather, self._world)
-            for g in mean:
-                collective(dist.all_reduce, g, group=self._group)
-                g.div_(self._world)
-        for p, g in zip(params, mean):
-            g = g.to(p.dtype)
-            p.grad = g if p.grad is None else p.grad.add_(g)
-        self._batch = batch
-        return losses.mean()
-
-    def _check_shards(self, size: int) -> None:
-        """Equal shard sizes on every rank (the rows are gathered in rank order)."""
-        sizes = torch.tensor([size], device=group_device(self._group))
-        collective(dist.all_reduce, sizes, group=self._group, op=dist.ReduceOp.MAX)
-        if int(sizes) != size:
-            raise ValueError("NaturalGradient under torch.distributed needs the same batch size on "
-                             f"every rank; this rank has {size}, another {int(sizes)}")
-
-    def _all_gather(self, t: Tensor) -> list[Tensor]:
-        parts = [torch.empty_like(t) for _ in range(self._world)]
-        collective(dist.all_gather, (parts, t.contiguous()), group=self._group)
-        return parts
+        return self.solver.backward(self._problem(), inputs, targets)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -200,44 +173,14 @@ class NaturalGradient(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._batch is None and self._cg is None:
-            raise RuntimeError("NaturalGradient.step() needs per-sample gradients: call "
-                               "opt.backward(inputs, targets) instead of loss.backward() first")
-        batch, self._batch = self._batch, None
+        self.solver.start_step()
         entries = [(p, group) for group in self.param_groups for p in group["params"]]
         raw = [torch.zeros_like(p) if p.grad is None else p.grad for p, _ in entries]
         grads = [g + grp["weight_decay"] * p if grp["weight_decay"] else g
                  for g, (p, grp) in zip(raw, entries)]
         damping = resolved_number("damping", self.damping, self._steps, low=0.0, low_open=True)
-        if self._cg is not None:  # solver="cg" hook (issue 17): a flat direction, split per parameter
-            direction, nu = self._cg.step(self, torch.cat([g.reshape(-1) for g in grads]), damping)
-            parts = direction.split([p.numel() for p, _ in entries])
-            self._apply(entries, ((i, (), d.view_as(p)) for i, (d, (p, _)) in enumerate(zip(parts, entries))), nu)
-            self._steps += 1
-            return loss
-        if self.structure == "diagonal":
-            directions = ((i, (), g / (d.to(g.dtype) + damping))
-                          for i, (g, d) in enumerate(zip(grads, batch.diagonal())))
-        else:
-            directions = batch.directions(grads, damping)
-        kl_clip = resolved_number("kl_clip", self.kl_clip, self._steps, low=0.0, low_open=True, allow_none=True)
-        if self.structure != "diagonal":
-            self._warn_rung(batch.last_rung)
-        if kl_clip is None and batch.finite_guaranteed:
-            # apply each part as it is solved: no full-size copy of the direction is ever held
-            self._apply(entries, directions, 1.0)
-        else:
-            pending = list(directions)
-            if not all(bool(torch.isfinite(d).all()) for _, _, d in pending):
-                raise FloatingPointError("NaturalGradient: the solve produced NaN/Inf (a too small "
-                                         "damping or overflowing per-sample gradients?); "
-                                         "parameters were not changed")
-            nu = 1.0
-            if kl_clip is not None:
-                vg = sum(float((d * raw[i][where].to(d.dtype)).sum()) * entries[i][1]["lr"] ** 2
-                         for i, where, d in pending)
-                nu = 1.0 if vg <= 0 else min(1.0, math.sqrt(kl_clip / vg))
-            self._apply(entries, pending, nu)
+        directions, nu = self.solver.directions(self._problem(), raw, grads, damping)
+        self._apply(entries, directions, nu)
         self._steps += 1
         return loss
 
@@ -260,19 +203,12 @@ class NaturalGradient(Optimizer):
             p[where].add_(d, alpha=-group["lr"])
             del d
 
-    @staticmethod
-    def _warn_rung(rung: int) -> None:
-        if rung > 0:
-            warnings.warn(f"natgrad.NaturalGradient: the Woodbury solve needed fallback-ladder "
-                          f"rung {rung} (see natgrad.ops.Rung): the batch's Fisher is "
-                          "ill-conditioned; consider a larger damping", RuntimeWarning, stacklevel=3)
-
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state plus the step counter and the label sampler's state."""
+        """torch.optim's state plus the step counter, the label sampler's state and the solver's."""
         state = super().state_dict()
         state["natural_gradient"] = {"steps": self._steps, "generator": self._generator.get_state()}
-        if self._cg is not None:  # solver="cg" hook (issue 17)
-            state["natural_gradient"]["cg"] = self._cg.state_dict()
+        if self.solver.state_key is not None:
+            state["natural_gradient"][self.solver.state_key] = self.solver.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -281,9 +217,9 @@ class NaturalGradient(Optimizer):
         extra = state_dict.pop("natural_gradient", None)
         if extra is None:
             raise ValueError("state_dict has no 'natural_gradient' entry: not saved by natgrad.NaturalGradient")
-        previous = CGSolver.checked_state(extra.get("cg")) if self._cg is not None else None
+        key = self.solver.state_key
+        checked = self.solver.checked_state(extra.get(key)) if key is not None else None
         super().load_state_dict(state_dict)
-        if self._cg is not None:  # solver="cg" hook (issue 17)
-            self._cg.load_state_dict(previous)
+        self.solver.load_state_dict(checked)
         self._steps = int(extra["steps"])
         self._generator.set_state(extra["generator"])

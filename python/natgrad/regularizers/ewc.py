@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from natgrad import ops
 from natgrad._vocabulary import _UNSET, FISHER_TYPES, check_choice, renamed_argument
-from natgrad.curvature import CurvatureBlock, capturing, make_block, owner_groups
+from natgrad.curvature import CurvatureBlock, capturing, kind_of, make_block, owner_groups
 from natgrad.fisher.compute import compute_fisher
 from natgrad.fisher.matrices import BlockFisher
 from natgrad.fisher.scores import check_inputs
@@ -210,12 +210,14 @@ class EWC:
         return diag, kron
 
     def _diagonal(self, x, y, named, kwargs) -> dict[str, Tensor]:
-        """Per-sample diagonal Fisher: Linear layers by the capture hooks + the C++ op, the rest
-        by torch.func per-sample gradients."""
+        """Per-sample diagonal Fisher: layers whose kind has one (Linear) by the capture hooks +
+        the C++ op, the rest by torch.func per-sample gradients."""
         lik = get_likelihood(self.likelihood)
-        linear = {name: m for name, m in self.model.named_modules() if isinstance(m, nn.Linear)
-                  and all(p.requires_grad for p in m.parameters(recurse=False))}
-        diag: dict[str, Tensor] = {}
+        kinds = {name: k for name, m in self.model.named_modules()
+                 if (k := kind_of(m)) is not None and k.has_diagonal_fisher
+                 and all(p.requires_grad for p in m.parameters(recurse=False))}
+        linear = {name: m for name, m in self.model.named_modules() if name in kinds}
+        diag: dict[str, list[Tensor]] = {}
         with capturing(linear) as captures, torch.enable_grad():
             out = self.model(x)
             used = [n for n in linear if len(captures[n].records) == 1]  # called once: per-sample rows
@@ -224,15 +226,12 @@ class EWC:
             for target, weight in passes:
                 grads = torch.autograd.grad(lik.weighted_nll(out, target, weight), outputs, retain_graph=True)
                 for name, g in zip(used, grads):
-                    d = ops.linear_diag_fisher(captures[name].records[0].input, g.detach(),
-                                               linear[name].bias is not None, 1.0)
-                    diag[name] = diag[name] + d if name in diag else d
+                    d = kinds[name].diagonal_fisher(linear[name], captures[name].records[0].input, g.detach())
+                    diag[name] = [a + b for a, b in zip(diag[name], d)] if name in diag else d
         out_diag: dict[str, Tensor] = {}
         for name in used:
-            d, m = diag[name], linear[name]
-            out_diag[f"{name}.weight" if name else "weight"] = d[:, :m.weight.shape[1]].contiguous()
-            if m.bias is not None:
-                out_diag[f"{name}.bias" if name else "bias"] = d[:, -1].contiguous()
+            for key, d in zip(("weight", "bias"), diag[name]):
+                out_diag[f"{name}.{key}" if name else key] = d.contiguous()
         rest = [n for n in named if n not in out_diag]
         if rest:
             f = compute_fisher(self.model, x, y, structure="diagonal", params=[named[n] for n in rest], **kwargs)

@@ -44,8 +44,9 @@ there) and 0.43 on the head (plain K-FAC: 1.09). A first variant that kept γI e
 diagonal in the generalized basis was 5x more accurate on the tiny model but 2.5x off on that
 layer, whose input factor is singular (pixels that never light up).
 
-Scope: Linear and Conv2d blocks (the layers whose Fisher EWC stores); other parameters keep
-K-FAC's treatment (Embedding's Kronecker solve, the plain gradient of fallback parameters).
+Scope: Kronecker blocks with full factors (``KroneckerBlock.full_factors``: Linear and
+convolution layers, whose Fisher EWC stores); other parameters keep K-FAC's treatment
+(Embedding's Kronecker solve, the plain gradient of fallback parameters).
 The decompositions are refreshed whenever K-FAC refreshes the block's own (its
 ``inverse_update_period``), when damping or λ change, and after every ``consolidate``.
 Nothing here is saved: re-attach after loading checkpoints.
@@ -53,22 +54,31 @@ Nothing here is saved: re-attach after loading checkpoints.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from natgrad.curvature.kron import Conv2dBlock, KroneckerBlock, LinearBlock
-
-if TYPE_CHECKING:
-    from natgrad.regularizers.ewc import EWC
+from natgrad.curvature.kron import KroneckerBlock
 
 APPROXIMATIONS = ("auto", "generalized", "eigenbasis")
 
 
+class ConsolidatedFisher(Protocol):
+    """What the prior reads of a :class:`natgrad.EWC`: its model, λ, the stored tasks and a
+    revision number bumped whenever they change."""
+
+    model: nn.Module
+    lambda_: float
+    tasks: list[dict[str, Any]]
+    revision: int
+
+
 class EWCCurvature:
-    """The handle :meth:`natgrad.EWC.attach` returns: while attached, every Linear/Conv2d block
-    of ``optimizer`` preconditions with ``F + λ·F_old + damping`` (see the module docstring).
+    """The handle :meth:`natgrad.EWC.attach` returns: while attached, every full-factor Kronecker
+    block of ``optimizer`` preconditions with ``F + λ·F_old + damping`` (see the module docstring).
+    The prior is installed by the optimizer's curvature estimator, which wraps those blocks
+    (:class:`natgrad.curvature.prior.PriorBlock`) until :meth:`detach`.
 
     Args:
         ewc (natgrad.EWC): the regularizer (its ``model`` must be the optimizer's model).
@@ -77,7 +87,7 @@ class EWCCurvature:
             EWC), "generalized" (Kronecker EWC only) or "eigenbasis" (default: "auto").
     """
 
-    def __init__(self, ewc: EWC, optimizer, approximation: str = "auto") -> None:
+    def __init__(self, ewc: ConsolidatedFisher, optimizer, approximation: str = "auto") -> None:
         from natgrad.optim.kfac import KFAC
 
         if not isinstance(optimizer, KFAC):
@@ -91,18 +101,16 @@ class EWCCurvature:
             approximation = "generalized"
         self.ewc, self.approximation = ewc, approximation
         names = {id(p): n for n, p in ewc.model.named_parameters()}
-        self.blocks = [b for b in optimizer._blocks if isinstance(b, (LinearBlock, Conv2dBlock))]
-        self._names = {b.name: tuple(names[id(p)] for p in b.params) for b in self.blocks}
+        self._estimator = optimizer.estimator
         self._cache: dict[str, tuple[tuple, tuple]] = {}
         self._split: dict[str, tuple[tuple, tuple]] = {}
-        for block in self.blocks:
-            block.prior = self
+        self.blocks = self._estimator.install_prior(
+            self, lambda b: isinstance(b, KroneckerBlock) and b.full_factors)
+        self._names = {b.name: tuple(names[id(p)] for p in b.params) for b in self.blocks}
 
     def detach(self) -> None:
         """Restores plain K-FAC preconditioning (the optimizer's state is untouched)."""
-        for block in self.blocks:
-            if block.prior is self:
-                block.prior = None
+        self._estimator.remove_prior(self)
         self._cache.clear()
         self._split.clear()
 
@@ -131,9 +139,9 @@ class EWCCurvature:
         """``(A⊗G + λ·F_old + damping)⁻¹`` on a packed gradient, or None (K-FAC's own solve)
         when no task penalises the block or λ = 0."""
         lam = self.ewc.lambda_
-        key = (_decomposition_id(block), damping, lam, self.ewc.revision)
+        key = (*_decomposition_id(block), damping, lam, self.ewc.revision)
         cached = self._cache.get(block.name)
-        if cached is None or cached[0] != key:
+        if cached is None or not _same_key(cached[0], key):
             old = self.old_fisher(block) if lam > 0 else None
             if old is None or not any(bool(t.abs().sum() > 0) for t in old[1]):
                 parts: tuple = ()
@@ -159,9 +167,16 @@ class EWCCurvature:
 
 
 def _decomposition_id(block: KroneckerBlock) -> tuple:
-    """Changes whenever K-FAC recomputes (or loads) the block's decomposition."""
+    """Changes whenever K-FAC recomputes (or loads) the block's decomposition: the tensor itself
+    (held by the cache, so that a new decomposition can never reuse its identity) and its
+    version."""
     t = block.state.get("g_eigenvectors", block.state.get("g_inverse"))
-    return (id(t), t._version) if t is not None else (None, block.state["A"]._version)
+    return (t, t._version) if t is not None else (None, block.state["A"]._version)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Whether two cache keys are equal (tensors by identity)."""
+    return len(a) == len(b) and all(x is y if isinstance(x, Tensor) else x == y for x, y in zip(a, b))
 
 
 def _whitening(b: Tensor) -> Tensor:

@@ -1,0 +1,126 @@
+"""Layer kinds: one module per layer type, holding everything natgrad knows about it.
+
+A module's kind is looked up by its type (the most derived registered class in its MRO, so a
+subclass of nn.Linear is a Linear unless registered otherwise). natgrad.KFAC, NaturalGradient,
+natgrad.fisher and EWC ask the kind, never the layer class:
+
+* :mod:`~natgrad.curvature.layers.linear`: nn.Linear;
+* :mod:`~natgrad.curvature.layers.conv1d`: nn.Conv1d;
+* :mod:`~natgrad.curvature.layers.conv2d`: nn.Conv2d;
+* :mod:`~natgrad.curvature.layers.embedding`: nn.Embedding;
+* :mod:`~natgrad.curvature.layers.attention`: nn.MultiheadAttention.
+
+Add a layer type with :func:`register_layer`. The interface is :class:`LayerKind`
+(:mod:`natgrad.curvature.layers.base`).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from natgrad.curvature.layers.attention import AttentionBlock, AttentionKind
+from natgrad.curvature.layers.base import FALLBACKS, LayerKind
+from natgrad.curvature.layers.conv1d import Conv1dBlock, Conv1dKind
+from natgrad.curvature.layers.conv2d import Conv2dBlock, Conv2dKind
+from natgrad.curvature.layers.embedding import EmbeddingBlock, EmbeddingKind
+from natgrad.curvature.layers.linear import LinearBlock, LinearKind
+
+__all__ = ["AttentionBlock", "Conv1dBlock", "Conv2dBlock", "EmbeddingBlock", "LayerKind", "LinearBlock",
+           "kind_of", "register_layer", "registered_layers"]
+
+_KINDS: dict[type[nn.Module], LayerKind] = {}
+
+
+def register_layer(module_type: type[nn.Module], kind: LayerKind) -> None:
+    """Makes natgrad treat every module of ``module_type`` (and of its subclasses, unless they are
+    registered themselves) as ``kind``: natgrad.KFAC gives it ``kind.block(...)``,
+    NaturalGradient forms its per-sample gradient rows implicitly when the kind can, and
+    natgrad.fisher's "kfac" structure and EWC use its block. Registering a type again replaces
+    its kind. Unregistered modules keep natgrad's generic treatment (exact per-sample diagonal
+    curvature or traced free parameters in KFAC, explicit rows in NaturalGradient).
+
+    Example: Hugging Face GPT-2's ``Conv1D`` is a linear layer with a transposed weight
+    ``[in, out]`` (``y = x @ W + b``). Its Fisher is an nn.Linear's with the weight transposed,
+    so its kind reuses the Linear block and rows, and packs ``Wᵀ``::
+
+        import natgrad
+        from natgrad.curvature.layers import LinearBlock, LinearKind
+        from transformers.pytorch_utils import Conv1D
+
+        class Conv1DBlock(LinearBlock):
+            kind = "gpt2_conv1d"
+
+            def features(self):  # (in, out) from the weight [in, out]
+                return tuple(self.weight.shape)
+
+            def pack(self, tensors):  # the Linear layout [W^T, b]
+                w, *rest = tensors
+                return super().pack([None if w is None else w.T, *rest])
+
+            def unpack(self, packed):
+                w = packed[:, :self.weight.shape[0]].T
+                return [w] if self.bias is None else [w, packed[:, -1]]
+
+        class Conv1DKind(LinearKind):
+            name = "gpt2_conv1d"
+
+            def features(self, module):
+                return tuple(module.weight.shape)
+
+            def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
+                return Conv1DBlock(name, module, approx=approx, factor_dtype=factor_dtype,
+                                   inverse_dtype=inverse_dtype)
+
+            def rows_mv(self, module, x, g, weight, bias):
+                return super().rows_mv(module, x, g, weight.T, bias)
+
+            def rows_tmv(self, module, x, g, w, index, chunk):  # weight parts come [out, in]
+                for i, where, part in super().rows_tmv(module, x, g, w, index, chunk):
+                    yield (i, (slice(None), *where), part.T) if i == index[0] else (i, where, part)
+
+            def diagonal_fisher(self, module, x, g):
+                weight, *rest = super().diagonal_fisher(module, x, g)
+                return [weight.T, *rest]
+
+        natgrad.curvature.register_layer(Conv1D, Conv1DKind())
+        optimizer = natgrad.KFAC(gpt2)  # every Conv1D now gets a Kronecker block
+
+    Register before constructing the optimizer (blocks are chosen then). A kind that leaves out
+    the rows methods gets explicit rows in NaturalGradient, and one without
+    :meth:`LayerKind.diagonal_fisher` gets torch.func per-sample gradients in diagonal EWC.
+
+    Args:
+        module_type (type): an nn.Module subclass.
+        kind (LayerKind): what natgrad knows about it (see :class:`LayerKind`).
+
+    Raises:
+        TypeError: ``module_type`` is not an nn.Module subclass or ``kind`` not a LayerKind.
+        ValueError: ``kind.fallback`` is not one of "per_sample", "plain".
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_layer: module_type must be an nn.Module subclass, got {module_type!r}")
+    if not isinstance(kind, LayerKind):
+        raise TypeError(f"register_layer: kind must be a natgrad.curvature.LayerKind, got {type(kind).__name__}")
+    if kind.fallback not in FALLBACKS:
+        raise ValueError(f"register_layer: kind.fallback must be one of {FALLBACKS}, got {kind.fallback!r}")
+    _KINDS[module_type] = kind
+
+
+def kind_of(module: nn.Module) -> LayerKind | None:
+    """The kind of ``module`` (its most derived registered class), or None when there is none."""
+    for cls in type(module).__mro__:
+        kind = _KINDS.get(cls)
+        if kind is not None:
+            return kind
+    return None
+
+
+def registered_layers() -> dict[type[nn.Module], LayerKind]:
+    """A copy of the registry: module type -> kind."""
+    return dict(_KINDS)
+
+
+register_layer(nn.Linear, LinearKind())
+register_layer(nn.Conv1d, Conv1dKind())
+register_layer(nn.Conv2d, Conv2dKind())
+register_layer(nn.Embedding, EmbeddingKind())
+register_layer(nn.MultiheadAttention, AttentionKind())

@@ -1,0 +1,152 @@
+"""nn.Embedding: one-hot inputs make the activation factor diagonal (token frequencies), so
+``A`` is kept as a vector and never decomposed; implicit rows compare indices instead of
+multiplying one-hot vectors.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from natgrad import ops
+from natgrad.curvature import refresh
+from natgrad.curvature.block import CurvatureBlock
+from natgrad.curvature.kron import KroneckerBlock, Statistics
+from natgrad.curvature.layers.base import LayerKind, output_blocks
+
+__all__ = ["EmbeddingBlock", "EmbeddingKind"]
+
+
+class EmbeddingBlock(KroneckerBlock):
+    """nn.Embedding: the activation factor of one-hot inputs is diagonal (token frequencies),
+    so A is kept as a vector and never decomposed. Packed layout: ``weight.T``
+    (``[dim, num_embeddings]``)."""
+
+    kind = "embedding"
+    full_factors = False
+
+    @classmethod
+    def family(cls) -> type[CurvatureBlock]:
+        return CurvatureBlock  # transposed layout, diagonal A: one block at a time
+
+    def a_dim(self) -> int:
+        return self.weight.shape[0]
+
+    def g_dim(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def has_inverse(self) -> bool:
+        return "g_eigenvectors" in self.state
+
+    def pack(self, tensors):
+        w = tensors[0] if tensors[0] is not None else torch.zeros_like(self.weight)
+        return w.T
+
+    def unpack(self, packed):
+        return [packed.T]
+
+    def expected_shapes(self):
+        g = self.g_dim()
+        return {"A": (self.a_dim(),), "G": (g, g), "g_eigenvalues": (g,), "g_eigenvectors": (g, g)}
+
+    def count_samples(self, inputs):
+        return sum(t.shape[0] if t.dim() > 0 else 1 for t in inputs)
+
+    def count_rows(self, inputs):
+        """Rows of the forward calls: one per looked-up index."""
+        return sum(ops.kfac_embedding_rows(t.shape) for t in inputs)
+
+    def prepare(self, inputs, grads, grad_scale):
+        dim = self.weight.shape[1]
+        idx = torch.cat([t.reshape(-1) for t in inputs])
+        g = torch.cat([t.reshape(-1, dim) for t in grads])
+        positions = idx.numel() // max(self.count_samples(inputs), 1)
+        passes = max(g.shape[0] // max(idx.numel(), 1), 1)
+        return Statistics(idx, g, grad_scale * math.sqrt(max(positions, 1) * passes), idx.numel(), g.shape[0])
+
+    def _update_a(self, stats, rho):
+        counts = torch.bincount(stats.inputs, minlength=self.weight.shape[0]).to(self.factor_dtype)
+        self.state["A"].mul_(rho).add_(counts / stats.inputs.numel(), alpha=1.0 - rho)
+
+    def decomposition_template(self, method):
+        opts = dict(dtype=self.inverse_dtype, device=self.weight.device)
+        g = self.g_dim()
+        return {"g_eigenvalues": torch.empty(g, **opts), "g_eigenvectors": torch.empty(g, g, **opts)}
+
+    def update_inverse(self, method, damping, pi_correction=False, warm=False):
+        if warm and "g_eigenvectors" in self.state:
+            self.state["g_eigenvalues"], self.state["g_eigenvectors"] = refresh.warm_eigh(
+                self.state["G"].to(self.inverse_dtype), self.state["g_eigenvalues"], self.state["g_eigenvectors"])
+            return 0
+        self.drop_decomposition()
+        eg = ops.damped_eigh(self.state["G"].to(self.inverse_dtype))
+        self.state["g_eigenvalues"], self.state["g_eigenvectors"] = eg.eigenvalues, eg.eigenvectors
+        return int(eg.rung)
+
+    def precondition(self, packed, damping, pi_correction=False):
+        s = self.state
+        out = ops.kfac_precondition_diagonal_a(
+            packed.to(self.inverse_dtype), s["A"].to(self.inverse_dtype), s["g_eigenvalues"],
+            s["g_eigenvectors"], damping, pi_correction)
+        return out.to(packed.dtype)
+
+    def product(self, packed):
+        return (self.state["G"] @ packed.to(self.factor_dtype)) * self.state["A"][None, :]
+
+    def _a_diagonal(self):
+        return self.state["A"]
+
+
+class EmbeddingKind(LayerKind):
+    """nn.Embedding; a sparse or max-norm one takes the plain gradient, and one with
+    ``scale_grad_by_freq`` gets explicit rows."""
+
+    name = "embedding"
+    fallback = "plain"
+
+    def unsupported_reason(self, module):
+        return ops.kfac_embedding_unsupported_reason(module.sparse, module.max_norm is not None)
+
+    def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
+        return EmbeddingBlock(name, module, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
+
+    def implicit_rows(self, module):
+        return not module.scale_grad_by_freq
+
+    def rows_input(self, module, inputs, samples):
+        if not inputs or any(x.shape[0] != samples or x.dim() < 1 for x in inputs):
+            return None
+        if len(inputs) == 1:
+            return inputs[0]
+        return torch.cat([x.reshape(samples, -1) for x in inputs], 1)
+
+    def merge_calls(self, module, grads):
+        if len(grads) == 1:
+            return grads[0]
+        return torch.cat([g.reshape(g.shape[0], -1, module.embedding_dim) for g in grads], 1)
+
+    def rows_grads(self, module, x, passes):
+        g = super().rows_grads(module, x, passes)
+        if module.padding_idx is not None:  # no gradient reaches that row
+            g = g * (x != module.padding_idx).unsqueeze(-1).repeat(len(passes), *[1] * x.dim()).to(g.dtype)
+        return g
+
+    def row_bound(self, module, x, g, bias):
+        if g.numel() == 0:
+            return 0.0
+        low, high = torch.aminmax(g)
+        return self.row_positions(module, g) * max(-float(low), float(high))
+
+    def gram(self, module, x, g, bias):
+        return ops.embedding_gram(x, g)
+
+    def rows_mv(self, module, x, g, weight, bias):
+        return ops.embedding_rows_mv(x, g, weight)
+
+    def rows_tmv(self, module, x, g, w, index, chunk):
+        width = g.shape[-1]
+        per_unit = max(module.weight.numel() // max(width, 1), 1)
+        for a, b in output_blocks(width, per_unit, chunk):
+            part = ops.embedding_rows_tmv(x, g[..., a:b], w, module.num_embeddings)
+            yield index[0], (slice(None), slice(a, b)), part

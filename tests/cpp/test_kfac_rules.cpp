@@ -1,0 +1,192 @@
+// The K-FAC rules both frontends share (csrc/kfac/kfac_rules.h), against closed forms.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kfac/kfac_rules.h"
+
+namespace kfac = natgrad::kfac;
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+}  // namespace
+
+TEST(KfacRules, StatisticsLimitIsAQuarterOfTheLargestFactorValue) {
+  EXPECT_EQ(kfac::statistics_limit(torch::kDouble), std::numeric_limits<double>::max() / 4);
+  EXPECT_EQ(kfac::statistics_limit(torch::kFloat),
+            static_cast<double>(std::numeric_limits<float>::max()) / 4);
+  EXPECT_EQ(kfac::statistics_limit(torch::kHalf), 65504.0 / 4);
+  EXPECT_EQ(kfac::statistics_limit(torch::kBFloat16), 3.3895313892515355e38 / 4);
+  EXPECT_THROW(kfac::statistics_limit(torch::kLong), c10::Error);
+}
+
+TEST(KfacRules, BoundRejectsNaNInfAndPeaksWhoseGramSumCouldOverflow) {
+  const double limit = kfac::statistics_limit(torch::kFloat);
+  EXPECT_TRUE(kfac::within_bound(1.0, 10.0, torch::kFloat));
+  EXPECT_FALSE(kfac::within_bound(kNaN, 1.0, torch::kFloat));
+  EXPECT_FALSE(kfac::within_bound(kInf, 1.0, torch::kDouble));
+  const double edge = std::sqrt(limit / 100.0);
+  EXPECT_TRUE(kfac::within_bound(edge * 0.99, 100.0, torch::kFloat));
+  EXPECT_FALSE(kfac::within_bound(edge * 1.01, 100.0, torch::kFloat));
+  EXPECT_EQ(kfac::grad_count(0, 0.5), 1.0);  // rows and scale each count at least 1
+  EXPECT_EQ(kfac::grad_count(8, 3.0), 8 * 9.0);
+}
+
+TEST(KfacRules, StatisticsOkBoundsGradientsAndFloatingInputsOnly) {
+  auto x = torch::ones({4, 3}, torch::kFloat);
+  auto g = torch::ones({4, 2}, torch::kFloat);
+  EXPECT_TRUE(kfac::statistics_ok(x, g, 4, 4, 2.0, torch::kFloat).item<bool>());
+  auto big = torch::full({4, 2}, 1e19, torch::kFloat);  // 1e38 * 4 rows * 2^2 > 3.4e38 / 4
+  EXPECT_FALSE(kfac::statistics_ok(x, big, 4, 4, 2.0, torch::kFloat).item<bool>());
+  EXPECT_TRUE(kfac::statistics_ok(x, big, 4, 4, 2.0, torch::kDouble).item<bool>());
+  auto bad_x = x.clone();
+  bad_x[1][2] = std::nanf("");
+  EXPECT_FALSE(kfac::statistics_ok(bad_x, g, 4, 4, 1.0, torch::kFloat).item<bool>());
+  auto indices = torch::tensor({1, 2, 3}, torch::kLong);  // an Embedding's: not bounded
+  EXPECT_TRUE(kfac::statistics_ok(indices, g, 3, 4, 1.0, torch::kFloat).item<bool>());
+  const auto ok = kfac::statistics_ok(x, g, 4, 4, 1.0, torch::kFloat);
+  EXPECT_EQ(ok.dim(), 0);
+  EXPECT_EQ(ok.scalar_type(), torch::kBool);
+}
+
+TEST(KfacRules, MaxAbsIsTheLargestMagnitudeOrZeroWhenEmpty) {
+  EXPECT_EQ(kfac::max_abs(torch::tensor({-3.0, 2.0})).item<double>(), 3.0);
+  EXPECT_EQ(kfac::max_abs(torch::empty({0})).item<double>(), 0.0);
+  EXPECT_TRUE(std::isnan(kfac::max_abs(torch::tensor({1.0, kNaN})).item<double>()));
+}
+
+TEST(KfacRules, LinearAndEmbeddingRowsCountEveryPosition) {
+  EXPECT_EQ(kfac::linear_rows({5, 7, 3}, 3), 35);
+  EXPECT_EQ(kfac::linear_rows({3}, 3), 1);
+  EXPECT_EQ(kfac::linear_rows({4, 0}, 0), 0);
+  EXPECT_EQ(kfac::embedding_rows({2, 6}), 12);
+  EXPECT_EQ(kfac::embedding_rows({}), 1);
+}
+
+TEST(KfacRules, ConvRowsAreSamplesTimesTorchsOutputPositions) {
+  // 2 x 8 x 9 input, kernel 3, stride 2, padding 1, dilation 1: out = floor((n + 2 - 3) / 2) + 1.
+  EXPECT_EQ(kfac::conv_rows({2, 3, 8, 9}, {3, 3}, {2, 2}, {1, 1}, {1, 1}), 2 * 4 * 5);
+  EXPECT_EQ(kfac::conv_rows({2, 3, 8, 9}, {3, 2}, {1, 1}, {0, 0}, {2, 1}), 2 * 4 * 8);
+  EXPECT_EQ(kfac::conv_rows({3, 8, 9}, {3, 3}, {1, 1}, {0, 0}, {1, 1}), 1);  // unbatched
+  EXPECT_EQ(kfac::conv_rows({4, 2, 10}, {3}, {1}, {0}, {1}), 4 * 8);         // 1-d
+  // An input smaller than the kernel: floor division, as Python's (truncation would give 0).
+  EXPECT_EQ(kfac::conv_rows({2, 1, 1}, {4}, {2}, {0}, {1}), 2 * -1);
+  EXPECT_THROW(kfac::conv_rows({1, 1, 4, 4}, {3, 3}, {1}, {0, 0}, {1, 1}), c10::Error);
+}
+
+TEST(KfacRules, SampleScaleFollowsTheLossReduction) {
+  EXPECT_EQ(kfac::sample_scale(32, 320, "sum"), 1.0);
+  EXPECT_EQ(kfac::sample_scale(32, 320, "mean"), 32.0);
+  EXPECT_EQ(kfac::sample_scale(32, 320, "token_mean"), std::sqrt(32.0 * 320.0));
+  EXPECT_EQ(kfac::sample_scale(0, 0, "token_mean"), 0.0);
+  EXPECT_THROW(kfac::sample_scale(1, 1, "max"), c10::Error);
+}
+
+TEST(KfacRules, PiCorrectionDefaultsToOnForInversesOnly) {
+  EXPECT_TRUE(kfac::pi_correction_enabled("inverse", std::nullopt));
+  EXPECT_FALSE(kfac::pi_correction_enabled("eigen", std::nullopt));
+  EXPECT_TRUE(kfac::pi_correction_enabled("eigen", true));
+  EXPECT_FALSE(kfac::pi_correction_enabled("inverse", false));
+  EXPECT_THROW(kfac::pi_correction_enabled("cholesky", std::nullopt), c10::Error);
+}
+
+TEST(KfacRules, DampingIsTheGroupsTimesTheMultiplier) {
+  EXPECT_EQ(kfac::resolved_damping(1e-3, 1.0), 1e-3);
+  EXPECT_EQ(kfac::resolved_damping(1e-3, 4.0), 4e-3);
+  EXPECT_THROW(kfac::resolved_damping(0.0, 1.0), c10::Error);
+  EXPECT_THROW(kfac::resolved_damping(1e-3, kNaN), c10::Error);
+}
+
+TEST(KfacRules, DampingAdaptationFollowsTheReductionRatio) {
+  const double omega = std::pow(0.95, 5);
+  auto good = kfac::adapt_damping(1.0, -0.9, -1.0, 0.95, 5);  // rho 0.9 > 3/4: less damping
+  EXPECT_EQ(good.ratio, 0.9);
+  EXPECT_EQ(good.multiplier, omega);
+  auto poor = kfac::adapt_damping(1.0, -0.1, -1.0, 0.95, 5);  // rho 0.1 < 1/4: more damping
+  EXPECT_EQ(poor.multiplier, 1.0 / omega);
+  auto fair = kfac::adapt_damping(2.0, -0.5, -1.0, 0.95, 5);
+  EXPECT_EQ(fair.multiplier, 2.0);
+  auto none = kfac::adapt_damping(1.0, -0.5, 0.0, 0.95, 5);  // no predicted decrease
+  EXPECT_EQ(none.ratio, -kInf);
+  EXPECT_EQ(none.multiplier, 1.0 / omega);
+  EXPECT_EQ(kfac::adapt_damping(1e8, 1.0, -1.0, 0.5, 1).multiplier, 1e8);  // clamped
+  EXPECT_EQ(kfac::adapt_damping(1e-8, -1.0, -1.0, 0.5, 1).multiplier, 1e-8);
+}
+
+TEST(KfacRules, FsumIsCorrectlyRounded) {
+  EXPECT_EQ(kfac::fsum({1e100, 1.0, -1e100}), 1.0);
+  EXPECT_EQ(kfac::fsum({0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1}), 1.0);
+  EXPECT_EQ(kfac::fsum({}), 0.0);
+  // Half-way case: 1 + 2^-53 + 2^-106 rounds up only when the last partial is counted.
+  EXPECT_EQ(kfac::fsum({1.0, std::ldexp(1.0, -53), std::ldexp(1.0, -106)}),
+            1.0 + std::ldexp(1.0, -52));
+  EXPECT_TRUE(std::isinf(kfac::fsum({1.0, kInf})));
+}
+
+TEST(KfacRules, TrustRegionWithoutMomentumScalesToTheKlClip) {
+  // sum lr^2 <u, g> = 0.01 * 2 + 0.04 * 3 = 0.14 > kl_clip 1e-3: nu = sqrt(1e-3 / 0.14).
+  auto t = kfac::trust_region(1e-3, {2.0, 3.0}, {0.0, 0.0}, {0.1, 0.2}, {0.0, 0.0}, {0.0, 0.0});
+  EXPECT_DOUBLE_EQ(t.nu, std::sqrt(1e-3 / 0.14));
+  auto small = kfac::trust_region(1.0, {2.0, 3.0}, {0.0, 0.0}, {0.1, 0.2}, {0.0, 0.0}, {0.0, 0.0});
+  EXPECT_EQ(small.nu, 1.0);
+  auto negative = kfac::trust_region(1e-3, {-2.0}, {0.0}, {0.1}, {0.0}, {0.0});
+  EXPECT_EQ(negative.nu, 1.0);
+  auto nan = kfac::trust_region(1e-3, {kNaN}, {0.0}, {0.1}, {0.0}, {0.0});
+  EXPECT_EQ(nan.nu, 1.0);
+}
+
+TEST(KfacRules, TrustRegionCountsMomentumAndCarriesEachShare) {
+  // term = <u, g> + 2 mu <b, g> + mu^2 s = 1 + 2 * 0.5 * 2 + 0.25 * 4 = 4; lr^2 = 1.
+  auto t = kfac::trust_region(1.0, {1.0}, {2.0}, {1.0}, {0.5}, {4.0});
+  EXPECT_EQ(t.nu, 0.5);  // sqrt(1 / 4)
+  ASSERT_EQ(t.kl_share.size(), 1u);
+  EXPECT_EQ(t.kl_share[0], 1.0);  // 4 * nu^2
+  EXPECT_THROW(kfac::trust_region(1.0, {1.0}, {}, {1.0}, {0.5}, {4.0}), c10::Error);
+  EXPECT_THROW(kfac::trust_region(0.0, {1.0}, {0.0}, {1.0}, {0.5}, {4.0}), c10::Error);
+}
+
+TEST(KfacRules, FaultFlagsClassifyGradientsBeforeDirections) {
+  EXPECT_EQ(kfac::direction_fault(1.0, 1.0), kfac::Fault::kNone);
+  EXPECT_EQ(kfac::direction_fault(0.0, 0.0), kfac::Fault::kGradients);
+  EXPECT_EQ(kfac::direction_fault(1.0, 0.0), kfac::Fault::kDirections);
+  EXPECT_EQ(kfac::factor_fault(0.0, 1.0), kfac::Fault::kStatistics);
+  EXPECT_EQ(kfac::factor_fault(1.0, 0.0), kfac::Fault::kFactors);
+  EXPECT_EQ(kfac::factor_fault(1.0, 1.0), kfac::Fault::kNone);
+  const std::vector<double> rows{1, 1, 0.5, 0.2, 0, 1, 0.1, 1, 0, 3};
+  EXPECT_EQ(kfac::direction_faults(rows, {0, 4, 7}), (std::vector<int64_t>{0, 1, 2}));
+  EXPECT_EQ(kfac::factor_faults({1, 1, 0, 1, 1, 0}), (std::vector<int64_t>{0, 3, 4}));
+  EXPECT_THROW(kfac::direction_faults(rows, {9}), c10::Error);
+  EXPECT_THROW(kfac::factor_faults({1, 1, 0}), c10::Error);
+}
+
+TEST(KfacRules, FaultMessageNamesWhatAndWhere) {
+  EXPECT_EQ(kfac::fault_message("natgrad.KFAC", kfac::Fault::kGradients, "parameter", "fc.bias"),
+            "natgrad.KFAC: NaN or Inf (or values that would overflow) in the gradients of "
+            "parameter 'fc.bias'; its update is skipped this step (parameters and factors "
+            "untouched)");
+  EXPECT_NE(kfac::fault_message("x", kfac::Fault::kFactors, "layer", "a")
+                .find("updated factors (reset) of layer 'a'"),
+            std::string::npos);
+  EXPECT_NE(kfac::fault_message("x", kfac::Fault::kStatistics, "layer", "it's").find("\"it's\""),
+            std::string::npos);
+  EXPECT_THROW(kfac::fault_message("x", kfac::Fault::kNone, "layer", "a"), c10::Error);
+}
+
+TEST(KfacRules, UnsupportedReasonsNameTheOffendingOption) {
+  EXPECT_EQ(kfac::conv_unsupported_reason(1, "(1, 1)", "zeros"), "");
+  EXPECT_EQ(kfac::conv_unsupported_reason(2, "(0, 0)", "zeros"), "grouped convolution (groups=2)");
+  EXPECT_EQ(kfac::conv_unsupported_reason(1, "'same'", "zeros"),
+            "padding='same', padding_mode='zeros'");
+  EXPECT_EQ(kfac::conv_unsupported_reason(1, "(1, 1)", "reflect"),
+            "padding=(1, 1), padding_mode='reflect'");
+  EXPECT_EQ(kfac::embedding_unsupported_reason(false, false), "");
+  EXPECT_EQ(kfac::embedding_unsupported_reason(true, true), "sparse gradients");
+  EXPECT_EQ(kfac::embedding_unsupported_reason(false, true),
+            "max_norm renormalises weights in forward");
+}
