@@ -24,12 +24,13 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATH = os.path.join(HERE, "..", "cpp", "data", "ewc_parity.pt")
+sys.path.insert(0, os.path.join(HERE, "..", "fixtures"))
+from make_kfac_parity import exact_init  # noqa: E402  (the fixtures' one kernel-independent init)
 
 
 def model() -> nn.Sequential:
     """The fixture's model with its fixed initial parameters (float64)."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.LayerNorm(5), nn.Linear(5, 3)).double()
+    return exact_init(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.LayerNorm(5), nn.Linear(5, 3)).double(), 0)
 
 
 def _shift(net: nn.Module, seed: int, scale: float) -> dict[str, torch.Tensor]:
