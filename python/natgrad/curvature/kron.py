@@ -251,12 +251,12 @@ class KroneckerBlock(CurvatureBlock):
 
     @classmethod
     def family(cls) -> type[CurvatureBlock]:
-        """KroneckerBlock while the class keeps the packed layout and the preconditioner the list
-        ops assume; a subclass that changes either (e.g. a transposed weight) is served one at
-        a time."""
-        if cls.pack is KroneckerBlock.pack and cls.precondition is KroneckerBlock.precondition:
-            return KroneckerBlock
-        return CurvatureBlock
+        """KroneckerBlock: the list ops serve every block of the family together. They read the
+        weight's gradient as ``[d_out, d_in]`` and precondition with ``A`` and ``G`` as stored
+        here, so a subclass that changes either (a transposed weight, its own
+        :meth:`precondition`) must override this to return :class:`CurvatureBlock` (served one
+        block at a time), as EmbeddingBlock does."""
+        return KroneckerBlock
 
     @classmethod
     def update_many(cls, blocks, stats, decay):

@@ -12,6 +12,7 @@ from torch import nn
 
 import natgrad
 from natgrad.curvature import layers
+from natgrad.curvature.block import CurvatureBlock
 from natgrad.curvature.layers import LinearBlock, LinearKind
 from natgrad.fisher import compute_fisher
 from natgrad.fisher.gram import LayerRows, collect_rows
@@ -36,6 +37,10 @@ class Conv1DBlock(LinearBlock):
 
     def features(self):
         return tuple(self.weight.shape)
+
+    @classmethod
+    def family(cls):  # a transposed weight: not the list ops' layout
+        return CurvatureBlock
 
     def pack(self, tensors):
         w, *rest = tensors

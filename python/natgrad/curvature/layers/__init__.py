@@ -43,6 +43,7 @@ def register_layer(module_type: type[nn.Module], kind: LayerKind) -> None:
     so its kind reuses the Linear block and rows, and packs ``Wᵀ``::
 
         import natgrad
+        from natgrad.curvature.block import CurvatureBlock
         from natgrad.curvature.layers import LinearBlock, LinearKind
         from transformers.pytorch_utils import Conv1D
 
@@ -51,6 +52,10 @@ def register_layer(module_type: type[nn.Module], kind: LayerKind) -> None:
 
             def features(self):  # (in, out) from the weight [in, out]
                 return tuple(self.weight.shape)
+
+            @classmethod
+            def family(cls):  # a transposed weight: not the list ops' layout
+                return CurvatureBlock
 
             def pack(self, tensors):  # the Linear layout [W^T, b]
                 w, *rest = tensors
