@@ -10,7 +10,7 @@
 #    scripts/env.sh creates .venv (pip; needs the network). No GPU at all: exits 2, saying so.
 # 2. Builds natgrad._C against that torch into build/gpu/pkg (a copy of python/natgrad), so the
 #    in-place CPU build of python/natgrad is left alone.
-# 3. Runs the per-device op tests (tests/python/test_ops_*.py, test_package.py) with CUDA
+# 3. Runs the per-device op tests (tests/python/ops/, test_package.py) with CUDA
 #    required: the CUDA variants and torch.library.opcheck on CUDA must run, not skip.
 # 4. Trains a small MLP on generated data with natgrad.KFAC on CPU and on CUDA from the same
 #    initial parameters (float64 and float32, eigen and inverse forms) and compares the
@@ -109,7 +109,7 @@ export PYTHONPATH="$BUILD/pkg" OMP_WAIT_POLICY=PASSIVE
 
 # ---- 3. per-device op tests, CUDA required ---------------------------------------------------
 run_step tests 120 env NATGRAD_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -o "pythonpath=$BUILD/pkg" \
-  --junitxml="${LOGS}_pytest.xml" tests/python/test_ops_*.py tests/python/test_package.py
+  --junitxml="${LOGS}_pytest.xml" tests/python/ops tests/python/test_package.py
 
 # ---- 4. K-FAC on CUDA against K-FAC on CPU ---------------------------------------------------
 kfac_compare() {

@@ -1,6 +1,6 @@
 // natgrad::EWC (csrc/frontend/ewc.h) against the Python natgrad.EWC: the reference values in
-// tests/cpp/data/ewc_parity.pt are written by tests/python/ewc_cpp_fixture.py (float64), and
-// tests/python/test_ewc_cpp_fixture.py checks that the committed file still matches Python.
+// tests/cpp/data/ewc_parity.pt are written by tests/fixtures/make_ewc_parity.py (float64), and
+// tests/python/regularizers/test_ewc_fixture.py checks that the committed file still matches Python.
 #include <torch/serialize.h>
 #include <torch/torch.h>
 
@@ -81,7 +81,7 @@ void set_params(torch::nn::Module& net, const std::string& prefix) {
 }
 
 // Consolidates task 1 at θ₁ (one batch) and task 2 at θ₂ (batches of 5 and 7), then moves to θ₃:
-// the sequence of tests/python/ewc_cpp_fixture.py.
+// the sequence of tests/fixtures/make_ewc_parity.py.
 void run_two_tasks(torch::nn::Module& net, natgrad::EWC& ewc) {
   const Fixture& f = fixture();
   set_params(net, "init/");

@@ -1,4 +1,6 @@
-"""Shared fixtures: deterministic seeds, and the ladder's fault injection always reset."""
+"""Shared fixtures: deterministic seeds, and the ladder's fault injection always reset. Being in
+tests/python, this file also puts tests/python on sys.path, so every test imports the plain helpers
+of support.py as ``support``."""
 from __future__ import annotations
 
 import pytest
@@ -13,8 +15,3 @@ def _seed_and_reset_ladder():
     yield
     natgrad._C._force_ladder_failures(0)
 
-
-def random_psd(n: int, rank: int | None = None, dtype=torch.float64, batch=()) -> torch.Tensor:
-    """A random symmetric PSD matrix of the given rank (full rank by default)."""
-    x = torch.randn(*batch, n, rank or n + 3, dtype=dtype)
-    return x @ x.mT / x.shape[-1]

@@ -10,7 +10,7 @@ Every generated case is classified as either
 and after every fault the state is checked to be intact (parameters, factors, decompositions,
 momentum buffers, EWC tasks: finite and bitwise equal to before). ``TALLY`` counts the cases per
 API; ``test_zz_cases_per_api`` prints it (run with ``-s``). natgrad.ops is covered by
-tests/python/test_ops_*.py (references, bad arguments, non-contiguous inputs, dtypes) and is not
+tests/python/ops/ (references, bad arguments, non-contiguous inputs, dtypes) and is not
 repeated here.
 
 Hypothesis runs derandomized with a fixed number of examples, so CI is deterministic.

@@ -246,7 +246,7 @@ def test_factors_are_checked_after_the_update_too(monkeypatch):
         step(model, opt, x, y)
     monkeypatch.setattr(KroneckerBlock, "statistics_ok", lambda self, stats: torch.ones((), dtype=torch.bool))
     # ... on the per-layer path (distributed runs, blocks outside the list op): the list op's
-    # bound lives in C++; its flags' reset is tested in test_kfac_one_read.py.
+    # bound lives in C++; its flags' reset is tested in optim/test_kfac_batched.py.
     monkeypatch.setattr(opt.estimator, "batched", False)
     kept = [p.detach().clone() for p in model[0].parameters()]
     opt.zero_grad()

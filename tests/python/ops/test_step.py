@@ -7,7 +7,7 @@ import torch
 
 from natgrad import ops
 
-from conftest import random_psd
+from support import random_psd
 
 OPS = torch.ops.natgrad
 TINY32 = torch.finfo(torch.float32).tiny

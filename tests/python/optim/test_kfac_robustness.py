@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from kfac_models import data, flat_params, mlp, train
+from support import data, flat_params, mlp, train
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_nan_gradient_skips_only_that_layer_and_warns_once():
@@ -155,7 +155,7 @@ RESUME_SCRIPT = textwrap.dedent(
     import sys, torch, torch.nn.functional as F
     sys.path.insert(0, {tests!r})
     import natgrad
-    from kfac_models import data, mlp, train
+    from support import data, mlp, train
     torch.use_deterministic_algorithms(True)
     model = mlp()
     x, y = data()
@@ -186,7 +186,7 @@ RESUME_SCRIPT = textwrap.dedent(
 
 def test_checkpoint_resumes_bitwise_in_a_new_process(tmp_path):
     script = tmp_path / "resume.py"
-    script.write_text(RESUME_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(RESUME_SCRIPT.format(tests=str(Path(__file__).parents[1])))
     ckpt = str(tmp_path / "ckpt.pt")
     env = {"PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     for mode in ("save", "resume", "straight"):

@@ -7,16 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from natgrad.fisher import compute_fisher, score_rows
-
-
-def small_mlp(dtype=torch.float64, out=3):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, out)).to(dtype)
-
-
-def batch(n=20, dtype=torch.float64):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+from support import batch, small_mlp
 
 
 def loop_grad(model, loss):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-BENCH_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+BENCH_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks")
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")

@@ -8,7 +8,7 @@ import natgrad
 from natgrad import ops
 from natgrad.ops import Rung
 
-from conftest import random_psd
+from support import random_psd
 
 OPS = torch.ops.natgrad
 

@@ -137,7 +137,7 @@ def test_checkpoint_shapes_are_checked_per_block():
 def test_a_checkpoint_of_the_previous_release_still_loads_and_resumes_exactly():
     # Saved by natgrad 0.1.0 (commit 4a1f70c): a KFAC state after 3 steps, an EWC(kfac, exact)
     # state, and what 3 more steps of the old code gave.
-    path = os.path.join(os.path.dirname(__file__), "data", "kfac_ewc_v0_1_0.pt")
+    path = os.path.join(os.path.dirname(__file__), "..", "data", "kfac_ewc_v0_1_0.pt")
     ckpt = torch.load(path, weights_only=False)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()

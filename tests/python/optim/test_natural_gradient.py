@@ -10,7 +10,7 @@ from torch import nn
 
 import natgrad
 from natgrad.fisher import compute_fisher, score_rows
-from test_fisher import batch, small_mlp
+from support import batch, small_mlp
 
 
 def flat(model):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import dist_workers as w
+import support as w
 import natgrad
 from natgrad.distributed import assign_by_cost, pack_triangle, unpack_triangle
 
@@ -20,10 +20,10 @@ def spawn(fn, world, tmp_path, *args):
 
 
 def single_process(steps=5):
-    x, y = w.data()
-    net = w.model()
-    w.run_steps(net, w.kfac(net), x, y, steps)
-    return w.flat(net)
+    x, y = w.dist_data()
+    net = w.dist_model()
+    w.run_steps(net, w.dist_kfac(net), x, y, steps)
+    return w.flat_params(net)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -67,8 +67,8 @@ def test_sharded_ewc_fisher_and_natural_gradient_equal_the_full_batch(tmp_path):
     out = tmp_path / "out.pt"
     spawn(w.sharded_fisher, 3, tmp_path, str(out))
     result = torch.load(out)
-    x, y = w.data()
-    net = w.model()
+    x, y = w.dist_data()
+    net = w.dist_model()
     full = natgrad.EWC(net, fisher_type="exact", structure="kfac")
     full.consolidate(x, y)
     for key, (a, g) in full.state_dict()["tasks"][0]["kron"].items():
@@ -78,13 +78,13 @@ def test_sharded_ewc_fisher_and_natural_gradient_equal_the_full_batch(tmp_path):
     diag.consolidate(x, y)
     for name, value in diag.tasks[0]["diag"].items():
         torch.testing.assert_close(result["diag"]["diag"][name], value, rtol=1e-10, atol=1e-14)
-    ngd_net = w.model()
+    ngd_net = w.dist_model()
     ngd = natgrad.NaturalGradient(ngd_net, lr=0.5, damping=1e-2, momentum=0.5)
     for _ in range(2):
         ngd.zero_grad()
         ngd.backward(x, y)
         ngd.step()
-    torch.testing.assert_close(result["ngd"], w.flat(ngd_net), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(result["ngd"], w.flat_params(ngd_net), rtol=1e-10, atol=1e-12)
 
 
 def test_triangle_packing_round_trips():
@@ -111,7 +111,7 @@ def test_distributed_benchmark_quick_runs(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     out = tmp_path / "d.json"
     env = {**os.environ, "PYTHONPATH": str(root / "python")}
     subprocess.run([sys.executable, str(root / "benchmarks" / "distributed.py"), "--quick", "--out", str(out)],

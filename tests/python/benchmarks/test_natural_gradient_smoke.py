@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "benchmarks" / "natural_gradient.py"
 OPTIMIZERS = ("SGD", "Adam", "DiagNGD", "NGD")
 

@@ -1,4 +1,11 @@
-"""Process bodies for tests/python/test_distributed.py (spawned with torch.multiprocessing)."""
+"""Helpers shared by the Python tests (fixtures live in conftest.py).
+
+* :func:`random_psd`: random symmetric PSD matrices;
+* small models, batches and a training loop (:func:`mlp`, :func:`data`, :func:`train`,
+  :func:`flat_params`; :func:`small_mlp`, :func:`batch`);
+* the process bodies of the torch.distributed tests (``dist_*`` and the functions they spawn with
+  torch.multiprocessing, which imports this module by name in each child).
+"""
 from __future__ import annotations
 
 import os
@@ -11,21 +18,75 @@ from torch import nn
 import natgrad
 from natgrad.distributed import collective
 
-N = 12  # divisible by 2 and 3
+
+def random_psd(n: int, rank: int | None = None, dtype=torch.float64, batch=()) -> torch.Tensor:
+    """A random symmetric PSD matrix of the given rank (full rank by default)."""
+    x = torch.randn(*batch, n, rank or n + 3, dtype=dtype)
+    return x @ x.mT / x.shape[-1]
 
 
-def model() -> nn.Module:
+# Small models, batches and a training loop.
+
+
+def mlp(dtype=torch.float64, seed=0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def data(n=32, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def train(model, opt, x, y, steps, closure=False):
+    losses = []
+    for _ in range(steps):
+        def loss_fn():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        if closure:
+            losses.append(float(opt.step(loss_fn)))
+        else:
+            losses.append(float(loss_fn()))
+            opt.step()
+    return losses
+
+
+def flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def small_mlp(dtype=torch.float64, out=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, out)).to(dtype)
+
+
+def batch(n=20, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+# Process bodies of the torch.distributed tests (gloo, spawned local processes).
+
+DIST_N = 12  # divisible by 2 and 3
+
+
+def dist_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
                          nn.Linear(3 * 25, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
-def data():
+def dist_data():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(N, 1, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (N,), generator=g)
+    return torch.randn(DIST_N, 1, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (DIST_N,), generator=g)
 
 
-def kfac(net, fraction=1.0):
+def dist_kfac(net, fraction=1.0):
     return natgrad.KFAC(net, lr=0.3, momentum=0.9, damping=1e-2, kl_clip=1e-2, factor_update_period=1,
                         inverse_update_period=2, grad_worker_fraction=fraction)
 
@@ -40,16 +101,13 @@ def run_steps(net, opt, x, y, steps, nan_step=None):
         opt.step()
 
 
-def flat(net) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
-
-def shard(t, rank, world):
+def dist_shard(t, rank, world):
     per = t.shape[0] // world
     return t[rank * per:(rank + 1) * per]
 
 
-def init(rank, world, store):
+def dist_init(rank, world, store):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -57,15 +115,15 @@ def init(rank, world, store):
 
 def kfac_fractions(rank, world, store, out, use_ddp):
     """Parameters after 5 steps for each grad-worker fraction (rank 0 writes them)."""
-    init(rank, world, store)
-    x, y = data()
+    dist_init(rank, world, store)
+    x, y = dist_data()
     results = {}
     for fraction in sorted({1.0, 1.0 / world, 2.0 / 3.0 if world == 3 else 1.0}):
-        net = model()
+        net = dist_model()
         wrapped = nn.parallel.DistributedDataParallel(net) if use_ddp else net
-        opt = kfac(wrapped, fraction)
-        run_steps(wrapped, opt, shard(x, rank, world), shard(y, rank, world), 5)
-        results[fraction] = flat(net)
+        opt = dist_kfac(wrapped, fraction)
+        run_steps(wrapped, opt, dist_shard(x, rank, world), dist_shard(y, rank, world), 5)
+        results[fraction] = flat_params(net)
         gathered = [torch.empty_like(results[fraction]) for _ in range(world)]
         collective(dist.all_gather, (gathered, results[fraction]))
         results[f"identical_{fraction}"] = all(torch.equal(gathered[0], t) for t in gathered)
@@ -76,11 +134,11 @@ def kfac_fractions(rank, world, store, out, use_ddp):
 
 
 def checkpoint_save(rank, world, store, out):
-    init(rank, world, store)
-    x, y = data()
-    net = model()
-    opt = kfac(net, 1.0 / world)
-    run_steps(net, opt, shard(x, rank, world), shard(y, rank, world), 3)
+    dist_init(rank, world, store)
+    x, y = dist_data()
+    net = dist_model()
+    opt = dist_kfac(net, 1.0 / world)
+    run_steps(net, opt, dist_shard(x, rank, world), dist_shard(y, rank, world), 3)
     state = opt.state_dict()  # collective: gathers decompositions held by other ranks
     if rank == 0:
         torch.save({"model": net.state_dict(), "opt": state}, out)
@@ -88,26 +146,26 @@ def checkpoint_save(rank, world, store, out):
 
 
 def checkpoint_load(rank, world, store, ckpt, out):
-    init(rank, world, store)
-    x, y = data()
-    net = model()
-    opt = kfac(net, 1.0 / world)
+    dist_init(rank, world, store)
+    x, y = dist_data()
+    net = dist_model()
+    opt = dist_kfac(net, 1.0 / world)
     saved = torch.load(ckpt, weights_only=False)
     net.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
-    run_steps(net, opt, shard(x, rank, world), shard(y, rank, world), 3)
+    run_steps(net, opt, dist_shard(x, rank, world), dist_shard(y, rank, world), 3)
     if rank == 0:
-        torch.save(flat(net), out)
+        torch.save(flat_params(net), out)
     dist.destroy_process_group()
 
 
 def nan_on_one_rank(rank, world, store, out):
-    init(rank, world, store)
-    x, y = data()
-    net = model()
-    opt = kfac(net)
-    run_steps(net, opt, shard(x, rank, world), shard(y, rank, world), 4, nan_step=2 if rank == 1 else None)
-    mine = flat(net)
+    dist_init(rank, world, store)
+    x, y = dist_data()
+    net = dist_model()
+    opt = dist_kfac(net)
+    run_steps(net, opt, dist_shard(x, rank, world), dist_shard(y, rank, world), 4, nan_step=2 if rank == 1 else None)
+    mine = flat_params(net)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     collective(dist.all_gather, (gathered, mine))
     if rank == 0:
@@ -116,23 +174,23 @@ def nan_on_one_rank(rank, world, store, out):
 
 
 def sharded_fisher(rank, world, store, out):
-    init(rank, world, store)
-    x, y = data()
-    net = model()
+    dist_init(rank, world, store)
+    x, y = dist_data()
+    net = dist_model()
     ewc = natgrad.EWC(net, fisher_type="exact", structure="kfac")
-    ewc.consolidate(shard(x, rank, world), shard(y, rank, world))
+    ewc.consolidate(dist_shard(x, rank, world), dist_shard(y, rank, world))
     diag_ewc = natgrad.EWC(net)
-    diag_ewc.consolidate([(shard(x, rank, world)[:2], shard(y, rank, world)[:2]),
-                          (shard(x, rank, world)[2:], shard(y, rank, world)[2:])])
-    ngd_net = model()
+    diag_ewc.consolidate([(dist_shard(x, rank, world)[:2], dist_shard(y, rank, world)[:2]),
+                          (dist_shard(x, rank, world)[2:], dist_shard(y, rank, world)[2:])])
+    ngd_net = dist_model()
     ngd = natgrad.NaturalGradient(ngd_net, lr=0.5, damping=1e-2, momentum=0.5)
     for _ in range(2):
         ngd.zero_grad()
-        ngd.backward(shard(x, rank, world), shard(y, rank, world))
+        ngd.backward(dist_shard(x, rank, world), dist_shard(y, rank, world))
         ngd.step()
     if rank == 0:
         torch.save({"kfac": ewc.state_dict()["tasks"][0], "diag": diag_ewc.state_dict()["tasks"][0],
-                    "ngd": flat(ngd_net)}, out)
+                    "ngd": flat_params(ngd_net)}, out)
     dist.destroy_process_group()
 
 
@@ -171,7 +229,7 @@ def communicator_contract(rank, world, store, out):
     """The communicator on blocks it knows only through factors()/inverse_cost()."""
     from natgrad.distributed import DistributedCommunicator, group_device
 
-    init(rank, world, store)
+    dist_init(rank, world, store)
     results = {"device": str(group_device())}
     for packing in (True, False):
         comm = DistributedCommunicator(triangle_packing=packing)
@@ -202,7 +260,7 @@ def teardown_cycles(rank, world, store_dir, cycles, hang_s):
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    x, y = data()
+    x, y = dist_data()
     for cycle in range(cycles):
         faulthandler.dump_traceback_later(hang_s, exit=True)
         dist.init_process_group("gloo", init_method=f"file://{store_dir}/store_{cycle}", rank=rank,
@@ -210,7 +268,7 @@ def teardown_cycles(rank, world, store_dir, cycles, hang_s):
         net = nn.Sequential(nn.Linear(25, 8), nn.Tanh(), nn.Linear(8, 3)).double()
         ddp = nn.parallel.DistributedDataParallel(net)
         opt = natgrad.KFAC(ddp, lr=0.1, damping=1e-2, inverse_update_period=1)
-        xs, ys = shard(x.reshape(N, -1), rank, world), shard(y, rank, world)
+        xs, ys = dist_shard(x.reshape(DIST_N, -1), rank, world), dist_shard(y, rank, world)
         for _ in range(2):
             opt.zero_grad()
             F.cross_entropy(ddp(xs), ys).backward()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from kfac_models import data, flat_params, mlp, train
+from support import data, flat_params, mlp, train
 
 
 def linear_step(layer, x, y, **kwargs):
