@@ -149,11 +149,13 @@ class CurvatureBlock:
         captured output gradients into per-sample ones (``N`` for a loss averaged over ``N``
         samples, 1 for a sum, times an AMP unscale). ``grads`` may hold ``k`` times the rows of
         ``inputs``: ``k`` gradient passes over the same forward, whose outer products are summed
-        (the exact and multi-draw Fisher)."""
+        (the exact and multi-draw Fisher).
+        """
 
     def factors(self) -> dict[str, Tensor]:
         """The statistics by name, in a fixed order (averaged across ranks): a 2-D tensor is a
-        symmetric matrix, a 1-D one a vector."""
+        symmetric matrix, a 1-D one a vector.
+        """
         return {}
 
     def inverse_cost(self) -> float:
@@ -165,7 +167,8 @@ class CurvatureBlock:
 
     def factor_layout(self) -> list[int] | None:
         """This block's entry of :func:`natgrad.ops.kfac_factors_ema_`'s ``layouts`` when that
-        list op computes exactly its statistics update (Linear, Conv2d); None: it does not."""
+        list op computes exactly its statistics update (Linear, Conv2d); None: it does not.
+        """
         return None
 
     # ---- decompositions -----------------------------------------------------------------------
@@ -174,7 +177,8 @@ class CurvatureBlock:
                        warm: bool = False) -> int:
         """Recomputes the decomposition; returns the fallback-ladder rung used (0: native).
         ``warm`` allows a cheap refresh from the previous decomposition where the block has
-        one (KFAC's ``warm_refreshes``); blocks without one recompute exactly."""
+        one (KFAC's ``warm_refreshes``); blocks without one recompute exactly.
+        """
         return 0
 
     def decomposition_template(self, method: str) -> dict[str, Tensor]:
@@ -207,7 +211,8 @@ class CurvatureBlock:
     def direction(self, grad: Tensor, request: DirectionRequest) -> tuple[Tensor, Tensor | None]:
         """The preconditioned packed gradient and a 0-d flag of its finiteness (None: the
         gradient's own flag holds). An op that refuses a non-finite result gives NaN, so that
-        the step skips the block."""
+        the step skips the block.
+        """
         try:
             out = self.precondition(grad, request.damping(self), request.pi_correction)
         except RuntimeError:
@@ -236,7 +241,8 @@ class CurvatureBlock:
     @classmethod
     def family(cls) -> type[CurvatureBlock]:
         """The class whose :meth:`update_many` and :meth:`directions_many` serve this block
-        together with the other blocks of its family; the base class serves one at a time."""
+        together with the other blocks of its family; the base class serves one at a time.
+        """
         return CurvatureBlock
 
     @classmethod
@@ -245,13 +251,15 @@ class CurvatureBlock:
         """The factor step of the blocks this family updates in one call, from their
         :meth:`prepare` output: ``[(blocks, flags)]`` with ``flags[i]`` = (statistics used,
         factors finite) of ``blocks[i]``, unread. The base updates none: the caller's checked
-        sequence (:meth:`statistics_ok`, then :meth:`apply_update`) updates them one by one."""
+        sequence (:meth:`statistics_ok`, then :meth:`apply_update`) updates them one by one.
+        """
         return []
 
     @classmethod
     def directions_many(cls, blocks: Sequence[CurvatureBlock], request: DirectionRequest) -> list[BlockDirections]:
         """The directions of ``blocks`` from their parameters' ``.grad``, their stats appended
-        to ``request.stats``; the base: one block at a time."""
+        to ``request.stats``; the base: one block at a time.
+        """
         return [block.block_directions(request) for block in blocks]
 
     def block_directions(self, request: DirectionRequest) -> BlockDirections:
@@ -310,7 +318,8 @@ class CurvatureBlock:
 
 def max_abs(t: Tensor) -> Tensor:
     """``max |t|`` as a 0-d float64 tensor, NaN if ``t`` holds a NaN, 0 if it is empty (no host
-    sync; ``aminmax`` is an order of magnitude faster on CPU than ``vector_norm(t, inf)``)."""
+    sync; ``aminmax`` is an order of magnitude faster on CPU than ``vector_norm(t, inf)``).
+    """
     if t.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=t.device)
     low, high = torch.aminmax(t)
@@ -329,7 +338,8 @@ def all_true(flags: list[Tensor]) -> list[bool]:
 
 def by_family(blocks: Sequence[CurvatureBlock]) -> list[tuple[type[CurvatureBlock], list[CurvatureBlock]]]:
     """``blocks`` grouped by :meth:`CurvatureBlock.family`, in order: the batching families as
-    they first appear, then the blocks served one at a time."""
+    they first appear, then the blocks served one at a time.
+    """
     groups: dict[type[CurvatureBlock], list[CurvatureBlock]] = {}
     for block in blocks:
         groups.setdefault(block.family(), []).append(block)

@@ -38,7 +38,8 @@ NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3
 
 class Squares(NamedTuple):
     """One update of a diagonal block: ``Σ_units u²`` (flat, in the parameters' order), the
-    factor ``s²/N`` it is scaled by, the peak |u| and the number of units (overflow check)."""
+    factor ``s²/N`` it is scaled by, the peak |u| and the number of units (overflow check).
+    """
 
     squares: Tensor
     scale: float
@@ -163,7 +164,8 @@ def _units(contrib: Tensor, samples: int, approx: str) -> Tensor:
 
 class NormBlock(DiagonalBlock):
     """Affine parameters of LayerNorm / RMSNorm (normalised trailing dims) and BatchNorm /
-    GroupNorm (channel dim 1), from the captured input and output gradient."""
+    GroupNorm (channel dim 1), from the captured input and output gradient.
+    """
 
     kind = "norm"
 
@@ -227,7 +229,8 @@ class NormBlock(DiagonalBlock):
 class PerSampleBlock(DiagonalBlock):
     """Any module with one tensor input and its own parameters (e.g. a grouped convolution):
     exact per-sample gradients with ``torch.func.vmap`` over ``vjp`` of the module, so one unit
-    per sample whatever ``approx`` says."""
+    per sample whatever ``approx`` says.
+    """
 
     kind = "per_sample"
 
@@ -254,7 +257,8 @@ class FreeParameterBlock(DiagonalBlock):
     """One parameter its owner uses functionally (``x + self.pos``, ``self.cls.expand(n, -1,
     -1)``, ``x * self.scale``). Each record's input is a :class:`~natgrad.curvature.tracing.Use`
     (where and how the parameter entered the batched computation); see
-    :mod:`natgrad.curvature.tracing`."""
+    :mod:`natgrad.curvature.tracing`.
+    """
 
     kind = "free"
 

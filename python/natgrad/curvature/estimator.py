@@ -46,7 +46,8 @@ from natgrad.ops.rules import Fault
 class Updates(dict):
     """Directions by parameter. ``inner`` holds each one's ``⟨u, g⟩`` and ``cross`` its
     ``⟨b, g⟩`` (b: its momentum buffer before the step) when they were read already; None: the
-    trust region computes them."""
+    trust region computes them.
+    """
 
     inner: dict[Tensor, float] | None = None
     cross: dict[Tensor, float] | None = None
@@ -167,7 +168,8 @@ class CurvatureEstimator:
 
     def _plain_block(self, p: Tensor) -> PlainBlock:
         """The fallback block of a parameter outside every block (made on demand: a param group
-        added later may bring parameters)."""
+        added later may bring parameters).
+        """
         block = self._plain.get(id(p))
         if block is None:
             reason = self._fallback_reason.get(id(p), "not owned by any module")
@@ -178,7 +180,8 @@ class CurvatureEstimator:
 
     def install_prior(self, prior: Prior, select: Callable[[CurvatureBlock], bool]) -> list[CurvatureBlock]:
         """Makes every block ``select`` accepts solve with ``prior``'s curvature added (a block
-        wrapped by another prior gets this one instead); returns the blocks it wraps."""
+        wrapped by another prior gets this one instead); returns the blocks it wraps.
+        """
         wrapped = []
         for i, block in enumerate(self._blocks):
             inner = block.inner if isinstance(block, PriorBlock) else block
@@ -227,7 +230,8 @@ class CurvatureEstimator:
 
     def check_sampled(self) -> None:
         """Raises RuntimeError (dropping the records) when forward calls were captured but no
-        sampled gradient reached any of them (``fisher_type="mc"`` without ``sample_fisher``)."""
+        sampled gradient reached any of them (``fisher_type="mc"`` without ``sample_fisher``).
+        """
         forwards = any(c.records for c in self._captures.values())
         if forwards and not any(c.complete() for c in self._captures.values()):
             self.clear()
@@ -243,7 +247,8 @@ class CurvatureEstimator:
 
     def update_factors(self, decay: float, loss_reduction: str, grad_scale: float = 1.0) -> set[str]:
         """The factor step from the captured records (then dropped); returns the layers to skip
-        this step. ``grad_scale`` multiplies the captured output gradients (an AMP unscale)."""
+        this step. ``grad_scale`` multiplies the captured output gradients (an AMP unscale).
+        """
         skipped: set[str] = set()
         comm = self.communicator
         stats = {}
@@ -297,7 +302,8 @@ class CurvatureEstimator:
 
     def _factor_faults(self, rows: list[float]) -> set[str]:
         """The faults of the batched factor step from its flags (the first entries of ``rows``);
-        returns the layers to skip this step."""
+        returns the layers to skip this step.
+        """
         bad: set[str] = set()
         blocks = [block for group, _ in self._pending for block in group]
         for block, fault in zip(blocks, ops.kfac_factor_faults(rows[:2 * len(blocks)])):
@@ -316,7 +322,8 @@ class CurvatureEstimator:
                               pi_correction: bool, warm_refreshes: int) -> None:
         """Decomposes every block with factors when ``due`` (the optimizer's inverse period),
         and any not decomposed yet; every ``warm_refreshes + 1``-th refresh is exact, the others
-        warm (see :mod:`natgrad.curvature.refresh`)."""
+        warm (see :mod:`natgrad.curvature.refresh`).
+        """
         comm = self.communicator
         blocks = [b for b in self._blocks if b.has_factors and (due or b.name not in self._decomposed)]
         if any(b.name not in self._decomposed for b in blocks):  # a new layer: (re)assign owners,
@@ -338,7 +345,8 @@ class CurvatureEstimator:
     def _moving(self, params: Sequence[Tensor], skipped: set[str]) -> tuple[list[CurvatureBlock], list[Tensor]]:
         """The blocks to precondition this step (decomposed, not skipped, some gradient present)
         and the parameters that take their plain gradient (outside every block, or in a block
-        with no curvature yet), in order."""
+        with no curvature yet), in order.
+        """
         blocks: list[CurvatureBlock] = []
         done: set[int] = set()
         for block in self._blocks:
@@ -355,7 +363,8 @@ class CurvatureEstimator:
     def directions(self, params: Sequence[Tensor], skipped: set[str], request: DirectionRequest) -> tuple[Updates, dict]:
         """Preconditioned directions and (unscaled) gradients of every parameter of ``params``
         that moves this step, keyed by parameter, with one host read (see the module
-        docstring)."""
+        docstring).
+        """
         comm = self.communicator
         if not self.batched or getattr(comm, "workers", comm.world_size) != comm.world_size:
             return self._directions_per_block(params, skipped, request)
@@ -390,7 +399,8 @@ class CurvatureEstimator:
         """The per-block sequence (distributed runs whose directions are broadcast by an owner):
         a block whose gradient is not finite is skipped before preconditioning, one whose
         direction is not (an op that refused, or a rank's broadcast of it) after; each check is
-        one host read for all blocks."""
+        one host read for all blocks.
+        """
         comm, scale = self.communicator, request.grad_scale
         skipped = skipped | self._factor_faults(read([flags for _, flags in self._pending]))
         blocks, plain = self._moving(params, skipped)
@@ -434,7 +444,8 @@ class CurvatureEstimator:
 
     def quad_form(self, vectors: dict[Tensor, Tensor]) -> list[float]:
         """``vᵀ F_ℓ v`` of every block with factors whose parameters all have a vector in
-        ``vectors`` (by parameter), in block order; their sum is ``vᵀ F v`` over those blocks."""
+        ``vectors`` (by parameter), in block order; their sum is ``vᵀ F v`` over those blocks.
+        """
         return [float(block.quad_form([vectors[p] for p in block.params])) for block in self._blocks
                 if block.has_factors and all(p in vectors for p in block.params)]
 
@@ -456,7 +467,8 @@ class CurvatureEstimator:
 
     def state_dict(self, method: str) -> dict[str, Any]:
         """The refresh count, faults, decomposed layers and every block's state (collective in
-        a distributed run: the decompositions are gathered first)."""
+        a distributed run: the decompositions are gathered first).
+        """
         self.communicator.gather_decompositions(self._blocks, method)
         return {"refreshes": self.refreshes, "faults": dict(self.ledger.faults),
                 "ladder": dict(self.ledger.ladder), "decomposed": sorted(self._decomposed),

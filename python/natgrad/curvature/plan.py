@@ -46,7 +46,8 @@ def module_blocks(name: str, module: nn.Module, params: Sequence[nn.Parameter], 
                   linear_approx: str = "expand", factor_dtype: torch.dtype | None = None,
                   inverse_dtype: torch.dtype | None = None) -> tuple[list[CurvatureBlock], str | None]:
     """The blocks covering ``params`` (the caller's optimized parameters owned directly by
-    ``module``, in order), or ``([], reason)`` when they take the plain gradient."""
+    ``module``, in order), or ``([], reason)`` when they take the plain gradient.
+    """
     kind = kind_of(module)
     if kind is not None:
         reason = kind.unsupported_reason(module)
@@ -104,7 +105,8 @@ def sample_scale(block: CurvatureBlock, inputs: Sequence, loss_reduction: str) -
     for "token_mean" (a mean over all ``R = N·T`` rows, e.g. ``F.cross_entropy`` on flattened
     logits) ``sqrt(N·R)``, which makes each row one Fisher sample: ``G`` is the loss's
     Gauss-Newton factor, ``R · Σ_rows g gᵀ``, whatever the batch layout
-    (:func:`natgrad.ops.kfac_sample_scale`)."""
+    (:func:`natgrad.ops.kfac_sample_scale`).
+    """
     if loss_reduction == "sum":  # no count needed
         return ops.kfac_sample_scale(0, 0, loss_reduction)
     rows = block.count_rows(inputs) if loss_reduction == "token_mean" else 0

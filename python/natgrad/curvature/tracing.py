@@ -43,7 +43,8 @@ _SCALES = {"mul", "__mul__", "__rmul__", "__imul__"}
 class Use:
     """Where a parameter (through ``index``: the parameter's flat index of each element of the
     used tensor) met the batch: the output's sample dim, its weight-sharing dims, and for a
-    ``mul`` the other operand."""
+    ``mul`` the other operand.
+    """
 
     index: Tensor
     sample_dim: int
@@ -64,7 +65,8 @@ class Use:
 
     def contributions(self, grad: Tensor) -> Tensor:
         """``[samples, positions, k]``: each sample's and position's gradient of the used tensor
-        (``k`` its elements, in ``index`` order)."""
+        (``k`` its elements, in ``index`` order).
+        """
         c = grad if self.other is None else grad * self.other.to(grad.dtype)
         c = c * self.alpha if self.alpha != 1.0 else c
         c = c.expand(self.out_shape)
@@ -165,7 +167,8 @@ class _Tracer(TorchFunctionMode):
 
 class FreeParameterCapture:
     """Traces the forward of ``owner`` for its parameters ``params`` (name -> parameter) and
-    feeds one :class:`LayerCapture`-like sink per parameter (see the module docstring)."""
+    feeds one :class:`LayerCapture`-like sink per parameter (see the module docstring).
+    """
 
     def __init__(self, owner: nn.Module, active, phase) -> None:
         self.owner = owner
@@ -205,7 +208,8 @@ class FreeParameterCapture:
 @dataclass(eq=False)
 class ParameterSink(LayerCapture):
     """The records of one traced parameter (no hooks of its own); ``reason`` is set once a use
-    cannot be traced."""
+    cannot be traced.
+    """
 
     parent: FreeParameterCapture | None = None
     reason: str | None = None

@@ -9,8 +9,14 @@ from torch import Tensor, nn
 from natgrad._vocabulary import _UNSET, STRUCTURES, check_choice, renamed_argument
 from natgrad.curvature import KroneckerBlock, capturing, kronecker_block, owner_groups
 from natgrad.fisher.implicit import ImplicitFisher
-from natgrad.fisher.matrices import (BlockDiagonalFisher, BlockFisher, DenseFisher, DiagonalFisher,
-                                     FisherMatrix, LowRankFisher)
+from natgrad.fisher.matrices import (
+    BlockDiagonalFisher,
+    BlockFisher,
+    DenseFisher,
+    DiagonalFisher,
+    FisherMatrix,
+    LowRankFisher,
+)
 from natgrad.fisher.scores import check_request, score_rows
 from natgrad.likelihoods import Likelihood, get_likelihood
 
@@ -110,7 +116,8 @@ def kfac_blocks(model: nn.Module, blocks: Sequence[KroneckerBlock], inputs: Tens
     """Fills ``blocks`` (curvature blocks of ``model``'s layers) with their factors averaged over
     all of ``inputs``: the same estimator natgrad.KFAC runs on every step, with the label passes
     of ``fisher_type`` back-propagated through one forward per chunk. A layer the forward never
-    calls (an old head) gets zero factors; one called twice per forward raises."""
+    calls (an old head) gets zero factors; one called twice per forward raises.
+    """
     lik = get_likelihood(likelihood)
     if not blocks:
         return

@@ -39,7 +39,8 @@ CHUNK_ELEMENTS = 1 << 17
 @dataclass
 class DenseRows:
     """Explicit rows ``[R, Σ numel]`` over the parameters ``index`` (positions in the caller's
-    parameter list), concatenated flat in that order."""
+    parameter list), concatenated flat in that order.
+    """
 
     rows: Tensor
     index: list[int]
@@ -85,7 +86,8 @@ class LayerRows:
     """One supported layer's rows, implicitly: its input ``x`` ``[N, ...]`` (indices for
     Embedding) and output gradients ``g`` ``[R, ...]`` (pass-major); parameters ``index``
     (weight, then bias if the layer has one and it is optimized). The products are the layer
-    kind's (:class:`natgrad.curvature.LayerKind`)."""
+    kind's (:class:`natgrad.curvature.LayerKind`).
+    """
 
     module: nn.Module
     kind: LayerKind
@@ -118,7 +120,8 @@ class LayerRows:
     def tmv_chunks(self, w: Tensor) -> Iterator[tuple[int, tuple, Tensor]]:
         """``Uᵀ w`` in blocks of at most :data:`CHUNK_ELEMENTS` weight entries (blocks of output
         features, as the kind chooses), as ``(parameter index, index into the parameter,
-        block)``, so the caller never holds a whole layer's direction at once."""
+        block)``, so the caller never holds a whole layer's direction at once.
+        """
         return self.kind.rows_tmv(self.module, self.x, self.g, w, self.index, CHUNK_ELEMENTS)
 
 
@@ -128,7 +131,8 @@ Part = DenseRows | LayerRows
 @dataclass
 class BatchRows:
     """``U`` (``num_rows`` rows over ``num_params`` parameters) of ``num_samples`` samples as a
-    sum of column blocks; ``F = UᵀU / num_samples``."""
+    sum of column blocks; ``F = UᵀU / num_samples``.
+    """
 
     parts: list[Part]
     num_samples: int
@@ -177,7 +181,8 @@ class BatchRows:
         ``last_rung`` and ``finite_guaranteed``) and returns an iterator of ``(parameter index,
         index into the parameter, block)`` that forms the direction one block at a time, so a
         caller that applies each at once never holds all of it. A batch of explicit rows alone is solved by the
-        ``woodbury_solve`` op (which picks the n×n or p×p system by cost)."""
+        ``woodbury_solve`` op (which picks the n×n or p×p system by cost).
+        """
         if len(self.parts) == 1 and isinstance(self.parts[0], DenseRows):
             part = self.parts[0]
             rows = part.rows
@@ -208,7 +213,8 @@ class BatchRows:
 
     def gathered(self, all_gather: Callable[[Tensor], list[Tensor]], world: int) -> BatchRows:
         """Every rank's rows (equal shards): inputs concatenated in rank order, rows reordered
-        so that they stay pass-major over the whole batch."""
+        so that they stay pass-major over the whole batch.
+        """
         parts = []
         for part in self.parts:
             tensors = part.tensors()
@@ -228,7 +234,7 @@ class BatchRows:
 
 
 def _max_abs(t: Tensor) -> float:
-    """max |t| as a float (NaN if t holds NaN; 0 for an empty tensor)."""
+    """Max |t| as a float (NaN if t holds NaN; 0 for an empty tensor)."""
     if t.numel() == 0:
         return 0.0
     low, high = torch.aminmax(t)
@@ -236,7 +242,7 @@ def _max_abs(t: Tensor) -> float:
 
 
 def _max_abs_all(tensors: Sequence[Tensor]) -> float:
-    """max |t| over several tensors with one host read."""
+    """Max |t| over several tensors with one host read."""
     ends = [torch.stack(torch.aminmax(t)).to(torch.float64).abs() for t in tensors if t.numel()]
     return float(torch.cat(ends).max()) if ends else 0.0
 
@@ -249,7 +255,8 @@ def supported_layers(model: nn.Module,
                      params: Sequence[nn.Parameter]) -> dict[str, tuple[LayerKind, nn.Module, list[int]]]:
     """The modules whose rows can be implicit: ``name -> (kind, module, parameter indices)``. A
     module qualifies when it has a Kronecker block for exactly the optimized parameters it owns,
-    none of them is shared with another module, and its kind forms its rows implicitly."""
+    none of them is shared with another module, and its kind forms its rows implicitly.
+    """
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
@@ -268,7 +275,8 @@ def supported_layers(model: nn.Module,
 
 def _finite_flag(tensors: Sequence[Tensor]) -> Tensor:
     """Whether every floating tensor is finite: NaN/Inf reach min or max, so two scalars per
-    tensor decide it (one aminmax pass each, one host read for all)."""
+    tensor decide it (one aminmax pass each, one host read for all).
+    """
     ends = [torch.stack(torch.aminmax(t)).to(torch.float64)
             for t in tensors if t.numel() and t.is_floating_point()]
     return torch.isfinite(torch.cat(ends)).all() if ends else torch.tensor(True)
@@ -290,7 +298,8 @@ def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequ
     With ``implicit`` one forward and one backward pass per Fisher pass (plus torch.func rows for
     unsupported parameters); otherwise every row is explicit (torch.func, as
     :func:`natgrad.fisher.score_rows`). Inputs and targets are checked first (ValueError: empty
-    batch, NaN/Inf, mismatched lengths or shapes)."""
+    batch, NaN/Inf, mismatched lengths or shapes).
+    """
     lik, chosen = check_request(model, inputs, targets, "empirical", likelihood, params, 1, chunk_size)
     n = inputs.shape[0]
     if not implicit:

@@ -94,7 +94,8 @@ class ImplicitFisher(FisherMatrix):
 
     def _output_side(self, x: Tensor, y: Tensor | None, draws: int, generator) -> tuple[Tensor | None, list]:
         """Probabilities (exact categorical) or the passes ``(target, weight, residual)`` whose
-        residual rows ``r = w ∇_f ℓ(f, target)`` give ``H = Σ_passes r rᵀ``."""
+        residual rows ``r = w ∇_f ℓ(f, target)`` give ``H = Σ_passes r rᵀ``.
+        """
         with torch.no_grad():
             out = self._output(self._values, x)
         if self.fisher_type == "exact":
@@ -153,7 +154,8 @@ class ImplicitFisher(FisherMatrix):
 
     def mv(self, v: Tensor) -> Tensor:
         """``F v`` for ``v`` of shape ``[p]`` or ``[p, k]`` (columns one at a time): one
-        jvp and one vjp per chunk of samples."""
+        jvp and one vjp per chunk of samples.
+        """
         self.check_vector(v, "v", allow_matrix=True)
         if v.dim() == 2:
             return torch.stack([self.mv(c) for c in v.T], 1)
@@ -183,7 +185,8 @@ class ImplicitFisher(FisherMatrix):
     def trace(self, num_probes: int = 32, generator: torch.Generator | None = None) -> Tensor:
         """A Hutchinson **estimate** of ``tr F``: the mean of ``zᵀ F z`` over ``num_probes``
         Rademacher vectors ``z`` (unbiased; its variance is ``2(‖F‖²_F − Σ F_jj²)/num_probes``).
-        Each probe costs one forward-mode pass. Use :meth:`diagonal` for the exact trace."""
+        Each probe costs one forward-mode pass. Use :meth:`diagonal` for the exact trace.
+        """
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"Invalid num_probes: {num_probes!r} (expected an int >= 1)")
         total = torch.zeros((), dtype=self.dtype, device=self.device)
@@ -195,7 +198,8 @@ class ImplicitFisher(FisherMatrix):
     def diagonal(self) -> Tensor:
         """``diag F``, exactly, from per-sample gradients of each pass (``score_rows``, chunk by
         chunk: memory ``chunk_size × p``): one pass per sample for "empirical", per draw for
-        "mc", per class (categorical logits ``[n, C]`` only) or output element for "exact"."""
+        "mc", per class (categorical logits ``[n, C]`` only) or output element for "exact".
+        """
         self._check_fresh()
         total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
         kwargs = dict(likelihood=self.likelihood, params=self.params, chunk_size=max(len(c[0]) for c in self.chunks))
@@ -213,7 +217,8 @@ class ImplicitFisher(FisherMatrix):
         """``(F + damping·I)⁻¹ v`` by conjugate gradient (:func:`natgrad.solvers.conjugate_gradient`;
         ``tol`` defaults to 1e-10 in float64 and 1e-5 otherwise, ``max_iters`` to p). A solve
         that stops at ``max_iters`` before ``tol`` warns (RuntimeWarning); the result of the last
-        solve is kept as ``last_solve``."""
+        solve is kept as ``last_solve``.
+        """
         from natgrad.solvers import conjugate_gradient
 
         _check_damping(damping)
@@ -231,7 +236,8 @@ class ImplicitFisher(FisherMatrix):
 
     def check_vector(self, v: object, name: str = "v", allow_matrix: bool = False) -> None:
         """Raises ValueError naming ``name`` unless ``v`` is a finite floating-point vector of
-        length p (or a ``[p, k]`` matrix when ``allow_matrix``)."""
+        length p (or a ``[p, k]`` matrix when ``allow_matrix``).
+        """
         shapes = f"[{self.num_params}]" + (f" or [{self.num_params}, k]" if allow_matrix else "")
         if not isinstance(v, Tensor) or not v.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor of shape {shapes}, got "

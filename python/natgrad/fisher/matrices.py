@@ -117,7 +117,8 @@ class DenseFisher(FisherMatrix):
 @dataclass
 class LowRankFisher(FisherMatrix):
     """F = UᵀU / n from score rows U [r, p]; solves use the Woodbury op (never p × p).
-    ``last_rung`` is the fallback-ladder rung of the last solve (0: native Cholesky)."""
+    ``last_rung`` is the fallback-ladder rung of the last solve (0: native Cholesky).
+    """
 
     rows: Tensor
     num_samples: int
@@ -187,7 +188,8 @@ class DiagonalFisher(FisherMatrix):
 @dataclass
 class BlockDiagonalFisher(FisherMatrix):
     """Independent blocks over consecutive slices of the parameter vector (one per layer);
-    each block is any FisherMatrix (dense blocks, or Kronecker blocks for ``kfac``)."""
+    each block is any FisherMatrix (dense blocks, or Kronecker blocks for ``kfac``).
+    """
 
     blocks: list[FisherMatrix]
     structure = "block_diagonal"
@@ -222,7 +224,8 @@ class BlockDiagonalFisher(FisherMatrix):
 class BlockFisher(FisherMatrix):
     """One curvature block (:mod:`natgrad.curvature`; the K-FAC blocks natgrad.KFAC uses) as a
     FisherMatrix over its parameters' flattened vector (weight entries, then bias). ``solve``
-    eigendecomposes the block's factors once, on first use."""
+    eigendecomposes the block's factors once, on first use.
+    """
 
     block: CurvatureBlock
     structure = "kfac"

@@ -192,7 +192,8 @@ def conv2d_grad_factor_ema_(
 def factor_layout(bias: bool, kernel_size: _IntOrPair | None = None, stride: _IntOrPair = 1,
                   padding: _IntOrPair = 0, dilation: _IntOrPair = 1) -> list[int]:
     """One layer's 9 entries of :func:`kfac_factors_ema_`'s ``layouts``: ``[bias, kernel, stride,
-    padding, dilation]`` (pairs) for a Conv2d layer; ``kernel_size=None``: a Linear layer (zeros)."""
+    padding, dilation]`` (pairs) for a Conv2d layer; ``kernel_size=None``: a Linear layer (zeros).
+    """
     if kernel_size is None:
         return [int(bias)] + [0] * 8
     return [int(bias), *_pair(kernel_size), *_pair(stride), *_pair(padding), *_pair(dilation)]

@@ -40,14 +40,16 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
 
 def check_flag(name: str, value: object) -> None:
     """Raises ValueError naming ``name`` unless ``value`` is a bool (a truthy string or NaN would
-    otherwise silently switch an option on)."""
+    otherwise silently switch an option on).
+    """
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
 
 
 def check_group(group: dict, bounds: dict[str, dict]) -> None:
     """Validates a param group's per-group hyperparameters (``bounds``: name -> check_number
-    keywords), naming the group's key: torch.optim does not check values passed per group."""
+    keywords), naming the group's key: torch.optim does not check values passed per group.
+    """
     for key, kwargs in bounds.items():
         if key in group:
             check_number(key, group[key], **kwargs)

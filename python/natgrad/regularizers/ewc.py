@@ -211,7 +211,8 @@ class EWC:
 
     def _diagonal(self, x, y, named, kwargs) -> dict[str, Tensor]:
         """Per-sample diagonal Fisher: layers whose kind has one (Linear) by the capture hooks +
-        the C++ op, the rest by torch.func per-sample gradients."""
+        the C++ op, the rest by torch.func per-sample gradients.
+        """
         lik = get_likelihood(self.likelihood)
         kinds = {name: k for name, m in self.model.named_modules()
                  if (k := kind_of(m)) is not None and k.has_diagonal_fisher
@@ -246,7 +247,8 @@ class EWC:
     def penalty(self) -> Tensor:
         """``(λ/2) Σ_tasks Σ F (θ − θ*)²`` (or the Kronecker form), differentiable w.r.t. the
         model's parameters. Zero (a 0-dim tensor) before any consolidation. For finite
-        parameters it is never NaN: a sum that overflows is ``+inf``."""
+        parameters it is never NaN: a sum that overflows is ``+inf``.
+        """
         named = dict(self.model.named_parameters())
         ref = next(iter(named.values()))
         total = torch.zeros((), dtype=ref.dtype, device=ref.device)
@@ -307,7 +309,8 @@ class EWC:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` output (λ and the other settings included); checkpoints
-        of the previous release (``fisher`` in the config) load too."""
+        of the previous release (``fisher`` in the config) load too.
+        """
         if "tasks" not in state or "config" not in state:
             raise ValueError("not an EWC state_dict (expected keys 'config' and 'tasks')")
         cfg = state["config"]
@@ -341,7 +344,8 @@ class EWC:
 def _quad_form(block: CurvatureBlock, vectors: list[Tensor]) -> Tensor:
     """``vᵀ F v`` of a consolidated block, never NaN for finite ``v``: ``v`` is scaled by a power
     of two ``s`` with ``max |v/s| <= 1`` (no intermediate overflow against finite factors), the
-    form of ``v/s`` is clamped at 0 (F is PSD) and times ``s²`` in float64 overflows to +inf."""
+    form of ``v/s`` is clamped at 0 (F is PSD) and times ``s²`` in float64 overflows to +inf.
+    """
     peak = max(float(v.detach().abs().max()) if v.numel() else 0.0 for v in vectors)
     if not math.isfinite(peak):  # NaN/Inf parameters: the form is as non-finite as they are
         return block.quad_form(vectors)

@@ -312,7 +312,8 @@ class _Sink(LayerCapture):
 class AttentionCapture:
     """Installs the re-expressed forward on one attention module (see the module docstring);
     :attr:`inproj` feeds the module's :class:`AttentionBlock`, :attr:`out` its out_proj's
-    LinearBlock."""
+    LinearBlock.
+    """
 
     def __init__(self, mha: nn.MultiheadAttention, active, phase) -> None:
         self.mha = mha
