@@ -307,7 +307,8 @@ class CurvatureBlock:
                                  f"layer needs {expected[key]} (was the model's width changed?)")
             if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
                 raise ValueError(f"checkpoint block {self.name!r}: {key} must hold finite floating-point "
-                                 f"values, got dtype {value.dtype}" + (" with NaN/Inf" if value.is_floating_point() else ""))
+                                 f"values, got dtype {value.dtype}"
+                                 + (" with NaN/Inf" if value.is_floating_point() else ""))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` output onto the parameters' device (validated first)."""

@@ -360,7 +360,8 @@ class CurvatureEstimator:
             blocks.append(block)
         return blocks, [p for p in params if p.grad is not None and id(p) not in done]
 
-    def directions(self, params: Sequence[Tensor], skipped: set[str], request: DirectionRequest) -> tuple[Updates, dict]:
+    def directions(self, params: Sequence[Tensor], skipped: set[str],
+                   request: DirectionRequest) -> tuple[Updates, dict]:
         """Preconditioned directions and (unscaled) gradients of every parameter of ``params``
         that moves this step, keyed by parameter, with one host read (see the module
         docstring).

@@ -1,10 +1,10 @@
-"""A batch's per-sample gradient rows ``U`` as a sum of per-layer parts, most of them implicit.
+r"""A batch's per-sample gradient rows ``U`` as a sum of per-layer parts, most of them implicit.
 
 ``F = UᵀU / n`` is the batch's empirical (or sampled, or exact) Fisher; its damped solve by the
 Woodbury identity only needs the Gram matrix ``U Uᵀ`` and the products ``U v`` and ``Uᵀ w``:
 
 .. math::
-    (F + \\lambda I)^{-1} v = \\bigl(v - U^\\top (U U^\\top + n\\lambda I)^{-1} U v\\bigr) / \\lambda .
+    (F + \lambda I)^{-1} v = \bigl(v - U^\top (U U^\top + n\lambda I)^{-1} U v\bigr) / \lambda .
 
 For the layers whose kind forms implicit rows (:mod:`natgrad.curvature.layers`: Linear with any
 leading shape, convolutions, Embedding, and any kind :func:`natgrad.curvature.register_layer`

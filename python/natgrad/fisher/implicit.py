@@ -1,19 +1,19 @@
-"""The matrix-free Fisher: ``F v`` without forming U, F or any block of it.
+r"""The matrix-free Fisher: ``F v`` without forming U, F or any block of it.
 
 Every Fisher natgrad computes is a generalized Gauss–Newton matrix over the model's outputs,
 
 .. math::
-    F = \\frac{1}{n} \\sum_i J_i^\\top H_i J_i,
+    F = \frac{1}{n} \sum_i J_i^\top H_i J_i,
 
 with :math:`J_i` the Jacobian of sample i's output w.r.t. the parameters and :math:`H_i` an
 output-space matrix that the ``fisher_type`` fixes:
 
 * ``"exact"`` — the Fisher of the predictive distribution, in closed form: categorical logits
-  ``[n, ..., C]``: :math:`H = \\mathrm{diag}(p) - pp^\\top` per position; unit-variance Gaussian:
+  ``[n, ..., C]``: :math:`H = \mathrm{diag}(p) - pp^\top` per position; unit-variance Gaussian:
   :math:`H = I`;
-* ``"empirical"`` — :math:`H_i = r_i r_i^\\top` with :math:`r_i = \\nabla_f \\ell(f_i, y_i)` at the
+* ``"empirical"`` — :math:`H_i = r_i r_i^\top` with :math:`r_i = \nabla_f \ell(f_i, y_i)` at the
   observed targets;
-* ``"mc"`` — :math:`H_i = \\frac1K \\sum_k r_{ik} r_{ik}^\\top` at ``K`` labels drawn from the model,
+* ``"mc"`` — :math:`H_i = \frac1K \sum_k r_{ik} r_{ik}^\top` at ``K`` labels drawn from the model,
   drawn once when the matrix is built, chunk by chunk in the same order as ``score_rows``
   (so the same generator gives the same labels as the dense structures).
 

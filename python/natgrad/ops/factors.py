@@ -130,8 +130,10 @@ def conv2d_act_factor(
 
     Args:
         input (Tensor): the layer's input ``[N, C, H, W]``.
-        kernel_size, stride, padding, dilation (int or (int, int)): the layer's geometry, as in
-            nn.Conv2d (``padding`` as explicit zero padding).
+        kernel_size (int or (int, int)): the layer's kernel size, as in nn.Conv2d.
+        stride (int or (int, int)): the layer's stride (default: 1).
+        padding (int or (int, int)): the layer's explicit zero padding (default: 0).
+        dilation (int or (int, int)): the layer's dilation (default: 1).
         bias (bool): append the ones column for the layer's bias (default: True).
 
     Returns:

@@ -118,14 +118,16 @@ def kfac_statistics_limit(factor_dtype: torch.dtype) -> float:
 @torch.library.register_fake("natgrad::kfac_statistics_ok")
 def _statistics_ok_fake(inputs, grad_outputs, input_rows, grad_rows, grad_scale, factor_dtype):
     torch._check(grad_outputs.is_floating_point(), lambda: "grad_outputs must be a floating-point tensor")
-    torch._check(factor_dtype.is_floating_point, lambda: f"factor_dtype must be a floating-point dtype, got {factor_dtype}")
+    torch._check(factor_dtype.is_floating_point,
+                 lambda: f"factor_dtype must be a floating-point dtype, got {factor_dtype}")
     return grad_outputs.new_empty((), dtype=torch.bool)
 
 
 @torch.library.register_fake("natgrad::kfac_peak_bounded")
 def _peak_bounded_fake(peak, count, factor_dtype):
     torch._check(peak.dim() == 0, lambda: f"peak must be a 0-d tensor, got {tuple(peak.shape)}")
-    torch._check(factor_dtype.is_floating_point, lambda: f"factor_dtype must be a floating-point dtype, got {factor_dtype}")
+    torch._check(factor_dtype.is_floating_point,
+                 lambda: f"factor_dtype must be a floating-point dtype, got {factor_dtype}")
     return peak.new_empty((), dtype=torch.bool)
 
 

@@ -15,7 +15,8 @@ Unlike the single-layer preconditioning ops, a layer with NaN/Inf does not raise
 layer. Given the layers' momentum buffers (``weight_buffers``, ``bias_buffers``: one entry per
 layer, None where a layer has none yet), two columns ``⟨b_w, g_w⟩``, ``⟨b_b, g_b⟩`` (gradient times
 ``grad_scale``) are appended, ``[L, 6]``, computed in the same pass as ``⟨u, g⟩``: what the KL trust
-region on the momentum-accumulated step needs (natgrad.KFAC), with no further reduction. Every direction and momentum buffer is flushed of subnormal numbers, and gradients
+region on the momentum-accumulated step needs (natgrad.KFAC), with no further reduction. Every direction
+and momentum buffer is flushed of subnormal numbers, and gradients
 holding any are read through a flushed copy; the floating-point mode is never changed (see
 csrc/common/subnormal.h). Not differentiable.
 """

@@ -91,7 +91,8 @@ class EWC:
         fisher_type = renamed_argument("fisher_type", fisher_type, "fisher", fisher, "empirical", "natgrad.EWC")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
-        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) or lambda_ < 0:
+        if (isinstance(lambda_, bool) or not isinstance(lambda_, (int, float))
+                or not math.isfinite(lambda_) or lambda_ < 0):
             raise ValueError(f"Invalid lambda_: {lambda_!r} (expected a finite number >= 0)")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
             raise ValueError(f"Invalid gamma: {gamma!r} (expected a number in [0, 1])")

@@ -109,13 +109,15 @@ def conjugate_gradient(operator: Operator, b: Tensor, *, damping: float,
     if preconditioner_damping is not None and (
             isinstance(preconditioner_damping, bool) or not isinstance(preconditioner_damping, (int, float))
             or not math.isfinite(preconditioner_damping) or preconditioner_damping <= 0):
-        raise ValueError(f"Invalid preconditioner_damping: {preconditioner_damping!r} (expected a finite number > 0 or None)")
+        raise ValueError(f"Invalid preconditioner_damping: {preconditioner_damping!r} "
+                         "(expected a finite number > 0 or None)")
     if not (isinstance(operator, FisherMatrix) or callable(operator)):
         raise ValueError(f"Invalid operator: {type(operator).__name__} (expected a FisherMatrix or a callable)")
     size = operator.num_params if isinstance(operator, FisherMatrix) else None
     b = _vector("b", b, size)
     matvec = operator.mv if isinstance(operator, FisherMatrix) else operator
-    precondition = _preconditioner(preconditioner, damping if preconditioner_damping is None else preconditioner_damping)
+    precondition = _preconditioner(preconditioner,
+                                   damping if preconditioner_damping is None else preconditioner_damping)
 
     def apply(v: Tensor) -> Tensor:
         out = matvec(v)

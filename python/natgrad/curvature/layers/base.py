@@ -77,7 +77,8 @@ class LayerKind:
             name (str): the module's qualified name (checkpoint key).
             module (nn.Module): the layer.
             approx (str): weight sharing: "expand" or "reduce" (default: "expand").
-            factor_dtype, inverse_dtype (torch.dtype or None): the block's dtypes.
+            factor_dtype (torch.dtype or None): the block's factor dtype.
+            inverse_dtype (torch.dtype or None): the block's inverse dtype.
         """
         raise NotImplementedError(f"layer kind {self.name!r} defines no block")
 
