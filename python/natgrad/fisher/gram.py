@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -193,9 +194,9 @@ class BatchRows:
             self.last_rung = int(res.rung)
             self.finite_guaranteed = math.isfinite(_max_abs(res.solution))
             return ((i, (), t) for i, t in zip(part.index, part.tmv_like(res.solution)))
-        res = ops.gram_solve(self.gram(), self.mv(vs), self.num_samples * damping)
-        self.last_rung = int(res.rung)
-        y = res.solution
+        gram_res = ops.gram_solve(self.gram(), self.mv(vs), self.num_samples * damping)
+        self.last_rung = int(gram_res.rung)
+        y = gram_res.solution
         # |(v - Uᵀy)_k| / λ <= (max|v| + R max|y| max|U|) / λ: below the dtype's range, every
         # direction is finite without looking at it.
         peak_v = _max_abs_all([vs[i] for part in self.parts for i in part.index])
@@ -303,15 +304,16 @@ def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequ
     lik, chosen = check_request(model, inputs, targets, "empirical", likelihood, params, 1, chunk_size)
     n = inputs.shape[0]
     if not implicit:
-        kwargs = dict(params=chosen, likelihood=lik, chunk_size=chunk_size)
-        rows, losses = score_rows_and_losses(model, inputs, targets, fisher_type="empirical",
-                                             loss_fn=loss_fn, **kwargs)
-        mean = rows.mean(0)
+        kwargs: dict[str, Any] = dict(params=chosen, likelihood=lik, chunk_size=chunk_size)
+        rows, empirical_losses = score_rows_and_losses(model, inputs, targets, fisher_type="empirical",
+                                                       loss_fn=loss_fn, **kwargs)
+        assert empirical_losses is not None  # always returned for fisher_type="empirical"
+        flat_mean = rows.mean(0)
         if fisher_type != "empirical":
             rows = score_rows(model, inputs, fisher_type=fisher_type, generator=generator, **kwargs)
         part = DenseRows(rows, list(range(len(chosen))), [p.shape for p in chosen])
-        _check_finite([rows, mean, losses])
-        return BatchRows([part], n, len(chosen)), losses.detach(), part.tmv_like(mean)
+        _check_finite([rows, flat_mean, empirical_losses])
+        return BatchRows([part], n, len(chosen)), empirical_losses.detach(), part.tmv_like(flat_mean)
     layers = supported_layers(model, chosen)
     with torch.enable_grad(), capturing({k: v[1] for k, v in layers.items()}) as caps:
         out = model(inputs)
@@ -328,7 +330,7 @@ def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequ
         if x is not None:
             data[name] = x
     recs = {name: records[name] for name in data}
-    outputs = [r.output for name in data for r in recs[name]]
+    outputs = [cast(Tensor, r.output) for name in data for r in recs[name]]  # set by the forward hook
     grads = torch.autograd.grad(losses.sum(), outputs + list(chosen), retain_graph=passes is not None,
                                 allow_unused=True)
     # autograd's fresh gradient buffers become the means in place (no second parameter-sized
@@ -339,7 +341,7 @@ def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequ
     per_pass = [grads[:len(outputs)]]
     for k, (target, weight) in enumerate(passes or []):
         per_pass.append(torch.autograd.grad(lik.weighted_nll(out, target, weight), outputs,
-                                            retain_graph=k + 1 < len(passes), allow_unused=True))
+                                            retain_graph=k + 1 < len(passes or []), allow_unused=True))
     per_pass = per_pass[1:] if passes is not None else per_pass
     parts: list[Part] = []
     covered: set[int] = set()

@@ -26,6 +26,7 @@ tangents. :meth:`quad_form` needs only the forward-mode pass.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +103,8 @@ class ImplicitFisher(FisherMatrix):
             return (torch.softmax(out, -1) if isinstance(self.likelihood, Categorical) else None), []
         if self.fisher_type == "empirical" and self.loss_fn is None:
             self.likelihood.check(out, y)
-        passes = [(y, None)] if self.fisher_type == "empirical" else \
+        # check_request made sure "empirical" has targets
+        passes = [(cast(Tensor, y), None)] if self.fisher_type == "empirical" else \
             self.likelihood.pseudo_targets(out, "mc", None, draws, generator)
         return None, [(t, w, self._residual(out, t, w)) for t, w in passes]
 
@@ -165,7 +167,8 @@ class ImplicitFisher(FisherMatrix):
             def with_tangent(values, x=x):
                 return jvp(lambda vals: self._output(vals, x), (values,), (tangents,))
 
-            _, pull_back, jv = vjp(with_tangent, self._values, has_aux=True)
+            # torch.func.vjp is annotated with a 2-or-3 tuple union, not overloaded on has_aux
+            _, pull_back, jv = vjp(with_tangent, self._values, has_aux=True)  # type: ignore[misc]
             (grads,) = pull_back(self._apply_h(jv, probs, passes))
             del pull_back, jv
             for part, n in zip(torch.split(total, self._sizes), self.names):
@@ -178,7 +181,8 @@ class ImplicitFisher(FisherMatrix):
         tangents = self._tangents(v.to(self.dtype))
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for x, probs, passes in self.chunks:
-            _, jv = jvp(lambda vals, x=x: self._output(vals, x), (self._values,), (tangents,))
+            # torch.func.jvp is annotated with a 2-or-3 tuple union, not overloaded on has_aux
+            _, jv = jvp(lambda vals, x=x: self._output(vals, x), (self._values,), (tangents,))  # type: ignore[misc]
             total += (jv * self._apply_h(jv, probs, passes)).sum()
         return total / self.num_samples
 
@@ -202,7 +206,8 @@ class ImplicitFisher(FisherMatrix):
         """
         self._check_fresh()
         total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
-        kwargs = dict(likelihood=self.likelihood, params=self.params, chunk_size=max(len(c[0]) for c in self.chunks))
+        kwargs: dict[str, Any] = dict(likelihood=self.likelihood, params=self.params,
+                                      chunk_size=max(len(c[0]) for c in self.chunks))
         for x, _, passes in self.chunks:
             if self.fisher_type == "exact":
                 total += score_rows(self.model, x, fisher_type="exact", **kwargs).pow(2).sum(0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -214,7 +215,7 @@ class BlockDiagonalFisher(FisherMatrix):
         return torch.cat([b.solve(x, damping) for b, x in zip(self.blocks, self._split(v))])
 
     def trace(self) -> Tensor:
-        return sum(b.trace() for b in self.blocks)
+        return cast(Tensor, sum(b.trace() for b in self.blocks))  # the int 0 only without blocks
 
     def tensors(self) -> list[Tensor]:
         return [t for b in self.blocks for t in b.tensors()]

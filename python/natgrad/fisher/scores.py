@@ -10,6 +10,7 @@ treat samples independently (no BatchNorm in training mode).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -145,11 +146,13 @@ def score_rows_and_losses(model: nn.Module, inputs: Tensor, targets: Tensor | No
     if fisher_type == "empirical" and loss_fn is None:
         with torch.no_grad():  # one sample's forward: validates the targets before any work
             first = output_of(values, inputs[0])
-            lik.check(first.expand(inputs.shape[0], *first.shape[1:]), targets)
+            # check_request made sure "empirical" has targets
+            lik.check(first.expand(inputs.shape[0], *first.shape[1:]), cast(Tensor, targets))
     rows, losses = [], []
     for start in range(0, inputs.shape[0], chunk_size):
         x = inputs[start:start + chunk_size]
         y = None if targets is None else targets[start:start + chunk_size]
+        passes: Sequence[tuple[Tensor | None, Tensor | None]]
         if fisher_type == "empirical":
             passes = [(y, None)]
         else:
