@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -122,7 +122,7 @@ class CurvatureBlock:
 
     # ---- layout -----------------------------------------------------------------------------
 
-    def pack(self, tensors: Sequence[Tensor]) -> Tensor:
+    def pack(self, tensors: Sequence[Tensor | None]) -> Tensor:
         """Parameter-shaped tensors (``None`` for a missing gradient: zeros) -> block layout."""
         return torch.cat([_or_zeros(t, p).reshape(-1) for t, p in zip(tensors, self.params)])
 
@@ -221,7 +221,8 @@ class CurvatureBlock:
 
     def quad_form(self, tensors: Sequence[Tensor]) -> Tensor:
         """``vᵀ F v`` (differentiable with respect to ``tensors``)."""
-        return sum((a * b).sum() for a, b in zip(tensors, self.mv(tensors)))
+        # sum() gives the int 0 only for no tensors
+        return cast(Tensor, sum((a * b).sum() for a, b in zip(tensors, self.mv(tensors))))
 
     def diagonal(self) -> list[Tensor]:
         """``diag F`` as parameter-shaped tensors."""

@@ -80,11 +80,12 @@ class LayerCapture:
         record = Record(input=input, output=output)
         self.records.append(record)
         self.fired = True
-        if self.phase is None:
+        phase = self.phase
+        if phase is None:
             return record
 
         def on_grad(grad: Tensor) -> None:
-            if record.grad_output is None and self.phase.accepts():
+            if record.grad_output is None and phase.accepts():
                 record.grad_output = grad.detach() if grad_view is None else grad_view(grad.detach())
                 record.output = None  # only sample_fisher needs it, and only before backward
 

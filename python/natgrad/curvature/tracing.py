@@ -21,6 +21,7 @@ independent records (their cross terms are dropped, as K-FAC does for a layer ap
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,7 @@ class Use:
 
 
 def _flat(args: Any, kwargs: dict) -> list:
-    out = []
+    out: list = []
     for a in list(args) + list(kwargs.values()):
         out.extend(a if isinstance(a, (list, tuple)) else [a])
     return out
@@ -120,6 +121,7 @@ class _Tracer(TorchFunctionMode):
         if capture.reason is not None or not any(isinstance(o, Tensor) and o.requires_grad for o in outs):
             return  # shape queries, detach, no-grad work: no gradient reaches the parameter
         if op in _SAME or op in _VIEWS:
+            indices: Sequence[Any]
             if op in _SAME:
                 indices = (index,) * len(outs)
             else:

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -115,7 +116,7 @@ class LocalCommunicator:
 
     def share_direction(self, block, direction: Tensor | None, like: Tensor) -> Tensor:
         """The preconditioned gradient on every rank (from the owner if needed)."""
-        return direction
+        return cast(Tensor, direction)  # one rank: it owns every block, so it has the direction
 
     def mean_scalar(self, value: float) -> float:
         """The mean of a number over ranks."""
@@ -225,9 +226,9 @@ class DistributedCommunicator(LocalCommunicator):
             self.bytes["inverses"] += block.state[key].numel() * block.state[key].element_size()
 
     def share_direction(self, block, direction: Tensor | None, like: Tensor) -> Tensor:
-        if self.workers == self.world_size:
-            return direction
-        buf = direction.contiguous() if self.is_owner(block) else torch.empty_like(like)
+        if self.workers == self.world_size:  # every rank computed its own direction
+            return cast(Tensor, direction)
+        buf = cast(Tensor, direction).contiguous() if self.is_owner(block) else torch.empty_like(like)
         self._collective(dist.broadcast, buf, src=self._global(self.owner[block.name]))
         self.bytes["directions"] += buf.numel() * buf.element_size()
         return buf

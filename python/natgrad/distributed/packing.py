@@ -34,7 +34,7 @@ def buckets(tensors: list[Tensor], cap_bytes: int) -> list[list[int]]:
     for i, t in enumerate(tensors):
         nbytes = t.numel() * t.element_size()
         last = tensors[out[-1][-1]] if out else None
-        if not out or size + nbytes > cap_bytes or last.dtype != t.dtype or last.device != t.device:
+        if last is None or size + nbytes > cap_bytes or last.dtype != t.dtype or last.device != t.device:
             out.append([i])
             size = nbytes
         else:

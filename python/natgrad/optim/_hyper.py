@@ -26,8 +26,8 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
         return
     if callable(value) and allow_callable:
         return
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int))
+            or not math.isfinite(value)):
         kind = "an int" if integer else "a finite number"
         extra = " or a callable of the step" if allow_callable else ""
         extra += " or None" if allow_none else ""

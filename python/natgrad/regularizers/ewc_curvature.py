@@ -54,11 +54,12 @@ Nothing here is saved: re-attach after loading checkpoints.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
+from natgrad.curvature.block import CurvatureBlock
 from natgrad.curvature.kron import KroneckerBlock
 
 APPROXIMATIONS = ("auto", "generalized", "eigenbasis")
@@ -137,10 +138,11 @@ class EWCCurvature:
 
     # ---- preconditioning -------------------------------------------------------------------------
 
-    def precondition(self, block: KroneckerBlock, packed: Tensor, damping: float) -> Tensor | None:
+    def precondition(self, block: CurvatureBlock, packed: Tensor, damping: float) -> Tensor | None:
         """``(A⊗G + λ·F_old + damping)⁻¹`` on a packed gradient, or None (K-FAC's own solve)
         when no task penalises the block or λ = 0.
         """
+        block = cast(KroneckerBlock, block)  # installed on Kronecker blocks only (__init__)
         lam = self.ewc.lambda_
         key = (*_decomposition_id(block), damping, lam, self.ewc.revision)
         cached = self._cache.get(block.name)

@@ -173,7 +173,7 @@ def _family(dist: Distribution) -> tuple[_Native, _Fisher] | None:
 def _unwrap(dist: Distribution) -> Distribution:
     """The distribution whose native parameters carry the information (through Independent)."""
     while type(dist) is Independent:
-        dist = dist.base_dist  # type: ignore[attr-defined]
+        dist = dist.base_dist
     return dist
 
 
