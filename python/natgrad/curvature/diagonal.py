@@ -24,7 +24,7 @@ Blocks here:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -183,13 +183,15 @@ class NormBlock(DiagonalBlock):
             return F.rms_norm(x, m.normalized_shape, None, m.eps)
         if isinstance(m, nn.GroupNorm):
             return F.group_norm(x, m.num_groups, None, None, m.eps)
-        return F.batch_norm(x, None, None, None, None, True, 0.0, m.eps)  # captured in training only
+        bn = cast(nn.modules.batchnorm._BatchNorm, m)  # the remaining NORMS
+        return F.batch_norm(x, None, None, None, None, True, 0.0, bn.eps)  # captured in training only
 
     def _trailing(self) -> bool:
         return isinstance(self.module, (nn.LayerNorm, nn.RMSNorm))
 
     def _batched(self, x: Tensor) -> bool:
-        return x.dim() > len(self.module.normalized_shape) if self._trailing() else True
+        trailing = cast(nn.LayerNorm | nn.RMSNorm, self.module)  # read only when _trailing()
+        return x.dim() > len(trailing.normalized_shape) if self._trailing() else True
 
     def _parts(self, xhat: Tensor, g: Tensor) -> list[Tensor]:
         """Per-position gradients of weight and bias (the ones this module has)."""
@@ -247,7 +249,8 @@ class PerSampleBlock(DiagonalBlock):
         def one(x: Tensor, g: Tensor) -> Tensor:
             def f(*values):
                 return functional_call(self.module, {**fixed, **dict(zip(self._names, values))}, (x[None],))
-            _, pull = vjp(f, *[fixed[n] for n in self._names])
+            # torch.func.vjp is annotated with a 2-or-3 tuple union, not overloaded on has_aux
+            _, pull = vjp(f, *[fixed[n] for n in self._names])  # type: ignore[misc]
             return torch.cat([t.reshape(-1) for t in pull(g[None])])
 
         return torch.cat([vmap(one)(x, g) for x, g in zip(inputs, grads)])

@@ -19,7 +19,7 @@ activations and sums gradients over positions first (``R = 1``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +57,7 @@ class KroneckerBlock(CurvatureBlock):
     def __init__(self, name: str, module: nn.Module, factor_dtype: torch.dtype | None = None,
                  inverse_dtype: torch.dtype | None = None) -> None:
         self.module = module
-        self.weight: nn.Parameter = module.weight
+        self.weight = cast(nn.Parameter, module.weight)
         self.bias: nn.Parameter | None = getattr(module, "bias", None)
         super().__init__(name, [self.weight] + ([self.bias] if self.bias is not None else []))
         self.factor_dtype = factor_dtype or self.weight.dtype
@@ -158,7 +158,7 @@ class KroneckerBlock(CurvatureBlock):
     # ---- decompositions -----------------------------------------------------------------------
 
     def decomposition_template(self, method: str) -> dict[str, Tensor]:
-        opts = dict(dtype=self.inverse_dtype, device=self.weight.device)
+        opts: dict[str, Any] = dict(dtype=self.inverse_dtype, device=self.weight.device)
         a, g = self.a_dim(), self.g_dim()
         if method == "inverse":
             return {"g_inverse": torch.empty(g, g, **opts), "a_inverse": torch.empty(a, a, **opts)}
@@ -201,7 +201,7 @@ class KroneckerBlock(CurvatureBlock):
                for f, shift, key in ((g, shifts[0], "g_inverse"), (a, shifts[1], "a_inverse"))]
         if any(x is None for x in new):
             return False
-        s["g_inverse"], s["a_inverse"] = new
+        s["g_inverse"], s["a_inverse"] = cast(list[Tensor], new)
         return True
 
     # ---- products -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +14,7 @@ from natgrad import ops
 from natgrad._vocabulary import _UNSET, FISHER_TYPES, check_choice, renamed_argument
 from natgrad.curvature import CurvatureBlock, capturing, kind_of, make_block, owner_groups
 from natgrad.fisher.compute import compute_fisher
-from natgrad.fisher.matrices import BlockFisher
+from natgrad.fisher.matrices import BlockDiagonalFisher, BlockFisher
 from natgrad.fisher.scores import check_inputs
 from natgrad.likelihoods import check_count, get_likelihood
 
@@ -193,12 +193,12 @@ class EWC:
 
     def _estimate(self, x: Tensor, y: Tensor | None, generator) -> tuple[dict, dict]:
         named = self._named_params()
-        kwargs = dict(fisher_type=self.fisher_type, likelihood=self.likelihood,
-                      mc_samples=self.mc_samples, generator=generator)
+        kwargs: dict[str, Any] = dict(fisher_type=self.fisher_type, likelihood=self.likelihood,
+                                      mc_samples=self.mc_samples, generator=generator)
         if self.structure == "diagonal":
             return self._diagonal(x, y, named, kwargs), {}
         names, params = list(named), list(named.values())
-        fisher = compute_fisher(self.model, x, y, structure="kfac", params=params, **kwargs)
+        fisher = cast(BlockDiagonalFisher, compute_fisher(self.model, x, y, structure="kfac", params=params, **kwargs))
         diag, kron = {}, {}
         for block, (_, _, idx) in zip(fisher.blocks, owner_groups(self.model, params)):
             if isinstance(block, BlockFisher):
@@ -224,7 +224,7 @@ class EWC:
             out = self.model(x)
             used = [n for n in linear if len(captures[n].records) == 1]  # called once: per-sample rows
             passes = lik.pseudo_targets(out, self.fisher_type, y, self.mc_samples, kwargs["generator"])
-            outputs = [captures[n].records[0].output for n in used]
+            outputs = [cast(Tensor, captures[n].records[0].output) for n in used]  # set by the forward hook
             for target, weight in passes:
                 grads = torch.autograd.grad(lik.weighted_nll(out, target, weight), outputs, retain_graph=True)
                 for name, g in zip(used, grads):
@@ -232,8 +232,8 @@ class EWC:
                     diag[name] = [a + b for a, b in zip(diag[name], d)] if name in diag else d
         out_diag: dict[str, Tensor] = {}
         for name in used:
-            for key, d in zip(("weight", "bias"), diag[name]):
-                out_diag[f"{name}.{key}" if name else key] = d.contiguous()
+            for key, part in zip(("weight", "bias"), diag[name]):
+                out_diag[f"{name}.{key}" if name else key] = part.contiguous()
         rest = [n for n in named if n not in out_diag]
         if rest:
             f = compute_fisher(self.model, x, y, structure="diagonal", params=[named[n] for n in rest], **kwargs)

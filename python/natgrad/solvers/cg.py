@@ -17,6 +17,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ from natgrad.fisher.matrices import FisherMatrix, _check_damping
 
 __all__ = ["CGResult", "conjugate_gradient"]
 
-Operator = FisherMatrix | Callable[[Tensor], Tensor]
+Operator: TypeAlias = FisherMatrix | Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -58,7 +59,7 @@ def _vector(name: str, v: object, size: int | None) -> Tensor:
     return v
 
 
-def _preconditioner(preconditioner: object, damping: float | None) -> Callable[[Tensor], Tensor] | None:
+def _preconditioner(preconditioner: object, damping: float) -> Callable[[Tensor], Tensor] | None:
     if preconditioner is None:
         return None
     if isinstance(preconditioner, FisherMatrix):
