@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Union
+from typing import Any, Literal, Union, overload
 
 from natgrad._vocabulary import check_choice  # noqa: F401  (re-exported for the optimizers)
 
@@ -55,8 +55,16 @@ def check_group(group: dict, bounds: dict[str, dict]) -> None:
             check_number(key, group[key], **kwargs)
 
 
-def resolved_number(name: str, value: Schedule | None, step: int, **bounds) -> float | None:
-    """Resolves a scheduled value and validates the result with :func:`check_number`."""
+@overload
+def resolved_number(name: str, value: Schedule | None, step: int, *, allow_none: Literal[True],
+                    **bounds: Any) -> float | None: ...
+@overload
+def resolved_number(name: str, value: Schedule | None, step: int, *, allow_none: Literal[False] = ...,
+                    **bounds: Any) -> float: ...
+def resolved_number(name: str, value: Schedule | None, step: int, **bounds: Any) -> float | None:
+    """Resolves a scheduled value and validates the result with :func:`check_number` (None only
+    with ``allow_none=True``).
+    """
     out = resolve(value, step)
     check_number(f"{name} (at step {step})" if callable(value) else name, out, **bounds)
     return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -159,7 +159,7 @@ class KFAC(Optimizer):
         super().__init__(model.parameters() if params is None else params, defaults)
 
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        self.model = model.module if self._ddp else model
+        self.model: nn.Module = cast(nn.Module, model.module) if self._ddp else model
         comm = make_communicator(grad_worker_fraction, triangle_packing, bucket_cap_mb, process_group)
         self.factor_decay = factor_decay
         self.factor_update_period = factor_update_period
@@ -250,8 +250,9 @@ class KFAC(Optimizer):
 
     # ---- the step ---------------------------------------------------------------------------------
 
+    # torch.optim.Optimizer types step() for a closure returning a float; the closure's loss is a tensor
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """Performs one K-FAC step; ``closure`` (re-evaluating the loss, as in torch.optim) is
         needed for adaptive damping. Returns the closure's loss, if any.
         """
@@ -300,7 +301,7 @@ class KFAC(Optimizer):
         before = {p: p.detach().clone() for p in updates} if adapt else None
         with record_function("natgrad.KFAC.update"):
             self._apply(updates, nu)
-        if adapt:
+        if before is not None:  # set exactly when adapting
             self._adapt_damping(closure, loss, before, grads)
         self._steps += 1
         return loss

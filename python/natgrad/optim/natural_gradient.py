@@ -166,8 +166,9 @@ class NaturalGradient(Optimizer):
         """
         return self.solver.backward(self._problem(), inputs, targets)
 
+    # torch.optim.Optimizer types step() for a closure returning a float; the closure's loss is a tensor
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One natural-gradient step from the rows of the last :meth:`backward` (``closure``, if
         given, must call it). Returns the closure's loss.
         """

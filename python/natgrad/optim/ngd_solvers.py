@@ -276,8 +276,9 @@ class CGSolver(NGDSolver):
         if self.batch is None:
             raise RuntimeError("NaturalGradient.step() needs a batch: call opt.backward(inputs, targets) first")
         inputs, targets = self.batch
-        kwargs = dict(fisher_type=problem.fisher_type, likelihood=problem.likelihood, params=problem.params,
-                      chunk_size=problem.chunk_size, generator=problem.generator)
+        kwargs: dict[str, Any] = dict(fisher_type=problem.fisher_type, likelihood=problem.likelihood,
+                                      params=problem.params, chunk_size=problem.chunk_size,
+                                      generator=problem.generator)
         loss_fn = problem.loss_fn if problem.fisher_type == "empirical" else None
         fisher = ImplicitFisher(problem.model, inputs, targets, loss_fn=loss_fn, **kwargs)
         preconditioner: FisherMatrix | None = None
