@@ -23,9 +23,9 @@ for all of its layers); the base class serves every other block one at a time.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +81,25 @@ class DirectionRequest:
         return sum(t.numel() for t in self.stats)
 
 
+class StatisticsBlock(Protocol):
+    """What the factor step asks of a block fed by its layer's captures (Kronecker, diagonal and
+    attention blocks; a PriorBlock forwards them): sample counts and the statistics update in two
+    halves (the estimator's blocks are all of this kind).
+    """
+
+    name: str
+
+    def count_samples(self, inputs: Sequence) -> int: ...
+
+    def count_rows(self, inputs: Sequence) -> int: ...
+
+    def prepare(self, inputs: Sequence, grads: Sequence[Tensor], grad_scale: float) -> Any: ...
+
+    def statistics_ok(self, stats: Any) -> Tensor: ...
+
+    def apply_update(self, stats: Any, decay: float) -> None: ...
+
+
 class CurvatureBlock:
     """Base class of every curvature block (see the module docstring).
 
@@ -96,7 +115,7 @@ class CurvatureBlock:
     def __init__(self, name: str, params: Sequence[nn.Parameter]) -> None:
         self.name = name
         self.params: list[nn.Parameter] = list(params)
-        self.state: dict[str, Tensor] = {}
+        self.state: MutableMapping[str, Tensor] = {}
 
     # ---- description ------------------------------------------------------------------------
 

@@ -29,13 +29,21 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from natgrad import ops
-from natgrad.curvature.block import CurvatureBlock, DirectionRequest, PlainBlock, all_true, by_family, max_abs
+from natgrad.curvature.block import (
+    CurvatureBlock,
+    DirectionRequest,
+    PlainBlock,
+    StatisticsBlock,
+    all_true,
+    by_family,
+    max_abs,
+)
 from natgrad.curvature.capture import GradientPhase, LayerCapture
 from natgrad.curvature.faults import FaultLedger
 from natgrad.curvature.plan import CaptureFactory, module_blocks, sample_scale
@@ -127,7 +135,8 @@ class CurvatureEstimator:
                                                     "(requires_grad=False) when natgrad.KFAC was built")
             if not own or not any(id(p) in managed for p in own):
                 continue
-            blocks, reason = [], "skipped by skip_modules"
+            blocks: list[CurvatureBlock] = []
+            reason: str | None = "skipped by skip_modules"
             if name not in skip:
                 blocks, reason = module_blocks(name, module, [p for p in own if id(p) in managed],
                                                linear_approx=approx, factor_dtype=factor_dtype,
@@ -141,7 +150,12 @@ class CurvatureEstimator:
                 self._blocks.append(block)
                 self._captures[block.name] = factory.capture(block, module)
         captures = list(self._captures.values())
-        self._finalizer = weakref.finalize(self, lambda: [c.remove() for c in captures])
+
+        def remove_captures() -> None:
+            for c in captures:
+                c.remove()
+
+        self._finalizer = weakref.finalize(self, remove_captures)
         self._block_of: dict[int, str] = {id(p): b.name for b in self._blocks for p in b.params}
 
     @property
@@ -173,7 +187,7 @@ class CurvatureEstimator:
         block = self._plain.get(id(p))
         if block is None:
             reason = self._fallback_reason.get(id(p), "not owned by any module")
-            block = self._plain[id(p)] = PlainBlock(self.param_name(p), p, reason)
+            block = self._plain[id(p)] = PlainBlock(self.param_name(p), cast(nn.Parameter, p), reason)
         return block
 
     # ---- priors -------------------------------------------------------------------------------
@@ -252,13 +266,15 @@ class CurvatureEstimator:
         skipped: set[str] = set()
         comm = self.communicator
         stats = {}
+        fed = {b.name: cast(StatisticsBlock, b) for b in self._blocks}  # all fed by captures
         for block in self._blocks:
             # an empty batch holds no statistics: the layer is left as if it had not been called
-            records = [r for r in self._captures[block.name].complete() if block.count_samples([r.input])]
+            records = [r for r in self._captures[block.name].complete() if fed[block.name].count_samples([r.input])]
             if records:
-                inputs, grads = [r.input for r in records], [r.grad_output for r in records]
-                per_sample = sample_scale(block, inputs, loss_reduction)
-                stats[block.name] = block.prepare(inputs, grads, per_sample * grad_scale)
+                # complete(): records whose grad_output is set
+                inputs, grads = [r.input for r in records], [cast(Tensor, r.grad_output) for r in records]
+                per_sample = sample_scale(fed[block.name], inputs, loss_reduction)
+                stats[block.name] = fed[block.name].prepare(inputs, grads, per_sample * grad_scale)
         self._pending = []
         if comm.world_size == 1 and self.batched:  # distributed: averaged across ranks before any check
             for family, group in by_family([b for b in self._blocks if b.name in stats]):
@@ -266,7 +282,7 @@ class CurvatureEstimator:
             for blocks, _ in self._pending:
                 for block in blocks:
                     del stats[block.name]
-        checks = [b.statistics_ok(stats[b.name]) for b in self._blocks if b.name in stats]
+        checks = [fed[b.name].statistics_ok(stats[b.name]) for b in self._blocks if b.name in stats]
         ok = iter(all_true(checks))
         present = [b.name in stats for b in self._blocks]
         good = comm.agree([seen and next(ok) for seen in present])
@@ -275,12 +291,12 @@ class CurvatureEstimator:
         flags = [(b, float(g), 1.0) for b, g, seen in zip(self._blocks, good, captured) if g or seen]
         for (block, _, _), fault in zip(flags, ops.kfac_factor_faults([v for _, *f in flags for v in f])):
             if fault == Fault.NONE:
-                block.apply_update(stats[block.name], decay)
+                fed[block.name].apply_update(stats[block.name], decay)
                 updated.append(block)
             else:  # captured everywhere, but NaN/Inf or overflow somewhere: every rank skips
                 skipped.add(block.name)
                 self.ledger.fault(block.name, fault)
-        samples = next((b.count_samples([r.input for r in self._captures[b.name].complete()])
+        samples = next((fed[b.name].count_samples([r.input for r in self._captures[b.name].complete()])
                         for b in updated), 0)
         comm.average_factors(updated, samples)
         self.clear()
@@ -361,7 +377,7 @@ class CurvatureEstimator:
         return blocks, [p for p in params if p.grad is not None and id(p) not in done]
 
     def directions(self, params: Sequence[Tensor], skipped: set[str],
-                   request: DirectionRequest) -> tuple[Updates, dict]:
+                   request: DirectionRequest) -> tuple[dict, dict]:
         """Preconditioned directions and (unscaled) gradients of every parameter of ``params``
         that moves this step, keyed by parameter, with one host read (see the module
         docstring).
@@ -378,8 +394,9 @@ class CurvatureEstimator:
         bad = self._factor_faults(rows)
         cross = request.buffer is not None
         updates, grads_out = Updates(), {}
-        updates.inner = {}
-        updates.cross = {} if cross else None
+        inner: dict[Tensor, float] = {}
+        cross_of: dict[Tensor, float] | None = {} if cross else None
+        updates.inner, updates.cross = inner, cross_of
         faults = ops.kfac_direction_faults(rows, [entry[3] for entry in entries])
         for (block, grads, dirs, at, slots), fault in zip(entries, faults):
             if block.name in bad:
@@ -390,9 +407,9 @@ class CurvatureEstimator:
             for j, (p, g, u) in enumerate(zip(block.params, grads, dirs)):
                 if p.grad is not None and p.requires_grad:
                     updates[p], grads_out[p] = u, g
-                    updates.inner[p] = rows[at + 2 + j]
-                    if cross:
-                        updates.cross[p] = rows[at + 2 + slots + j]
+                    inner[p] = rows[at + 2 + j]
+                    if cross_of is not None:
+                        cross_of[p] = rows[at + 2 + slots + j]
         return updates, grads_out
 
     def _directions_per_block(self, params: Sequence[Tensor], skipped: set[str],
@@ -405,8 +422,8 @@ class CurvatureEstimator:
         comm, scale = self.communicator, request.grad_scale
         skipped = skipped | self._factor_faults(read([flags for _, flags in self._pending]))
         blocks, plain = self._moving(params, skipped)
-        work = [(b, b.pack([p.grad for p in b.params])) for b in blocks]
-        work += [(self._plain_block(p), p.grad) for p in plain]
+        work: list[tuple[CurvatureBlock, Tensor]] = [(b, b.pack([p.grad for p in b.params])) for b in blocks]
+        work += [(self._plain_block(p), cast(Tensor, p.grad)) for p in plain]  # _moving: p.grad is set
         if scale != 1.0:
             work = [(b, g * scale) for b, g in work]
         finite = all_true([torch.isfinite(max_abs(grad)) for _, grad in work])
@@ -418,13 +435,13 @@ class CurvatureEstimator:
                 continue
             direction = grad
             if not isinstance(block, PlainBlock):
-                direction = None
+                own: Tensor | None = None
                 if comm.is_grad_worker(block):
                     try:
-                        direction = block.precondition(grad, request.damping(block), request.pi_correction)
+                        own = block.precondition(grad, request.damping(block), request.pi_correction)
                     except RuntimeError:
-                        direction = torch.full_like(grad, float("nan"))
-                direction = comm.share_direction(block, direction, grad)
+                        own = torch.full_like(grad, float("nan"))
+                direction = comm.share_direction(block, own, grad)
                 dirs.append(direction)
             kept.append((block, grad, direction))
         fine = all_true([torch.isfinite(max_abs(d)) for d in dirs])

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from natgrad import ops
-from natgrad.curvature.block import CurvatureBlock
+from natgrad.curvature.block import CurvatureBlock, StatisticsBlock
 from natgrad.curvature.capture import GradientPhase, LayerCapture
 from natgrad.curvature.diagonal import NORMS, FreeParameterBlock, NormBlock, PerSampleBlock
 from natgrad.curvature.layers import kind_of
@@ -99,7 +99,7 @@ class CaptureFactory:
         return LayerCapture(module, self.active, self.phase)
 
 
-def sample_scale(block: CurvatureBlock, inputs: Sequence, loss_reduction: str) -> float:
+def sample_scale(block: StatisticsBlock, inputs: Sequence, loss_reduction: str) -> float:
     """The factor that turns captured output gradients into per-sample ones (see
     :mod:`natgrad.curvature.kron`): ``N`` for "mean" (dim 0 counts samples), 1 for "sum", and
     for "token_mean" (a mean over all ``R = N·T`` rows, e.g. ``F.cross_entropy`` on flattened
