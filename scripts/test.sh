@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every natgrad test: the GoogleTest suite (ctest) and the pytest suite.
+# Runs every natgrad check: lint (ruff, mypy on python/natgrad; configured in pyproject.toml), the
+# GoogleTest suite (ctest) and the pytest suite. A failing lint counts as a failing test.
 # Does its own set-up on a fresh machine (see scripts/env.sh); repeated runs reuse the builds.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k woodbury).
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -7,6 +8,9 @@ setup_all
 build_cpp_tests
 
 status=0
+log "lint (ruff check python/natgrad, mypy)"
+(cd "$NATGRAD_ROOT" && "$PY" -m ruff check python/natgrad) || status=1
+(cd "$NATGRAD_ROOT" && "$PY" -m mypy) || status=1
 log "C++ tests (ctest)"
 ctest --test-dir "$NATGRAD_ROOT/build/cmake" --output-on-failure -j "$NATGRAD_JOBS" || status=1
 log "Python tests (pytest)"

@@ -42,7 +42,8 @@ class Likelihood:
 
     def nll(self, output: Tensor, target: Tensor, reduction: str = "sum") -> Tensor:
         """Negative log-likelihood (up to constants) summed over each sample's positions, then
-        reduced over samples (dim 0): "none" ([n]), "sum" or "mean"."""
+        reduced over samples (dim 0): "none" ([n]), "sum" or "mean".
+        """
         per_sample = self._per_sample_nll(output, target)
         if reduction == "none":
             return per_sample
@@ -90,7 +91,8 @@ def check_count(name: str, value: object) -> None:
 
 def _sum_per_sample(values: Tensor) -> Tensor:
     """``[n, ...] -> [n]``, summing each sample's positions (also for n = 0, where a reshape to
-    ``[0, -1]`` is ambiguous)."""
+    ``[0, -1]`` is ambiguous).
+    """
     return values.flatten(1).sum(1) if values.dim() > 1 else values
 
 
@@ -147,7 +149,8 @@ class Categorical(Likelihood):
 
 class Gaussian(Likelihood):
     """Means ``[n, ...]`` of a unit-variance Gaussian, targets of the same shape
-    (``½‖y − f‖²`` per sample, the MSE loss up to its reduction)."""
+    (``½‖y − f‖²`` per sample, the MSE loss up to its reduction).
+    """
 
     name = "gaussian"
 

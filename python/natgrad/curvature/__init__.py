@@ -8,14 +8,14 @@ natgrad.KFAC, ``natgrad.fisher.compute_fisher(structure="kfac")`` and ``natgrad.
 """
 from __future__ import annotations
 
+from natgrad.curvature import layers
 from natgrad.curvature.block import CurvatureBlock, PlainBlock
 from natgrad.curvature.capture import GradientPhase, LayerCapture, Record, capturing
-from natgrad.curvature.kron import KroneckerBlock, Statistics
-from natgrad.curvature import layers
-from natgrad.curvature.layers import *  # noqa: F403  (each kind's block, LayerKind, register_layer)
-from natgrad.curvature.registry import kronecker_block, make_block, owner_groups, unsupported_reason
 from natgrad.curvature.diagonal import DiagonalBlock, FreeParameterBlock, NormBlock, PerSampleBlock
+from natgrad.curvature.kron import KroneckerBlock, Statistics
+from natgrad.curvature.layers import *  # noqa: F403  (each kind's block, LayerKind, register_layer)
 from natgrad.curvature.plan import module_blocks
+from natgrad.curvature.registry import kronecker_block, make_block, owner_groups, unsupported_reason
 
 __all__ = [
     "CurvatureBlock",

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 Project = Callable[[str, Tensor, Tensor, Tensor | None], Tensor]
 
 
-def _split3(t: Tensor, e: int) -> tuple[Tensor, Tensor, Tensor]:
+def _split3(t: Tensor, e: int) -> tuple[Tensor, ...]:
     t = t.unflatten(-1, (t.shape[-1] // e, e)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
     return tuple(t[i] for i in range(t.shape[0]))
 
@@ -35,7 +35,8 @@ def _in_projections(m: nn.MultiheadAttention, project: Project, query: Tensor, k
                 project("v", value, m.v_proj_weight, b_v))
     w = m.in_proj_weight
     if key is value and query is key:
-        return _split3(project("qkv", query, w, b), e)
+        q, k, v = _split3(project("qkv", query, w, b), e)
+        return q, k, v
     if key is value:
         w_q, w_kv = w.split([e, e * 2])
         b_q, b_kv = (None, None) if b is None else b.split([e, e * 2])

@@ -23,9 +23,9 @@ for all of its layers); the base class serves every other block one at a time.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +81,25 @@ class DirectionRequest:
         return sum(t.numel() for t in self.stats)
 
 
+class StatisticsBlock(Protocol):
+    """What the factor step asks of a block fed by its layer's captures (Kronecker, diagonal and
+    attention blocks; a PriorBlock forwards them): sample counts and the statistics update in two
+    halves (the estimator's blocks are all of this kind).
+    """
+
+    name: str
+
+    def count_samples(self, inputs: Sequence) -> int: ...
+
+    def count_rows(self, inputs: Sequence) -> int: ...
+
+    def prepare(self, inputs: Sequence, grads: Sequence[Tensor], grad_scale: float) -> Any: ...
+
+    def statistics_ok(self, stats: Any) -> Tensor: ...
+
+    def apply_update(self, stats: Any, decay: float) -> None: ...
+
+
 class CurvatureBlock:
     """Base class of every curvature block (see the module docstring).
 
@@ -96,7 +115,7 @@ class CurvatureBlock:
     def __init__(self, name: str, params: Sequence[nn.Parameter]) -> None:
         self.name = name
         self.params: list[nn.Parameter] = list(params)
-        self.state: dict[str, Tensor] = {}
+        self.state: MutableMapping[str, Tensor] = {}
 
     # ---- description ------------------------------------------------------------------------
 
@@ -122,7 +141,7 @@ class CurvatureBlock:
 
     # ---- layout -----------------------------------------------------------------------------
 
-    def pack(self, tensors: Sequence[Tensor]) -> Tensor:
+    def pack(self, tensors: Sequence[Tensor | None]) -> Tensor:
         """Parameter-shaped tensors (``None`` for a missing gradient: zeros) -> block layout."""
         return torch.cat([_or_zeros(t, p).reshape(-1) for t, p in zip(tensors, self.params)])
 
@@ -149,11 +168,13 @@ class CurvatureBlock:
         captured output gradients into per-sample ones (``N`` for a loss averaged over ``N``
         samples, 1 for a sum, times an AMP unscale). ``grads`` may hold ``k`` times the rows of
         ``inputs``: ``k`` gradient passes over the same forward, whose outer products are summed
-        (the exact and multi-draw Fisher)."""
+        (the exact and multi-draw Fisher).
+        """
 
     def factors(self) -> dict[str, Tensor]:
         """The statistics by name, in a fixed order (averaged across ranks): a 2-D tensor is a
-        symmetric matrix, a 1-D one a vector."""
+        symmetric matrix, a 1-D one a vector.
+        """
         return {}
 
     def inverse_cost(self) -> float:
@@ -165,7 +186,8 @@ class CurvatureBlock:
 
     def factor_layout(self) -> list[int] | None:
         """This block's entry of :func:`natgrad.ops.kfac_factors_ema_`'s ``layouts`` when that
-        list op computes exactly its statistics update (Linear, Conv2d); None: it does not."""
+        list op computes exactly its statistics update (Linear, Conv2d); None: it does not.
+        """
         return None
 
     # ---- decompositions -----------------------------------------------------------------------
@@ -174,7 +196,8 @@ class CurvatureBlock:
                        warm: bool = False) -> int:
         """Recomputes the decomposition; returns the fallback-ladder rung used (0: native).
         ``warm`` allows a cheap refresh from the previous decomposition where the block has
-        one (KFAC's ``warm_refreshes``); blocks without one recompute exactly."""
+        one (KFAC's ``warm_refreshes``); blocks without one recompute exactly.
+        """
         return 0
 
     def decomposition_template(self, method: str) -> dict[str, Tensor]:
@@ -207,7 +230,8 @@ class CurvatureBlock:
     def direction(self, grad: Tensor, request: DirectionRequest) -> tuple[Tensor, Tensor | None]:
         """The preconditioned packed gradient and a 0-d flag of its finiteness (None: the
         gradient's own flag holds). An op that refuses a non-finite result gives NaN, so that
-        the step skips the block."""
+        the step skips the block.
+        """
         try:
             out = self.precondition(grad, request.damping(self), request.pi_correction)
         except RuntimeError:
@@ -216,7 +240,8 @@ class CurvatureBlock:
 
     def quad_form(self, tensors: Sequence[Tensor]) -> Tensor:
         """``vᵀ F v`` (differentiable with respect to ``tensors``)."""
-        return sum((a * b).sum() for a, b in zip(tensors, self.mv(tensors)))
+        # sum() gives the int 0 only for no tensors
+        return cast(Tensor, sum((a * b).sum() for a, b in zip(tensors, self.mv(tensors))))
 
     def diagonal(self) -> list[Tensor]:
         """``diag F`` as parameter-shaped tensors."""
@@ -236,7 +261,8 @@ class CurvatureBlock:
     @classmethod
     def family(cls) -> type[CurvatureBlock]:
         """The class whose :meth:`update_many` and :meth:`directions_many` serve this block
-        together with the other blocks of its family; the base class serves one at a time."""
+        together with the other blocks of its family; the base class serves one at a time.
+        """
         return CurvatureBlock
 
     @classmethod
@@ -245,13 +271,15 @@ class CurvatureBlock:
         """The factor step of the blocks this family updates in one call, from their
         :meth:`prepare` output: ``[(blocks, flags)]`` with ``flags[i]`` = (statistics used,
         factors finite) of ``blocks[i]``, unread. The base updates none: the caller's checked
-        sequence (:meth:`statistics_ok`, then :meth:`apply_update`) updates them one by one."""
+        sequence (:meth:`statistics_ok`, then :meth:`apply_update`) updates them one by one.
+        """
         return []
 
     @classmethod
     def directions_many(cls, blocks: Sequence[CurvatureBlock], request: DirectionRequest) -> list[BlockDirections]:
         """The directions of ``blocks`` from their parameters' ``.grad``, their stats appended
-        to ``request.stats``; the base: one block at a time."""
+        to ``request.stats``; the base: one block at a time.
+        """
         return [block.block_directions(request) for block in blocks]
 
     def block_directions(self, request: DirectionRequest) -> BlockDirections:
@@ -299,7 +327,8 @@ class CurvatureBlock:
                                  f"layer needs {expected[key]} (was the model's width changed?)")
             if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
                 raise ValueError(f"checkpoint block {self.name!r}: {key} must hold finite floating-point "
-                                 f"values, got dtype {value.dtype}" + (" with NaN/Inf" if value.is_floating_point() else ""))
+                                 f"values, got dtype {value.dtype}"
+                                 + (" with NaN/Inf" if value.is_floating_point() else ""))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` output onto the parameters' device (validated first)."""
@@ -310,7 +339,8 @@ class CurvatureBlock:
 
 def max_abs(t: Tensor) -> Tensor:
     """``max |t|`` as a 0-d float64 tensor, NaN if ``t`` holds a NaN, 0 if it is empty (no host
-    sync; ``aminmax`` is an order of magnitude faster on CPU than ``vector_norm(t, inf)``)."""
+    sync; ``aminmax`` is an order of magnitude faster on CPU than ``vector_norm(t, inf)``).
+    """
     if t.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=t.device)
     low, high = torch.aminmax(t)
@@ -329,7 +359,8 @@ def all_true(flags: list[Tensor]) -> list[bool]:
 
 def by_family(blocks: Sequence[CurvatureBlock]) -> list[tuple[type[CurvatureBlock], list[CurvatureBlock]]]:
     """``blocks`` grouped by :meth:`CurvatureBlock.family`, in order: the batching families as
-    they first appear, then the blocks served one at a time."""
+    they first appear, then the blocks served one at a time.
+    """
     groups: dict[type[CurvatureBlock], list[CurvatureBlock]] = {}
     for block in blocks:
         groups.setdefault(block.family(), []).append(block)

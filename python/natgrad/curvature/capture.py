@@ -34,7 +34,8 @@ class Record:
 @dataclass
 class GradientPhase:
     """Which backward passes fill ``grad_output``: all of them ("empirical"), or only the one
-    run by the optimizer with labels sampled from the model ("mc")."""
+    run by the optimizer with labels sampled from the model ("mc").
+    """
 
     fisher_type: str = "empirical"
     sampling: bool = False
@@ -72,17 +73,19 @@ class LayerCapture:
               grad_view: Callable[[Tensor], Tensor] | None = None) -> Record | None:
         """Records one forward call: ``input`` (as the block expects it) and ``output``, whose
         gradient (through ``grad_view``, e.g. a transpose to the input's layout) fills
-        ``grad_output`` when a backward pass of the current phase reaches it."""
+        ``grad_output`` when a backward pass of the current phase reaches it.
+        """
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
         record = Record(input=input, output=output)
         self.records.append(record)
         self.fired = True
-        if self.phase is None:
+        phase = self.phase
+        if phase is None:
             return record
 
         def on_grad(grad: Tensor) -> None:
-            if record.grad_output is None and self.phase.accepts():
+            if record.grad_output is None and phase.accepts():
                 record.grad_output = grad.detach() if grad_view is None else grad_view(grad.detach())
                 record.output = None  # only sample_fisher needs it, and only before backward
 
@@ -107,7 +110,8 @@ class LayerCapture:
 def capturing(modules: dict[str, nn.Module]) -> Iterator[dict[str, LayerCapture]]:
     """Records every forward call of ``modules`` (any mode, while grad is enabled) for the
     duration of the block; gradients are the caller's (``torch.autograd.grad`` w.r.t.
-    ``Record.output``). The hooks are removed on exit."""
+    ``Record.output``). The hooks are removed on exit.
+    """
     captures = {name: LayerCapture(m, active=lambda: True, training_only=False)
                 for name, m in modules.items()}
     try:

@@ -24,7 +24,7 @@ Blocks here:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,8 @@ NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3
 
 class Squares(NamedTuple):
     """One update of a diagonal block: ``Σ_units u²`` (flat, in the parameters' order), the
-    factor ``s²/N`` it is scaled by, the peak |u| and the number of units (overflow check)."""
+    factor ``s²/N`` it is scaled by, the peak |u| and the number of units (overflow check).
+    """
 
     squares: Tensor
     scale: float
@@ -163,7 +164,8 @@ def _units(contrib: Tensor, samples: int, approx: str) -> Tensor:
 
 class NormBlock(DiagonalBlock):
     """Affine parameters of LayerNorm / RMSNorm (normalised trailing dims) and BatchNorm /
-    GroupNorm (channel dim 1), from the captured input and output gradient."""
+    GroupNorm (channel dim 1), from the captured input and output gradient.
+    """
 
     kind = "norm"
 
@@ -181,13 +183,15 @@ class NormBlock(DiagonalBlock):
             return F.rms_norm(x, m.normalized_shape, None, m.eps)
         if isinstance(m, nn.GroupNorm):
             return F.group_norm(x, m.num_groups, None, None, m.eps)
-        return F.batch_norm(x, None, None, None, None, True, 0.0, m.eps)  # captured in training only
+        bn = cast(nn.modules.batchnorm._BatchNorm, m)  # the remaining NORMS
+        return F.batch_norm(x, None, None, None, None, True, 0.0, bn.eps)  # captured in training only
 
     def _trailing(self) -> bool:
         return isinstance(self.module, (nn.LayerNorm, nn.RMSNorm))
 
     def _batched(self, x: Tensor) -> bool:
-        return x.dim() > len(self.module.normalized_shape) if self._trailing() else True
+        trailing = cast(nn.LayerNorm | nn.RMSNorm, self.module)  # read only when _trailing()
+        return x.dim() > len(trailing.normalized_shape) if self._trailing() else True
 
     def _parts(self, xhat: Tensor, g: Tensor) -> list[Tensor]:
         """Per-position gradients of weight and bias (the ones this module has)."""
@@ -227,7 +231,8 @@ class NormBlock(DiagonalBlock):
 class PerSampleBlock(DiagonalBlock):
     """Any module with one tensor input and its own parameters (e.g. a grouped convolution):
     exact per-sample gradients with ``torch.func.vmap`` over ``vjp`` of the module, so one unit
-    per sample whatever ``approx`` says."""
+    per sample whatever ``approx`` says.
+    """
 
     kind = "per_sample"
 
@@ -244,7 +249,8 @@ class PerSampleBlock(DiagonalBlock):
         def one(x: Tensor, g: Tensor) -> Tensor:
             def f(*values):
                 return functional_call(self.module, {**fixed, **dict(zip(self._names, values))}, (x[None],))
-            _, pull = vjp(f, *[fixed[n] for n in self._names])
+            # torch.func.vjp is annotated with a 2-or-3 tuple union, not overloaded on has_aux
+            _, pull = vjp(f, *[fixed[n] for n in self._names])  # type: ignore[misc]
             return torch.cat([t.reshape(-1) for t in pull(g[None])])
 
         return torch.cat([vmap(one)(x, g) for x, g in zip(inputs, grads)])
@@ -254,7 +260,8 @@ class FreeParameterBlock(DiagonalBlock):
     """One parameter its owner uses functionally (``x + self.pos``, ``self.cls.expand(n, -1,
     -1)``, ``x * self.scale``). Each record's input is a :class:`~natgrad.curvature.tracing.Use`
     (where and how the parameter entered the batched computation); see
-    :mod:`natgrad.curvature.tracing`."""
+    :mod:`natgrad.curvature.tracing`.
+    """
 
     kind = "free"
 

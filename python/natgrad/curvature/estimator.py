@@ -29,13 +29,21 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from natgrad import ops
-from natgrad.curvature.block import CurvatureBlock, DirectionRequest, PlainBlock, all_true, by_family, max_abs
+from natgrad.curvature.block import (
+    CurvatureBlock,
+    DirectionRequest,
+    PlainBlock,
+    StatisticsBlock,
+    all_true,
+    by_family,
+    max_abs,
+)
 from natgrad.curvature.capture import GradientPhase, LayerCapture
 from natgrad.curvature.faults import FaultLedger
 from natgrad.curvature.plan import CaptureFactory, module_blocks, sample_scale
@@ -46,7 +54,8 @@ from natgrad.ops.rules import Fault
 class Updates(dict):
     """Directions by parameter. ``inner`` holds each one's ``⟨u, g⟩`` and ``cross`` its
     ``⟨b, g⟩`` (b: its momentum buffer before the step) when they were read already; None: the
-    trust region computes them."""
+    trust region computes them.
+    """
 
     inner: dict[Tensor, float] | None = None
     cross: dict[Tensor, float] | None = None
@@ -126,7 +135,8 @@ class CurvatureEstimator:
                                                     "(requires_grad=False) when natgrad.KFAC was built")
             if not own or not any(id(p) in managed for p in own):
                 continue
-            blocks, reason = [], "skipped by skip_modules"
+            blocks: list[CurvatureBlock] = []
+            reason: str | None = "skipped by skip_modules"
             if name not in skip:
                 blocks, reason = module_blocks(name, module, [p for p in own if id(p) in managed],
                                                linear_approx=approx, factor_dtype=factor_dtype,
@@ -140,7 +150,12 @@ class CurvatureEstimator:
                 self._blocks.append(block)
                 self._captures[block.name] = factory.capture(block, module)
         captures = list(self._captures.values())
-        self._finalizer = weakref.finalize(self, lambda: [c.remove() for c in captures])
+
+        def remove_captures() -> None:
+            for c in captures:
+                c.remove()
+
+        self._finalizer = weakref.finalize(self, remove_captures)
         self._block_of: dict[int, str] = {id(p): b.name for b in self._blocks for p in b.params}
 
     @property
@@ -167,18 +182,20 @@ class CurvatureEstimator:
 
     def _plain_block(self, p: Tensor) -> PlainBlock:
         """The fallback block of a parameter outside every block (made on demand: a param group
-        added later may bring parameters)."""
+        added later may bring parameters).
+        """
         block = self._plain.get(id(p))
         if block is None:
             reason = self._fallback_reason.get(id(p), "not owned by any module")
-            block = self._plain[id(p)] = PlainBlock(self.param_name(p), p, reason)
+            block = self._plain[id(p)] = PlainBlock(self.param_name(p), cast(nn.Parameter, p), reason)
         return block
 
     # ---- priors -------------------------------------------------------------------------------
 
     def install_prior(self, prior: Prior, select: Callable[[CurvatureBlock], bool]) -> list[CurvatureBlock]:
         """Makes every block ``select`` accepts solve with ``prior``'s curvature added (a block
-        wrapped by another prior gets this one instead); returns the blocks it wraps."""
+        wrapped by another prior gets this one instead); returns the blocks it wraps.
+        """
         wrapped = []
         for i, block in enumerate(self._blocks):
             inner = block.inner if isinstance(block, PriorBlock) else block
@@ -227,7 +244,8 @@ class CurvatureEstimator:
 
     def check_sampled(self) -> None:
         """Raises RuntimeError (dropping the records) when forward calls were captured but no
-        sampled gradient reached any of them (``fisher_type="mc"`` without ``sample_fisher``)."""
+        sampled gradient reached any of them (``fisher_type="mc"`` without ``sample_fisher``).
+        """
         forwards = any(c.records for c in self._captures.values())
         if forwards and not any(c.complete() for c in self._captures.values()):
             self.clear()
@@ -243,17 +261,20 @@ class CurvatureEstimator:
 
     def update_factors(self, decay: float, loss_reduction: str, grad_scale: float = 1.0) -> set[str]:
         """The factor step from the captured records (then dropped); returns the layers to skip
-        this step. ``grad_scale`` multiplies the captured output gradients (an AMP unscale)."""
+        this step. ``grad_scale`` multiplies the captured output gradients (an AMP unscale).
+        """
         skipped: set[str] = set()
         comm = self.communicator
         stats = {}
+        fed = {b.name: cast(StatisticsBlock, b) for b in self._blocks}  # all fed by captures
         for block in self._blocks:
             # an empty batch holds no statistics: the layer is left as if it had not been called
-            records = [r for r in self._captures[block.name].complete() if block.count_samples([r.input])]
+            records = [r for r in self._captures[block.name].complete() if fed[block.name].count_samples([r.input])]
             if records:
-                inputs, grads = [r.input for r in records], [r.grad_output for r in records]
-                per_sample = sample_scale(block, inputs, loss_reduction)
-                stats[block.name] = block.prepare(inputs, grads, per_sample * grad_scale)
+                # complete(): records whose grad_output is set
+                inputs, grads = [r.input for r in records], [cast(Tensor, r.grad_output) for r in records]
+                per_sample = sample_scale(fed[block.name], inputs, loss_reduction)
+                stats[block.name] = fed[block.name].prepare(inputs, grads, per_sample * grad_scale)
         self._pending = []
         if comm.world_size == 1 and self.batched:  # distributed: averaged across ranks before any check
             for family, group in by_family([b for b in self._blocks if b.name in stats]):
@@ -261,7 +282,7 @@ class CurvatureEstimator:
             for blocks, _ in self._pending:
                 for block in blocks:
                     del stats[block.name]
-        checks = [b.statistics_ok(stats[b.name]) for b in self._blocks if b.name in stats]
+        checks = [fed[b.name].statistics_ok(stats[b.name]) for b in self._blocks if b.name in stats]
         ok = iter(all_true(checks))
         present = [b.name in stats for b in self._blocks]
         good = comm.agree([seen and next(ok) for seen in present])
@@ -270,12 +291,12 @@ class CurvatureEstimator:
         flags = [(b, float(g), 1.0) for b, g, seen in zip(self._blocks, good, captured) if g or seen]
         for (block, _, _), fault in zip(flags, ops.kfac_factor_faults([v for _, *f in flags for v in f])):
             if fault == Fault.NONE:
-                block.apply_update(stats[block.name], decay)
+                fed[block.name].apply_update(stats[block.name], decay)
                 updated.append(block)
             else:  # captured everywhere, but NaN/Inf or overflow somewhere: every rank skips
                 skipped.add(block.name)
                 self.ledger.fault(block.name, fault)
-        samples = next((b.count_samples([r.input for r in self._captures[b.name].complete()])
+        samples = next((fed[b.name].count_samples([r.input for r in self._captures[b.name].complete()])
                         for b in updated), 0)
         comm.average_factors(updated, samples)
         self.clear()
@@ -297,7 +318,8 @@ class CurvatureEstimator:
 
     def _factor_faults(self, rows: list[float]) -> set[str]:
         """The faults of the batched factor step from its flags (the first entries of ``rows``);
-        returns the layers to skip this step."""
+        returns the layers to skip this step.
+        """
         bad: set[str] = set()
         blocks = [block for group, _ in self._pending for block in group]
         for block, fault in zip(blocks, ops.kfac_factor_faults(rows[:2 * len(blocks)])):
@@ -316,7 +338,8 @@ class CurvatureEstimator:
                               pi_correction: bool, warm_refreshes: int) -> None:
         """Decomposes every block with factors when ``due`` (the optimizer's inverse period),
         and any not decomposed yet; every ``warm_refreshes + 1``-th refresh is exact, the others
-        warm (see :mod:`natgrad.curvature.refresh`)."""
+        warm (see :mod:`natgrad.curvature.refresh`).
+        """
         comm = self.communicator
         blocks = [b for b in self._blocks if b.has_factors and (due or b.name not in self._decomposed)]
         if any(b.name not in self._decomposed for b in blocks):  # a new layer: (re)assign owners,
@@ -338,7 +361,8 @@ class CurvatureEstimator:
     def _moving(self, params: Sequence[Tensor], skipped: set[str]) -> tuple[list[CurvatureBlock], list[Tensor]]:
         """The blocks to precondition this step (decomposed, not skipped, some gradient present)
         and the parameters that take their plain gradient (outside every block, or in a block
-        with no curvature yet), in order."""
+        with no curvature yet), in order.
+        """
         blocks: list[CurvatureBlock] = []
         done: set[int] = set()
         for block in self._blocks:
@@ -352,10 +376,12 @@ class CurvatureEstimator:
             blocks.append(block)
         return blocks, [p for p in params if p.grad is not None and id(p) not in done]
 
-    def directions(self, params: Sequence[Tensor], skipped: set[str], request: DirectionRequest) -> tuple[Updates, dict]:
+    def directions(self, params: Sequence[Tensor], skipped: set[str],
+                   request: DirectionRequest) -> tuple[dict, dict]:
         """Preconditioned directions and (unscaled) gradients of every parameter of ``params``
         that moves this step, keyed by parameter, with one host read (see the module
-        docstring)."""
+        docstring).
+        """
         comm = self.communicator
         if not self.batched or getattr(comm, "workers", comm.world_size) != comm.world_size:
             return self._directions_per_block(params, skipped, request)
@@ -368,8 +394,9 @@ class CurvatureEstimator:
         bad = self._factor_faults(rows)
         cross = request.buffer is not None
         updates, grads_out = Updates(), {}
-        updates.inner = {}
-        updates.cross = {} if cross else None
+        inner: dict[Tensor, float] = {}
+        cross_of: dict[Tensor, float] | None = {} if cross else None
+        updates.inner, updates.cross = inner, cross_of
         faults = ops.kfac_direction_faults(rows, [entry[3] for entry in entries])
         for (block, grads, dirs, at, slots), fault in zip(entries, faults):
             if block.name in bad:
@@ -380,9 +407,9 @@ class CurvatureEstimator:
             for j, (p, g, u) in enumerate(zip(block.params, grads, dirs)):
                 if p.grad is not None and p.requires_grad:
                     updates[p], grads_out[p] = u, g
-                    updates.inner[p] = rows[at + 2 + j]
-                    if cross:
-                        updates.cross[p] = rows[at + 2 + slots + j]
+                    inner[p] = rows[at + 2 + j]
+                    if cross_of is not None:
+                        cross_of[p] = rows[at + 2 + slots + j]
         return updates, grads_out
 
     def _directions_per_block(self, params: Sequence[Tensor], skipped: set[str],
@@ -390,12 +417,13 @@ class CurvatureEstimator:
         """The per-block sequence (distributed runs whose directions are broadcast by an owner):
         a block whose gradient is not finite is skipped before preconditioning, one whose
         direction is not (an op that refused, or a rank's broadcast of it) after; each check is
-        one host read for all blocks."""
+        one host read for all blocks.
+        """
         comm, scale = self.communicator, request.grad_scale
         skipped = skipped | self._factor_faults(read([flags for _, flags in self._pending]))
         blocks, plain = self._moving(params, skipped)
-        work = [(b, b.pack([p.grad for p in b.params])) for b in blocks]
-        work += [(self._plain_block(p), p.grad) for p in plain]
+        work: list[tuple[CurvatureBlock, Tensor]] = [(b, b.pack([p.grad for p in b.params])) for b in blocks]
+        work += [(self._plain_block(p), cast(Tensor, p.grad)) for p in plain]  # _moving: p.grad is set
         if scale != 1.0:
             work = [(b, g * scale) for b, g in work]
         finite = all_true([torch.isfinite(max_abs(grad)) for _, grad in work])
@@ -407,13 +435,13 @@ class CurvatureEstimator:
                 continue
             direction = grad
             if not isinstance(block, PlainBlock):
-                direction = None
+                own: Tensor | None = None
                 if comm.is_grad_worker(block):
                     try:
-                        direction = block.precondition(grad, request.damping(block), request.pi_correction)
+                        own = block.precondition(grad, request.damping(block), request.pi_correction)
                     except RuntimeError:
-                        direction = torch.full_like(grad, float("nan"))
-                direction = comm.share_direction(block, direction, grad)
+                        own = torch.full_like(grad, float("nan"))
+                direction = comm.share_direction(block, own, grad)
                 dirs.append(direction)
             kept.append((block, grad, direction))
         fine = all_true([torch.isfinite(max_abs(d)) for d in dirs])
@@ -434,7 +462,8 @@ class CurvatureEstimator:
 
     def quad_form(self, vectors: dict[Tensor, Tensor]) -> list[float]:
         """``vᵀ F_ℓ v`` of every block with factors whose parameters all have a vector in
-        ``vectors`` (by parameter), in block order; their sum is ``vᵀ F v`` over those blocks."""
+        ``vectors`` (by parameter), in block order; their sum is ``vᵀ F v`` over those blocks.
+        """
         return [float(block.quad_form([vectors[p] for p in block.params])) for block in self._blocks
                 if block.has_factors and all(p in vectors for p in block.params)]
 
@@ -456,7 +485,8 @@ class CurvatureEstimator:
 
     def state_dict(self, method: str) -> dict[str, Any]:
         """The refresh count, faults, decomposed layers and every block's state (collective in
-        a distributed run: the decompositions are gathered first)."""
+        a distributed run: the decompositions are gathered first).
+        """
         self.communicator.gather_decompositions(self._blocks, method)
         return {"refreshes": self.refreshes, "faults": dict(self.ledger.faults),
                 "ladder": dict(self.ledger.ladder), "decomposed": sorted(self._decomposed),

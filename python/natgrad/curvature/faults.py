@@ -1,5 +1,6 @@
 """The fault ledger of a K-FAC run: which layers skipped an update (NaN/Inf or overflow) and
-which decompositions needed a fallback-ladder rung, warned about once per layer and counted."""
+which decompositions needed a fallback-ladder rung, warned about once per layer and counted.
+"""
 from __future__ import annotations
 
 import warnings
@@ -10,7 +11,8 @@ from natgrad.ops.rules import Fault
 
 class FaultLedger:
     """The faults of a run: NaN/Inf skips and fallback-ladder rungs, each warned about once per
-    layer and counted (saved with the optimizer)."""
+    layer and counted (saved with the optimizer).
+    """
 
     def __init__(self) -> None:
         self.faults: dict[str, int] = {}
@@ -18,7 +20,8 @@ class FaultLedger:
 
     def fault(self, where: str, fault: Fault, kind: str = "layer") -> None:
         """Counts a skipped update of ``where`` (warns the first time, with
-        :func:`natgrad.ops.kfac_fault_message`); ``kind`` is "layer" or "parameter"."""
+        :func:`natgrad.ops.kfac_fault_message`); ``kind`` is "layer" or "parameter".
+        """
         if where not in self.faults:
             warnings.warn(ops.kfac_fault_message("natgrad.KFAC", fault, kind, where), RuntimeWarning,
                           stacklevel=4)

@@ -19,7 +19,7 @@ activations and sums gradients over positions first (``R = 1``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +57,7 @@ class KroneckerBlock(CurvatureBlock):
     def __init__(self, name: str, module: nn.Module, factor_dtype: torch.dtype | None = None,
                  inverse_dtype: torch.dtype | None = None) -> None:
         self.module = module
-        self.weight: nn.Parameter = module.weight
+        self.weight = cast(nn.Parameter, module.weight)
         self.bias: nn.Parameter | None = getattr(module, "bias", None)
         super().__init__(name, [self.weight] + ([self.bias] if self.bias is not None else []))
         self.factor_dtype = factor_dtype or self.weight.dtype
@@ -119,12 +119,14 @@ class KroneckerBlock(CurvatureBlock):
 
     def count_samples(self, inputs: Sequence[Tensor]) -> int:
         """Samples in the forward calls' inputs (dim 0 indexes samples; an unbatched input is
-        one sample)."""
+        one sample).
+        """
         return sum(x.shape[0] if x.dim() > 1 else 1 for x in inputs)
 
     def count_rows(self, inputs: Sequence[Tensor]) -> int:
         """Rows of the forward calls (samples × weight-sharing positions); the base: one per
-        sample."""
+        sample.
+        """
         return self.count_samples(inputs)
 
     def prepare(self, inputs: Sequence[Tensor], grads: Sequence[Tensor], grad_scale: float) -> Statistics:
@@ -135,7 +137,8 @@ class KroneckerBlock(CurvatureBlock):
         """A 0-d bool tensor (no host sync): every value is finite and small enough that no Gram
         sum of the update can overflow the factor dtype. The factors are then finite after the
         update, so a bad batch skips the layer instead of poisoning its factors
-        (:func:`natgrad.ops.kfac_statistics_ok`)."""
+        (:func:`natgrad.ops.kfac_statistics_ok`).
+        """
         return ops.kfac_statistics_ok(stats.inputs, stats.grads, stats.input_rows, stats.grad_rows,
                                       stats.grad_scale, self.factor_dtype)
 
@@ -155,7 +158,7 @@ class KroneckerBlock(CurvatureBlock):
     # ---- decompositions -----------------------------------------------------------------------
 
     def decomposition_template(self, method: str) -> dict[str, Tensor]:
-        opts = dict(dtype=self.inverse_dtype, device=self.weight.device)
+        opts: dict[str, Any] = dict(dtype=self.inverse_dtype, device=self.weight.device)
         a, g = self.a_dim(), self.g_dim()
         if method == "inverse":
             return {"g_inverse": torch.empty(g, g, **opts), "a_inverse": torch.empty(a, a, **opts)}
@@ -167,7 +170,8 @@ class KroneckerBlock(CurvatureBlock):
         """Eigendecomposes the factors (``method`` "eigen") or forms damped inverses
         ("inverse") through the ops' fallback ladder; returns the rung used. With ``warm``, a
         cheap refresh from the previous decomposition (:mod:`natgrad.curvature.refresh`)
-        replaces it when there is one (the inverse refresh may decline: then exact)."""
+        replaces it when there is one (the inverse refresh may decline: then exact).
+        """
         a = self.state["A"].to(self.inverse_dtype)
         g = self.state["G"].to(self.inverse_dtype)
         if warm and self._warm_refresh(method, g, a, damping, pi_correction):
@@ -197,7 +201,7 @@ class KroneckerBlock(CurvatureBlock):
                for f, shift, key in ((g, shifts[0], "g_inverse"), (a, shifts[1], "a_inverse"))]
         if any(x is None for x in new):
             return False
-        s["g_inverse"], s["a_inverse"] = new
+        s["g_inverse"], s["a_inverse"] = cast(list[Tensor], new)
         return True
 
     # ---- products -----------------------------------------------------------------------------
@@ -241,7 +245,8 @@ class KroneckerBlock(CurvatureBlock):
 
     def factor_layout(self) -> list[int] | None:
         """The layer's layout codes for the factor list op (:func:`natgrad.ops.factor_layout`),
-        or None when its statistics are not in a layout the op knows (updated one at a time)."""
+        or None when its statistics are not in a layout the op knows (updated one at a time).
+        """
         return None
 
     # ---- the family's batched step ------------------------------------------------------------
@@ -255,14 +260,16 @@ class KroneckerBlock(CurvatureBlock):
         weight's gradient as ``[d_out, d_in]`` and precondition with ``A`` and ``G`` as stored
         here, so a subclass that changes either (a transposed weight, its own
         :meth:`precondition`) must override this to return :class:`CurvatureBlock` (served one
-        block at a time), as EmbeddingBlock does."""
+        block at a time), as EmbeddingBlock does.
+        """
         return KroneckerBlock
 
     @classmethod
     def update_many(cls, blocks, stats, decay):
         """Every block with factors already and a :meth:`factor_layout`, in one call of
         :func:`natgrad.ops.kfac_factors_ema_` (each layer's bound checked in C++: a bad layer is
-        left untouched, and factors an update left non-finite are zeroed; both flagged)."""
+        left untouched, and factors an update left non-finite are zeroed; both flagged).
+        """
         chosen = [(b, s) for b, s in zip(blocks, stats) if b.has_factors and b.factor_layout() is not None]
         if not chosen:
             return []
@@ -278,7 +285,8 @@ class KroneckerBlock(CurvatureBlock):
         """One list op per inverse method (:func:`natgrad.ops.kfac_directions_eigen` /
         ``_inverse``): the directions (weight and bias apart, no packed copies), ``⟨u, g⟩``, the
         finite flags and, when asked, the buffers' ``⟨b, g⟩``; a block without a decomposition
-        one at a time."""
+        one at a time.
+        """
         out: list[BlockDirections] = []
         for method, key in (("eigen", "g_eigenvectors"), ("inverse", "g_inverse")):
             group = [b for b in blocks if b.has_inverse and key in b.state]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from natgrad import ops
-from natgrad.curvature.block import CurvatureBlock
+from natgrad.curvature.block import CurvatureBlock, StatisticsBlock
 from natgrad.curvature.capture import GradientPhase, LayerCapture
 from natgrad.curvature.diagonal import NORMS, FreeParameterBlock, NormBlock, PerSampleBlock
 from natgrad.curvature.layers import kind_of
@@ -46,7 +46,8 @@ def module_blocks(name: str, module: nn.Module, params: Sequence[nn.Parameter], 
                   linear_approx: str = "expand", factor_dtype: torch.dtype | None = None,
                   inverse_dtype: torch.dtype | None = None) -> tuple[list[CurvatureBlock], str | None]:
     """The blocks covering ``params`` (the caller's optimized parameters owned directly by
-    ``module``, in order), or ``([], reason)`` when they take the plain gradient."""
+    ``module``, in order), or ``([], reason)`` when they take the plain gradient.
+    """
     kind = kind_of(module)
     if kind is not None:
         reason = kind.unsupported_reason(module)
@@ -98,13 +99,14 @@ class CaptureFactory:
         return LayerCapture(module, self.active, self.phase)
 
 
-def sample_scale(block: CurvatureBlock, inputs: Sequence, loss_reduction: str) -> float:
+def sample_scale(block: StatisticsBlock, inputs: Sequence, loss_reduction: str) -> float:
     """The factor that turns captured output gradients into per-sample ones (see
     :mod:`natgrad.curvature.kron`): ``N`` for "mean" (dim 0 counts samples), 1 for "sum", and
     for "token_mean" (a mean over all ``R = N·T`` rows, e.g. ``F.cross_entropy`` on flattened
     logits) ``sqrt(N·R)``, which makes each row one Fisher sample: ``G`` is the loss's
     Gauss-Newton factor, ``R · Σ_rows g gᵀ``, whatever the batch layout
-    (:func:`natgrad.ops.kfac_sample_scale`)."""
+    (:func:`natgrad.ops.kfac_sample_scale`).
+    """
     if loss_reduction == "sum":  # no count needed
         return ops.kfac_sample_scale(0, 0, loss_reduction)
     rows = block.count_rows(inputs) if loss_reduction == "token_mean" else 0

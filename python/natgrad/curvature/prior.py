@@ -42,7 +42,7 @@ class PriorBlock(CurvatureBlock):
         return getattr(self.inner, name)
 
     @property
-    def state(self):  # type: ignore[override]
+    def state(self):
         return self.inner.state
 
     @state.setter
@@ -82,7 +82,7 @@ class PriorBlock(CurvatureBlock):
 
     @classmethod
     def update_many(cls, blocks, stats, decay):
-        inner = [b.inner for b in blocks]  # type: ignore[attr-defined]
+        inner = [b.inner for b in blocks]
         of = {id(b): s for b, s in zip(inner, stats)}
         return [pair for family, group in by_family(inner)
                 for pair in family.update_many(group, [of[id(b)] for b in group], decay)]
@@ -93,7 +93,7 @@ class PriorBlock(CurvatureBlock):
 
     # ---- everything else is the wrapped block's -----------------------------------------------
 
-    def pack(self, tensors: Sequence[Tensor]) -> Tensor:
+    def pack(self, tensors: Sequence[Tensor | None]) -> Tensor:
         return self.inner.pack(tensors)
 
     def unpack(self, packed: Tensor) -> list[Tensor]:

@@ -61,7 +61,8 @@ def factored_shifts(g_factor: Tensor, a_factor: Tensor, damping: float,
                     pi_correction: bool) -> tuple[float, float]:
     """The diagonal shifts ``(δ_G, δ_A) = (√γ/π, π√γ)`` of factored damping, with
     ``π = sqrt((tr A / d_A) / (tr G / d_G))`` (1 without ``pi_correction`` or when a trace is
-    not positive): the same shifts as :func:`natgrad.ops.kfac_damped_inverses`."""
+    not positive): the same shifts as :func:`natgrad.ops.kfac_damped_inverses`.
+    """
     pi = 1.0
     if pi_correction:
         a_mean = float(torch.diagonal(a_factor).double().mean())

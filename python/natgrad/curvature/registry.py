@@ -1,5 +1,6 @@
 """Which curvature block handles which module, and why a module falls back when none does: the
-lookups of :mod:`natgrad.curvature.layers` that natgrad.fisher and EWC share."""
+lookups of :mod:`natgrad.curvature.layers` that natgrad.fisher and EWC share.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,7 +26,8 @@ def make_block(name: str, module: nn.Module, *, linear_approx: str = "expand",
                factor_dtype: torch.dtype | None = None,
                inverse_dtype: torch.dtype | None = None) -> KroneckerBlock | None:
     """The block of ``module``'s kind when it is fed by the module's own hooks (see
-    :attr:`LayerKind.standalone <natgrad.curvature.layers.LayerKind>`), or None."""
+    :attr:`LayerKind.standalone <natgrad.curvature.layers.LayerKind>`), or None.
+    """
     kind = kind_of(module)
     if kind is None or not kind.standalone:
         return None
@@ -37,7 +39,8 @@ def kronecker_block(name: str, module: nn.Module | None, params: Sequence[nn.Par
                     **kwargs) -> tuple[KroneckerBlock | None, str | None]:
     """The Kronecker block of ``module`` when ``params`` (the caller's parameters of this
     module, in order) are exactly the ones it covers; otherwise ``(None, reason)``. ``kwargs`` go
-    to :func:`make_block`."""
+    to :func:`make_block`.
+    """
     if module is None:
         return None, "not owned by any module"
     block = make_block(name, module, **kwargs)
@@ -53,7 +56,8 @@ def kronecker_block(name: str, module: nn.Module | None, params: Sequence[nn.Par
 
 def owner_groups(model: nn.Module, params: Sequence[nn.Parameter]) -> list[tuple[str, nn.Module | None, list[int]]]:
     """Consecutive runs of parameter indices that belong to the same module:
-    ``(module name, module, indices)``."""
+    ``(module name, module, indices)``.
+    """
     owner = {id(p): (n, m) for n, m in model.named_modules() for p in m.parameters(recurse=False)}
     groups: list[tuple[str, nn.Module | None, list[int]]] = []
     for i, p in enumerate(params):

@@ -21,6 +21,7 @@ independent records (their cross terms are dropped, as K-FAC does for a layer ap
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,8 @@ _SCALES = {"mul", "__mul__", "__rmul__", "__imul__"}
 class Use:
     """Where a parameter (through ``index``: the parameter's flat index of each element of the
     used tensor) met the batch: the output's sample dim, its weight-sharing dims, and for a
-    ``mul`` the other operand."""
+    ``mul`` the other operand.
+    """
 
     index: Tensor
     sample_dim: int
@@ -64,7 +66,8 @@ class Use:
 
     def contributions(self, grad: Tensor) -> Tensor:
         """``[samples, positions, k]``: each sample's and position's gradient of the used tensor
-        (``k`` its elements, in ``index`` order)."""
+        (``k`` its elements, in ``index`` order).
+        """
         c = grad if self.other is None else grad * self.other.to(grad.dtype)
         c = c * self.alpha if self.alpha != 1.0 else c
         c = c.expand(self.out_shape)
@@ -74,7 +77,7 @@ class Use:
 
 
 def _flat(args: Any, kwargs: dict) -> list:
-    out = []
+    out: list = []
     for a in list(args) + list(kwargs.values()):
         out.extend(a if isinstance(a, (list, tuple)) else [a])
     return out
@@ -118,6 +121,7 @@ class _Tracer(TorchFunctionMode):
         if capture.reason is not None or not any(isinstance(o, Tensor) and o.requires_grad for o in outs):
             return  # shape queries, detach, no-grad work: no gradient reaches the parameter
         if op in _SAME or op in _VIEWS:
+            indices: Sequence[Any]
             if op in _SAME:
                 indices = (index,) * len(outs)
             else:
@@ -165,7 +169,8 @@ class _Tracer(TorchFunctionMode):
 
 class FreeParameterCapture:
     """Traces the forward of ``owner`` for its parameters ``params`` (name -> parameter) and
-    feeds one :class:`LayerCapture`-like sink per parameter (see the module docstring)."""
+    feeds one :class:`LayerCapture`-like sink per parameter (see the module docstring).
+    """
 
     def __init__(self, owner: nn.Module, active, phase) -> None:
         self.owner = owner
@@ -205,7 +210,8 @@ class FreeParameterCapture:
 @dataclass(eq=False)
 class ParameterSink(LayerCapture):
     """The records of one traced parameter (no hooks of its own); ``reason`` is set once a use
-    cannot be traced."""
+    cannot be traced.
+    """
 
     parent: FreeParameterCapture | None = None
     reason: str | None = None

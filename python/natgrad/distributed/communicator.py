@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,8 @@ _ACCELERATOR_BACKENDS = {"nccl": "cuda", "xccl": "xpu"}
 def group_device(group=None) -> torch.device:
     """The device on which ``group`` (default: the world) runs collectives of small tensors
     (flags, counts, scalars): the current CUDA device for NCCL, otherwise the CPU (gloo, mpi,
-    and mixed backends such as ``"cpu:gloo,cuda:nccl"``, which take CPU tensors)."""
+    and mixed backends such as ``"cpu:gloo,cuda:nccl"``, which take CPU tensors).
+    """
     backend = str(dist.get_backend(group)).lower()
     if ":" in backend:  # "cpu:gloo,cuda:nccl": one backend per device type
         devices = dict(part.split(":", 1) for part in backend.split(","))
@@ -70,7 +72,8 @@ def collective(fn, tensor, group=None, **kwargs) -> None:
     thread inside a noexcept destructor: ``terminate called without an active exception``,
     SIGABRT). Keeping the last works in ``_RECENT_WORKS`` (also past the caller's life) makes
     the worker's release a mere decrement; they are destroyed later on a Python thread, with the
-    GIL. ``tensor`` may be a list (``all_gather``'s output list first)."""
+    GIL. ``tensor`` may be a list (``all_gather``'s output list first).
+    """
     if isinstance(tensor, tuple):
         work = fn(*tensor, group=group, async_op=True, **kwargs)
     else:
@@ -113,7 +116,7 @@ class LocalCommunicator:
 
     def share_direction(self, block, direction: Tensor | None, like: Tensor) -> Tensor:
         """The preconditioned gradient on every rank (from the owner if needed)."""
-        return direction
+        return cast(Tensor, direction)  # one rank: it owns every block, so it has the direction
 
     def mean_scalar(self, value: float) -> float:
         """The mean of a number over ranks."""
@@ -223,9 +226,9 @@ class DistributedCommunicator(LocalCommunicator):
             self.bytes["inverses"] += block.state[key].numel() * block.state[key].element_size()
 
     def share_direction(self, block, direction: Tensor | None, like: Tensor) -> Tensor:
-        if self.workers == self.world_size:
-            return direction
-        buf = direction.contiguous() if self.is_owner(block) else torch.empty_like(like)
+        if self.workers == self.world_size:  # every rank computed its own direction
+            return cast(Tensor, direction)
+        buf = cast(Tensor, direction).contiguous() if self.is_owner(block) else torch.empty_like(like)
         self._collective(dist.broadcast, buf, src=self._global(self.owner[block.name]))
         self.bytes["directions"] += buf.numel() * buf.element_size()
         return buf
@@ -251,7 +254,8 @@ class DistributedCommunicator(LocalCommunicator):
 def make_communicator(grad_worker_fraction: float, triangle_packing: bool, bucket_cap_mb: float,
                       group=None) -> LocalCommunicator:
     """A :class:`DistributedCommunicator` when torch.distributed is initialised with more than
-    one process, otherwise the :class:`LocalCommunicator`."""
+    one process, otherwise the :class:`LocalCommunicator`.
+    """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         return DistributedCommunicator(grad_worker_fraction, triangle_packing, bucket_cap_mb, group)
     return LocalCommunicator()

@@ -9,7 +9,8 @@ from torch import Tensor
 
 def pack_triangle(matrix: Tensor) -> Tensor:
     """The upper triangle (diagonal included) of a symmetric ``[n, n]`` matrix, row by row:
-    ``n(n+1)/2`` numbers instead of ``n²``."""
+    ``n(n+1)/2`` numbers instead of ``n²``.
+    """
     n = matrix.shape[-1]
     rows, cols = torch.triu_indices(n, n, device=matrix.device)
     return matrix[rows, cols]
@@ -26,13 +27,14 @@ def unpack_triangle(packed: Tensor, n: int, out: Tensor | None = None) -> Tensor
 
 def buckets(tensors: list[Tensor], cap_bytes: int) -> list[list[int]]:
     """Indices of ``tensors`` grouped in order into buckets of one dtype and device, each at most
-    ``cap_bytes`` (a single larger tensor gets a bucket of its own)."""
+    ``cap_bytes`` (a single larger tensor gets a bucket of its own).
+    """
     out: list[list[int]] = []
     size = 0
     for i, t in enumerate(tensors):
         nbytes = t.numel() * t.element_size()
         last = tensors[out[-1][-1]] if out else None
-        if not out or size + nbytes > cap_bytes or last.dtype != t.dtype or last.device != t.device:
+        if last is None or size + nbytes > cap_bytes or last.dtype != t.dtype or last.device != t.device:
             out.append([i])
             size = nbytes
         else:
@@ -43,7 +45,8 @@ def buckets(tensors: list[Tensor], cap_bytes: int) -> list[list[int]]:
 
 def reduce_in_buckets(tensors: list[Tensor], reduce: Callable[[Tensor], None], cap_bytes: int) -> int:
     """Flattens ``tensors`` bucket by bucket, applies the in-place collective ``reduce`` to each
-    flat buffer and copies the results back; returns the number of bytes reduced."""
+    flat buffer and copies the results back; returns the number of bytes reduced.
+    """
     total = 0
     for idx in buckets(tensors, cap_bytes):
         flat = torch.cat([tensors[i].reshape(-1) for i in idx])
@@ -59,7 +62,8 @@ def reduce_in_buckets(tensors: list[Tensor], reduce: Callable[[Tensor], None], c
 
 def assign_by_cost(costs: list[float], world_size: int) -> list[int]:
     """Owner rank of each job, greedy longest-processing-time first: jobs by decreasing cost,
-    each to the least-loaded rank (ties to the lowest rank). Deterministic on every rank."""
+    each to the least-loaded rank (ties to the lowest rank). Deterministic on every rank.
+    """
     load = [0.0] * world_size
     owner = [0] * len(costs)
     for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -9,8 +10,14 @@ from torch import Tensor, nn
 from natgrad._vocabulary import _UNSET, STRUCTURES, check_choice, renamed_argument
 from natgrad.curvature import KroneckerBlock, capturing, kronecker_block, owner_groups
 from natgrad.fisher.implicit import ImplicitFisher
-from natgrad.fisher.matrices import (BlockDiagonalFisher, BlockFisher, DenseFisher, DiagonalFisher,
-                                     FisherMatrix, LowRankFisher)
+from natgrad.fisher.matrices import (
+    BlockDiagonalFisher,
+    BlockFisher,
+    DenseFisher,
+    DiagonalFisher,
+    FisherMatrix,
+    LowRankFisher,
+)
 from natgrad.fisher.scores import check_request, score_rows
 from natgrad.likelihoods import Likelihood, get_likelihood
 
@@ -55,7 +62,7 @@ def compute_fisher(model: nn.Module, inputs: Tensor, targets: Tensor | None = No
     check_choice("structure", structure, STRUCTURES)
     lik, chosen = check_request(model, inputs, targets, fisher_type, likelihood, params, mc_samples, chunk_size)
     n = inputs.shape[0]
-    rows_kwargs = dict(fisher_type=fisher_type, likelihood=lik, mc_samples=mc_samples,
+    rows_kwargs: dict[str, Any] = dict(fisher_type=fisher_type, likelihood=lik, mc_samples=mc_samples,
                        generator=generator, chunk_size=chunk_size)
     if structure == "implicit":
         return ImplicitFisher(model, inputs, targets, params=chosen, **rows_kwargs)
@@ -63,7 +70,7 @@ def compute_fisher(model: nn.Module, inputs: Tensor, targets: Tensor | None = No
         return _kfac(model, inputs, targets, chosen, rows_kwargs)
     if structure == "lowrank":
         return LowRankFisher(score_rows(model, inputs, targets, params=chosen, **rows_kwargs), n)
-    acc = None
+    acc: list[Tensor] | None = None
     for start in range(0, n, chunk_size):
         y = None if targets is None else targets[start:start + chunk_size]
         u = score_rows(model, inputs[start:start + chunk_size], y, params=chosen, **rows_kwargs)
@@ -74,11 +81,12 @@ def compute_fisher(model: nn.Module, inputs: Tensor, targets: Tensor | None = No
         else:
             part = [s.T @ s for s in _module_slices(u, model, chosen)]
         acc = part if acc is None else [a + b for a, b in zip(acc, part)]
+    sums = cast(list[Tensor], acc)  # None only for an empty batch, which fails here as before
     if structure == "diagonal":
-        return DiagonalFisher(acc[0] / n)
+        return DiagonalFisher(sums[0] / n)
     if structure == "dense":
-        return DenseFisher(acc[0] / n)
-    return BlockDiagonalFisher([DenseFisher(b / n) for b in acc])
+        return DenseFisher(sums[0] / n)
+    return BlockDiagonalFisher([DenseFisher(b / n) for b in sums])
 
 
 def _module_slices(u: Tensor, model: nn.Module, params: list[nn.Parameter]) -> list[Tensor]:
@@ -97,8 +105,9 @@ def _kfac(model, inputs, targets, params, rows_kwargs) -> BlockDiagonalFisher:
             blocks[i] = block
     kfac_blocks(model, list(blocks.values()), inputs, targets, **rows_kwargs)
     dense_params = [params[j] for i, (_, _, idx) in enumerate(groups) if i not in blocks for j in idx]
-    dense = iter(compute_fisher(model, inputs, targets, structure="block_diagonal", params=dense_params,
-                                **rows_kwargs).blocks if dense_params else [])
+    dense = iter(cast(BlockDiagonalFisher, compute_fisher(model, inputs, targets, structure="block_diagonal",
+                                                          params=dense_params, **rows_kwargs)).blocks
+                 if dense_params else [])
     return BlockDiagonalFisher([BlockFisher(blocks[i]) if i in blocks else next(dense)
                                 for i in range(len(groups))])
 
@@ -110,7 +119,8 @@ def kfac_blocks(model: nn.Module, blocks: Sequence[KroneckerBlock], inputs: Tens
     """Fills ``blocks`` (curvature blocks of ``model``'s layers) with their factors averaged over
     all of ``inputs``: the same estimator natgrad.KFAC runs on every step, with the label passes
     of ``fisher_type`` back-propagated through one forward per chunk. A layer the forward never
-    calls (an old head) gets zero factors; one called twice per forward raises."""
+    calls (an old head) gets zero factors; one called twice per forward raises.
+    """
     lik = get_likelihood(likelihood)
     if not blocks:
         return
@@ -130,13 +140,14 @@ def kfac_blocks(model: nn.Module, blocks: Sequence[KroneckerBlock], inputs: Tens
                         f"{type(twice[0].module).__name__} {twice[0].name!r} is called "
                         f"{len(captures[twice[0].name].records)} times (use structure='block_diagonal' or 'diagonal')")
                 called = [b for b in blocks if captures[b.name].records]
-                outputs = [captures[b.name].records[0].output for b in called]
+                # set by the forward hook for every recorded call
+                outputs = [cast(Tensor, captures[b.name].records[0].output) for b in called]
                 passes = lik.pseudo_targets(out, fisher_type, y, mc_samples, generator)
                 grads = [torch.autograd.grad(lik.weighted_nll(out, t, w), outputs, retain_graph=True,
                                              allow_unused=True) for t, w in passes] if called else []
             for j, block in enumerate(called):
-                g = [_zeros_if_none(gs[j], outputs[j]) for gs in grads]
-                g = g[0] if len(g) == 1 else torch.cat(g)
+                parts = [_zeros_if_none(gs[j], outputs[j]) for gs in grads]
+                g = parts[0] if len(parts) == 1 else torch.cat(parts)
                 block.update([captures[block.name].records[0].input], [g.detach()],
                              decay=seen / (seen + len(x)), grad_scale=1.0)
             seen += len(x)

@@ -1,10 +1,10 @@
-"""A batch's per-sample gradient rows ``U`` as a sum of per-layer parts, most of them implicit.
+r"""A batch's per-sample gradient rows ``U`` as a sum of per-layer parts, most of them implicit.
 
 ``F = UᵀU / n`` is the batch's empirical (or sampled, or exact) Fisher; its damped solve by the
 Woodbury identity only needs the Gram matrix ``U Uᵀ`` and the products ``U v`` and ``Uᵀ w``:
 
 .. math::
-    (F + \\lambda I)^{-1} v = \\bigl(v - U^\\top (U U^\\top + n\\lambda I)^{-1} U v\\bigr) / \\lambda .
+    (F + \lambda I)^{-1} v = \bigl(v - U^\top (U U^\top + n\lambda I)^{-1} U v\bigr) / \lambda .
 
 For the layers whose kind forms implicit rows (:mod:`natgrad.curvature.layers`: Linear with any
 leading shape, convolutions, Embedding, and any kind :func:`natgrad.curvature.register_layer`
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +40,8 @@ CHUNK_ELEMENTS = 1 << 17
 @dataclass
 class DenseRows:
     """Explicit rows ``[R, Σ numel]`` over the parameters ``index`` (positions in the caller's
-    parameter list), concatenated flat in that order."""
+    parameter list), concatenated flat in that order.
+    """
 
     rows: Tensor
     index: list[int]
@@ -85,7 +87,8 @@ class LayerRows:
     """One supported layer's rows, implicitly: its input ``x`` ``[N, ...]`` (indices for
     Embedding) and output gradients ``g`` ``[R, ...]`` (pass-major); parameters ``index``
     (weight, then bias if the layer has one and it is optimized). The products are the layer
-    kind's (:class:`natgrad.curvature.LayerKind`)."""
+    kind's (:class:`natgrad.curvature.LayerKind`).
+    """
 
     module: nn.Module
     kind: LayerKind
@@ -118,7 +121,8 @@ class LayerRows:
     def tmv_chunks(self, w: Tensor) -> Iterator[tuple[int, tuple, Tensor]]:
         """``Uᵀ w`` in blocks of at most :data:`CHUNK_ELEMENTS` weight entries (blocks of output
         features, as the kind chooses), as ``(parameter index, index into the parameter,
-        block)``, so the caller never holds a whole layer's direction at once."""
+        block)``, so the caller never holds a whole layer's direction at once.
+        """
         return self.kind.rows_tmv(self.module, self.x, self.g, w, self.index, CHUNK_ELEMENTS)
 
 
@@ -128,7 +132,8 @@ Part = DenseRows | LayerRows
 @dataclass
 class BatchRows:
     """``U`` (``num_rows`` rows over ``num_params`` parameters) of ``num_samples`` samples as a
-    sum of column blocks; ``F = UᵀU / num_samples``."""
+    sum of column blocks; ``F = UᵀU / num_samples``.
+    """
 
     parts: list[Part]
     num_samples: int
@@ -177,7 +182,8 @@ class BatchRows:
         ``last_rung`` and ``finite_guaranteed``) and returns an iterator of ``(parameter index,
         index into the parameter, block)`` that forms the direction one block at a time, so a
         caller that applies each at once never holds all of it. A batch of explicit rows alone is solved by the
-        ``woodbury_solve`` op (which picks the n×n or p×p system by cost)."""
+        ``woodbury_solve`` op (which picks the n×n or p×p system by cost).
+        """
         if len(self.parts) == 1 and isinstance(self.parts[0], DenseRows):
             part = self.parts[0]
             rows = part.rows
@@ -188,9 +194,9 @@ class BatchRows:
             self.last_rung = int(res.rung)
             self.finite_guaranteed = math.isfinite(_max_abs(res.solution))
             return ((i, (), t) for i, t in zip(part.index, part.tmv_like(res.solution)))
-        res = ops.gram_solve(self.gram(), self.mv(vs), self.num_samples * damping)
-        self.last_rung = int(res.rung)
-        y = res.solution
+        gram_res = ops.gram_solve(self.gram(), self.mv(vs), self.num_samples * damping)
+        self.last_rung = int(gram_res.rung)
+        y = gram_res.solution
         # |(v - Uᵀy)_k| / λ <= (max|v| + R max|y| max|U|) / λ: below the dtype's range, every
         # direction is finite without looking at it.
         peak_v = _max_abs_all([vs[i] for part in self.parts for i in part.index])
@@ -208,7 +214,8 @@ class BatchRows:
 
     def gathered(self, all_gather: Callable[[Tensor], list[Tensor]], world: int) -> BatchRows:
         """Every rank's rows (equal shards): inputs concatenated in rank order, rows reordered
-        so that they stay pass-major over the whole batch."""
+        so that they stay pass-major over the whole batch.
+        """
         parts = []
         for part in self.parts:
             tensors = part.tensors()
@@ -228,7 +235,7 @@ class BatchRows:
 
 
 def _max_abs(t: Tensor) -> float:
-    """max |t| as a float (NaN if t holds NaN; 0 for an empty tensor)."""
+    """Max |t| as a float (NaN if t holds NaN; 0 for an empty tensor)."""
     if t.numel() == 0:
         return 0.0
     low, high = torch.aminmax(t)
@@ -236,7 +243,7 @@ def _max_abs(t: Tensor) -> float:
 
 
 def _max_abs_all(tensors: Sequence[Tensor]) -> float:
-    """max |t| over several tensors with one host read."""
+    """Max |t| over several tensors with one host read."""
     ends = [torch.stack(torch.aminmax(t)).to(torch.float64).abs() for t in tensors if t.numel()]
     return float(torch.cat(ends).max()) if ends else 0.0
 
@@ -249,7 +256,8 @@ def supported_layers(model: nn.Module,
                      params: Sequence[nn.Parameter]) -> dict[str, tuple[LayerKind, nn.Module, list[int]]]:
     """The modules whose rows can be implicit: ``name -> (kind, module, parameter indices)``. A
     module qualifies when it has a Kronecker block for exactly the optimized parameters it owns,
-    none of them is shared with another module, and its kind forms its rows implicitly."""
+    none of them is shared with another module, and its kind forms its rows implicitly.
+    """
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
@@ -268,7 +276,8 @@ def supported_layers(model: nn.Module,
 
 def _finite_flag(tensors: Sequence[Tensor]) -> Tensor:
     """Whether every floating tensor is finite: NaN/Inf reach min or max, so two scalars per
-    tensor decide it (one aminmax pass each, one host read for all)."""
+    tensor decide it (one aminmax pass each, one host read for all).
+    """
     ends = [torch.stack(torch.aminmax(t)).to(torch.float64)
             for t in tensors if t.numel() and t.is_floating_point()]
     return torch.isfinite(torch.cat(ends)).all() if ends else torch.tensor(True)
@@ -290,19 +299,21 @@ def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequ
     With ``implicit`` one forward and one backward pass per Fisher pass (plus torch.func rows for
     unsupported parameters); otherwise every row is explicit (torch.func, as
     :func:`natgrad.fisher.score_rows`). Inputs and targets are checked first (ValueError: empty
-    batch, NaN/Inf, mismatched lengths or shapes)."""
+    batch, NaN/Inf, mismatched lengths or shapes).
+    """
     lik, chosen = check_request(model, inputs, targets, "empirical", likelihood, params, 1, chunk_size)
     n = inputs.shape[0]
     if not implicit:
-        kwargs = dict(params=chosen, likelihood=lik, chunk_size=chunk_size)
-        rows, losses = score_rows_and_losses(model, inputs, targets, fisher_type="empirical",
-                                             loss_fn=loss_fn, **kwargs)
-        mean = rows.mean(0)
+        kwargs: dict[str, Any] = dict(params=chosen, likelihood=lik, chunk_size=chunk_size)
+        rows, empirical_losses = score_rows_and_losses(model, inputs, targets, fisher_type="empirical",
+                                                       loss_fn=loss_fn, **kwargs)
+        assert empirical_losses is not None  # always returned for fisher_type="empirical"
+        flat_mean = rows.mean(0)
         if fisher_type != "empirical":
             rows = score_rows(model, inputs, fisher_type=fisher_type, generator=generator, **kwargs)
         part = DenseRows(rows, list(range(len(chosen))), [p.shape for p in chosen])
-        _check_finite([rows, mean, losses])
-        return BatchRows([part], n, len(chosen)), losses.detach(), part.tmv_like(mean)
+        _check_finite([rows, flat_mean, empirical_losses])
+        return BatchRows([part], n, len(chosen)), empirical_losses.detach(), part.tmv_like(flat_mean)
     layers = supported_layers(model, chosen)
     with torch.enable_grad(), capturing({k: v[1] for k, v in layers.items()}) as caps:
         out = model(inputs)
@@ -319,7 +330,7 @@ def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequ
         if x is not None:
             data[name] = x
     recs = {name: records[name] for name in data}
-    outputs = [r.output for name in data for r in recs[name]]
+    outputs = [cast(Tensor, r.output) for name in data for r in recs[name]]  # set by the forward hook
     grads = torch.autograd.grad(losses.sum(), outputs + list(chosen), retain_graph=passes is not None,
                                 allow_unused=True)
     # autograd's fresh gradient buffers become the means in place (no second parameter-sized
@@ -330,7 +341,7 @@ def collect_rows(model: nn.Module, inputs: Tensor, targets: Tensor, params: Sequ
     per_pass = [grads[:len(outputs)]]
     for k, (target, weight) in enumerate(passes or []):
         per_pass.append(torch.autograd.grad(lik.weighted_nll(out, target, weight), outputs,
-                                            retain_graph=k + 1 < len(passes), allow_unused=True))
+                                            retain_graph=k + 1 < len(passes or []), allow_unused=True))
     per_pass = per_pass[1:] if passes is not None else per_pass
     parts: list[Part] = []
     covered: set[int] = set()

@@ -1,19 +1,19 @@
-"""The matrix-free Fisher: ``F v`` without forming U, F or any block of it.
+r"""The matrix-free Fisher: ``F v`` without forming U, F or any block of it.
 
 Every Fisher natgrad computes is a generalized Gauss–Newton matrix over the model's outputs,
 
 .. math::
-    F = \\frac{1}{n} \\sum_i J_i^\\top H_i J_i,
+    F = \frac{1}{n} \sum_i J_i^\top H_i J_i,
 
 with :math:`J_i` the Jacobian of sample i's output w.r.t. the parameters and :math:`H_i` an
 output-space matrix that the ``fisher_type`` fixes:
 
 * ``"exact"`` — the Fisher of the predictive distribution, in closed form: categorical logits
-  ``[n, ..., C]``: :math:`H = \\mathrm{diag}(p) - pp^\\top` per position; unit-variance Gaussian:
+  ``[n, ..., C]``: :math:`H = \mathrm{diag}(p) - pp^\top` per position; unit-variance Gaussian:
   :math:`H = I`;
-* ``"empirical"`` — :math:`H_i = r_i r_i^\\top` with :math:`r_i = \\nabla_f \\ell(f_i, y_i)` at the
+* ``"empirical"`` — :math:`H_i = r_i r_i^\top` with :math:`r_i = \nabla_f \ell(f_i, y_i)` at the
   observed targets;
-* ``"mc"`` — :math:`H_i = \\frac1K \\sum_k r_{ik} r_{ik}^\\top` at ``K`` labels drawn from the model,
+* ``"mc"`` — :math:`H_i = \frac1K \sum_k r_{ik} r_{ik}^\top` at ``K`` labels drawn from the model,
   drawn once when the matrix is built, chunk by chunk in the same order as ``score_rows``
   (so the same generator gives the same labels as the dense structures).
 
@@ -26,6 +26,7 @@ tangents. :meth:`quad_form` needs only the forward-mode pass.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -94,14 +95,16 @@ class ImplicitFisher(FisherMatrix):
 
     def _output_side(self, x: Tensor, y: Tensor | None, draws: int, generator) -> tuple[Tensor | None, list]:
         """Probabilities (exact categorical) or the passes ``(target, weight, residual)`` whose
-        residual rows ``r = w ∇_f ℓ(f, target)`` give ``H = Σ_passes r rᵀ``."""
+        residual rows ``r = w ∇_f ℓ(f, target)`` give ``H = Σ_passes r rᵀ``.
+        """
         with torch.no_grad():
             out = self._output(self._values, x)
         if self.fisher_type == "exact":
             return (torch.softmax(out, -1) if isinstance(self.likelihood, Categorical) else None), []
         if self.fisher_type == "empirical" and self.loss_fn is None:
             self.likelihood.check(out, y)
-        passes = [(y, None)] if self.fisher_type == "empirical" else \
+        # check_request made sure "empirical" has targets
+        passes = [(cast(Tensor, y), None)] if self.fisher_type == "empirical" else \
             self.likelihood.pseudo_targets(out, "mc", None, draws, generator)
         return None, [(t, w, self._residual(out, t, w)) for t, w in passes]
 
@@ -153,7 +156,8 @@ class ImplicitFisher(FisherMatrix):
 
     def mv(self, v: Tensor) -> Tensor:
         """``F v`` for ``v`` of shape ``[p]`` or ``[p, k]`` (columns one at a time): one
-        jvp and one vjp per chunk of samples."""
+        jvp and one vjp per chunk of samples.
+        """
         self.check_vector(v, "v", allow_matrix=True)
         if v.dim() == 2:
             return torch.stack([self.mv(c) for c in v.T], 1)
@@ -163,7 +167,8 @@ class ImplicitFisher(FisherMatrix):
             def with_tangent(values, x=x):
                 return jvp(lambda vals: self._output(vals, x), (values,), (tangents,))
 
-            _, pull_back, jv = vjp(with_tangent, self._values, has_aux=True)
+            # torch.func.vjp is annotated with a 2-or-3 tuple union, not overloaded on has_aux
+            _, pull_back, jv = vjp(with_tangent, self._values, has_aux=True)  # type: ignore[misc]
             (grads,) = pull_back(self._apply_h(jv, probs, passes))
             del pull_back, jv
             for part, n in zip(torch.split(total, self._sizes), self.names):
@@ -176,14 +181,16 @@ class ImplicitFisher(FisherMatrix):
         tangents = self._tangents(v.to(self.dtype))
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for x, probs, passes in self.chunks:
-            _, jv = jvp(lambda vals, x=x: self._output(vals, x), (self._values,), (tangents,))
+            # torch.func.jvp is annotated with a 2-or-3 tuple union, not overloaded on has_aux
+            _, jv = jvp(lambda vals, x=x: self._output(vals, x), (self._values,), (tangents,))  # type: ignore[misc]
             total += (jv * self._apply_h(jv, probs, passes)).sum()
         return total / self.num_samples
 
     def trace(self, num_probes: int = 32, generator: torch.Generator | None = None) -> Tensor:
         """A Hutchinson **estimate** of ``tr F``: the mean of ``zᵀ F z`` over ``num_probes``
         Rademacher vectors ``z`` (unbiased; its variance is ``2(‖F‖²_F − Σ F_jj²)/num_probes``).
-        Each probe costs one forward-mode pass. Use :meth:`diagonal` for the exact trace."""
+        Each probe costs one forward-mode pass. Use :meth:`diagonal` for the exact trace.
+        """
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"Invalid num_probes: {num_probes!r} (expected an int >= 1)")
         total = torch.zeros((), dtype=self.dtype, device=self.device)
@@ -195,10 +202,12 @@ class ImplicitFisher(FisherMatrix):
     def diagonal(self) -> Tensor:
         """``diag F``, exactly, from per-sample gradients of each pass (``score_rows``, chunk by
         chunk: memory ``chunk_size × p``): one pass per sample for "empirical", per draw for
-        "mc", per class (categorical logits ``[n, C]`` only) or output element for "exact"."""
+        "mc", per class (categorical logits ``[n, C]`` only) or output element for "exact".
+        """
         self._check_fresh()
         total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
-        kwargs = dict(likelihood=self.likelihood, params=self.params, chunk_size=max(len(c[0]) for c in self.chunks))
+        kwargs: dict[str, Any] = dict(likelihood=self.likelihood, params=self.params,
+                                      chunk_size=max(len(c[0]) for c in self.chunks))
         for x, _, passes in self.chunks:
             if self.fisher_type == "exact":
                 total += score_rows(self.model, x, fisher_type="exact", **kwargs).pow(2).sum(0)
@@ -213,7 +222,8 @@ class ImplicitFisher(FisherMatrix):
         """``(F + damping·I)⁻¹ v`` by conjugate gradient (:func:`natgrad.solvers.conjugate_gradient`;
         ``tol`` defaults to 1e-10 in float64 and 1e-5 otherwise, ``max_iters`` to p). A solve
         that stops at ``max_iters`` before ``tol`` warns (RuntimeWarning); the result of the last
-        solve is kept as ``last_solve``."""
+        solve is kept as ``last_solve``.
+        """
         from natgrad.solvers import conjugate_gradient
 
         _check_damping(damping)
@@ -231,7 +241,8 @@ class ImplicitFisher(FisherMatrix):
 
     def check_vector(self, v: object, name: str = "v", allow_matrix: bool = False) -> None:
         """Raises ValueError naming ``name`` unless ``v`` is a finite floating-point vector of
-        length p (or a ``[p, k]`` matrix when ``allow_matrix``)."""
+        length p (or a ``[p, k]`` matrix when ``allow_matrix``).
+        """
         shapes = f"[{self.num_params}]" + (f" or [{self.num_params}, k]" if allow_matrix else "")
         if not isinstance(v, Tensor) or not v.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor of shape {shapes}, got "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -117,7 +118,8 @@ class DenseFisher(FisherMatrix):
 @dataclass
 class LowRankFisher(FisherMatrix):
     """F = UᵀU / n from score rows U [r, p]; solves use the Woodbury op (never p × p).
-    ``last_rung`` is the fallback-ladder rung of the last solve (0: native Cholesky)."""
+    ``last_rung`` is the fallback-ladder rung of the last solve (0: native Cholesky).
+    """
 
     rows: Tensor
     num_samples: int
@@ -187,7 +189,8 @@ class DiagonalFisher(FisherMatrix):
 @dataclass
 class BlockDiagonalFisher(FisherMatrix):
     """Independent blocks over consecutive slices of the parameter vector (one per layer);
-    each block is any FisherMatrix (dense blocks, or Kronecker blocks for ``kfac``)."""
+    each block is any FisherMatrix (dense blocks, or Kronecker blocks for ``kfac``).
+    """
 
     blocks: list[FisherMatrix]
     structure = "block_diagonal"
@@ -212,7 +215,7 @@ class BlockDiagonalFisher(FisherMatrix):
         return torch.cat([b.solve(x, damping) for b, x in zip(self.blocks, self._split(v))])
 
     def trace(self) -> Tensor:
-        return sum(b.trace() for b in self.blocks)
+        return cast(Tensor, sum(b.trace() for b in self.blocks))  # the int 0 only without blocks
 
     def tensors(self) -> list[Tensor]:
         return [t for b in self.blocks for t in b.tensors()]
@@ -222,7 +225,8 @@ class BlockDiagonalFisher(FisherMatrix):
 class BlockFisher(FisherMatrix):
     """One curvature block (:mod:`natgrad.curvature`; the K-FAC blocks natgrad.KFAC uses) as a
     FisherMatrix over its parameters' flattened vector (weight entries, then bias). ``solve``
-    eigendecomposes the block's factors once, on first use."""
+    eigendecomposes the block's factors once, on first use.
+    """
 
     block: CurvatureBlock
     structure = "kfac"

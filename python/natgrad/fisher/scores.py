@@ -10,6 +10,7 @@ treat samples independently (no BatchNorm in training mode).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +63,8 @@ def check_request(model: nn.Module, inputs: Tensor, targets: Tensor | None, fish
                   likelihood: str | Likelihood, params: Sequence[nn.Parameter] | None,
                   mc_samples: int, chunk_size: int) -> tuple[Likelihood, list[nn.Parameter]]:
     """The one validation of a Fisher request (``compute_fisher``, ``score_rows``): returns the
-    likelihood object and the chosen parameters (default: every trainable one)."""
+    likelihood object and the chosen parameters (default: every trainable one).
+    """
     check_choice("fisher_type", fisher_type, FISHER_TYPES)
     lik = get_likelihood(likelihood)
     check_count("mc_samples", mc_samples)
@@ -82,7 +84,8 @@ def functional_model(model: nn.Module, params: Sequence[nn.Parameter]
     """``model`` as a function of ``params``: their names (in the order of ``params``, the
     order of every flat vector), their detached values by name, and ``output(values, x)`` — the
     batched forward with those values and every other parameter and buffer as they are
-    (torch.func.functional_call)."""
+    (torch.func.functional_call).
+    """
     named = dict(model.named_parameters())
     name_of = {id(p): n for n, p in named.items()}
     ids = {id(p) for p in params}
@@ -133,7 +136,8 @@ def score_rows_and_losses(model: nn.Module, inputs: Tensor, targets: Tensor | No
                           loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
                           kind: str = _UNSET, _stacklevel: int = 3) -> tuple[Tensor, Tensor | None]:
     """:func:`score_rows` and, for ``fisher_type="empirical"``, the per-sample losses ``[n]``
-    from the same forward pass (None otherwise)."""
+    from the same forward pass (None otherwise).
+    """
     fisher_type = renamed_argument("fisher_type", fisher_type, "kind", kind, "empirical",
                                    "score_rows", stacklevel=_stacklevel)
     lik, chosen = check_request(model, inputs, targets, fisher_type, likelihood, params,
@@ -142,11 +146,13 @@ def score_rows_and_losses(model: nn.Module, inputs: Tensor, targets: Tensor | No
     if fisher_type == "empirical" and loss_fn is None:
         with torch.no_grad():  # one sample's forward: validates the targets before any work
             first = output_of(values, inputs[0])
-            lik.check(first.expand(inputs.shape[0], *first.shape[1:]), targets)
+            # check_request made sure "empirical" has targets
+            lik.check(first.expand(inputs.shape[0], *first.shape[1:]), cast(Tensor, targets))
     rows, losses = [], []
     for start in range(0, inputs.shape[0], chunk_size):
         x = inputs[start:start + chunk_size]
         y = None if targets is None else targets[start:start + chunk_size]
+        passes: Sequence[tuple[Tensor | None, Tensor | None]]
         if fisher_type == "empirical":
             passes = [(y, None)]
         else:
@@ -162,7 +168,8 @@ def score_rows_and_losses(model: nn.Module, inputs: Tensor, targets: Tensor | No
 
 def _one_sample_model(model: nn.Module, params: Sequence[nn.Parameter]):
     """:func:`functional_model` with ``output_of(values, x)`` taking one sample ``x`` (run as a
-    batch of one), the form torch.func.vmap over samples needs."""
+    batch of one), the form torch.func.vmap over samples needs.
+    """
     names, values, batch_output = functional_model(model, params)
 
     def output_of(train: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -177,7 +184,8 @@ def pass_rows(model: nn.Module, inputs: Tensor, passes: Sequence[tuple[Tensor, T
               chunk_size: int = 256) -> Tensor:
     """The rows ``w·∇ℓ(f(x_i), y_i)`` over ``params`` for given (targets, weight) passes over the
     whole batch, pass-major (``[len(passes) · n, p]``), in chunks of samples. Inputs are not
-    validated here (callers did)."""
+    validated here (callers did).
+    """
     names, values, output_of = _one_sample_model(model, params)
     rows = []
     for target, weight in passes:

@@ -28,6 +28,17 @@ from __future__ import annotations
 from natgrad.ops._common import Rung
 from natgrad.ops.empirical import WoodburySolution, linear_diag_fisher, woodbury_solve
 from natgrad.ops.ewc import ewc_penalty, ewc_penalty_and_grad
+from natgrad.ops.factors import (
+    conv2d_act_factor,
+    conv2d_act_factor_ema_,
+    conv2d_grad_factor,
+    conv2d_grad_factor_ema_,
+    kfac_factors_ema_,
+    linear_act_factor,
+    linear_act_factor_ema_,
+    linear_grad_factor,
+    linear_grad_factor_ema_,
+)
 from natgrad.ops.gram import (
     GramSolution,
     conv2d_gram,
@@ -41,16 +52,14 @@ from natgrad.ops.gram import (
     linear_rows_mv,
     linear_rows_tmv,
 )
-from natgrad.ops.factors import (
-    conv2d_act_factor,
-    conv2d_act_factor_ema_,
-    conv2d_grad_factor,
-    conv2d_grad_factor_ema_,
-    kfac_factors_ema_,
-    linear_act_factor,
-    linear_act_factor_ema_,
-    linear_grad_factor,
-    linear_grad_factor_ema_,
+from natgrad.ops.linalg import (
+    DampedInverses,
+    EighResult,
+    damped_eigh,
+    kfac_damped_inverses,
+    kfac_precondition_diagonal_a,
+    kfac_precondition_eigen,
+    kfac_precondition_inverse,
 )
 from natgrad.ops.rules import (
     DampingAdaptation,
@@ -75,15 +84,6 @@ from natgrad.ops.rules import (
     kfac_trust_region,
 )
 from natgrad.ops.step import Directions, kfac_directions_eigen, kfac_directions_inverse, kfac_momentum_step_
-from natgrad.ops.linalg import (
-    DampedInverses,
-    EighResult,
-    damped_eigh,
-    kfac_damped_inverses,
-    kfac_precondition_diagonal_a,
-    kfac_precondition_eigen,
-    kfac_precondition_inverse,
-)
 
 __all__ = [
     "DampedInverses",

@@ -38,7 +38,8 @@ _REPORTED_KEYS = ("CompositeExplicitAutograd", "CompositeImplicitAutograd", "CPU
 
 def dispatch_keys() -> dict[str, list[str]]:
     """For every ``natgrad::`` op, the dispatch keys that hold a kernel for it, read from the
-    dispatcher (so it reports what is registered, not what was intended)."""
+    dispatcher (so it reports what is registered, not what was intended).
+    """
     names = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
                    if n.startswith("natgrad::"))
     return {

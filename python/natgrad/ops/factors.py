@@ -130,8 +130,10 @@ def conv2d_act_factor(
 
     Args:
         input (Tensor): the layer's input ``[N, C, H, W]``.
-        kernel_size, stride, padding, dilation (int or (int, int)): the layer's geometry, as in
-            nn.Conv2d (``padding`` as explicit zero padding).
+        kernel_size (int or (int, int)): the layer's kernel size, as in nn.Conv2d.
+        stride (int or (int, int)): the layer's stride (default: 1).
+        padding (int or (int, int)): the layer's explicit zero padding (default: 0).
+        dilation (int or (int, int)): the layer's dilation (default: 1).
         bias (bool): append the ones column for the layer's bias (default: True).
 
     Returns:
@@ -192,7 +194,8 @@ def conv2d_grad_factor_ema_(
 def factor_layout(bias: bool, kernel_size: _IntOrPair | None = None, stride: _IntOrPair = 1,
                   padding: _IntOrPair = 0, dilation: _IntOrPair = 1) -> list[int]:
     """One layer's 9 entries of :func:`kfac_factors_ema_`'s ``layouts``: ``[bias, kernel, stride,
-    padding, dilation]`` (pairs) for a Conv2d layer; ``kernel_size=None``: a Linear layer (zeros)."""
+    padding, dilation]`` (pairs) for a Conv2d layer; ``kernel_size=None``: a Linear layer (zeros).
+    """
     if kernel_size is None:
         return [int(bias)] + [0] * 8
     return [int(bias), *_pair(kernel_size), *_pair(stride), *_pair(padding), *_pair(dilation)]

@@ -61,27 +61,31 @@ def conv2d_gram(input: Tensor, grad_output: Tensor, kernel_size, stride, padding
                 bias: bool = True) -> Tensor:
     """``U Uᵀ`` ``[R, R]`` of an nn.Conv2d layer (groups=1, zero padding): input
     ``[N, C_in, H, W]``, grad_output ``[R, C_out, H', W']``. Per-sample gradients are formed from
-    a chunk of samples' patches at a time (the whole batch's unfold is never held)."""
+    a chunk of samples' patches at a time (the whole batch's unfold is never held).
+    """
     return _ops.conv2d_gram(input, grad_output, kernel_size, stride, padding, dilation, bias)
 
 
 def conv2d_rows_mv(input: Tensor, grad_output: Tensor, weight: Tensor, bias: Tensor | None,
                    stride, padding, dilation) -> Tensor:
     """``U v`` ``[R]`` for ``v = (weight [C_out, C_in, kh, kw], bias [C_out])``: one
-    convolution with ``v``, no unfold."""
+    convolution with ``v``, no unfold.
+    """
     return _ops.conv2d_rows_mv(input, grad_output, weight, bias, stride, padding, dilation)
 
 
 def conv2d_rows_tmv(input: Tensor, grad_output: Tensor, weights: Tensor, kernel_size, stride,
                     padding, dilation) -> tuple[Tensor, Tensor]:
     """``Uᵀ w``: ``(weight part [C_out, C_in, kh, kw], bias part [C_out])``, the convolution's
-    weight gradient for the weighted output gradient (no unfold)."""
+    weight gradient for the weighted output gradient (no unfold).
+    """
     return _ops.conv2d_rows_tmv(input, grad_output, weights, kernel_size, stride, padding, dilation)
 
 
 def embedding_gram(indices: Tensor, grad_output: Tensor) -> Tensor:
     """``U Uᵀ`` ``[R, R]`` of an nn.Embedding layer: indices ``[N, ...]`` (int), grad_output
-    ``[R, ..., dim]``. One-hot activations: ``a·a'`` is an index comparison."""
+    ``[R, ..., dim]``. One-hot activations: ``a·a'`` is an index comparison.
+    """
     return _ops.embedding_gram(indices, grad_output)
 
 
@@ -98,7 +102,8 @@ def embedding_rows_tmv(indices: Tensor, grad_output: Tensor, weights: Tensor,
 
 def gram_solve(gram: Tensor, rhs: Tensor, shift: float) -> GramSolution:
     """``(gram + shift·I)⁻¹ rhs`` for a PSD ``gram`` ``[R, R]`` and ``rhs`` ``[R]`` or ``[R, k]``,
-    ``shift > 0``: in float64 by Cholesky through the fallback ladder, in ``rhs``'s dtype."""
+    ``shift > 0``: in float64 by Cholesky through the fallback ladder, in ``rhs``'s dtype.
+    """
     return GramSolution(*_ops.gram_solve(gram, rhs, shift))
 
 

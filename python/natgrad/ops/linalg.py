@@ -187,7 +187,7 @@ def kfac_precondition_inverse(grad: Tensor, g_inverse: Tensor, a_inverse: Tensor
 
 
 def _check_sides(grad: Tensor, g_side: Tensor, g_name: str, a_side: Tensor, a_name: str) -> None:
-    """grad ``[..., m, n]`` against per-side matrices ``[..., m, m]`` and ``[..., n, n]``."""
+    """Grad ``[..., m, n]`` against per-side matrices ``[..., m, m]`` and ``[..., n, n]``."""
     _checks.floating(grad, "grad")
     _checks.dim_ge(grad, 2, "grad", "[..., out_features, in_features (+1 for bias)]")
     _checks.same_device_dtype(g_side, grad, g_name, "grad")
@@ -263,7 +263,8 @@ def _(grad, g_inverse, a_inverse):
 def _register_self_adjoint(name: str, curvature: int, detach: str) -> None:
     """Autograd of a preconditioner that is linear and symmetric in ``grad`` (its first
     argument): the input gradient is the same op applied to the output gradient. The next
-    ``curvature`` arguments (the decomposition) get none; asking for one is an error."""
+    ``curvature`` arguments (the decomposition) get none; asking for one is an error.
+    """
     op = getattr(_ops, name)
 
     def setup(ctx, inputs, output):

@@ -105,7 +105,8 @@ def kfac_statistics_ok(inputs: Tensor, grad_outputs: Tensor, input_rows: int, gr
 
 def kfac_peak_bounded(peak: Tensor, count: float, factor_dtype: torch.dtype) -> Tensor:
     """``peak² · count < finfo(factor_dtype).max / 4`` for a 0-d ``peak`` (e.g. ``max|t|``), as a
-    0-d bool tensor on its device; NaN or Inf fails."""
+    0-d bool tensor on its device; NaN or Inf fails.
+    """
     return _ops.kfac_peak_bounded(peak, float(count), factor_dtype)
 
 
@@ -117,14 +118,16 @@ def kfac_statistics_limit(factor_dtype: torch.dtype) -> float:
 @torch.library.register_fake("natgrad::kfac_statistics_ok")
 def _statistics_ok_fake(inputs, grad_outputs, input_rows, grad_rows, grad_scale, factor_dtype):
     torch._check(grad_outputs.is_floating_point(), lambda: "grad_outputs must be a floating-point tensor")
-    torch._check(factor_dtype.is_floating_point, lambda: f"factor_dtype must be a floating-point dtype, got {factor_dtype}")
+    torch._check(factor_dtype.is_floating_point,
+                 lambda: f"factor_dtype must be a floating-point dtype, got {factor_dtype}")
     return grad_outputs.new_empty((), dtype=torch.bool)
 
 
 @torch.library.register_fake("natgrad::kfac_peak_bounded")
 def _peak_bounded_fake(peak, count, factor_dtype):
     torch._check(peak.dim() == 0, lambda: f"peak must be a 0-d tensor, got {tuple(peak.shape)}")
-    torch._check(factor_dtype.is_floating_point, lambda: f"factor_dtype must be a floating-point dtype, got {factor_dtype}")
+    torch._check(factor_dtype.is_floating_point,
+                 lambda: f"factor_dtype must be a floating-point dtype, got {factor_dtype}")
     return peak.new_empty((), dtype=torch.bool)
 
 
@@ -157,7 +160,8 @@ def kfac_conv_rows(input_shape: Sequence[int], kernel_size: Sequence[int], strid
                    padding: Sequence[int], dilation: Sequence[int]) -> int:
     """Rows of one convolution input ``[N, C, *spatial]``: ``N`` times the output positions
     (torch's output size, floor division); an unbatched input counts as one row. The
-    dimensionality is ``len(kernel_size)``; ``padding`` is numeric."""
+    dimensionality is ``len(kernel_size)``; ``padding`` is numeric.
+    """
     return _ops.kfac_conv_rows([int(s) for s in input_shape], list(kernel_size), list(stride),
                                list(padding), list(dilation))
 
@@ -170,7 +174,8 @@ def kfac_embedding_rows(input_shape: Sequence[int]) -> int:
 def kfac_sample_scale(samples: int, rows: int, loss_reduction: str) -> float:
     """The factor that turns captured output gradients into per-sample ones: 1 for "sum",
     ``samples`` for "mean" and ``sqrt(samples · rows)`` for "token_mean" (each row is then one
-    Fisher sample); ``rows`` matters for "token_mean" only."""
+    Fisher sample); ``rows`` matters for "token_mean" only.
+    """
     return _ops.kfac_sample_scale(int(samples), int(rows), loss_reduction)
 
 
@@ -178,7 +183,8 @@ def kfac_sample_scale(samples: int, rows: int, loss_reduction: str) -> float:
 
 def kfac_pi_correction(inverse_method: str, pi_correction: bool | None) -> bool:
     """Whether π-corrected factored damping is on: ``pi_correction`` when given, else True
-    exactly for ``inverse_method`` "inverse"."""
+    exactly for ``inverse_method`` "inverse".
+    """
     return _ops.kfac_pi_correction(inverse_method, pi_correction)
 
 
@@ -237,20 +243,23 @@ def kfac_trust_region(kl_clip: float, inner: Sequence[float], cross: Sequence[fl
 
 def kfac_direction_faults(rows: Sequence[float], offsets: Sequence[int]) -> list[Fault]:
     """The fault of each directions stats row starting at ``offsets`` in ``rows``: (grad finite,
-    direction finite), 0 meaning no, give GRADIENTS, DIRECTIONS or NONE."""
+    direction finite), 0 meaning no, give GRADIENTS, DIRECTIONS or NONE.
+    """
     return [Fault(c) for c in _ops.kfac_direction_faults([float(v) for v in rows], [int(o) for o in offsets])]
 
 
 def kfac_factor_faults(flags: Sequence[float]) -> list[Fault]:
     """The fault of each layer of a factor step from its (updated, finite) flags, flattened:
-    STATISTICS when not updated, FACTORS when not finite after the update, else NONE."""
+    STATISTICS when not updated, FACTORS when not finite after the update, else NONE.
+    """
     return [Fault(c) for c in _ops.kfac_factor_faults([float(v) for v in flags])]
 
 
 def kfac_fault_message(optimizer: str, fault: Fault | int, kind: str, where: str) -> str:
     """The warning that names a fault once, e.g. "natgrad.KFAC: NaN or Inf (or values that would
     overflow) in the gradients of layer 'fc1'; its update is skipped this step (parameters and
-    factors untouched)"; ``kind`` is "layer" or "parameter"."""
+    factors untouched)"; ``kind`` is "layer" or "parameter".
+    """
     return _ops.kfac_fault_message(optimizer, int(fault), kind, where)
 
 
@@ -258,7 +267,8 @@ def kfac_fault_message(optimizer: str, fault: Fault | int, kind: str, where: str
 
 def kfac_conv_unsupported_reason(groups: int, padding: object, padding_mode: str) -> str | None:
     """Why a convolution gets no Kronecker block (None when it gets one): grouped, or not numeric
-    zero padding. ``padding`` is the module's (a tuple, or "same"/"valid")."""
+    zero padding. ``padding`` is the module's (a tuple, or "same"/"valid").
+    """
     reason = _ops.kfac_conv_unsupported_reason(int(groups), repr(padding), padding_mode)
     return reason or None
 

@@ -15,7 +15,8 @@ Unlike the single-layer preconditioning ops, a layer with NaN/Inf does not raise
 layer. Given the layers' momentum buffers (``weight_buffers``, ``bias_buffers``: one entry per
 layer, None where a layer has none yet), two columns ``⟨b_w, g_w⟩``, ``⟨b_b, g_b⟩`` (gradient times
 ``grad_scale``) are appended, ``[L, 6]``, computed in the same pass as ``⟨u, g⟩``: what the KL trust
-region on the momentum-accumulated step needs (natgrad.KFAC), with no further reduction. Every direction and momentum buffer is flushed of subnormal numbers, and gradients
+region on the momentum-accumulated step needs (natgrad.KFAC), with no further reduction. Every direction
+and momentum buffer is flushed of subnormal numbers, and gradients
 holding any are read through a flushed copy; the floating-point mode is never changed (see
 csrc/common/subnormal.h). Not differentiable.
 """
@@ -55,7 +56,8 @@ def kfac_directions_eigen(weight_grads: Sequence[Tensor], bias_grads: Sequence[T
     """Eigenbasis K-FAC directions of every layer (see the module docstring); per layer the
     result equals ``grad_scale * kfac_precondition_eigen([W, b], ...)`` split into weight and
     bias. ``weight_buffers`` / ``bias_buffers`` (momentum buffers shaped like the gradients)
-    append ``⟨b, g⟩`` to ``stats``."""
+    append ``⟨b, g⟩`` to ``stats``.
+    """
     w, b, stats = _ops.kfac_directions_eigen(list(weight_grads), list(bias_grads), list(g_eigenvalues),
                                              list(g_eigenvectors), list(a_eigenvalues),
                                              list(a_eigenvectors), [float(d) for d in damping],
@@ -70,7 +72,8 @@ def kfac_directions_inverse(weight_grads: Sequence[Tensor], bias_grads: Sequence
                             bias_buffers: Sequence[Tensor | None] | None = None) -> Directions:
     """Inverse-form K-FAC directions ``G⁻¹ [W, b] A⁻¹`` of every layer, from
     :func:`natgrad.ops.kfac_damped_inverses` (see the module docstring); momentum buffers as
-    for :func:`kfac_directions_eigen`."""
+    for :func:`kfac_directions_eigen`.
+    """
     w, b, stats = _ops.kfac_directions_inverse(list(weight_grads), list(bias_grads), list(g_inverses),
                                                list(a_inverses), float(grad_scale),
                                                _optional(weight_buffers), _optional(bias_buffers))
@@ -86,7 +89,8 @@ def kfac_momentum_step_(params: Sequence[Tensor], momentum_buffers: Sequence[Ten
                         weight_decay: float = 0.0, direction_scale: float = 1.0) -> None:
     """In place, per parameter: ``d = direction_scale·u + weight_decay·θ``,
     ``b ← momentum·b + d``, ``θ ← θ − lr·b`` (``b = d`` with an empty ``momentum_buffers``, which
-    needs ``momentum == 0``). Start buffers at zeros."""
+    needs ``momentum == 0``). Start buffers at zeros.
+    """
     _ops.kfac_momentum_step_(list(params), list(momentum_buffers), list(directions), float(lr),
                              float(momentum), float(weight_decay), float(direction_scale))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Union
+from typing import Any, Literal, Union, overload
 
 from natgrad._vocabulary import check_choice  # noqa: F401  (re-exported for the optimizers)
 
@@ -26,8 +26,8 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
         return
     if callable(value) and allow_callable:
         return
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int))
+            or not math.isfinite(value)):
         kind = "an int" if integer else "a finite number"
         extra = " or a callable of the step" if allow_callable else ""
         extra += " or None" if allow_none else ""
@@ -40,21 +40,31 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
 
 def check_flag(name: str, value: object) -> None:
     """Raises ValueError naming ``name`` unless ``value`` is a bool (a truthy string or NaN would
-    otherwise silently switch an option on)."""
+    otherwise silently switch an option on).
+    """
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
 
 
 def check_group(group: dict, bounds: dict[str, dict]) -> None:
     """Validates a param group's per-group hyperparameters (``bounds``: name -> check_number
-    keywords), naming the group's key: torch.optim does not check values passed per group."""
+    keywords), naming the group's key: torch.optim does not check values passed per group.
+    """
     for key, kwargs in bounds.items():
         if key in group:
             check_number(key, group[key], **kwargs)
 
 
-def resolved_number(name: str, value: Schedule | None, step: int, **bounds) -> float | None:
-    """Resolves a scheduled value and validates the result with :func:`check_number`."""
+@overload
+def resolved_number(name: str, value: Schedule | None, step: int, *, allow_none: Literal[True],
+                    **bounds: Any) -> float | None: ...
+@overload
+def resolved_number(name: str, value: Schedule | None, step: int, *, allow_none: Literal[False] = ...,
+                    **bounds: Any) -> float: ...
+def resolved_number(name: str, value: Schedule | None, step: int, **bounds: Any) -> float | None:
+    """Resolves a scheduled value and validates the result with :func:`check_number` (None only
+    with ``allow_none=True``).
+    """
     out = resolve(value, step)
     check_number(f"{name} (at step {step})" if callable(value) else name, out, **bounds)
     return out

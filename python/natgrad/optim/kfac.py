@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -15,8 +15,7 @@ from natgrad.curvature.block import CurvatureBlock, DirectionRequest
 from natgrad.curvature.estimator import CurvatureEstimator
 from natgrad.distributed.communicator import make_communicator
 from natgrad.likelihoods import get_likelihood
-from natgrad.optim._hyper import (Schedule, check_choice, check_flag, check_group, check_number,
-                                  resolved_number)
+from natgrad.optim._hyper import Schedule, check_choice, check_flag, check_group, check_number, resolved_number
 from natgrad.optim.step_control import DampingAdaptation, TrustRegion
 
 __all__ = ["KFAC"]
@@ -160,7 +159,7 @@ class KFAC(Optimizer):
         super().__init__(model.parameters() if params is None else params, defaults)
 
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        self.model = model.module if self._ddp else model
+        self.model: nn.Module = cast(nn.Module, model.module) if self._ddp else model
         comm = make_communicator(grad_worker_fraction, triangle_packing, bucket_cap_mb, process_group)
         self.factor_decay = factor_decay
         self.factor_update_period = factor_update_period
@@ -203,12 +202,14 @@ class KFAC(Optimizer):
 
     def remove_hooks(self) -> None:
         """Removes every hook this optimizer placed on the model (also done on garbage
-        collection). Afterwards all parameters use the fallback preconditioner."""
+        collection). Afterwards all parameters use the fallback preconditioner.
+        """
         self.estimator.remove_hooks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's, plus the checks ``__init__`` runs on the defaults, for the values the
-        group sets itself (ValueError naming the key; the group is then not added)."""
+        group sets itself (ValueError naming the key; the group is then not added).
+        """
         check_group(param_group, _GROUP_BOUNDS)
         super().add_param_group(param_group)
 
@@ -249,10 +250,12 @@ class KFAC(Optimizer):
 
     # ---- the step ---------------------------------------------------------------------------------
 
+    # torch.optim.Optimizer types step() for a closure returning a float; the closure's loss is a tensor
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """Performs one K-FAC step; ``closure`` (re-evaluating the loss, as in torch.optim) is
-        needed for adaptive damping. Returns the closure's loss, if any."""
+        needed for adaptive damping. Returns the closure's loss, if any.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -298,7 +301,7 @@ class KFAC(Optimizer):
         before = {p: p.detach().clone() for p in updates} if adapt else None
         with record_function("natgrad.KFAC.update"):
             self._apply(updates, nu)
-        if adapt:
+        if before is not None:  # set exactly when adapting
             self._adapt_damping(closure, loss, before, grads)
         self._steps += 1
         return loss
@@ -329,7 +332,8 @@ class KFAC(Optimizer):
     def _apply(self, updates: dict, nu: float) -> None:
         """``θ ← θ − η b`` with ``b ← ν(μ b + u) + ω θ`` for every parameter in ``updates`` (ν, the
         trust region's scale, bounds the momentum-accumulated step), one fused op per parameter
-        group (momentum buffers start at zero: the first ``b`` is the direction itself)."""
+        group (momentum buffers start at zero: the first ``b`` is the direction itself).
+        """
         for group in self.param_groups:
             params = [p for p in group["params"] if p in updates]
             if not params:
@@ -390,7 +394,8 @@ class KFAC(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state (momentum buffers, param groups) plus, under ``"kfac"``, the step
-        counter, factors, decompositions, damping multiplier, fault counts and sampler state."""
+        counter, factors, decompositions, damping multiplier, fault counts and sampler state.
+        """
         curvature = self.estimator.state_dict(self.inverse_method)
         state = super().state_dict()
         state[STATE_KEY] = {"steps": self._steps, "refreshes": curvature["refreshes"],
@@ -402,7 +407,8 @@ class KFAC(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` output; curvature tensors are restored uncast. Everything
         is validated first (layers, shapes, momentum buffers): on error the optimizer is
-        unchanged."""
+        unchanged.
+        """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict saved by natgrad.KFAC, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
@@ -418,7 +424,8 @@ class KFAC(Optimizer):
 
     def _check_state(self, state_dict: dict[str, Any], kfac: dict[str, Any]) -> None:
         """Raises ValueError (naming the layer or parameter and both shapes) unless the checkpoint
-        fits this optimizer; changes nothing."""
+        fits this optimizer; changes nothing.
+        """
         missing = [k for k in _STATE_ENTRIES if k not in kfac]
         if missing:
             raise ValueError(f"state_dict[{STATE_KEY!r}] lacks {missing}: not saved by natgrad.KFAC")

@@ -162,13 +162,16 @@ class NaturalGradient(Optimizer):
         (plus one backward per class or draw for ``fisher_type="exact"``/``"mc"``) capture each
         supported layer's inputs and output gradients; per-sample gradients are never formed.
         Inputs, targets and the per-sample gradients are validated (empty batch, NaN/Inf,
-        mismatched sizes) before ``.grad`` is touched."""
+        mismatched sizes) before ``.grad`` is touched.
+        """
         return self.solver.backward(self._problem(), inputs, targets)
 
+    # torch.optim.Optimizer types step() for a closure returning a float; the closure's loss is a tensor
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One natural-gradient step from the rows of the last :meth:`backward` (``closure``, if
-        given, must call it). Returns the closure's loss."""
+        given, must call it). Returns the closure's loss.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -188,7 +191,8 @@ class NaturalGradient(Optimizer):
                nu: float) -> None:
         """``b ← μb + νd``, ``θ ← θ − ηb`` on each block ``(parameter index, index into it,
         direction)``. Each block is dropped before the next is formed (a streaming caller then
-        holds one block of the direction at a time)."""
+        holds one block of the direction at a time).
+        """
         it = iter(directions)
         while (item := next(it, None)) is not None:
             i, where, d = item

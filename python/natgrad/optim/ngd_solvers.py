@@ -45,7 +45,8 @@ Directions = Iterable[tuple[int, tuple, Tensor]]
 @dataclass
 class Problem:
     """What a strategy reads of the optimizer: the model, its optimized parameters and groups,
-    the Fisher's definition and the step."""
+    the Fisher's definition and the step.
+    """
 
     model: nn.Module
     params: list[Tensor]
@@ -73,11 +74,13 @@ class NGDSolver:
 
     def bind(self, structure: str, world: int, group) -> None:
         """Checks that the strategy serves ``structure`` with ``world`` processes in ``group``
-        (ValueError otherwise) and remembers them."""
+        (ValueError otherwise) and remembers them.
+        """
 
     def backward(self, problem: Problem, inputs: Tensor, targets: Tensor) -> Tensor:
         """Accumulates the batch-mean gradient into ``.grad``, keeps what the step needs and
-        returns the batch-mean loss (detached)."""
+        returns the batch-mean loss (detached).
+        """
         raise NotImplementedError
 
     def start_step(self) -> None:
@@ -86,7 +89,8 @@ class NGDSolver:
     def directions(self, problem: Problem, raw: list[Tensor], grads: list[Tensor],
                    damping: float) -> tuple[Directions, float]:
         """The step's directions ``(F + λI)⁻¹ g`` (``grads``: with weight decay; ``raw``:
-        without) and the trust region's scale ν."""
+        without) and the trust region's scale ν.
+        """
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -103,7 +107,8 @@ class NGDSolver:
 
 class WoodburySolver(NGDSolver):
     """``solver="woodbury"``: the batch's rows and the Woodbury solve (see
-    :class:`natgrad.NaturalGradient`)."""
+    :class:`natgrad.NaturalGradient`).
+    """
 
     def __init__(self) -> None:
         self.batch: BatchRows | None = None  # the last backward's rows
@@ -235,7 +240,8 @@ class CGSolver(NGDSolver):
 
     def backward(self, problem, inputs, targets):
         """One forward and backward of the batch-mean loss into ``.grad`` (validated first, left
-        untouched on NaN/Inf); keeps the batch for the step's Fisher. Returns the loss."""
+        untouched on NaN/Inf); keeps the batch for the step's Fisher. Returns the loss.
+        """
         params = problem.params
         lik, _ = check_request(problem.model, inputs, targets, "empirical", problem.likelihood, params, 1,
                                problem.chunk_size)
@@ -265,12 +271,14 @@ class CGSolver(NGDSolver):
 
     def solve(self, problem: Problem, g: Tensor, damping: float) -> tuple[Tensor, float]:
         """The CG direction ``d ≈ (F + λI)⁻¹ g`` of the last :meth:`backward`'s batch and the
-        trust-region factor ``ν = min(1, sqrt(κ / (η⊙d)ᵀ(F + λI)(η⊙d)))``."""
+        trust-region factor ``ν = min(1, sqrt(κ / (η⊙d)ᵀ(F + λI)(η⊙d)))``.
+        """
         if self.batch is None:
             raise RuntimeError("NaturalGradient.step() needs a batch: call opt.backward(inputs, targets) first")
         inputs, targets = self.batch
-        kwargs = dict(fisher_type=problem.fisher_type, likelihood=problem.likelihood, params=problem.params,
-                      chunk_size=problem.chunk_size, generator=problem.generator)
+        kwargs: dict[str, Any] = dict(fisher_type=problem.fisher_type, likelihood=problem.likelihood,
+                                      params=problem.params, chunk_size=problem.chunk_size,
+                                      generator=problem.generator)
         loss_fn = problem.loss_fn if problem.fisher_type == "empirical" else None
         fisher = ImplicitFisher(problem.model, inputs, targets, loss_fn=loss_fn, **kwargs)
         preconditioner: FisherMatrix | None = None

@@ -1,6 +1,7 @@
 """natgrad.KFAC's step-size control: the KL trust region on the momentum-accumulated step and the
 Levenberg–Marquardt damping adaptation (Martens & Grosse, 2015, §6.5: compare the loss reduction
-of a step with the reduction its quadratic model predicted)."""
+of a step with the reduction its quadratic model predicted).
+"""
 from __future__ import annotations
 
 from collections.abc import MutableMapping
@@ -76,7 +77,8 @@ class TrustRegion:
 
     def _share(self, p: Tensor, share: Tensor | None) -> float | Tensor:
         """The carried share of ``p``: 0 without one, its value when this object wrote it, else
-        the tensor (to be read)."""
+        the tensor (to be read).
+        """
         if share is None:
             return 0.0
         cached = self._known.get(id(p))
@@ -86,7 +88,8 @@ class TrustRegion:
 class DampingAdaptation:
     """Levenberg–Marquardt adaptation of the damping: a multiplier of every group's damping,
     shrunk by ω₁^interval when the reduction ratio ρ exceeds 3/4 and grown by it below 1/4
-    (kept in [1e-8, 1e8]; the rule is :func:`natgrad.ops.kfac_adapt_damping`)."""
+    (kept in [1e-8, 1e8]; the rule is :func:`natgrad.ops.kfac_adapt_damping`).
+    """
 
     def __init__(self) -> None:
         self.multiplier = 1.0
@@ -94,6 +97,7 @@ class DampingAdaptation:
 
     def update(self, change: float, model_change: float, decay: float, interval: int) -> None:
         """Adapts the multiplier from a step's loss ``change`` and its quadratic model's
-        ``model_change``; ``decay`` is ω₁, ``interval`` the steps between adaptations."""
+        ``model_change``; ``decay`` is ω₁, ``interval`` the steps between adaptations.
+        """
         self.multiplier, self.last_ratio = ops.kfac_adapt_damping(self.multiplier, change, model_change,
                                                                   decay, interval)

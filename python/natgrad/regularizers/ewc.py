@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +14,7 @@ from natgrad import ops
 from natgrad._vocabulary import _UNSET, FISHER_TYPES, check_choice, renamed_argument
 from natgrad.curvature import CurvatureBlock, capturing, kind_of, make_block, owner_groups
 from natgrad.fisher.compute import compute_fisher
-from natgrad.fisher.matrices import BlockFisher
+from natgrad.fisher.matrices import BlockDiagonalFisher, BlockFisher
 from natgrad.fisher.scores import check_inputs
 from natgrad.likelihoods import check_count, get_likelihood
 
@@ -91,7 +91,8 @@ class EWC:
         fisher_type = renamed_argument("fisher_type", fisher_type, "fisher", fisher, "empirical", "natgrad.EWC")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
-        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) or lambda_ < 0:
+        if (isinstance(lambda_, bool) or not isinstance(lambda_, (int, float))
+                or not math.isfinite(lambda_) or lambda_ < 0):
             raise ValueError(f"Invalid lambda_: {lambda_!r} (expected a finite number >= 0)")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
             raise ValueError(f"Invalid gamma: {gamma!r} (expected a number in [0, 1])")
@@ -192,12 +193,12 @@ class EWC:
 
     def _estimate(self, x: Tensor, y: Tensor | None, generator) -> tuple[dict, dict]:
         named = self._named_params()
-        kwargs = dict(fisher_type=self.fisher_type, likelihood=self.likelihood,
-                      mc_samples=self.mc_samples, generator=generator)
+        kwargs: dict[str, Any] = dict(fisher_type=self.fisher_type, likelihood=self.likelihood,
+                                      mc_samples=self.mc_samples, generator=generator)
         if self.structure == "diagonal":
             return self._diagonal(x, y, named, kwargs), {}
         names, params = list(named), list(named.values())
-        fisher = compute_fisher(self.model, x, y, structure="kfac", params=params, **kwargs)
+        fisher = cast(BlockDiagonalFisher, compute_fisher(self.model, x, y, structure="kfac", params=params, **kwargs))
         diag, kron = {}, {}
         for block, (_, _, idx) in zip(fisher.blocks, owner_groups(self.model, params)):
             if isinstance(block, BlockFisher):
@@ -211,7 +212,8 @@ class EWC:
 
     def _diagonal(self, x, y, named, kwargs) -> dict[str, Tensor]:
         """Per-sample diagonal Fisher: layers whose kind has one (Linear) by the capture hooks +
-        the C++ op, the rest by torch.func per-sample gradients."""
+        the C++ op, the rest by torch.func per-sample gradients.
+        """
         lik = get_likelihood(self.likelihood)
         kinds = {name: k for name, m in self.model.named_modules()
                  if (k := kind_of(m)) is not None and k.has_diagonal_fisher
@@ -222,7 +224,7 @@ class EWC:
             out = self.model(x)
             used = [n for n in linear if len(captures[n].records) == 1]  # called once: per-sample rows
             passes = lik.pseudo_targets(out, self.fisher_type, y, self.mc_samples, kwargs["generator"])
-            outputs = [captures[n].records[0].output for n in used]
+            outputs = [cast(Tensor, captures[n].records[0].output) for n in used]  # set by the forward hook
             for target, weight in passes:
                 grads = torch.autograd.grad(lik.weighted_nll(out, target, weight), outputs, retain_graph=True)
                 for name, g in zip(used, grads):
@@ -230,8 +232,8 @@ class EWC:
                     diag[name] = [a + b for a, b in zip(diag[name], d)] if name in diag else d
         out_diag: dict[str, Tensor] = {}
         for name in used:
-            for key, d in zip(("weight", "bias"), diag[name]):
-                out_diag[f"{name}.{key}" if name else key] = d.contiguous()
+            for key, part in zip(("weight", "bias"), diag[name]):
+                out_diag[f"{name}.{key}" if name else key] = part.contiguous()
         rest = [n for n in named if n not in out_diag]
         if rest:
             f = compute_fisher(self.model, x, y, structure="diagonal", params=[named[n] for n in rest], **kwargs)
@@ -246,7 +248,8 @@ class EWC:
     def penalty(self) -> Tensor:
         """``(λ/2) Σ_tasks Σ F (θ − θ*)²`` (or the Kronecker form), differentiable w.r.t. the
         model's parameters. Zero (a 0-dim tensor) before any consolidation. For finite
-        parameters it is never NaN: a sum that overflows is ``+inf``."""
+        parameters it is never NaN: a sum that overflows is ``+inf``.
+        """
         named = dict(self.model.named_parameters())
         ref = next(iter(named.values()))
         total = torch.zeros((), dtype=ref.dtype, device=ref.device)
@@ -307,7 +310,8 @@ class EWC:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` output (λ and the other settings included); checkpoints
-        of the previous release (``fisher`` in the config) load too."""
+        of the previous release (``fisher`` in the config) load too.
+        """
         if "tasks" not in state or "config" not in state:
             raise ValueError("not an EWC state_dict (expected keys 'config' and 'tasks')")
         cfg = state["config"]
@@ -341,7 +345,8 @@ class EWC:
 def _quad_form(block: CurvatureBlock, vectors: list[Tensor]) -> Tensor:
     """``vᵀ F v`` of a consolidated block, never NaN for finite ``v``: ``v`` is scaled by a power
     of two ``s`` with ``max |v/s| <= 1`` (no intermediate overflow against finite factors), the
-    form of ``v/s`` is clamped at 0 (F is PSD) and times ``s²`` in float64 overflows to +inf."""
+    form of ``v/s`` is clamped at 0 (F is PSD) and times ``s²`` in float64 overflows to +inf.
+    """
     peak = max(float(v.detach().abs().max()) if v.numel() else 0.0 for v in vectors)
     if not math.isfinite(peak):  # NaN/Inf parameters: the form is as non-finite as they are
         return block.quad_form(vectors)

@@ -54,11 +54,12 @@ Nothing here is saved: re-attach after loading checkpoints.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
+from natgrad.curvature.block import CurvatureBlock
 from natgrad.curvature.kron import KroneckerBlock
 
 APPROXIMATIONS = ("auto", "generalized", "eigenbasis")
@@ -66,7 +67,8 @@ APPROXIMATIONS = ("auto", "generalized", "eigenbasis")
 
 class ConsolidatedFisher(Protocol):
     """What the prior reads of a :class:`natgrad.EWC`: its model, λ, the stored tasks and a
-    revision number bumped whenever they change."""
+    revision number bumped whenever they change.
+    """
 
     model: nn.Module
     lambda_: float
@@ -118,7 +120,8 @@ class EWCCurvature:
 
     def old_fisher(self, block: KroneckerBlock) -> tuple[str, tuple[Tensor, ...]] | None:
         """``("kron", (A0, G0))`` or ``("diag", (F,))`` (packed) summed over the consolidated
-        tasks, or None when no task penalises this block."""
+        tasks, or None when no task penalises this block.
+        """
         names = self._names[block.name]
         a_list, g_list, diag = [], [], None
         for task in self.ewc.tasks:
@@ -135,9 +138,11 @@ class EWCCurvature:
 
     # ---- preconditioning -------------------------------------------------------------------------
 
-    def precondition(self, block: KroneckerBlock, packed: Tensor, damping: float) -> Tensor | None:
+    def precondition(self, block: CurvatureBlock, packed: Tensor, damping: float) -> Tensor | None:
         """``(A⊗G + λ·F_old + damping)⁻¹`` on a packed gradient, or None (K-FAC's own solve)
-        when no task penalises the block or λ = 0."""
+        when no task penalises the block or λ = 0.
+        """
+        block = cast(KroneckerBlock, block)  # installed on Kronecker blocks only (__init__)
         lam = self.ewc.lambda_
         key = (*_decomposition_id(block), damping, lam, self.ewc.revision)
         cached = self._cache.get(block.name)
@@ -169,7 +174,8 @@ class EWCCurvature:
 def _decomposition_id(block: KroneckerBlock) -> tuple:
     """Changes whenever K-FAC recomputes (or loads) the block's decomposition: the tensor itself
     (held by the cache, so that a new decomposition can never reuse its identity) and its
-    version."""
+    version.
+    """
     t = block.state.get("g_eigenvectors", block.state.get("g_inverse"))
     return (t, t._version) if t is not None else (None, block.state["A"]._version)
 
@@ -182,7 +188,8 @@ def _same_key(a: tuple, b: tuple) -> bool:
 def _whitening(b: Tensor) -> Tensor:
     """``W`` with ``Wᵀ b' W = I`` (float64), where ``b'`` is the symmetric PSD ``b`` with its
     eigenvalues floored at 10⁻⁶ of their mean (a singular ``b``, e.g. the input factor of pixels
-    that never light up, stays invertible)."""
+    that never light up, stays invertible).
+    """
     e, v = torch.linalg.eigh(0.5 * (b + b.mT))
     e = e.clamp_min(1e-6 * max(float(e.clamp_min(0).mean()), 1e-30))
     return v / e.sqrt()
@@ -197,7 +204,8 @@ def _generalized_eigh(a: Tensor, whiten: Tensor) -> tuple[Tensor, Tensor]:
 
 def _old_split(old: tuple[str, tuple[Tensor, ...]], lam: float, damping: float) -> tuple[Tensor, Tensor, Tensor]:
     """The whitenings of the damped old factors ``A_0 + π√γ I`` and ``λ G_0 + √γ/π I`` and the
-    diagonal rest ``λ E`` (packed; zero for Kronecker EWC) (see the module docstring); float64."""
+    diagonal rest ``λ E`` (packed; zero for Kronecker EWC) (see the module docstring); float64.
+    """
     kind, tensors = old
     if kind == "kron":
         a0, g0 = (t.to(torch.float64) for t in tensors)

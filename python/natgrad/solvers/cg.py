@@ -17,6 +17,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ from natgrad.fisher.matrices import FisherMatrix, _check_damping
 
 __all__ = ["CGResult", "conjugate_gradient"]
 
-Operator = FisherMatrix | Callable[[Tensor], Tensor]
+Operator: TypeAlias = FisherMatrix | Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -58,7 +59,7 @@ def _vector(name: str, v: object, size: int | None) -> Tensor:
     return v
 
 
-def _preconditioner(preconditioner: object, damping: float | None) -> Callable[[Tensor], Tensor] | None:
+def _preconditioner(preconditioner: object, damping: float) -> Callable[[Tensor], Tensor] | None:
     if preconditioner is None:
         return None
     if isinstance(preconditioner, FisherMatrix):
@@ -109,13 +110,15 @@ def conjugate_gradient(operator: Operator, b: Tensor, *, damping: float,
     if preconditioner_damping is not None and (
             isinstance(preconditioner_damping, bool) or not isinstance(preconditioner_damping, (int, float))
             or not math.isfinite(preconditioner_damping) or preconditioner_damping <= 0):
-        raise ValueError(f"Invalid preconditioner_damping: {preconditioner_damping!r} (expected a finite number > 0 or None)")
+        raise ValueError(f"Invalid preconditioner_damping: {preconditioner_damping!r} "
+                         "(expected a finite number > 0 or None)")
     if not (isinstance(operator, FisherMatrix) or callable(operator)):
         raise ValueError(f"Invalid operator: {type(operator).__name__} (expected a FisherMatrix or a callable)")
     size = operator.num_params if isinstance(operator, FisherMatrix) else None
     b = _vector("b", b, size)
     matvec = operator.mv if isinstance(operator, FisherMatrix) else operator
-    precondition = _preconditioner(preconditioner, damping if preconditioner_damping is None else preconditioner_damping)
+    precondition = _preconditioner(preconditioner,
+                                   damping if preconditioner_damping is None else preconditioner_damping)
 
     def apply(v: Tensor) -> Tensor:
         out = matvec(v)

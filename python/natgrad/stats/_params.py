@@ -157,7 +157,8 @@ def build_distribution(dist_factory: DistFactory, fp: FlatParams, tensors: Seque
     return use_exact_logits(_call_factory(dist_factory, fp, tensors, validate=True))
 
 
-def _call_factory(dist_factory: DistFactory, fp: FlatParams, tensors: Sequence[Tensor], *, validate: bool) -> Distribution:
+def _call_factory(dist_factory: DistFactory, fp: FlatParams, tensors: Sequence[Tensor], *,
+                  validate: bool) -> Distribution:
     """``dist_factory(*tensors)`` with argument validation on or off, with clear errors."""
     previous = Distribution._validate_args
     Distribution.set_default_validate_args(validate)

@@ -146,7 +146,7 @@ def use_exact_logits(dist: Distribution) -> Distribution:
         if not bool(((probs > 0) & upper_ok).all()):
             continue  # on the boundary (unchecked mixture weights): torch's finite values stay
         if isinstance(node, _BINARY):
-            node.logits = torch.log(probs) - torch.log1p(-probs)  # type: ignore[misc]
+            node.logits = torch.log(probs) - torch.log1p(-probs)
         elif isinstance(node, Categorical):
-            node.logits = torch.log(probs)  # type: ignore[misc]
+            node.logits = torch.log(probs)
     return dist

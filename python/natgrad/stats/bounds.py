@@ -80,7 +80,8 @@ def cramer_rao_bound(
         raise TypeError(f"jacobian must be floating point, got dtype {jacobian.dtype}")
     p = matrix.shape[0]
     if jacobian.dim() not in (1, 2) or jacobian.shape[-1] != p:
-        raise ValueError(f"jacobian must have shape [{p}] or [Q, {p}] to match fisher [{p}, {p}], got {tuple(jacobian.shape)}")
+        raise ValueError(f"jacobian must have shape [{p}] or [Q, {p}] to match fisher [{p}, {p}], "
+                         f"got {tuple(jacobian.shape)}")
     jac = jacobian.to(device=inv.device, dtype=torch.promote_types(jacobian.dtype, inv.dtype))
     inv = inv.to(jac.dtype)
     if jac.dim() == 1:

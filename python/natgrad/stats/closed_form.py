@@ -173,7 +173,7 @@ def _family(dist: Distribution) -> tuple[_Native, _Fisher] | None:
 def _unwrap(dist: Distribution) -> Distribution:
     """The distribution whose native parameters carry the information (through Independent)."""
     while type(dist) is Independent:
-        dist = dist.base_dist  # type: ignore[attr-defined]
+        dist = dist.base_dist
     return dist
 
 
@@ -226,7 +226,8 @@ def closed_form_fisher(dist_factory: DistFactory, params: ParamsLike) -> FisherI
         )
     native_fn, fisher_fn = entry
     eta = native_fn(base)
-    grads = torch.autograd.grad(eta.sum(), list(leaves), allow_unused=True) if eta.requires_grad else [None] * len(leaves)
+    grads = (torch.autograd.grad(eta.sum(), list(leaves), allow_unused=True) if eta.requires_grad
+             else [None] * len(leaves))
     for i, g in enumerate(grads):
         if g is None:
             label = "params" if fp.single else f"params[{i}]"

@@ -216,7 +216,8 @@ def _finite_support(dist: Distribution, exact: bool | None) -> Tensor | None:
         except NotImplementedError as err:
             reason = f"{type(dist).__name__}.enumerate_support failed: {err}"
     if exact:
-        raise ValueError(f"exact=True needs a distribution with a finite support: {reason}; pass exact=None or False for Monte Carlo")
+        raise ValueError(f"exact=True needs a distribution with a finite support: {reason}; "
+                         "pass exact=None or False for Monte Carlo")
     return None
 
 
@@ -240,7 +241,8 @@ def _seeded(generator: torch.Generator | None, device: torch.device) -> Iterator
         raise ValueError(f"generator is supported for CPU and CUDA parameters, got device {device}")
 
 
-def _batched_log_prob(dist_factory: DistFactory, fp: FlatParams, values: Tensor, lead: int) -> Callable[[Tensor], Tensor]:
+def _batched_log_prob(dist_factory: DistFactory, fp: FlatParams, values: Tensor,
+                      lead: int) -> Callable[[Tensor], Tensor]:
     """``θ ↦ log p_θ(values)`` with the ``lead`` leading dims kept and the batch dims flattened."""
 
     def f(flat: Tensor) -> Tensor:

@@ -91,11 +91,13 @@ def _check_nll(nll: NegLogLik, fp: FlatParams, data: Any) -> None:
         )
     if not torch.isfinite(value).all():
         raise ValueError(f"nll is not finite at params (got {float(value)})")
-    grads = torch.autograd.grad(value.sum(), list(leaves), allow_unused=True) if value.requires_grad else [None] * len(leaves)
+    grads = (torch.autograd.grad(value.sum(), list(leaves), allow_unused=True) if value.requires_grad
+             else [None] * len(leaves))
     for i, g in enumerate(grads):
         if g is None:
             label = "params" if fp.single else f"params[{i}]"
-            raise ValueError(f"nll has no gradient with respect to {label}: it must be computed from the tensors it receives")
+            raise ValueError(f"nll has no gradient with respect to {label}: "
+                             "it must be computed from the tensors it receives")
 
 
 def _information(

@@ -26,7 +26,8 @@ module hooks, so natgrad.fisher and EWC treat the module's parameters as dense b
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +111,8 @@ class AttentionBlock(CurvatureBlock):
 
     def __init__(self, name: str, mha: nn.MultiheadAttention, approx: str = "expand",
                  factor_dtype: torch.dtype | None = None, inverse_dtype: torch.dtype | None = None) -> None:
-        self.parts = {s: LinearBlock(f"{name}.{s}", _Projection(mha, s), approx=approx,
+        # a _Projection duck-types the weight and bias a LinearBlock reads from its module
+        self.parts = {s: LinearBlock(f"{name}.{s}", cast(nn.Module, _Projection(mha, s)), approx=approx,
                                      factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
                       for s in STREAMS}
         own = [mha.in_proj_weight] if mha._qkv_same_embed_dim else [mha.q_proj_weight, mha.k_proj_weight,
@@ -121,11 +123,11 @@ class AttentionBlock(CurvatureBlock):
         self.approx = approx
 
     @property
-    def state(self) -> MutableMapping:
+    def state(self) -> MutableMapping[str, Tensor]:
         return _State(self.parts)
 
     @state.setter
-    def state(self, value: dict) -> None:
+    def state(self, value: Mapping[str, Tensor]) -> None:
         if not hasattr(self, "parts"):
             return
         for part in self.parts.values():
@@ -312,7 +314,8 @@ class _Sink(LayerCapture):
 class AttentionCapture:
     """Installs the re-expressed forward on one attention module (see the module docstring);
     :attr:`inproj` feeds the module's :class:`AttentionBlock`, :attr:`out` its out_proj's
-    LinearBlock."""
+    LinearBlock.
+    """
 
     def __init__(self, mha: nn.MultiheadAttention, active, phase) -> None:
         self.mha = mha
@@ -328,7 +331,7 @@ class AttentionCapture:
                 return type(module).forward(module, *args)
             return mha_forward(module, capture.project, *args)
 
-        mha.forward = types.MethodType(forward, mha)
+        setattr(mha, "forward", types.MethodType(forward, mha))  # this instance's forward only
 
     def sink(self, which: str) -> _Sink:
         """The capture for "inproj" or "out" (made once)."""

@@ -39,7 +39,8 @@ class KindCaptures(Protocol):
 
     def capture(self, block: CurvatureBlock, module: nn.Module) -> LayerCapture | None:
         """The capture that fills ``block`` (``module``: its parameters' owner), or None when
-        the block is not this kind's to feed."""
+        the block is not this kind's to feed.
+        """
 
 
 class LayerKind:
@@ -76,7 +77,8 @@ class LayerKind:
             name (str): the module's qualified name (checkpoint key).
             module (nn.Module): the layer.
             approx (str): weight sharing: "expand" or "reduce" (default: "expand").
-            factor_dtype, inverse_dtype (torch.dtype or None): the block's dtypes.
+            factor_dtype (torch.dtype or None): the block's factor dtype.
+            inverse_dtype (torch.dtype or None): the block's inverse dtype.
         """
         raise NotImplementedError(f"layer kind {self.name!r} defines no block")
 
@@ -95,7 +97,8 @@ class LayerKind:
 
     def implicit_rows(self, module: nn.Module) -> bool:
         """Whether ``module``'s rows can be formed implicitly by the methods below (default:
-        False: NaturalGradient forms them explicitly with torch.func)."""
+        False: NaturalGradient forms them explicitly with torch.func).
+        """
         return False
 
     def rows_input(self, module: nn.Module, inputs: Sequence[Tensor], samples: int) -> Tensor | None:
@@ -113,7 +116,8 @@ class LayerKind:
 
     def rows_grads(self, module: nn.Module, x: Tensor, passes: Sequence[Sequence[Tensor]]) -> Tensor:
         """The output gradients ``[R, ...]`` of all passes, pass-major: ``passes[p]`` holds each
-        call's output gradient in pass ``p``, merged like :meth:`rows_input`'s calls."""
+        call's output gradient in pass ``p``, merged like :meth:`rows_input`'s calls.
+        """
         merged = [self.merge_calls(module, grads) for grads in passes]
         return merged[0] if len(merged) == 1 else torch.cat(merged)
 
@@ -143,20 +147,23 @@ class LayerKind:
                  chunk: int) -> Iterator[Chunk]:
         """``Uᵀ w`` for ``w`` ``[R]`` in blocks of at most ``chunk`` weight entries, as
         ``(parameter index, index into the parameter, block)`` (``index``: the weight's and the
-        bias's positions in the caller's list), so the caller never holds a whole direction."""
+        bias's positions in the caller's list), so the caller never holds a whole direction.
+        """
         raise NotImplementedError
 
     # ---- EWC's diagonal Fisher ------------------------------------------------------------------
 
     def diagonal_fisher(self, module: nn.Module, x: Tensor, g: Tensor) -> list[Tensor]:
         """The exact per-sample diagonal Fisher ``Σ_i g_i² (per parameter)`` of one call's input and
-        per-sample output gradients, one tensor per parameter (only if :attr:`has_diagonal_fisher`)."""
+        per-sample output gradients, one tensor per parameter (only if :attr:`has_diagonal_fisher`).
+        """
         raise NotImplementedError
 
 
 def output_blocks(width: int, per_unit: int, chunk: int) -> Iterator[tuple[int, int]]:
     """``[a, b)`` ranges over ``width`` output units of ``per_unit`` weight entries each, with at
-    most ``chunk`` entries per range (at least one unit)."""
+    most ``chunk`` entries per range (at least one unit).
+    """
     step = max(1, chunk // max(per_unit, 1))
     for a in range(0, width, step):
         yield a, min(width, a + step)

@@ -31,8 +31,10 @@ def conv2d_geometry(module: nn.Module) -> Geometry:
 
 def conv_unsupported_reason(module: nn.Module) -> str | None:
     """Why a convolution (nn.Conv1d or nn.Conv2d) has no Kronecker block, or None
-    (:func:`natgrad.ops.kfac_conv_unsupported_reason`)."""
-    return ops.kfac_conv_unsupported_reason(module.groups, module.padding, module.padding_mode)
+    (:func:`natgrad.ops.kfac_conv_unsupported_reason`).
+    """
+    conv = cast(nn.Conv1d | nn.Conv2d, module)
+    return ops.kfac_conv_unsupported_reason(conv.groups, conv.padding, conv.padding_mode)
 
 
 class Conv2dBlock(KroneckerBlock):

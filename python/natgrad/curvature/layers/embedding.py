@@ -20,7 +20,8 @@ __all__ = ["EmbeddingBlock", "EmbeddingKind"]
 class EmbeddingBlock(KroneckerBlock):
     """nn.Embedding: the activation factor of one-hot inputs is diagonal (token frequencies),
     so A is kept as a vector and never decomposed. Packed layout: ``weight.T``
-    (``[dim, num_embeddings]``)."""
+    (``[dim, num_embeddings]``).
+    """
 
     kind = "embedding"
     full_factors = False
@@ -100,7 +101,8 @@ class EmbeddingBlock(KroneckerBlock):
 
 class EmbeddingKind(LayerKind):
     """nn.Embedding; a sparse or max-norm one takes the plain gradient, and one with
-    ``scale_grad_by_freq`` gets explicit rows."""
+    ``scale_grad_by_freq`` gets explicit rows.
+    """
 
     name = "embedding"
     fallback = "plain"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -25,7 +26,8 @@ def _rows(t: Tensor, width: int) -> Tensor:
 
 class LinearBlock(KroneckerBlock):
     """nn.Linear with inputs of any leading shape ``[N, ..., d_in]``; ``approx`` is "expand"
-    (positions as extra rows) or "reduce" (averaged per sample)."""
+    (positions as extra rows) or "reduce" (averaged per sample).
+    """
 
     kind = "linear"
 
@@ -74,7 +76,8 @@ class LinearBlock(KroneckerBlock):
 class LinearKind(LayerKind):
     """nn.Linear (and its subclasses, e.g. nn.MultiheadAttention's ``out_proj``, whose forward
     is never called: its block is fed by the attention's capture, see
-    :mod:`natgrad.curvature.layers.attention`)."""
+    :mod:`natgrad.curvature.layers.attention`).
+    """
 
     name = "linear"
     has_diagonal_fisher = True
