@@ -5,12 +5,12 @@ from natgrad._vocabulary import FISHER_TYPES, STRUCTURES
 from natgrad.fisher.compute import compute_fisher, kfac_blocks
 from natgrad.fisher.implicit import ImplicitFisher
 from natgrad.fisher.matrices import (
-                                     BlockDiagonalFisher,
-                                     BlockFisher,
-                                     DenseFisher,
-                                     DiagonalFisher,
-                                     FisherMatrix,
-                                     LowRankFisher,
+    BlockDiagonalFisher,
+    BlockFisher,
+    DenseFisher,
+    DiagonalFisher,
+    FisherMatrix,
+    LowRankFisher,
 )
 from natgrad.fisher.scores import KINDS, score_rows
 from natgrad.likelihoods import LIKELIHOODS
