@@ -2,7 +2,8 @@
 
 * :func:`random_psd`: random symmetric PSD matrices;
 * small models, batches and a training loop (:func:`mlp`, :func:`data`, :func:`train`,
-  :func:`flat_params`; :func:`small_mlp`, :func:`batch`);
+  :func:`flat_params`; :func:`small_mlp`, :func:`batch`; :class:`TiedLM`, a language model whose
+  output projection is its input embedding, as in GPT-2);
 * the process bodies of the torch.distributed tests (``dist_*`` and the functions they spawn with
   torch.multiprocessing, which imports this module by name in each child).
 """
@@ -58,6 +59,34 @@ def train(model, opt, x, y, steps, closure=False):
 
 def flat_params(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+class TiedLM(nn.Module):
+    """Embedding -> tanh(Linear) -> output projection whose weight IS the embedding's (GPT-2's
+    ``lm_head.weight = transformer.wte.weight``); token ids ``[...]`` -> logits ``[..., vocab]``.
+    """
+
+    def __init__(self, vocab: int = 7, dim: int = 4, dtype=torch.float64, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.emb.weight
+        self.to(dtype)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The output projection's input."""
+        return torch.tanh(self.mix(self.emb(idx)))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(idx))
+
+
+def tokens(n: int = 8, t: int = 5, vocab: int = 7, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token data: inputs ``[n, t]`` and targets ``[n, t]`` (the sequence shifted by one)."""
+    seq = torch.randint(0, vocab, (n, t + 1), generator=torch.Generator().manual_seed(seed))
+    return seq[:, :-1], seq[:, 1:]
 
 
 def small_mlp(dtype=torch.float64, out=3):

@@ -15,7 +15,14 @@ from natgrad.curvature.diagonal import DiagonalBlock, FreeParameterBlock, NormBl
 from natgrad.curvature.kron import KroneckerBlock, Statistics
 from natgrad.curvature.layers import *  # noqa: F403  (each kind's block, LayerKind, register_layer)
 from natgrad.curvature.plan import module_blocks
-from natgrad.curvature.registry import kronecker_block, make_block, owner_groups, unsupported_reason
+from natgrad.curvature.registry import (
+    kronecker_block,
+    make_block,
+    owner_groups,
+    parameter_owners,
+    parameter_users,
+    unsupported_reason,
+)
 
 __all__ = [
     "CurvatureBlock",
@@ -34,6 +41,8 @@ __all__ = [
     "make_block",
     "module_blocks",
     "owner_groups",
+    "parameter_owners",
+    "parameter_users",
     "unsupported_reason",
 ]
 __all__ += layers.__all__

@@ -48,6 +48,7 @@ from natgrad.curvature.capture import GradientPhase, LayerCapture
 from natgrad.curvature.faults import FaultLedger
 from natgrad.curvature.plan import CaptureFactory, module_blocks, sample_scale
 from natgrad.curvature.prior import Prior, PriorBlock
+from natgrad.curvature.registry import parameter_owners, parameter_users
 from natgrad.ops.rules import Fault
 
 
@@ -73,6 +74,15 @@ def checked_skip_modules(skip_modules: Any, model: nn.Module) -> set[str]:
         raise ValueError(f"Invalid skip_modules: {unknown} match no module of the model "
                          "(expected qualified names as in model.named_modules())")
     return skip
+
+
+def _tie_note(users: list[tuple[str, nn.Module]], owner: tuple[str, nn.Module]) -> str:
+    """What ``describe()`` adds for a weight tied between ``users``: whose block it has and who
+    shares it.
+    """
+    others = ", ".join(f"{type(m).__name__} {n!r}" for n, m in users if m is not owner[1])
+    return (f"tied weight: the block of {type(owner[1]).__name__} {owner[0]!r}, shared by {others} "
+            "(no statistics captured there; see natgrad.curvature.registry)")
 
 
 def read(tensors: list[Tensor]) -> list[float]:
@@ -127,9 +137,13 @@ class CurvatureEstimator:
         self._plain: dict[int, PlainBlock] = {}
         alive = weakref.WeakMethod(self.capturing)
         factory = CaptureFactory(model, lambda: (m := alive()) is not None and m(), self._phase)
+        owners = parameter_owners(model)  # a tied weight: one owner's block (the registry's rule)
+        self._tied = {key: _tie_note(users, owners[key]) for key, users in parameter_users(model).items()
+                      if len(users) > 1}
         for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            for p in module.parameters(recurse=False):
+            mine = [p for p in module.parameters(recurse=False) if owners[id(p)][1] is module]
+            own = [p for p in mine if p.requires_grad]
+            for p in mine:
                 if not p.requires_grad:
                     self._fallback_reason[id(p)] = (f"{type(module).__name__} {name!r}: frozen "
                                                     "(requires_grad=False) when natgrad.KFAC was built")
@@ -470,7 +484,13 @@ class CurvatureEstimator:
     # ---- introspection and checkpoints --------------------------------------------------------
 
     def treatment(self, p: Tensor) -> str:
-        """How the parameter ``p`` is preconditioned, for ``KFAC.describe()``."""
+        """How the parameter ``p`` is preconditioned, for ``KFAC.describe()`` (a tied weight:
+        which module's block it got, and which modules share it).
+        """
+        tied = self._tied.get(id(p))
+        return self._treatment(p) if tied is None else f"{self._treatment(p)}; {tied}"
+
+    def _treatment(self, p: Tensor) -> str:
         name = self._block_of.get(id(p))
         if name is None:
             return self._plain_block(p).description

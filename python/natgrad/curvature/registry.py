@@ -1,5 +1,18 @@
 """Which curvature block handles which module, and why a module falls back when none does: the
-lookups of :mod:`natgrad.curvature.layers` that natgrad.fisher and EWC share.
+lookups of :mod:`natgrad.curvature.layers` that natgrad.KFAC, natgrad.fisher and EWC share.
+
+Tied weights. A parameter owned directly by several modules (GPT-2's ``lm_head.weight`` *is*
+``transformer.wte.weight``) gets one block, that of one owner chosen by
+:func:`parameter_owners`; the other owners neither get a block for it nor capture anything for
+it. The rule: the first owner, in ``model.named_modules()`` order, whose layer kind does not
+assume a sparse gradient (:attr:`LayerKind.sparse_gradient
+<natgrad.curvature.layers.LayerKind>`); when every owner's kind does, the first owner. Why: an
+Embedding block's activation factor is the frequency of each looked-up token, so it presumes the
+gradient is zero in the rows of tokens the batch did not contain, and its preconditioner divides
+those rows by the damping alone. A tied output projection gives every row a gradient through the
+softmax, so the Embedding block would blow those rows up; the output projection's Linear block
+sees the dense gradient of every token and is the better Fisher approximation of the shared
+weight (its statistics miss only the embedding's use, which is sparse).
 """
 from __future__ import annotations
 
@@ -54,11 +67,39 @@ def kronecker_block(name: str, module: nn.Module | None, params: Sequence[nn.Par
     return block, None
 
 
+def parameter_users(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """Every module that owns each parameter directly (``id(p) -> [(name, module), ...]``, in
+    ``model.named_modules()`` order): more than one for a tied weight.
+    """
+    users: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            users.setdefault(id(p), []).append((name, module))
+    return users
+
+
+def _sparse(module: nn.Module) -> bool:
+    kind = kind_of(module)
+    return kind is not None and kind.sparse_gradient
+
+
+def parameter_owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """The one module whose block covers each parameter (``id(p) -> (name, module)``): its only
+    owner, or for a tied weight the owner the rule in the module docstring picks (the first, in
+    ``named_modules()`` order, whose kind models a dense gradient; else the first).
+    """
+    owners = {}
+    for key, users in parameter_users(model).items():
+        owners[key] = next((u for u in users if not _sparse(u[1])), users[0])
+    return owners
+
+
 def owner_groups(model: nn.Module, params: Sequence[nn.Parameter]) -> list[tuple[str, nn.Module | None, list[int]]]:
     """Consecutive runs of parameter indices that belong to the same module:
-    ``(module name, module, indices)``.
+    ``(module name, module, indices)`` (a tied weight belongs to the owner
+    :func:`parameter_owners` picks).
     """
-    owner = {id(p): (n, m) for n, m in model.named_modules() for p in m.parameters(recurse=False)}
+    owner = parameter_owners(model)
     groups: list[tuple[str, nn.Module | None, list[int]]] = []
     for i, p in enumerate(params):
         name, module = owner.get(id(p), ("", None))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad import ops
-from natgrad.curvature import LayerKind, capturing, kind_of, kronecker_block, owner_groups
+from natgrad.curvature import LayerKind, capturing, kind_of, kronecker_block, owner_groups, parameter_users
 from natgrad.fisher.scores import check_request, pass_rows, score_rows, score_rows_and_losses
 from natgrad.likelihoods import Likelihood
 
@@ -258,14 +258,11 @@ def supported_layers(model: nn.Module,
     module qualifies when it has a Kronecker block for exactly the optimized parameters it owns,
     none of them is shared with another module, and its kind forms its rows implicitly.
     """
-    owners: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
+    users = parameter_users(model)
     out = {}
     for name, module, idx in owner_groups(model, params):
         block, _ = kronecker_block(name, module, [params[i] for i in idx])
-        if block is None or module is None or any(owners.get(id(params[i]), 0) > 1 for i in idx):
+        if block is None or module is None or any(len(users.get(id(params[i]), ())) > 1 for i in idx):
             continue
         kind = kind_of(module)
         if kind is None or not kind.implicit_rows(module):

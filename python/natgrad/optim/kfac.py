@@ -53,6 +53,10 @@ class KFAC(Optimizer):
     the rest, and ``skip_modules``, use the plain gradient in place of :math:`u` (same trust
     region, momentum, weight decay); :meth:`describe` lists every parameter's treatment. A
     parameter whose ``.grad`` is None or that does not require grad (frozen) is never moved.
+    A weight tied between several modules (a language model's input embedding and output
+    projection) gets one block, the output projection's (the rule and why:
+    :mod:`natgrad.curvature.registry`); the other modules capture nothing for it, and
+    :meth:`describe` names the block's module and those that share it.
 
     Curvature lives in one block per layer, held by :attr:`estimator` (a
     :class:`~natgrad.curvature.estimator.CurvatureEstimator`), not in ``self.state[p]``: a

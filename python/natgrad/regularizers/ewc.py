@@ -12,7 +12,15 @@ from torch import Tensor, nn
 
 from natgrad import ops
 from natgrad._vocabulary import _UNSET, FISHER_TYPES, check_choice, renamed_argument
-from natgrad.curvature import CurvatureBlock, capturing, kind_of, make_block, owner_groups
+from natgrad.curvature import (
+    CurvatureBlock,
+    capturing,
+    kind_of,
+    make_block,
+    owner_groups,
+    parameter_owners,
+    parameter_users,
+)
 from natgrad.fisher.compute import compute_fisher
 from natgrad.fisher.matrices import BlockDiagonalFisher, BlockFisher
 from natgrad.fisher.scores import check_inputs
@@ -212,12 +220,14 @@ class EWC:
 
     def _diagonal(self, x, y, named, kwargs) -> dict[str, Tensor]:
         """Per-sample diagonal Fisher: layers whose kind has one (Linear) by the capture hooks +
-        the C++ op, the rest by torch.func per-sample gradients.
+        the C++ op, the rest by torch.func per-sample gradients (among them a tied weight, whose
+        gradient sums every module that uses it: one layer's hooks see only its own use).
         """
         lik = get_likelihood(self.likelihood)
+        users = parameter_users(self.model)
         kinds = {name: k for name, m in self.model.named_modules()
                  if (k := kind_of(m)) is not None and k.has_diagonal_fisher
-                 and all(p.requires_grad for p in m.parameters(recurse=False))}
+                 and all(p.requires_grad and len(users[id(p)]) == 1 for p in m.parameters(recurse=False))}
         linear = {name: m for name, m in self.model.named_modules() if name in kinds}
         diag: dict[str, list[Tensor]] = {}
         with capturing(linear) as captures, torch.enable_grad():
@@ -333,9 +343,9 @@ class EWC:
 
     def _block(self, names: tuple[str, ...], factors) -> CurvatureBlock:
         """The curvature block of the layer owning ``names``, holding the saved factors."""
-        module_name = names[0].rpartition(".")[0]
-        modules = dict(self.model.named_modules())
-        block = make_block(module_name, modules[module_name]) if module_name in modules else None
+        param = dict(self.model.named_parameters()).get(names[0])
+        owner = None if param is None else parameter_owners(self.model).get(id(param))
+        block = None if owner is None else make_block(owner[0], owner[1])
         if block is None:
             raise ValueError(f"EWC state_dict: no K-FAC layer owns {list(names)} in this model")
         block.load_state_dict({"kind": block.kind, "A": factors[0], "G": factors[1]})

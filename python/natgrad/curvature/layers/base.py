@@ -54,12 +54,18 @@ class LayerKind:
             "kfac" structure, EWC and NaturalGradient's implicit rows can use it. False: the kind
             installs its own capture (attention), and only natgrad.KFAC builds its block.
         has_diagonal_fisher (bool): :meth:`diagonal_fisher` is implemented.
+        sparse_gradient (bool): the block assumes the weight's gradient vanishes outside the rows
+            the inputs select (nn.Embedding: A is zero for a token not looked up). When a
+            parameter is shared by several modules (tied weights), a module of such a kind
+            yields its block to one whose kind models every row (see
+            :func:`natgrad.curvature.registry.parameter_owners`).
     """
 
     name: str = "layer"
     fallback: str = "per_sample"
     standalone: bool = True
     has_diagonal_fisher: bool = False
+    sparse_gradient: bool = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -106,6 +106,7 @@ class EmbeddingKind(LayerKind):
 
     name = "embedding"
     fallback = "plain"
+    sparse_gradient = True
 
     def unsupported_reason(self, module):
         return ops.kfac_embedding_unsupported_reason(module.sparse, module.max_norm is not None)

@@ -1,0 +1,76 @@
+"""natgrad.KFAC on the structures real clients build (Hugging Face, timm, Lightning), reproduced
+with small plain-torch models: tied weights, models handed over in eval mode.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+import natgrad
+from support import TiedLM, tokens
+
+VOCAB = 7
+
+
+def lm_loss(model, x, y):
+    """Mean next-token cross-entropy over every position."""
+    return F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+
+
+def rows(describe: str) -> dict[str, str]:
+    """``describe()``'s table by parameter name."""
+    return {line.split()[0]: line for line in describe.splitlines()[1:]}
+
+
+def test_tied_weight_gets_the_output_projections_block_only():
+    model = TiedLM(VOCAB)
+    opt = natgrad.KFAC(model)
+    tied = model.emb.weight
+    covering = [b for b in opt.estimator.blocks if any(p is tied for p in b.params)]
+    assert [b.name for b in covering] == ["lm_head"] and covering[0].kind == "linear"
+    assert "emb" not in opt.estimator.captures and not model.emb._forward_hooks  # no hook doing work for nothing
+    x, y = tokens(vocab=VOCAB)
+    lm_loss(model, x, y).backward()
+    opt.step()
+    row = rows(opt.describe())["emb.weight"]
+    assert "K-FAC linear" in row and "Linear 'lm_head'" in row and "shared by Embedding 'emb'" in row
+
+
+def test_tied_weight_step_is_the_output_projections_preconditioned_gradient():
+    model, damping = TiedLM(VOCAB), 0.03
+    x, y = tokens(vocab=VOCAB)
+    n, t = x.shape
+    ref = copy.deepcopy(model)  # the reference, computed densely in float64
+    h = ref.hidden(x).detach()
+    out = ref.lm_head(h)
+    grad_out, = torch.autograd.grad(F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1)), out)
+    grad_w = torch.autograd.grad(lm_loss(ref, x, y), ref.emb.weight)[0]  # both uses of the tied weight
+    g = (grad_out * n).reshape(-1, VOCAB)  # per-sample output gradients ("mean" over n samples)
+    a = h.reshape(-1, h.shape[-1])
+    A, G = a.T @ a / (n * t), t * g.T @ g / (n * t)  # "expand": positions are extra rows
+    eye = torch.eye(grad_w.numel(), dtype=torch.float64)
+    expected = -torch.linalg.solve(torch.kron(G, A) + damping * eye, grad_w.reshape(-1)).reshape(grad_w.shape)
+
+    opt = natgrad.KFAC(model, lr=1.0, momentum=0.0, kl_clip=None, damping=damping)
+    before = model.emb.weight.detach().clone()
+    lm_loss(model, x, y).backward()
+    torch.testing.assert_close(model.emb.weight.grad, grad_w, rtol=1e-12, atol=1e-14)
+    opt.step()
+    torch.testing.assert_close(model.emb.weight.detach() - before, expected, rtol=1e-9, atol=1e-11)
+
+
+def test_tied_lm_trains():
+    model = TiedLM(VOCAB)
+    x, y = tokens(n=16, vocab=VOCAB)
+    opt = natgrad.KFAC(model, lr=0.1, damping=1e-2)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = lm_loss(model, x, y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
