@@ -55,6 +55,9 @@ class LayerCapture:
     training_only: bool = True
     records: list[Record] = field(default_factory=list)
     fired: bool = False  # whether the forward hook has ever captured (for describe())
+    #: whether a forward call that would have been captured was not, because the module was in
+    #: eval mode (since the last :meth:`clear`; natgrad.KFAC warns and ``describe()`` says so)
+    in_eval: bool = False
 
     def __post_init__(self) -> None:
         self._handle = self.module.register_forward_hook(self._forward_hook)
@@ -64,10 +67,15 @@ class LayerCapture:
             self.track(args[0].detach(), output)
 
     def wants(self, module: nn.Module) -> bool:
-        """Whether a forward call of ``module`` now yields statistics."""
-        if self.training_only and not module.training:
+        """Whether a forward call of ``module`` now yields statistics (one that would but for
+        eval mode sets :attr:`in_eval`).
+        """
+        if not (torch.is_grad_enabled() and self.active()):
             return False
-        return torch.is_grad_enabled() and self.active()
+        if self.training_only and not module.training:
+            self.in_eval = True
+            return False
+        return True
 
     def track(self, input, output: Tensor,
               grad_view: Callable[[Tensor], Tensor] | None = None) -> Record | None:
@@ -97,8 +105,9 @@ class LayerCapture:
         return [r for r in self.records if r.grad_output is not None]
 
     def clear(self) -> None:
-        """Drops every record (called once per optimizer step)."""
+        """Drops every record and the eval-mode flag (called once per optimizer step)."""
         self.records.clear()
+        self.in_eval = False
 
     def remove(self) -> None:
         """Removes the hook; the capture never fires again."""

@@ -45,10 +45,11 @@ from natgrad.curvature.block import (
     max_abs,
 )
 from natgrad.curvature.capture import GradientPhase, LayerCapture
+from natgrad.curvature.coverage import Coverage
 from natgrad.curvature.faults import FaultLedger
 from natgrad.curvature.plan import CaptureFactory, module_blocks, sample_scale
 from natgrad.curvature.prior import Prior, PriorBlock
-from natgrad.curvature.registry import parameter_owners, parameter_users
+from natgrad.curvature.registry import parameter_owners
 from natgrad.ops.rules import Fault
 
 
@@ -74,15 +75,6 @@ def checked_skip_modules(skip_modules: Any, model: nn.Module) -> set[str]:
         raise ValueError(f"Invalid skip_modules: {unknown} match no module of the model "
                          "(expected qualified names as in model.named_modules())")
     return skip
-
-
-def _tie_note(users: list[tuple[str, nn.Module]], owner: tuple[str, nn.Module]) -> str:
-    """What ``describe()`` adds for a weight tied between ``users``: whose block it has and who
-    shares it.
-    """
-    others = ", ".join(f"{type(m).__name__} {n!r}" for n, m in users if m is not owner[1])
-    return (f"tied weight: the block of {type(owner[1]).__name__} {owner[0]!r}, shared by {others} "
-            "(no statistics captured there; see natgrad.curvature.registry)")
 
 
 def read(tensors: list[Tensor]) -> list[float]:
@@ -138,8 +130,8 @@ class CurvatureEstimator:
         alive = weakref.WeakMethod(self.capturing)
         factory = CaptureFactory(model, lambda: (m := alive()) is not None and m(), self._phase)
         owners = parameter_owners(model)  # a tied weight: one owner's block (the registry's rule)
-        self._tied = {key: _tie_note(users, owners[key]) for key, users in parameter_users(model).items()
-                      if len(users) > 1}
+        #: what describe() says, and the eval-mode check of each factor step
+        self.coverage = Coverage(model)
         for name, module in model.named_modules():
             mine = [p for p in module.parameters(recurse=False) if owners[id(p)][1] is module]
             own = [p for p in mine if p.requires_grad]
@@ -277,6 +269,7 @@ class CurvatureEstimator:
         """The factor step from the captured records (then dropped); returns the layers to skip
         this step. ``grad_scale`` multiplies the captured output gradients (an AMP unscale).
         """
+        self.coverage.factor_step(self._captures)
         skipped: set[str] = set()
         comm = self.communicator
         stats = {}
@@ -484,24 +477,16 @@ class CurvatureEstimator:
     # ---- introspection and checkpoints --------------------------------------------------------
 
     def treatment(self, p: Tensor) -> str:
-        """How the parameter ``p`` is preconditioned, for ``KFAC.describe()`` (a tied weight:
-        which module's block it got, and which modules share it).
+        """How the parameter ``p`` is preconditioned, for ``KFAC.describe()`` (see
+        :class:`~natgrad.curvature.coverage.Coverage`).
         """
-        tied = self._tied.get(id(p))
-        return self._treatment(p) if tied is None else f"{self._treatment(p)}; {tied}"
-
-    def _treatment(self, p: Tensor) -> str:
         name = self._block_of.get(id(p))
         if name is None:
-            return self._plain_block(p).description
-        capture = self._captures[name]
-        untraced = getattr(capture, "reason", None)
-        if untraced is not None:
-            return f"plain gradient: {untraced}"
-        block = next(b for b in self._blocks if b.name == name)
-        if capture.fired or block.has_factors:
-            return block.description
-        return "plain gradient until its hooks fire (none so far: is the layer used functionally?)"
+            text = self._plain_block(p).description
+        else:
+            block = next(b for b in self._blocks if b.name == name)
+            text = self.coverage.block_treatment(block, self._captures[name])
+        return self.coverage.with_tie(id(p), text)
 
     def state_dict(self, method: str) -> dict[str, Any]:
         """The refresh count, faults, decomposed layers and every block's state (collective in

@@ -4,9 +4,11 @@ with small plain-torch models: tied weights, models handed over in eval mode.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import natgrad
 from support import TiedLM, tokens
@@ -74,3 +76,84 @@ def test_tied_lm_trains():
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.9 * losses[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Mixed(nn.Module):
+    """The layer types a describe() table reports: Kronecker, diagonal, skipped and frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.norm = nn.LayerNorm(4)
+        self.body = nn.Linear(4, 4)
+        self.frozen = nn.Linear(4, 4)
+        self.head = nn.Linear(4, VOCAB)
+        self.frozen.weight.requires_grad_(False)
+
+    def forward(self, idx):
+        return self.head(self.frozen(torch.tanh(self.body(self.norm(self.emb(idx))))))
+
+
+def test_describe_reports_planned_blocks_before_any_forward():
+    model = Mixed().double()
+    opt = natgrad.KFAC(model, skip_modules=["head"])
+    planned = rows(opt.describe())
+    assert not any("hooks fire" in row for row in planned.values())
+    x, y = tokens(vocab=VOCAB)
+    lm_loss(model, x, y).backward()
+    opt.step()
+    after = rows(opt.describe())
+    assert set(planned) == set(after)
+    for name, row in planned.items():  # the block planned is the block that runs
+        if "plain gradient" in after[name]:  # with its reason, before and after
+            assert row == after[name]
+        else:
+            assert row == after[name] + " (planned: from the first training-mode step)"
+    assert "K-FAC embedding" in planned["emb.weight"] and "K-FAC linear" in planned["body.weight"]
+    assert "skip_modules" in planned["head.weight"] and "frozen" in planned["frozen.weight"]
+
+
+def test_eval_mode_warns_once_naming_train_and_describe_names_it():
+    model = TiedLM(VOCAB).eval()  # as from_pretrained() hands it over
+    opt = natgrad.KFAC(model, lr=0.1, momentum=0.0, kl_clip=None)
+    x, y = tokens(vocab=VOCAB)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad()
+            lm_loss(model, x, y).backward()
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            opt.step()
+    messages = [str(w.message) for w in caught if "eval mode" in str(w.message)]
+    assert len(messages) == 1 and "model.train()" in messages[0]
+    for name, p in model.named_parameters():  # nothing captured: the plain gradient step
+        torch.testing.assert_close(p.detach(), before[name] - 0.1 * grads[name], rtol=1e-12, atol=1e-14)
+    table = rows(opt.describe())
+    assert all("eval mode" in row and "model.train()" in row for row in table.values())
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        lm_loss(model, x, y).backward()
+        opt.step()
+    assert not [w for w in caught if "eval mode" in str(w.message)]
+    assert all("K-FAC linear" in row and "eval" not in row for row in rows(opt.describe()).values())
+
+
+def test_training_with_eval_and_no_grad_forwards_on_the_side_does_not_warn():
+    model = TiedLM(VOCAB)
+    opt = natgrad.KFAC(model)
+    x, y = tokens(vocab=VOCAB)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            lm_loss(model, x, y).backward()
+            model.eval()
+            with torch.no_grad():
+                lm_loss(model, x, y)  # a validation pass
+            lm_loss(model, x, y)  # an eval forward with grad, next to the training one
+            model.train()
+            opt.step()
+    assert not [w for w in caught if "eval mode" in str(w.message)]
