@@ -6,7 +6,9 @@ of per-sample negative log-likelihoods ``ℓ(f(x), y)``. A :class:`Likelihood` k
 * ``check(output, target)`` — the one validation of targets against outputs (shape, dtype,
   range), with errors that name the argument;
 * ``nll(output, target, reduction)`` — the per-sample NLL (summed over a sample's positions);
-* ``sample(output, generator)`` — labels drawn from the model's predictive distribution;
+* ``sample(output, generator)`` — labels drawn from the model's predictive distribution (a
+  NaN/Inf output draws from finite stand-ins, ``torch.nan_to_num``: the statistics it feeds stay
+  non-finite, and each caller's finiteness check rejects them with its own error);
 * ``pseudo_targets(output, fisher_type, ...)`` — the (targets, per-sample weight) passes whose
   weighted gradients ``w·∇ℓ(f(x), y)`` have the requested Fisher as their summed outer
   products: the observed targets ("empirical"), ``draws`` sampled labels with weight
@@ -133,7 +135,7 @@ class Categorical(Likelihood):
 
     def sample(self, output, generator=None):
         flat = output.detach().reshape(-1, output.shape[-1])
-        probs = torch.softmax(flat.float(), -1).cpu()  # CPU: the generator is a CPU generator
+        probs = torch.softmax(torch.nan_to_num(flat.float()), -1).cpu()  # CPU: the generator is a CPU one
         labels = torch.multinomial(probs, 1, generator=generator).reshape(output.shape[:-1])
         return labels.to(output.device)
 
@@ -169,7 +171,7 @@ class Gaussian(Likelihood):
 
     def sample(self, output, generator=None):
         noise = torch.randn(output.shape, generator=generator, dtype=torch.float32)
-        return output.detach() + noise.to(device=output.device, dtype=output.dtype)
+        return torch.nan_to_num(output.detach()) + noise.to(device=output.device, dtype=output.dtype)
 
     def exact_passes(self, output):
         # E[(y−f)(y−f)ᵀ] = I: one pass per output element k, target f − e_k (gradient Jᵀe_k).

@@ -245,8 +245,8 @@ class KFAC(Optimizer):
         targets = self.estimator.sampling_targets()
         if not targets or not self.estimator.capturing():
             return
-        with torch.no_grad():  # NaN/Inf outputs: labels from finite stand-ins; the NaN statistics
-            labels = lik.sample(torch.nan_to_num(output), self._generator)  # then skip the step
+        with torch.no_grad():  # NaN/Inf outputs: labels from finite stand-ins (lik.sample); the
+            labels = lik.sample(output, self._generator)  # NaN statistics then skip the step
         rows = {"mean": output.shape[0], "sum": 1}.get(self.loss_reduction, output.numel() // max(output.shape[-1], 1))
         loss = lik.nll(output, labels, "sum") / max(rows, 1)  # token_mean: over all rows
         with self.estimator.sampling():

@@ -238,7 +238,11 @@ class EWC:
             for target, weight in passes:
                 grads = torch.autograd.grad(lik.weighted_nll(out, target, weight), outputs, retain_graph=True)
                 for name, g in zip(used, grads):
-                    d = kinds[name].diagonal_fisher(linear[name], captures[name].records[0].input, g.detach())
+                    x_in = captures[name].records[0].input
+                    if bool(torch.isfinite(x_in).all()) and bool(torch.isfinite(g).all()):
+                        d = kinds[name].diagonal_fisher(linear[name], x_in, g.detach())
+                    else:  # the op refuses NaN/Inf: a NaN Fisher, which consolidate rejects for every structure
+                        d = [torch.full_like(p, math.nan) for p in linear[name].parameters(recurse=False)]
                     diag[name] = [a + b for a, b in zip(diag[name], d)] if name in diag else d
         out_diag: dict[str, Tensor] = {}
         for name in used:

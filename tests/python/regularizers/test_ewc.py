@@ -235,3 +235,19 @@ def test_penalty_overflow_is_inf_not_an_error():
     with torch.no_grad():
         model.body.weight.add_(1e30)
     assert torch.isinf(ewc.penalty())
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "kfac"])
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc", "exact"])
+def test_consolidate_after_a_divergence_raises_value_error_naming_the_task(structure, fisher_type):
+    model, (x, y) = make(), batch()
+    ewc = natgrad.EWC(model, structure=structure, fisher_type=fisher_type)
+    ewc.consolidate(x, y, generator=torch.Generator().manual_seed(0))
+    stored = copy.deepcopy(ewc.state_dict())
+    with torch.no_grad():  # the next task's training diverged
+        model.heads[-1].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"EWC.consolidate \(task 1\).*not finite.*nothing was stored"):
+        ewc.consolidate(x, y, generator=torch.Generator().manual_seed(0))
+    assert len(ewc.tasks) == 1 and ewc.revision == 1
+    for key, value in stored["tasks"][0]["diag"].items():
+        assert torch.equal(ewc.state_dict()["tasks"][0]["diag"][key], value)
