@@ -96,7 +96,7 @@ def flag(v):
 
 
 def float_dtype(v):
-    return v is None or (isinstance(v, torch.dtype) and v.is_floating_point)
+    return v is None or v in (torch.float32, torch.float64)
 
 
 COMMON = {"lr": number(low=0.0), "momentum": number(0.0, 1.0, high_open=True), "weight_decay": number(low=0.0),
@@ -388,7 +388,7 @@ BATCHES = ["normal", "one", "empty", "nan", "inf", "huge", "1e30", "strided", "n
 @given(st.lists(st.sampled_from(BATCHES), min_size=2, max_size=5),
        st.sampled_from(["eigen", "inverse"]), st.booleans(), st.sampled_from(["mean", "sum"]),
        st.sampled_from([0.0, 0.9]), st.sampled_from([0.0, 1e-2]), st.sampled_from([None, 1e-3]),
-       st.sampled_from([D, torch.float32]), st.sampled_from([None, torch.float32, torch.bfloat16]))
+       st.sampled_from([D, torch.float32]), st.sampled_from([None, torch.float32, torch.float64]))
 def test_kfac_steps(batches, method, pi, reduction, momentum, wd, kl, dtype, factor_dtype):
     model = mlp(dtype=dtype)
     if factor_dtype is not None and dtype == D:

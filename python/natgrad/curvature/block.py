@@ -337,6 +337,20 @@ class CurvatureBlock:
         self.state = {k: v.to(device) for k, v in state.items() if k != "kind"}
 
 
+#: the dtypes curvature is stored and decomposed in
+CURVATURE_DTYPES = (torch.float32, torch.float64)
+
+
+def curvature_dtype(requested: torch.dtype | None, weight: Tensor) -> torch.dtype:
+    """The dtype a block keeps its curvature in: ``requested``, else the weight's when it is
+    float32 or float64, else float32 (a bfloat16/float16 model, as autocast or a half-precision
+    checkpoint gives it, still gets float32 factors: see ``natgrad.KFAC``'s ``factor_dtype``).
+    """
+    if requested is not None:
+        return requested
+    return weight.dtype if weight.dtype in CURVATURE_DTYPES else torch.float32
+
+
 def max_abs(t: Tensor) -> Tensor:
     """``max |t|`` as a 0-d float64 tensor, NaN if ``t`` holds a NaN, 0 if it is empty (no host
     sync; ``aminmax`` is an order of magnitude faster on CPU than ``vector_norm(t, inf)``).

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from natgrad import ops
-from natgrad.curvature.block import CurvatureBlock, max_abs
+from natgrad.curvature.block import CurvatureBlock, curvature_dtype, max_abs
 
 NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 
@@ -54,7 +54,7 @@ class DiagonalBlock(CurvatureBlock):
         name (str): checkpoint key (the module's or the parameter's qualified name).
         params (list of nn.Parameter): the parameters covered, in vector order.
         approx (str): "expand" or "reduce" (default: "expand").
-        factor_dtype (torch.dtype or None): dtype of ``f`` (default: the parameters' dtype).
+        factor_dtype (torch.dtype or None): dtype of ``f`` (default: :func:`natgrad.curvature.block.curvature_dtype`).
     """
 
     kind = "diagonal"
@@ -64,7 +64,7 @@ class DiagonalBlock(CurvatureBlock):
         super().__init__(name, params)
         self.weight = self.params[0]  # the optimizer reads a block's damping from its first parameter
         self.approx = approx
-        self.factor_dtype = factor_dtype or self.weight.dtype
+        self.factor_dtype = curvature_dtype(factor_dtype, self.weight)
 
     @property
     def description(self) -> str:

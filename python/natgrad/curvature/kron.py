@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from natgrad import ops
 from natgrad.curvature import refresh
-from natgrad.curvature.block import BlockDirections, CurvatureBlock, DirectionRequest
+from natgrad.curvature.block import BlockDirections, CurvatureBlock, DirectionRequest, curvature_dtype
 
 
 class Statistics(NamedTuple):
@@ -45,7 +45,7 @@ class KroneckerBlock(CurvatureBlock):
     Args:
         name (str): the module's qualified name in the model (checkpoint key).
         module (nn.Module): the layer.
-        factor_dtype (torch.dtype or None): dtype of A and G (default: the weight's dtype).
+        factor_dtype (torch.dtype or None): dtype of A and G (default: :func:`natgrad.curvature.block.curvature_dtype`).
         inverse_dtype (torch.dtype or None): dtype of decompositions (default: factor dtype).
     """
 
@@ -60,7 +60,7 @@ class KroneckerBlock(CurvatureBlock):
         self.weight = cast(nn.Parameter, module.weight)
         self.bias: nn.Parameter | None = getattr(module, "bias", None)
         super().__init__(name, [self.weight] + ([self.bias] if self.bias is not None else []))
-        self.factor_dtype = factor_dtype or self.weight.dtype
+        self.factor_dtype = curvature_dtype(factor_dtype, self.weight)
         self.inverse_dtype = inverse_dtype or self.factor_dtype
 
     @property

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from torch.profiler import record_function
 
 from natgrad import ops
-from natgrad.curvature.block import CurvatureBlock, DirectionRequest
+from natgrad.curvature.block import CURVATURE_DTYPES, CurvatureBlock, DirectionRequest
 from natgrad.curvature.estimator import CurvatureEstimator
 from natgrad.distributed.communicator import make_communicator
 from natgrad.likelihoods import get_likelihood
@@ -114,7 +114,13 @@ class KFAC(Optimizer):
             "expand" (positions as extra rows) or "reduce" (averaged per sample)
             (default: "expand").
         factor_dtype, inverse_dtype (torch.dtype, optional): dtypes of factors and of their
-            decompositions (default: the weight's dtype).
+            decompositions, torch.float32 or torch.float64 (default: the weight's dtype, float32
+            for a bfloat16/float16 weight, also under torch.autocast; decompositions: the
+            factors' dtype). Half precision raises ValueError: a running average
+            ``ρA + (1−ρ)Â`` kept in bfloat16 (8 significant bits) rounds away much of each
+            update's ``1−ρ`` share, and no eigensolver or Cholesky runs in half precision, so
+            every decomposition would need the fallback ladder and be rounded back; the
+            factors are small (``d × d`` per layer), so float32 costs little.
         skip_modules (iterable of str): qualified module names to leave to the fallback (a
             name that matches no module raises ValueError).
         seed (int): seed of the generator used by :meth:`sample_fisher` (plus the rank) (default: 0).
@@ -486,5 +492,8 @@ def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, d
         raise ValueError("Invalid damping: a callable schedule cannot be combined with "
                          "adaptive_damping=True (the adaptation owns the damping)")
     for name, dt in (("factor_dtype", factor_dtype), ("inverse_dtype", inverse_dtype)):
-        if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
-            raise ValueError(f"Invalid {name}: {dt!r} (expected a floating torch.dtype or None)")
+        if dt is not None and dt not in CURVATURE_DTYPES:
+            raise ValueError(f"Invalid {name}: {dt!r} (expected torch.float32, torch.float64 or None for the "
+                             "weight's dtype, float32 for a half-precision weight; half-precision curvature "
+                             "loses the running average and cannot be decomposed: keep it float32 under "
+                             "autocast, which is the default)")

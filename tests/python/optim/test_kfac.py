@@ -168,7 +168,8 @@ def test_no_statistics_from_eval_or_no_grad_forwards():
     F.cross_entropy(model(x * 7), y).backward()  # eval mode with grad: still not captured
     model.train()
     assert all(not c.records for c in opt.estimator.captures.values())
-    opt.step()
+    with pytest.warns(UserWarning, match=r"eval mode.*model\.train\(\)"):
+        opt.step()
     for b in opt.estimator.blocks:
         torch.testing.assert_close(b.state["A"], factors[b.name], rtol=0, atol=0)
 
@@ -205,6 +206,7 @@ def test_scheduled_periods_and_damping_are_called_with_the_step():
         (dict(damping_adaptation_decay=1.0), "damping_adaptation_decay"),
         (dict(adaptive_damping=True, damping=lambda s: 1e-3), "damping"),
         (dict(factor_dtype=torch.int32), "factor_dtype"),
+        (dict(factor_dtype=torch.bfloat16), "factor_dtype"), (dict(inverse_dtype=torch.float16), "inverse_dtype"),
     ],
 )
 def test_invalid_hyperparameters_raise_value_error_naming_them(kwargs, name):

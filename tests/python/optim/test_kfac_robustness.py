@@ -77,6 +77,24 @@ def test_cpu_autocast_bfloat16_trains_with_float32_factors():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_bfloat16_model_keeps_float32_curvature_and_matches_a_float32_run():
+    reference, model = mlp(torch.float32), mlp(torch.float32).to(torch.bfloat16)
+    x, y = data(n=64, dtype=torch.float32)
+    opts = [natgrad.KFAC(m, lr=0.2, damping=1e-2) for m in (reference, model)]
+    losses: list[list[float]] = [[], []]
+    for _ in range(15):
+        for m, opt, seen in zip((reference, model), opts, losses):
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x.to(m[0].weight.dtype)).float(), y)
+            loss.backward()
+            opt.step()
+            seen.append(float(loss.detach()))
+    assert all(t.dtype == torch.float32 for b in opts[1].estimator.blocks for t in b.state.values())
+    assert losses[1][-1] < 0.8 * losses[1][0]
+    assert abs(losses[1][-1] - losses[0][-1]) < 0.1 * losses[0][0]  # bfloat16 weights, not worse curvature
+    assert not opts[1].estimator.ledger.ladder  # no fallback-ladder rung: nothing decomposed in half precision
+
+
 def test_grad_scaler_unscales_gradients_and_factors():
     x, y = data(dtype=torch.float32)
     plain_model, scaled_model = mlp(torch.float32), mlp(torch.float32)
