@@ -56,7 +56,10 @@ def compute_fisher(model: nn.Module, inputs: Tensor, targets: Tensor | None = No
         kind (str): deprecated spelling of ``fisher_type``.
 
     Returns:
-        FisherMatrix: over the flattened ``params`` (concatenated in order).
+        FisherMatrix: over the flattened ``params`` (concatenated in order). For "kfac", a
+        :class:`~natgrad.fisher.BlockDiagonalFisher` whose
+        :meth:`~natgrad.fisher.BlockDiagonalFisher.kronecker_factors` gives each layer's
+        ``(A, G)`` by module name.
     """
     fisher_type = renamed_argument("fisher_type", fisher_type, "kind", kind, "empirical", "compute_fisher")
     check_choice("structure", structure, STRUCTURES)

@@ -220,6 +220,36 @@ class BlockDiagonalFisher(FisherMatrix):
     def tensors(self) -> list[Tensor]:
         return [t for b in self.blocks for t in b.tensors()]
 
+    def kronecker_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The ``(A, G)`` factors of every Kronecker block, by module name (as in
+        ``model.named_modules()``; a tied weight under the module whose block it got, see
+        :mod:`natgrad.curvature.registry`), in block order; dense blocks (modules without a
+        Kronecker kind) are left out, so any other structure gives ``{}``.
+
+        ``A`` is the mean outer product of the layer's inputs (with a ones column last for a
+        bias) ``[d_in(+1), d_in(+1)]`` and ``G`` that of the per-sample output gradients
+        ``[d_out, d_out]``, so the layer's Fisher is ``G ⊗ A`` over its ``[W | b]`` matrix
+        vectorised row-major. For an Embedding, ``A`` is the vector of token frequencies (the
+        diagonal of its one-hot inputs' outer product). The tensors are the blocks' own, not
+        copies: clone them before changing them.
+
+        Example::
+
+            >>> import torch, natgrad
+            >>> from torch import nn
+            >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+            >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+            >>> fisher = natgrad.fisher.compute_fisher(model, x, y, structure="kfac")
+            >>> {name: (tuple(A.shape), tuple(G.shape)) for name, (A, G) in fisher.kronecker_factors().items()}
+            {'0': ((4, 4), (4, 4)), '2': ((5, 5), (2, 2))}
+        """
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for b in self.blocks:
+            factors = b.block.factors() if isinstance(b, BlockFisher) else {}
+            if "A" in factors and "G" in factors:
+                out[cast(BlockFisher, b).block.name] = (factors["A"], factors["G"])
+        return out
+
 
 @dataclass
 class BlockFisher(FisherMatrix):
