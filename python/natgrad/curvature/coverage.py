@@ -39,8 +39,11 @@ class Coverage:
     def __init__(self, model: nn.Module) -> None:
         owners = parameter_owners(model)
         #: the note of each tied weight, by ``id``
-        self.tied = {key: tie_note(users, owners[key]) for key, users in parameter_users(model).items()
-                     if len(users) > 1}
+        users = {key: u for key, u in parameter_users(model).items() if len(u) > 1}
+        self.tied = {key: tie_note(u, owners[key]) for key, u in users.items()}
+        #: modules that share a tied weight's block without holding it (checkpoints saved before
+        #: ties had one owner hold a block for them, which loading ignores)
+        self.yielded = {n for key, u in users.items() for n, m in u if m is not owners[key][1]}
         self.factor_steps = 0
         #: the blocks the latest factor step got nothing for because their module was in eval mode
         self.in_eval: set[str] = set()

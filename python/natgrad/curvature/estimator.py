@@ -498,13 +498,16 @@ class CurvatureEstimator:
                 "blocks": {b.name: b.state_dict() for b in self._blocks}}
 
     def check_state_dict(self, blocks: dict[str, Any]) -> None:
-        """Raises ValueError unless every saved block state fits a block of this model."""
+        """Raises ValueError unless every saved block state fits a block of this model (the
+        block of a module that only shares a tied weight, saved by earlier versions, is ignored).
+        """
         mine = {b.name: b for b in self._blocks}
-        foreign = sorted(set(blocks) - set(mine))
+        foreign = sorted(set(blocks) - set(mine) - self.coverage.yielded)
         if foreign:
             raise ValueError(f"state_dict has curvature for layers this model lacks: {foreign}")
         for name, state in blocks.items():
-            mine[name].check_state_dict(state)
+            if name in mine:
+                mine[name].check_state_dict(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` output (checked by :meth:`check_state_dict` first)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -157,3 +158,23 @@ def test_training_with_eval_and_no_grad_forwards_on_the_side_does_not_warn():
             model.train()
             opt.step()
     assert not [w for w in caught if "eval mode" in str(w.message)]
+
+
+def test_checkpoint_with_a_block_for_the_tied_embedding_still_loads():
+    """Checkpoints saved before ties had one owner hold an Embedding block for the tied weight."""
+    model = TiedLM(VOCAB)
+    x, y = tokens(vocab=VOCAB)
+    opt = natgrad.KFAC(model)
+    lm_loss(model, x, y).backward()
+    opt.step()
+    state = opt.state_dict()
+    old = copy.deepcopy(state)
+    old["kfac"]["blocks"]["emb"] = {"kind": "embedding", "A": torch.ones(VOCAB, dtype=torch.float64)}
+    other = natgrad.KFAC(TiedLM(VOCAB, seed=1))
+    other.load_state_dict(old)
+    for name, value in state["kfac"]["blocks"]["lm_head"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(other.estimator.state_dict("eigen")["blocks"]["lm_head"][name], value)
+    old["kfac"]["blocks"]["elsewhere"] = old["kfac"]["blocks"].pop("emb")
+    with pytest.raises(ValueError, match="elsewhere"):
+        other.load_state_dict(old)
