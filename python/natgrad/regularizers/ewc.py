@@ -329,8 +329,11 @@ class EWC:
         if "tasks" not in state or "config" not in state:
             raise ValueError("not an EWC state_dict (expected keys 'config' and 'tasks')")
         cfg = state["config"]
+        by_id = parameter_owners(self.model)
+        owners = {n: by_id.get(id(p)) for n, p in self.model.named_parameters()}
         tasks = [{"anchor": dict(t["anchor"]), "diag": dict(t["diag"]),
-                  "kron": {tuple(k.split("|")): self._block(tuple(k.split("|")), v) for k, v in t["kron"].items()}}
+                  "kron": {tuple(k.split("|")): self._block(tuple(k.split("|")), v, owners)
+                           for k, v in t["kron"].items()}}
                  for t in state["tasks"]]
         for i, task in enumerate(tasks):
             for part in ("anchor", "diag"):
@@ -345,10 +348,11 @@ class EWC:
         self.tasks = tasks
         self.revision += 1
 
-    def _block(self, names: tuple[str, ...], factors) -> CurvatureBlock:
-        """The curvature block of the layer owning ``names``, holding the saved factors."""
-        param = dict(self.model.named_parameters()).get(names[0])
-        owner = None if param is None else parameter_owners(self.model).get(id(param))
+    def _block(self, names: tuple[str, ...], factors, owners: dict) -> CurvatureBlock:
+        """The curvature block of the layer owning ``names`` (``owners``: parameter name ->
+        ``(module name, module)``, a tied weight's by the registry's rule), holding the saved factors.
+        """
+        owner = owners.get(names[0])
         block = None if owner is None else make_block(owner[0], owner[1])
         if block is None:
             raise ValueError(f"EWC state_dict: no K-FAC layer owns {list(names)} in this model")
