@@ -394,7 +394,11 @@ class KFAC(Optimizer):
         return self._adaptation.last_ratio
 
     def describe(self) -> str:
-        """A table of every optimized parameter and the preconditioner it gets."""
+        """A table of every optimized parameter and the preconditioner it gets: before the first
+        step, the block planned from its module's type; a tied weight names the module whose
+        block it got and those that share it; a layer that collected nothing says why (eval
+        mode, skip_modules, frozen...).
+        """
         rows = [(self.estimator.param_name(p), "x".join(map(str, p.shape)) or "scalar", self.estimator.treatment(p))
                 for group in self.param_groups for p in group["params"]]
         width = [max(len(r[i]) for r in rows + [("parameter", "shape", "")]) for i in range(2)]
