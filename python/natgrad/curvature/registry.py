@@ -12,7 +12,9 @@ gradient is zero in the rows of tokens the batch did not contain, and its precon
 those rows by the damping alone. A tied output projection gives every row a gradient through the
 softmax, so the Embedding block would blow those rows up; the output projection's Linear block
 sees the dense gradient of every token and is the better Fisher approximation of the shared
-weight (its statistics miss only the embedding's use, which is sparse).
+weight (its statistics miss only the embedding's use, which is sparse). Its cost: ``G`` is
+``vocab × vocab``. Naming the owner in ``skip_modules`` leaves the tied weight on the plain
+gradient (the other owners do not take it over: their blocks are the wrong model of it).
 """
 from __future__ import annotations
 

@@ -83,3 +83,12 @@ def test_ewc_on_a_tied_lm_penalises_the_tied_weight_once_and_round_trips():
     diagonal.consolidate(x, y)  # the tied weight's diagonal sums both uses: the exact per-sample one
     torch.testing.assert_close(diagonal.tasks[0]["diag"]["emb.weight"], per_sample.pow(2).mean(0),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_skipping_the_owner_leaves_the_tied_weight_on_the_plain_gradient():
+    model = TiedLM(VOCAB)
+    opt = natgrad.KFAC(model, skip_modules=["lm_head"])
+    assert not [b for b in opt.estimator.blocks if any(p is model.emb.weight for p in b.params)]
+    assert not opt.estimator.captures.keys() & {"emb", "lm_head"}
+    row = next(line for line in opt.describe().splitlines() if line.startswith("emb.weight"))
+    assert "skip_modules" in row and "shared by Embedding 'emb'" in row
