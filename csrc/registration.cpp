@@ -102,12 +102,20 @@ TORCH_LIBRARY(natgrad, m) {
       "int[] dilation) -> int");
   m.def("kfac_embedding_rows(int[] input_shape) -> int");
   m.def("kfac_sample_scale(int samples, int rows, str loss_reduction) -> float");
+  m.def(
+      "kfac_expand_grad_scale(float grad_scale, int samples, int input_rows, int grad_rows) -> "
+      "float");
   m.def("kfac_pi_correction(str inverse_method, bool? pi_correction) -> bool");
   m.def("kfac_damping(float damping, float multiplier) -> float");
   m.def(
       "kfac_adapt_damping(float multiplier, float loss_change, float model_change, float decay, "
       "int interval) -> (float multiplier, float ratio)");
   m.def("kfac_fsum(float[] values) -> float");
+  m.def("kfac_option_names() -> str[]");
+  m.def(
+      "kfac_option_bound(str name) -> (float low, bool low_open, float high, bool high_open, "
+      "bool integer, bool per_group)");
+  m.def("kfac_option_choices(str name) -> str[]");
   m.def(
       "kfac_trust_region(float kl_clip, float[] inner, float[] cross, float[] lr, "
       "float[] momentum, float[] kl_share) -> (float nu, float[] kl_share)");
@@ -117,6 +125,17 @@ TORCH_LIBRARY(natgrad, m) {
   m.def("kfac_conv_unsupported_reason(int groups, str padding, str padding_mode) -> str");
   m.def("kfac_embedding_unsupported_reason(bool sparse, bool max_norm) -> str");
 
-  // EWC (ewc/ewc_penalty.h).
+  // Likelihoods (likelihood/likelihood.h).
+  m.def("likelihood_check_batch(Tensor inputs, Tensor? targets, str what) -> ()");
+  m.def("likelihood_check_targets(str likelihood, Tensor output, Tensor target, str what) -> ()");
+  m.def("likelihood_nll(str likelihood, Tensor output, Tensor target) -> Tensor");
+  m.def("likelihood_sample(str likelihood, Tensor output, Generator? generator) -> Tensor");
+  m.def(
+      "likelihood_pseudo_targets(str likelihood, Tensor output, str fisher_type, Tensor? targets, "
+      "int mc_samples, Generator? generator) -> (Tensor[] targets, Tensor? weights)");
+  // EWC (ewc/ewc_penalty.h, ewc/ewc_rules.h).
+  m.def("ewc_check_options(float lambda_, float gamma, str mode, str lambda_name) -> ()");
+  m.def("ewc_running_mean(Tensor? old, Tensor fresh, int n, int seen) -> Tensor");
+  m.def("ewc_online_merge(float gamma, Tensor old, Tensor fresh) -> Tensor");
   m.def("ewc_penalty(Tensor[] params, Tensor[] fisher, Tensor[] anchor) -> (Tensor, Tensor[])");
 }

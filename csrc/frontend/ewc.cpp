@@ -10,13 +10,15 @@
 
 #include "empirical/empirical_fisher.h"
 #include "ewc/ewc_penalty.h"
+#include "ewc/ewc_rules.h"
 #include "frontend/layers.h"
+#include "likelihood/likelihood.h"
 
 namespace natgrad {
 namespace {
 
 // (targets, per-sample weight or undefined for 1): the passes whose weighted per-sample
-// gradients have the requested Fisher as their summed squares (python/natgrad/likelihoods.py).
+// gradients have the requested Fisher as their summed squares (likelihood/likelihood.h).
 using Pass = std::pair<at::Tensor, at::Tensor>;
 
 std::string names_list(const std::vector<std::string>& names) {
@@ -31,112 +33,25 @@ bool all_finite(const at::Tensor& t) {
   return t.numel() == 0 || at::isfinite(t).all().item<bool>();
 }
 
-// Python's check_inputs: a non-empty batch of finite inputs (and finite float targets) with
-// matching lengths.
-void check_batch(const at::Tensor& x, const at::Tensor& y, bool need_targets,
-                 const std::string& where) {
-  TORCH_CHECK(x.defined(), where, ": inputs must be a defined tensor");
-  TORCH_CHECK(x.dim() > 0 && x.size(0) > 0, where, ": inputs holds no samples (shape ", x.sizes(),
-              "); at least one is needed");
-  TORCH_CHECK(!x.is_floating_point() || all_finite(x), where, ": inputs hold NaN or Inf");
-  if (!y.defined()) {
-    TORCH_CHECK(!need_targets, where, ": targets are required for fisher_type='empirical'");
-    return;
-  }
-  TORCH_CHECK(y.dim() > 0 && y.size(0) == x.size(0), where,
-              ": targets must have one entry per input: got shape ", y.sizes(), " for ", x.size(0),
-              " inputs");
-  TORCH_CHECK(!y.is_floating_point() || all_finite(y), where, ": targets hold NaN or Inf");
-}
-
-// The likelihood's check of targets against the model's outputs.
-void check_targets(const std::string& likelihood, const at::Tensor& out, const at::Tensor& y,
-                   const std::string& where) {
-  TORCH_CHECK(out.dim() > 0, where,
-              ": the model's output must have a batch dimension, got a 0-d tensor");
-  if (likelihood == "categorical") {
-    TORCH_CHECK(
-        at::isIntegralType(y.scalar_type(), /*includeBool=*/false), where,
-        ": targets must hold integer class indices for the categorical likelihood, got dtype ",
-        y.scalar_type());
-    TORCH_CHECK(y.sizes() == out.sizes().slice(0, out.dim() - 1), where,
-                ": targets must have shape ", out.sizes().slice(0, out.dim() - 1),
-                " (the logits' shape without the class dim) for logits ", out.sizes(), ", got ",
-                y.sizes());
-    if (y.numel()) {
-      const int64_t low = y.min().item<int64_t>(), high = y.max().item<int64_t>();
-      TORCH_CHECK(low >= 0 && high < out.size(-1), where, ": targets must be class indices in [0, ",
-                  out.size(-1), "), got values in [", low, ", ", high, "]");
-    }
-  } else {
-    TORCH_CHECK(y.is_floating_point(), where,
-                ": targets must be floating point for the Gaussian likelihood, got ",
-                y.scalar_type());
-    TORCH_CHECK(y.sizes() == out.sizes(), where, ": targets must have the outputs' shape ",
-                out.sizes(), " for the Gaussian likelihood, got ", y.sizes());
-  }
-}
-
-// Σ over the samples of out (dim 0) of their NLL (summed over positions), optionally weighted
-// per sample: its gradient w.r.t. out[n] is w_n ∇ℓ_n.
+// Σ over the samples of out (dim 0) of their NLL, optionally weighted per sample: its gradient
+// w.r.t. out[n] is w_n ∇ℓ_n.
 at::Tensor weighted_nll(const std::string& likelihood, const at::Tensor& out,
                         const at::Tensor& target, const at::Tensor& weight) {
-  at::Tensor per_sample;
-  if (likelihood == "categorical") {
-    const int64_t classes = out.size(-1);
-    per_sample = at::cross_entropy_loss(out.reshape({-1, classes}), target.reshape({-1}), {},
-                                        at::Reduction::None)
-                     .reshape({out.size(0), -1})
-                     .sum(1);
-  } else {
-    per_sample = (0.5 * (out - target).pow(2)).reshape({out.size(0), -1}).sum(1);
-  }
+  const at::Tensor per_sample = likelihood::per_sample_nll(likelihood, out, target);
   return weight.defined() ? (per_sample * weight).sum() : per_sample.sum();
 }
 
-// likelihoods.py pseudo_targets(): the label passes of fisher_type at the (detached) outputs.
-std::vector<Pass> pseudo_targets(const EWCOptions& o, const at::Tensor& out, const at::Tensor& y,
-                                 std::optional<at::Generator> gen, const std::string& where) {
-  if (o.fisher_type() == "empirical") return {{y, at::Tensor()}};
-  const int64_t n = out.size(0);
+// The label passes of fisher_type at the outputs (likelihood::pseudo_targets) as pairs.
+std::vector<Pass> label_passes(const EWCOptions& o, const at::Tensor& out, const at::Tensor& y,
+                               std::optional<at::Generator> gen) {
+  likelihood::Passes p =
+      likelihood::pseudo_targets(o.likelihood(), out, o.fisher_type(),
+                                 y.defined() ? std::optional<at::Tensor>(y) : std::nullopt,
+                                 o.mc_samples(), std::move(gen));
   std::vector<Pass> passes;
-  if (o.fisher_type() == "exact") {
-    if (o.likelihood() == "categorical") {
-      TORCH_CHECK(out.dim() == 2, where,
-                  ": fisher_type='exact' with the categorical likelihood needs "
-                  "logits [n, classes], got ",
-                  out.sizes());
-      const at::Tensor probs = at::softmax(out, -1);
-      for (int64_t c = 0; c < out.size(1); ++c) {
-        passes.emplace_back(at::full({n}, c, out.options().dtype(at::kLong)),
-                            probs.select(1, c).sqrt());
-      }
-    } else {
-      const int64_t size = out.numel() / n;
-      const at::Tensor eye = at::eye(size, out.options());
-      for (int64_t k = 0; k < size; ++k) {
-        passes.emplace_back(out - eye[k].reshape(out.sizes().slice(1)), at::Tensor());
-      }
-    }
-    return passes;
-  }
-  const at::Tensor weight =
-      o.mc_samples() == 1
-          ? at::Tensor()
-          : at::full({n}, 1.0 / std::sqrt(static_cast<double>(o.mc_samples())), out.options());
-  for (int64_t s = 0; s < o.mc_samples(); ++s) {
-    at::Tensor labels;
-    if (o.likelihood() == "categorical") {
-      const at::Tensor probs =
-          at::softmax(out.reshape({-1, out.size(-1)}).to(at::kFloat), -1).cpu();
-      labels = at::multinomial(probs, 1, false, gen)
-                   .reshape(out.sizes().slice(0, out.dim() - 1))
-                   .to(out.device());
-    } else {
-      const at::Tensor noise = at::randn(out.sizes(), gen, at::TensorOptions().dtype(at::kFloat));
-      labels = out + noise.to(out.options());
-    }
-    passes.emplace_back(labels, weight);
+  for (size_t k = 0; k < p.targets.size(); ++k) {
+    passes.emplace_back(p.targets[k], p.weights.defined() ? p.weights[static_cast<int64_t>(k)]
+                                                          : at::Tensor());
   }
   return passes;
 }
@@ -294,28 +209,12 @@ void per_sample_path(const std::string& likelihood, const EWC::Forward& forward,
   }
 }
 
-// Running mean over batches (regularizers/ewc.py _weighted).
-at::Tensor weighted(const at::Tensor& old, const at::Tensor& fresh, int64_t n, int64_t seen) {
-  if (!old.defined()) return fresh;
-  const double w = static_cast<double>(seen) / static_cast<double>(seen + n);
-  return w * old + (1 - w) * fresh;
-}
-
 }  // namespace
 
 void validate(const EWCOptions& o) {
-  TORCH_CHECK(std::isfinite(o.lambda()) && o.lambda() >= 0, "Invalid lambda: ", o.lambda(),
-              " (expected a finite number >= 0)");
-  TORCH_CHECK(o.gamma() >= 0.0 && o.gamma() <= 1.0, "Invalid gamma: ", o.gamma(),
-              " (expected a number in [0, 1])");
-  TORCH_CHECK(o.mode() == "separate" || o.mode() == "online", "Invalid mode: '", o.mode(),
-              "' (expected one of 'separate', 'online')");
-  TORCH_CHECK(
-      o.fisher_type() == "empirical" || o.fisher_type() == "mc" || o.fisher_type() == "exact",
-      "Invalid fisher_type: '", o.fisher_type(), "' (expected one of 'empirical', 'mc', 'exact')");
-  TORCH_CHECK(o.likelihood() == "categorical" || o.likelihood() == "gaussian",
-              "Invalid likelihood: '", o.likelihood(),
-              "' (expected one of 'categorical', 'gaussian')");
+  ewc::check_options(o.lambda(), o.gamma(), o.mode());
+  likelihood::check_fisher_type(o.fisher_type());
+  likelihood::check_name(o.likelihood());
   TORCH_CHECK(o.mc_samples() >= 1, "Invalid mc_samples: ", o.mc_samples(),
               " (expected an int >= 1)");
 }
@@ -346,10 +245,14 @@ void EWC::consolidate(const std::vector<Batch>& batches, std::optional<at::Gener
   const size_t task_no = options_.mode() == "separate" ? tasks_.size() : 0;
   const std::string where = "EWC.consolidate (task " + std::to_string(task_no) + ")";
   TORCH_CHECK(!batches.empty(), where, ": data holds no samples");
-  const bool need_targets = options_.fisher_type() == "empirical";
-  for (size_t b = 0; b < batches.size(); ++b) {
-    check_batch(batches[b].first, batches[b].second, need_targets,
-                where + ", batch " + std::to_string(b));
+  for (size_t b = 0; b < batches.size(); ++b) {  // (missing targets: see label_passes)
+    const at::Tensor& y = batches[b].second;
+    try {
+      likelihood::check_batch(batches[b].first,
+                              y.defined() ? std::optional<at::Tensor>(y) : std::nullopt);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, where, ", batch ", b, ": ", e.msg());
+    }
   }
   const auto named = trainable();
   TORCH_CHECK(!named.empty(), where, ": the model has no trainable parameters");
@@ -376,10 +279,14 @@ void EWC::consolidate(const std::vector<Batch>& batches, std::optional<at::Gener
         if (linear.empty()) no_grad.emplace();
         out = forward_(x);
       }
-      if (batches[b].second.defined())
-        check_targets(options_.likelihood(), out, batches[b].second, at_batch);
-      const std::vector<Pass> passes =
-          pseudo_targets(options_, out.detach(), batches[b].second, generator, at_batch);
+      std::vector<Pass> passes;
+      try {  // the likelihood's errors, named with the task and batch
+        if (batches[b].second.defined())
+          likelihood::check_targets(options_.likelihood(), out, batches[b].second);
+        passes = label_passes(options_, out.detach(), batches[b].second, generator);
+      } catch (const c10::Error& e) {
+        TORCH_CHECK(false, at_batch, ": ", e.msg());
+      }
       std::vector<at::Tensor> mean(params.size());
       std::vector<bool> done(params.size(), false);
       linear_path(options_.likelihood(), linear, out, passes, params, mean, done);
@@ -387,7 +294,7 @@ void EWC::consolidate(const std::vector<Batch>& batches, std::optional<at::Gener
       per_sample_path(options_.likelihood(), forward_, x, passes, params, done, mean);
       for (size_t j = 0; j < params.size(); ++j) {
         estimator[named[j].first] = done[j] ? "linear_diag_fisher" : "per-sample autograd";
-        diag[j] = weighted(diag[j], mean[j], n, seen);
+        diag[j] = ewc::running_mean(diag[j], mean[j], n, seen);
       }
       seen += n;
     }
@@ -410,7 +317,7 @@ void EWC::consolidate(const std::vector<Batch>& batches, std::optional<at::Gener
     for (size_t j = 0; j < task.names.size(); ++j) {
       for (size_t k = 0; k < old.names.size(); ++k) {
         if (old.names[k] == task.names[j] && old.fisher[k].sizes() == task.fisher[j].sizes()) {
-          task.fisher[j] = options_.gamma() * old.fisher[k] + task.fisher[j];
+          task.fisher[j] = ewc::online_merge(options_.gamma(), old.fisher[k], task.fisher[j]);
         }
       }
     }

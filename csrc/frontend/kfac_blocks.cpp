@@ -161,20 +161,15 @@ KroneckerStatistics KroneckerBlock::prepare(const std::vector<torch::Tensor>& in
     s.grads = cat_rows(grads, d_out);
     s.input_rows = rows_of(s.inputs, d_in);
     s.grad_rows = s.grads.numel() / d_out;
-    const int64_t positions = s.input_rows / std::max<int64_t>(samples, 1);
-    const int64_t passes = s.grad_rows / std::max<int64_t>(s.input_rows, 1);
-    s.grad_scale = grad_scale * std::sqrt(static_cast<double>(std::max<int64_t>(positions, 1) *
-                                                              std::max<int64_t>(passes, 1)));
+    s.grad_scale = kfac::expand_grad_scale(grad_scale, samples, s.input_rows, s.grad_rows);
   } else if (kind_ == Kind::kConv2d) {
     s.inputs = inputs.size() == 1 ? inputs[0] : torch::cat(inputs);
     s.grads = grads.size() == 1 ? grads[0] : torch::cat(grads);
-    const int64_t positions = s.grads.size(2) * s.grads.size(3);
-    const int64_t passes =
-        std::max<int64_t>(s.grads.size(0) / std::max<int64_t>(s.inputs.size(0), 1), 1);
-    const int64_t rows = s.inputs.size(0) * positions;
-    s.grad_scale = grad_scale * std::sqrt(static_cast<double>(positions * passes));
-    s.input_rows = rows;
-    s.grad_rows = rows * passes;
+    const int64_t positions = s.grads.size(2) * s.grads.size(3);  // output pixels
+    s.input_rows = s.inputs.size(0) * positions;
+    s.grad_rows = s.grads.size(0) * positions;
+    s.grad_scale =
+        kfac::expand_grad_scale(grad_scale, s.inputs.size(0), s.input_rows, s.grad_rows);
   } else {
     const int64_t dim = weight_.size(1);
     std::vector<torch::Tensor> flat, rows;
@@ -182,13 +177,10 @@ KroneckerStatistics KroneckerBlock::prepare(const std::vector<torch::Tensor>& in
     for (const auto& t : grads) rows.push_back(t.reshape({-1, dim}));
     s.inputs = torch::cat(flat);
     s.grads = torch::cat(rows);
-    const int64_t n = s.inputs.numel();
-    const int64_t positions = n / std::max<int64_t>(count_samples(inputs), 1);
-    const int64_t passes = std::max<int64_t>(s.grads.size(0) / std::max<int64_t>(n, 1), 1);
-    s.grad_scale =
-        grad_scale * std::sqrt(static_cast<double>(std::max<int64_t>(positions, 1) * passes));
-    s.input_rows = n;
+    s.input_rows = s.inputs.numel();
     s.grad_rows = s.grads.size(0);
+    s.grad_scale =
+        kfac::expand_grad_scale(grad_scale, count_samples(inputs), s.input_rows, s.grad_rows);
   }
   return s;
 }

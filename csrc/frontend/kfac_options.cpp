@@ -5,6 +5,7 @@
 
 #include <torch/optim/serialize.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -85,46 +86,61 @@ void KFACParamState::serialize(torch::serialize::InputArchive& archive) {
 
 namespace {
 
-std::string where(const char* name, std::optional<size_t> group) {
+std::string where(const std::string& name, std::optional<size_t> group) {
   std::ostringstream out;
   out << name;
   if (group.has_value()) out << " in param group " << *group;
   return out.str();
 }
 
-// value in [low, high] with optional open ends, finite; the message names the option.
-void check_range(const char* name, double value, std::optional<size_t> group, double low,
-                 bool low_open, std::optional<double> high = std::nullopt, bool high_open = false) {
+// kfac::option_bound(name)'s range, finite (a whole number for the periods); the message names
+// the option.
+void check_range(const std::string& name, double value, std::optional<size_t> group) {
+  const kfac::OptionBound& b = kfac::option_bound(name);
   const std::string label = where(name, group);
   TORCH_CHECK(std::isfinite(value), "Invalid ", label, ": ", value, " (expected a finite number)");
-  TORCH_CHECK(!(value < low || (low_open && value == low)), "Invalid ", label, ": ", value,
-              " (must be ", low_open ? "> " : ">= ", low, ")");
-  if (high.has_value()) {
-    TORCH_CHECK(!(value > *high || (high_open && value == *high)), "Invalid ", label, ": ", value,
-                " (must be ", high_open ? "< " : "<= ", *high, ")");
+  TORCH_CHECK(!b.integer || value == std::floor(value), "Invalid ", label, ": ", value,
+              " (expected a whole number)");
+  TORCH_CHECK(!(value < b.low || (b.low_open && value == b.low)), "Invalid ", label, ": ", value,
+              " (must be ", b.low_open ? "> " : ">= ", b.low, ")");
+  TORCH_CHECK(!(value > b.high || (b.high_open && value == b.high)), "Invalid ", label, ": ",
+              value, " (must be ", b.high_open ? "< " : "<= ", b.high, ")");
+}
+
+void check_choice(const std::string& name, const std::string& value) {
+  const auto& choices = kfac::option_choices(name);
+  if (std::find(choices.begin(), choices.end(), value) != choices.end()) return;
+  std::ostringstream expected;
+  for (size_t i = 0; i < choices.size(); ++i) {
+    expected << (i == 0 ? "'" : i + 1 == choices.size() ? " or '" : ", '") << choices[i] << "'";
   }
+  TORCH_CHECK(false, "Invalid ", name, ": '", value, "' (expected ", expected.str(), ")");
+}
+
+// The value of one numeric option by its kfac::option_bounds() name (kl_clip when given).
+std::optional<double> option_value(const KFACOptions& o, const std::string& name) {
+  if (name == "lr") return o.lr();
+  if (name == "momentum") return o.momentum();
+  if (name == "weight_decay") return o.weight_decay();
+  if (name == "damping") return o.damping();
+  if (name == "factor_decay") return o.factor_decay();
+  if (name == "factor_update_period") return static_cast<double>(o.factor_update_period());
+  if (name == "inverse_update_period") return static_cast<double>(o.inverse_update_period());
+  TORCH_CHECK(name == "kl_clip", "KFACOptions has no option named '", name, "'");
+  return o.kl_clip();
 }
 
 }  // namespace
 
 void check_options(const KFACOptions& o, std::optional<size_t> group) {
-  check_range("lr", o.lr(), group, 0.0, false);
-  check_range("momentum", o.momentum(), group, 0.0, false, 1.0, true);
-  check_range("weight_decay", o.weight_decay(), group, 0.0, false);
-  check_range("damping", o.damping(), group, 0.0, true);
+  for (const auto& bound : kfac::option_bounds()) {
+    if (group.has_value() && !bound.per_group) continue;
+    const std::optional<double> value = option_value(o, bound.name);
+    if (value.has_value()) check_range(bound.name, *value, group);
+  }
   if (group.has_value()) return;
-  check_range("factor_decay", o.factor_decay(), group, 0.0, false, 1.0, true);
-  TORCH_CHECK(o.factor_update_period() >= 1,
-              "Invalid factor_update_period: ", o.factor_update_period(), " (must be >= 1)");
-  TORCH_CHECK(o.inverse_update_period() >= 1,
-              "Invalid inverse_update_period: ", o.inverse_update_period(), " (must be >= 1)");
-  if (o.kl_clip().has_value()) check_range("kl_clip", *o.kl_clip(), group, 0.0, true);
-  TORCH_CHECK(o.inverse_method() == "eigen" || o.inverse_method() == "inverse",
-              "Invalid inverse_method: '", o.inverse_method(), "' (expected 'eigen' or 'inverse')");
-  TORCH_CHECK(o.loss_reduction() == "mean" || o.loss_reduction() == "sum" ||
-                  o.loss_reduction() == "token_mean",
-              "Invalid loss_reduction: '", o.loss_reduction(),
-              "' (expected 'mean', 'sum' or 'token_mean')");
+  check_choice("inverse_method", o.inverse_method());
+  check_choice("loss_reduction", o.loss_reduction());
 }
 
 }  // namespace natgrad::optim

@@ -62,6 +62,55 @@ at::Tensor statistics_ok(const at::Tensor& inputs, const at::Tensor& grad_output
   return ok;
 }
 
+// ---- hyperparameters -----------------------------------------------------------------------
+
+const std::vector<OptionBound>& option_bounds() {
+  constexpr double kNone = std::numeric_limits<double>::infinity();
+  static const std::vector<OptionBound> bounds = {
+      // name, low, low_open, high, high_open, integer, per_group
+      {"lr", 0.0, false, kNone, false, false, true},
+      {"momentum", 0.0, false, 1.0, true, false, true},
+      {"weight_decay", 0.0, false, kNone, false, false, true},
+      {"damping", 0.0, true, kNone, false, false, true},
+      {"factor_decay", 0.0, false, 1.0, true, false, false},
+      {"factor_update_period", 1.0, false, kNone, false, true, false},
+      {"inverse_update_period", 1.0, false, kNone, false, true, false},
+      {"kl_clip", 0.0, true, kNone, false, false, false},
+  };
+  return bounds;
+}
+
+const OptionBound& option_bound(const std::string& name) {
+  for (const auto& bound : option_bounds()) {
+    if (bound.name == name) return bound;
+  }
+  TORCH_CHECK(false, "no K-FAC hyperparameter is named '", name, "'");
+}
+
+const std::vector<std::string>& option_choices(const std::string& name) {
+  static const std::vector<std::string> inverse_method = {"eigen", "inverse"};
+  static const std::vector<std::string> loss_reduction = {"mean", "sum", "token_mean"};
+  if (name == "inverse_method") return inverse_method;
+  TORCH_CHECK(name == "loss_reduction", "no K-FAC choice option is named '", name, "'");
+  return loss_reduction;
+}
+
+namespace {
+
+// TORCH_CHECK that `value` is one of option_choices(name): "<name> must be 'a', 'b' or 'c',
+// got '<value>'".
+void check_choice(const std::string& name, const std::string& value) {
+  const auto& choices = option_choices(name);
+  if (std::find(choices.begin(), choices.end(), value) != choices.end()) return;
+  std::string expected;
+  for (size_t i = 0; i < choices.size(); ++i) {
+    expected += (i == 0 ? "'" : i + 1 == choices.size() ? " or '" : ", '") + choices[i] + "'";
+  }
+  TORCH_CHECK(false, name, " must be ", expected, ", got '", value, "'");
+}
+
+}  // namespace
+
 // ---- rows and the sample scale -------------------------------------------------------------
 
 namespace {
@@ -106,8 +155,7 @@ int64_t conv_rows(at::IntArrayRef input_shape, at::IntArrayRef kernel_size, at::
 int64_t embedding_rows(at::IntArrayRef input_shape) { return product(input_shape); }
 
 double sample_scale(int64_t samples, int64_t rows, const std::string& loss_reduction) {
-  TORCH_CHECK(loss_reduction == "mean" || loss_reduction == "sum" || loss_reduction == "token_mean",
-              "loss_reduction must be 'mean', 'sum' or 'token_mean', got '", loss_reduction, "'");
+  check_choice("loss_reduction", loss_reduction);
   TORCH_CHECK(samples >= 0 && rows >= 0, "samples and rows must be >= 0, got ", samples, " and ",
               rows);
   if (loss_reduction == "sum") return 1.0;
@@ -115,11 +163,20 @@ double sample_scale(int64_t samples, int64_t rows, const std::string& loss_reduc
   return std::sqrt(static_cast<double>(samples * rows));
 }
 
+double expand_grad_scale(double grad_scale, int64_t samples, int64_t input_rows,
+                         int64_t grad_rows) {
+  TORCH_CHECK(samples >= 0 && input_rows >= 0 && grad_rows >= 0,
+              "samples, input_rows and grad_rows must be >= 0, got ", samples, ", ", input_rows,
+              " and ", grad_rows);
+  const int64_t positions = std::max<int64_t>(input_rows / std::max<int64_t>(samples, 1), 1);
+  const int64_t passes = std::max<int64_t>(grad_rows / std::max<int64_t>(input_rows, 1), 1);
+  return grad_scale * std::sqrt(static_cast<double>(positions * passes));
+}
+
 // ---- pi correction and damping -------------------------------------------------------------
 
 bool pi_correction_enabled(const std::string& inverse_method, std::optional<bool> pi_correction) {
-  TORCH_CHECK(inverse_method == "eigen" || inverse_method == "inverse",
-              "inverse_method must be 'eigen' or 'inverse', got '", inverse_method, "'");
+  check_choice("inverse_method", inverse_method);
   return pi_correction.has_value() ? *pi_correction : inverse_method == "inverse";
 }
 
@@ -323,6 +380,17 @@ std::string fault_message_op(const std::string& optimizer, int64_t fault, const 
 
 double fsum_op(at::ArrayRef<double> values) { return fsum(values); }
 
+std::vector<std::string> option_names_op() {
+  std::vector<std::string> names;
+  for (const auto& bound : option_bounds()) names.push_back(bound.name);
+  return names;
+}
+
+std::tuple<double, bool, double, bool, bool, bool> option_bound_op(const std::string& name) {
+  const OptionBound& b = option_bound(name);
+  return {b.low, b.low_open, b.high, b.high_open, b.integer, b.per_group};
+}
+
 }  // namespace
 
 // Host-side rules on numbers (and one 0-d tensor reduction): one registration serves every
@@ -335,6 +403,7 @@ TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
   m.impl("kfac_conv_rows", &conv_rows);
   m.impl("kfac_embedding_rows", &embedding_rows);
   m.impl("kfac_sample_scale", &sample_scale);
+  m.impl("kfac_expand_grad_scale", &expand_grad_scale);
   m.impl("kfac_pi_correction", &pi_correction_enabled);
   m.impl("kfac_damping", &resolved_damping);
   m.impl("kfac_adapt_damping", &adapt_damping_op);
@@ -345,6 +414,9 @@ TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
   m.impl("kfac_fault_message", &fault_message_op);
   m.impl("kfac_conv_unsupported_reason", &conv_unsupported_reason);
   m.impl("kfac_embedding_unsupported_reason", &embedding_unsupported_reason);
+  m.impl("kfac_option_names", &option_names_op);
+  m.impl("kfac_option_bound", &option_bound_op);
+  m.impl("kfac_option_choices", &option_choices);
 }
 
 }  // namespace natgrad::kfac

@@ -8,11 +8,15 @@
 //                      the inputs and rows * max(grad_scale^2, 1) for the output gradients
 //   rows               samples x weight-sharing positions of one forward call's input
 //   sample scale       the factor that turns captured output gradients into per-sample ones
+//   expand scale       the KFC ("expand") scale of a block's statistics: every position (and
+//                      every extra backward pass) is a Fisher sample of its own
 //   pi and damping     whether pi correction is on; the damping a step uses; the
 //                      Levenberg-Marquardt adaptation of its multiplier
 //   trust region       nu from the <u, g> and <b, g> the directions ops return
 //   faults             the class of each fault flag, and the warning that names it
 //   unsupported layers why a Conv2d or an Embedding gets no Kronecker block
+//   hyperparameters    the range of every numeric hyperparameter both frontends take, which of
+//                      them a param group may override, and the values of the choice options
 #pragma once
 
 #include <ATen/ATen.h>
@@ -65,6 +69,12 @@ int64_t embedding_rows(at::IntArrayRef input_shape);
 // The per-sample scale of captured output gradients: 1 for "sum", samples for "mean" and
 // sqrt(samples * rows) for "token_mean" (a mean over every row, each row then one Fisher sample).
 double sample_scale(int64_t samples, int64_t rows, const std::string& loss_reduction);
+
+// The scale of a block's captured output gradients in the KFC ("expand") form: per-sample scale
+// times sqrt(positions * passes), where positions = input_rows / samples (rows of the layer's
+// input per sample: tokens, output pixels) and passes = grad_rows / input_rows (backward passes
+// per forward row), both floor divisions by at least 1 and counted as at least 1.
+double expand_grad_scale(double grad_scale, int64_t samples, int64_t input_rows, int64_t grad_rows);
 
 // ---- pi correction and damping -------------------------------------------------------------
 
@@ -149,5 +159,30 @@ std::string conv_unsupported_reason(int64_t groups, const std::string& padding,
 
 // Why an Embedding gets no Kronecker block ("" when it gets one).
 std::string embedding_unsupported_reason(bool sparse, bool max_norm);
+
+// ---- hyperparameters -----------------------------------------------------------------------
+
+// The range of one numeric hyperparameter: finite, in [low, high] with optional open ends
+// (high = +inf: no upper bound), a whole number when `integer` (the update periods).
+struct OptionBound {
+  std::string name;
+  double low;
+  bool low_open;
+  double high;
+  bool high_open;
+  bool integer;
+  bool per_group;  // a param group may carry its own value
+};
+
+// lr, momentum, weight_decay, damping (the per-group ones), then factor_decay,
+// factor_update_period, inverse_update_period and kl_clip (checked when given).
+const std::vector<OptionBound>& option_bounds();
+
+// The entry of option_bounds() named `name` (TORCH_CHECK on an unknown name).
+const OptionBound& option_bound(const std::string& name);
+
+// The values a choice option takes: "inverse_method" ("eigen", "inverse") and
+// "loss_reduction" ("mean", "sum", "token_mean") (TORCH_CHECK on an unknown name).
+const std::vector<std::string>& option_choices(const std::string& name);
 
 }  // namespace natgrad::kfac

@@ -16,17 +16,17 @@ of per-sample negative log-likelihoods ``ℓ(f(x), y)``. A :class:`Likelihood` k
   per output element with target ``f − e_k`` (unit Gaussian) ("exact").
 
 KFAC's Monte-Carlo Fisher, the score rows behind ``compute_fisher`` and ``NaturalGradient``,
-the K-FAC structure of ``compute_fisher`` and ``EWC`` all draw on these objects.
+the K-FAC structure of ``compute_fisher`` and ``EWC`` all draw on these objects. The rules are
+written once, in C++ (csrc/likelihood/likelihood.h), and shared with the C++ frontend's
+``natgrad::EWC``; these objects reach them through the ``torch.ops.natgrad.likelihood_*`` ops.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from natgrad._vocabulary import FISHER_TYPES, check_choice
+from natgrad import _C  # noqa: F401  (loads the operator registrations)
+from natgrad._vocabulary import check_choice
 
 __all__ = ["LIKELIHOODS", "Categorical", "Gaussian", "Likelihood", "get_likelihood"]
 
@@ -34,55 +34,50 @@ Pass = tuple[Tensor, Tensor | None]  # (targets, per-sample gradient weight or N
 
 
 class Likelihood:
-    """Base class; see the module docstring."""
+    """One output distribution (see the module docstring); :data:`LIKELIHOODS` holds the two
+    natgrad supports, ``"categorical"`` and ``"gaussian"``.
+    """
 
     name = ""
 
     def check(self, output: Tensor, target: Tensor, what: str = "targets") -> None:
         """Raises ValueError naming ``what`` unless ``target`` fits ``output`` ([n, ...])."""
-        raise NotImplementedError
+        if not isinstance(target, Tensor):
+            raise TypeError(f"{what} must be a Tensor, got {type(target).__name__}")
+        torch.ops.natgrad.likelihood_check_targets(self.name, output, target, what)
 
     def nll(self, output: Tensor, target: Tensor, reduction: str = "sum") -> Tensor:
         """Negative log-likelihood (up to constants) summed over each sample's positions, then
         reduced over samples (dim 0): "none" ([n]), "sum" or "mean".
         """
-        per_sample = self._per_sample_nll(output, target)
+        per_sample = torch.ops.natgrad.likelihood_nll(self.name, output, target)
         if reduction == "none":
             return per_sample
         return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
     def weighted_nll(self, output: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
         """``Σ_n w_n ℓ_n``: its gradient w.r.t. ``output[n]`` is ``w_n ∇ℓ_n``."""
-        per_sample = self._per_sample_nll(output, target)
+        per_sample = torch.ops.natgrad.likelihood_nll(self.name, output, target)
         return per_sample.sum() if weight is None else (per_sample * weight).sum()
 
     def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Labels drawn from the predictive distribution at ``output`` (no gradient)."""
-        raise NotImplementedError
-
-    def exact_passes(self, output: Tensor) -> list[Pass]:
-        """Passes whose weighted gradients give the exact (expected) Fisher."""
-        raise NotImplementedError
+        """Labels drawn from the predictive distribution at ``output`` (no gradient); the
+        generator is a CPU generator whatever the outputs' device.
+        """
+        return torch.ops.natgrad.likelihood_sample(self.name, output, generator)
 
     def pseudo_targets(self, output: Tensor, fisher_type: str, targets: Tensor | None = None,
                        mc_samples: int = 1, generator: torch.Generator | None = None) -> list[Pass]:
         """The (targets, weight) passes of ``fisher_type`` (see the module docstring)."""
-        check_choice("fisher_type", fisher_type, FISHER_TYPES)
-        if fisher_type == "empirical":
-            if targets is None:
-                raise ValueError("targets are required for fisher_type='empirical'")
-            self.check(output, targets)
-            return [(targets, None)]
-        output = output.detach()
-        if fisher_type == "exact":
-            return self.exact_passes(output)
-        check_count("mc_samples", mc_samples)
-        weight = None if mc_samples == 1 else torch.full(
-            (output.shape[0],), 1.0 / math.sqrt(mc_samples), dtype=output.dtype, device=output.device)
-        return [(self.sample(output, generator), weight) for _ in range(mc_samples)]
-
-    def _per_sample_nll(self, output: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
+        if not isinstance(fisher_type, str):
+            raise ValueError(f"Invalid fisher_type: {fisher_type!r} (expected one of 'empirical', 'mc', 'exact')")
+        if fisher_type == "mc":
+            check_count("mc_samples", mc_samples)
+        if targets is not None and not isinstance(targets, Tensor):
+            raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
+        labels, weights = torch.ops.natgrad.likelihood_pseudo_targets(
+            self.name, output, fisher_type, targets, int(mc_samples) if fisher_type == "mc" else 1, generator)
+        return [(t, None if weights is None else weights[k]) for k, t in enumerate(labels)]
 
 
 def check_count(name: str, value: object) -> None:
@@ -91,62 +86,10 @@ def check_count(name: str, value: object) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (expected an int >= 1)")
 
 
-def _sum_per_sample(values: Tensor) -> Tensor:
-    """``[n, ...] -> [n]``, summing each sample's positions (also for n = 0, where a reshape to
-    ``[0, -1]`` is ambiguous).
-    """
-    return values.flatten(1).sum(1) if values.dim() > 1 else values
-
-
-def _check_batch(output: Tensor, target: Tensor, what: str) -> None:
-    if not isinstance(target, Tensor):
-        raise TypeError(f"{what} must be a Tensor, got {type(target).__name__}")
-    if output.dim() == 0:
-        raise ValueError("the model's output must have a batch dimension, got a 0-d tensor")
-    if target.dim() == 0 or target.shape[0] != output.shape[0]:
-        raise ValueError(f"{what} must have one entry per sample: got shape {tuple(target.shape)} "
-                         f"for outputs of shape {tuple(output.shape)}")
-
-
 class Categorical(Likelihood):
     """Logits ``[n, ..., C]``, integer class targets ``[n, ...]`` (cross-entropy)."""
 
     name = "categorical"
-
-    def check(self, output, target, what="targets"):
-        _check_batch(output, target, what)
-        if target.dtype in (torch.bool,) or target.is_floating_point() or target.is_complex():
-            raise ValueError(f"{what} must hold integer class indices for the categorical "
-                             f"likelihood, got dtype {target.dtype}")
-        if tuple(target.shape) != tuple(output.shape[:-1]):
-            raise ValueError(f"{what} must have shape {tuple(output.shape[:-1])} (the logits' shape "
-                             f"without the class dim) for logits {tuple(output.shape)}, got "
-                             f"{tuple(target.shape)}")
-        if target.numel() and target.device.type != "meta":
-            low, high = int(target.min()), int(target.max())
-            if low < 0 or high >= output.shape[-1]:
-                raise ValueError(f"{what} must be class indices in [0, {output.shape[-1]}), got "
-                                 f"values in [{low}, {high}]")
-
-    def _per_sample_nll(self, output, target):
-        classes = output.shape[-1]
-        per_row = F.cross_entropy(output.reshape(-1, classes), target.reshape(-1), reduction="none")
-        return _sum_per_sample(per_row.reshape(output.shape[:-1]))
-
-    def sample(self, output, generator=None):
-        flat = output.detach().reshape(-1, output.shape[-1])
-        probs = torch.softmax(torch.nan_to_num(flat.float()), -1).cpu()  # CPU: the generator is a CPU one
-        labels = torch.multinomial(probs, 1, generator=generator).reshape(output.shape[:-1])
-        return labels.to(output.device)
-
-    def exact_passes(self, output):
-        if output.dim() != 2:
-            raise ValueError("fisher_type='exact' with the categorical likelihood needs logits "
-                             f"[n, classes], got {tuple(output.shape)}")
-        probs = torch.softmax(output, -1)
-        n = output.shape[0]
-        return [(torch.full((n,), c, dtype=torch.long, device=output.device), probs[:, c].sqrt())
-                for c in range(output.shape[1])]
 
 
 class Gaussian(Likelihood):
@@ -155,29 +98,6 @@ class Gaussian(Likelihood):
     """
 
     name = "gaussian"
-
-    def check(self, output, target, what="targets"):
-        _check_batch(output, target, what)
-        if not target.is_floating_point():
-            raise ValueError(f"{what} must be floating point for the Gaussian likelihood, got "
-                             f"{target.dtype}")
-        if tuple(target.shape) != tuple(output.shape):
-            raise ValueError(f"{what} must have the outputs' shape {tuple(output.shape)} for the "
-                             f"Gaussian likelihood, got {tuple(target.shape)} (broadcasting would "
-                             "silently change the Fisher; reshape one of them)")
-
-    def _per_sample_nll(self, output, target):
-        return _sum_per_sample(0.5 * (output - target).pow(2))
-
-    def sample(self, output, generator=None):
-        noise = torch.randn(output.shape, generator=generator, dtype=torch.float32)
-        return torch.nan_to_num(output.detach()) + noise.to(device=output.device, dtype=output.dtype)
-
-    def exact_passes(self, output):
-        # E[(y−f)(y−f)ᵀ] = I: one pass per output element k, target f − e_k (gradient Jᵀe_k).
-        size = math.prod(output.shape[1:])
-        eye = torch.eye(size, dtype=output.dtype, device=output.device)
-        return [(output - eye[k].reshape(output.shape[1:]), None) for k in range(size)]
 
 
 LIKELIHOODS = {"categorical": Categorical(), "gaussian": Gaussian()}

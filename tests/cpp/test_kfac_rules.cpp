@@ -88,6 +88,18 @@ TEST(KfacRules, SampleScaleFollowsTheLossReduction) {
   EXPECT_THROW(kfac::sample_scale(1, 1, "max"), c10::Error);
 }
 
+TEST(KfacRules, ExpandScaleCountsEveryPositionAndPassAsASample) {
+  // 4 samples of 6 tokens, one backward pass: sqrt(6).
+  EXPECT_EQ(kfac::expand_grad_scale(2.0, 4, 24, 24), 2.0 * std::sqrt(6.0));
+  // Two backward passes per forward row (e.g. a sampled-label pass and the data pass).
+  EXPECT_EQ(kfac::expand_grad_scale(2.0, 4, 24, 48), 2.0 * std::sqrt(12.0));
+  // One row per sample and one pass: the scale is unchanged.
+  EXPECT_EQ(kfac::expand_grad_scale(3.0, 5, 5, 5), 3.0);
+  // Empty captures count as one position and one pass.
+  EXPECT_EQ(kfac::expand_grad_scale(3.0, 0, 0, 0), 3.0);
+  EXPECT_THROW(kfac::expand_grad_scale(1.0, -1, 1, 1), c10::Error);
+}
+
 TEST(KfacRules, PiCorrectionDefaultsToOnForInversesOnly) {
   EXPECT_TRUE(kfac::pi_correction_enabled("inverse", std::nullopt));
   EXPECT_FALSE(kfac::pi_correction_enabled("eigen", std::nullopt));

@@ -102,7 +102,7 @@ class ImplicitFisher(FisherMatrix):
         if self.fisher_type == "exact":
             return (torch.softmax(out, -1) if isinstance(self.likelihood, Categorical) else None), []
         if self.fisher_type == "empirical" and self.loss_fn is None:
-            self.likelihood.check(out, y)
+            self.likelihood.check(out, cast(Tensor, y))
         # check_request made sure "empirical" has targets
         passes = [(cast(Tensor, y), None)] if self.fisher_type == "empirical" else \
             self.likelihood.pseudo_targets(out, "mc", None, draws, generator)

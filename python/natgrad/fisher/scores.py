@@ -38,25 +38,18 @@ def check_params(params: Sequence[Tensor]) -> None:
 
 
 def check_inputs(inputs: Tensor, targets: Tensor | None, what: str = "inputs") -> None:
-    """A non-empty batch of finite inputs (and finite float targets) with matching lengths."""
+    """A non-empty batch of finite inputs (and finite float targets) with matching lengths: the
+    one check of a Fisher estimate's data (``torch.ops.natgrad.likelihood_check_batch``, shared
+    with the C++ frontend), after the Python types.
+    """
     if not isinstance(inputs, Tensor):
         raise TypeError(f"{what} must be a Tensor, got {type(inputs).__name__}")
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"{what} holds no samples (shape {tuple(inputs.shape)}); at least one is needed")
+    if targets is not None and not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
     for name, t in ((what, inputs), ("targets", targets)):
         if isinstance(t, Tensor) and t.device.type == "meta":
             raise ValueError(f"{name} is a meta tensor (shapes only, no values): a Fisher needs data")
-    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
-        raise ValueError(f"{what} hold NaN or Inf")
-    if targets is None:
-        return
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
-    if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
-        raise ValueError(f"targets must have one entry per input: got shape {tuple(targets.shape)} "
-                         f"for {inputs.shape[0]} inputs")
-    if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
-        raise ValueError("targets hold NaN or Inf")
+    torch.ops.natgrad.likelihood_check_batch(inputs, targets, what)
 
 
 def check_request(model: nn.Module, inputs: Tensor, targets: Tensor | None, fisher_type: str,

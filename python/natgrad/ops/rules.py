@@ -7,7 +7,8 @@ Each rule is written once, in C++; these wrappers reach it through ``torch.ops.n
   and no Gram sum of the update can overflow the factor dtype,
   ``max|t|² · count < finfo(factor_dtype).max / 4``.
 * Rows and the sample scale: :func:`kfac_linear_rows`, :func:`kfac_conv_rows`,
-  :func:`kfac_embedding_rows` (rows of one forward call's input), :func:`kfac_sample_scale`.
+  :func:`kfac_embedding_rows` (rows of one forward call's input), :func:`kfac_sample_scale`,
+  :func:`kfac_expand_grad_scale`.
 * π and damping: :func:`kfac_pi_correction`, :func:`kfac_damping`, :func:`kfac_adapt_damping`.
 * Trust region: :func:`kfac_trust_region` (ν from the ``⟨u, g⟩`` and ``⟨b, g⟩`` the directions ops
   return), :func:`kfac_fsum`.
@@ -15,6 +16,8 @@ Each rule is written once, in C++; these wrappers reach it through ``torch.ops.n
   :func:`kfac_fault_message`.
 * Unsupported layers: :func:`kfac_conv_unsupported_reason`,
   :func:`kfac_embedding_unsupported_reason`.
+* Hyperparameters: :func:`kfac_option_bounds` (every numeric hyperparameter's range, and which a
+  param group may override), :func:`kfac_option_choices`.
 
 All but the statistics bound take and return host numbers; the bound returns a 0-d bool tensor on
 the statistics' device (no host read). Not differentiable.
@@ -33,6 +36,7 @@ from natgrad import _C  # noqa: F401  (loads the operator registrations)
 __all__ = [
     "DampingAdaptation",
     "Fault",
+    "OptionBound",
     "TrustRegion",
     "kfac_adapt_damping",
     "kfac_conv_rows",
@@ -41,10 +45,13 @@ __all__ = [
     "kfac_direction_faults",
     "kfac_embedding_rows",
     "kfac_embedding_unsupported_reason",
+    "kfac_expand_grad_scale",
     "kfac_factor_faults",
     "kfac_fault_message",
     "kfac_fsum",
     "kfac_linear_rows",
+    "kfac_option_bounds",
+    "kfac_option_choices",
     "kfac_peak_bounded",
     "kfac_pi_correction",
     "kfac_sample_scale",
@@ -71,6 +78,23 @@ class DampingAdaptation(NamedTuple):
 
     multiplier: float  #: the new damping multiplier, in [1e-8, 1e8]
     ratio: float  #: the reduction ratio ρ (-inf when the model predicts no decrease)
+
+
+class OptionBound(NamedTuple):
+    """The range of one numeric hyperparameter (:func:`kfac_option_bounds`)."""
+
+    low: float  #: the lower end
+    low_open: bool  #: whether ``low`` itself is excluded
+    high: float | None  #: the upper end (None: unbounded)
+    high_open: bool  #: whether ``high`` itself is excluded
+    integer: bool  #: a whole number (the update periods)
+    per_group: bool  #: a param group may carry its own value
+
+    def check_kwargs(self) -> dict:
+        """The keywords of :func:`natgrad.optim._hyper.check_number` that enforce this range."""
+        low = int(self.low) if self.integer else self.low
+        return dict(low=low, low_open=self.low_open, high=self.high, high_open=self.high_open,
+                    integer=self.integer)
 
 
 class TrustRegion(NamedTuple):
@@ -134,9 +158,11 @@ def _peak_bounded_fake(peak, count, factor_dtype):
 # The rules on host numbers compute the same values under torch.compile and FakeTensorMode:
 # their fake kernel is the C++ kernel itself (no tensor is involved).
 _HOST_RULES = ("kfac_statistics_limit", "kfac_linear_rows", "kfac_conv_rows", "kfac_embedding_rows",
-               "kfac_sample_scale", "kfac_pi_correction", "kfac_damping", "kfac_adapt_damping",
+               "kfac_sample_scale", "kfac_expand_grad_scale", "kfac_pi_correction", "kfac_damping",
+               "kfac_adapt_damping",
                "kfac_fsum", "kfac_trust_region", "kfac_direction_faults", "kfac_factor_faults",
-               "kfac_fault_message", "kfac_conv_unsupported_reason", "kfac_embedding_unsupported_reason")
+               "kfac_fault_message", "kfac_conv_unsupported_reason", "kfac_embedding_unsupported_reason",
+               "kfac_option_names", "kfac_option_bound", "kfac_option_choices", "ewc_check_options")
 _COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 
 
@@ -177,6 +203,16 @@ def kfac_sample_scale(samples: int, rows: int, loss_reduction: str) -> float:
     Fisher sample); ``rows`` matters for "token_mean" only.
     """
     return _ops.kfac_sample_scale(int(samples), int(rows), loss_reduction)
+
+
+def kfac_expand_grad_scale(grad_scale: float, samples: int, input_rows: int, grad_rows: int) -> float:
+    """The scale of a block's captured output gradients in the KFC ("expand") form:
+    ``grad_scale · sqrt(positions · passes)``, with ``positions = input_rows // samples`` (the
+    layer's input rows per sample: tokens, output pixels) and ``passes = grad_rows // input_rows``
+    (backward passes per forward row), each divisor and each count at least 1. Every position
+    and every extra pass is then one Fisher sample of its own.
+    """
+    return _ops.kfac_expand_grad_scale(float(grad_scale), int(samples), int(input_rows), int(grad_rows))
 
 
 # ---- π correction and damping -------------------------------------------------------------------
@@ -276,3 +312,23 @@ def kfac_conv_unsupported_reason(groups: int, padding: object, padding_mode: str
 def kfac_embedding_unsupported_reason(sparse: bool, max_norm: bool) -> str | None:
     """Why an Embedding gets no Kronecker block (None when it gets one)."""
     return _ops.kfac_embedding_unsupported_reason(bool(sparse), bool(max_norm)) or None
+
+
+# ---- hyperparameters ----------------------------------------------------------------------------
+
+def kfac_option_bounds() -> dict[str, OptionBound]:
+    """The range of every numeric hyperparameter both frontends take, by name: lr, momentum,
+    weight_decay and damping (which a param group may override), factor_decay,
+    factor_update_period, inverse_update_period and kl_clip (checked when given).
+    """
+    bounds = {}
+    for name in _ops.kfac_option_names():
+        low, low_open, high, high_open, integer, per_group = _ops.kfac_option_bound(name)
+        bounds[name] = OptionBound(low, low_open, None if high == float("inf") else high, high_open,
+                                   integer, per_group)
+    return bounds
+
+
+def kfac_option_choices(name: str) -> tuple[str, ...]:
+    """The values a choice option takes: ``"inverse_method"`` or ``"loss_reduction"``."""
+    return tuple(_ops.kfac_option_choices(name))

@@ -23,9 +23,19 @@ __all__ = ["KFAC"]
 STATE_KEY = "kfac"  # the optimizer-level entry in state_dict()
 _STATE_ENTRIES = ("steps", "damping_multiplier", "faults", "ladder", "generator", "blocks")
 _GROUP_DEFAULTS = ("lr", "momentum", "weight_decay", "damping")
-_GROUP_BOUNDS = {"lr": dict(low=0.0), "momentum": dict(low=0.0, high=1.0, high_open=True),
-                 "weight_decay": dict(low=0.0),
-                 "damping": dict(low=0.0, low_open=True, allow_callable=True)}
+_BOUNDS = {name: bound.check_kwargs() for name, bound in ops.kfac_option_bounds().items()}
+_SCHEDULED = {"damping", "factor_update_period", "inverse_update_period", "kl_clip"}  # callables allowed
+_GROUP_BOUNDS = {name: dict(_BOUNDS[name], allow_callable=name in _SCHEDULED)
+                 for name, bound in ops.kfac_option_bounds().items() if bound.per_group}
+
+
+def _resolve(name: str, value: Schedule | None, step: int) -> Any:
+    """A scheduled hyperparameter's value at ``step``, checked against its bounds (kl_clip may be
+    None).
+    """
+    if name == "kl_clip":
+        return resolved_number(name, value, step, allow_none=True, **_BOUNDS[name])
+    return resolved_number(name, value, step, **_BOUNDS[name])
 
 
 class KFAC(Optimizer):
@@ -207,7 +217,7 @@ class KFAC(Optimizer):
         return self._is_factor_step(self._steps)
 
     def _is_factor_step(self, step: int) -> bool:
-        period = resolved_number("factor_update_period", self.factor_update_period, step, low=1, integer=True)
+        period = _resolve("factor_update_period", self.factor_update_period, step)
         return step % period == 0
 
     def remove_hooks(self) -> None:
@@ -296,7 +306,7 @@ class KFAC(Optimizer):
             else:
                 estimator.clear()
         with record_function("natgrad.KFAC.inverse_update"):
-            period = resolved_number("inverse_update_period", self.inverse_update_period, k, low=1, integer=True)
+            period = _resolve("inverse_update_period", self.inverse_update_period, k)
             estimator.update_decompositions(k % period == 0, self.inverse_method, self._block_damping,
                                             self.pi_correction, self.warm_refreshes)
         with record_function("natgrad.KFAC.precondition"):
@@ -305,7 +315,7 @@ class KFAC(Optimizer):
                                        self._momentum_buffer if cross else None)
             updates, grads = estimator.directions(params, skipped, request)
         with record_function("natgrad.KFAC.trust_region"):
-            kl_clip = resolved_number("kl_clip", self.kl_clip, k, low=0.0, low_open=True, allow_none=True)
+            kl_clip = _resolve("kl_clip", self.kl_clip, k)
             nu = self._trust_region.scale(kl_clip, updates, grads, self._group_of, self.state)
         adapt = self.adaptive_damping and closure is not None and k % self.damping_adaptation_interval == 0
         before = {p: p.detach().clone() for p in updates} if adapt else None
@@ -319,14 +329,14 @@ class KFAC(Optimizer):
     def _check_schedules(self, k: int) -> None:
         """Resolves every scheduled hyperparameter of step ``k`` (raising on an invalid value)."""
         for group in self.param_groups:
-            resolved_number("damping", group["damping"], k, low=0.0, low_open=True)
-        resolved_number("kl_clip", self.kl_clip, k, low=0.0, low_open=True, allow_none=True)
-        resolved_number("inverse_update_period", self.inverse_update_period, k, low=1, integer=True)
+            _resolve("damping", group["damping"], k)
+        _resolve("kl_clip", self.kl_clip, k)
+        _resolve("inverse_update_period", self.inverse_update_period, k)
         self._is_factor_step(k)
 
     def _damping(self, param: Tensor) -> float:
         group = self._group_of[id(param)]
-        value = resolved_number("damping", group["damping"], self._steps, low=0.0, low_open=True)
+        value = _resolve("damping", group["damping"], self._steps)
         return ops.kfac_damping(value, self._adaptation.multiplier)
 
     def _block_damping(self, block: CurvatureBlock) -> float:
@@ -466,20 +476,18 @@ def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, d
     """Raises TypeError/ValueError naming the first invalid argument of ``natgrad.KFAC``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
-    check_number("lr", lr, low=0.0)
-    check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
-    check_number("weight_decay", weight_decay, low=0.0)
-    check_number("damping", damping, low=0.0, low_open=True, allow_callable=True)
-    check_number("factor_decay", factor_decay, low=0.0, high=1.0, high_open=True)
-    check_number("factor_update_period", factor_update_period, low=1, integer=True, allow_callable=True)
-    check_number("inverse_update_period", inverse_update_period, low=1, integer=True, allow_callable=True)
-    check_number("kl_clip", kl_clip, low=0.0, low_open=True, allow_none=True, allow_callable=True)
-    check_choice("inverse_method", inverse_method, ("eigen", "inverse"))
+    values = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
+                  factor_decay=factor_decay, factor_update_period=factor_update_period,
+                  inverse_update_period=inverse_update_period, kl_clip=kl_clip)
+    for name, bounds in _BOUNDS.items():
+        check_number(name, values[name], **bounds, allow_callable=name in _SCHEDULED,
+                     allow_none=name == "kl_clip")
+    check_choice("inverse_method", inverse_method, ops.kfac_option_choices("inverse_method"))
     if fisher_type == "exact":
         raise ValueError("Invalid fisher_type: 'exact' (natgrad.KFAC estimates 'empirical' or "
                          "'mc'; the exact Fisher is natgrad.fisher.compute_fisher's)")
     check_choice("fisher_type", fisher_type, ("empirical", "mc"))
-    check_choice("loss_reduction", loss_reduction, ("mean", "sum", "token_mean"))
+    check_choice("loss_reduction", loss_reduction, ops.kfac_option_choices("loss_reduction"))
     check_choice("linear_approx", linear_approx, ("expand", "reduce"))
     check_number("damping_adaptation_interval", damping_adaptation_interval, low=1, integer=True)
     check_number("damping_adaptation_decay", damping_adaptation_decay, low=0.0, high=1.0,

@@ -99,12 +99,12 @@ class EWC:
         fisher_type = renamed_argument("fisher_type", fisher_type, "fisher", fisher, "empirical", "natgrad.EWC")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
-        if (isinstance(lambda_, bool) or not isinstance(lambda_, (int, float))
-                or not math.isfinite(lambda_) or lambda_ < 0):
-            raise ValueError(f"Invalid lambda_: {lambda_!r} (expected a finite number >= 0)")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"Invalid gamma: {gamma!r} (expected a number in [0, 1])")
-        check_choice("mode", mode, MODES)
+        for name, value in (("lambda_", lambda_), ("gamma", gamma)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"Invalid {name}: {value!r} (expected a number)")
+        if not isinstance(mode, str):
+            raise ValueError(f"Invalid mode: {mode!r} (expected one of 'separate', 'online')")
+        torch.ops.natgrad.ewc_check_options(float(lambda_), float(gamma), mode, "lambda_")
         check_choice("fisher_type", fisher_type, FISHER_TYPES)
         check_choice("structure", structure, STRUCTURES)
         get_likelihood(likelihood)
@@ -163,7 +163,7 @@ class EWC:
                 d, k = self._estimate(x, y, generator)
                 n = len(x)
                 for key, value in d.items():
-                    diag[key] = _weighted(diag.get(key), value, n, total)
+                    diag[key] = torch.ops.natgrad.ewc_running_mean(diag.get(key), value, n, total)
                 for key, block in k.items():
                     if key in kron:
                         _weighted_factors(kron[key], block, n, total)
@@ -185,7 +185,7 @@ class EWC:
             old = self.tasks[0]
             for key, value in diag.items():
                 if key in old["diag"]:
-                    diag[key] = self.gamma * old["diag"][key] + value
+                    diag[key] = torch.ops.natgrad.ewc_online_merge(self.gamma, old["diag"][key], value)
             root = math.sqrt(self.gamma)
             for key, block in kron.items():
                 if key in old["kron"]:
@@ -375,18 +375,10 @@ def _quad_form(block: CurvatureBlock, vectors: list[Tensor]) -> Tensor:
     return torch.where(small > 0, big, torch.zeros_like(big)).to(small.dtype)
 
 
-def _weighted(old, new, n: int, seen: int):
-    """Running mean over batches."""
-    if old is None:
-        return new
-    w = seen / (seen + n)
-    return w * old + (1 - w) * new
-
-
 def _weighted_factors(acc: CurvatureBlock, new: CurvatureBlock, n: int, seen: int) -> None:
     """Running mean over batches of a block's factors (into ``acc``)."""
     for name, value in new.factors().items():
-        acc.state[name] = _weighted(acc.state[name], value, n, seen)
+        acc.state[name] = torch.ops.natgrad.ewc_running_mean(acc.state[name], value, n, seen)
 
 
 def _average_over_ranks(tensors: list[Tensor], samples: int, group) -> None:

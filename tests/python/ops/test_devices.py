@@ -93,6 +93,18 @@ def _samples() -> dict[str, tuple]:
         "kfac_fault_message": ("natgrad.KFAC", 2, "layer", "fc"),
         "kfac_conv_unsupported_reason": (2, "(0, 0)", "zeros"),
         "kfac_embedding_unsupported_reason": (False, True),
+        "kfac_expand_grad_scale": (1.5, 2, 12, 24),
+        "kfac_option_names": (),
+        "kfac_option_bound": ("damping",),
+        "kfac_option_choices": ("inverse_method",),
+        "likelihood_check_batch": (torch.tensor([[0, 2], [1, 2]]), None, "inputs"),
+        "likelihood_check_targets": ("gaussian", x, torch.randn(6, 3, dtype=torch.float64), "targets"),
+        "likelihood_nll": ("categorical", x, torch.tensor([0, 2, 1, 1, 0, 2]), ),
+        "likelihood_sample": ("categorical", torch.tensor([[60.0, 0.0, 0.0], [0.0, 0.0, 60.0]], dtype=torch.float64), None),
+        "likelihood_pseudo_targets": ("categorical", x, "exact", None, 1, None),
+        "ewc_check_options": (1.0, 0.5, "online", "lambda_"),
+        "ewc_running_mean": (torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64), 2, 6),
+        "ewc_online_merge": (0.5, torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)),
         "ewc_penalty": ([torch.randn(s, dtype=torch.float64) for s in shapes],
                         [torch.rand(s, dtype=torch.float64) for s in shapes],
                         [torch.randn(s, dtype=torch.float64) for s in shapes]),
@@ -145,8 +157,10 @@ def test_op_runs_on_device_like_on_cpu(name, device):
         for out in (got, expected):
             out[1] = out[1] @ torch.diag_embed(out[0]) @ out[1].mT
     for g, e in zip(got, expected):
-        # The ladder's rung is a host-side fact: a CPU tensor whatever the inputs' device.
-        want_device = torch.device("cpu") if e.dtype == torch.long else torch.empty(0, device=device).device
+        # The ladder's rung is a host-side fact: a CPU tensor whatever the inputs' device (labels
+        # are data: they stay on the outputs' device).
+        host_side = e.dtype == torch.long and not name.startswith("likelihood_")
+        want_device = torch.device("cpu") if host_side else torch.empty(0, device=device).device
         assert (g.shape, g.dtype, g.device) == (e.shape, e.dtype, want_device)
         if device != "meta":
             torch.testing.assert_close(g.cpu(), e, rtol=1e-9, atol=1e-10)

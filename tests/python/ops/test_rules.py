@@ -230,6 +230,27 @@ def test_sample_scale_equals_the_reference(reduction):
             assert sample_scale(block, inputs, reduction) == expected
 
 
+def test_expand_grad_scale_counts_every_position_and_pass():
+    for scale, samples, rows, grad_rows in ((2.0, 4, 24, 24), (2.0, 4, 24, 48), (3.0, 5, 5, 5), (1.5, 0, 0, 0)):
+        positions = max(rows // max(samples, 1), 1)
+        passes = max(grad_rows // max(rows, 1), 1)
+        assert ops.kfac_expand_grad_scale(scale, samples, rows, grad_rows) == scale * math.sqrt(positions * passes)
+
+
+def test_blocks_prepare_their_statistics_with_the_expand_scale():
+    # 3 samples; a Linear over 5 tokens, a Conv2d with 4 output pixels and an Embedding over 7
+    # indices per sample; the gradients come from 2 backward passes.
+    linear = LinearBlock("fc", nn.Linear(4, 2))
+    stats = linear.prepare([torch.randn(3, 5, 4)], [torch.randn(3, 5, 2), torch.randn(3, 5, 2)], 1.5)
+    assert stats.grad_scale == 1.5 * math.sqrt(5 * 2) and (stats.input_rows, stats.grad_rows) == (15, 30)
+    conv = Conv2dBlock("conv", nn.Conv2d(2, 3, 3))
+    stats = conv.prepare([torch.randn(3, 2, 4, 4)], [torch.randn(6, 3, 2, 2)], 1.5)
+    assert stats.grad_scale == 1.5 * math.sqrt(4 * 2) and (stats.input_rows, stats.grad_rows) == (12, 24)
+    emb = EmbeddingBlock("emb", nn.Embedding(10, 4))
+    stats = emb.prepare([torch.randint(10, (3, 7))], [torch.randn(3, 7, 4)], 1.5)
+    assert stats.grad_scale == 1.5 * math.sqrt(7) and (stats.input_rows, stats.grad_rows) == (21, 21)
+
+
 def test_sample_scale_names_a_bad_loss_reduction():
     with pytest.raises(RuntimeError, match="loss_reduction must be 'mean', 'sum' or 'token_mean', got 'max'"):
         ops.kfac_sample_scale(1, 1, "max")
@@ -423,6 +444,52 @@ def test_embedding_unsupported_reason_equals_the_reference(sparse, max_norm):
 
 # ---- opcheck ------------------------------------------------------------------------------------
 
+# ---- hyperparameters -----------------------------------------------------------------------------
+
+# The ranges the docs of natgrad.KFAC and natgrad::optim::KFACOptions state.
+DOCUMENTED_RANGES = {"lr": "[0, inf)", "momentum": "[0, 1)", "weight_decay": "[0, inf)", "damping": "(0, inf)",
+                     "factor_decay": "[0, 1)", "factor_update_period": "[1, inf) int",
+                     "inverse_update_period": "[1, inf) int", "kl_clip": "(0, inf)"}
+
+
+def _as_range(b: ops.rules.OptionBound) -> str:
+    high = "inf" if b.high is None else f"{b.high:g}"
+    return (f"{'(' if b.low_open else '['}{b.low:g}, {high}{')' if b.high_open or b.high is None else ']'}"
+            + (" int" if b.integer else ""))
+
+
+def test_option_bounds_are_the_documented_ranges():
+    bounds = ops.kfac_option_bounds()
+    assert {name: _as_range(b) for name, b in bounds.items()} == DOCUMENTED_RANGES
+    assert [name for name, b in bounds.items() if b.per_group] == ["lr", "momentum", "weight_decay", "damping"]
+    assert ops.kfac_option_choices("inverse_method") == ("eigen", "inverse")
+    assert ops.kfac_option_choices("loss_reduction") == ("mean", "sum", "token_mean")
+    with pytest.raises(RuntimeError, match="no K-FAC choice option is named 'x'"):
+        ops.kfac_option_choices("x")
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED_RANGES))
+def test_kfac_enforces_each_bound_at_its_edges(name):
+    b = ops.kfac_option_bounds()[name]
+    model = nn.Linear(3, 2)
+    edges = [(int(b.low) if b.integer else b.low, not b.low_open)]
+    if b.high is not None:
+        edges.append((b.high, not b.high_open))
+    for value, accepted in edges:
+        if accepted:
+            KFAC(model, **{name: value}).remove_hooks()
+        else:
+            with pytest.raises(ValueError, match=f"Invalid {name}"):
+                KFAC(model, **{name: value})
+        if b.per_group:  # a param group's own value obeys the same bound
+            groups = [{"params": [model.weight]}, {"params": [model.bias], name: value}]
+            if accepted:
+                KFAC(model, groups).remove_hooks()
+            else:
+                with pytest.raises(ValueError, match=name):
+                    KFAC(model, groups)
+
+
 SAMPLES = {
     "kfac_statistics_ok": [(torch.randn(4, 3), torch.randn(4, 2), 4, 4, 2.0, torch.float32),
                            (torch.tensor([1, 2]), torch.randn(2, 3, dtype=torch.float64), 2, 2, 1.0, torch.float64)],
@@ -432,6 +499,7 @@ SAMPLES = {
     "kfac_conv_rows": [([2, 1, 8, 8], [3, 3], [2, 2], [1, 1], [1, 1])],
     "kfac_embedding_rows": [([2, 7],)],
     "kfac_sample_scale": [(4, 40, "token_mean")],
+    "kfac_expand_grad_scale": [(2.0, 4, 24, 48)],
     "kfac_pi_correction": [("inverse", None), ("eigen", True)],
     "kfac_damping": [(1e-3, 0.5)],
     "kfac_adapt_damping": [(1.0, -0.5, -1.0, 0.95, 5)],
@@ -442,11 +510,15 @@ SAMPLES = {
     "kfac_fault_message": [("natgrad.KFAC", 1, "layer", "fc")],
     "kfac_conv_unsupported_reason": [(2, "(0, 0)", "zeros")],
     "kfac_embedding_unsupported_reason": [(True, False)],
+    "kfac_option_names": [()],
+    "kfac_option_bound": [("momentum",)],
+    "kfac_option_choices": [("loss_reduction",)],
 }
 
 
 # opcheck's AOT test compares outputs it can hold as tensors or numbers, not strings.
-STRING_RESULTS = {"kfac_fault_message", "kfac_conv_unsupported_reason", "kfac_embedding_unsupported_reason"}
+STRING_RESULTS = {"kfac_fault_message", "kfac_conv_unsupported_reason", "kfac_embedding_unsupported_reason",
+                  "kfac_option_names", "kfac_option_choices"}
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))

@@ -6,7 +6,6 @@ Rows are samples × output pixels; the activation factor is the patches' second 
 """
 from __future__ import annotations
 
-import math
 from typing import cast
 
 import torch
@@ -49,10 +48,9 @@ class Conv2dBlock(KroneckerBlock):
     def prepare(self, inputs, grads, grad_scale):
         x = inputs[0] if len(inputs) == 1 else torch.cat(list(inputs))
         g = grads[0] if len(grads) == 1 else torch.cat(list(grads))
-        positions = g.shape[2] * g.shape[3]
-        passes = max(g.shape[0] // max(x.shape[0], 1), 1)
-        rows = x.shape[0] * positions
-        return Statistics(x, g, grad_scale * math.sqrt(positions * passes), rows, rows * passes)
+        positions = g.shape[2] * g.shape[3]  # output pixels
+        rows, g_rows = x.shape[0] * positions, g.shape[0] * positions
+        return Statistics(x, g, ops.kfac_expand_grad_scale(grad_scale, x.shape[0], rows, g_rows), rows, g_rows)
 
     def count_rows(self, inputs):
         """Rows of the forward calls: samples × output pixels."""

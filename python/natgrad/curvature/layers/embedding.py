@@ -4,8 +4,6 @@ multiplying one-hot vectors.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from natgrad import ops
@@ -62,9 +60,8 @@ class EmbeddingBlock(KroneckerBlock):
         dim = self.weight.shape[1]
         idx = torch.cat([t.reshape(-1) for t in inputs])
         g = torch.cat([t.reshape(-1, dim) for t in grads])
-        positions = idx.numel() // max(self.count_samples(inputs), 1)
-        passes = max(g.shape[0] // max(idx.numel(), 1), 1)
-        return Statistics(idx, g, grad_scale * math.sqrt(max(positions, 1) * passes), idx.numel(), g.shape[0])
+        scale = ops.kfac_expand_grad_scale(grad_scale, self.count_samples(inputs), idx.numel(), g.shape[0])
+        return Statistics(idx, g, scale, idx.numel(), g.shape[0])
 
     def _update_a(self, stats, rho):
         counts = torch.bincount(stats.inputs, minlength=self.weight.shape[0]).to(self.factor_dtype)

@@ -6,7 +6,6 @@ averages activations and sums gradients over them per sample first.
 """
 from __future__ import annotations
 
-import math
 from typing import cast
 
 import torch
@@ -58,9 +57,7 @@ class LinearBlock(KroneckerBlock):
         x = inputs[0] if len(inputs) == 1 else torch.cat([_rows(t, d_in) for t in inputs])
         g = grads[0] if len(grads) == 1 else torch.cat([_rows(t, d_out) for t in grads])
         x_rows, g_rows = x.numel() // max(d_in, 1), g.numel() // d_out
-        positions = x_rows // max(samples, 1)
-        passes = g_rows // max(x_rows, 1)
-        return Statistics(x, g, grad_scale * math.sqrt(max(positions, 1) * max(passes, 1)), x_rows, g_rows)
+        return Statistics(x, g, ops.kfac_expand_grad_scale(grad_scale, samples, x_rows, g_rows), x_rows, g_rows)
 
     def _update_a(self, stats, rho):
         ops.linear_act_factor_ema_(self.state["A"], stats.inputs, self.bias is not None, rho)
