@@ -1,0 +1,180 @@
+"""Block-diagonal Kronecker factors: a factor side larger than ``max_factor_dim`` is kept as the
+diagonal blocks of its factor (Distributed Shampoo's ``max_preconditioner_dim``).
+
+A Kronecker block whose activation factor ``A`` (size ``d``) exceeds the limit keeps the exact
+statistics ``A`` but preconditions with ``Ā = blockdiag(A[c₁,c₁], …, A[c_k,c_k])`` for contiguous
+ranges ``c_j`` of at most ``limit`` indices (likewise ``Ḡ`` for a large gradient factor). The
+layer's curvature is then ``Ā ⊗ Ḡ``, and every rule of the dense block applies to it unchanged:
+exact damping ``(Ā ⊗ Ḡ + γI)⁻¹`` in the eigenbasis, or factored damping with
+``π = sqrt((tr Ā / d_A) / (tr Ḡ / d_G))`` — the same π as the dense factors', since a
+block-diagonal part keeps the diagonal. Each tile ``(r_i, c_j)`` of the packed gradient is then
+preconditioned by its own Kronecker pair ``(Ḡ_i, Ā_j)``:
+
+    U[r_i, c_j] = (Ḡ_i ⊗ Ā_j-damped)⁻¹ ∇W̃[r_i, c_j]
+
+so a decomposition costs ``Σ b_j³`` instead of ``d³``, and a step ``d_out · d · b`` instead of
+``d_out · d²`` on that side.
+
+Decompositions are stored dense and block-diagonal (zeros off the blocks), with the keys and
+shapes of the dense block: a block-diagonal matrix of orthonormal blocks is an orthonormal
+eigenbasis of ``Ā``, so checkpoints, distributed broadcasts and the list ops read them as they
+read any decomposition, and give the same ``Ā ⊗ Ḡ`` result. The ranges are balanced (sizes
+differ by at most one unit: 4608 at limit 1024 gives five blocks of ≈ 922, not four of 1024
+and one of 512) and fall on whole units — a convolution's ``kh·kw`` patch of one input channel
+(:meth:`natgrad.curvature.kron.KroneckerBlock.a_unit`), so that a block holds whole channels and
+their spatial correlations; a bias (the last index of ``A``) joins the last block.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from natgrad import ops
+from natgrad.curvature import refresh
+
+__all__ = ["block_diagonal", "damped_inverse_blocks", "describe_ranges", "eigh_blocks", "factor_ranges",
+           "precondition_tiles", "warm_refresh_blocks"]
+
+Ranges = list[tuple[int, int]]
+
+
+def factor_ranges(dim: int, limit: int | None, unit: int = 1, tail: int = 0) -> Ranges:
+    """Contiguous ranges covering ``[0, dim)``, each of at most ``limit`` indices, as few as
+    possible and balanced, with boundaries on multiples of ``unit`` (the last ``tail`` indices,
+    e.g. a bias, join the last range).
+
+    Args:
+        dim (int): the factor's size (``tail`` included).
+        limit (int or None): the largest block; None: one range, never split.
+        unit (int): indices that stay together (1 when ``unit > limit`` or it does not divide
+            ``dim - tail``) (default: 1).
+        tail (int): trailing indices outside the units (default: 0).
+
+    Returns:
+        list of (start, stop): ``[(0, dim)]`` when ``dim <= limit``.
+    """
+    if limit is None or dim <= limit:
+        return [(0, dim)]
+    body = dim - tail
+    if unit < 1 or unit > limit or body % unit:
+        unit = 1
+    items = [unit] * (body // unit) + ([tail] if tail else [])
+    if max(items) > limit:  # a tail above the limit on its own: split everything by index
+        items = [1] * dim
+    edges = list(itertools.accumulate(items))
+    for count in range(math.ceil(dim / limit), len(items) + 1):
+        cuts = [0]
+        for j in range(1, count):
+            target = j * dim / count
+            i = bisect.bisect_left(edges, target)
+            near = [e for e in edges[max(i - 1, 0):i + 1] if e > cuts[-1]]
+            if near:
+                cuts.append(min(near, key=lambda e: abs(e - target)))
+        cuts.append(dim)
+        ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+        if max(b - a for a, b in ranges) <= limit:
+            return ranges
+    raise AssertionError("unreachable: one range per item fits every limit >= 1")
+
+
+def describe_ranges(ranges: Ranges) -> str:
+    """``"5 blocks of 918-927"`` (for ``KFAC.describe()``)."""
+    sizes = [b - a for a, b in ranges]
+    low, high = min(sizes), max(sizes)
+    return f"{len(sizes)} blocks of {low}" + (f"-{high}" if high != low else "")
+
+
+def block_diagonal(matrix: Tensor, ranges: Ranges) -> Tensor:
+    """``blockdiag(matrix[r, r] for r in ranges)``: ``matrix`` with every entry outside the
+    diagonal blocks zeroed (a copy; ``matrix`` itself when there is one range).
+    """
+    if len(ranges) == 1:
+        return matrix
+    return torch.block_diag(*[matrix[a:b, a:b] for a, b in ranges])
+
+
+def eigh_blocks(factor: Tensor, ranges: Ranges) -> tuple[Tensor, Tensor, int]:
+    """The eigendecomposition of ``block_diagonal(factor, ranges)``, block by block through the
+    ladder (:func:`natgrad.ops.damped_eigh`): ``(eigenvalues [d], block-diagonal eigenvectors
+    [d, d], worst rung)``.
+    """
+    parts = [ops.damped_eigh(factor[a:b, a:b]) for a, b in ranges]
+    values = torch.cat([p.eigenvalues for p in parts])
+    vectors = torch.block_diag(*[p.eigenvectors for p in parts])
+    return values, vectors, max(int(p.rung) for p in parts)
+
+
+def damped_inverse_blocks(g: Tensor, a: Tensor, g_ranges: Ranges, a_ranges: Ranges, damping: float,
+                          pi_correction: bool) -> tuple[Tensor, Tensor, int]:
+    """``(Ḡ + δ_G I)⁻¹`` and ``(Ā + δ_A I)⁻¹`` (block-diagonal, dense) with the factored shifts
+    of :func:`natgrad.ops.kfac_damped_inverses` (π from the whole factors' diagonals, which the
+    blocks share), and the worst rung.
+
+    Each block goes through that op's ladder as ``(F_j / δ + I)⁻¹ / δ``: the op shifts both of
+    its factors by ``√γ`` for ``γ = 1`` without π, so scaling each block by its side's shift
+    gives exactly ``(F_j + δ I)⁻¹``. Blocks are paired across the two sides (a missing partner
+    is a 1×1 zero).
+    """
+    shift_g, shift_a = refresh.factored_shifts(g, a, damping, pi_correction)
+    zero = g.new_zeros(1, 1)
+    g_parts, a_parts, rung = [], [], 0
+    for gr, ar in itertools.zip_longest(g_ranges, a_ranges):
+        g_block = g[gr[0]:gr[1], gr[0]:gr[1]] / shift_g if gr is not None else zero
+        a_block = a[ar[0]:ar[1], ar[0]:ar[1]] / shift_a if ar is not None else zero
+        inv = ops.kfac_damped_inverses(g_block, a_block, 1.0, False)
+        rung = max(rung, int(inv.rung))
+        if gr is not None:
+            g_parts.append(inv.g_inverse / shift_g)
+        if ar is not None:
+            a_parts.append(inv.a_inverse / shift_a)
+    return torch.block_diag(*g_parts), torch.block_diag(*a_parts), rung
+
+
+def _eigen_pi(g_values: Tensor, a_values: Tensor) -> Tensor:
+    """π of the eigenbasis preconditioner (as :func:`natgrad.ops.kfac_precondition_eigen`):
+    ``sqrt(mean λ_A / mean λ_G)``, 1 unless both means are positive (0-d, no host read).
+    """
+    a_mean, g_mean = a_values.mean(), g_values.mean()
+    ok = (a_mean > 0) & (g_mean > 0)
+    return torch.where(ok, a_mean / torch.where(ok, g_mean, torch.ones_like(g_mean)), torch.ones_like(a_mean)).sqrt()
+
+
+def precondition_tiles(x: Tensor, state: Mapping[str, Tensor], g_ranges: Ranges, a_ranges: Ranges, damping: float,
+                       pi_correction: bool) -> Tensor:
+    """``(Ā ⊗ Ḡ + damping)⁻¹`` on the packed gradient ``x`` ``[d_G, d_A]``, tile by tile, from
+    the block-diagonal decomposition in ``state`` (eigen or inverse keys); the damping rule is the
+    dense block's (see the module docstring). Tiles go through
+    :func:`natgrad.ops.kfac_precondition_eigen` / ``_inverse``, views of the stored blocks.
+    """
+    out = torch.empty_like(x)
+    if "g_inverse" in state:
+        g_inv, a_inv = state["g_inverse"], state["a_inverse"]
+        for (r0, r1), (c0, c1) in itertools.product(g_ranges, a_ranges):
+            out[r0:r1, c0:c1] = ops.kfac_precondition_inverse(x[r0:r1, c0:c1], g_inv[r0:r1, r0:r1],
+                                                              a_inv[c0:c1, c0:c1])
+        return out
+    g_values, a_values = state["g_eigenvalues"], state["a_eigenvalues"]
+    gamma = damping
+    if pi_correction:  # factored damping folded into the eigenvalues: denominators λ'_G λ'_Aᵀ
+        pi, root = _eigen_pi(g_values, a_values), math.sqrt(damping)
+        g_values, a_values, gamma = g_values + root / pi, a_values + pi * root, 0.0
+    g_vec, a_vec = state["g_eigenvectors"], state["a_eigenvectors"]
+    for (r0, r1), (c0, c1) in itertools.product(g_ranges, a_ranges):
+        out[r0:r1, c0:c1] = ops.kfac_precondition_eigen(
+            x[r0:r1, c0:c1], g_values[r0:r1], g_vec[r0:r1, r0:r1], a_values[c0:c1], a_vec[c0:c1, c0:c1],
+            gamma, False)
+    return out
+
+
+def warm_refresh_blocks(factor: Tensor, values: Tensor, vectors: Tensor, ranges: Ranges) -> tuple[Tensor, Tensor]:
+    """:func:`natgrad.curvature.refresh.warm_eigh` block by block (the basis stays
+    block-diagonal).
+    """
+    parts = [refresh.warm_eigh(factor[a:b, a:b], values[a:b], vectors[a:b, a:b]) for a, b in ranges]
+    return torch.cat([p[0] for p in parts]), torch.block_diag(*[p[1] for p in parts])
+
