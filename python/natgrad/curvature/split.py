@@ -23,6 +23,13 @@ differ by at most one unit: 4608 at limit 1024 gives five blocks of ≈ 922, not
 and one of 512) and fall on whole units — a convolution's ``kh·kw`` patch of one input channel
 (:meth:`natgrad.curvature.kron.KroneckerBlock.a_unit`), so that a block holds whole channels and
 their spatial correlations; a bias (the last index of ``A``) joins the last block.
+
+Within a split side, rows of a block that are exactly zero are deflated before the ladder: they
+are eigenvectors of eigenvalue 0 (and ``1/δ`` rows of a damped inverse), exactly. They are the
+rule on small feature maps: a 3×3 convolution with padding 1 on a 1×1 map (ResNet-18's layer4
+at 32×32 inputs) sees data only in its centre tap, so 8/9 of its ``A`` is zero — a repeated
+zero eigenvalue on which float32 ``eigh`` fails to converge, sending the whole factor to the
+float64 rung.
 """
 from __future__ import annotations
 
@@ -98,15 +105,67 @@ def block_diagonal(matrix: Tensor, ranges: Ranges) -> Tensor:
     return torch.block_diag(*[matrix[a:b, a:b] for a, b in ranges])
 
 
+def _live(block: Tensor) -> Tensor | None:
+    """Indices of the rows of ``block`` that are not all zero, or None when none is (one host
+    read).
+    """
+    live = (block != 0).any(1)
+    return None if bool(live.all()) else live.nonzero().squeeze(1)
+
+
+def _eigh_deflated(block: Tensor) -> tuple[Tensor, Tensor, int]:
+    """:func:`natgrad.ops.damped_eigh` of one block with its zero rows deflated: they are
+    eigenvectors (unit vectors) of eigenvalue 0, and the ladder sees only the rest (a repeated
+    zero eigenvalue is what makes a float32 ``eigh`` fail to converge).
+    """
+    live = _live(block)
+    if live is None:
+        e = ops.damped_eigh(block)
+        return e.eigenvalues, e.eigenvectors, int(e.rung)
+    n = block.shape[0]
+    values = block.new_zeros(n)
+    vectors = torch.eye(n, dtype=block.dtype, device=block.device)
+    if live.numel() == 0:
+        return values, vectors, 0
+    e = ops.damped_eigh(block[live][:, live])
+    values[live] = e.eigenvalues
+    vectors[live.unsqueeze(1), live] = e.eigenvectors
+    return values, vectors, int(e.rung)
+
+
 def eigh_blocks(factor: Tensor, ranges: Ranges) -> tuple[Tensor, Tensor, int]:
     """The eigendecomposition of ``block_diagonal(factor, ranges)``, block by block through the
-    ladder (:func:`natgrad.ops.damped_eigh`): ``(eigenvalues [d], block-diagonal eigenvectors
-    [d, d], worst rung)``.
+    ladder (:func:`natgrad.ops.damped_eigh`, zero rows deflated): ``(eigenvalues [d],
+    block-diagonal eigenvectors [d, d], worst rung)``.
     """
-    parts = [ops.damped_eigh(factor[a:b, a:b]) for a, b in ranges]
-    values = torch.cat([p.eigenvalues for p in parts])
-    vectors = torch.block_diag(*[p.eigenvectors for p in parts])
-    return values, vectors, max(int(p.rung) for p in parts)
+    parts = [_eigh_deflated(factor[a:b, a:b]) for a, b in ranges]
+    values = torch.cat([p[0] for p in parts])
+    vectors = torch.block_diag(*[p[1] for p in parts])
+    return values, vectors, max(p[2] for p in parts)
+
+
+def _live_part(factor: Tensor, span: tuple[int, int] | None, shift: float) -> tuple[Tensor, Tensor | None]:
+    """One block scaled by ``1/shift`` with its zero rows dropped, and the indices of the rows
+    kept (None: all); a missing block is a 1×1 zero.
+    """
+    if span is None:
+        return factor.new_zeros(1, 1), None
+    block = factor[span[0]:span[1], span[0]:span[1]]
+    live = _live(block)
+    kept = block if live is None else block[live][:, live]
+    return (kept if kept.numel() else block.new_zeros(1, 1)) / shift, live
+
+
+def _place(inverse: Tensor, live: Tensor | None, n: int, shift: float) -> Tensor:
+    """``(F + shift·I)⁻¹`` of a block from the inverse of its live part: ``1/shift`` on the
+    deflated zero rows.
+    """
+    if live is None:
+        return inverse / shift
+    full = torch.eye(n, dtype=inverse.dtype, device=inverse.device) / shift
+    if live.numel():
+        full[live.unsqueeze(1), live] = inverse / shift
+    return full
 
 
 def damped_inverse_blocks(g: Tensor, a: Tensor, g_ranges: Ranges, a_ranges: Ranges, damping: float,
@@ -117,21 +176,20 @@ def damped_inverse_blocks(g: Tensor, a: Tensor, g_ranges: Ranges, a_ranges: Rang
 
     Each block goes through that op's ladder as ``(F_j / δ + I)⁻¹ / δ``: the op shifts both of
     its factors by ``√γ`` for ``γ = 1`` without π, so scaling each block by its side's shift
-    gives exactly ``(F_j + δ I)⁻¹``. Blocks are paired across the two sides (a missing partner
-    is a 1×1 zero).
+    gives exactly ``(F_j + δ I)⁻¹``; zero rows are deflated (``1/δ`` there). Blocks are paired
+    across the two sides (a missing partner is a 1×1 zero).
     """
     shift_g, shift_a = refresh.factored_shifts(g, a, damping, pi_correction)
-    zero = g.new_zeros(1, 1)
     g_parts, a_parts, rung = [], [], 0
     for gr, ar in itertools.zip_longest(g_ranges, a_ranges):
-        g_block = g[gr[0]:gr[1], gr[0]:gr[1]] / shift_g if gr is not None else zero
-        a_block = a[ar[0]:ar[1], ar[0]:ar[1]] / shift_a if ar is not None else zero
+        g_block, g_live = _live_part(g, gr, shift_g)
+        a_block, a_live = _live_part(a, ar, shift_a)
         inv = ops.kfac_damped_inverses(g_block, a_block, 1.0, False)
         rung = max(rung, int(inv.rung))
         if gr is not None:
-            g_parts.append(inv.g_inverse / shift_g)
+            g_parts.append(_place(inv.g_inverse, g_live, gr[1] - gr[0], shift_g))
         if ar is not None:
-            a_parts.append(inv.a_inverse / shift_a)
+            a_parts.append(_place(inv.a_inverse, a_live, ar[1] - ar[0], shift_a))
     return torch.block_diag(*g_parts), torch.block_diag(*a_parts), rung
 
 

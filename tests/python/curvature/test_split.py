@@ -17,7 +17,7 @@ from torch import nn
 import natgrad
 from natgrad import ops
 from natgrad.curvature import refresh
-from natgrad.curvature.split import factor_ranges, warm_refresh_blocks
+from natgrad.curvature.split import damped_inverse_blocks, eigh_blocks, factor_ranges, warm_refresh_blocks
 
 LIMIT = 5
 DAMPING = 0.05
@@ -35,10 +35,19 @@ def conv_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 7, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
 
 
+def padded_conv_model() -> nn.Module:
+    """Conv2d 2 -> 7, 3×3, padding 1 on 1×1 inputs: 8 of the 9 taps see only padding, so A
+    (2·9 + 1 = 19; blocks of whole channels at limit 10) has zero rows, deflated.
+    """
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 7, 3, padding=1), nn.Flatten()).double()
+
+
 def batch(model: nn.Module, n: int = 16):
-    """Inputs for ``model`` (one of the two above) and 7-class labels."""
+    """Inputs for ``model`` (one of the three above) and 7-class labels."""
     g = torch.Generator().manual_seed(3)
-    shape = (n, 12) if isinstance(model[0], nn.Linear) else (n, 3, 4, 4)
+    conv = model[0]
+    shape = (n, 12) if isinstance(conv, nn.Linear) else (n, 3, 4, 4) if conv.padding == (0, 0) else (n, 2, 1, 1)
     return torch.randn(*shape, generator=g, dtype=torch.float64), torch.randint(0, 7, (n,), generator=g)
 
 
@@ -88,20 +97,23 @@ def test_no_limit_never_splits():
     assert factor_ranges(10_000, None) == [(0, 10_000)]
 
 
-@pytest.mark.parametrize("make", [linear_model, conv_model], ids=["linear", "conv2d"])
+@pytest.mark.parametrize("make", [linear_model, conv_model, padded_conv_model],
+                         ids=["linear", "conv2d", "conv2d-padding-only-taps"])
 @pytest.mark.parametrize("method,pi_correction", [("eigen", False), ("eigen", True), ("inverse", True),
                                                   ("inverse", False)])
 def test_split_step_matches_dense_reference_of_the_block_diagonal_factors(make, method, pi_correction):
     model = make()
     x, y = batch(model)
-    opt = natgrad.KFAC(model, lr=1.0, momentum=0.0, kl_clip=None, damping=DAMPING, max_factor_dim=LIMIT,
+    padded = make is padded_conv_model
+    limit = 10 if padded else LIMIT
+    opt = natgrad.KFAC(model, lr=1.0, momentum=0.0, kl_clip=None, damping=DAMPING, max_factor_dim=limit,
                        inverse_method=method, pi_correction=pi_correction)
     block = opt.estimator.blocks[0]
     a_ranges, g_ranges = block.a_ranges(), block.g_ranges()
-    assert len(a_ranges) == 3 and len(g_ranges) == 2
+    assert len(a_ranges) == (2 if padded else 3) and len(g_ranges) == (1 if padded else 2)
     assert len({b - a for a, b in a_ranges}) > 1  # an uneven split
-    if isinstance(model[0], nn.Conv2d):  # whole input channels (2×2 patches), the bias in the last
-        assert [b for _, b in a_ranges[:-1]] == [4, 8]
+    if isinstance(model[0], nn.Conv2d):  # whole input channels, the bias in the last block
+        assert [b for _, b in a_ranges[:-1]] == ([9] if padded else [4, 8])
     before = [p.detach().clone() for p in model[0].parameters()]
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -109,6 +121,8 @@ def test_split_step_matches_dense_reference_of_the_block_diagonal_factors(make, 
     opt.step()
     a = blockdiag_reference(block.state["A"], a_ranges)
     g = blockdiag_reference(block.state["G"], g_ranges)
+    if padded:  # the padding-only taps' rows of A are zero (deflated in the decomposition)
+        assert int((a == 0).all(1).sum()) == 2 * 8
     expected = reference_direction(a, g, grad, DAMPING, method, pi_correction)
     moved = block.pack([b - p.detach() for b, p in zip(before, model[0].parameters())])
     torch.testing.assert_close(moved, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
@@ -133,6 +147,22 @@ def test_block_diagonal_decomposition_is_one_of_the_block_diagonal_factors(metho
     else:
         dense = ops.kfac_precondition_inverse(grad, s["g_inverse"], s["a_inverse"])
     torch.testing.assert_close(block.precondition(grad, DAMPING, True), dense, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_rows_and_an_all_zero_block_are_deflated_exactly():
+    ranges = [(0, 4), (4, 9), (9, 13)]
+    x = torch.randn(13, 20, dtype=torch.float64)
+    x[[1, 2, 4, 5, 6, 7, 8]] = 0  # two zero rows in the first block, the second block all zero
+    a = x @ x.T / 20
+    g = random_psd(7)
+    values, vectors, _ = eigh_blocks(a, ranges)
+    torch.testing.assert_close(vectors.mT @ vectors, torch.eye(13, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.mT, blockdiag_reference(a, ranges))
+    g_inv, a_inv, _ = damped_inverse_blocks(g, a, [(0, 7)], ranges, DAMPING, True)
+    pi = math.sqrt((torch.trace(a) / 13) / (torch.trace(g) / 7))
+    eye = torch.eye(13, dtype=torch.float64)
+    torch.testing.assert_close(a_inv, torch.linalg.inv(blockdiag_reference(a, ranges) + pi * DAMPING**0.5 * eye))
+    torch.testing.assert_close(g_inv, torch.linalg.inv(g + DAMPING**0.5 / pi * torch.eye(7, dtype=torch.float64)))
 
 
 def test_mv_is_the_block_diagonal_curvature():
