@@ -108,8 +108,9 @@ class KroneckerBlock(CurvatureBlock):
 
     def split_note(self) -> str:
         """Which sides are block-diagonal and why, for ``KFAC.describe()`` ("" when none)."""
-        notes = [f"{side} {dim} > max_factor_dim {self.max_factor_dim}: block-diagonal, {split.describe_ranges(r)}"
-                 for side, dim, r in (("A", self.a_dim(), self.a_ranges()), ("G", self.g_dim(), self.g_ranges()))
+        a_size = f"{self.a_dim() - 1} (+bias)" if self.bias is not None else str(self.a_dim())
+        notes = [f"{side} {size} > max_factor_dim {self.max_factor_dim}: block-diagonal, {split.describe_ranges(r)}"
+                 for side, size, r in (("A", a_size, self.a_ranges()), ("G", str(self.g_dim()), self.g_ranges()))
                  if len(r) > 1]
         return "; " + "; ".join(notes) if notes else ""
 
@@ -298,8 +299,8 @@ class KroneckerBlock(CurvatureBlock):
         s = self.state
         x = packed.to(self.inverse_dtype)
         if self.is_split:
-            return split.precondition_tiles(x, s, self.g_ranges(), self.a_ranges(), damping,
-                                            pi_correction).to(packed.dtype)
+            return split.precondition_tiles(x, s, self.g_ranges(), self.a_ranges(), damping, pi_correction,
+                                            self._deflation_plan()).to(packed.dtype)
         if "g_inverse" in s:
             out = ops.kfac_precondition_inverse(x, s["g_inverse"], s["a_inverse"])
         else:
@@ -307,6 +308,19 @@ class KroneckerBlock(CurvatureBlock):
                                               s["a_eigenvalues"], s["a_eigenvectors"], damping,
                                               pi_correction)
         return out.to(packed.dtype)
+
+    def _deflation_plan(self) -> list[split.Deflated | None] | None:
+        """:func:`natgrad.curvature.split.deflation_plan` of A's eigenbasis, cached per
+        decomposition (None with inverses).
+        """
+        vectors = self.state.get("a_eigenvectors")
+        if vectors is None:
+            return None
+        cached = getattr(self, "_deflation", None)
+        if cached is None or cached[0] is not vectors or cached[1] != vectors._version:
+            plan = split.deflation_plan(self.state["a_eigenvalues"], vectors, self.a_ranges())
+            cached = self._deflation = (vectors, vectors._version, plan)
+        return cached[2]
 
     def solve(self, tensors, damping, pi_correction=False):
         return self.unpack(self.precondition(self.pack(tensors), damping, pi_correction))

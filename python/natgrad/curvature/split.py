@@ -36,7 +36,8 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -44,49 +45,47 @@ from torch import Tensor
 from natgrad import ops
 from natgrad.curvature import refresh
 
-__all__ = ["block_diagonal", "damped_inverse_blocks", "describe_ranges", "eigh_blocks", "factor_ranges",
-           "precondition_tiles", "warm_refresh_blocks"]
+__all__ = ["Deflated", "block_diagonal", "damped_inverse_blocks", "deflation_plan", "describe_ranges", "eigh_blocks",
+           "factor_ranges", "precondition_tiles", "warm_refresh_blocks"]
 
 Ranges = list[tuple[int, int]]
 
 
 def factor_ranges(dim: int, limit: int | None, unit: int = 1, tail: int = 0) -> Ranges:
-    """Contiguous ranges covering ``[0, dim)``, each of at most ``limit`` indices, as few as
-    possible and balanced, with boundaries on multiples of ``unit`` (the last ``tail`` indices,
-    e.g. a bias, join the last range).
+    """Contiguous ranges covering ``[0, dim)``: the first ``dim - tail`` indices (the features)
+    in as few balanced ranges of at most ``limit`` as possible, with boundaries on multiples of
+    ``unit``; the last ``tail`` indices (a bias) join the last range, so a 1024-wide layer with a
+    bias is not split at limit 1024.
 
     Args:
         dim (int): the factor's size (``tail`` included).
-        limit (int or None): the largest block; None: one range, never split.
+        limit (int or None): the largest block of features; None: one range, never split.
         unit (int): indices that stay together (1 when ``unit > limit`` or it does not divide
             ``dim - tail``) (default: 1).
         tail (int): trailing indices outside the units (default: 0).
 
     Returns:
-        list of (start, stop): ``[(0, dim)]`` when ``dim <= limit``.
+        list of (start, stop): ``[(0, dim)]`` when ``dim - tail <= limit``.
     """
-    if limit is None or dim <= limit:
-        return [(0, dim)]
     body = dim - tail
+    if limit is None or body <= limit:
+        return [(0, dim)]
     if unit < 1 or unit > limit or body % unit:
         unit = 1
-    items = [unit] * (body // unit) + ([tail] if tail else [])
-    if max(items) > limit:  # a tail above the limit on its own: split everything by index
-        items = [1] * dim
-    edges = list(itertools.accumulate(items))
-    for count in range(math.ceil(dim / limit), len(items) + 1):
+    edges = list(range(unit, body + 1, unit))
+    for count in range(math.ceil(body / limit), len(edges) + 1):
         cuts = [0]
         for j in range(1, count):
-            target = j * dim / count
+            target = j * body / count
             i = bisect.bisect_left(edges, target)
-            near = [e for e in edges[max(i - 1, 0):i + 1] if e > cuts[-1]]
+            near = [e for e in edges[max(i - 1, 0):i + 1] if cuts[-1] < e < body]
             if near:
                 cuts.append(min(near, key=lambda e: abs(e - target)))
-        cuts.append(dim)
-        ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
-        if max(b - a for a, b in ranges) <= limit:
-            return ranges
-    raise AssertionError("unreachable: one range per item fits every limit >= 1")
+        cuts.append(body)
+        if max(b - a for a, b in zip(cuts, cuts[1:])) <= limit:
+            cuts[-1] = dim
+            return list(zip(cuts, cuts[1:]))
+    raise AssertionError("unreachable: one range per unit fits every limit >= unit")
 
 
 def describe_ranges(ranges: Ranges) -> str:
@@ -202,12 +201,47 @@ def _eigen_pi(g_values: Tensor, a_values: Tensor) -> Tensor:
     return torch.where(ok, a_mean / torch.where(ok, g_mean, torch.ones_like(g_mean)), torch.ones_like(a_mean)).sqrt()
 
 
+class Deflated(NamedTuple):
+    """One block of an eigenbasis split into unit eigenvectors (``dead``: ``±e_i``, e.g. the
+    deflated zero rows) and the rest (``live``, compact): a step then multiplies only the live
+    part by eigenvectors.
+    """
+
+    live: Tensor  #: indices in the block whose eigenvectors are not unit vectors
+    dead: Tensor  #: indices whose eigenvector is ``±e_i`` (row and column)
+    values: Tensor  #: eigenvalues of the live part
+    vectors: Tensor  #: ``[n_live, n_live]`` eigenvectors of the live part (contiguous)
+    dead_values: Tensor  #: eigenvalues of the unit eigenvectors
+    dead_zero: bool  #: all of them are 0 (with exact damping the step is then ``x / γ`` there)
+
+
+def deflation_plan(values: Tensor, vectors: Tensor, ranges: Ranges) -> list[Deflated | None]:
+    """Per block of a block-diagonal eigenbasis, its :class:`Deflated` split, or None when no
+    eigenvector is a unit vector (one host read per block; cached by the caller per
+    decomposition).
+    """
+    plan: list[Deflated | None] = []
+    for a, b in ranges:
+        v, lam = vectors[a:b, a:b], values[a:b]
+        unit = torch.diagonal(v).abs() == 1  # a unit-norm column with a ±1 entry is ±e_i
+        if not bool(unit.any()):
+            plan.append(None)
+            continue
+        live, dead = (~unit).nonzero().squeeze(1), unit.nonzero().squeeze(1)
+        plan.append(Deflated(live, dead, lam[live], v[live][:, live].contiguous(), lam[dead],
+                             bool((lam[dead] == 0).all())))
+    return plan
+
+
 def precondition_tiles(x: Tensor, state: Mapping[str, Tensor], g_ranges: Ranges, a_ranges: Ranges, damping: float,
-                       pi_correction: bool) -> Tensor:
+                       pi_correction: bool, plan: Sequence[Deflated | None] | None = None) -> Tensor:
     """``(Ā ⊗ Ḡ + damping)⁻¹`` on the packed gradient ``x`` ``[d_G, d_A]``, tile by tile, from
     the block-diagonal decomposition in ``state`` (eigen or inverse keys); the damping rule is the
     dense block's (see the module docstring). Tiles go through
-    :func:`natgrad.ops.kfac_precondition_eigen` / ``_inverse``, views of the stored blocks.
+    :func:`natgrad.ops.kfac_precondition_eigen` / ``_inverse``, views of the stored blocks; with
+    an eigenbasis and a :func:`deflation_plan` of A, a block's unit eigenvectors take
+    :func:`natgrad.ops.kfac_precondition_diagonal_a` (or ``x / γ``) and only its live part the
+    eigenvector products.
     """
     out = torch.empty_like(x)
     if "g_inverse" in state:
@@ -217,15 +251,28 @@ def precondition_tiles(x: Tensor, state: Mapping[str, Tensor], g_ranges: Ranges,
                                                               a_inv[c0:c1, c0:c1])
         return out
     g_values, a_values = state["g_eigenvalues"], state["a_eigenvalues"]
-    gamma = damping
+    gamma, a_shift = damping, None
     if pi_correction:  # factored damping folded into the eigenvalues: denominators λ'_G λ'_Aᵀ
         pi, root = _eigen_pi(g_values, a_values), math.sqrt(damping)
-        g_values, a_values, gamma = g_values + root / pi, a_values + pi * root, 0.0
+        g_values, a_values, gamma, a_shift = g_values + root / pi, a_values + pi * root, 0.0, pi * root
     g_vec, a_vec = state["g_eigenvectors"], state["a_eigenvectors"]
-    for (r0, r1), (c0, c1) in itertools.product(g_ranges, a_ranges):
-        out[r0:r1, c0:c1] = ops.kfac_precondition_eigen(
-            x[r0:r1, c0:c1], g_values[r0:r1], g_vec[r0:r1, r0:r1], a_values[c0:c1], a_vec[c0:c1, c0:c1],
-            gamma, False)
+    plan = plan or [None] * len(a_ranges)
+    for (r0, r1), ((c0, c1), part) in itertools.product(g_ranges, zip(a_ranges, plan)):
+        tile, g_val, g_v = x[r0:r1, c0:c1], g_values[r0:r1], g_vec[r0:r1, r0:r1]
+        if part is None:
+            out[r0:r1, c0:c1] = ops.kfac_precondition_eigen(tile, g_val, g_v, a_values[c0:c1], a_vec[c0:c1, c0:c1],
+                                                            gamma, False)
+            continue
+        if part.live.numel():
+            live_values = part.values if a_shift is None else part.values + a_shift
+            out[r0:r1, c0 + part.live] = ops.kfac_precondition_eigen(tile[:, part.live], g_val, g_v, live_values,
+                                                                     part.vectors, gamma, False)
+        if a_shift is None and part.dead_zero:  # V_G (V_Gᵀ x) / (λ_G · 0 + γ)
+            out[r0:r1, c0 + part.dead] = tile[:, part.dead] / gamma
+        else:
+            dead_values = part.dead_values if a_shift is None else part.dead_values + a_shift
+            out[r0:r1, c0 + part.dead] = ops.kfac_precondition_diagonal_a(tile[:, part.dead], dead_values, g_val,
+                                                                          g_v, gamma, False)
     return out
 
 

@@ -111,13 +111,13 @@ class KFAC(Optimizer):
             (default: "expand").
         factor_dtype, inverse_dtype (torch.dtype, optional): dtypes of factors and of their
             decompositions (default: the weight's dtype).
-        max_factor_dim (int or None): a factor side (A: in-features·kh·kw (+1), G: out-features)
+        max_factor_dim (int or None): a factor side (A: in-features·kh·kw, G: out-features)
             above this size is preconditioned block-diagonally, by balanced diagonal blocks of at
-            most this size, each an exact Kronecker sub-factor with its own decomposition
-            (Distributed Shampoo's ``max_preconditioner_dim``; see
-            :mod:`natgrad.curvature.split`, and :meth:`describe` for the layers it splits). It
-            bounds a refresh at ``Σ b³`` and a step at ``d_out·d_in·b``; None: never split
-            (default: 1024).
+            most this size (whole input channels; the bias joins the last), each an exact
+            Kronecker sub-factor with its own decomposition (Distributed Shampoo's
+            ``max_preconditioner_dim``; :mod:`natgrad.curvature.split`; :meth:`describe` names
+            the layers split). It bounds a refresh at ``Σ b³`` and a step at ``d_out·d_in·b``;
+            None: never split (default: 2048).
         skip_modules (iterable of str): qualified module names to leave to the fallback (a
             name that matches no module raises ValueError).
         seed (int): seed of the generator used by :meth:`sample_fisher` (plus the rank) (default: 0).
@@ -149,7 +149,7 @@ class KFAC(Optimizer):
                  damping_adaptation_decay: float = 0.95, fisher_type: str = "empirical",
                  loss_reduction: str = "mean", linear_approx: str = "expand",
                  factor_dtype: torch.dtype | None = None, inverse_dtype: torch.dtype | None = None,
-                 max_factor_dim: int | None = 1024, skip_modules: Iterable[str] = (), seed: int = 0,
+                 max_factor_dim: int | None = 2048, skip_modules: Iterable[str] = (), seed: int = 0,
                  grad_worker_fraction: float = 1.0, triangle_packing: bool = True,
                  bucket_cap_mb: float = 25.0, process_group=None) -> None:
         _check_arguments(

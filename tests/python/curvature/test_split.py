@@ -74,23 +74,23 @@ def reference_direction(a, g, grad, damping, method, pi_correction):
 
 
 @pytest.mark.parametrize("dim,limit,unit,tail", [(13, 5, 1, 1), (7, 5, 1, 0), (13, 5, 4, 1), (4608, 1024, 9, 0),
-                                                 (4609, 1024, 9, 1), (2304, 2048, 9, 0), (100, 7, 1, 0),
+                                                 (4609, 1024, 9, 1), (2304, 2048, 9, 0), (100, 7, 1, 0), (1025, 1024, 1, 1),
                                                  (13, 3, 4, 1), (10, 1, 1, 1), (30, 30, 1, 0)])
 def test_factor_ranges_cover_the_factor_in_balanced_blocks_within_the_limit(dim, limit, unit, tail):
     ranges = factor_ranges(dim, limit, unit, tail)
     assert ranges[0][0] == 0 and ranges[-1][1] == dim
     assert all(a1 == b0 for (_, a1), (b0, _) in zip(ranges, ranges[1:]))
-    sizes = [b - a for a, b in ranges]
-    assert max(sizes) <= limit
-    if dim <= limit:
+    sizes = [b - a for a, b in ranges[:-1]] + [ranges[-1][1] - ranges[-1][0] - tail]  # features per range
+    assert max(sizes) <= limit and min(sizes) > 0
+    if dim - tail <= limit:
         assert ranges == [(0, dim)]
         return
     if unit <= limit:  # whole units: every cut but the end on a multiple of the unit
         assert all(b % unit == 0 for _, b in ranges[:-1])
     step = unit if unit <= limit else 1
-    assert max(sizes) - min(sizes) <= 2 * step + tail
-    if step == 1 and tail == 0:
-        assert len(ranges) == math.ceil(dim / limit)
+    assert max(sizes) - min(sizes) <= 2 * step
+    if step == 1:
+        assert len(ranges) == math.ceil((dim - tail) / limit)
 
 
 def test_no_limit_never_splits():
@@ -254,9 +254,9 @@ def test_describe_names_split_factors_and_the_limit():
 
     text = described(LIMIT)
     first, last = [line for line in text.splitlines() if line.startswith(("0.weight", "2.weight"))]
-    assert "A 13 > max_factor_dim 5: block-diagonal, 3 blocks of 4-5" in first
+    assert "A 12 (+bias) > max_factor_dim 5: block-diagonal, 3 blocks of 4-5" in first
     assert "G 7 > max_factor_dim 5: block-diagonal, 2 blocks of 3-4" in first
-    assert "A 8 > max_factor_dim 5" in last and "G 3" not in last
+    assert "A 7 (+bias) > max_factor_dim 5" in last and "G 3" not in last
     assert "block-diagonal" not in described(None)
 
 
