@@ -151,6 +151,8 @@ class KroneckerBlock(CurvatureBlock):
         return {k: self.state[k] for k in ("A", "G") if k in self.state}
 
     def inverse_cost(self) -> float:
+        if self.full_factors and self.is_split:  # Σ b³ over the blocks (distributed owners balance by it)
+            return float(sum((b - a) ** 3 for r in (self.a_ranges(), self.g_ranges()) for a, b in r))
         return float(sum(f.shape[0] ** (3 if f.dim() == 2 else 1) for f in self.factors().values()))
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:

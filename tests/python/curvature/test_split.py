@@ -264,3 +264,12 @@ def test_describe_names_split_factors_and_the_limit():
 def test_invalid_max_factor_dim_is_named(bad):
     with pytest.raises(ValueError, match="max_factor_dim"):
         natgrad.KFAC(linear_model(), max_factor_dim=bad)
+
+
+def test_inverse_cost_of_a_split_block_is_the_sum_of_its_blocks_cubes():
+    model = linear_model()
+    opt = natgrad.KFAC(model, max_factor_dim=LIMIT)
+    block = opt.estimator.blocks[0]
+    sizes = [b - a for a, b in block.a_ranges() + block.g_ranges()]
+    assert sum(sizes) == 13 + 7
+    assert block.inverse_cost() == sum(n**3 for n in sizes)
