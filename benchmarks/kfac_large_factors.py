@@ -168,7 +168,8 @@ def main() -> None:
     table = format_rows(
         ["optimizer", "first step s (cpu)", "x AdamW (cpu)", f"next {args.steps} mean s (cpu)", "x AdamW (cpu)",
          "ladder rungs"],
-        [[r["name"], f"{r['first_s']:.2f} ({r['first_cpu_s']:.2f})", f"{r['first_ratio']:.1f} ({r['first_cpu_ratio']:.1f})",
+        [[r["name"], f"{r['first_s']:.2f} ({r['first_cpu_s']:.2f})",
+          f"{r['first_ratio']:.1f} ({r['first_cpu_ratio']:.1f})",
           f"{r['next_mean_s']:.3f} ({r['next_mean_cpu_s']:.3f})",
           f"{r['next_mean_ratio']:.1f} ({r['next_mean_cpu_ratio']:.1f})", str(r.get("ladder", "")) or "-"]
          for r in rows])
