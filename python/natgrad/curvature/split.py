@@ -29,7 +29,9 @@ are eigenvectors of eigenvalue 0 (and ``1/δ`` rows of a damped inverse), exactl
 rule on small feature maps: a 3×3 convolution with padding 1 on a 1×1 map (ResNet-18's layer4
 at 32×32 inputs) sees data only in its centre tap, so 8/9 of its ``A`` is zero — a repeated
 zero eigenvalue on which float32 ``eigh`` fails to converge, sending the whole factor to the
-float64 rung.
+float64 rung. A step then multiplies only the live part of such a block by its eigenvectors
+(:func:`deflation_plan`); the unit eigenvectors take the diagonal-A op (``x / γ`` with exact
+damping). The statistics themselves stay dense (the factor ops compute all of ``A``).
 """
 from __future__ import annotations
 
