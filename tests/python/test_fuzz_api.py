@@ -114,6 +114,7 @@ SPECS = {
              "linear_approx": choice("expand", "reduce"), "factor_dtype": float_dtype,
              "inverse_dtype": float_dtype, "grad_worker_fraction": number(0.0, 1.0, low_open=True),
              "triangle_packing": flag, "bucket_cap_mb": number(0.0, low_open=True),
+             "max_factor_dim": number(1, integer=True, none=True),
              "skip_modules": lambda v: v in ("", (), ["0"], "0") or isinstance(v, str) and v in ("", "0", "2")},
     "NaturalGradient": {**COMMON, "fisher_type": choice("empirical", "mc", "exact"),
                         "structure": choice("dense", "lowrank", "diagonal", "full"),

@@ -184,6 +184,11 @@ class CurvatureBlock:
     def ensure_factors(self) -> None:
         """Creates zero statistics if none exist (a layer the forward never used: F = 0)."""
 
+    def limit_factors(self, max_factor_dim: int | None) -> None:
+        """Keeps factors larger than ``max_factor_dim`` block-diagonal (KFAC's option; see
+        :mod:`natgrad.curvature.split`); the base has no factors to limit.
+        """
+
     def factor_layout(self) -> list[int] | None:
         """This block's entry of :func:`natgrad.ops.kfac_factors_ema_`'s ``layouts`` when that
         list op computes exactly its statistics update (Linear, Conv2d); None: it does not.

@@ -97,13 +97,13 @@ class CurvatureEstimator:
         factor_step (Callable[[], bool]): whether the current step collects statistics.
         skip_modules (iterable of str): module names left to the fallback.
         fisher_type (str): "empirical" or "mc" (which backward passes fill the statistics).
-        linear_approx, factor_dtype, inverse_dtype: as for natgrad.KFAC.
+        linear_approx, factor_dtype, inverse_dtype, max_factor_dim: as for natgrad.KFAC.
     """
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor], communicator, *,
                  factor_step: Callable[[], bool], skip_modules: Any = (), fisher_type: str = "empirical",
                  linear_approx: str = "expand", factor_dtype: torch.dtype | None = None,
-                 inverse_dtype: torch.dtype | None = None) -> None:
+                 inverse_dtype: torch.dtype | None = None, max_factor_dim: int | None = None) -> None:
         skip = checked_skip_modules(skip_modules, model)
         self.communicator = communicator
         #: Whether the block families batch the step (False: one block at a time, as distributed
@@ -117,6 +117,8 @@ class CurvatureEstimator:
         self._decomposed: set[str] = set()  # layers decomposed at least once (same on every rank)
         self._pending: list[tuple[list[CurvatureBlock], Tensor]] = []  # unread factor-step flags
         self._build(model, {id(p) for p in params}, skip, linear_approx, factor_dtype, inverse_dtype)
+        for block in self._blocks:
+            block.limit_factors(max_factor_dim)
 
     # ---- set-up -------------------------------------------------------------------------------
 

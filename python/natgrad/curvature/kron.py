@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad import ops
-from natgrad.curvature import refresh
+from natgrad.curvature import refresh, split
 from natgrad.curvature.block import BlockDirections, CurvatureBlock, DirectionRequest, curvature_dtype
 
 
@@ -62,10 +62,57 @@ class KroneckerBlock(CurvatureBlock):
         super().__init__(name, [self.weight] + ([self.bias] if self.bias is not None else []))
         self.factor_dtype = curvature_dtype(factor_dtype, self.weight)
         self.inverse_dtype = inverse_dtype or self.factor_dtype
+        #: the largest factor side decomposed whole (None: no limit; see :meth:`limit_factors`)
+        self.max_factor_dim: int | None = None
 
     @property
     def description(self) -> str:
-        return f"K-FAC {self.kind}"
+        return f"K-FAC {self.kind}" + self.split_note()
+
+    # ---- large factors (natgrad.curvature.split) ----------------------------------------------
+
+    def limit_factors(self, max_factor_dim: int | None) -> None:
+        """Keeps a factor side larger than ``max_factor_dim`` block-diagonal (None: never); see
+        :mod:`natgrad.curvature.split`. A kind with its own structure (``full_factors`` False)
+        ignores it.
+        """
+        self.max_factor_dim = max_factor_dim if self.full_factors else None
+
+    def a_unit(self) -> int:
+        """Indices of A that a split keeps together (a convolution's patch of one input
+        channel); the base: 1.
+        """
+        return 1
+
+    def a_ranges(self) -> list[tuple[int, int]]:
+        """The blocks of A (one range: A is decomposed whole)."""
+        return self._ranges()[1]
+
+    def g_ranges(self) -> list[tuple[int, int]]:
+        """The blocks of G (one range: G is decomposed whole)."""
+        return self._ranges()[2]
+
+    def _ranges(self) -> tuple[int | None, list[tuple[int, int]], list[tuple[int, int]]]:
+        """``(limit, A's ranges, G's ranges)``, recomputed when the limit changes."""
+        cached = getattr(self, "_split_ranges", None)
+        if cached is None or cached[0] != self.max_factor_dim:
+            limit = self.max_factor_dim
+            a = split.factor_ranges(self.a_dim(), limit, self.a_unit(), int(self.bias is not None))
+            cached = self._split_ranges = (limit, a, split.factor_ranges(self.g_dim(), limit))
+        return cached
+
+    @property
+    def is_split(self) -> bool:
+        """Whether a factor side is block-diagonal (more than ``max_factor_dim``)."""
+        return len(self.a_ranges()) > 1 or len(self.g_ranges()) > 1
+
+    def split_note(self) -> str:
+        """Which sides are block-diagonal and why, for ``KFAC.describe()`` ("" when none)."""
+        a_size = f"{self.a_dim() - 1} (+bias)" if self.bias is not None else str(self.a_dim())
+        notes = [f"{side} {size} > max_factor_dim {self.max_factor_dim}: block-diagonal, {split.describe_ranges(r)}"
+                 for side, size, r in (("A", a_size, self.a_ranges()), ("G", str(self.g_dim()), self.g_ranges()))
+                 if len(r) > 1]
+        return "; " + "; ".join(notes) if notes else ""
 
     @property
     def has_factors(self) -> bool:
@@ -104,6 +151,8 @@ class KroneckerBlock(CurvatureBlock):
         return {k: self.state[k] for k in ("A", "G") if k in self.state}
 
     def inverse_cost(self) -> float:
+        if self.full_factors and self.is_split:  # Σ b³ over the blocks (distributed owners balance by it)
+            return float(sum((b - a) ** 3 for r in (self.a_ranges(), self.g_ranges()) for a, b in r))
         return float(sum(f.shape[0] ** (3 if f.dim() == 2 else 1) for f in self.factors().values()))
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -177,6 +226,8 @@ class KroneckerBlock(CurvatureBlock):
         if warm and self._warm_refresh(method, g, a, damping, pi_correction):
             return 0
         self.drop_decomposition()
+        if self.is_split:
+            return self._split_inverse(method, g, a, damping, pi_correction)
         if method == "inverse":
             inv = ops.kfac_damped_inverses(g, a, damping, pi_correction)
             self.state["g_inverse"], self.state["a_inverse"] = inv.g_inverse, inv.a_inverse
@@ -186,8 +237,23 @@ class KroneckerBlock(CurvatureBlock):
         self.state["g_eigenvalues"], self.state["g_eigenvectors"] = eg.eigenvalues, eg.eigenvectors
         return max(int(ea.rung), int(eg.rung))
 
+    def _split_inverse(self, method: str, g: Tensor, a: Tensor, damping: float, pi_correction: bool) -> int:
+        """:meth:`update_inverse` of a block-diagonal side: each block decomposed on its own,
+        stored block-diagonal (:mod:`natgrad.curvature.split`).
+        """
+        s, g_ranges, a_ranges = self.state, self.g_ranges(), self.a_ranges()
+        if method == "inverse":
+            s["g_inverse"], s["a_inverse"], rung = split.damped_inverse_blocks(g, a, g_ranges, a_ranges, damping,
+                                                                              pi_correction)
+            return rung
+        s["a_eigenvalues"], s["a_eigenvectors"], a_rung = split.eigh_blocks(a, a_ranges)
+        s["g_eigenvalues"], s["g_eigenvectors"], g_rung = split.eigh_blocks(g, g_ranges)
+        return max(a_rung, g_rung)
+
     def _warm_refresh(self, method: str, g: Tensor, a: Tensor, damping: float, pi_correction: bool) -> bool:
         s = self.state
+        if self.is_split:
+            return self._warm_split(method, g, a, damping, pi_correction)
         if method == "eigen" and "g_eigenvectors" in s and "a_eigenvectors" in s:
             for side, factor in (("g", g), ("a", a)):
                 values, vectors = refresh.warm_eigh(factor, s[f"{side}_eigenvalues"], s[f"{side}_eigenvectors"])
@@ -204,12 +270,39 @@ class KroneckerBlock(CurvatureBlock):
         s["g_inverse"], s["a_inverse"] = cast(list[Tensor], new)
         return True
 
+    def _warm_split(self, method: str, g: Tensor, a: Tensor, damping: float, pi_correction: bool) -> bool:
+        """:meth:`_warm_refresh` block by block (the decomposition stays block-diagonal)."""
+        s = self.state
+        sides = (("g", g, self.g_ranges()), ("a", a, self.a_ranges()))
+        if method == "eigen" and "g_eigenvectors" in s and "a_eigenvectors" in s:
+            for side, factor, ranges in sides:
+                s[f"{side}_eigenvalues"], s[f"{side}_eigenvectors"] = split.warm_refresh_blocks(
+                    factor, s[f"{side}_eigenvalues"], s[f"{side}_eigenvectors"], ranges)
+            return True
+        if method != "inverse" or "g_inverse" not in s or "a_inverse" not in s:
+            return False
+        new = {}
+        for (side, factor, ranges), shift in zip(sides, refresh.factored_shifts(g, a, damping, pi_correction)):
+            parts = []
+            for lo, hi in ranges:
+                block = factor[lo:hi, lo:hi]
+                eye = torch.eye(hi - lo, dtype=block.dtype, device=block.device)
+                parts.append(refresh.newton_schulz_inverse(block + shift * eye, s[f"{side}_inverse"][lo:hi, lo:hi]))
+            if any(x is None for x in parts):
+                return False
+            new[f"{side}_inverse"] = torch.block_diag(*cast(list[Tensor], parts))
+        s.update(new)
+        return True
+
     # ---- products -----------------------------------------------------------------------------
 
     def precondition(self, packed: Tensor, damping: float, pi_correction: bool = False) -> Tensor:
         """``(A ⊗ G + damping·I)⁻¹`` (or its π-corrected or inverse form) on a packed matrix."""
         s = self.state
         x = packed.to(self.inverse_dtype)
+        if self.is_split:
+            return split.precondition_tiles(x, s, self.g_ranges(), self.a_ranges(), damping, pi_correction,
+                                            self._deflation_plan()).to(packed.dtype)
         if "g_inverse" in s:
             out = ops.kfac_precondition_inverse(x, s["g_inverse"], s["a_inverse"])
         else:
@@ -218,12 +311,28 @@ class KroneckerBlock(CurvatureBlock):
                                               pi_correction)
         return out.to(packed.dtype)
 
+    def _deflation_plan(self) -> list[split.Deflated | None] | None:
+        """:func:`natgrad.curvature.split.deflation_plan` of A's eigenbasis, cached per
+        decomposition (None with inverses).
+        """
+        vectors = self.state.get("a_eigenvectors")
+        if vectors is None:
+            return None
+        cached = getattr(self, "_deflation", None)
+        if cached is None or cached[0] is not vectors or cached[1] != vectors._version:
+            plan = split.deflation_plan(self.state["a_eigenvalues"], vectors, self.a_ranges())
+            cached = self._deflation = (vectors, vectors._version, plan)
+        return cached[2]
+
     def solve(self, tensors, damping, pi_correction=False):
         return self.unpack(self.precondition(self.pack(tensors), damping, pi_correction))
 
     def product(self, packed: Tensor) -> Tensor:
-        """``G W̃ A`` on a packed matrix (differentiable)."""
-        return self.state["G"] @ packed.to(self.factor_dtype) @ self.state["A"]
+        """``G W̃ A`` on a packed matrix (differentiable); ``Ḡ W̃ Ā`` when a side is
+        block-diagonal (the curvature the block preconditions with).
+        """
+        g = split.block_diagonal(self.state["G"], self.g_ranges())
+        return g @ packed.to(self.factor_dtype) @ split.block_diagonal(self.state["A"], self.a_ranges())
 
     def mv(self, tensors):
         packed = self.pack(tensors)
@@ -288,11 +397,12 @@ class KroneckerBlock(CurvatureBlock):
         one at a time.
         """
         out: list[BlockDirections] = []
+        listed = [b for b in blocks if b.has_inverse and not b.is_split]  # split: tile by tile
         for method, key in (("eigen", "g_eigenvectors"), ("inverse", "g_inverse")):
-            group = [b for b in blocks if b.has_inverse and key in b.state]
+            group = [b for b in listed if key in b.state]
             if group:
                 out += cls._listed_directions(group, method, request)
-        return out + super().directions_many([b for b in blocks if not b.has_inverse], request)
+        return out + super().directions_many([b for b in blocks if b not in listed], request)
 
     @classmethod
     def _listed_directions(cls, blocks, method: str, request: DirectionRequest) -> list[BlockDirections]:

@@ -131,6 +131,13 @@ class KFAC(Optimizer):
             update's ``1−ρ`` share, and no eigensolver or Cholesky runs in half precision, so
             every decomposition would need the fallback ladder and be rounded back; the
             factors are small (``d × d`` per layer), so float32 costs little.
+        max_factor_dim (int or None): a factor side (A: in-features·kh·kw, G: out-features)
+            above this size is preconditioned block-diagonally, by balanced diagonal blocks of at
+            most this size (whole input channels; the bias joins the last), each an exact
+            Kronecker sub-factor with its own decomposition (Distributed Shampoo's
+            ``max_preconditioner_dim``; :mod:`natgrad.curvature.split`; :meth:`describe` names
+            the layers split). It bounds a refresh at ``Σ b³`` and a step at ``d_out·d_in·b``;
+            None: never split (default: 2048).
         skip_modules (iterable of str): qualified module names to leave to the fallback (a
             name that matches no module raises ValueError).
         seed (int): seed of the generator used by :meth:`sample_fisher` (plus the rank) (default: 0).
@@ -162,7 +169,7 @@ class KFAC(Optimizer):
                  damping_adaptation_decay: float = 0.95, fisher_type: str = "empirical",
                  loss_reduction: str = "mean", linear_approx: str = "expand",
                  factor_dtype: torch.dtype | None = None, inverse_dtype: torch.dtype | None = None,
-                 skip_modules: Iterable[str] = (), seed: int = 0,
+                 max_factor_dim: int | None = 2048, skip_modules: Iterable[str] = (), seed: int = 0,
                  grad_worker_fraction: float = 1.0, triangle_packing: bool = True,
                  bucket_cap_mb: float = 25.0, process_group=None) -> None:
         _check_arguments(
@@ -173,8 +180,8 @@ class KFAC(Optimizer):
             adaptive_damping=adaptive_damping, damping_adaptation_interval=damping_adaptation_interval,
             damping_adaptation_decay=damping_adaptation_decay, fisher_type=fisher_type,
             loss_reduction=loss_reduction, linear_approx=linear_approx, factor_dtype=factor_dtype,
-            inverse_dtype=inverse_dtype, seed=seed, grad_worker_fraction=grad_worker_fraction,
-            triangle_packing=triangle_packing, bucket_cap_mb=bucket_cap_mb)
+            inverse_dtype=inverse_dtype, max_factor_dim=max_factor_dim, seed=seed,
+            grad_worker_fraction=grad_worker_fraction, triangle_packing=triangle_packing, bucket_cap_mb=bucket_cap_mb)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
         super().__init__(model.parameters() if params is None else params, defaults)
 
@@ -203,7 +210,7 @@ class KFAC(Optimizer):
             self.model, [p for g in self.param_groups for p in g["params"]], comm,
             factor_step=lambda: (m := alive()) is not None and m(), skip_modules=skip_modules,
             fisher_type=fisher_type, linear_approx=linear_approx, factor_dtype=factor_dtype,
-            inverse_dtype=inverse_dtype)
+            inverse_dtype=inverse_dtype, max_factor_dim=max_factor_dim)
         self._index_groups()
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -471,7 +478,7 @@ def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, d
                      kl_clip: Any, inverse_method: Any, pi_correction: Any, warm_refreshes: Any,
                      adaptive_damping: Any, damping_adaptation_interval: Any, damping_adaptation_decay: Any,
                      fisher_type: Any, loss_reduction: Any, linear_approx: Any, factor_dtype: Any,
-                     inverse_dtype: Any, seed: Any, grad_worker_fraction: Any,
+                     inverse_dtype: Any, max_factor_dim: Any, seed: Any, grad_worker_fraction: Any,
                      triangle_packing: Any, bucket_cap_mb: Any) -> None:
     """Raises TypeError/ValueError naming the first invalid argument of ``natgrad.KFAC``."""
     if not isinstance(model, nn.Module):
@@ -496,6 +503,7 @@ def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, d
     check_number("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True)
     check_number("seed", seed, integer=True)
     check_number("warm_refreshes", warm_refreshes, low=0, integer=True)
+    check_number("max_factor_dim", max_factor_dim, low=1, integer=True, allow_none=True)
     if pi_correction is not None:
         check_flag("pi_correction", pi_correction)
     for name, flag in (("adaptive_damping", adaptive_damping), ("triangle_packing", triangle_packing)):

@@ -137,7 +137,12 @@ class AttentionBlock(CurvatureBlock):
 
     @property
     def description(self) -> str:
-        return f"K-FAC attention q/k/v ({self.approx})"
+        notes = "".join(f"; {s}{p.split_note()}" for s, p in self.parts.items() if p.is_split)
+        return f"K-FAC attention q/k/v ({self.approx}){notes}"
+
+    def limit_factors(self, max_factor_dim):
+        for p in self.parts.values():
+            p.limit_factors(max_factor_dim)
 
     @property
     def has_factors(self) -> bool:

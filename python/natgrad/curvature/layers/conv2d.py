@@ -45,6 +45,12 @@ class Conv2dBlock(KroneckerBlock):
         """The layer's kernel_size, stride, padding and dilation as the conv2d ops take them."""
         return conv2d_geometry(self.module)
 
+    def a_unit(self):
+        """One input channel's ``kh·kw`` patch entries: a block-diagonal A
+        (:mod:`natgrad.curvature.split`) keeps whole channels with their spatial correlations.
+        """
+        return math.prod(self.geometry()[0])
+
     def prepare(self, inputs, grads, grad_scale):
         x = inputs[0] if len(inputs) == 1 else torch.cat(list(inputs))
         g = grads[0] if len(grads) == 1 else torch.cat(list(grads))

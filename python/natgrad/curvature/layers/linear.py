@@ -36,7 +36,7 @@ class LinearBlock(KroneckerBlock):
 
     @property
     def description(self) -> str:
-        return f"K-FAC linear ({self.approx})"
+        return f"K-FAC linear ({self.approx}){self.split_note()}"
 
     def features(self) -> tuple[int, int]:
         """``(in_features, out_features)``, read from the weight ``[out, in]``."""
