@@ -6,6 +6,7 @@ Rows are samples × output pixels; the activation factor is the patches' second 
 """
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
