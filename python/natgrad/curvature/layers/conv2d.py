@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad import ops
-from natgrad.curvature.kron import KroneckerBlock, Statistics
+from natgrad.curvature.kron import CORRECTED, KroneckerBlock, PerSample, Statistics
 from natgrad.curvature.layers.base import LayerKind, output_blocks
 from natgrad.ops.factors import factor_layout
 
@@ -41,6 +41,7 @@ class Conv2dBlock(KroneckerBlock):
     """nn.Conv2d with groups=1 and numeric zero padding, in the KFC ("expand") form."""
 
     kind = "conv2d"
+    supports_eigenvalue_correction = True
 
     def geometry(self) -> Geometry:
         """The layer's kernel_size, stride, padding and dilation as the conv2d ops take them."""
@@ -52,7 +53,11 @@ class Conv2dBlock(KroneckerBlock):
         positions = g.shape[2] * g.shape[3]
         passes = max(g.shape[0] // max(x.shape[0], 1), 1)
         rows = x.shape[0] * positions
-        return Statistics(x, g, grad_scale * math.sqrt(positions * passes), rows, rows * passes)
+        per_sample = None
+        if self.eigenvalue_correction:  # EKFAC: per-sample gradients, passes kept pass-major
+            merged = g if len(grads) == 1 else torch.cat([t.reshape(passes, -1, *t.shape[1:]) for t in grads], 1)
+            per_sample = PerSample(x, merged.reshape(-1, *g.shape[1:]), grad_scale)
+        return Statistics(x, g, grad_scale * math.sqrt(positions * passes), rows, rows * passes, per_sample)
 
     def count_rows(self, inputs):
         """Rows of the forward calls: samples × output pixels."""
@@ -63,6 +68,13 @@ class Conv2dBlock(KroneckerBlock):
         self.ensure_factors()
         ops.conv2d_act_factor_ema_(self.state["A"], stats.inputs, *self.geometry(), self.bias is not None, rho)
         ops.conv2d_grad_factor_ema_(self.state["G"], stats.grads, stats.grad_scale, rho)
+        self.update_corrected(stats, decay)
+
+    def _corrected_ema(self, data, decay):
+        s = self.state
+        ops.conv2d_ekfac_diagonal_ema_(s[CORRECTED], data.inputs, data.grads, s["g_eigenvectors"],
+                                       s["a_eigenvectors"], *self.geometry(), self.bias is not None,
+                                       data.grad_scale, decay)
 
     def factor_layout(self):
         if type(self) is not Conv2dBlock:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad import ops
-from natgrad.curvature.kron import KroneckerBlock, Statistics
+from natgrad.curvature.kron import CORRECTED, KroneckerBlock, PerSample, Statistics, per_sample_layout
 from natgrad.curvature.layers.base import LayerKind, output_blocks
 from natgrad.ops.factors import factor_layout
 
@@ -30,6 +30,7 @@ class LinearBlock(KroneckerBlock):
     """
 
     kind = "linear"
+    supports_eigenvalue_correction = True
 
     def __init__(self, name: str, module: nn.Module, approx: str = "expand", **kwargs) -> None:
         super().__init__(name, module, **kwargs)
@@ -37,7 +38,7 @@ class LinearBlock(KroneckerBlock):
 
     @property
     def description(self) -> str:
-        return f"K-FAC linear ({self.approx})"
+        return f"{self.method} linear ({self.approx})"
 
     def features(self) -> tuple[int, int]:
         """``(in_features, out_features)``, read from the weight ``[out, in]``."""
@@ -52,6 +53,9 @@ class LinearBlock(KroneckerBlock):
     def prepare(self, inputs, grads, grad_scale):
         d_in, d_out = self.features()
         samples = self.count_samples(inputs)
+        per_sample = None
+        if self.eigenvalue_correction:  # EKFAC: the exact per-sample gradients (both approximations)
+            per_sample = PerSample(*per_sample_layout(inputs, grads, d_in, d_out), grad_scale)
         if self.approx == "reduce":  # per sample: mean activation, summed gradient
             inputs = [x.reshape(x.shape[0], -1, d_in).mean(1) if x.dim() > 2 else x for x in inputs]
             grads = [g.reshape(g.shape[0], -1, d_out).sum(1) if g.dim() > 2 else g for g in grads]
@@ -60,10 +64,16 @@ class LinearBlock(KroneckerBlock):
         x_rows, g_rows = x.numel() // max(d_in, 1), g.numel() // d_out
         positions = x_rows // max(samples, 1)
         passes = g_rows // max(x_rows, 1)
-        return Statistics(x, g, grad_scale * math.sqrt(max(positions, 1) * max(passes, 1)), x_rows, g_rows)
+        return Statistics(x, g, grad_scale * math.sqrt(max(positions, 1) * max(passes, 1)), x_rows, g_rows,
+                          per_sample)
 
     def _update_a(self, stats, rho):
         ops.linear_act_factor_ema_(self.state["A"], stats.inputs, self.bias is not None, rho)
+
+    def _corrected_ema(self, data, decay):
+        s = self.state
+        ops.linear_ekfac_diagonal_ema_(s[CORRECTED], data.inputs, data.grads, s["g_eigenvectors"],
+                                       s["a_eigenvectors"], self.bias is not None, data.grad_scale, decay)
 
     def factor_layout(self):
         return factor_layout(self.bias is not None) if type(self) is LinearBlock else None
