@@ -27,6 +27,20 @@ class Sequence(nn.Module):
         return self.head(torch.tanh(self.body(x)).mean(1))
 
 
+class TwoCalls(nn.Module):
+    """One Linear over two sequences of different lengths (its calls' positions are padded);
+    ``second`` (the same weights by default) stands for the second call in the reference.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x, second=None):
+        second = self.body if second is None else second
+        return self.head(torch.tanh(self.body(x[:, :2])).mean(1) + torch.tanh(second(x[:, 2:])).mean(1))
+
+
 class Tokens(nn.Module):
     """Embedding (with padding_idx) -> mean over tokens -> Linear head."""
 
@@ -47,6 +61,11 @@ def _case(name):
         return net, torch.randn(5, 4, dtype=F64), y, "0", "expand"
     if name.startswith("sequence"):
         return Sequence().double(), torch.randn(5, 3, 4, dtype=F64), y, "body", name.split("_")[1]
+    if name == "conv1d":
+        net = nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.Flatten(), nn.Tanh(), nn.LazyLinear(3)).double()
+        x = torch.randn(5, 2, 7, dtype=F64)
+        net(x)
+        return net, x, y, "0", "expand"
     if name == "conv2d":
         net = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2), nn.Flatten(), nn.Tanh(),
                             nn.LazyLinear(3)).double()
@@ -77,7 +96,7 @@ def _per_sample_grads(net, x, y):
     return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
 
 
-@pytest.mark.parametrize("name", ["linear", "sequence_expand", "sequence_reduce", "conv2d", "embedding",
+@pytest.mark.parametrize("name", ["linear", "sequence_expand", "sequence_reduce", "conv1d", "conv2d", "embedding",
                                   "embedding_padded"])
 def test_corrected_diagonal_is_the_ema_of_rotated_per_sample_gradients(name):
     net, x, y, layer, approx = _case(name)
@@ -102,6 +121,40 @@ def test_corrected_diagonal_is_the_ema_of_rotated_per_sample_gradients(name):
     rotated = vg.mT @ dw if va is None else vg.mT @ dw @ va
     expected = 0.8 * before[CORRECTED] + 0.2 * (rotated**2).mean(0)
     torch.testing.assert_close(s[CORRECTED], expected, rtol=1e-10, atol=1e-13)
+
+
+def test_calls_of_one_layer_count_as_samples_like_its_factors():
+    """A layer called twice per forward: as for its factors (count_samples), each call's samples
+    are samples, so S averages over 2N per-(call, sample) gradients, each scaled by the 2N the
+    loss mean is undone with: here 2 × the gradient through that call alone.
+    """
+    torch.manual_seed(0)
+    net, x, y = TwoCalls().double(), torch.randn(5, 5, 4, dtype=F64), torch.randint(0, 3, (5,))
+    opt = natgrad.KFAC(net, lr=0.0, factor_decay=0.6, inverse_update_period=100, kl_clip=None,
+                       eigenvalue_correction=True)
+    block = next(b for b in opt.estimator.blocks if b.name == "body")
+    for step in range(2):
+        if step == 1:
+            before = block.state[CORRECTED].clone()
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    twin = nn.Linear(4, 5).double()
+    twin.load_state_dict(net.body.state_dict())
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    second = {k: v.detach() for k, v in twin.named_parameters()}
+
+    def loss(p, q, xi, yi):
+        return F.cross_entropy(functional_call(net, p, (xi[None], functional_call_module(twin, q))), yi[None])
+
+    def functional_call_module(module, q):
+        return lambda t: functional_call(module, q, (t,))
+
+    first, other = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))(params, second, x, y)
+    dw = torch.cat([_packed(block, first, "body"), _packed(block, {f"body.{k}": v for k, v in other.items()}, "body")])
+    s = block.state
+    rotated = s["g_eigenvectors"].mT @ (2.0 * dw) @ s["a_eigenvectors"]
+    torch.testing.assert_close(s[CORRECTED], 0.6 * before + 0.4 * (rotated**2).mean(0), rtol=1e-10, atol=1e-13)
 
 
 def _one_sample(kind):
@@ -156,3 +209,19 @@ def test_refresh_carries_the_diagonal_into_the_new_basis():
     dense = q_old @ torch.diag(middle.reshape(-1)) @ q_old.T
     expected = torch.diagonal(q.T @ dense @ q).reshape(middle.shape)
     torch.testing.assert_close(s[CORRECTED], expected, rtol=1e-10, atol=1e-13)
+
+
+def test_float32_model_with_ekfac_trains():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
+    x, y = torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))
+    opt = natgrad.KFAC(net, lr=0.1, inverse_update_period=2, eigenvalue_correction=True)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert all(b.state[CORRECTED].dtype == torch.float32 for b in opt.estimator.blocks)
