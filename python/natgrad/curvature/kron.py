@@ -15,6 +15,14 @@ its ``R`` weight-sharing positions (tokens, pixels), so the "expand" approximati
 al., 2023; KFC for convolutions) uses ``A = mean over rows of ã ãᵀ`` and ``G = R · Σ_passes mean
 over rows of (s g)(s g)ᵀ``, i.e. the ops' ``grad_scale = s·sqrt(R·passes)``. "reduce" averages
 activations and sums gradients over positions first (``R = 1``).
+
+EKFAC (George et al., 2018; :func:`enable_eigenvalue_correction`). The block keeps the factors'
+eigenbasis but replaces ``λ_G λ_Aᵀ`` by ``S = E_n[(V_Gᵀ ∇W_n V_A)²]`` (state entry
+:data:`CORRECTED`), the EMA of the exact per-sample gradients rotated into the basis (a sample's
+positions summed, under "reduce" too; a layer's calls count as samples, as for its factors),
+updated with every factor update by the ops of :mod:`natgrad.ops.ekfac`. The first
+decomposition sets ``S = λ_G λ_Aᵀ``; each later one carries ``S`` into the new basis
+(:func:`natgrad.ops.ekfac_rebase`). Directions damp exactly, ``S + γ``.
 """
 from __future__ import annotations
 
