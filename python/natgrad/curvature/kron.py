@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from natgrad import ops
 from natgrad.curvature import refresh
-from natgrad.curvature.block import BlockDirections, CurvatureBlock, DirectionRequest
+from natgrad.curvature.block import BlockDirections, CurvatureBlock, DirectionRequest, PlainBlock
+from natgrad.curvature.diagonal import DiagonalBlock
 
 #: The block state entry of EKFAC's corrected diagonal ``S`` (``[d_g, d_a]``, in the packed layout).
 CORRECTED = "corrected_eigenvalues"
@@ -467,9 +468,6 @@ def enable_eigenvalue_correction(blocks: Sequence[CurvatureBlock]) -> None:
     (attention q/k/v, a registered kind without EKFAC) keeps K-FAC's Kronecker eigenvalues, with
     one warning naming them.
     """
-    from natgrad.curvature.block import PlainBlock
-    from natgrad.curvature.diagonal import DiagonalBlock
-
     unsupported = []
     for block in blocks:
         if isinstance(block, KroneckerBlock) and block.supports_eigenvalue_correction:
