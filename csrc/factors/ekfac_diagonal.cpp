@@ -92,9 +92,10 @@ at::Tensor linear_ekfac_diagonal_ema_(at::Tensor& diagonal, const at::Tensor& in
   TORCH_CHECK(grad_output.dim() == input.dim(),
               "grad_output must have the input's dims ([P * N, ..., out_features]), got shapes ",
               grad_output.sizes(), " and ", input.sizes());
-  TORCH_CHECK(grad_output.sizes().slice(1, input.dim() - 2) == input.sizes().slice(1, input.dim() - 2),
-              "grad_output must have the input's positions (middle dims), got shapes ",
-              grad_output.sizes(), " and ", input.sizes());
+  TORCH_CHECK(
+      grad_output.sizes().slice(1, input.dim() - 2) == input.sizes().slice(1, input.dim() - 2),
+      "grad_output must have the input's positions (middle dims), got shapes ", grad_output.sizes(),
+      " and ", input.sizes());
   checks::nonempty_rows(input.size(0), "input");
   checks::grad_scale(grad_scale);
   checks::decay(decay);
@@ -105,9 +106,9 @@ at::Tensor linear_ekfac_diagonal_ema_(at::Tensor& diagonal, const at::Tensor& in
   const auto dtype = diagonal.scalar_type();
   const at::Tensor x = rotate_rows(
       without_subnormals(input.reshape({n, positions, d_in}).to(dtype)), a_eigenvectors, bias);
-  const at::Tensor g = at::matmul(
-      without_subnormals(grad_output.reshape({passes, n, positions, d_g}).to(dtype)),
-      g_eigenvectors);  // [P, N, R, d_g]
+  const at::Tensor g =
+      at::matmul(without_subnormals(grad_output.reshape({passes, n, positions, d_g}).to(dtype)),
+                 g_eigenvectors);  // [P, N, R, d_g]
   at::Tensor acc;
   if (positions == 1) {  // one GEMM: sum_p (G_p V_G)^2 against (X V_A)^2
     acc = at::matmul(g.square().sum(0).reshape({n, d_g}).t(), x.reshape({n, d_in + bias}).square());
@@ -121,10 +122,10 @@ at::Tensor linear_ekfac_diagonal_ema_(at::Tensor& diagonal, const at::Tensor& in
 at::Tensor conv2d_ekfac_diagonal_ema_(at::Tensor& diagonal, const at::Tensor& input,
                                       const at::Tensor& grad_output,
                                       const at::Tensor& g_eigenvectors,
-                                      const at::Tensor& a_eigenvectors,
-                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                      at::IntArrayRef padding, at::IntArrayRef dilation, bool bias,
-                                      double grad_scale, double decay) {
+                                      const at::Tensor& a_eigenvectors, at::IntArrayRef kernel_size,
+                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation, bool bias, double grad_scale,
+                                      double decay) {
   const ConvGeometry geo = conv_geometry(input, kernel_size, stride, padding, dilation);
   checks::floating(grad_output, "grad_output");
   checks::dim_eq(grad_output, 4, "grad_output", "[P * N, C_out, OH, OW]");
@@ -138,10 +139,10 @@ at::Tensor conv2d_ekfac_diagonal_ema_(at::Tensor& diagonal, const at::Tensor& in
   check_basis(diagonal, g_eigenvectors, &a_eigenvectors, input, "input", d_g, d_a);
   const auto dtype = diagonal.scalar_type();
   const at::Tensor clean = without_subnormals(input);
-  const at::Tensor g = at::matmul(
-      without_subnormals(grad_output.reshape({passes, n, d_g, geo.positions}).to(dtype))
-          .transpose(-1, -2),
-      g_eigenvectors);  // [P, N, L, d_g]
+  const at::Tensor g =
+      at::matmul(without_subnormals(grad_output.reshape({passes, n, d_g, geo.positions}).to(dtype))
+                     .transpose(-1, -2),
+                 g_eigenvectors);  // [P, N, L, d_g]
   at::Tensor acc = at::zeros({d_g, d_a}, diagonal.options());
   const int64_t chunk =
       ekfac_chunk_samples(passes, d_g, d_a, (geo.patch_dim + d_a) * geo.positions);
@@ -161,8 +162,8 @@ at::Tensor embedding_ekfac_diagonal_ema_(at::Tensor& diagonal, const at::Tensor&
                                          const at::Tensor& grad_output,
                                          const at::Tensor& g_eigenvectors, double grad_scale,
                                          double decay) {
-  TORCH_CHECK(indices.defined() && (indices.scalar_type() == at::kLong ||
-                                    indices.scalar_type() == at::kInt),
+  TORCH_CHECK(indices.defined() &&
+                  (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt),
               "indices must have an integer dtype (int64 or int32), got ",
               indices.defined() ? c10::toString(indices.scalar_type()) : "an undefined tensor");
   checks::dim_ge(indices, 1, "indices", "[N, ...]");
@@ -170,7 +171,8 @@ at::Tensor embedding_ekfac_diagonal_ema_(at::Tensor& diagonal, const at::Tensor&
   TORCH_CHECK(grad_output.dim() == indices.dim() + 1 &&
                   grad_output.sizes().slice(1, indices.dim() - 1) == indices.sizes().slice(1),
               "grad_output must be [P * N, ..., embedding_dim] over the indices' positions, got "
-              "shapes ", grad_output.sizes(), " and ", indices.sizes());
+              "shapes ",
+              grad_output.sizes(), " and ", indices.sizes());
   checks::nonempty_rows(indices.size(0), "indices");
   checks::grad_scale(grad_scale);
   checks::decay(decay);
@@ -180,14 +182,13 @@ at::Tensor embedding_ekfac_diagonal_ema_(at::Tensor& diagonal, const at::Tensor&
   const int64_t passes = passes_of(grad_output.size(0), n);
   check_basis(diagonal, g_eigenvectors, nullptr, indices, "indices", d_g, vocab);
   const auto dtype = diagonal.scalar_type();
-  const at::Tensor g = at::matmul(
-      without_subnormals(grad_output.reshape({passes * n * positions, d_g}).to(dtype)),
-      g_eigenvectors);  // rotated rows, pass-major
+  const at::Tensor g =
+      at::matmul(without_subnormals(grad_output.reshape({passes * n * positions, d_g}).to(dtype)),
+                 g_eigenvectors);  // rotated rows, pass-major
   // One key per (pass, sample, index): a sample's rows that look up the same index sum into
   // one column of its gradient before squaring.
   const at::Tensor idx = indices.reshape({-1}).to(at::kLong).repeat({passes});
-  const at::Tensor owner =
-      at::arange(passes * n, idx.options()).repeat_interleave(positions);
+  const at::Tensor owner = at::arange(passes * n, idx.options()).repeat_interleave(positions);
   const auto unique = at::_unique2(owner.mul(vocab).add_(idx), /*sorted=*/false,
                                    /*return_inverse=*/true, /*return_counts=*/false);
   const at::Tensor& keys = std::get<0>(unique);

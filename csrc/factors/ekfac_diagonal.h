@@ -46,10 +46,10 @@ at::Tensor linear_ekfac_diagonal_ema_(at::Tensor& diagonal, const at::Tensor& in
 at::Tensor conv2d_ekfac_diagonal_ema_(at::Tensor& diagonal, const at::Tensor& input,
                                       const at::Tensor& grad_output,
                                       const at::Tensor& g_eigenvectors,
-                                      const at::Tensor& a_eigenvectors,
-                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                      at::IntArrayRef padding, at::IntArrayRef dilation, bool bias,
-                                      double grad_scale, double decay);
+                                      const at::Tensor& a_eigenvectors, at::IntArrayRef kernel_size,
+                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation, bool bias, double grad_scale,
+                                      double decay);
 
 // nn.Embedding, in the transposed layout of its block ([dim, num_embeddings]): A is diagonal,
 // so V_A = I and S = E_n[(V_G^T dW_n)^2] with dW_n = grad_scale * sum_r g_nr e_{idx_nr}^T.

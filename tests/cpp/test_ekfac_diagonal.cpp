@@ -64,7 +64,7 @@ TEST(EkfacDiagonal, LinearWithoutPositionsIsTheSquaredGemm) {
 TEST(EkfacDiagonal, Conv2dMatchesPerSampleWeightGradients) {
   at::manual_seed(2);
   const at::Tensor x = at::randn({2, 2, 6, 5}, at::kDouble);
-  const at::Tensor g = at::randn({2, 3, 3, 2}, at::kDouble);  // kernel 2x3, stride 2, pad 1, dil 1
+  const at::Tensor g = at::randn({2, 3, 4, 3}, at::kDouble);  // kernel 2x3, stride 2, pad 1: 4x3
   const std::vector<int64_t> k{2, 3}, s{2, 2}, p{1, 1}, d{1, 1};
   const at::Tensor vg = basis(3), va = basis(13);
   std::vector<at::Tensor> grads;
@@ -102,8 +102,8 @@ TEST(EkfacDiagonal, NonFiniteUpdateLeavesTheDiagonalUnchanged) {
   x[1][2] = std::numeric_limits<double>::infinity();
   const at::Tensor old = at::rand({2, 4}, at::kDouble);
   at::Tensor diag = old.clone();
-  const at::Tensor ok = natgrad::linear_ekfac_diagonal_ema_(
-      diag, x, at::randn({4, 2}, at::kDouble), basis(2), basis(4), true, 1.0, 0.5);
+  const at::Tensor ok = natgrad::linear_ekfac_diagonal_ema_(diag, x, at::randn({4, 2}, at::kDouble),
+                                                            basis(2), basis(4), true, 1.0, 0.5);
   EXPECT_FALSE(ok.item<bool>());
   EXPECT_TRUE(at::equal(diag, old));
 }
@@ -131,9 +131,11 @@ TEST(EkfacPrecondition, EqualsTheDenseDampedSolveInTheBasis) {
   const at::Tensor s = at::rand({3, 2}, at::kDouble), dw = at::randn({3, 2}, at::kDouble);
   // column-stacking vec: vec(V_G X V_A^T) = (V_A (x) V_G) vec(X)
   const at::Tensor q = at::kron(va, vg);
-  const at::Tensor fisher = at::matmul(at::matmul(q, at::diag(natgrad_test::vec_columns(s))), q.t());
+  const at::Tensor fisher =
+      at::matmul(at::matmul(q, at::diag(natgrad_test::vec_columns(s))), q.t());
   const at::Tensor expected = natgrad_test::unvec_columns(
-      at::linalg_solve(fisher + at::eye(6, at::kDouble) * 0.2, natgrad_test::vec_columns(dw)), 3, 2);
+      at::linalg_solve(fisher + at::eye(6, at::kDouble) * 0.2, natgrad_test::vec_columns(dw)), 3,
+      2);
   EXPECT_TRUE(AllClose(natgrad::kfac_precondition_ekfac(dw, vg, va, s, 0.2), expected, kTol64));
   EXPECT_TRUE(ThrowsMentioning(
       [&] { natgrad::kfac_precondition_ekfac(dw, vg, va, s.t().contiguous(), 0.2); },
