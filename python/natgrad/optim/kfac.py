@@ -98,7 +98,8 @@ class KFAC(Optimizer):
             squared per-sample gradients rotated into it, carried into each refreshed basis
             (:func:`natgrad.ops.ekfac_rebase`); exact damping :math:`S + \gamma`. Linear, Conv1d,
             Conv2d and Embedding layers; attention keeps K-FAC (a warning names it). Needs
-            "eigen" and no π correction; not yet under torch.distributed (default: False).
+            "eigen" and no π correction; not yet under torch.distributed. adaptive_damping's
+            quadratic model still uses A ⊗ G (default: False).
         warm_refreshes (int): cheap refreshes between exact decompositions: one subspace
             iteration + QR from the previous eigenvectors ("eigen"), or Newton–Schulz from the
             previous inverses ("inverse", exact when too far); see
