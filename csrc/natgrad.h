@@ -9,6 +9,7 @@
 #include "empirical/empirical_fisher.h"
 #include "empirical/layer_gram.h"
 #include "ewc/ewc_penalty.h"
+#include "factors/ekfac_diagonal.h"
 #include "factors/kron_factors.h"
 #include "frontend/ewc.h"
 #include "frontend/kfac.h"

@@ -22,6 +22,21 @@ TORCH_LIBRARY(natgrad, m) {
       "conv2d_grad_factor_ema_(Tensor(a!) factor, Tensor grad_output, float grad_scale, "
       "float decay) -> ()");
   // Every layer's A and G EMA of one K-FAC factor step, with per-layer fault flags.
+  // EKFAC's diagonal in the Kronecker eigenbasis (factors/ekfac_diagonal.h).
+  m.def(
+      "linear_ekfac_diagonal_ema_(Tensor(a!) diagonal, Tensor input, Tensor grad_output, "
+      "Tensor g_eigenvectors, Tensor a_eigenvectors, bool bias, float grad_scale, float decay) "
+      "-> Tensor");
+  m.def(
+      "conv2d_ekfac_diagonal_ema_(Tensor(a!) diagonal, Tensor input, Tensor grad_output, "
+      "Tensor g_eigenvectors, Tensor a_eigenvectors, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool bias, float grad_scale, float decay) -> Tensor");
+  m.def(
+      "embedding_ekfac_diagonal_ema_(Tensor(a!) diagonal, Tensor indices, Tensor grad_output, "
+      "Tensor g_eigenvectors, float grad_scale, float decay) -> Tensor");
+  m.def(
+      "ekfac_rebase(Tensor eigenvalues, Tensor old_g_eigenvectors, Tensor g_eigenvectors, "
+      "Tensor? old_a_eigenvectors, Tensor? a_eigenvectors) -> Tensor");
   m.def(
       "kfac_factors_ema_(Tensor(a!)[] a_factors, Tensor(b!)[] g_factors, Tensor[] inputs, "
       "Tensor[] grad_outputs, int[] layouts, float[] grad_scales, float[] decays) -> Tensor");
@@ -38,6 +53,9 @@ TORCH_LIBRARY(natgrad, m) {
   m.def(
       "kfac_damped_inverses(Tensor g_factor, Tensor a_factor, float damping, "
       "bool pi_correction) -> (Tensor g_inverse, Tensor a_inverse, Tensor rung)");
+  m.def(
+      "kfac_precondition_ekfac(Tensor grad, Tensor g_eigenvectors, Tensor? a_eigenvectors, "
+      "Tensor eigenvalues, float damping) -> Tensor");
   m.def("kfac_precondition_inverse(Tensor grad, Tensor g_inverse, Tensor a_inverse) -> Tensor");
   m.def(
       "kfac_precondition_diagonal_a(Tensor grad, Tensor a_diagonal, Tensor g_eigenvalues, "

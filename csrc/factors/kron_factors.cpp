@@ -60,10 +60,7 @@ void check_factor(const at::Tensor& factor, const at::Tensor& data, const char* 
   checks::shape_eq(factor, {dim, dim}, "factor", "square, one row per feature (+1 for bias)");
 }
 
-// Validated Conv2d geometry: kernel/stride/dilation > 0, padding >= 0, output size > 0.
-struct ConvGeometry {
-  int64_t patch_dim, positions;
-};
+}  // namespace
 
 ConvGeometry conv_geometry(const at::Tensor& input, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding,
@@ -92,6 +89,8 @@ ConvGeometry conv_geometry(const at::Tensor& input, at::IntArrayRef kernel_size,
   }
   return {input.size(1) * kernel_size[0] * kernel_size[1], positions};
 }
+
+namespace {
 
 // Accumulates the Gram matrix of N samples, each contributing a [d, positions] column block
 // produced by `block(first, count)` for a chunk of samples, without ever holding all samples'

@@ -71,6 +71,16 @@ at::Tensor kfac_factors_ema_(at::TensorList a_factors, at::TensorList g_factors,
                              at::IntArrayRef layouts, at::ArrayRef<double> grad_scales,
                              at::ArrayRef<double> decays);
 
+// A Conv2d input's validated geometry (kernel/stride/dilation > 0, padding >= 0, output size
+// > 0, input [N, C, H, W] floating with N, C > 0): the patch length C * kh * kw and the number of
+// output positions OH * OW. Shared by the factor and EKFAC ops.
+struct ConvGeometry {
+  int64_t patch_dim, positions;
+};
+ConvGeometry conv_geometry(const at::Tensor& input, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation);
+
 // The smallest patch block a Conv2d factor op unfolds at once (whole samples permitting).
 inline constexpr int64_t kConvChunkElements = int64_t{1} << 18;
 

@@ -177,6 +177,46 @@ at::Tensor kfac_precondition_diagonal_a(const at::Tensor& grad, const at::Tensor
   return out;
 }
 
+at::Tensor kfac_precondition_ekfac(const at::Tensor& grad, const at::Tensor& g_eigenvectors,
+                                   const std::optional<at::Tensor>& a_eigenvectors,
+                                   const at::Tensor& eigenvalues, double damping) {
+  checks::floating(grad, "grad");
+  checks::dim_ge(grad, 2, "grad", "[..., d_g, d_a]");
+  checks::same_device_dtype(g_eigenvectors, grad, "g_eigenvectors", "grad");
+  checks::same_device_dtype(eigenvalues, grad, "eigenvalues", "grad");
+  const auto batch = grad.sizes().slice(0, grad.dim() - 2);
+  std::vector<int64_t> g_shape(batch.begin(), batch.end()), a_shape = g_shape;
+  g_shape.insert(g_shape.end(), {grad.size(-2), grad.size(-2)});
+  a_shape.insert(a_shape.end(), {grad.size(-1), grad.size(-1)});
+  checks::shape_eq(g_eigenvectors, g_shape, "g_eigenvectors", "[..., d_g, d_g] matching grad");
+  checks::shape_eq(eigenvalues, grad.sizes(), "eigenvalues", "[..., d_g, d_a] matching grad");
+  const bool has_a = a_eigenvectors.has_value() && a_eigenvectors->defined();
+  if (has_a) {
+    checks::same_device_dtype(*a_eigenvectors, grad, "a_eigenvectors", "grad");
+    checks::shape_eq(*a_eigenvectors, a_shape, "a_eigenvectors", "[..., d_a, d_a] matching grad");
+  }
+  checks::damping(damping, /*strictly_positive=*/false);
+
+  at::Tensor rotated = at::matmul(g_eigenvectors.mT(), without_subnormals(grad));
+  if (has_a) rotated = at::matmul(rotated, *a_eigenvectors);
+  at::Tensor denom = eigenvalues.clamp_min(0).add_(damping);
+  // An Inf would vanish from the result (x / Inf = 0): its own flag joins the result's.
+  const at::Tensor denom_finite = checks::finite_flag(denom);
+  denom.masked_fill_(denom <= 0, 1.0);
+  rotated.div_(denom);
+  at::Tensor out = at::matmul(g_eigenvectors, rotated);
+  if (has_a) out = at::matmul(out, a_eigenvectors->mT());
+  const at::Tensor a_or_grad = has_a ? *a_eigenvectors : grad;
+  checks::finite_flags({checks::finite_flag(out), denom_finite}, out.scalar_type(),
+                       {{grad, "grad"},
+                        {g_eigenvectors, "g_eigenvectors"},
+                        {a_or_grad, has_a ? "a_eigenvectors" : "grad"},
+                        {eigenvalues, "eigenvalues"}},
+                       kNonFiniteAdvice);
+  flush_subnormal_(out);
+  return out;
+}
+
 // ATen compositions (matmul, linalg): registered for every device; Meta is served by the Python
 // fake kernels (python/natgrad/ops/linalg.py).
 TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
@@ -184,6 +224,7 @@ TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
   m.impl("kfac_damped_inverses", &kfac_damped_inverses);
   m.impl("kfac_precondition_inverse", &kfac_precondition_inverse);
   m.impl("kfac_precondition_diagonal_a", &kfac_precondition_diagonal_a);
+  m.impl("kfac_precondition_ekfac", &kfac_precondition_ekfac);
 }
 
 }  // namespace natgrad

@@ -21,6 +21,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace natgrad {
@@ -60,5 +61,16 @@ at::Tensor kfac_precondition_diagonal_a(const at::Tensor& grad, const at::Tensor
                                         const at::Tensor& g_eigenvalues,
                                         const at::Tensor& g_eigenvectors, double damping,
                                         bool pi_correction);
+
+// EKFAC preconditioning (George et al., 2018) with an arbitrary eigenvalue matrix: the diagonal
+// S [..., d_g, d_a] of the Fisher in the Kronecker eigenbasis (factors/ekfac_diagonal.h),
+//   P = V_G [(V_G^T dW V_A) / (S + damping)] V_A^T,
+// damping exact (no pi correction). An undefined a_eigenvectors means V_A = I (a diagonal A:
+// an embedding's transposed layout). S is clamped at 0; zero denominators are left unscaled, as
+// in kfac_precondition_eigen. Non-finite inputs are rejected like kfac_precondition_eigen's
+// (one reduction over the result and the denominator, one host read).
+at::Tensor kfac_precondition_ekfac(const at::Tensor& grad, const at::Tensor& g_eigenvectors,
+                                   const std::optional<at::Tensor>& a_eigenvectors,
+                                   const at::Tensor& eigenvalues, double damping);
 
 }  // namespace natgrad

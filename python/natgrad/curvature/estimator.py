@@ -47,6 +47,7 @@ from natgrad.curvature.block import (
 from natgrad.curvature.capture import GradientPhase, LayerCapture
 from natgrad.curvature.coverage import Coverage
 from natgrad.curvature.faults import FaultLedger
+from natgrad.curvature.kron import enable_eigenvalue_correction
 from natgrad.curvature.plan import CaptureFactory, module_blocks, sample_scale
 from natgrad.curvature.prior import Prior, PriorBlock
 from natgrad.curvature.registry import parameter_owners
@@ -97,13 +98,15 @@ class CurvatureEstimator:
         factor_step (Callable[[], bool]): whether the current step collects statistics.
         skip_modules (iterable of str): module names left to the fallback.
         fisher_type (str): "empirical" or "mc" (which backward passes fill the statistics).
-        linear_approx, factor_dtype, inverse_dtype, max_factor_dim: as for natgrad.KFAC.
+        linear_approx, factor_dtype, inverse_dtype, max_factor_dim, eigenvalue_correction: as for
+            natgrad.KFAC.
     """
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor], communicator, *,
                  factor_step: Callable[[], bool], skip_modules: Any = (), fisher_type: str = "empirical",
                  linear_approx: str = "expand", factor_dtype: torch.dtype | None = None,
-                 inverse_dtype: torch.dtype | None = None, max_factor_dim: int | None = None) -> None:
+                 inverse_dtype: torch.dtype | None = None, max_factor_dim: int | None = None,
+                 eigenvalue_correction: bool = False) -> None:
         skip = checked_skip_modules(skip_modules, model)
         self.communicator = communicator
         #: Whether the block families batch the step (False: one block at a time, as distributed
@@ -119,6 +122,8 @@ class CurvatureEstimator:
         self._build(model, {id(p) for p in params}, skip, linear_approx, factor_dtype, inverse_dtype)
         for block in self._blocks:
             block.limit_factors(max_factor_dim)
+        if eigenvalue_correction:  # EKFAC where the block supports it (a warning names the others)
+            enable_eigenvalue_correction(self._blocks)
 
     # ---- set-up -------------------------------------------------------------------------------
 

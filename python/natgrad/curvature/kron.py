@@ -15,9 +15,18 @@ its ``R`` weight-sharing positions (tokens, pixels), so the "expand" approximati
 al., 2023; KFC for convolutions) uses ``A = mean over rows of ã ãᵀ`` and ``G = R · Σ_passes mean
 over rows of (s g)(s g)ᵀ``, i.e. the ops' ``grad_scale = s·sqrt(R·passes)``. "reduce" averages
 activations and sums gradients over positions first (``R = 1``).
+
+EKFAC (George et al., 2018; :func:`enable_eigenvalue_correction`). The block keeps the factors'
+eigenbasis but replaces ``λ_G λ_Aᵀ`` by ``S = E_n[(V_Gᵀ ∇W_n V_A)²]`` (state entry
+:data:`CORRECTED`), the EMA of the exact per-sample gradients rotated into the basis (a sample's
+positions summed, under "reduce" too; a layer's calls count as samples, as for its factors),
+updated with every factor update by the ops of :mod:`natgrad.ops.ekfac`. The first
+decomposition sets ``S = λ_G λ_Aᵀ``; each later one carries ``S`` into the new basis
+(:func:`natgrad.ops.ekfac_rebase`). Directions damp exactly, ``S + γ``.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
@@ -26,7 +35,22 @@ from torch import Tensor, nn
 
 from natgrad import ops
 from natgrad.curvature import refresh, split
-from natgrad.curvature.block import BlockDirections, CurvatureBlock, DirectionRequest, curvature_dtype
+from natgrad.curvature.block import BlockDirections, CurvatureBlock, DirectionRequest, PlainBlock, curvature_dtype
+from natgrad.curvature.diagonal import DiagonalBlock
+
+#: The block state entry of EKFAC's corrected diagonal ``S`` (``[d_g, d_a]``, in the packed layout).
+CORRECTED = "corrected_eigenvalues"
+
+
+class PerSample(NamedTuple):
+    """One update's per-sample data for EKFAC's diagonal (:mod:`natgrad.ops.ekfac`): inputs
+    ``[N, ...]`` (samples first), output gradients ``[P·N, ...]`` (pass-major) and the scale that
+    makes them per-sample gradients (no ``sqrt(positions)``: positions are summed exactly).
+    """
+
+    inputs: Tensor
+    grads: Tensor
+    grad_scale: float
 
 
 class Statistics(NamedTuple):
@@ -37,6 +61,7 @@ class Statistics(NamedTuple):
     grad_scale: float  # the ops' grad_scale: per-sample scale × sqrt(positions × passes)
     input_rows: int
     grad_rows: int
+    per_sample: PerSample | None = None  # EKFAC's data, when the block corrects its eigenvalues
 
 
 class KroneckerBlock(CurvatureBlock):
@@ -50,6 +75,12 @@ class KroneckerBlock(CurvatureBlock):
     """
 
     kind = "kron"
+    #: EKFAC can serve the block (its kind implements :meth:`_corrected_ema`)
+    supports_eigenvalue_correction = False
+    #: EKFAC (George et al., 2018) is on: the eigenbasis of ``A ⊗ G`` with the diagonal ``S``
+    #: re-estimated every factor update from per-sample gradients (set by
+    #: :func:`enable_eigenvalue_correction`)
+    eigenvalue_correction = False
     #: ``A`` and ``G`` are full matrices over the packed ``[d_out, d_in (+1)]`` layout, solved by
     #: :meth:`precondition` (an EWC prior can join them); False: a kind with its own structure
     full_factors = True
@@ -66,8 +97,13 @@ class KroneckerBlock(CurvatureBlock):
         self.max_factor_dim: int | None = None
 
     @property
+    def method(self) -> str:
+        """"EKFAC" with the eigenvalue correction, else "K-FAC" (for ``KFAC.describe()``)."""
+        return "EKFAC" if self.eigenvalue_correction else "K-FAC"
+
+    @property
     def description(self) -> str:
-        return f"K-FAC {self.kind}" + self.split_note()
+        return f"{self.method} {self.kind}" + self.split_note()
 
     # ---- large factors (natgrad.curvature.split) ----------------------------------------------
 
@@ -157,8 +193,9 @@ class KroneckerBlock(CurvatureBlock):
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         a, g = self.a_dim(), self.g_dim()
-        return {"A": (a, a), "G": (g, g), "a_eigenvalues": (a,), "a_eigenvectors": (a, a),
-                "g_eigenvalues": (g,), "g_eigenvectors": (g, g), "a_inverse": (a, a), "g_inverse": (g, g)}
+        shapes = {"A": (a, a), "G": (g, g), "a_eigenvalues": (a,), "a_eigenvectors": (a, a),
+                  "g_eigenvalues": (g,), "g_eigenvectors": (g, g), "a_inverse": (a, a), "g_inverse": (g, g)}
+        return shapes | ({CORRECTED: (g, a)} if self.eigenvalue_correction else {})
 
     def ensure_factors(self) -> None:
         device = self.weight.device
@@ -200,9 +237,57 @@ class KroneckerBlock(CurvatureBlock):
         self.ensure_factors()
         self._update_a(stats, rho)
         ops.linear_grad_factor_ema_(self.state["G"], stats.grads, stats.grad_scale, rho)
+        self.update_corrected(stats, decay)
 
     def _update_a(self, stats: Statistics, rho: float) -> None:
         raise NotImplementedError
+
+    # ---- EKFAC: the corrected diagonal ---------------------------------------------------------
+
+    def update_corrected(self, stats: Statistics, decay: float) -> None:
+        """EKFAC: ``S ← decay·S + (1 − decay)·E_n[(V_Gᵀ ∇W_n V_A)²]`` in the current eigenbasis
+        (nothing before the first decomposition, which initialises ``S``; nothing without the
+        correction). A non-finite update leaves ``S`` unchanged (the op decides on the device).
+        """
+        if not self.eigenvalue_correction or stats.per_sample is None or "g_eigenvectors" not in self.state:
+            return
+        if CORRECTED not in self.state:
+            self.init_corrected()
+        self._corrected_ema(stats.per_sample, decay)
+
+    def _corrected_ema(self, data: PerSample, decay: float) -> None:
+        """The kind's EKFAC op on ``self.state[CORRECTED]`` (only if supported)."""
+        raise NotImplementedError
+
+    def _a_side(self) -> tuple[Tensor | None, Tensor]:
+        """``(V_A, λ_A)`` of the decomposition (``V_A`` None: A is diagonal, ``λ_A`` its diagonal)."""
+        return self.state["a_eigenvectors"], self.state["a_eigenvalues"]
+
+    def init_corrected(self) -> None:
+        """``S = λ_G λ_Aᵀ``: the diagonal of ``A ⊗ G`` in its own eigenbasis (the start of the
+        estimate, and what a checkpoint saved without ``S`` resumes from).
+        """
+        _, a_values = self._a_side()
+        g_values = self.state["g_eigenvalues"]
+        self.state[CORRECTED] = torch.outer(g_values, a_values.to(g_values.dtype).clamp_min(0))
+
+    def _refresh_corrected(self, old: tuple[Tensor, Tensor, Tensor | None] | None) -> None:
+        """After a decomposition: ``S`` carried into the new eigenbasis (:func:`natgrad.ops.ekfac_rebase`)
+        from ``old = (S, V_G, V_A)`` of the previous one, or initialised (:meth:`init_corrected`).
+        """
+        if not self.eigenvalue_correction or "g_eigenvectors" not in self.state:
+            return
+        if old is None:
+            self.init_corrected()
+            return
+        a_vectors, _ = self._a_side()
+        self.state[CORRECTED] = ops.ekfac_rebase(old[0], old[1], self.state["g_eigenvectors"], old[2], a_vectors)
+
+    def _corrected_basis(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """``(S, V_G, V_A)`` now, or None (no correction or no ``S`` yet)."""
+        if not self.eigenvalue_correction or CORRECTED not in self.state or "g_eigenvectors" not in self.state:
+            return None
+        return self.state[CORRECTED], self.state["g_eigenvectors"], self._a_side()[0]
 
     # ---- decompositions -----------------------------------------------------------------------
 
@@ -223,7 +308,9 @@ class KroneckerBlock(CurvatureBlock):
         """
         a = self.state["A"].to(self.inverse_dtype)
         g = self.state["G"].to(self.inverse_dtype)
+        old = self._corrected_basis()
         if warm and self._warm_refresh(method, g, a, damping, pi_correction):
+            self._refresh_corrected(old)
             return 0
         self.drop_decomposition()
         if self.is_split:
@@ -235,6 +322,7 @@ class KroneckerBlock(CurvatureBlock):
         ea, eg = ops.damped_eigh(a), ops.damped_eigh(g)
         self.state["a_eigenvalues"], self.state["a_eigenvectors"] = ea.eigenvalues, ea.eigenvectors
         self.state["g_eigenvalues"], self.state["g_eigenvectors"] = eg.eigenvalues, eg.eigenvectors
+        self._refresh_corrected(old)
         return max(int(ea.rung), int(eg.rung))
 
     def _split_inverse(self, method: str, g: Tensor, a: Tensor, damping: float, pi_correction: bool) -> int:
@@ -305,6 +393,8 @@ class KroneckerBlock(CurvatureBlock):
                                             self._deflation_plan()).to(packed.dtype)
         if "g_inverse" in s:
             out = ops.kfac_precondition_inverse(x, s["g_inverse"], s["a_inverse"])
+        elif self.eigenvalue_correction:  # EKFAC: exact damping, no π
+            out = ops.kfac_precondition_ekfac(x, s["g_eigenvectors"], s["a_eigenvectors"], s[CORRECTED], damping)
         else:
             out = ops.kfac_precondition_eigen(x, s["g_eigenvalues"], s["g_eigenvectors"],
                                               s["a_eigenvalues"], s["a_eigenvectors"], damping,
@@ -358,6 +448,14 @@ class KroneckerBlock(CurvatureBlock):
         """
         return None
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` output; with the eigenvalue correction, a checkpoint saved
+        without ``S`` (plain K-FAC) resumes from ``S = λ_G λ_Aᵀ`` (:meth:`init_corrected`).
+        """
+        super().load_state_dict(state)
+        if self.eigenvalue_correction and "g_eigenvectors" in self.state and CORRECTED not in self.state:
+            self.init_corrected()
+
     # ---- the family's batched step ------------------------------------------------------------
     # Blocks of this family pack ``[W.reshape(d_out, -1), b]`` and precondition with the state
     # keys above, which is what the list ops take (a subclass that changes either names another
@@ -379,7 +477,8 @@ class KroneckerBlock(CurvatureBlock):
         :func:`natgrad.ops.kfac_factors_ema_` (each layer's bound checked in C++: a bad layer is
         left untouched, and factors an update left non-finite are zeroed; both flagged).
         """
-        chosen = [(b, s) for b, s in zip(blocks, stats) if b.has_factors and b.factor_layout() is not None]
+        chosen = [(b, s) for b, s in zip(blocks, stats)
+                  if b.has_factors and b.factor_layout() is not None and not b.eigenvalue_correction]
         if not chosen:
             return []
         listed, data = [b for b, _ in chosen], [s for _, s in chosen]
@@ -397,11 +496,13 @@ class KroneckerBlock(CurvatureBlock):
         one at a time.
         """
         out: list[BlockDirections] = []
-        listed = [b for b in blocks if b.has_inverse and not b.is_split]  # split: tile by tile
+        listed = [b for b in blocks if b.has_inverse and not b.is_split and not b.eigenvalue_correction]
         for method, key in (("eigen", "g_eigenvectors"), ("inverse", "g_inverse")):
             group = [b for b in listed if key in b.state]
             if group:
                 out += cls._listed_directions(group, method, request)
+        # split blocks (tile by tile), EKFAC blocks (their own eigenvalue matrix) and those without a
+        # decomposition: one at a time
         return out + super().directions_many([b for b in blocks if b not in listed], request)
 
     @classmethod
@@ -443,6 +544,51 @@ class KroneckerBlock(CurvatureBlock):
                 dirs.append(next(bias_dirs))
             entries.append(BlockDirections(b, grads, dirs, first + i * width, 2))
         return entries
+
+
+def per_sample_layout(inputs: Sequence[Tensor], grads: Sequence[Tensor], width: int | None,
+                      grad_width: int) -> tuple[Tensor, Tensor]:
+    """The forward calls' inputs ``[N_c, ..., width]`` (``width`` None: index tensors
+    ``[N_c, ...]``; an unbatched input is one sample) and output gradients ``[P·N_c, ...,
+    grad_width]`` as ``[N, R, width]`` and ``[P·N, R, grad_width]`` (pass-major): the calls'
+    samples stacked (each counts as a sample, as :meth:`KroneckerBlock.count_samples` does),
+    positions padded to the longest call with zero gradients, which add nothing to a per-sample
+    gradient.
+    """
+    lowest = 0 if width is None else 1
+    xs, gs = [], []
+    for x, g in zip(inputs, grads):
+        n = x.shape[0] if x.dim() > lowest else 1
+        xs.append(x.reshape(n, -1) if width is None else x.reshape(n, -1, width))
+        gs.append(g.reshape(-1, n, xs[-1].shape[1], grad_width))
+    positions = max(x.shape[1] for x in xs)
+    if any(x.shape[1] != positions for x in xs):
+        pad = [positions - x.shape[1] for x in xs]
+        xs = [torch.nn.functional.pad(x, (0, 0, 0, k) if width is not None else (0, k)) for x, k in zip(xs, pad)]
+        gs = [torch.nn.functional.pad(g, (0, 0, 0, k)) for g, k in zip(gs, pad)]
+    x = xs[0] if len(xs) == 1 else torch.cat(xs)
+    g = gs[0] if len(gs) == 1 else torch.cat(gs, 1)
+    return x, g.reshape(-1, positions, grad_width)
+
+
+def enable_eigenvalue_correction(blocks: Sequence[CurvatureBlock]) -> None:
+    """Turns EKFAC on for every Kronecker block whose kind supports it (Linear, Conv1d, Conv2d,
+    Embedding). Diagonal blocks (norms, per-sample and free parameters) are exact diagonal Fisher
+    blocks already and plain ones have no curvature: both are left as they are. Any other block
+    (attention q/k/v, a registered kind without EKFAC, a block whose factors are block-diagonal
+    under ``max_factor_dim``) keeps K-FAC's Kronecker eigenvalues, with one warning naming them.
+    """
+    unsupported = []
+    for block in blocks:
+        if isinstance(block, KroneckerBlock) and block.supports_eigenvalue_correction and block.is_split:
+            unsupported.append(f"{block.name!r} ({block.kind}, block-diagonal factors: max_factor_dim)")
+        elif isinstance(block, KroneckerBlock) and block.supports_eigenvalue_correction:
+            block.eigenvalue_correction = True
+        elif not isinstance(block, (DiagonalBlock, PlainBlock)):
+            unsupported.append(f"{block.name!r} ({block.kind})")
+    if unsupported:
+        warnings.warn("natgrad.KFAC(eigenvalue_correction=True): no EKFAC for " + ", ".join(unsupported)
+                      + "; these layers keep K-FAC's Kronecker eigenvalues", stacklevel=3)
 
 
 def _scaled(g: Tensor, scale: float) -> Tensor:

@@ -5,6 +5,8 @@ and torch.library.opcheck validate them. Ops by family:
 
 * :mod:`natgrad.ops.factors` — K-FAC Kronecker factors of Linear and Conv2d layers (+ EMA; every
   layer's EMAs of a step in one call).
+* :mod:`natgrad.ops.ekfac` — EKFAC's diagonal in the Kronecker eigenbasis from per-sample
+  gradients of Linear, Conv2d and Embedding layers (+ EMA).
 * :mod:`natgrad.ops.linalg` — damped eigendecomposition with a fallback ladder; K-FAC
   preconditioning in eigen and inverse form.
 * :mod:`natgrad.ops.step` — the per-step K-FAC work of every layer in one call (directions,
@@ -26,6 +28,12 @@ reads the registrations back from the dispatcher.
 from __future__ import annotations
 
 from natgrad.ops._common import Rung
+from natgrad.ops.ekfac import (
+    conv2d_ekfac_diagonal_ema_,
+    ekfac_rebase,
+    embedding_ekfac_diagonal_ema_,
+    linear_ekfac_diagonal_ema_,
+)
 from natgrad.ops.empirical import WoodburySolution, linear_diag_fisher, woodbury_solve
 from natgrad.ops.ewc import ewc_penalty, ewc_penalty_and_grad
 from natgrad.ops.factors import (
@@ -59,6 +67,7 @@ from natgrad.ops.linalg import (
     kfac_damped_inverses,
     kfac_precondition_diagonal_a,
     kfac_precondition_eigen,
+    kfac_precondition_ekfac,
     kfac_precondition_inverse,
 )
 from natgrad.ops.rules import (
@@ -100,12 +109,15 @@ __all__ = [
     "WoodburySolution",
     "conv2d_act_factor",
     "conv2d_act_factor_ema_",
+    "conv2d_ekfac_diagonal_ema_",
     "conv2d_grad_factor",
     "conv2d_grad_factor_ema_",
     "conv2d_gram",
     "conv2d_rows_mv",
     "conv2d_rows_tmv",
     "damped_eigh",
+    "ekfac_rebase",
+    "embedding_ekfac_diagonal_ema_",
     "embedding_gram",
     "embedding_rows_mv",
     "embedding_rows_tmv",
@@ -134,6 +146,7 @@ __all__ = [
     "kfac_peak_bounded",
     "kfac_pi_correction",
     "kfac_precondition_diagonal_a",
+    "kfac_precondition_ekfac",
     "kfac_precondition_eigen",
     "kfac_precondition_inverse",
     "kfac_sample_scale",
@@ -143,6 +156,7 @@ __all__ = [
     "linear_act_factor",
     "linear_act_factor_ema_",
     "linear_diag_fisher",
+    "linear_ekfac_diagonal_ema_",
     "linear_grad_factor",
     "linear_grad_factor_ema_",
     "linear_gram",

@@ -40,6 +40,7 @@ __all__ = [
     "damped_eigh",
     "kfac_damped_inverses",
     "kfac_precondition_diagonal_a",
+    "kfac_precondition_ekfac",
     "kfac_precondition_eigen",
     "kfac_precondition_inverse",
 ]
@@ -183,6 +184,30 @@ def kfac_precondition_inverse(grad: Tensor, g_inverse: Tensor, a_inverse: Tensor
     return _ops.kfac_precondition_inverse(grad, g_inverse, a_inverse)
 
 
+def kfac_precondition_ekfac(grad: Tensor, g_eigenvectors: Tensor, a_eigenvectors: Tensor | None,
+                            eigenvalues: Tensor, damping: float) -> Tensor:
+    """EKFAC preconditioned gradient (George et al., 2018): an arbitrary eigenvalue matrix in the
+    Kronecker eigenbasis.
+
+    ``P = V_G [(V_Gᵀ ∇W V_A) ⊘ (S + γ)] V_Aᵀ`` with ``S = max(eigenvalues, 0)``: exact damping,
+    no π correction. ``a_eigenvectors=None`` means ``V_A = I`` (a diagonal A, as an embedding's).
+    Zero denominators are left unscaled. NaN/Inf inputs are rejected like
+    :func:`kfac_precondition_eigen`'s. Differentiable with respect to ``grad`` (the
+    preconditioner is self-adjoint); the decomposition is a constant.
+
+    Args:
+        grad (Tensor): ``[..., d_g, d_a]`` layer gradient, bias as the last column.
+        g_eigenvectors (Tensor): ``V_G`` ``[..., d_g, d_g]``.
+        a_eigenvectors (Tensor or None): ``V_A`` ``[..., d_a, d_a]``; None: the identity.
+        eigenvalues (Tensor): ``S`` ``[..., d_g, d_a]`` (:mod:`natgrad.ops.ekfac`).
+        damping (float): γ >= 0.
+
+    Returns:
+        Tensor: the preconditioned gradient, shaped like ``grad``.
+    """
+    return _ops.kfac_precondition_ekfac(grad, g_eigenvectors, a_eigenvectors, eigenvalues, damping)
+
+
 # ---- fake kernels (with the C++ argument checks) -----------------------------------------------
 
 
@@ -236,6 +261,22 @@ def _(grad, a_diagonal, g_eigenvalues, g_eigenvectors, damping, pi_correction):
     return grad.new_empty(grad.shape)
 
 
+@torch.library.register_fake("natgrad::kfac_precondition_ekfac")
+def _(grad, g_eigenvectors, a_eigenvectors, eigenvalues, damping):
+    _checks.floating(grad, "grad")
+    _checks.dim_ge(grad, 2, "grad", "[..., d_g, d_a]")
+    _checks.same_device_dtype(g_eigenvectors, grad, "g_eigenvectors", "grad")
+    _checks.same_device_dtype(eigenvalues, grad, "eigenvalues", "grad")
+    batch, d_g, d_a = list(grad.shape[:-2]), grad.shape[-2], grad.shape[-1]
+    _checks.shape_eq(g_eigenvectors, batch + [d_g, d_g], "g_eigenvectors", "[..., d_g, d_g] matching grad")
+    _checks.shape_eq(eigenvalues, grad.shape, "eigenvalues", "[..., d_g, d_a] matching grad")
+    if a_eigenvectors is not None:
+        _checks.same_device_dtype(a_eigenvectors, grad, "a_eigenvectors", "grad")
+        _checks.shape_eq(a_eigenvectors, batch + [d_a, d_a], "a_eigenvectors", "[..., d_a, d_a] matching grad")
+    _checks.damping(damping, strictly_positive=False)
+    return grad.new_empty(grad.shape)
+
+
 @torch.library.register_fake("natgrad::kfac_damped_inverses")
 def _(g_factor, a_factor, damping, pi_correction):
     _checks.floating(g_factor, "g_factor")
@@ -282,6 +323,7 @@ def _register_self_adjoint(name: str, curvature: int, detach: str) -> None:
 
 _register_self_adjoint("kfac_precondition_eigen", 4, "the eigenvalues and eigenvectors")
 _register_self_adjoint("kfac_precondition_diagonal_a", 3, "a_diagonal, g_eigenvalues and g_eigenvectors")
+_register_self_adjoint("kfac_precondition_ekfac", 3, "the eigenvectors and eigenvalues")
 
 
 def _setup_inverse(ctx, inputs, output):

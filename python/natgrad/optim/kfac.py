@@ -52,7 +52,9 @@ class KFAC(Optimizer):
         u_\ell = (A_\ell \otimes G_\ell + \gamma I)^{-1} \nabla_{W_\ell} L
                = V_G\,[(V_G^\top \nabla W V_A) \oslash (\lambda_G \lambda_A^\top + \gamma)]\,V_A^\top,
 
-    (or the π-corrected factored damping), and steps :math:`\theta \leftarrow \theta - \eta\, b`,
+    (or the π-corrected factored damping; with ``eigenvalue_correction``, EKFAC's
+    :math:`S = \mathbb{E}_n[(V_G^\top \nabla W_n V_A)^2]` from per-sample gradients replaces
+    :math:`\lambda_G \lambda_A^\top`), and steps :math:`\theta \leftarrow \theta - \eta\, b`,
     :math:`b \leftarrow \nu(\mu b + u) + \omega\theta`, where the KL trust region ν bounds the
     momentum-accumulated step actually taken, :math:`\eta^2\nu^2 \|\mu b + u\|_F^2 \le \kappa`
     (:class:`natgrad.optim.step_control.TrustRegion`; μ = 0: the usual
@@ -105,6 +107,13 @@ class KFAC(Optimizer):
         pi_correction (bool or None): factored, π-corrected damping A + π√γ I, G + √γ/π I
             (Martens & Grosse, 2015, §6.3); False: √γ on each factor ("inverse") or exact
             damping ("eigen"); None: True for "inverse", False for "eigen" (default: None).
+        eigenvalue_correction (bool): EKFAC (George et al., 2018): keep the factors' eigenbasis
+            but re-estimate the diagonal in it every factor update, the EMA (decay ρ) of the
+            squared per-sample gradients rotated into it, carried into each refreshed basis
+            (:func:`natgrad.ops.ekfac_rebase`); exact damping :math:`S + \gamma`. Linear, Conv1d,
+            Conv2d and Embedding layers; attention keeps K-FAC (a warning names it). Needs
+            "eigen" and no π correction; not yet under torch.distributed. adaptive_damping's
+            quadratic model still uses A ⊗ G (default: False).
         warm_refreshes (int): cheap refreshes between exact decompositions: one subspace
             iteration + QR from the previous eigenvectors ("eigen"), or Newton–Schulz from the
             previous inverses ("inverse", exact when too far); see
@@ -164,7 +173,8 @@ class KFAC(Optimizer):
                  momentum: float = 0.9, weight_decay: float = 0.0, damping: Schedule = 1e-3,
                  factor_decay: float = 0.95, factor_update_period: Schedule = 1,
                  inverse_update_period: Schedule = 10, kl_clip: Schedule | None = 1e-3,
-                 inverse_method: str = "eigen", pi_correction: bool | None = None, warm_refreshes: int = 0,
+                 inverse_method: str = "eigen", pi_correction: bool | None = None,
+                 eigenvalue_correction: bool = False, warm_refreshes: int = 0,
                  adaptive_damping: bool = False, damping_adaptation_interval: int = 5,
                  damping_adaptation_decay: float = 0.95, fisher_type: str = "empirical",
                  loss_reduction: str = "mean", linear_approx: str = "expand",
@@ -176,7 +186,8 @@ class KFAC(Optimizer):
             model=model, lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
             factor_decay=factor_decay, factor_update_period=factor_update_period,
             inverse_update_period=inverse_update_period, kl_clip=kl_clip,
-            inverse_method=inverse_method, pi_correction=pi_correction, warm_refreshes=warm_refreshes,
+            inverse_method=inverse_method, pi_correction=pi_correction,
+            eigenvalue_correction=eigenvalue_correction, warm_refreshes=warm_refreshes,
             adaptive_damping=adaptive_damping, damping_adaptation_interval=damping_adaptation_interval,
             damping_adaptation_decay=damping_adaptation_decay, fisher_type=fisher_type,
             loss_reduction=loss_reduction, linear_approx=linear_approx, factor_dtype=factor_dtype,
@@ -188,6 +199,9 @@ class KFAC(Optimizer):
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.model: nn.Module = cast(nn.Module, model.module) if self._ddp else model
         comm = make_communicator(grad_worker_fraction, triangle_packing, bucket_cap_mb, process_group)
+        if eigenvalue_correction and comm.world_size > 1:
+            raise ValueError("Invalid eigenvalue_correction: True is not supported under torch.distributed yet")
+        self.eigenvalue_correction = eigenvalue_correction
         self.factor_decay = factor_decay
         self.factor_update_period = factor_update_period
         self.inverse_update_period = inverse_update_period
@@ -210,7 +224,8 @@ class KFAC(Optimizer):
             self.model, [p for g in self.param_groups for p in g["params"]], comm,
             factor_step=lambda: (m := alive()) is not None and m(), skip_modules=skip_modules,
             fisher_type=fisher_type, linear_approx=linear_approx, factor_dtype=factor_dtype,
-            inverse_dtype=inverse_dtype, max_factor_dim=max_factor_dim)
+            inverse_dtype=inverse_dtype, max_factor_dim=max_factor_dim,
+            eigenvalue_correction=eigenvalue_correction)
         self._index_groups()
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -475,7 +490,8 @@ class KFAC(Optimizer):
 
 def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, damping: Any,
                      factor_decay: Any, factor_update_period: Any, inverse_update_period: Any,
-                     kl_clip: Any, inverse_method: Any, pi_correction: Any, warm_refreshes: Any,
+                     kl_clip: Any, inverse_method: Any, pi_correction: Any, eigenvalue_correction: Any,
+                     warm_refreshes: Any,
                      adaptive_damping: Any, damping_adaptation_interval: Any, damping_adaptation_decay: Any,
                      fisher_type: Any, loss_reduction: Any, linear_approx: Any, factor_dtype: Any,
                      inverse_dtype: Any, max_factor_dim: Any, seed: Any, grad_worker_fraction: Any,
@@ -506,8 +522,13 @@ def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, d
     check_number("max_factor_dim", max_factor_dim, low=1, integer=True, allow_none=True)
     if pi_correction is not None:
         check_flag("pi_correction", pi_correction)
-    for name, flag in (("adaptive_damping", adaptive_damping), ("triangle_packing", triangle_packing)):
+    for name, flag in (("adaptive_damping", adaptive_damping), ("triangle_packing", triangle_packing),
+                       ("eigenvalue_correction", eigenvalue_correction)):
         check_flag(name, flag)
+    if eigenvalue_correction and (inverse_method != "eigen" or pi_correction):
+        raise ValueError(f"Invalid eigenvalue_correction: True needs inverse_method='eigen' and no "
+                         f"pi_correction (EKFAC damps exactly), got inverse_method={inverse_method!r}, "
+                         f"pi_correction={pi_correction!r}")
     if adaptive_damping and callable(damping):
         raise ValueError("Invalid damping: a callable schedule cannot be combined with "
                          "adaptive_damping=True (the adaptation owns the damping)")

@@ -1,6 +1,7 @@
 """natgrad.KFAC's math against dense references, and its torch.optim conformance."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -277,3 +278,87 @@ def test_sequence_linear_factors_follow_expand_and_reduce_definitions(approx):
     block = opt.estimator.blocks[0]
     torch.testing.assert_close(block.state["A"], A, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(block.state["G"], G, rtol=1e-10, atol=1e-12)
+
+
+# ---- eigenvalue_correction (EKFAC) -------------------------------------------------------------
+
+
+def test_ekfac_single_sample_step_is_the_exact_damped_natural_gradient():
+    torch.manual_seed(3)
+    layer = nn.Linear(4, 3).double()
+    x, y = torch.randn(1, 4, dtype=torch.float64), torch.tensor([1])
+    delta, grad = linear_step(layer, x, y, damping=0.05, eigenvalue_correction=True)
+    expected = -torch.linalg.solve(torch.outer(grad, grad) + 0.05 * torch.eye(grad.numel(), dtype=torch.float64), grad)
+    torch.testing.assert_close(delta, expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("kwargs", [dict(inverse_method="inverse"), dict(pi_correction=True)])
+def test_ekfac_needs_the_eigen_method_without_pi(kwargs):
+    with pytest.raises(ValueError, match=r"eigenvalue_correction.*" + next(iter(kwargs))):
+        natgrad.KFAC(mlp(), eigenvalue_correction=True, **kwargs)
+    with pytest.raises(ValueError, match="eigenvalue_correction"):
+        natgrad.KFAC(mlp(), eigenvalue_correction="yes")
+
+
+def test_ekfac_is_described_and_attention_warns_that_it_keeps_kfac():
+    net, (x, y) = mlp(), data()
+    opt = natgrad.KFAC(net, eigenvalue_correction=True)
+    train(net, opt, x, y, 1)
+    assert "EKFAC linear (expand)" in opt.describe() and "K-FAC" not in opt.describe()
+    mha = nn.ModuleDict(dict(att=nn.MultiheadAttention(4, 2), out=nn.Linear(4, 2)))
+    with pytest.warns(UserWarning, match=r"eigenvalue_correction=True\): no EKFAC for 'att' \(attention\)"):
+        natgrad.KFAC(mha, eigenvalue_correction=True)
+
+
+def _ekfac_corrected(opt):
+    return {b.name: b.state["corrected_eigenvalues"].clone() for b in opt.estimator.blocks}
+
+
+def test_ekfac_resumes_exactly_from_a_state_dict():
+    x, y = data()
+    net = mlp()
+    make = lambda m: natgrad.KFAC(m, lr=0.05, inverse_update_period=3, eigenvalue_correction=True)  # noqa: E731
+    opt = make(net)
+    train(net, opt, x, y, 4)
+    twin = mlp()
+    twin.load_state_dict(net.state_dict())
+    resumed = make(twin)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))  # a copy: loading aliases the tensors
+    for a, b in zip(_ekfac_corrected(opt).values(), _ekfac_corrected(resumed).values()):
+        assert torch.equal(a, b)
+    train(net, opt, x, y, 4)
+    train(twin, resumed, x, y, 4)
+    assert torch.equal(flat_params(net), flat_params(twin))
+
+
+def test_ekfac_loads_a_kfac_checkpoint_from_the_kronecker_eigenvalues():
+    x, y = data()
+    net = mlp()
+    plain = natgrad.KFAC(net, lr=0.05)
+    train(net, plain, x, y, 2)
+    ekfac = natgrad.KFAC(net, lr=0.05, eigenvalue_correction=True)
+    ekfac.load_state_dict(plain.state_dict())
+    for block in ekfac.estimator.blocks:
+        s = block.state
+        torch.testing.assert_close(s["corrected_eigenvalues"], torch.outer(s["g_eigenvalues"], s["a_eigenvalues"]),
+                                   rtol=0, atol=0)
+    train(net, ekfac, x, y, 1)
+    assert torch.isfinite(flat_params(net)).all()
+
+
+def test_ekfac_nan_batch_leaves_every_state_unchanged():
+    x, y = data()
+    net = mlp()
+    opt = natgrad.KFAC(net, lr=0.05, eigenvalue_correction=True)
+    train(net, opt, x, y, 2)
+    before = {b.name: {k: v.clone() for k, v in b.state.items()} for b in opt.estimator.blocks}
+    params = flat_params(net)
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        train(net, opt, bad, y, 1)
+    assert sum(opt.nonfinite_skips.values()) >= 1
+    assert torch.equal(flat_params(net), params)
+    for b in opt.estimator.blocks:
+        assert before[b.name].keys() == b.state.keys()
+        assert all(torch.equal(before[b.name][k], v) for k, v in b.state.items())

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad import ops
-from natgrad.curvature.kron import KroneckerBlock, Statistics
+from natgrad.curvature.kron import CORRECTED, KroneckerBlock, PerSample, Statistics
 from natgrad.curvature.layers.base import LayerKind, output_blocks
 from natgrad.ops.factors import factor_layout
 
@@ -41,6 +41,7 @@ class Conv2dBlock(KroneckerBlock):
     """nn.Conv2d with groups=1 and numeric zero padding, in the KFC ("expand") form."""
 
     kind = "conv2d"
+    supports_eigenvalue_correction = True
 
     def geometry(self) -> Geometry:
         """The layer's kernel_size, stride, padding and dilation as the conv2d ops take them."""
@@ -57,7 +58,13 @@ class Conv2dBlock(KroneckerBlock):
         g = grads[0] if len(grads) == 1 else torch.cat(list(grads))
         positions = g.shape[2] * g.shape[3]  # output pixels
         rows, g_rows = x.shape[0] * positions, g.shape[0] * positions
-        return Statistics(x, g, ops.kfac_expand_grad_scale(grad_scale, x.shape[0], rows, g_rows), rows, g_rows)
+        per_sample = None
+        if self.eigenvalue_correction:  # EKFAC: per-sample gradients, passes kept pass-major
+            passes = max(g.shape[0] // max(x.shape[0], 1), 1)
+            merged = g if len(grads) == 1 else torch.cat([t.reshape(passes, -1, *t.shape[1:]) for t in grads], 1)
+            per_sample = PerSample(x, merged.reshape(-1, *g.shape[1:]), grad_scale)
+        scale = ops.kfac_expand_grad_scale(grad_scale, x.shape[0], rows, g_rows)
+        return Statistics(x, g, scale, rows, g_rows, per_sample)
 
     def count_rows(self, inputs):
         """Rows of the forward calls: samples × output pixels."""
@@ -68,6 +75,13 @@ class Conv2dBlock(KroneckerBlock):
         self.ensure_factors()
         ops.conv2d_act_factor_ema_(self.state["A"], stats.inputs, *self.geometry(), self.bias is not None, rho)
         ops.conv2d_grad_factor_ema_(self.state["G"], stats.grads, stats.grad_scale, rho)
+        self.update_corrected(stats, decay)
+
+    def _corrected_ema(self, data, decay):
+        s = self.state
+        ops.conv2d_ekfac_diagonal_ema_(s[CORRECTED], data.inputs, data.grads, s["g_eigenvectors"],
+                                       s["a_eigenvectors"], *self.geometry(), self.bias is not None,
+                                       data.grad_scale, decay)
 
     def factor_layout(self):
         if type(self) is not Conv2dBlock:

@@ -9,7 +9,7 @@ import torch
 from natgrad import ops
 from natgrad.curvature import refresh
 from natgrad.curvature.block import CurvatureBlock
-from natgrad.curvature.kron import KroneckerBlock, Statistics
+from natgrad.curvature.kron import CORRECTED, KroneckerBlock, PerSample, Statistics, per_sample_layout
 from natgrad.curvature.layers.base import LayerKind, output_blocks
 
 __all__ = ["EmbeddingBlock", "EmbeddingKind"]
@@ -23,6 +23,7 @@ class EmbeddingBlock(KroneckerBlock):
 
     kind = "embedding"
     full_factors = False
+    supports_eigenvalue_correction = True
 
     @classmethod
     def family(cls) -> type[CurvatureBlock]:
@@ -47,7 +48,8 @@ class EmbeddingBlock(KroneckerBlock):
 
     def expected_shapes(self):
         g = self.g_dim()
-        return {"A": (self.a_dim(),), "G": (g, g), "g_eigenvalues": (g,), "g_eigenvectors": (g, g)}
+        shapes = {"A": (self.a_dim(),), "G": (g, g), "g_eigenvalues": (g,), "g_eigenvectors": (g, g)}
+        return shapes | ({CORRECTED: (g, self.a_dim())} if self.eigenvalue_correction else {})
 
     def count_samples(self, inputs):
         return sum(t.shape[0] if t.dim() > 0 else 1 for t in inputs)
@@ -60,12 +62,26 @@ class EmbeddingBlock(KroneckerBlock):
         dim = self.weight.shape[1]
         idx = torch.cat([t.reshape(-1) for t in inputs])
         g = torch.cat([t.reshape(-1, dim) for t in grads])
+        per_sample = None
+        if self.eigenvalue_correction:  # EKFAC: per-sample gradients; none reaches padding_idx's row
+            x, rows = per_sample_layout(inputs, grads, None, dim)
+            pad = getattr(self.module, "padding_idx", None)
+            if pad is not None:
+                rows = (rows.reshape(-1, *x.shape, dim) * (x != pad).unsqueeze(-1).to(rows.dtype)).reshape(rows.shape)
+            per_sample = PerSample(x, rows, grad_scale)
         scale = ops.kfac_expand_grad_scale(grad_scale, self.count_samples(inputs), idx.numel(), g.shape[0])
-        return Statistics(idx, g, scale, idx.numel(), g.shape[0])
+        return Statistics(idx, g, scale, idx.numel(), g.shape[0], per_sample)
 
     def _update_a(self, stats, rho):
         counts = torch.bincount(stats.inputs, minlength=self.weight.shape[0]).to(self.factor_dtype)
         self.state["A"].mul_(rho).add_(counts / stats.inputs.numel(), alpha=1.0 - rho)
+
+    def _a_side(self):
+        return None, self.state["A"]
+
+    def _corrected_ema(self, data, decay):
+        ops.embedding_ekfac_diagonal_ema_(self.state[CORRECTED], data.inputs, data.grads,
+                                          self.state["g_eigenvectors"], data.grad_scale, decay)
 
     def decomposition_template(self, method):
         opts = dict(dtype=self.inverse_dtype, device=self.weight.device)
@@ -73,17 +89,24 @@ class EmbeddingBlock(KroneckerBlock):
         return {"g_eigenvalues": torch.empty(g, **opts), "g_eigenvectors": torch.empty(g, g, **opts)}
 
     def update_inverse(self, method, damping, pi_correction=False, warm=False):
+        old = self._corrected_basis()
         if warm and "g_eigenvectors" in self.state:
             self.state["g_eigenvalues"], self.state["g_eigenvectors"] = refresh.warm_eigh(
                 self.state["G"].to(self.inverse_dtype), self.state["g_eigenvalues"], self.state["g_eigenvectors"])
+            self._refresh_corrected(old)
             return 0
         self.drop_decomposition()
         eg = ops.damped_eigh(self.state["G"].to(self.inverse_dtype))
         self.state["g_eigenvalues"], self.state["g_eigenvectors"] = eg.eigenvalues, eg.eigenvectors
+        self._refresh_corrected(old)
         return int(eg.rung)
 
     def precondition(self, packed, damping, pi_correction=False):
         s = self.state
+        if self.eigenvalue_correction:  # EKFAC: V_A = I, exact damping, no π
+            out = ops.kfac_precondition_ekfac(packed.to(self.inverse_dtype), s["g_eigenvectors"], None,
+                                              s[CORRECTED], damping)
+            return out.to(packed.dtype)
         out = ops.kfac_precondition_diagonal_a(
             packed.to(self.inverse_dtype), s["A"].to(self.inverse_dtype), s["g_eigenvalues"],
             s["g_eigenvectors"], damping, pi_correction)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad import ops
-from natgrad.curvature.kron import KroneckerBlock, Statistics
+from natgrad.curvature.kron import CORRECTED, KroneckerBlock, PerSample, Statistics, per_sample_layout
 from natgrad.curvature.layers.base import LayerKind, output_blocks
 from natgrad.ops.factors import factor_layout
 
@@ -29,6 +29,7 @@ class LinearBlock(KroneckerBlock):
     """
 
     kind = "linear"
+    supports_eigenvalue_correction = True
 
     def __init__(self, name: str, module: nn.Module, approx: str = "expand", **kwargs) -> None:
         super().__init__(name, module, **kwargs)
@@ -36,7 +37,7 @@ class LinearBlock(KroneckerBlock):
 
     @property
     def description(self) -> str:
-        return f"K-FAC linear ({self.approx}){self.split_note()}"
+        return f"{self.method} linear ({self.approx}){self.split_note()}"
 
     def features(self) -> tuple[int, int]:
         """``(in_features, out_features)``, read from the weight ``[out, in]``."""
@@ -51,16 +52,25 @@ class LinearBlock(KroneckerBlock):
     def prepare(self, inputs, grads, grad_scale):
         d_in, d_out = self.features()
         samples = self.count_samples(inputs)
+        per_sample = None
+        if self.eigenvalue_correction:  # EKFAC: the exact per-sample gradients (both approximations)
+            per_sample = PerSample(*per_sample_layout(inputs, grads, d_in, d_out), grad_scale)
         if self.approx == "reduce":  # per sample: mean activation, summed gradient
             inputs = [x.reshape(x.shape[0], -1, d_in).mean(1) if x.dim() > 2 else x for x in inputs]
             grads = [g.reshape(g.shape[0], -1, d_out).sum(1) if g.dim() > 2 else g for g in grads]
         x = inputs[0] if len(inputs) == 1 else torch.cat([_rows(t, d_in) for t in inputs])
         g = grads[0] if len(grads) == 1 else torch.cat([_rows(t, d_out) for t in grads])
         x_rows, g_rows = x.numel() // max(d_in, 1), g.numel() // d_out
-        return Statistics(x, g, ops.kfac_expand_grad_scale(grad_scale, samples, x_rows, g_rows), x_rows, g_rows)
+        return Statistics(x, g, ops.kfac_expand_grad_scale(grad_scale, samples, x_rows, g_rows), x_rows, g_rows,
+                          per_sample)
 
     def _update_a(self, stats, rho):
         ops.linear_act_factor_ema_(self.state["A"], stats.inputs, self.bias is not None, rho)
+
+    def _corrected_ema(self, data, decay):
+        s = self.state
+        ops.linear_ekfac_diagonal_ema_(s[CORRECTED], data.inputs, data.grads, s["g_eigenvectors"],
+                                       s["a_eigenvectors"], self.bias is not None, data.grad_scale, decay)
 
     def factor_layout(self):
         return factor_layout(self.bias is not None) if type(self) is LinearBlock else None
