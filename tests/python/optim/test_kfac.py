@@ -300,6 +300,14 @@ def test_ekfac_needs_the_eigen_method_without_pi(kwargs):
         natgrad.KFAC(mlp(), eigenvalue_correction="yes")
 
 
+def test_ekfac_leaves_block_diagonal_factors_to_kfac_with_a_warning():
+    net = nn.Sequential(nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 3))
+    with pytest.warns(UserWarning, match=r"no EKFAC for '0' \(linear, block-diagonal factors: max_factor_dim\)"):
+        opt = natgrad.KFAC(net, max_factor_dim=8, eigenvalue_correction=True)
+    text = opt.describe()
+    assert "EKFAC linear" in text and "K-FAC linear (expand); A 12 (+bias) > max_factor_dim 8" in text
+
+
 def test_ekfac_is_described_and_attention_warns_that_it_keeps_kfac():
     net, (x, y) = mlp(), data()
     opt = natgrad.KFAC(net, eigenvalue_correction=True)
