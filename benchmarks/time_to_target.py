@@ -1,5 +1,6 @@
 """Time to a validation target, AlgoPerf-style: SGD (Nesterov), AdamW, Muon, SOAP, kfac-pytorch
-and natgrad.KFAC on four CPU workloads, each tuned with the same number of trials.
+natgrad.KFAC and natgrad.EKFAC (eigenvalue_correction=True) on four CPU workloads, each tuned
+with the same number of trials.
 
 Usage::
 

@@ -30,6 +30,8 @@ SPACES: dict[str, dict[str, tuple[float, float, str]]] = {
     "SOAP": {"lr": (2e-4, 2e-2, "log"), "one_minus_beta2": (0.005, 0.1, "log")},
     "natgrad.KFAC": {"lr": (0.03, 1.0, "log"), "damping": (1e-4, 0.1, "log"),
                      "kl_clip": (1e-4, 0.1, "log")},
+    "natgrad.EKFAC": {"lr": (0.03, 1.0, "log"), "damping": (1e-4, 0.1, "log"),
+                      "kl_clip": (1e-4, 0.1, "log")},
     "kfac-pytorch": {"lr": (0.01, 1.0, "log"), "damping": (1e-4, 0.1, "log")},
 }
 FIXED: dict[str, dict[str, Any]] = {
@@ -45,10 +47,13 @@ FIXED: dict[str, dict[str, Any]] = {
     "natgrad.KFAC": {"momentum": 0.9, "factor_decay": 0.95, "factor_update_period": 1,
                      "inverse_update_period": 10, "inverse_method": "eigen",
                      "kl_clip_schedule": "kl_clip x factor^2 (the step bound follows the lr schedule)"},
+    "natgrad.EKFAC": {"eigenvalue_correction": True, "momentum": 0.9, "factor_decay": 0.95,
+                      "factor_update_period": 1, "inverse_update_period": 10, "inverse_method": "eigen",
+                      "kl_clip_schedule": "kl_clip x factor^2 (the step bound follows the lr schedule)"},
     "kfac-pytorch": {"factor_update_steps": 1, "inv_update_steps": 10, "factor_decay": 0.95,
                      "kl_clip": 0.001, "inner optimizer": "SGD momentum 0.9"},
 }
-OPTIMIZERS = ("SGD", "AdamW", "Muon", "SOAP", "natgrad.KFAC", "kfac-pytorch")
+OPTIMIZERS = ("SGD", "AdamW", "Muon", "SOAP", "natgrad.KFAC", "natgrad.EKFAC", "kfac-pytorch")
 # The error pip gave on this machine (recorded, not faked): kfac-pytorch is not on its index.
 KFAC_PYTORCH_INSTALL_ERROR = (
     "pip install kfac-pytorch: ERROR: Could not find a version that satisfies the requirement "
@@ -180,17 +185,18 @@ def make_trainer(name: str, model: nn.Module, hp: dict[str, float], io_modules: 
         return Trainer([SOAP(model.parameters(), lr=hp["lr"], betas=(f["betas[0]"], 1 - hp["one_minus_beta2"]),
                              weight_decay=f["weight_decay"], precondition_frequency=f["precondition_frequency"],
                              max_precondition_dim=f["max_precondition_dim"])])
-    if name == "natgrad.KFAC":
-        return _natgrad_kfac(model, hp, kfac_kwargs or {})
+    if name in ("natgrad.KFAC", "natgrad.EKFAC"):
+        return _natgrad_kfac(name, model, hp, kfac_kwargs or {})
     if name == "kfac-pytorch":
         return _kfac_pytorch(model, hp)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def _natgrad_kfac(model: nn.Module, hp: dict[str, float], kfac_kwargs: dict[str, Any]) -> Trainer:
+def _natgrad_kfac(name: str, model: nn.Module, hp: dict[str, float], kfac_kwargs: dict[str, Any]) -> Trainer:
+    """natgrad.KFAC, or EKFAC (``eigenvalue_correction=True``) for "natgrad.EKFAC"."""
     import natgrad
 
-    f = FIXED["natgrad.KFAC"]
+    f = FIXED[name]
     holder: dict[str, Trainer] = {}
     kappa = hp["kl_clip"]
     # While the trust region binds, the step length is set by kl_clip, not lr: the bound on the
@@ -200,7 +206,8 @@ def _natgrad_kfac(model: nn.Module, hp: dict[str, float], kfac_kwargs: dict[str,
                        momentum=f["momentum"], factor_decay=f["factor_decay"],
                        factor_update_period=f["factor_update_period"],
                        inverse_update_period=f["inverse_update_period"],
-                       inverse_method=f["inverse_method"], **kfac_kwargs)
+                       inverse_method=f["inverse_method"],
+                       eigenvalue_correction=f.get("eigenvalue_correction", False), **kfac_kwargs)
     holder["t"] = Trainer([opt])
     return holder["t"]
 
