@@ -42,6 +42,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _harness import format_rows, machine_info, write_payload  # noqa: E402
+from ttt.workloads import BasicBlock  # noqa: E402  (the harness's ResNet block)
 
 import natgrad  # noqa: E402
 from natgrad.curvature import split  # noqa: E402
@@ -49,26 +50,6 @@ from natgrad.curvature.kron import KroneckerBlock  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kfac_large_factors.json")
 DEFAULT_LIMIT = inspect.signature(natgrad.KFAC).parameters["max_factor_dim"].default
-
-
-class BasicBlock(nn.Module):
-    """ResNet's two-3×3-convolution block with an identity (or 1×1 projection) shortcut."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))."""
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
 def resnet18(classes: int = 10) -> nn.Sequential:
