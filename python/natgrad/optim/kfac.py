@@ -22,11 +22,11 @@ __all__ = ["KFAC"]
 
 STATE_KEY = "kfac"  # the optimizer-level entry in state_dict()
 _STATE_ENTRIES = ("steps", "damping_multiplier", "faults", "ladder", "generator", "blocks")
-_GROUP_DEFAULTS = ("lr", "momentum", "weight_decay", "damping")
-_BOUNDS = {name: bound.check_kwargs() for name, bound in ops.kfac_option_bounds().items()}
+_OPTION_BOUNDS = ops.kfac_option_bounds()  # the ranges both frontends share (csrc/kfac/kfac_rules.h)
+_BOUNDS = {name: bound.check_kwargs() for name, bound in _OPTION_BOUNDS.items()}
+_GROUP_DEFAULTS = tuple(name for name, bound in _OPTION_BOUNDS.items() if bound.per_group)
 _SCHEDULED = {"damping", "factor_update_period", "inverse_update_period", "kl_clip"}  # callables allowed
-_GROUP_BOUNDS = {name: dict(_BOUNDS[name], allow_callable=name in _SCHEDULED)
-                 for name, bound in ops.kfac_option_bounds().items() if bound.per_group}
+_GROUP_BOUNDS = {name: dict(_BOUNDS[name], allow_callable=name in _SCHEDULED) for name in _GROUP_DEFAULTS}
 
 
 def _resolve(name: str, value: Schedule | None, step: int) -> Any:
