@@ -1,7 +1,7 @@
 # Idempotent set-up shared by scripts/test.sh and scripts/main.sh; source it, don't run it.
 #
 # On a fresh machine it installs Debian's libgtest-dev, ccache and cmake, creates .venv with
-# torch 2.13.0 and the dev requirements, and builds natgrad._C in place. On later runs every
+# torch 2.13.0 and the dev, peer and client requirements, and builds natgrad._C in place. On later runs every
 # step finds its work done (stamps, ninja, ccache) and costs seconds.
 # Environment: NATGRAD_VENV (default: <repo>/.venv), NATGRAD_JOBS (default: 2).
 
@@ -39,13 +39,15 @@ install_python_env() {
     python3 -m venv "$NATGRAD_VENV"
   fi
   local stamp="$NATGRAD_VENV/.natgrad-requirements"
-  if ! cat "$NATGRAD_ROOT"/requirements-dev.txt "$NATGRAD_ROOT"/requirements-peers.txt | cmp -s - "$stamp"; then
-    log "installing Python requirements (torch==2.13.0, pytest, peers, ...)"
+  local reqs=("$NATGRAD_ROOT"/requirements-{dev,peers,clients}.txt)
+  if ! cat "${reqs[@]}" | cmp -s - "$stamp"; then
+    log "installing Python requirements (torch==2.13.0, pytest, peers, client libraries, ...)"
     "$PY" -m pip install -q --upgrade pip >/dev/null
     "$PY" -m pip install -q -r "$NATGRAD_ROOT/requirements-dev.txt"
     "$PY" -m pip install -q --no-deps -r "$NATGRAD_ROOT/requirements-peers.txt"
+    "$PY" -m pip install -q --no-deps -r "$NATGRAD_ROOT/requirements-clients.txt"
     "$PY" -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
-    cat "$NATGRAD_ROOT"/requirements-dev.txt "$NATGRAD_ROOT"/requirements-peers.txt >"$stamp"
+    cat "${reqs[@]}" >"$stamp"
   fi
 }
 
