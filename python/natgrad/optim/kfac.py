@@ -218,7 +218,7 @@ class KFAC(Optimizer):
         self._steps = 0
         self._adaptation = DampingAdaptation()
         self._trust_region = TrustRegion()
-        alive = weakref.WeakMethod(self._factor_step_now)  # the hooks must not keep self alive
+        alive = weakref.WeakMethod(self._factor_step_now)  # the estimator must not keep self alive
         #: The curvature: blocks, captures, communicator, refresh schedule and fault ledger.
         self.estimator = CurvatureEstimator(
             self.model, [p for g in self.param_groups for p in g["params"]], comm,
@@ -234,9 +234,41 @@ class KFAC(Optimizer):
         """Maps each parameter to its group (refreshed every step: add_param_group may run)."""
         self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
 
+    # The hooks read a flag (the estimator's gate), set whenever the step or the factor period
+    # changes, rather than asking the optimizer at every call: a compiled model guards on one bool.
+    @property
+    def _steps(self) -> int:
+        """Steps taken (setting it, as step() and load_state_dict() do, re-sets the gate)."""
+        return self._step_index
+
+    @_steps.setter
+    def _steps(self, value: int) -> None:
+        self._step_index = value
+        self._sync_gate()
+
+    @property
+    def factor_update_period(self) -> Schedule:
+        """Steps between factor updates (int or Callable[[int], int]; may be changed between steps)."""
+        return self._factor_update_period
+
+    @factor_update_period.setter
+    def factor_update_period(self, value: Schedule) -> None:
+        self._factor_update_period = value
+        self._sync_gate()
+
+    def _sync_gate(self) -> None:
+        estimator = self.__dict__.get("estimator")
+        if estimator is not None:
+            estimator.sync_gate()
+
     def _factor_step_now(self) -> bool:
-        """Whether the current step collects statistics (asked by the hooks at every call)."""
-        return self._is_factor_step(self._steps)
+        """Whether the current step collects statistics (False while its factor period is invalid:
+        step() raises then).
+        """
+        try:
+            return self._is_factor_step(self._steps)
+        except (ValueError, TypeError):
+            return False
 
     def _is_factor_step(self, step: int) -> bool:
         period = _resolve("factor_update_period", self.factor_update_period, step)
