@@ -128,6 +128,9 @@ class LayerCapture:
     #: whether a forward call that would have been captured was not, because the module was in
     #: eval mode (since the last :meth:`clear`; natgrad.KFAC warns and ``describe()`` says so)
     in_eval: bool = False
+    #: whether a compiled model's backward has reported to this capture (natgrad.KFAC's "mc"
+    #: Fisher needs eager outputs and refuses then)
+    compiled: bool = False
 
     def __post_init__(self) -> None:
         self.slot = next(_SLOTS)
@@ -139,7 +142,8 @@ class LayerCapture:
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         if args and self.wants(module):
-            return self.follow(args[0].detach(), output)
+            followed = self.follow(args[0].detach(), output)
+            return None if followed is output else followed  # eager: the output unchanged
         return None
 
     def wants(self, module: nn.Module) -> bool:
@@ -194,6 +198,7 @@ class LayerCapture:
         """A compiled backward's (input, output gradient) of one call: a complete record when
         the gradient belongs to the phase's Fisher.
         """
+        self.compiled = True
         if self.phase is not None and self.phase.accepts():
             self.records.append(Record(input=input, grad_output=grad_output))
             self.fired = True

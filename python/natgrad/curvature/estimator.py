@@ -272,6 +272,12 @@ class CurvatureEstimator:
         """Raises RuntimeError (dropping the records) when forward calls were captured but no
         sampled gradient reached any of them (``fisher_type="mc"`` without ``sample_fisher``).
         """
+        if any(c.compiled for c in self._captures.values()):
+            self.clear()
+            raise RuntimeError(
+                "natgrad.KFAC(fisher_type='mc') needs the model's eager outputs: it cannot sample the "
+                "Fisher of a model under torch.compile (use fisher_type='empirical', or run the model "
+                "uncompiled). Parameters and factors were not changed.")
         forwards = any(c.records for c in self._captures.values())
         if forwards and not any(c.complete() for c in self._captures.values()):
             self.clear()
