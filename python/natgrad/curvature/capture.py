@@ -17,8 +17,9 @@ whether a step collects statistics is a :class:`CaptureGate` flag (a bool that t
 graph guards on, so at most two graph variants, not one per step), and instead of a tensor hook
 (which dynamo cannot compile on an intermediate tensor) the output passes through an identity
 whose backward hands the input and the output gradient to the opaque op
-``natgrad::capture_gradient``; it runs when the compiled backward reaches it and appends one
-complete :class:`Record`. Copies are taken there (a compiled graph may reuse the buffers).
+``natgrad_capture::record_gradient`` (a call back into Python, so outside the ``natgrad``
+namespace of the C++ math ops). It runs when the compiled backward reaches it and appends one
+complete :class:`Record`, copying both tensors (a compiled graph may reuse their buffers).
 Forward calls without a backward leave no record, as in eager mode.
 """
 from __future__ import annotations
@@ -81,20 +82,20 @@ _CAPTURES: weakref.WeakValueDictionary[int, LayerCapture] = weakref.WeakValueDic
 _SLOTS = itertools.count()
 
 
-@torch.library.custom_op("natgrad::capture_gradient", mutates_args=())
-def _capture_gradient(grad: Tensor, input: Tensor, slot: int, stream: str) -> None:
+@torch.library.custom_op("natgrad_capture::record_gradient", mutates_args=())
+def _record_gradient(grad: Tensor, input: Tensor, slot: int, stream: str) -> None:
     capture = _CAPTURES.get(slot)
     if capture is not None:  # copies: a compiled graph may reuse both buffers afterwards
         capture.receive((stream, input.clone()) if stream else input.clone(), grad.clone())
 
 
-@_capture_gradient.register_fake
+@_record_gradient.register_fake
 def _(grad: Tensor, input: Tensor, slot: int, stream: str) -> None:
     return None
 
 
 # returns nothing: without this the compiled backward would drop the call as dead code
-torch.fx.node.has_side_effect(torch.ops.natgrad.capture_gradient.default)
+torch.fx.node.has_side_effect(torch.ops.natgrad_capture.record_gradient.default)
 
 
 class _Tap(torch.autograd.Function):
@@ -111,7 +112,7 @@ class _Tap(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple:
         (input,) = ctx.saved_tensors
         seen = grad if ctx.grad_view is None else ctx.grad_view(grad)
-        torch.ops.natgrad.capture_gradient(seen, input, ctx.slot, ctx.stream)
+        torch.ops.natgrad_capture.record_gradient(seen, input, ctx.slot, ctx.stream)
         return grad, None, None, None, None
 
 
