@@ -132,3 +132,29 @@ def test_compiled_step_runs_eagerly_with_one_warning():
     assert opt.estimator.refreshes == eager_opt.estimator.refreshes
     for p, q in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_gate_follows_the_step_a_changed_factor_period_and_a_checkpoint():
+    model = Cnn()
+    opt = natgrad.KFAC(model)
+    x, y = next(batches(Cnn, 1))
+
+    def records():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        return sum(len(c.records) for c in opt.estimator.captures.values())
+
+    saved = opt.state_dict()  # at step 0
+    assert records() == 4
+    opt.step()
+    opt.factor_update_period = 2  # step 1 is now not a factor step
+    assert not opt.estimator.gate.open and records() == 0
+    opt.step()
+    assert opt.estimator.gate.open and records() == 4
+    opt.step()
+    opt.factor_update_period = 1
+    opt.load_state_dict(saved)  # _steps back to 0 with period 1 again
+    assert opt.estimator.gate.open
+    with opt.estimator.paused():
+        assert not opt.estimator.gate.open and records() == 0
+    assert opt.estimator.gate.open
