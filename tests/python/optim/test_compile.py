@@ -6,6 +6,9 @@ dynamo and AOT autograd (the compiled backward that reports the statistics) with
 code generation, which keeps the tests fast."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,3 +161,17 @@ def test_gate_follows_the_step_a_changed_factor_period_and_a_checkpoint():
     with opt.estimator.paused():
         assert not opt.estimator.gate.open and records() == 0
     assert opt.estimator.gate.open
+
+
+def test_compiled_model_does_not_keep_the_optimizer_alive():
+    model = Cnn()
+    opt = natgrad.KFAC(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x, y = next(batches(Cnn, 1))
+    F.cross_entropy(compiled(x), y).backward()
+    opt.step()
+    alive = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert alive() is None and not any(m._forward_hooks for m in model.modules())
+    F.cross_entropy(compiled(x), y).backward()  # recompiled without the hooks
