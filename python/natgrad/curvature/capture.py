@@ -129,9 +129,9 @@ class LayerCapture:
     #: whether a forward call that would have been captured was not, because the module was in
     #: eval mode (since the last :meth:`clear`; natgrad.KFAC warns and ``describe()`` says so)
     in_eval: bool = False
-    #: whether a compiled model's backward has reported to this capture (natgrad.KFAC's "mc"
-    #: Fisher needs eager outputs and refuses then)
-    compiled: bool = False
+    #: whether a compiled forward tapped an output since the last :meth:`clear` (its records
+    #: arrive with the backward; the "mc" Fisher reaches them through the layer's parameters)
+    tapped: bool = False
 
     def __post_init__(self) -> None:
         self.slot = next(_SLOTS)
@@ -193,13 +193,13 @@ class LayerCapture:
         if not isinstance(output, Tensor) or not output.requires_grad:
             return output
         stream, tensor = input if isinstance(input, tuple) else ("", input)
+        self.tapped = True
         return _Tap.apply(output, tensor, self.slot, stream, grad_view)
 
     def receive(self, input, grad_output: Tensor) -> None:
         """A compiled backward's (input, output gradient) of one call: a complete record when
         the gradient belongs to the phase's Fisher.
         """
-        self.compiled = True
         if self.phase is not None and self.phase.accepts():
             self.records.append(Record(input=input, grad_output=grad_output))
             self.fired = True
@@ -209,9 +209,10 @@ class LayerCapture:
         return [r for r in self.records if r.grad_output is not None]
 
     def clear(self) -> None:
-        """Drops every record and the eval-mode flag (called once per optimizer step)."""
+        """Drops every record and the eval-mode and tapped flags (called once per optimizer step)."""
         self.records.clear()
         self.in_eval = False
+        self.tapped = False
 
     def remove(self) -> None:
         """Removes the hook; the capture never fires again."""

@@ -264,21 +264,22 @@ class CurvatureEstimator:
             self._phase.sampling = False
 
     def sampling_targets(self) -> list[Tensor]:
-        """The outputs of this step's forward calls that no gradient has reached yet."""
-        return [r.output for c in self._captures.values() for r in c.records
-                if r.output is not None and r.grad_output is None]
+        """What a sampled backward pass must reach: the outputs of this step's eager forward calls
+        that no gradient has reached yet, and the parameters of the layers a compiled forward
+        tapped (their records are filled by the backward through the layer, see
+        :mod:`natgrad.curvature.capture`).
+        """
+        targets = [r.output for c in self._captures.values() for r in c.records
+                   if r.output is not None and r.grad_output is None]
+        params = {id(p): p for b in self._blocks if self._captures[b.name].tapped
+                  for p in b.params if p.requires_grad}
+        return targets + list(params.values())
 
     def check_sampled(self) -> None:
         """Raises RuntimeError (dropping the records) when forward calls were captured but no
         sampled gradient reached any of them (``fisher_type="mc"`` without ``sample_fisher``).
         """
-        if any(c.compiled for c in self._captures.values()):
-            self.clear()
-            raise RuntimeError(
-                "natgrad.KFAC(fisher_type='mc') needs the model's eager outputs: it cannot sample the "
-                "Fisher of a model under torch.compile (use fisher_type='empirical', or run the model "
-                "uncompiled). Parameters and factors were not changed.")
-        forwards = any(c.records for c in self._captures.values())
+        forwards = any(c.records or c.tapped for c in self._captures.values())
         if forwards and not any(c.complete() for c in self._captures.values()):
             self.clear()
             raise RuntimeError(

@@ -85,10 +85,10 @@ class KFAC(Optimizer):
     torch.compile: compile the model, not the step. ``torch.compile(model, fullgraph=True)``
     traces the capture hooks into the model's graph (no graph break; at most two graph variants,
     for steps that collect statistics and steps that do not, see
-    :mod:`natgrad.curvature.capture`), and the steps equal eager ones. Under a compiled model,
-    parameters used functionally (a positional embedding) take the plain gradient, since their
-    uses cannot be traced there, and ``fisher_type="mc"`` is not supported (``sample_fisher``
-    needs the eager outputs). :meth:`step` itself always runs eagerly: under
+    :mod:`natgrad.curvature.capture`), and the steps equal eager ones (``fisher_type="mc"``
+    included). Under a compiled model, parameters used functionally (a positional embedding)
+    take the plain gradient, since their uses cannot be traced there (:meth:`describe` says
+    so). :meth:`step` itself always runs eagerly: under
     ``torch.compile(opt.step)`` it is excluded from the graph (``torch.compiler.disable``) with
     one warning, so it never recompiles; its work is host-side policy (schedules, fault checks,
     decompositions, the trust region) around natgrad's own ops, which compiling would not speed up::
@@ -323,6 +323,8 @@ class KFAC(Optimizer):
         which fills the G statistics only (``.grad`` is untouched). The sampled loss sums
         a sample's positions and is divided by ``output.shape[0]`` ("mean"), by all rows of
         ``output`` ("token_mean") or by 1 ("sum"). A no-op on steps that update no factors.
+        Under a compiled model the pass runs down to the hooked layers' parameters (whose
+        gradients it discards): their records arrive with the backward.
 
         Args:
             output (Tensor): the model's logits (categorical) or means (Gaussian, unit variance).
