@@ -85,8 +85,8 @@ _SLOTS = itertools.count()
 @torch.library.custom_op("natgrad_capture::record_gradient", mutates_args=())
 def _record_gradient(grad: Tensor, input: Tensor, slot: int, stream: str) -> None:
     capture = _CAPTURES.get(slot)
-    if capture is not None:  # copies: a compiled graph may reuse both buffers afterwards
-        capture.receive((stream, input.clone()) if stream else input.clone(), grad.clone())
+    if capture is not None:
+        capture.receive(input, grad, stream)
 
 
 @_record_gradient.register_fake
@@ -196,12 +196,14 @@ class LayerCapture:
         self.tapped = True
         return _Tap.apply(output, tensor, self.slot, stream, grad_view)
 
-    def receive(self, input, grad_output: Tensor) -> None:
-        """A compiled backward's (input, output gradient) of one call: a complete record when
-        the gradient belongs to the phase's Fisher.
+    def receive(self, input: Tensor, grad_output: Tensor, stream: str = "") -> None:
+        """A compiled backward's (input, output gradient) of one call: a complete record, of
+        copies (the compiled graph may reuse both buffers), when the gradient belongs to the
+        phase's Fisher. ``stream`` names attention's in-projection stream ("" for none).
         """
         if self.phase is not None and self.phase.accepts():
-            self.records.append(Record(input=input, grad_output=grad_output))
+            kept: Any = (stream, input.clone()) if stream else input.clone()  # as attention tracks it
+            self.records.append(Record(input=kept, grad_output=grad_output.clone()))
             self.fired = True
 
     def complete(self) -> list[Record]:
