@@ -201,6 +201,9 @@ class FreeParameterCapture:
                         sink.fail(UNTRACED_COMPILED)
             return
         if first.wants(module):
+            for _, sink in self.sinks.values():
+                if sink.reason == UNTRACED_COMPILED:  # run eagerly again: traced again
+                    sink.reason = None
             self._mode = _Tracer(self)
             self._mode.__enter__()
 

@@ -103,6 +103,11 @@ def test_functionally_used_parameter_takes_the_plain_gradient_when_compiled():
     row = next(line for line in opt.describe().splitlines() if line.startswith("pos "))
     assert "plain gradient: used functionally by a model under torch.compile" in row
     assert not torch.equal(model.pos, before)  # it still moves
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # run eagerly again: traced again
+    opt.step()
+    row = next(line for line in opt.describe().splitlines() if line.startswith("pos "))
+    assert "diagonal" in row and "plain" not in row
 
 
 def test_mc_fisher_of_a_compiled_model_equals_eager():
