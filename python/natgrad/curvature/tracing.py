@@ -33,7 +33,7 @@ from natgrad.curvature.capture import LayerCapture
 
 #: why a traced parameter of a compiled model takes the plain gradient
 UNTRACED_COMPILED = ("used functionally by a model under torch.compile, where its uses cannot be "
-                     "traced (run the model eagerly for its diagonal curvature)")
+                     "traced (an eager forward traces it again)")
 
 _SAME = {"to", "type", "float", "double", "half", "bfloat16", "contiguous", "clone", "requires_grad_"}
 _VIEWS = {"__getitem__", "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "unsqueeze",
