@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from natgrad.curvature import layers
 from natgrad.curvature.block import CurvatureBlock, PlainBlock
-from natgrad.curvature.capture import GradientPhase, LayerCapture, Record, capturing
+from natgrad.curvature.capture import CaptureGate, GradientPhase, LayerCapture, Record, capturing
 from natgrad.curvature.diagonal import DiagonalBlock, FreeParameterBlock, NormBlock, PerSampleBlock
 from natgrad.curvature.kron import KroneckerBlock, Statistics
 from natgrad.curvature.layers import *  # noqa: F403  (each kind's block, LayerKind, register_layer)
@@ -25,6 +25,7 @@ from natgrad.curvature.registry import (
 )
 
 __all__ = [
+    "CaptureGate",
     "CurvatureBlock",
     "DiagonalBlock",
     "FreeParameterBlock",

@@ -44,7 +44,7 @@ from natgrad.curvature.block import (
     by_family,
     max_abs,
 )
-from natgrad.curvature.capture import GradientPhase, LayerCapture
+from natgrad.curvature.capture import CaptureGate, GradientPhase, LayerCapture
 from natgrad.curvature.coverage import Coverage
 from natgrad.curvature.faults import FaultLedger
 from natgrad.curvature.kron import enable_eigenvalue_correction
@@ -117,6 +117,11 @@ class CurvatureEstimator:
         self._factor_step = factor_step
         self._phase = GradientPhase(fisher_type=fisher_type)
         self._paused = False
+        #: what the hooks read to know whether the current step collects statistics: the
+        #: owner calls :meth:`sync_gate` whenever :meth:`capturing` may have changed (the hooks
+        #: hold the gate, not the estimator: no reference cycle, and a compiled model guards on
+        #: one bool)
+        self.gate = CaptureGate()
         self._decomposed: set[str] = set()  # layers decomposed at least once (same on every rank)
         self._pending: list[tuple[list[CurvatureBlock], Tensor]] = []  # unread factor-step flags
         self._build(model, {id(p) for p in params}, skip, linear_approx, factor_dtype, inverse_dtype)
@@ -124,6 +129,7 @@ class CurvatureEstimator:
             block.limit_factors(max_factor_dim)
         if eigenvalue_correction:  # EKFAC where the block supports it (a warning names the others)
             enable_eigenvalue_correction(self._blocks)
+        self.sync_gate()
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -134,8 +140,7 @@ class CurvatureEstimator:
         self._fallback_reason: dict[int, str] = {}
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         self._plain: dict[int, PlainBlock] = {}
-        alive = weakref.WeakMethod(self.capturing)
-        factory = CaptureFactory(model, lambda: (m := alive()) is not None and m(), self._phase)
+        factory = CaptureFactory(model, self.gate, self._phase)
         owners = parameter_owners(model)  # a tied weight: one owner's block (the registry's rule)
         #: what describe() says, and the eval-mode check of each factor step
         self.coverage = Coverage(model)
@@ -232,14 +237,22 @@ class CurvatureEstimator:
         """Whether forward and backward calls now feed the statistics."""
         return not self._paused and self._factor_step()
 
+    def sync_gate(self) -> None:
+        """Opens or closes :attr:`gate` to match :meth:`capturing` (the owner calls it when the
+        step, or whether it collects statistics, changes).
+        """
+        self.gate.open = self.capturing()
+
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Nothing is captured inside (e.g. a closure re-evaluated to judge a step)."""
         self._paused = True
+        self.sync_gate()
         try:
             yield
         finally:
             self._paused = False
+            self.sync_gate()
 
     @contextmanager
     def sampling(self) -> Iterator[None]:
@@ -251,15 +264,22 @@ class CurvatureEstimator:
             self._phase.sampling = False
 
     def sampling_targets(self) -> list[Tensor]:
-        """The outputs of this step's forward calls that no gradient has reached yet."""
-        return [r.output for c in self._captures.values() for r in c.records
-                if r.output is not None and r.grad_output is None]
+        """What a sampled backward pass must reach: the outputs of this step's eager forward calls
+        that no gradient has reached yet, and the parameters of the layers a compiled forward
+        tapped (their records are filled by the backward through the layer, see
+        :mod:`natgrad.curvature.capture`).
+        """
+        targets = [r.output for c in self._captures.values() for r in c.records
+                   if r.output is not None and r.grad_output is None]
+        params = {id(p): p for b in self._blocks if self._captures[b.name].tapped
+                  for p in b.params if p.requires_grad}
+        return targets + list(params.values())
 
     def check_sampled(self) -> None:
         """Raises RuntimeError (dropping the records) when forward calls were captured but no
         sampled gradient reached any of them (``fisher_type="mc"`` without ``sample_fisher``).
         """
-        forwards = any(c.records for c in self._captures.values())
+        forwards = any(c.records or c.tapped for c in self._captures.values())
         if forwards and not any(c.complete() for c in self._captures.values()):
             self.clear()
             raise RuntimeError(

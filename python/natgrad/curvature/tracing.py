@@ -31,6 +31,10 @@ from torch.overrides import TorchFunctionMode
 
 from natgrad.curvature.capture import LayerCapture
 
+#: why a traced parameter of a compiled model takes the plain gradient
+UNTRACED_COMPILED = ("used functionally by a model under torch.compile, where its uses cannot be "
+                     "traced (an eager forward traces it again)")
+
 _SAME = {"to", "type", "float", "double", "half", "bfloat16", "contiguous", "clone", "requires_grad_"}
 _VIEWS = {"__getitem__", "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "unsqueeze",
           "squeeze", "narrow", "select", "flatten", "unflatten", "chunk", "split", "unbind", "movedim",
@@ -190,7 +194,16 @@ class FreeParameterCapture:
         if self._mode is not None or not self.sinks:
             return
         first = next(iter(self.sinks.values()))[1]
+        if torch.compiler.is_compiling():  # a TorchFunctionMode cannot be traced into a graph
+            if first.wants(module):
+                for _, sink in self.sinks.values():
+                    if sink.reason is None:
+                        sink.fail(UNTRACED_COMPILED)
+            return
         if first.wants(module):
+            for _, sink in self.sinks.values():
+                if sink.reason == UNTRACED_COMPILED:  # run eagerly again: traced again
+                    sink.reason = None
             self._mode = _Tracer(self)
             self._mode.__enter__()
 
@@ -216,7 +229,7 @@ class ParameterSink(LayerCapture):
     parent: FreeParameterCapture | None = None
     reason: str | None = None
 
-    def __post_init__(self) -> None:  # the parent's hooks fill the records
+    def _install_hooks(self) -> None:  # the parent's hooks fill the records
         pass
 
     def fail(self, reason: str) -> None:

@@ -1,6 +1,7 @@
 r"""natgrad.KFAC: Kronecker-factored approximate curvature as a torch.optim.Optimizer."""
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -80,6 +81,24 @@ class KFAC(Optimizer):
     Faults: a layer whose captured activations or output gradients hold NaN/Inf, or values
     large enough that a factor update could overflow, keeps its factors and parameters for the
     step (a warning names it once; :attr:`nonfinite_skips` counts), and training goes on.
+
+    torch.compile: compile the model, not the step. ``torch.compile(model, fullgraph=True)``
+    traces the capture hooks into the model's graph (no graph break; at most two graph variants,
+    for steps that collect statistics and steps that do not, see
+    :mod:`natgrad.curvature.capture`), and the steps equal eager ones (``fisher_type="mc"``
+    included). Under a compiled model, parameters used functionally (a positional embedding)
+    take the plain gradient, since their uses cannot be traced there (:meth:`describe` says
+    so). :meth:`step` itself always runs eagerly: under
+    ``torch.compile(opt.step)`` it is excluded from the graph (``torch.compiler.disable``) with
+    one warning, so it never recompiles; its work is host-side policy (schedules, fault checks,
+    decompositions, the trust region) around natgrad's own ops, which compiling would not speed up::
+
+        opt = natgrad.KFAC(model)
+        compiled = torch.compile(model, fullgraph=True)
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(compiled(x), y).backward()
+            opt.step()
 
     The standard loop ``loss.backward(); opt.step()`` uses the empirical Fisher. With
     ``fisher_type="mc"`` add one line after the forward pass, ``opt.sample_fisher(output)``,
@@ -218,7 +237,9 @@ class KFAC(Optimizer):
         self._steps = 0
         self._adaptation = DampingAdaptation()
         self._trust_region = TrustRegion()
-        alive = weakref.WeakMethod(self._factor_step_now)  # the hooks must not keep self alive
+        self._warned_compiled_step = False
+        self._is_factor_step(0)  # a factor-period schedule invalid at step 0 raises here
+        alive = weakref.WeakMethod(self._factor_step_now)  # the estimator must not keep self alive
         #: The curvature: blocks, captures, communicator, refresh schedule and fault ledger.
         self.estimator = CurvatureEstimator(
             self.model, [p for g in self.param_groups for p in g["params"]], comm,
@@ -234,9 +255,41 @@ class KFAC(Optimizer):
         """Maps each parameter to its group (refreshed every step: add_param_group may run)."""
         self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
 
+    # The hooks read a flag (the estimator's gate), set whenever the step or the factor period
+    # changes, rather than asking the optimizer at every call: a compiled model guards on one bool.
+    @property
+    def _steps(self) -> int:
+        """Steps taken (setting it, as step() and load_state_dict() do, re-sets the gate)."""
+        return self._step_index
+
+    @_steps.setter
+    def _steps(self, value: int) -> None:
+        self._step_index = value
+        self._sync_gate()
+
+    @property
+    def factor_update_period(self) -> Schedule:
+        """Steps between factor updates (int or Callable[[int], int]; may be changed between steps)."""
+        return self._factor_update_period
+
+    @factor_update_period.setter
+    def factor_update_period(self, value: Schedule) -> None:
+        self._factor_update_period = value
+        self._sync_gate()
+
+    def _sync_gate(self) -> None:
+        estimator = self.__dict__.get("estimator")
+        if estimator is not None:
+            estimator.sync_gate()
+
     def _factor_step_now(self) -> bool:
-        """Whether the current step collects statistics (asked by the hooks at every call)."""
-        return self._is_factor_step(self._steps)
+        """Whether the current step collects statistics (False while its factor period is invalid:
+        step() raises then).
+        """
+        try:
+            return self._is_factor_step(self._steps)
+        except (ValueError, TypeError):
+            return False
 
     def _is_factor_step(self, step: int) -> bool:
         period = _resolve("factor_update_period", self.factor_update_period, step)
@@ -270,6 +323,8 @@ class KFAC(Optimizer):
         which fills the G statistics only (``.grad`` is untouched). The sampled loss sums
         a sample's positions and is divided by ``output.shape[0]`` ("mean"), by all rows of
         ``output`` ("token_mean") or by 1 ("sum"). A no-op on steps that update no factors.
+        Under a compiled model the pass runs down to the hooked layers' parameters (whose
+        gradients it discards): their records arrive with the backward.
 
         Args:
             output (Tensor): the model's logits (categorical) or means (Gaussian, unit variance).
@@ -293,11 +348,31 @@ class KFAC(Optimizer):
     # ---- the step ---------------------------------------------------------------------------------
 
     # torch.optim.Optimizer types step() for a closure returning a float; the closure's loss is a tensor
-    @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """Performs one K-FAC step; ``closure`` (re-evaluating the loss, as in torch.optim) is
         needed for adaptive damping. Returns the closure's loss, if any.
+
+        The step always runs eagerly: under ``torch.compile(opt.step)`` (or a compiled training
+        step that calls it) it is excluded from the graph with one warning. Compile the model
+        instead (see the class docstring).
         """
+        if torch.compiler.is_compiling():
+            self._warn_compiled_step()
+        return self._eager_step(closure)
+
+    @torch.compiler.disable(reason="natgrad.KFAC.step runs eagerly (see its docstring)")
+    def _warn_compiled_step(self) -> None:
+        """Warns, once per optimizer, that the step runs eagerly inside a compiled region."""
+        if not self._warned_compiled_step:
+            self._warned_compiled_step = True
+            warnings.warn("natgrad.KFAC.step runs eagerly under torch.compile: its host-side policy "
+                          "(schedules, fault checks, decompositions, the trust region) is not compiled. "
+                          "Compile the model (torch.compile(model), fullgraph=True works) and call "
+                          "opt.step() uncompiled. This warning is shown once.", UserWarning, stacklevel=3)
+
+    @torch.compiler.disable(reason="natgrad.KFAC.step runs eagerly (see its docstring)")
+    @torch.no_grad()
+    def _eager_step(self, closure: Callable[[], Tensor] | None) -> Tensor | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():

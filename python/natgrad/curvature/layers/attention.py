@@ -308,7 +308,7 @@ class _Sink(LayerCapture):
         self.parent = parent
         super().__init__(parent.mha, active, phase)
 
-    def __post_init__(self) -> None:
+    def _install_hooks(self) -> None:
         pass
 
     def remove(self) -> None:
@@ -355,11 +355,9 @@ class AttentionCapture:
         if stream == "out":  # [L·N, E] rows, l-major, with the queries' batch size
             batch = self._batch
             rows = x.shape[0] // batch
-            sink.track(_sample_major(x.detach(), rows, batch), y, lambda g: _sample_major(g, rows, batch))
-        else:
-            rows, batch = x.shape[0], x.shape[1]
-            sink.track((stream, _sample_major(x.detach(), rows, batch)), y, lambda g: _sample_major(g, rows, batch))
-        return y
+            return sink.follow(_sample_major(x.detach(), rows, batch), y, lambda g: _sample_major(g, rows, batch))
+        rows, batch = x.shape[0], x.shape[1]
+        return sink.follow((stream, _sample_major(x.detach(), rows, batch)), y, lambda g: _sample_major(g, rows, batch))
 
     _batch = 1
 
