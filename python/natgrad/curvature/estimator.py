@@ -330,6 +330,12 @@ class CurvatureEstimator:
         block.reset()
         self._decomposed.discard(block.name)
 
+    def read_factor_faults(self) -> set[str]:
+        """The layers whose batched factor step of this step failed (read now, for an optimizer
+        that does not call :meth:`directions`, which reads them with its own stats).
+        """
+        return self._factor_faults(read([flags for _, flags in self._pending]))
+
     def _factor_faults(self, rows: list[float]) -> set[str]:
         """The faults of the batched factor step from its flags (the first entries of ``rows``);
         returns the layers to skip this step.
