@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from natgrad import ops
-from natgrad.curvature.block import all_true, max_abs
+from natgrad.curvature.block import CurvatureBlock, all_true, max_abs
 from natgrad.curvature.estimator import CurvatureEstimator
 from natgrad.curvature.kron import KroneckerBlock
 from natgrad.curvature.refresh import warm_eigh
@@ -34,6 +34,13 @@ def _check_betas(name: str, betas: Any) -> None:
         raise ValueError(f"Invalid {name}: {betas!r} (expected a pair (beta1, beta2) in [0, 1))")
     for b in betas:
         check_number(name, b, low=0.0, high=1.0, high_open=True)
+
+
+def _kronecker_only(block: CurvatureBlock) -> str | None:
+    """The estimator's filter: only Kronecker blocks have an eigenbasis to run Adam in."""
+    if isinstance(block, KroneckerBlock):
+        return None
+    return f"natgrad.KFAC's {block.description} has no Kronecker eigenbasis"
 
 
 class EigenAdam(Optimizer):
@@ -160,7 +167,8 @@ class EigenAdam(Optimizer):
         self.estimator = CurvatureEstimator(
             model, [p for g in self.param_groups for p in g["params"]], make_communicator(1.0, True, 25.0, None),
             factor_step=lambda: (m := alive()) is not None and m(), skip_modules=skip_modules,
-            linear_approx=linear_approx, factor_dtype=factor_dtype, max_factor_dim=max_factor_dim)
+            linear_approx=linear_approx, factor_dtype=factor_dtype, max_factor_dim=max_factor_dim,
+            block_filter=_kronecker_only)
         if self.estimator.communicator.world_size > 1:
             raise ValueError("natgrad.EigenAdam does not support torch.distributed yet")
         #: the rotated layers (Kronecker blocks), by name
@@ -335,14 +343,11 @@ class EigenAdam(Optimizer):
     def _treatment(self, p: Tensor) -> str:
         block = self._layer_of.get(id(p))
         if block is None:
-            other = next((b for b in self.estimator.blocks if any(q is p for q in b.params)), None)
-            if other is not None:
-                return f"AdamW: its {other.kind} curvature block has no Kronecker eigenbasis"
             return "AdamW: " + self.estimator.treatment(p).removeprefix("plain gradient: ")
         shape = f"[W, b] {block.g_dim()}x{block.a_dim()}" if block.bias is not None else \
             f"W {block.g_dim()}x{block.a_dim()}"
         if self.basis == "kfac":
-            return f"Adam in the K-FAC eigenbasis of {self.estimator.treatment(p)} ({shape})"
+            return f"Adam in the eigenbasis of {self.estimator.treatment(p)} ({shape})"
         if self.basis == "shampoo":
             return f"Adam in the Shampoo eigenbasis (SOAP) of {block.kind} {shape}"
         return f"AdamW ({block.kind} {shape}, basis='identity')"

@@ -220,10 +220,10 @@ def test_describe_names_the_basis_of_each_layer_and_adamw_for_the_rest():
     model = _model()
     text = natgrad.EigenAdam(model, basis="shampoo").describe()
     assert "0.weight" in text and "Adam in the Shampoo eigenbasis (SOAP) of linear [W, b] 8x7" in text
-    assert "2.weight" in text and "AdamW: its" in text
+    assert "2.weight" in text and "AdamW: LayerNorm '2': natgrad.KFAC's diagonal Fisher" in text
     opt = natgrad.EigenAdam(model)
     _step(model, opt, *_batches(1)[0])
-    assert "Adam in the K-FAC eigenbasis of K-FAC linear" in opt.describe()
+    assert "Adam in the eigenbasis of K-FAC linear" in opt.describe()
 
 
 @pytest.mark.parametrize("kwargs,name", [
