@@ -301,3 +301,27 @@ def test_kfac_grafting_keeps_the_preconditioned_direction():
         assert float(db.norm()) == pytest.approx(0.05 * float(b.grad.norm()), rel=1e-10)
     with pytest.raises(ValueError, match="Invalid grafting"):
         natgrad.KFAC(mlp(), grafting="shampoo")
+
+
+def test_kfac_grafting_resumes_bitwise_and_loads_a_checkpoint_saved_without_it():
+    batches = _batches(8)
+    model = mlp()
+    opt = natgrad.KFAC(model, lr=0.05, grafting="adam")
+    for x, y in batches[:3]:
+        _step(model, opt, x, y)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for x, y in batches[3:]:
+        _step(model, opt, x, y)
+    resumed = mlp()
+    resumed.load_state_dict(saved_model)
+    opt2 = natgrad.KFAC(resumed, lr=0.05, grafting="adam")
+    opt2.load_state_dict(saved_opt)
+    for x, y in batches[3:]:
+        _step(resumed, opt2, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    plain = natgrad.KFAC(mlp(), lr=0.05)
+    _step(plain.model, plain, *batches[0])
+    late = natgrad.KFAC(plain.model, lr=0.05, grafting="sgd")
+    late.load_state_dict(plain.state_dict())
+    _step(late.model, late, *batches[1])
+    assert all(torch.isfinite(p).all() for p in late.model.parameters())
