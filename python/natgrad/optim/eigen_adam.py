@@ -223,7 +223,7 @@ class EigenAdam(Optimizer):
                   if b.name not in skipped and any(p.grad is not None for p in b.params)]
         grads = {b.name: b.pack([p.grad for p in b.params]) for b in moving}
         plain = [p for g in self.param_groups for p in g["params"]
-                 if p.grad is not None and id(p) not in self._layer_of]
+                 if p.grad is not None and p.requires_grad and id(p) not in self._layer_of]
         finite = all_true([torch.isfinite(max_abs(grads[b.name])) for b in moving]
                           + [torch.isfinite(max_abs(cast(Tensor, p.grad))) for p in plain])
         layer_ok, plain_ok = finite[:len(moving)], finite[len(moving):]
@@ -250,7 +250,7 @@ class EigenAdam(Optimizer):
             rotated = eb.rotate(grads[b.name], state["g_basis"], state["a_basis"])
             direction = eb.rotate_back(self._adam(state, rotated, group), state["g_basis"], state["a_basis"])
             for p, d in zip(b.params, b.unpack(direction)):
-                if p.grad is not None:
+                if p.grad is not None and p.requires_grad:  # a frozen parameter never moves
                     directions[p] = d
         for p in plain:
             state = self.state[p]
