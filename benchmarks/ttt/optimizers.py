@@ -32,6 +32,8 @@ SPACES: dict[str, dict[str, tuple[float, float, str]]] = {
                      "kl_clip": (1e-4, 0.1, "log")},
     "natgrad.EKFAC": {"lr": (0.03, 1.0, "log"), "damping": (1e-4, 0.1, "log"),
                       "kl_clip": (1e-4, 0.1, "log")},
+    "natgrad.EigenAdam": {"lr": (2e-4, 2e-2, "log"), "one_minus_beta2": (0.005, 0.1, "log")},
+    "natgrad.EigenAdam-shampoo": {"lr": (2e-4, 2e-2, "log"), "one_minus_beta2": (0.005, 0.1, "log")},
     "kfac-pytorch": {"lr": (0.01, 1.0, "log"), "damping": (1e-4, 0.1, "log")},
 }
 FIXED: dict[str, dict[str, Any]] = {
@@ -50,10 +52,15 @@ FIXED: dict[str, dict[str, Any]] = {
     "natgrad.EKFAC": {"eigenvalue_correction": True, "momentum": 0.9, "factor_decay": 0.95,
                       "factor_update_period": 1, "inverse_update_period": 10, "inverse_method": "eigen",
                       "kl_clip_schedule": "kl_clip x factor^2 (the step bound follows the lr schedule)"},
+    "natgrad.EigenAdam": {"basis": "kfac", "betas[0]": 0.95, "weight_decay": 0.01, "basis_update_period": 10,
+                          "factor_decay": 0.95, "factor_update_period": 1, "eps": 1e-8},
+    "natgrad.EigenAdam-shampoo": {"basis": "shampoo", "betas[0]": 0.95, "weight_decay": 0.01,
+                                  "basis_update_period": 10, "shampoo_beta": "beta2", "eps": 1e-8},
     "kfac-pytorch": {"factor_update_steps": 1, "inv_update_steps": 10, "factor_decay": 0.95,
                      "kl_clip": 0.001, "inner optimizer": "SGD momentum 0.9"},
 }
-OPTIMIZERS = ("SGD", "AdamW", "Muon", "SOAP", "natgrad.KFAC", "natgrad.EKFAC", "kfac-pytorch")
+OPTIMIZERS = ("SGD", "AdamW", "Muon", "SOAP", "natgrad.KFAC", "natgrad.EKFAC", "natgrad.EigenAdam",
+              "natgrad.EigenAdam-shampoo", "kfac-pytorch")
 # The error pip gave on this machine (recorded, not faked): kfac-pytorch is not on its index.
 KFAC_PYTORCH_INSTALL_ERROR = (
     "pip install kfac-pytorch: ERROR: Could not find a version that satisfies the requirement "
@@ -187,6 +194,13 @@ def make_trainer(name: str, model: nn.Module, hp: dict[str, float], io_modules: 
                              max_precondition_dim=f["max_precondition_dim"])])
     if name in ("natgrad.KFAC", "natgrad.EKFAC"):
         return _natgrad_kfac(name, model, hp, kfac_kwargs or {})
+    if name in ("natgrad.EigenAdam", "natgrad.EigenAdam-shampoo"):
+        import natgrad
+
+        f = FIXED[name]
+        return Trainer([natgrad.EigenAdam(model, lr=hp["lr"], betas=(f["betas[0]"], 1 - hp["one_minus_beta2"]),
+                                          weight_decay=f["weight_decay"], basis=f["basis"],
+                                          basis_update_period=f["basis_update_period"])])
     if name == "kfac-pytorch":
         return _kfac_pytorch(model, hp)
     raise ValueError(f"unknown optimizer {name!r}")

@@ -11,10 +11,10 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from natgrad import _C, curvature, fisher, likelihoods, ops, solvers, stats
 from natgrad._version import __version__
-from natgrad.optim import KFAC, NaturalGradient
+from natgrad.optim import KFAC, EigenAdam, NaturalGradient
 from natgrad.regularizers import EWC
 
-__all__ = ["EWC", "KFAC", "NaturalGradient", "__version__", "build_info", "curvature", "fisher",
+__all__ = ["EWC", "EigenAdam", "KFAC", "NaturalGradient", "__version__", "build_info", "curvature", "fisher",
            "likelihoods", "ops", "solvers", "stats"]
 
 

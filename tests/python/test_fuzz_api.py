@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import natgrad
-from natgrad import EWC, KFAC, NaturalGradient
+from natgrad import EWC, KFAC, EigenAdam, NaturalGradient
 from natgrad.fisher import compute_fisher, score_rows
 
 TALLY: dict[str, Counter] = defaultdict(Counter)
@@ -115,7 +115,18 @@ SPECS = {
              "inverse_dtype": float_dtype, "grad_worker_fraction": number(0.0, 1.0, low_open=True),
              "triangle_packing": flag, "bucket_cap_mb": number(0.0, low_open=True),
              "max_factor_dim": number(1, integer=True, none=True),
-             "skip_modules": lambda v: v in ("", (), ["0"], "0") or isinstance(v, str) and v in ("", "0", "2")},
+             "skip_modules": lambda v: v in ("", (), ["0"], "0") or isinstance(v, str) and v in ("", "0", "2"),
+             "grafting": lambda v: v is None or isinstance(v, str) and v in ("adam", "sgd")},
+    "EigenAdam": {"lr": number(low=0.0), "eps": number(low=0.0), "weight_decay": number(low=0.0),
+                  "betas": lambda v: isinstance(v, tuple) and v == (0.9, 0.99),
+                  "basis": choice("kfac", "shampoo", "identity"), "basis_update_period": number(1, integer=True),
+                  "warm_refreshes": number(0, integer=True, none=True),
+                  "grafting": lambda v: v is None or isinstance(v, str) and v in ("adam", "sgd"),
+                  "shampoo_beta": number(0.0, 1.0, high_open=True, none=True),
+                  "factor_decay": number(0.0, 1.0, high_open=True), "factor_update_period": number(1, integer=True),
+                  "linear_approx": choice("expand", "reduce"), "factor_dtype": float_dtype,
+                  "max_factor_dim": number(1, integer=True, none=True),
+                  "skip_modules": lambda v: v in ("", (), ["0"], "0") or isinstance(v, str) and v in ("", "0", "2")},
     "NaturalGradient": {**COMMON, "fisher_type": choice("empirical", "mc", "exact"),
                         "structure": choice("dense", "lowrank", "diagonal", "full"),
                         "likelihood": choice("categorical", "gaussian"),
@@ -126,9 +137,10 @@ SPECS = {
             "likelihood": choice("categorical", "gaussian"), "train_mode": flag,
             "mc_samples": number(1, integer=True)},
 }
-CLASSES = {"KFAC": KFAC, "NaturalGradient": NaturalGradient, "EWC": EWC}
-CASES = [(api, arg, v) for api, spec in SPECS.items() for arg in spec
-         for v in VALUES + (["0", ["0"], ["nope"], 5] if arg == "skip_modules" else [])]
+CLASSES = {"KFAC": KFAC, "EigenAdam": EigenAdam, "NaturalGradient": NaturalGradient, "EWC": EWC}
+EXTRA_VALUES = {"skip_modules": ["0", ["0"], ["nope"], 5], "grafting": ["adam", "sgd", "Adam"],
+                "basis": ["shampoo", "identity"], "betas": [(0.9, 0.99), (0.9, 1.0), (0.5,)]}
+CASES = [(api, arg, v) for api, spec in SPECS.items() for arg in spec for v in VALUES + EXTRA_VALUES.get(arg, [])]
 
 
 @fuzz(400)

@@ -100,13 +100,17 @@ class CurvatureEstimator:
         fisher_type (str): "empirical" or "mc" (which backward passes fill the statistics).
         linear_approx, factor_dtype, inverse_dtype, max_factor_dim, eigenvalue_correction: as for
             natgrad.KFAC.
+        block_filter (Callable[[CurvatureBlock], str | None], optional): None to keep a planned
+            block, or why its module's parameters are left to the fallback instead (no hooks):
+            an optimizer that uses only some block kinds (natgrad.EigenAdam).
     """
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor], communicator, *,
                  factor_step: Callable[[], bool], skip_modules: Any = (), fisher_type: str = "empirical",
                  linear_approx: str = "expand", factor_dtype: torch.dtype | None = None,
                  inverse_dtype: torch.dtype | None = None, max_factor_dim: int | None = None,
-                 eigenvalue_correction: bool = False) -> None:
+                 eigenvalue_correction: bool = False,
+                 block_filter: Callable[[CurvatureBlock], str | None] | None = None) -> None:
         skip = checked_skip_modules(skip_modules, model)
         self.communicator = communicator
         #: Whether the block families batch the step (False: one block at a time, as distributed
@@ -124,6 +128,7 @@ class CurvatureEstimator:
         self.gate = CaptureGate()
         self._decomposed: set[str] = set()  # layers decomposed at least once (same on every rank)
         self._pending: list[tuple[list[CurvatureBlock], Tensor]] = []  # unread factor-step flags
+        self._block_filter = block_filter
         self._build(model, {id(p) for p in params}, skip, linear_approx, factor_dtype, inverse_dtype)
         for block in self._blocks:
             block.limit_factors(max_factor_dim)
@@ -161,6 +166,9 @@ class CurvatureEstimator:
                                                inverse_dtype=inverse_dtype)
                 if blocks and len(own) != sum(len(b.params) for b in blocks):
                     blocks, reason = [], "only some of its parameters are optimized"
+                refused = [r for b in blocks if self._block_filter is not None and (r := self._block_filter(b))]
+                if refused:
+                    blocks, reason = [], refused[0]
             if not blocks:
                 for p in own:
                     self._fallback_reason[id(p)] = f"{type(module).__name__} {name!r}: {reason}"
@@ -349,6 +357,12 @@ class CurvatureEstimator:
         """The layer restarts its estimate."""
         block.reset()
         self._decomposed.discard(block.name)
+
+    def read_factor_faults(self) -> set[str]:
+        """The layers whose batched factor step of this step failed (read now, for an optimizer
+        that does not call :meth:`directions`, which reads them with its own stats).
+        """
+        return self._factor_faults(read([flags for _, flags in self._pending]))
 
     def _factor_faults(self, rows: list[float]) -> set[str]:
         """The faults of the batched factor step from its flags (the first entries of ``rows``);

@@ -15,6 +15,8 @@ and torch.library.opcheck validate them. Ops by family:
 * :mod:`natgrad.ops.gram` — a layer's per-sample gradient rows, implicitly: their Gram matrix and
   the products ``U v``, ``Uᵀ w`` from hook data; the small Woodbury system (``gram_solve``).
 * :mod:`natgrad.ops.ewc` — the diagonal EWC penalty and its gradient in one pass.
+* :mod:`natgrad.ops.eigenbasis` — Adam in a Kronecker eigenbasis (natgrad.EigenAdam, SOAP): the
+  rotation, the moments' carry into a refreshed basis, Shampoo's factors (ATen compositions).
 * :mod:`natgrad.ops.rules` — the K-FAC rules natgrad.KFAC and the C++ frontend share: the
   statistics bound, rows and the sample scale, π and damping, the trust region, fault classes and
   unsupported-layer reasons.

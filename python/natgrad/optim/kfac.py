@@ -13,10 +13,12 @@ from torch.profiler import record_function
 
 from natgrad import ops
 from natgrad.curvature.block import CURVATURE_DTYPES, CurvatureBlock, DirectionRequest
-from natgrad.curvature.estimator import CurvatureEstimator
+from natgrad.curvature.estimator import CurvatureEstimator, Updates
 from natgrad.distributed.communicator import make_communicator
 from natgrad.likelihoods import get_likelihood
 from natgrad.optim._hyper import Schedule, check_choice, check_flag, check_group, check_number, resolved_number
+from natgrad.optim._table import parameter_table
+from natgrad.optim.grafting import make_grafting
 from natgrad.optim.step_control import DampingAdaptation, TrustRegion
 
 __all__ = ["KFAC"]
@@ -175,6 +177,11 @@ class KFAC(Optimizer):
         triangle_packing (bool): all-reduce symmetric factors as upper triangles (default: True).
         bucket_cap_mb (float): bucket size of the factor/gradient all-reduces (default: 25).
         process_group: torch.distributed group (default: the world when initialised).
+        grafting (str or None): None, "adam" or "sgd": each parameter's direction ``u`` is
+            rescaled to the norm of the grafted optimizer's step on its gradient, before the
+            trust region and momentum (:mod:`natgrad.optim.grafting`, the rule natgrad.EigenAdam
+            shares; Adam's second moment, β₂ = 0.999, ε = 1e-8, is kept per parameter in
+            ``state[p]``) (default: None).
 
     Distributed: when torch.distributed is initialised, ``model`` may be wrapped in
     DistributedDataParallel (gradients are then not averaged twice) or not (the optimizer
@@ -200,7 +207,7 @@ class KFAC(Optimizer):
                  factor_dtype: torch.dtype | None = None, inverse_dtype: torch.dtype | None = None,
                  max_factor_dim: int | None = 2048, skip_modules: Iterable[str] = (), seed: int = 0,
                  grad_worker_fraction: float = 1.0, triangle_packing: bool = True,
-                 bucket_cap_mb: float = 25.0, process_group=None) -> None:
+                 bucket_cap_mb: float = 25.0, process_group=None, grafting: str | None = None) -> None:
         _check_arguments(
             model=model, lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
             factor_decay=factor_decay, factor_update_period=factor_update_period,
@@ -212,6 +219,8 @@ class KFAC(Optimizer):
             loss_reduction=loss_reduction, linear_approx=linear_approx, factor_dtype=factor_dtype,
             inverse_dtype=inverse_dtype, max_factor_dim=max_factor_dim, seed=seed,
             grad_worker_fraction=grad_worker_fraction, triangle_packing=triangle_packing, bucket_cap_mb=bucket_cap_mb)
+        self._grafting = make_grafting(grafting)
+        self.grafting = grafting
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
         super().__init__(model.parameters() if params is None else params, defaults)
 
@@ -411,6 +420,8 @@ class KFAC(Optimizer):
             request = DirectionRequest(self._block_damping, self.pi_correction, amp_unscale,
                                        self._momentum_buffer if cross else None)
             updates, grads = estimator.directions(params, skipped, request)
+            if self._grafting is not None:
+                updates = self._graft(updates, grads)
         with record_function("natgrad.KFAC.trust_region"):
             kl_clip = _resolve("kl_clip", self.kl_clip, k)
             nu = self._trust_region.scale(kl_clip, updates, grads, self._group_of, self.state)
@@ -422,6 +433,15 @@ class KFAC(Optimizer):
             self._adapt_damping(closure, loss, before, grads)
         self._steps += 1
         return loss
+
+    def _graft(self, updates: dict, grads: dict) -> Updates:
+        """The directions rescaled by the grafting rule (the trust region's ``⟨u, g⟩`` with them)."""
+        grafted, scales = cast(Any, self._grafting).graft(dict(updates), grads, self.state)
+        out = Updates(grafted)
+        inner = getattr(updates, "inner", None)
+        out.inner = None if inner is None else {p: v * scales[p] for p, v in inner.items()}
+        out.cross = getattr(updates, "cross", None)
+        return out
 
     def _check_schedules(self, k: int) -> None:
         """Resolves every scheduled hyperparameter of step ``k`` (raising on an invalid value)."""
@@ -506,12 +526,8 @@ class KFAC(Optimizer):
         block it got and those that share it; a layer that collected nothing says why (eval
         mode, skip_modules, frozen...).
         """
-        rows = [(self.estimator.param_name(p), "x".join(map(str, p.shape)) or "scalar", self.estimator.treatment(p))
-                for group in self.param_groups for p in group["params"]]
-        width = [max(len(r[i]) for r in rows + [("parameter", "shape", "")]) for i in range(2)]
-        lines = [f"{'parameter':<{width[0]}}  {'shape':<{width[1]}}  preconditioner"]
-        lines += [f"{n:<{width[0]}}  {s:<{width[1]}}  {h}" for n, s, h in rows]
-        return "\n".join(lines)
+        return parameter_table([(self.estimator.param_name(p), "x".join(map(str, p.shape)) or "scalar",
+                                 self.estimator.treatment(p)) for group in self.param_groups for p in group["params"]])
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state (momentum buffers, param groups) plus, under ``"kfac"``, the step

@@ -72,7 +72,8 @@ def test_every_optimizer_appears_with_its_search_space(smoke_run: tuple[dict, Pa
     for w in payload["workloads"].values():
         ran = set(w["scores"])
         assert ran | set(payload["unavailable"]) == set(OPTIMIZERS) and not ran & set(payload["unavailable"])
-        assert {"AdamW", "natgrad.KFAC", "natgrad.EKFAC", "SGD", "Muon"} <= ran
+        assert {"AdamW", "natgrad.KFAC", "natgrad.EKFAC", "natgrad.EigenAdam", "natgrad.EigenAdam-shampoo", "SGD",
+                "Muon"} <= ran
     for name, reason in payload["unavailable"].items():
         assert reason and f"{name}: not run" in stdout
 
