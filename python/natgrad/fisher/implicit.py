@@ -21,7 +21,7 @@ output-space matrix that the ``fisher_type`` fixes:
 applies :math:`H` per sample, and pulls the result back with one reverse-mode pass
 (``torch.func.vjp`` over the same forward), batched over each chunk of samples: cost about one
 gradient step plus a forward-mode pass, memory about one gradient step's activations plus their
-tangents. :meth:`quad_form` needs only the forward-mode pass.
+tangents. :meth:`quad_form` and :meth:`gram` need only forward-mode passes.
 """
 from __future__ import annotations
 
@@ -184,6 +184,28 @@ class ImplicitFisher(FisherMatrix):
             # torch.func.jvp is annotated with a 2-or-3 tuple union, not overloaded on has_aux
             _, jv = jvp(lambda vals, x=x: self._output(vals, x), (self._values,), (tangents,))  # type: ignore[misc]
             total += (jv * self._apply_h(jv, probs, passes)).sum()
+        return total / self.num_samples
+
+    def gram(self, v: Tensor) -> Tensor:
+        """``VᵀFV`` (``[k, k]``) for the columns of ``v`` (``[p, k]``): one forward-mode pass per
+        column and chunk, no reverse pass; the diagonal is :meth:`quad_form` of each column, the
+        rest the cross terms ``v_iᵀ F v_j``.
+
+        >>> fisher.gram(torch.stack([step, previous_step], 1))  # doctest: +SKIP
+        """
+        self.check_vector(v, "v", allow_matrix=True)
+        columns = v[:, None] if v.dim() == 1 else v
+        tangents = [self._tangents(c.to(self.dtype).contiguous()) for c in columns.T]
+        total = torch.zeros(len(tangents), len(tangents), dtype=self.dtype, device=self.device)
+        for x, probs, passes in self.chunks:
+            # torch.func.jvp is annotated with a 2-or-3 tuple union, not overloaded on has_aux
+            jvs = [jvp(lambda vals, x=x: self._output(vals, x), (self._values,), (t,))[1]  # type: ignore[misc]
+                   for t in tangents]
+            for i, ju in enumerate(jvs):
+                hju = self._apply_h(ju, probs, passes)
+                for j in range(i, len(jvs)):
+                    total[i, j] += (jvs[j] * hju).sum()
+        total = torch.triu(total) + torch.triu(total, 1).T
         return total / self.num_samples
 
     def trace(self, num_probes: int = 32, generator: torch.Generator | None = None) -> Tensor:
