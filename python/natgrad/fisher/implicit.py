@@ -198,9 +198,7 @@ class ImplicitFisher(FisherMatrix):
         tangents = [self._tangents(c.to(self.dtype).contiguous()) for c in columns.T]
         total = torch.zeros(len(tangents), len(tangents), dtype=self.dtype, device=self.device)
         for x, probs, passes in self.chunks:
-            # torch.func.jvp is annotated with a 2-or-3 tuple union, not overloaded on has_aux
-            jvs = [jvp(lambda vals, x=x: self._output(vals, x), (self._values,), (t,))[1]  # type: ignore[misc]
-                   for t in tangents]
+            jvs = [jvp(lambda vals, x=x: self._output(vals, x), (self._values,), (t,))[1] for t in tangents]
             for i, ju in enumerate(jvs):
                 hju = self._apply_h(ju, probs, passes)
                 for j in range(i, len(jvs)):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -152,7 +152,7 @@ class AdaptiveStep:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 for inputs, weight in self.recorder.batches():
                     fisher = ImplicitFisher(self.model, inputs, fisher_type="exact", likelihood=self.likelihood,
-                                            params=params, chunk_size=max(inputs.shape[0], 1))
+                                            params=cast(list[nn.Parameter], params), chunk_size=max(inputs.shape[0], 1))
                     total += fisher.gram(flat.to(fisher.dtype)).to(torch.float64).cpu() * weight
         finally:
             with torch.no_grad():
