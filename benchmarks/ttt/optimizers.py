@@ -32,6 +32,7 @@ SPACES: dict[str, dict[str, tuple[float, float, str]]] = {
                      "kl_clip": (1e-4, 0.1, "log")},
     "natgrad.EKFAC": {"lr": (0.03, 1.0, "log"), "damping": (1e-4, 0.1, "log"),
                       "kl_clip": (1e-4, 0.1, "log")},
+    "natgrad.KFAC-adaptive": {"damping": (1e-4, 1.0, "log")},
     "kfac-pytorch": {"lr": (0.01, 1.0, "log"), "damping": (1e-4, 0.1, "log")},
 }
 FIXED: dict[str, dict[str, Any]] = {
@@ -50,10 +51,16 @@ FIXED: dict[str, dict[str, Any]] = {
     "natgrad.EKFAC": {"eigenvalue_correction": True, "momentum": 0.9, "factor_decay": 0.95,
                       "factor_update_period": 1, "inverse_update_period": 10, "inverse_method": "eigen",
                       "kl_clip_schedule": "kl_clip x factor^2 (the step bound follows the lr schedule)"},
+    "natgrad.KFAC-adaptive": {"adaptive_learning_rate": True, "adaptive_momentum": True, "adaptive_period": 1,
+                              "likelihood": "categorical", "factor_decay": 0.95, "factor_update_period": 1,
+                              "inverse_update_period": 10, "inverse_method": "eigen",
+                              "lr_schedule": "none: lr and kl_clip are unused, the quadratic model of each "
+                                             "batch chooses the learning rate and momentum"},
     "kfac-pytorch": {"factor_update_steps": 1, "inv_update_steps": 10, "factor_decay": 0.95,
                      "kl_clip": 0.001, "inner optimizer": "SGD momentum 0.9"},
 }
-OPTIMIZERS = ("SGD", "AdamW", "Muon", "SOAP", "natgrad.KFAC", "natgrad.EKFAC", "kfac-pytorch")
+OPTIMIZERS = ("SGD", "AdamW", "Muon", "SOAP", "natgrad.KFAC", "natgrad.EKFAC", "natgrad.KFAC-adaptive",
+              "kfac-pytorch")
 # The error pip gave on this machine (recorded, not faked): kfac-pytorch is not on its index.
 KFAC_PYTORCH_INSTALL_ERROR = (
     "pip install kfac-pytorch: ERROR: Could not find a version that satisfies the requirement "
@@ -187,6 +194,8 @@ def make_trainer(name: str, model: nn.Module, hp: dict[str, float], io_modules: 
                              max_precondition_dim=f["max_precondition_dim"])])
     if name in ("natgrad.KFAC", "natgrad.EKFAC"):
         return _natgrad_kfac(name, model, hp, kfac_kwargs or {})
+    if name == "natgrad.KFAC-adaptive":
+        return _natgrad_kfac_adaptive(model, hp, kfac_kwargs or {})
     if name == "kfac-pytorch":
         return _kfac_pytorch(model, hp)
     raise ValueError(f"unknown optimizer {name!r}")
@@ -210,6 +219,15 @@ def _natgrad_kfac(name: str, model: nn.Module, hp: dict[str, float], kfac_kwargs
                        eigenvalue_correction=f.get("eigenvalue_correction", False), **kfac_kwargs)
     holder["t"] = Trainer([opt])
     return holder["t"]
+
+
+def _natgrad_kfac_adaptive(model: nn.Module, hp: dict[str, float], kfac_kwargs: dict[str, Any]) -> Trainer:
+    """natgrad.KFAC with Martens & Grosse's adaptive learning rate and momentum (kfac-jax's
+    example defaults): only the damping is tuned; the schedule's lr factor has nothing to scale."""
+    import natgrad
+
+    f = {k: v for k, v in FIXED["natgrad.KFAC-adaptive"].items() if k != "lr_schedule"}
+    return Trainer([natgrad.KFAC(model, damping=hp["damping"], **f, **kfac_kwargs)])
 
 
 def _kfac_pytorch(model: nn.Module, hp: dict[str, float]) -> Trainer:  # pragma: no cover

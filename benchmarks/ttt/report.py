@@ -9,6 +9,7 @@ from typing import Any
 
 COLORS = {"SGD": "tab:blue", "AdamW": "tab:orange", "Muon": "tab:purple", "SOAP": "tab:red",
           "natgrad.KFAC": "tab:green", "natgrad.EKFAC": "tab:olive",
+          "natgrad.KFAC-adaptive": "tab:cyan",
           "kfac-pytorch": "tab:brown"}
 
 

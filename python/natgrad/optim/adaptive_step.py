@@ -21,7 +21,7 @@ made with gradients enabled since the last step (a reference, no copy).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -112,6 +112,40 @@ class AdaptiveStep:
     def due(self, step: int, forced: bool) -> bool:
         """Whether step ``step`` computes new coefficients."""
         return forced or self.alpha is None or step % self.period == 0
+
+    def solve_step(self, updates: dict, grads: dict, group_of: dict[int, dict], state: MutableMapping[Tensor, Any],
+                   damping_of: Callable[[Tensor], float], mean: Callable[[float], float]) -> ops.QuadraticStep:
+        """:meth:`solve` for K-FAC's directions ``updates`` (u by parameter): Δ = −(u + ωθ) and
+        δ = −b from each parameter's ``momentum_buffer`` in the optimizer's ``state`` (times
+        −its group's momentum when μ is fixed); ``group_of`` maps ``id(p)`` to its group.
+        """
+        proposals, previous = {}, {}
+        for p, u in updates.items():
+            group = group_of[id(p)]
+            proposals[p] = -(u + group["weight_decay"] * p) if group["weight_decay"] else -u
+            buf = state[p].get("momentum_buffer") if p in state else None
+            scale = -1.0 if self.adapt_momentum else -group["momentum"]
+            previous[p] = torch.zeros_like(p) if buf is None or scale == 0 else buf * scale
+        with self.recorder.paused():
+            return self.solve(proposals, previous, grads, damping_of, mean)
+
+    def apply(self, param_groups: list[dict], updates: dict, state: MutableMapping[Tensor, Any]) -> None:
+        """``θ ← θ + αΔ + μδ`` with the last α, μ (μ: each group's momentum when fixed), keeping
+        ``b ← μb + α(u + ωθ)``, the negated update, as ``momentum_buffer`` (so δ = −b).
+        """
+        alpha = cast(float, self.alpha)
+        for group in param_groups:
+            params = [p for p in group["params"] if p in updates]
+            if not params:
+                continue
+            buffers = []
+            for p in params:
+                if state[p].get("momentum_buffer") is None:
+                    state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buffers.append(state[p]["momentum_buffer"])
+            mu = cast(float, self.mu) if self.adapt_momentum else group["momentum"]
+            ops.kfac_momentum_step_(params, buffers, [updates[p] for p in params], 1.0, mu,
+                                    alpha * group["weight_decay"], alpha)
 
     def solve(self, proposals: dict[Tensor, Tensor], previous: dict[Tensor, Tensor],
               grads: dict[Tensor, Tensor], damping_of: Callable[[Tensor], float],

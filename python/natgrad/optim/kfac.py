@@ -389,7 +389,7 @@ class KFAC(Optimizer):
                 self._apply(updates, nu)
         elif model_change is not None or not solve:
             with record_function("natgrad.KFAC.update"):
-                self._apply_adaptive(adaptive, updates)
+                adaptive.apply(self.param_groups, updates, self.state)
         if before is not None:  # set exactly when adapting
             self._adapt_damping(closure, loss, before, grads, model_change)
         self._steps += 1
@@ -445,38 +445,15 @@ class KFAC(Optimizer):
         """
         if not solve or not updates:
             return None
-        proposals, previous = {}, {}
-        for p, u in updates.items():
-            group = self._group_of[id(p)]
-            proposals[p] = -(u + group["weight_decay"] * p) if group["weight_decay"] else -u
-            buf = self.state[p].get("momentum_buffer") if p in self.state else None
-            scale = -1.0 if adaptive.adapt_momentum else -group["momentum"]  # δ = −b (b: the last step, negated)
-            previous[p] = torch.zeros_like(p) if buf is None or scale == 0 else buf * scale
-        with self.estimator.paused(), adaptive.recorder.paused():
-            q = adaptive.solve(proposals, previous, grads, self._damping, self.estimator.communicator.mean_scalar)
+        with self.estimator.paused():
+            q = adaptive.solve_step(updates, grads, self._group_of, self.state, self._damping,
+                                    self.estimator.communicator.mean_scalar)
         if not q.finite:
             warnings.warn("natgrad.KFAC: the quadratic model of the adaptive learning rate holds NaN or Inf "
                           "(did the model's output overflow?); the step is skipped (parameters unchanged)",
                           RuntimeWarning, stacklevel=4)
             return None
         return q.model_change
-
-    def _apply_adaptive(self, adaptive: AdaptiveStep, updates: dict) -> None:
-        """``θ ← θ + αΔ + μδ`` with ``b ← μb + α(u + ωθ)`` kept as the negated update (so δ = −b)."""
-        alpha = cast(float, adaptive.alpha)
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p in updates]
-            if not params:
-                continue
-            buffers = []
-            for p in params:
-                state = self.state[p]
-                if state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buffers.append(state["momentum_buffer"])
-            mu = cast(float, adaptive.mu) if adaptive.adapt_momentum else group["momentum"]
-            ops.kfac_momentum_step_(params, buffers, [updates[p] for p in params], 1.0, mu,
-                                    alpha * group["weight_decay"], alpha)
 
     def _adapt_damping(self, closure, loss_before, before: dict, grads: dict, model_change: float | None) -> None:
         """Levenberg–Marquardt: compare the loss reduction with the quadratic model's (the
