@@ -185,6 +185,8 @@ class AdaptiveStep:
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 for inputs, weight in self.recorder.batches():
+                    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+                        return torch.full((2, 2), float("nan"), dtype=torch.float64)  # the rule skips the step
                     fisher = ImplicitFisher(self.model, inputs, fisher_type="exact", likelihood=self.likelihood,
                                             params=cast(list[nn.Parameter], params), chunk_size=max(inputs.shape[0], 1))
                     total += fisher.gram(flat.to(fisher.dtype)).to(torch.float64).cpu() * weight

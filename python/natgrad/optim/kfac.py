@@ -370,7 +370,7 @@ class KFAC(Optimizer):
             estimator.update_decompositions(k % period == 0, self.inverse_method, self._block_damping,
                                             self.pi_correction, self.warm_refreshes)
         with record_function("natgrad.KFAC.precondition"):
-            cross = self.kl_clip is not None and any(g["momentum"] for g in self.param_groups)
+            cross = adaptive is None and self.kl_clip is not None and any(g["momentum"] for g in self.param_groups)
             request = DirectionRequest(self._block_damping, self.pi_correction, amp_unscale,
                                        self._momentum_buffer if cross else None)
             updates, grads = estimator.directions(params, skipped, request)
@@ -450,7 +450,8 @@ class KFAC(Optimizer):
                                     self.estimator.communicator.mean_scalar)
         if not q.finite:
             warnings.warn("natgrad.KFAC: the quadratic model of the adaptive learning rate holds NaN or Inf "
-                          "(did the model's output overflow?); the step is skipped (parameters unchanged)",
+                          "(non-finite inputs, or outputs that overflowed?); the step is skipped "
+                          "(parameters unchanged)",
                           RuntimeWarning, stacklevel=4)
             return None
         return q.model_change

@@ -297,3 +297,24 @@ def test_a_step_without_a_forward_pass_or_with_two_inputs_raises():
         model(torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(RuntimeError, match="forward pass"):
         opt.step()
+
+
+def test_nonfinite_inputs_the_layers_never_see_skip_the_step_without_raising():
+    class Cleaned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(D_IN, C).double()
+
+        def forward(self, x):
+            return self.lin(torch.nan_to_num(x))
+
+    model = Cleaned()
+    opt = natgrad.KFAC(model, adaptive_learning_rate=True)
+    x, y = _data()
+    x[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="quadratic model"):
+        opt.step()
+    for p, old in zip(model.parameters(), before):
+        assert torch.equal(p, old)
