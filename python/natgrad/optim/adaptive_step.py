@@ -17,7 +17,18 @@ distribution and λ each parameter's damping. Its entries :math:`\Delta^\top F\D
 fallbacks are one rule, :func:`natgrad.ops.kfac_quadratic_step`.
 
 The batch is the model's own: :class:`ForwardRecorder` keeps the input of every forward call
-made with gradients enabled since the last step (a reference, no copy).
+made with gradients enabled since the last step (a reference, no copy). Usage::
+
+    opt = natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, damping=1e-2)
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()  # the forward call the step re-runs
+        opt.step()
+    opt.adaptive_step.alpha, opt.adaptive_step.mu  # the last coefficients
+
+Cost of a recomputation (every ``adaptive_period`` steps): one forward pass and two
+forward-mode passes of the batch, plus a flat copy of Δ and δ; ``benchmarks/kfac_adaptive_cost.py``
+measures it.
 """
 from __future__ import annotations
 

@@ -318,3 +318,15 @@ def test_nonfinite_inputs_the_layers_never_see_skip_the_step_without_raising():
         opt.step()
     for p, old in zip(model.parameters(), before):
         assert torch.equal(p, old)
+
+
+def test_a_checkpoint_without_adaptive_state_loads_and_recomputes():
+    model, (x, y) = _model(), _data()
+    plain = natgrad.KFAC(model, damping=0.05)
+    _train(plain, model, x, y, 2)
+    opt = natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, adaptive_period=5, damping=0.05)
+    opt.load_state_dict(plain.state_dict())
+    assert opt.adaptive_step.alpha is None
+    calls = _spy(opt)
+    _train(opt, model, x, y, 1)  # step 2 is off-period: computed anyway, nothing to reuse
+    assert len(calls) == 1 and calls[0]["q"].finite
