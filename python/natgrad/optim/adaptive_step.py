@@ -186,26 +186,20 @@ class AdaptiveStep:
 
     def curvature(self, params: list[Tensor], first: list[Tensor], second: list[Tensor]) -> Tensor:
         """``[[xᵀFx, xᵀFy], [yᵀFx, yᵀFy]]`` for the vectors ``x = first``, ``y = second`` over
-        ``params``, summed over the recorded calls with their weights. The model is re-run with
-        its buffers (BatchNorm statistics) and the random-number state restored afterwards.
+        ``params``, summed over the recorded calls with their weights. The model is re-run on
+        copies of its buffers (BatchNorm statistics stay as they are), with the random-number
+        state restored afterwards.
         """
         flat = torch.stack([torch.cat([t.reshape(-1) for t in first]), torch.cat([t.reshape(-1) for t in second])], 1)
-        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
         total = torch.zeros(2, 2, dtype=torch.float64)
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                for inputs, weight in self.recorder.batches():
-                    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
-                        return torch.full((2, 2), float("nan"), dtype=torch.float64)  # the rule skips the step
-                    fisher = ImplicitFisher(self.model, inputs, fisher_type="exact", likelihood=self.likelihood,
-                                            params=cast(list[nn.Parameter], params), chunk_size=max(inputs.shape[0], 1))
-                    total += fisher.gram(flat.to(fisher.dtype)).to(torch.float64).cpu() * weight
-        finally:
-            with torch.no_grad():
-                for name, b in self.model.named_buffers():
-                    if name in buffers:
-                        b.copy_(buffers[name])
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for inputs, weight in self.recorder.batches():
+                if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+                    return torch.full((2, 2), float("nan"), dtype=torch.float64)  # the rule skips the step
+                fisher = ImplicitFisher(self.model, inputs, fisher_type="exact", likelihood=self.likelihood,
+                                        params=cast(list[nn.Parameter], params), chunk_size=max(inputs.shape[0], 1))
+                total += fisher.gram(flat.to(fisher.dtype)).to(torch.float64).cpu() * weight
         return total
 
     def state_dict(self) -> dict[str, Any]:

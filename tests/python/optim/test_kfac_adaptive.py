@@ -330,3 +330,22 @@ def test_a_checkpoint_without_adaptive_state_loads_and_recomputes():
     calls = _spy(opt)
     _train(opt, model, x, y, 1)  # step 2 is off-period: computed anyway, nothing to reuse
     assert len(calls) == 1 and calls[0]["q"].finite
+
+
+def test_batchnorm_in_training_mode_keeps_its_statistics_and_matches_the_dense_fisher():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, C)).double()
+    x, y = _data()
+    opt = natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, damping=0.05)
+    calls = _spy(opt)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        stats = {n: b.clone() for n, b in model.named_buffers()}
+        opt.step()
+        assert all(torch.equal(b, stats[n]) for n, b in model.named_buffers())
+    twin, call = _twin_calls(model, calls[-1])
+    a, b = _dense_model(twin, call, x)  # the batch Jacobian: BatchNorm couples the samples
+    w = -torch.linalg.solve(a, b)
+    torch.testing.assert_close(torch.tensor([call["q"].alpha, call["q"].mu], dtype=torch.float64), w,
+                               rtol=1e-10, atol=1e-12)
