@@ -67,6 +67,15 @@ KFAC_PYTORCH_INSTALL_ERROR = (
     "kfac-pytorch (from versions: none); ERROR: No matching distribution found for kfac-pytorch")
 
 
+def workload_reason(name: str, likelihood: str | None) -> str | None:
+    """Why optimizer ``name`` does not run on a workload whose loss is ``likelihood`` (None: it
+    does): the adaptive learning rate needs the loss's closed-form output Fisher."""
+    if name == "natgrad.KFAC-adaptive" and likelihood != FIXED[name]["likelihood"]:
+        return (f"its quadratic model needs the loss's closed-form output Fisher ({FIXED[name]['likelihood']}); "
+                "this workload's loss (per-pixel mean binary cross-entropy) has none in natgrad")
+    return None
+
+
 def unavailable_reason(name: str) -> str | None:
     """Why optimizer ``name`` cannot run here (None when it can)."""
     if name == "SOAP" and importlib.util.find_spec("pytorch_optimizer") is None:

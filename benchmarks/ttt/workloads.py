@@ -49,6 +49,9 @@ class Workload:
         evaluate: ``evaluate(model)`` -> metrics on the validation split; ``metric`` among them.
         io_modules: qualified names of the input and output layers (Muon leaves them to AdamW).
         kfac_kwargs: arguments natgrad.KFAC needs on this model (not tuned), e.g. the reduction.
+        likelihood: the training loss as a natgrad likelihood ("categorical": cross-entropy of
+            the logits), or None when natgrad has no closed-form output Fisher for it (optimizers
+            that need one, natgrad.KFAC-adaptive, are then not run).
         describe: the workload in words (stored in the JSON).
     """
 
@@ -62,6 +65,7 @@ class Workload:
     evaluate: Callable[[nn.Module], dict[str, float]]
     io_modules: tuple[str, ...]
     kfac_kwargs: dict[str, Any] = field(default_factory=dict)
+    likelihood: str | None = "categorical"
     describe: str = ""
 
 
@@ -164,7 +168,7 @@ def autoencoder(smoke: bool = False) -> Workload:
         return {"val_recon": float(total) / len(val)}
 
     return Workload("autoencoder", "val_recon", 30.0, 256, make, _sampler(train, 256), loss, evaluate,
-                    io_modules=("0", str(2 * (len(widths) - 2))),
+                    io_modules=("0", str(2 * (len(widths) - 2))), likelihood=None,
                     describe=f"deep autoencoder {'-'.join(map(str, widths))} (tanh) on Fashion-MNIST, "
                              "batch 256; trained on per-pixel mean BCE; metric: validation "
                              "reconstruction BCE summed over pixels (train.py's loss)")
