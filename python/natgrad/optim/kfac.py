@@ -16,7 +16,7 @@ from natgrad import ops
 from natgrad.curvature.block import CURVATURE_DTYPES, CurvatureBlock, DirectionRequest
 from natgrad.curvature.estimator import CurvatureEstimator
 from natgrad.distributed.communicator import make_communicator
-from natgrad.likelihoods import get_likelihood
+from natgrad.likelihoods import LIKELIHOODS, get_likelihood
 from natgrad.optim._hyper import Schedule, check_choice, check_flag, check_group, check_number, resolved_number
 from natgrad.optim.adaptive_step import AdaptiveStep
 from natgrad.optim.step_control import DampingAdaptation, TrustRegion
@@ -600,7 +600,7 @@ def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, d
                        ("eigenvalue_correction", eigenvalue_correction),
                        ("adaptive_learning_rate", adaptive_learning_rate), ("adaptive_momentum", adaptive_momentum)):
         check_flag(name, flag)
-    check_choice("likelihood", likelihood, ("categorical", "gaussian"))
+    check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
     if adaptive_momentum and not adaptive_learning_rate:
         raise ValueError("Invalid adaptive_momentum: True needs adaptive_learning_rate=True (μ is chosen "
                          "jointly with α by the quadratic model)")
