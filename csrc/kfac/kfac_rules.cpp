@@ -77,6 +77,7 @@ const std::vector<OptionBound>& option_bounds() {
       {"inverse_update_period", 1.0, false, kNone, false, true, false},
       {"kl_clip", 0.0, true, kNone, false, false, false},
       {"adaptive_period", 1.0, false, kNone, false, true, false},
+      {"nll_scale", 0.0, true, kNone, false, false, false},
   };
   return bounds;
 }

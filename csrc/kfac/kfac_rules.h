@@ -196,8 +196,8 @@ struct OptionBound {
 
 // lr, momentum, weight_decay, damping (the per-group ones), then factor_decay,
 // factor_update_period, inverse_update_period and kl_clip (checked when given), then
-// adaptive_period (natgrad.KFAC's adaptive learning rate and momentum; not yet in the C++
-// frontend, whose options skip it).
+// adaptive_period and nll_scale (natgrad.KFAC's adaptive learning rate and momentum; not yet in
+// the C++ frontend, whose options skip them).
 const std::vector<OptionBound>& option_bounds();
 
 // The entry of option_bounds() named `name` (TORCH_CHECK on an unknown name).

@@ -109,11 +109,12 @@ class AdaptiveStep:
     """
 
     def __init__(self, model: nn.Module, adapt_momentum: bool, period: int, likelihood: str,
-                 loss_reduction: str) -> None:
+                 loss_reduction: str, nll_scale: float = 1.0) -> None:
         self.model = model
         self.adapt_momentum = adapt_momentum
         self.period = period
         self.likelihood = likelihood
+        self.nll_scale = nll_scale
         self.recorder = ForwardRecorder(model, loss_reduction)
         self.alpha: float | None = None
         self.mu: float | None = None
@@ -186,7 +187,7 @@ class AdaptiveStep:
 
     def curvature(self, params: list[Tensor], first: list[Tensor], second: list[Tensor]) -> Tensor:
         """``[[xᵀFx, xᵀFy], [yᵀFx, yᵀFy]]`` for the vectors ``x = first``, ``y = second`` over
-        ``params``, summed over the recorded calls with their weights. The model is re-run on
+        ``params``, summed over the recorded calls with their weights, times ``nll_scale``. The model is re-run on
         copies of its buffers (BatchNorm statistics stay as they are), with the random-number
         state restored afterwards.
         """
@@ -200,7 +201,7 @@ class AdaptiveStep:
                 fisher = ImplicitFisher(self.model, inputs, fisher_type="exact", likelihood=self.likelihood,
                                         params=cast(list[nn.Parameter], params), chunk_size=max(inputs.shape[0], 1))
                 total += fisher.gram(flat.to(fisher.dtype)).to(torch.float64).cpu() * weight
-        return total
+        return total * self.nll_scale
 
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "mu": self.mu, "skips": self.skips}

@@ -140,8 +140,12 @@ class KFAC(Optimizer):
         adaptive_period (int): steps between recomputations of α and μ; other steps reuse the
             last (a damping adaptation step always recomputes) (default: 1).
         likelihood (str): the model's output distribution for the quadratic model's Fisher,
-            "categorical" (logits, cross-entropy) or "gaussian" (means, ½‖y − f‖² per sample)
-            (default: "categorical").
+            "categorical" (logits, cross-entropy), "gaussian" (means, ½‖y − f‖² per sample) or
+            "bernoulli" (logits, binary cross-entropy) (default: "categorical").
+        nll_scale (float): the training loss is ``nll_scale`` times the likelihood's NLL (summed
+            over a sample's outputs) reduced by ``loss_reduction``, e.g. ``1/784`` for
+            ``binary_cross_entropy_with_logits(out, y)`` (a mean over 784 pixels too); it scales
+            the quadratic model's Fisher (default: 1.0).
         fisher_type (str): "empirical" or "mc" (default: "empirical"). With "mc", every factor
             step needs ``sample_fisher(output)``; a step without it raises RuntimeError.
         loss_reduction (str): "mean" if the gradient is the mean over the step's samples (dim 0,
@@ -196,6 +200,7 @@ class KFAC(Optimizer):
                  adaptive_damping: bool = False, damping_adaptation_interval: int = 5,
                  damping_adaptation_decay: float = 0.95, adaptive_learning_rate: bool = False,
                  adaptive_momentum: bool = False, adaptive_period: int = 1, likelihood: str = "categorical",
+                 nll_scale: float = 1.0,
                  fisher_type: str = "empirical",
                  loss_reduction: str = "mean", linear_approx: str = "expand",
                  factor_dtype: torch.dtype | None = None, inverse_dtype: torch.dtype | None = None,
@@ -211,7 +216,7 @@ class KFAC(Optimizer):
             adaptive_damping=adaptive_damping, damping_adaptation_interval=damping_adaptation_interval,
             damping_adaptation_decay=damping_adaptation_decay, adaptive_learning_rate=adaptive_learning_rate,
             adaptive_momentum=adaptive_momentum, adaptive_period=adaptive_period, likelihood=likelihood,
-            fisher_type=fisher_type, loss_reduction=loss_reduction, linear_approx=linear_approx,
+            nll_scale=nll_scale, fisher_type=fisher_type, loss_reduction=loss_reduction, linear_approx=linear_approx,
             factor_dtype=factor_dtype, inverse_dtype=inverse_dtype, max_factor_dim=max_factor_dim, seed=seed,
             grad_worker_fraction=grad_worker_fraction, triangle_packing=triangle_packing, bucket_cap_mb=bucket_cap_mb)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
@@ -249,7 +254,7 @@ class KFAC(Optimizer):
             eigenvalue_correction=eigenvalue_correction)
         #: The adaptive learning rate and momentum (None unless adaptive_learning_rate).
         self.adaptive_step = AdaptiveStep(self.model, adaptive_momentum, adaptive_period, likelihood,
-                                          loss_reduction) if adaptive_learning_rate else None
+                                          loss_reduction, nll_scale) if adaptive_learning_rate else None
         self._index_groups()
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -567,7 +572,7 @@ def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, d
                      warm_refreshes: Any,
                      adaptive_damping: Any, damping_adaptation_interval: Any, damping_adaptation_decay: Any,
                      adaptive_learning_rate: Any, adaptive_momentum: Any, adaptive_period: Any, likelihood: Any,
-                     fisher_type: Any, loss_reduction: Any, linear_approx: Any, factor_dtype: Any,
+                     nll_scale: Any, fisher_type: Any, loss_reduction: Any, linear_approx: Any, factor_dtype: Any,
                      inverse_dtype: Any, max_factor_dim: Any, seed: Any, grad_worker_fraction: Any,
                      triangle_packing: Any, bucket_cap_mb: Any) -> None:
     """Raises TypeError/ValueError naming the first invalid argument of ``natgrad.KFAC``."""
@@ -575,7 +580,8 @@ def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, d
         raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
     values = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
                   factor_decay=factor_decay, factor_update_period=factor_update_period,
-                  inverse_update_period=inverse_update_period, kl_clip=kl_clip, adaptive_period=adaptive_period)
+                  inverse_update_period=inverse_update_period, kl_clip=kl_clip, adaptive_period=adaptive_period,
+                  nll_scale=nll_scale)
     for name, bounds in _BOUNDS.items():
         check_number(name, values[name], **bounds, allow_callable=name in _SCHEDULED,
                      allow_none=name == "kl_clip")

@@ -450,7 +450,7 @@ def test_embedding_unsupported_reason_equals_the_reference(sparse, max_norm):
 DOCUMENTED_RANGES = {"lr": "[0, inf)", "momentum": "[0, 1)", "weight_decay": "[0, inf)", "damping": "(0, inf)",
                      "factor_decay": "[0, 1)", "factor_update_period": "[1, inf) int",
                      "inverse_update_period": "[1, inf) int", "kl_clip": "(0, inf)",
-                     "adaptive_period": "[1, inf) int"}
+                     "adaptive_period": "[1, inf) int", "nll_scale": "(0, inf)"}
 
 
 def _as_range(b: ops.rules.OptionBound) -> str:

@@ -50,6 +50,9 @@ def _dense_fisher(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor,
         if likelihood == "categorical":
             p = torch.softmax(out[i], -1)
             h = torch.diag(p) - torch.outer(p, p)
+        elif likelihood == "bernoulli":
+            p = torch.sigmoid(out[i])
+            h = torch.diag(p * (1 - p))
         else:
             h = torch.eye(out.shape[1], dtype=torch.float64)
         fisher += jac[i].T @ h @ jac[i]
@@ -105,7 +108,7 @@ def test_gram_equals_the_dense_fisher():
     params = list(model.parameters())
     g = torch.Generator().manual_seed(1)
     v = torch.randn(sum(p.numel() for p in params), 2, generator=g, dtype=torch.float64)
-    for likelihood in ("categorical", "gaussian"):
+    for likelihood in ("categorical", "gaussian", "bernoulli"):
         fisher = _dense_fisher(model, params, x, likelihood)
         got = ImplicitFisher(model, x, fisher_type="exact", likelihood=likelihood).gram(v)
         torch.testing.assert_close(got, v.T @ fisher @ v, rtol=1e-10, atol=1e-12)
@@ -349,3 +352,17 @@ def test_batchnorm_in_training_mode_keeps_its_statistics_and_matches_the_dense_f
     w = -torch.linalg.solve(a, b)
     torch.testing.assert_close(torch.tensor([call["q"].alpha, call["q"].mu], dtype=torch.float64), w,
                                rtol=1e-10, atol=1e-12)
+
+
+def test_nll_scale_scales_the_model_of_a_per_pixel_mean_loss():
+    model, (x, _) = _model(), _data()
+    target = torch.rand(N, C, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    opt = natgrad.KFAC(model, adaptive_learning_rate=True, likelihood="bernoulli", nll_scale=1.0 / C, damping=0.05)
+    calls = _spy(opt)
+    nn.functional.binary_cross_entropy_with_logits(model(x), target).backward()  # mean over N·C entries
+    opt.step()
+    twin, call = _twin_calls(model, calls[-1])
+    fisher = _dense_fisher(twin, call["params"], x, "bernoulli") / C
+    d = call["delta"]
+    alpha = -(call["grad"] @ d) / (d @ fisher @ d + d @ (call["damping"] * d))
+    assert calls[-1]["q"].alpha == pytest.approx(float(alpha), rel=1e-10)
