@@ -149,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             w = built[n]
             budget = w.budget_s * args.budget_scale
+            skipped = {o: r for o in optimizers if (r := opt_mod.workload_reason(o, w.likelihood)) is not None}
+            for o, why in skipped.items():
+                print(f"[time_to_target] {o} on {n}: not run: {why}")
             summary = protocol.run_workload(
-                w, optimizers, args.trials, EXTRA_SEEDS, budget, args.evals,
+                w, [o for o in optimizers if o not in skipped], args.trials, EXTRA_SEEDS, budget, args.evals,
                 on_run=lambda s: bar.set_postfix_str(s, refresh=False),
                 on_progress=lambda s: bar.update(min(round(s, 3), max(bar.total - bar.n, 0))))
             results["workloads"][n] = {"describe": w.describe, "budget_s": budget, "batch_size": w.batch_size,
-                                       "evals": args.evals, **summary}
+                                       "evals": args.evals, "not_run": skipped, **summary}
             results.update(machine=machine_info(), wall_time_s=time.perf_counter() - start_wall)
             write_payload(json_path, results)
             report.plot_workload(n, results["workloads"][n], os.path.join(args.out, f"{args.name}_{n}.png"))

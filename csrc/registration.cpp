@@ -128,6 +128,10 @@ TORCH_LIBRARY(natgrad, m) {
   m.def(
       "kfac_adapt_damping(float multiplier, float loss_change, float model_change, float decay, "
       "int interval) -> (float multiplier, float ratio)");
+  m.def(
+      "kfac_quadratic_step(float a00, float a01, float a11, float b0, float b1, "
+      "bool adapt_momentum, float fixed_momentum) -> (float alpha, float mu, float model_change, "
+      "bool finite)");
   m.def("kfac_fsum(float[] values) -> float");
   m.def("kfac_option_names() -> str[]");
   m.def(

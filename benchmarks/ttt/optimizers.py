@@ -34,6 +34,7 @@ SPACES: dict[str, dict[str, tuple[float, float, str]]] = {
                       "kl_clip": (1e-4, 0.1, "log")},
     "natgrad.EigenAdam": {"lr": (2e-4, 2e-2, "log"), "one_minus_beta2": (0.005, 0.1, "log")},
     "natgrad.EigenAdam-shampoo": {"lr": (2e-4, 2e-2, "log"), "one_minus_beta2": (0.005, 0.1, "log")},
+    "natgrad.KFAC-adaptive": {"damping": (1e-3, 10.0, "log")},
     "kfac-pytorch": {"lr": (0.01, 1.0, "log"), "damping": (1e-4, 0.1, "log")},
 }
 FIXED: dict[str, dict[str, Any]] = {
@@ -56,15 +57,33 @@ FIXED: dict[str, dict[str, Any]] = {
                           "factor_decay": 0.95, "factor_update_period": 1, "eps": 1e-8},
     "natgrad.EigenAdam-shampoo": {"basis": "shampoo", "betas[0]": 0.95, "weight_decay": 0.01,
                                   "basis_update_period": 10, "shampoo_beta": "beta2", "eps": 1e-8},
+    "natgrad.KFAC-adaptive": {"adaptive_learning_rate": True, "adaptive_momentum": True, "adaptive_period": 1,
+                              "adaptive_damping": True, "damping_adaptation_interval": 5,
+                              "damping_adaptation_decay": 0.95,
+                              "likelihood": "the workload's loss (natgrad likelihood and nll_scale)",
+                              "factor_decay": 0.95, "factor_update_period": 1,
+                              "inverse_update_period": 10, "inverse_method": "eigen",
+                              "lr_schedule": "none: lr and kl_clip are unused, the quadratic model of each "
+                                             "batch chooses the learning rate and momentum",
+                              "damping": "the initial damping is tuned; Levenberg-Marquardt adapts it every 5 "
+                                         "steps from the batch's loss re-evaluated after the update (on the clock)"},
     "kfac-pytorch": {"factor_update_steps": 1, "inv_update_steps": 10, "factor_decay": 0.95,
                      "kl_clip": 0.001, "inner optimizer": "SGD momentum 0.9"},
 }
-OPTIMIZERS = ("SGD", "AdamW", "Muon", "SOAP", "natgrad.KFAC", "natgrad.EKFAC", "natgrad.EigenAdam",
-              "natgrad.EigenAdam-shampoo", "kfac-pytorch")
+OPTIMIZERS = ("SGD", "AdamW", "Muon", "SOAP", "natgrad.KFAC", "natgrad.EKFAC", "natgrad.KFAC-adaptive",
+              "natgrad.EigenAdam", "natgrad.EigenAdam-shampoo", "kfac-pytorch")
 # The error pip gave on this machine (recorded, not faked): kfac-pytorch is not on its index.
 KFAC_PYTORCH_INSTALL_ERROR = (
     "pip install kfac-pytorch: ERROR: Could not find a version that satisfies the requirement "
     "kfac-pytorch (from versions: none); ERROR: No matching distribution found for kfac-pytorch")
+
+
+def workload_reason(name: str, likelihood: str | None) -> str | None:
+    """Why optimizer ``name`` does not run on a workload whose loss is ``likelihood`` (None: it
+    does): the adaptive learning rate needs the loss's closed-form output Fisher."""
+    if name == "natgrad.KFAC-adaptive" and likelihood is None:
+        return "its quadratic model needs the loss's closed-form output Fisher, which natgrad lacks for this loss"
+    return None
 
 
 def unavailable_reason(name: str) -> str | None:
@@ -119,11 +138,16 @@ def schedule_factor(progress: float, warmup: float = WARMUP_FRACTION) -> float:
 # ---- trainers ---------------------------------------------------------------------------------
 
 class Trainer:
-    """Optimizers behind one interface: ``zero_grad``, ``step``, ``set_schedule(factor)``."""
+    """Optimizers behind one interface: ``zero_grad``, ``step``, ``set_schedule(factor)``. With
+    ``closure_step`` the loop hands ``step`` a closure (zero_grad, loss, backward) instead of
+    running it first: the optimizer evaluates the batch's loss itself, and again after its update
+    (natgrad.KFAC's Levenberg–Marquardt damping)."""
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer], before_step: Callable[[], None] | None = None):
+    def __init__(self, optimizers: list[torch.optim.Optimizer], before_step: Callable[[], None] | None = None,
+                 closure_step: bool = False):
         self.optimizers = optimizers
         self.before_step = before_step
+        self.closure_step = closure_step
         self.base = [[g["lr"] for g in o.param_groups] for o in optimizers]
         self.factor = 1.0
 
@@ -137,11 +161,15 @@ class Trainer:
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
 
-    def step(self) -> None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         if self.before_step is not None:
             self.before_step()
+        if closure is not None:
+            (only,) = self.optimizers
+            return only.step(closure)
         for o in self.optimizers:
             o.step()
+        return None
 
 
 def muon_split(model: nn.Module, io_modules: tuple[str, ...]
@@ -165,7 +193,8 @@ def muon_split(model: nn.Module, io_modules: tuple[str, ...]
 
 
 def make_trainer(name: str, model: nn.Module, hp: dict[str, float], io_modules: tuple[str, ...] = (),
-                 kfac_kwargs: dict[str, Any] | None = None) -> Trainer:
+                 kfac_kwargs: dict[str, Any] | None = None,
+                 likelihood: tuple[str | None, float] = ("categorical", 1.0)) -> Trainer:
     """Optimizer ``name`` on ``model`` with trial hyperparameters ``hp`` (see :data:`SPACES`,
     :data:`FIXED`)."""
     if name == "SGD":
@@ -201,6 +230,8 @@ def make_trainer(name: str, model: nn.Module, hp: dict[str, float], io_modules: 
         return Trainer([natgrad.EigenAdam(model, lr=hp["lr"], betas=(f["betas[0]"], 1 - hp["one_minus_beta2"]),
                                           weight_decay=f["weight_decay"], basis=f["basis"],
                                           basis_update_period=f["basis_update_period"])])
+    if name == "natgrad.KFAC-adaptive":
+        return _natgrad_kfac_adaptive(model, hp, kfac_kwargs or {}, likelihood)
     if name == "kfac-pytorch":
         return _kfac_pytorch(model, hp)
     raise ValueError(f"unknown optimizer {name!r}")
@@ -224,6 +255,20 @@ def _natgrad_kfac(name: str, model: nn.Module, hp: dict[str, float], kfac_kwargs
                        eigenvalue_correction=f.get("eigenvalue_correction", False), **kfac_kwargs)
     holder["t"] = Trainer([opt])
     return holder["t"]
+
+
+def _natgrad_kfac_adaptive(model: nn.Module, hp: dict[str, float], kfac_kwargs: dict[str, Any],
+                           likelihood: tuple[str | None, float]) -> Trainer:
+    """natgrad.KFAC with Martens & Grosse's adaptive learning rate and momentum (kfac-jax's
+    example defaults) under the workload's ``(likelihood, nll_scale)``: only the damping is
+    tuned; the schedule's lr factor has nothing to scale."""
+    import natgrad
+
+    words = ("lr_schedule", "likelihood", "damping")  # descriptions, not arguments
+    f = {k: v for k, v in FIXED["natgrad.KFAC-adaptive"].items() if k not in words}
+    name, scale = likelihood
+    return Trainer([natgrad.KFAC(model, damping=hp["damping"], likelihood=name, nll_scale=scale, **f,
+                                 **kfac_kwargs)], closure_step=True)
 
 
 def _kfac_pytorch(model: nn.Module, hp: dict[str, float]) -> Trainer:  # pragma: no cover

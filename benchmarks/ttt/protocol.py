@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .optimizers import make_trainer, sample_trials, schedule_factor
-from .workloads import Workload
+from .workloads import Batch, Workload
 
 Clock = Callable[[], float]
 DIVERGENCE_FACTOR = 10.0  # a run whose metric exceeds 10x its initial value (or is not finite) stops
@@ -43,7 +43,8 @@ def run_trial(workload: Workload, optimizer: str, hp: dict[str, float], seed: in
     ``on_progress(seconds)`` is told how much of the budget each stretch used.
     """
     model = workload.make_model(seed)
-    trainer = make_trainer(optimizer, model, hp, workload.io_modules, workload.kfac_kwargs)
+    trainer = make_trainer(optimizer, model, hp, workload.io_modules, workload.kfac_kwargs,
+                           (workload.likelihood, workload.nll_scale))
     gen = torch.Generator().manual_seed(10_000 + seed)
     curve: list[dict[str, Any]] = []
     trained = wall = eval_clock = 0.0
@@ -67,10 +68,19 @@ def run_trial(workload: Workload, optimizer: str, hp: dict[str, float], seed: in
         trainer.set_schedule(schedule_factor(trained / budget_s))
         t0, w0 = clock(), time.perf_counter()
         batch = workload.sample_batch(gen)
-        trainer.zero_grad()
-        loss = workload.train_loss(model, batch)
-        loss.backward()
-        trainer.step()
+        if trainer.closure_step:
+            def closure(batch: Batch = batch) -> torch.Tensor:
+                trainer.zero_grad()
+                out = workload.train_loss(model, batch)
+                out.backward()
+                return out
+
+            loss = trainer.step(closure)
+        else:
+            trainer.zero_grad()
+            loss = workload.train_loss(model, batch)
+            loss.backward()
+            trainer.step()
         trained += clock() - t0
         wall += time.perf_counter() - w0
         step += 1

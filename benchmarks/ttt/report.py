@@ -9,7 +9,7 @@ from typing import Any
 
 COLORS = {"SGD": "tab:blue", "AdamW": "tab:orange", "Muon": "tab:purple", "SOAP": "tab:red",
           "natgrad.KFAC": "tab:green", "natgrad.EKFAC": "tab:olive", "natgrad.EigenAdam": "tab:cyan",
-          "natgrad.EigenAdam-shampoo": "tab:pink", "kfac-pytorch": "tab:brown"}
+          "natgrad.EigenAdam-shampoo": "tab:pink", "natgrad.KFAC-adaptive": "tab:gray", "kfac-pytorch": "tab:brown"}
 
 
 def _num(x: float | None, spec: str = ".3g") -> str:

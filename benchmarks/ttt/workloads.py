@@ -49,6 +49,12 @@ class Workload:
         evaluate: ``evaluate(model)`` -> metrics on the validation split; ``metric`` among them.
         io_modules: qualified names of the input and output layers (Muon leaves them to AdamW).
         kfac_kwargs: arguments natgrad.KFAC needs on this model (not tuned), e.g. the reduction.
+        likelihood: the training loss as a natgrad likelihood ("categorical": cross-entropy of
+            the logits; "bernoulli": binary cross-entropy of the logits), or None when natgrad has
+            no closed-form output Fisher for it (optimizers that need one, natgrad.KFAC-adaptive,
+            are then not run).
+        nll_scale: the training loss over the likelihood's NLL summed per sample and reduced as
+            natgrad.KFAC's ``loss_reduction`` says (1/784 for a per-pixel mean over 784 pixels).
         describe: the workload in words (stored in the JSON).
     """
 
@@ -62,6 +68,8 @@ class Workload:
     evaluate: Callable[[nn.Module], dict[str, float]]
     io_modules: tuple[str, ...]
     kfac_kwargs: dict[str, Any] = field(default_factory=dict)
+    likelihood: str | None = "categorical"
+    nll_scale: float = 1.0
     describe: str = ""
 
 
@@ -164,7 +172,8 @@ def autoencoder(smoke: bool = False) -> Workload:
         return {"val_recon": float(total) / len(val)}
 
     return Workload("autoencoder", "val_recon", 30.0, 256, make, _sampler(train, 256), loss, evaluate,
-                    io_modules=("0", str(2 * (len(widths) - 2))),
+                    io_modules=("0", str(2 * (len(widths) - 2))), likelihood="bernoulli",
+                    nll_scale=1.0 / widths[-1],
                     describe=f"deep autoencoder {'-'.join(map(str, widths))} (tanh) on Fashion-MNIST, "
                              "batch 256; trained on per-pixel mean BCE; metric: validation "
                              "reconstruction BCE summed over pixels (train.py's loss)")

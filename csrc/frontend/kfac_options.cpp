@@ -126,6 +126,9 @@ std::optional<double> option_value(const KFACOptions& o, const std::string& name
   if (name == "factor_decay") return o.factor_decay();
   if (name == "factor_update_period") return static_cast<double>(o.factor_update_period());
   if (name == "inverse_update_period") return static_cast<double>(o.inverse_update_period());
+  if (name == "adaptive_period" || name == "nll_scale") {
+    return std::nullopt;  // the adaptive step: Python frontend only
+  }
   TORCH_CHECK(name == "kl_clip", "KFACOptions has no option named '", name, "'");
   return o.kl_clip();
 }

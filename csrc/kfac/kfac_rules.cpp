@@ -76,6 +76,8 @@ const std::vector<OptionBound>& option_bounds() {
       {"factor_update_period", 1.0, false, kNone, false, true, false},
       {"inverse_update_period", 1.0, false, kNone, false, true, false},
       {"kl_clip", 0.0, true, kNone, false, false, false},
+      {"adaptive_period", 1.0, false, kNone, false, true, false},
+      {"nll_scale", 0.0, true, kNone, false, false, false},
   };
   return bounds;
 }
@@ -201,6 +203,36 @@ DampingAdaptation adapt_damping(double multiplier, double loss_change, double mo
     multiplier /= omega;
   }
   return {std::min(std::max(multiplier, 1e-8), 1e8), ratio};
+}
+
+// ---- adaptive learning rate and momentum ---------------------------------------------------
+
+QuadraticStep quadratic_step(double a00, double a01, double a11, double b0, double b1,
+                             bool adapt_momentum, double fixed_momentum) {
+  for (double v : {a00, a01, a11, b0, b1, fixed_momentum}) {
+    if (!std::isfinite(v)) return {0.0, 0.0, 0.0, false};
+  }
+  double alpha = 0.0;
+  double mu = adapt_momentum ? 0.0 : fixed_momentum;
+  if (adapt_momentum) {
+    const double det = a00 * a11 - a01 * a01;
+    if (a00 > 0 && a11 > 0 && det > 1e-12 * a00 * a11) {
+      alpha = (a01 * b1 - a11 * b0) / det;
+      mu = (a01 * b0 - a00 * b1) / det;
+    } else if (a00 > 0) {  // no previous update, or one parallel to the proposal
+      alpha = -b0 / a00;
+    } else if (a11 > 0) {  // no proposal
+      mu = -b1 / a11;
+    }
+  } else if (a00 > 0) {
+    alpha = -(b0 + mu * a01) / a00;
+  }
+  const double change =
+      0.5 * (alpha * alpha * a00 + 2.0 * alpha * mu * a01 + mu * mu * a11) + alpha * b0 + mu * b1;
+  if (!std::isfinite(alpha) || !std::isfinite(mu) || !std::isfinite(change)) {
+    return {0.0, 0.0, 0.0, false};
+  }
+  return {alpha, mu, change, true};
 }
 
 // ---- trust region --------------------------------------------------------------------------
@@ -373,6 +405,13 @@ std::tuple<double, double> adapt_damping_op(double multiplier, double loss_chang
   return {a.multiplier, a.ratio};
 }
 
+std::tuple<double, double, double, bool> quadratic_step_op(double a00, double a01, double a11,
+                                                         double b0, double b1, bool adapt_momentum,
+                                                         double fixed_momentum) {
+  const QuadraticStep q = quadratic_step(a00, a01, a11, b0, b1, adapt_momentum, fixed_momentum);
+  return {q.alpha, q.mu, q.model_change, q.finite};
+}
+
 std::string fault_message_op(const std::string& optimizer, int64_t fault, const std::string& kind,
                              const std::string& where) {
   return fault_message(optimizer, fault_of(fault), kind, where);
@@ -407,6 +446,7 @@ TORCH_LIBRARY_IMPL(natgrad, CompositeExplicitAutograd, m) {
   m.impl("kfac_pi_correction", &pi_correction_enabled);
   m.impl("kfac_damping", &resolved_damping);
   m.impl("kfac_adapt_damping", &adapt_damping_op);
+  m.impl("kfac_quadratic_step", &quadratic_step_op);
   m.impl("kfac_fsum", &fsum_op);
   m.impl("kfac_trust_region", &trust_region_op);
   m.impl("kfac_direction_faults", &direction_faults);

@@ -12,6 +12,7 @@
 //                      every extra backward pass) is a Fisher sample of its own
 //   pi and damping     whether pi correction is on; the damping a step uses; the
 //                      Levenberg-Marquardt adaptation of its multiplier
+//   adaptive step      the learning rate and momentum that minimise the quadratic model
 //   trust region       nu from the <u, g> and <b, g> the directions ops return
 //   faults             the class of each fault flag, and the warning that names it
 //   unsupported layers why a Conv2d or an Embedding gets no Kronecker block
@@ -97,6 +98,25 @@ struct DampingAdaptation {
 DampingAdaptation adapt_damping(double multiplier, double loss_change, double model_change,
                                 double decay, int64_t interval);
 
+// ---- adaptive learning rate and momentum ---------------------------------------------------
+
+// The coefficients of a step alpha * Delta + mu * delta that minimise the quadratic model
+// (Martens & Grosse, 2015, section 7) M(w) = 1/2 w^T A w + w^T b, w = (alpha, mu), and M there.
+struct QuadraticStep {
+  double alpha;         // the learning rate along the proposal Delta
+  double mu;            // the momentum along the previous update delta
+  double model_change;  // M(alpha, mu) (<= 0 when finite)
+  bool finite;          // false: an entry was NaN/Inf; alpha = mu = model_change = 0, skip the step
+};
+
+// A = [[a00, a01], [a01, a11]] = V^T (F + lambda I) V and b = [b0, b1] = V^T grad for
+// V = [Delta, delta]. With adapt_momentum both coefficients are free: the 2x2 solve when A is
+// positive definite (det > 1e-12 a00 a11); mu = 0 and the 1-D alpha when delta is zero (a11 <= 0,
+// the first step) or parallel to Delta; alpha = 0 and the 1-D mu when Delta is zero (a00 <= 0).
+// Otherwise mu = fixed_momentum and alpha = -(b0 + mu a01) / a00 (0 when a00 <= 0).
+QuadraticStep quadratic_step(double a00, double a01, double a11, double b0, double b1,
+                             bool adapt_momentum, double fixed_momentum);
+
 // ---- trust region --------------------------------------------------------------------------
 
 // The correctly rounded sum of `values` (Shewchuk's algorithm, rounded as Python's math.fsum);
@@ -175,7 +195,9 @@ struct OptionBound {
 };
 
 // lr, momentum, weight_decay, damping (the per-group ones), then factor_decay,
-// factor_update_period, inverse_update_period and kl_clip (checked when given).
+// factor_update_period, inverse_update_period and kl_clip (checked when given), then
+// adaptive_period and nll_scale (natgrad.KFAC's adaptive learning rate and momentum; not yet in
+// the C++ frontend, whose options skip them).
 const std::vector<OptionBound>& option_bounds();
 
 // The entry of option_bounds() named `name` (TORCH_CHECK on an unknown name).

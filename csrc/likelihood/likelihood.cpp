@@ -42,12 +42,17 @@ bool is_categorical(const std::string& likelihood) {
   return likelihood == "categorical";
 }
 
+// "Gaussian" or "Bernoulli": the name in messages about same-shape targets.
+std::string display_name(const std::string& likelihood) {
+  return likelihood == "gaussian" ? "Gaussian" : "Bernoulli";
+}
+
 }  // namespace
 
 void check_name(const std::string& likelihood) {
-  TORCH_CHECK_VALUE(likelihood == "categorical" || likelihood == "gaussian",
+  TORCH_CHECK_VALUE(likelihood == "categorical" || likelihood == "gaussian" || likelihood == "bernoulli",
                     "Invalid likelihood: '", likelihood,
-                    "' (expected one of 'categorical', 'gaussian')");
+                    "' (expected one of 'categorical', 'gaussian', 'bernoulli')");
 }
 
 void check_batch(const at::Tensor& inputs, const std::optional<at::Tensor>& targets,
@@ -94,11 +99,11 @@ void check_targets(const std::string& likelihood, const at::Tensor& output,
     }
     return;
   }
-  TORCH_CHECK_VALUE(target.is_floating_point(), what,
-                    " must be floating point for the Gaussian likelihood, got ",
-                    dtype_str(target.scalar_type()));
+  const std::string name = display_name(likelihood);
+  TORCH_CHECK_VALUE(target.is_floating_point(), what, " must be floating point for the ", name,
+                    " likelihood, got ", dtype_str(target.scalar_type()));
   TORCH_CHECK_VALUE(target.sizes() == output.sizes(), what, " must have the outputs' shape ",
-                    shape_str(output.sizes()), " for the Gaussian likelihood, got ",
+                    shape_str(output.sizes()), " for the ", name, " likelihood, got ",
                     shape_str(target.sizes()),
                     " (broadcasting would silently change the Fisher; reshape one of them)");
 }
@@ -110,6 +115,10 @@ at::Tensor per_sample_nll(const std::string& likelihood, const at::Tensor& outpu
     const at::Tensor per_row = at::cross_entropy_loss(output.reshape({-1, classes}),
                                                       target.reshape({-1}), {}, at::Reduction::None);
     return sum_per_sample(per_row.reshape(output.sizes().slice(0, output.dim() - 1)));
+  }
+  if (likelihood == "bernoulli") {
+    return sum_per_sample(
+        at::binary_cross_entropy_with_logits(output, target, {}, {}, at::Reduction::None));
   }
   return sum_per_sample(0.5 * (output - target).pow(2));
 }
@@ -126,6 +135,11 @@ at::Tensor sample(const std::string& likelihood, const at::Tensor& output,
     return at::multinomial(probs, 1, /*replacement=*/false, generator)
         .reshape(out.sizes().slice(0, out.dim() - 1))
         .to(out.device());
+  }
+  if (likelihood == "bernoulli") {
+    if (out.device().type() == at::kMeta) return at::empty_like(out);
+    const at::Tensor probs = at::sigmoid(at::nan_to_num(out).to(at::kFloat)).cpu();
+    return at::bernoulli(probs, generator).to(out.options());
   }
   const at::Tensor noise = at::randn(out.sizes(), generator, at::TensorOptions().dtype(at::kFloat));
   return at::nan_to_num(out) + noise.to(out.options());
@@ -162,10 +176,14 @@ Passes pseudo_targets(const std::string& likelihood, const at::Tensor& output,
       return passes;
     }
     // E[(y - f)(y - f)^T] = I: one pass per output element k, target f - e_k (gradient J^T e_k).
+    // Bernoulli: E[(y - p)(y - p)^T] = diag(p (1 - p)): target p - sqrt(p_k (1 - p_k)) e_k.
     const int64_t size = c10::multiply_integers(out.sizes().slice(1));
     const at::Tensor eye = at::eye(size, out.options());
+    const bool bernoulli = likelihood == "bernoulli";
+    const at::Tensor probs = bernoulli ? at::sigmoid(out) : out;
+    const at::Tensor scale = bernoulli ? (probs * (1 - probs)).sqrt() : at::ones_like(out);
     for (int64_t k = 0; k < size; ++k) {
-      passes.targets.push_back(out - eye[k].reshape(out.sizes().slice(1)));
+      passes.targets.push_back(probs - scale * eye[k].reshape(out.sizes().slice(1)));
     }
     return passes;
   }

@@ -10,11 +10,14 @@
 //   "empirical"  the observed targets, weight 1;
 //   "mc"         `draws` sampled labels, each with weight 1/sqrt(draws);
 //   "exact"      categorical: one pass per class c with weight sqrt(p_c); unit Gaussian: one
-//                pass per output element k with target f - e_k.
+//                pass per output element k with target f - e_k; Bernoulli: one pass per output
+//                element k with target p - sqrt(p_k (1 - p_k)) e_k, p = sigmoid(f).
 //
 //   categorical  logits [n, ..., C], integer class targets [n, ...] (cross-entropy)
 //   gaussian     means [n, ...] of a unit-variance Gaussian, targets of the same shape
 //                (1/2 |y - f|^2 per sample, the MSE loss up to its reduction)
+//   bernoulli    logits [n, ...] of independent Bernoulli outputs, targets in [0, 1] of the
+//                same shape (binary cross-entropy with logits, summed per sample)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,7 +28,7 @@
 
 namespace natgrad::likelihood {
 
-// TORCH_CHECK_VALUE that `likelihood` is "categorical" or "gaussian".
+// TORCH_CHECK_VALUE that `likelihood` is "categorical", "gaussian" or "bernoulli".
 void check_name(const std::string& likelihood);
 
 // TORCH_CHECK_VALUE that `fisher_type` is "empirical", "mc" or "exact".

@@ -13,7 +13,8 @@ of per-sample negative log-likelihoods ``ℓ(f(x), y)``. A :class:`Likelihood` k
   weighted gradients ``w·∇ℓ(f(x), y)`` have the requested Fisher as their summed outer
   products: the observed targets ("empirical"), ``draws`` sampled labels with weight
   ``1/sqrt(draws)`` ("mc"), or one pass per class with weight ``sqrt(p_c)`` (categorical) /
-  per output element with target ``f − e_k`` (unit Gaussian) ("exact").
+  per output element with target ``f − e_k`` (unit Gaussian) / with target
+  ``p − sqrt(p_k(1 − p_k)) e_k``, ``p = sigmoid(f)`` (Bernoulli) ("exact").
 
 KFAC's Monte-Carlo Fisher, the score rows behind ``compute_fisher`` and ``NaturalGradient``,
 the K-FAC structure of ``compute_fisher`` and ``EWC`` all draw on these objects. The rules are
@@ -28,14 +29,14 @@ from torch import Tensor
 from natgrad import _C  # noqa: F401  (loads the operator registrations)
 from natgrad._vocabulary import check_choice
 
-__all__ = ["LIKELIHOODS", "Categorical", "Gaussian", "Likelihood", "get_likelihood"]
+__all__ = ["LIKELIHOODS", "Bernoulli", "Categorical", "Gaussian", "Likelihood", "get_likelihood"]
 
 Pass = tuple[Tensor, Tensor | None]  # (targets, per-sample gradient weight or None for 1)
 
 
 class Likelihood:
     """One output distribution (see the module docstring); :data:`LIKELIHOODS` holds the two
-    natgrad supports, ``"categorical"`` and ``"gaussian"``.
+    natgrad supports, ``"categorical"``, ``"gaussian"`` and ``"bernoulli"``.
     """
 
     name = ""
@@ -100,11 +101,20 @@ class Gaussian(Likelihood):
     name = "gaussian"
 
 
-LIKELIHOODS = {"categorical": Categorical(), "gaussian": Gaussian()}
+class Bernoulli(Likelihood):
+    """Logits ``[n, ...]`` of independent Bernoulli outputs, targets in [0, 1] of the same shape
+    (``binary_cross_entropy_with_logits`` summed per sample): an autoencoder's pixels, multi-label
+    classification.
+    """
+
+    name = "bernoulli"
+
+
+LIKELIHOODS = {"categorical": Categorical(), "gaussian": Gaussian(), "bernoulli": Bernoulli()}
 
 
 def get_likelihood(name: str | Likelihood) -> Likelihood:
-    """The likelihood called ``name`` ("categorical" or "gaussian"), or ``name`` itself."""
+    """The likelihood called ``name`` ("categorical", "gaussian" or "bernoulli"), or ``name`` itself."""
     if isinstance(name, Likelihood):
         return name
     check_choice("likelihood", name, tuple(LIKELIHOODS))

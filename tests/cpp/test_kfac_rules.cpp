@@ -131,6 +131,44 @@ TEST(KfacRules, DampingAdaptationFollowsTheReductionRatio) {
   EXPECT_EQ(kfac::adapt_damping(1e-8, -1.0, -1.0, 0.5, 1).multiplier, 1e-8);
 }
 
+TEST(KfacRules, QuadraticStepSolvesTheTwoByTwoModel) {
+  // A = [[4, 1], [1, 2]], b = [-2, 1]: w = -A^{-1} b = (5/7, -6/7), M = b.w / 2 = -8/7.
+  auto q = kfac::quadratic_step(4.0, 1.0, 2.0, -2.0, 1.0, true, 0.9);
+  ASSERT_TRUE(q.finite);
+  EXPECT_NEAR(q.alpha, 5.0 / 7.0, 1e-15);
+  EXPECT_NEAR(q.mu, -6.0 / 7.0, 1e-15);
+  EXPECT_NEAR(q.model_change, -8.0 / 7.0, 1e-15);
+  // fixed momentum: alpha = -(b0 + mu a01) / a00
+  auto fixed = kfac::quadratic_step(4.0, 1.0, 2.0, -2.0, 1.0, false, 0.5);
+  EXPECT_EQ(fixed.mu, 0.5);
+  EXPECT_NEAR(fixed.alpha, 1.5 / 4.0, 1e-15);
+  EXPECT_NEAR(fixed.model_change, 0.5 * (0.140625 * 4 + 2 * 0.375 * 0.5 + 0.25 * 2) - 0.75 + 0.5,
+              1e-15);
+}
+
+TEST(KfacRules, QuadraticStepFallsBackOnDegenerateModels) {
+  auto first = kfac::quadratic_step(4.0, 0.0, 0.0, -2.0, 0.0, true, 0.9);  // no previous update
+  EXPECT_EQ(first.alpha, 0.5);
+  EXPECT_EQ(first.mu, 0.0);
+  auto parallel = kfac::quadratic_step(1.0, 2.0, 4.0, -1.0, -2.0, true, 0.9);  // delta = 2 Delta
+  EXPECT_EQ(parallel.alpha, 1.0);
+  EXPECT_EQ(parallel.mu, 0.0);
+  auto no_proposal = kfac::quadratic_step(0.0, 0.0, 2.0, 0.0, -1.0, true, 0.9);
+  EXPECT_EQ(no_proposal.alpha, 0.0);
+  EXPECT_EQ(no_proposal.mu, 0.5);
+  auto nothing = kfac::quadratic_step(0.0, 0.0, 0.0, 0.0, 0.0, true, 0.9);
+  EXPECT_TRUE(nothing.finite);
+  EXPECT_EQ(nothing.alpha, 0.0);
+  EXPECT_EQ(nothing.model_change, 0.0);
+  for (double bad : {kNaN, kInf}) {
+    auto q = kfac::quadratic_step(bad, 0.0, 1.0, -1.0, 0.0, true, 0.9);
+    EXPECT_FALSE(q.finite);
+    EXPECT_EQ(q.alpha, 0.0);
+    EXPECT_EQ(q.mu, 0.0);
+  }
+  EXPECT_FALSE(kfac::quadratic_step(1e-300, 0.0, 0.0, -1e300, 0.0, false, 0.0).finite);  // overflow
+}
+
 TEST(KfacRules, FsumIsCorrectlyRounded) {
   EXPECT_EQ(kfac::fsum({1e100, 1.0, -1e100}), 1.0);
   EXPECT_EQ(kfac::fsum({0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1}), 1.0);

@@ -38,6 +38,24 @@ TEST(Likelihood, ExactCategoricalPassesWeighOneHotLabelsBySqrtP) {
   EXPECT_TRUE(at::allclose(fisher, expected, 0, 1e-12));
 }
 
+TEST(Likelihood, ExactBernoulliPassesGiveDiagonalPTimesOneMinusP) {
+  const at::Tensor logits = at::randn({5, 3}, at::kDouble);
+  const at::Tensor y = at::rand({5, 3}, at::kDouble);
+  const at::Tensor probs = at::sigmoid(logits);
+  EXPECT_TRUE(at::allclose(lk::per_sample_nll("bernoulli", logits, y),
+                           -(y * probs.log() + (1 - y) * (-probs).log1p()).sum(1), 0, 1e-12));
+  const lk::Passes p = lk::pseudo_targets("bernoulli", logits, "exact", std::nullopt, 1);
+  ASSERT_EQ(p.targets.size(), 3u);
+  EXPECT_FALSE(p.weights.defined());
+  // The gradient of the NLL w.r.t. the logits is p - target: sum_k r_k r_k^T = diag(p (1 - p)).
+  at::Tensor fisher = at::zeros({5, 3, 3}, at::kDouble);
+  for (const at::Tensor& target : p.targets) {
+    const at::Tensor r = probs - target;
+    fisher += r.unsqueeze(2) * r.unsqueeze(1);
+  }
+  EXPECT_TRUE(at::allclose(fisher, at::diag_embed(probs * (1 - probs)), 0, 1e-12));
+}
+
 TEST(Likelihood, McPassesAreSeededDrawsWeightedOneOverSqrtDraws) {
   const at::Tensor logits = at::randn({6, 3});
   auto gen = at::make_generator<at::CPUGeneratorImpl>(11);

@@ -162,6 +162,29 @@ def kfac_fractions(rank, world, store, out, use_ddp):
     dist.destroy_process_group()
 
 
+def adaptive_ranks(rank, world, store, out, use_ddp):
+    """Parameters after 4 steps of K-FAC with adaptive learning rate and momentum (rank 0 writes
+    them, and whether every rank holds the same).
+    """
+    dist_init(rank, world, store)
+    x, y = dist_data()
+    net = dist_model()
+    wrapped = nn.parallel.DistributedDataParallel(net) if use_ddp else net
+    opt = dist_kfac_adaptive(wrapped)
+    run_steps(wrapped, opt, dist_shard(x, rank, world), dist_shard(y, rank, world), 4)
+    flat = flat_params(net)
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    collective(dist.all_gather, (gathered, flat))
+    if rank == 0:
+        torch.save({"params": flat, "identical": all(torch.equal(gathered[0], t) for t in gathered)}, out)
+    dist.destroy_process_group()
+
+
+def dist_kfac_adaptive(net):
+    return natgrad.KFAC(net, damping=1e-2, adaptive_learning_rate=True, adaptive_momentum=True,
+                        inverse_update_period=2)
+
+
 def checkpoint_save(rank, world, store, out):
     dist_init(rank, world, store)
     x, y = dist_data()

@@ -103,3 +103,25 @@ def test_opcheck_likelihood_ops():
     logits, labels = torch.randn(3, 4, requires_grad=True), torch.tensor([1, 0, 3])
     torch.library.opcheck(torch.ops.natgrad.likelihood_nll.default, ("categorical", logits, labels),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_bernoulli_nll_samples_and_exact_fisher_follow_their_definitions():
+    bern = LIKELIHOODS["bernoulli"]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 2, 3, dtype=torch.float64, generator=g)
+    y = torch.rand(5, 2, 3, dtype=torch.float64, generator=g)
+    p = torch.sigmoid(logits)
+    expected = -(y * torch.log(p) + (1 - y) * torch.log1p(-p)).sum((1, 2))
+    torch.testing.assert_close(bern.nll(logits, y, "none"), expected, rtol=0, atol=1e-12)
+    draws = bern.sample(logits[:1].expand(4000, 2, 3), torch.Generator().manual_seed(1))
+    assert draws.shape == (4000, 2, 3) and set(draws.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(draws.mean(0), p[0], rtol=0, atol=0.05)
+    # "exact": Σ_passes r rᵀ = diag(p(1 − p)) per sample, r = ∇_f nll(f, target)
+    fisher = torch.zeros(5, 6, 6, dtype=torch.float64)
+    for target, weight in bern.pseudo_targets(logits, "exact"):
+        f = logits.clone().requires_grad_(True)
+        (r,) = torch.autograd.grad(bern.weighted_nll(f, target, weight), f)
+        fisher += r.flatten(1)[:, :, None] * r.flatten(1)[:, None, :]
+    torch.testing.assert_close(fisher, torch.diag_embed((p * (1 - p)).flatten(1)), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="Bernoulli"):
+        bern.check(logits, torch.ones(5, 6, dtype=torch.float64))

@@ -10,7 +10,7 @@ output-space matrix that the ``fisher_type`` fixes:
 
 * ``"exact"`` — the Fisher of the predictive distribution, in closed form: categorical logits
   ``[n, ..., C]``: :math:`H = \mathrm{diag}(p) - pp^\top` per position; unit-variance Gaussian:
-  :math:`H = I`;
+  :math:`H = I`; Bernoulli logits: :math:`H = \mathrm{diag}(p(1-p))`, :math:`p = \sigma(f)`;
 * ``"empirical"`` — :math:`H_i = r_i r_i^\top` with :math:`r_i = \nabla_f \ell(f_i, y_i)` at the
   observed targets;
 * ``"mc"`` — :math:`H_i = \frac1K \sum_k r_{ik} r_{ik}^\top` at ``K`` labels drawn from the model,
@@ -21,7 +21,7 @@ output-space matrix that the ``fisher_type`` fixes:
 applies :math:`H` per sample, and pulls the result back with one reverse-mode pass
 (``torch.func.vjp`` over the same forward), batched over each chunk of samples: cost about one
 gradient step plus a forward-mode pass, memory about one gradient step's activations plus their
-tangents. :meth:`quad_form` needs only the forward-mode pass.
+tangents. :meth:`quad_form` and :meth:`gram` need only forward-mode passes.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from torch.func import jvp, vjp, vmap
 from natgrad.curvature.block import max_abs
 from natgrad.fisher.matrices import FisherMatrix, _check_damping
 from natgrad.fisher.scores import check_request, functional_model, score_rows
-from natgrad.likelihoods import Categorical, Gaussian, Likelihood
+from natgrad.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 
 __all__ = ["ImplicitFisher"]
 
@@ -53,7 +53,7 @@ class ImplicitFisher(FisherMatrix):
         inputs (Tensor): ``[n, ...]``.
         targets (Tensor, optional): observed labels (``fisher_type="empirical"``).
         fisher_type (str): "empirical", "mc" or "exact" (default: "empirical").
-        likelihood (str or Likelihood): "categorical" or "gaussian" (default: "categorical").
+        likelihood (str or Likelihood): "categorical", "gaussian" or "bernoulli" (default: "categorical").
         params (sequence of nn.Parameter, optional): default all trainable; the vector layout is
             the order of ``model.named_parameters()`` (as for every structure).
         mc_samples (int): label draws per sample for "mc" (default: 1).
@@ -74,9 +74,9 @@ class ImplicitFisher(FisherMatrix):
                                     mc_samples, chunk_size)
         if loss_fn is not None and (fisher_type != "empirical" or not callable(loss_fn)):
             raise ValueError("loss_fn must be a callable, and only fisher_type='empirical' uses it")
-        if not isinstance(lik, (Categorical, Gaussian)):
+        if not isinstance(lik, (Categorical, Gaussian, Bernoulli)):
             raise ValueError(f"structure='implicit' needs a closed-form output Fisher: likelihood "
-                             f"'categorical' or 'gaussian', got {type(lik).__name__}")
+                             f"'categorical', 'gaussian' or 'bernoulli', got {type(lik).__name__}")
         self.model, self.params, self.likelihood = model, chosen, lik
         self.fisher_type, self.loss_fn = fisher_type, loss_fn
         self.names, self._values, self._output = functional_model(model, chosen)
@@ -100,7 +100,9 @@ class ImplicitFisher(FisherMatrix):
         with torch.no_grad():
             out = self._output(self._values, x)
         if self.fisher_type == "exact":
-            return (torch.softmax(out, -1) if isinstance(self.likelihood, Categorical) else None), []
+            if isinstance(self.likelihood, Gaussian):
+                return None, []
+            return (torch.softmax(out, -1) if isinstance(self.likelihood, Categorical) else torch.sigmoid(out)), []
         if self.fisher_type == "empirical" and self.loss_fn is None:
             self.likelihood.check(out, cast(Tensor, y))
         # check_request made sure "empirical" has targets
@@ -129,6 +131,8 @@ class ImplicitFisher(FisherMatrix):
         if self.fisher_type == "exact":
             if probs is None:  # unit Gaussian
                 return u
+            if isinstance(self.likelihood, Bernoulli):
+                return probs * (1 - probs) * u
             return probs * (u - (probs * u).sum(-1, keepdim=True))
         out = torch.zeros_like(u)
         for _, _, r in passes:
@@ -184,6 +188,26 @@ class ImplicitFisher(FisherMatrix):
             # torch.func.jvp is annotated with a 2-or-3 tuple union, not overloaded on has_aux
             _, jv = jvp(lambda vals, x=x: self._output(vals, x), (self._values,), (tangents,))  # type: ignore[misc]
             total += (jv * self._apply_h(jv, probs, passes)).sum()
+        return total / self.num_samples
+
+    def gram(self, v: Tensor) -> Tensor:
+        """``VᵀFV`` (``[k, k]``) for the columns of ``v`` (``[p, k]``): one forward-mode pass per
+        column and chunk, no reverse pass; the diagonal is :meth:`quad_form` of each column, the
+        rest the cross terms ``v_iᵀ F v_j``.
+
+        >>> fisher.gram(torch.stack([step, previous_step], 1))  # doctest: +SKIP
+        """
+        self.check_vector(v, "v", allow_matrix=True)
+        columns = v[:, None] if v.dim() == 1 else v
+        tangents = [self._tangents(c.to(self.dtype).contiguous()) for c in columns.T]
+        total = torch.zeros(len(tangents), len(tangents), dtype=self.dtype, device=self.device)
+        for x, probs, passes in self.chunks:
+            jvs = [jvp(lambda vals, x=x: self._output(vals, x), (self._values,), (t,))[1] for t in tangents]
+            for i, ju in enumerate(jvs):
+                hju = self._apply_h(ju, probs, passes)
+                for j in range(i, len(jvs)):
+                    total[i, j] += (jvs[j] * hju).sum()
+        total = torch.triu(total) + torch.triu(total, 1).T
         return total / self.num_samples
 
     def trace(self, num_probes: int = 32, generator: torch.Generator | None = None) -> Tensor:

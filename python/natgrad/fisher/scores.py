@@ -77,7 +77,7 @@ def functional_model(model: nn.Module, params: Sequence[nn.Parameter]
     """``model`` as a function of ``params``: their names (in the order of ``params``, the
     order of every flat vector), their detached values by name, and ``output(values, x)`` — the
     batched forward with those values and every other parameter and buffer as they are
-    (torch.func.functional_call).
+    (torch.func.functional_call; on copies of the buffers, which it never changes).
     """
     named = dict(model.named_parameters())
     name_of = {id(p): n for n, p in named.items()}
@@ -89,7 +89,10 @@ def functional_model(model: nn.Module, params: Sequence[nn.Parameter]
     buffers = dict(model.named_buffers())
 
     def output(train: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, ({**train, **frozen}, buffers), (x,))
+        # copies of the buffers: a forward that updates them (BatchNorm in training mode) leaves
+        # the model's untouched and may run under torch.func transforms
+        copies = {n: b.clone() for n, b in buffers.items()}
+        return functional_call(model, ({**train, **frozen}, copies), (x,))
 
     return names, {n: named[n].detach() for n in names}, output
 

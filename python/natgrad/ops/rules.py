@@ -10,6 +10,8 @@ Each rule is written once, in C++; these wrappers reach it through ``torch.ops.n
   :func:`kfac_embedding_rows` (rows of one forward call's input), :func:`kfac_sample_scale`,
   :func:`kfac_expand_grad_scale`.
 * π and damping: :func:`kfac_pi_correction`, :func:`kfac_damping`, :func:`kfac_adapt_damping`.
+* Adaptive step: :func:`kfac_quadratic_step` (the learning rate and momentum that minimise the
+  quadratic model).
 * Trust region: :func:`kfac_trust_region` (ν from the ``⟨u, g⟩`` and ``⟨b, g⟩`` the directions ops
   return), :func:`kfac_fsum`.
 * Faults: :class:`Fault`, :func:`kfac_direction_faults`, :func:`kfac_factor_faults`,
@@ -37,6 +39,7 @@ __all__ = [
     "DampingAdaptation",
     "Fault",
     "OptionBound",
+    "QuadraticStep",
     "TrustRegion",
     "kfac_adapt_damping",
     "kfac_conv_rows",
@@ -54,6 +57,7 @@ __all__ = [
     "kfac_option_choices",
     "kfac_peak_bounded",
     "kfac_pi_correction",
+    "kfac_quadratic_step",
     "kfac_sample_scale",
     "kfac_statistics_limit",
     "kfac_statistics_ok",
@@ -78,6 +82,15 @@ class DampingAdaptation(NamedTuple):
 
     multiplier: float  #: the new damping multiplier, in [1e-8, 1e8]
     ratio: float  #: the reduction ratio ρ (-inf when the model predicts no decrease)
+
+
+class QuadraticStep(NamedTuple):
+    """Output of :func:`kfac_quadratic_step`."""
+
+    alpha: float  #: the learning rate along the proposal Δ
+    mu: float  #: the momentum along the previous update δ
+    model_change: float  #: the quadratic model at (α, μ), ≤ 0 when finite
+    finite: bool  #: False when an entry was NaN/Inf (α = μ = 0: skip the step)
 
 
 class OptionBound(NamedTuple):
@@ -159,7 +172,7 @@ def _peak_bounded_fake(peak, count, factor_dtype):
 # their fake kernel is the C++ kernel itself (no tensor is involved).
 _HOST_RULES = ("kfac_statistics_limit", "kfac_linear_rows", "kfac_conv_rows", "kfac_embedding_rows",
                "kfac_sample_scale", "kfac_expand_grad_scale", "kfac_pi_correction", "kfac_damping",
-               "kfac_adapt_damping",
+               "kfac_adapt_damping", "kfac_quadratic_step",
                "kfac_fsum", "kfac_trust_region", "kfac_direction_faults", "kfac_factor_faults",
                "kfac_fault_message", "kfac_conv_unsupported_reason", "kfac_embedding_unsupported_reason",
                "kfac_option_names", "kfac_option_bound", "kfac_option_choices", "ewc_check_options")
@@ -240,6 +253,28 @@ def kfac_adapt_damping(multiplier: float, loss_change: float, model_change: floa
     m, r = _ops.kfac_adapt_damping(float(multiplier), float(loss_change), float(model_change),
                                    float(decay), int(interval))
     return DampingAdaptation(m, r)
+
+
+# ---- adaptive learning rate and momentum -------------------------------------------------------
+
+def kfac_quadratic_step(a00: float, a01: float, a11: float, b0: float, b1: float, adapt_momentum: bool,
+                        fixed_momentum: float = 0.0) -> QuadraticStep:
+    r"""The step :math:`\alpha\Delta + \mu\delta` minimising the quadratic model (Martens & Grosse,
+    2015, §7) :math:`M(w) = \tfrac12 w^\top A w + w^\top b`, :math:`w = (\alpha, \mu)`.
+
+    ``A = [[a00, a01], [a01, a11]] = Vᵀ(F + λI)V`` and ``b = [b0, b1] = Vᵀ∇`` for
+    ``V = [Δ, δ]`` (proposal, previous update). With ``adapt_momentum`` both coefficients are
+    free: the 2×2 solve when A is positive definite (``det > 1e-12·a00·a11``); μ = 0 and the 1-D
+    α when δ is zero (``a11 <= 0``, the first step) or parallel to Δ; α = 0 and the 1-D μ when Δ
+    is zero. Otherwise μ = ``fixed_momentum`` and ``α = −(b0 + μ·a01)/a00`` (0 when
+    ``a00 <= 0``). A NaN/Inf entry or result gives ``finite=False`` with α = μ = 0.
+
+    >>> kfac_quadratic_step(4.0, 0.0, 0.0, -2.0, 0.0, True).alpha
+    0.5
+    """
+    a, m, c, ok = _ops.kfac_quadratic_step(float(a00), float(a01), float(a11), float(b0), float(b1),
+                                           bool(adapt_momentum), float(fixed_momentum))
+    return QuadraticStep(a, m, c, ok)
 
 
 # ---- trust region -------------------------------------------------------------------------------

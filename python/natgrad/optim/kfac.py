@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import Any, cast
 
 import torch
@@ -15,9 +16,10 @@ from natgrad import ops
 from natgrad.curvature.block import CURVATURE_DTYPES, CurvatureBlock, DirectionRequest
 from natgrad.curvature.estimator import CurvatureEstimator, Updates
 from natgrad.distributed.communicator import make_communicator
-from natgrad.likelihoods import get_likelihood
+from natgrad.likelihoods import LIKELIHOODS, get_likelihood
 from natgrad.optim._hyper import Schedule, check_choice, check_flag, check_group, check_number, resolved_number
 from natgrad.optim._table import parameter_table
+from natgrad.optim.adaptive_step import AdaptiveStep
 from natgrad.optim.grafting import make_grafting
 from natgrad.optim.step_control import DampingAdaptation, TrustRegion
 
@@ -145,6 +147,25 @@ class KFAC(Optimizer):
         damping_adaptation_interval (int): steps between adaptations (default: 5).
         damping_adaptation_decay (float): ω₁ in (0, 1); γ is multiplied by ω₁^interval when the
             ratio exceeds 3/4 and divided by it below 1/4 (default: 0.95).
+        adaptive_learning_rate (bool): Martens & Grosse's (2015, §7) learning rate: the step is
+            :math:`\alpha\Delta + \mu\delta` (Δ = −(u + ωθ), δ the previous update) with α
+            minimising the quadratic model of the batch's loss under the exact Fisher plus the
+            damping, from forward-mode products (:mod:`natgrad.optim.adaptive_step`); ``lr`` and
+            ``kl_clip`` are then not used, and adaptive_damping's reduction ratio uses this
+            model. It re-runs ``model(x)`` on the inputs of the step's forward calls (made with
+            gradients enabled; one tensor input, logits or means out); each recomputation costs
+            one forward and two forward-mode (jvp) passes of the batch (default: False).
+        adaptive_momentum (bool): μ minimised too (the 2×2 model; needs adaptive_learning_rate);
+            False: each group's ``momentum`` (default: False).
+        adaptive_period (int): steps between recomputations of α and μ; other steps reuse the
+            last (a damping adaptation step always recomputes) (default: 1).
+        likelihood (str): the model's output distribution for the quadratic model's Fisher,
+            "categorical" (logits, cross-entropy), "gaussian" (means, ½‖y − f‖² per sample) or
+            "bernoulli" (logits, binary cross-entropy) (default: "categorical").
+        nll_scale (float): the training loss is ``nll_scale`` times the likelihood's NLL (summed
+            over a sample's outputs) reduced by ``loss_reduction``, e.g. ``1/784`` for
+            ``binary_cross_entropy_with_logits(out, y)`` (a mean over 784 pixels too); it scales
+            the quadratic model's Fisher (default: 1.0).
         fisher_type (str): "empirical" or "mc" (default: "empirical"). With "mc", every factor
             step needs ``sample_fisher(output)``; a step without it raises RuntimeError.
         loss_reduction (str): "mean" if the gradient is the mean over the step's samples (dim 0,
@@ -202,7 +223,10 @@ class KFAC(Optimizer):
                  inverse_method: str = "eigen", pi_correction: bool | None = None,
                  eigenvalue_correction: bool = False, warm_refreshes: int = 0,
                  adaptive_damping: bool = False, damping_adaptation_interval: int = 5,
-                 damping_adaptation_decay: float = 0.95, fisher_type: str = "empirical",
+                 damping_adaptation_decay: float = 0.95, adaptive_learning_rate: bool = False,
+                 adaptive_momentum: bool = False, adaptive_period: int = 1, likelihood: str = "categorical",
+                 nll_scale: float = 1.0,
+                 fisher_type: str = "empirical",
                  loss_reduction: str = "mean", linear_approx: str = "expand",
                  factor_dtype: torch.dtype | None = None, inverse_dtype: torch.dtype | None = None,
                  max_factor_dim: int | None = 2048, skip_modules: Iterable[str] = (), seed: int = 0,
@@ -215,9 +239,10 @@ class KFAC(Optimizer):
             inverse_method=inverse_method, pi_correction=pi_correction,
             eigenvalue_correction=eigenvalue_correction, warm_refreshes=warm_refreshes,
             adaptive_damping=adaptive_damping, damping_adaptation_interval=damping_adaptation_interval,
-            damping_adaptation_decay=damping_adaptation_decay, fisher_type=fisher_type,
-            loss_reduction=loss_reduction, linear_approx=linear_approx, factor_dtype=factor_dtype,
-            inverse_dtype=inverse_dtype, max_factor_dim=max_factor_dim, seed=seed,
+            damping_adaptation_decay=damping_adaptation_decay, adaptive_learning_rate=adaptive_learning_rate,
+            adaptive_momentum=adaptive_momentum, adaptive_period=adaptive_period, likelihood=likelihood,
+            nll_scale=nll_scale, fisher_type=fisher_type, loss_reduction=loss_reduction, linear_approx=linear_approx,
+            factor_dtype=factor_dtype, inverse_dtype=inverse_dtype, max_factor_dim=max_factor_dim, seed=seed,
             grad_worker_fraction=grad_worker_fraction, triangle_packing=triangle_packing, bucket_cap_mb=bucket_cap_mb)
         self._grafting = make_grafting(grafting)
         self.grafting = grafting
@@ -256,6 +281,9 @@ class KFAC(Optimizer):
             fisher_type=fisher_type, linear_approx=linear_approx, factor_dtype=factor_dtype,
             inverse_dtype=inverse_dtype, max_factor_dim=max_factor_dim,
             eigenvalue_correction=eigenvalue_correction)
+        #: The adaptive learning rate and momentum (None unless adaptive_learning_rate).
+        self.adaptive_step = AdaptiveStep(self.model, adaptive_momentum, adaptive_period, likelihood,
+                                          loss_reduction, nll_scale) if adaptive_learning_rate else None
         self._index_groups()
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -309,6 +337,8 @@ class KFAC(Optimizer):
         collection). Afterwards all parameters use the fallback preconditioner.
         """
         self.estimator.remove_hooks()
+        if self.adaptive_step is not None:
+            self.adaptive_step.recorder.remove()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's, plus the checks ``__init__`` runs on the defaults, for the values the
@@ -386,6 +416,13 @@ class KFAC(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        try:
+            return self._step(closure, loss)
+        finally:
+            if self.adaptive_step is not None:
+                self.adaptive_step.recorder.clear()
+
+    def _step(self, closure: Callable[[], Tensor] | None, loss: Tensor | None) -> Tensor | None:
         estimator = self.estimator
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler
         if found_inf is not None and float(found_inf) > 0:
@@ -395,9 +432,14 @@ class KFAC(Optimizer):
         amp_unscale = 1.0 if amp_scale is None else 1.0 / float(amp_scale)
         k = self._steps
         self._index_groups()
+        adapt = self.adaptive_damping and closure is not None and k % self.damping_adaptation_interval == 0
+        adaptive = self.adaptive_step
+        solve = adaptive is not None and adaptive.due(k, adapt)
         try:  # every schedule of step k resolves before anything changes
             self._check_schedules(k)
-        except (ValueError, TypeError):
+            if adaptive is not None and solve:
+                adaptive.recorder.batches()  # raises unless the step's forward calls can be re-run
+        except (ValueError, TypeError, RuntimeError):
             estimator.clear()
             raise
         if self.fisher_type == "mc" and self._is_factor_step(k):
@@ -416,21 +458,30 @@ class KFAC(Optimizer):
             estimator.update_decompositions(k % period == 0, self.inverse_method, self._block_damping,
                                             self.pi_correction, self.warm_refreshes)
         with record_function("natgrad.KFAC.precondition"):
-            cross = self.kl_clip is not None and any(g["momentum"] for g in self.param_groups)
+            cross = adaptive is None and self.kl_clip is not None and any(g["momentum"] for g in self.param_groups)
             request = DirectionRequest(self._block_damping, self.pi_correction, amp_unscale,
                                        self._momentum_buffer if cross else None)
             updates, grads = estimator.directions(params, skipped, request)
             if self._grafting is not None:
                 updates = self._graft(updates, grads)
-        with record_function("natgrad.KFAC.trust_region"):
-            kl_clip = _resolve("kl_clip", self.kl_clip, k)
-            nu = self._trust_region.scale(kl_clip, updates, grads, self._group_of, self.state)
-        adapt = self.adaptive_damping and closure is not None and k % self.damping_adaptation_interval == 0
+        model_change = None
+        if adaptive is not None:
+            with record_function("natgrad.KFAC.adaptive_step"):
+                model_change = self._adaptive_update(adaptive, updates, grads, solve)
+            adapt = adapt and model_change is not None
+        else:
+            with record_function("natgrad.KFAC.trust_region"):
+                kl_clip = _resolve("kl_clip", self.kl_clip, k)
+                nu = self._trust_region.scale(kl_clip, updates, grads, self._group_of, self.state)
         before = {p: p.detach().clone() for p in updates} if adapt else None
-        with record_function("natgrad.KFAC.update"):
-            self._apply(updates, nu)
+        if adaptive is None:
+            with record_function("natgrad.KFAC.update"):
+                self._apply(updates, nu)
+        elif model_change is not None or not solve:
+            with record_function("natgrad.KFAC.update"):
+                adaptive.apply(self.param_groups, updates, self.state)
         if before is not None:  # set exactly when adapting
-            self._adapt_damping(closure, loss, before, grads)
+            self._adapt_damping(closure, loss, before, grads, model_change)
         self._steps += 1
         return loss
 
@@ -486,17 +537,39 @@ class KFAC(Optimizer):
             ops.kfac_momentum_step_(params, buffers, dirs, group["lr"], group["momentum"] * nu,
                                     group["weight_decay"], nu)
 
-    def _adapt_damping(self, closure, loss_before, before: dict, grads: dict) -> None:
-        """Levenberg–Marquardt: compare the loss reduction with the quadratic model's."""
-        deltas = {p: p.detach() - old for p, old in before.items()}
-        predicted = sum(float((grads[p] * d).sum()) for p, d in deltas.items())
-        curvature = 0.0
-        for p, d in deltas.items():
-            curvature += self._damping(p) * float(d.pow(2).sum())
-        for value in self.estimator.quad_form(deltas):
-            curvature += value
-        model_change = predicted + 0.5 * curvature
-        with self.estimator.paused(), torch.enable_grad():
+    def _adaptive_update(self, adaptive: AdaptiveStep, updates: dict, grads: dict, solve: bool) -> float | None:
+        """Solves the quadratic model for α and μ when ``solve`` (else the last are reused);
+        returns its value at them, None when not solved or not finite (the step is then skipped,
+        with a warning).
+        """
+        if not solve or not updates:
+            return None
+        with self.estimator.paused():
+            q = adaptive.solve_step(updates, grads, self._group_of, self.state, self._damping,
+                                    self.estimator.communicator.mean_scalar)
+        if not q.finite:
+            warnings.warn("natgrad.KFAC: the quadratic model of the adaptive learning rate holds NaN or Inf "
+                          "(non-finite inputs, or outputs that overflowed?); the step is skipped "
+                          "(parameters unchanged)",
+                          RuntimeWarning, stacklevel=4)
+            return None
+        return q.model_change
+
+    def _adapt_damping(self, closure, loss_before, before: dict, grads: dict, model_change: float | None) -> None:
+        """Levenberg–Marquardt: compare the loss reduction with the quadratic model's (the
+        adaptive step's exact-Fisher model when given, else the K-FAC blocks' quadratic form).
+        """
+        if model_change is None:
+            deltas = {p: p.detach() - old for p, old in before.items()}
+            predicted = sum(float((grads[p] * d).sum()) for p, d in deltas.items())
+            curvature = 0.0
+            for p, d in deltas.items():
+                curvature += self._damping(p) * float(d.pow(2).sum())
+            for value in self.estimator.quad_form(deltas):
+                curvature += value
+            model_change = predicted + 0.5 * curvature
+        paused = self.adaptive_step.recorder.paused() if self.adaptive_step is not None else nullcontext()
+        with self.estimator.paused(), paused, torch.enable_grad():
             loss_after = closure()
         comm = self.estimator.communicator
         change = comm.mean_scalar(float(loss_after)) - comm.mean_scalar(float(loss_before))
@@ -539,6 +612,8 @@ class KFAC(Optimizer):
                             "damping_multiplier": self._adaptation.multiplier, "faults": curvature["faults"],
                             "ladder": curvature["ladder"], "decomposed": curvature["decomposed"],
                             "generator": self._generator.get_state(), "blocks": curvature["blocks"]}
+        if self.adaptive_step is not None:
+            state[STATE_KEY]["adaptive"] = self.adaptive_step.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -558,6 +633,8 @@ class KFAC(Optimizer):
         self._adaptation.multiplier = float(kfac["damping_multiplier"])
         self._generator.set_state(kfac["generator"])
         self.estimator.load_state_dict(kfac)
+        if self.adaptive_step is not None:
+            self.adaptive_step.load_state_dict(kfac.get("adaptive"))
 
     def _check_state(self, state_dict: dict[str, Any], kfac: dict[str, Any]) -> None:
         """Raises ValueError (naming the layer or parameter and both shapes) unless the checkpoint
@@ -584,7 +661,8 @@ def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, d
                      kl_clip: Any, inverse_method: Any, pi_correction: Any, eigenvalue_correction: Any,
                      warm_refreshes: Any,
                      adaptive_damping: Any, damping_adaptation_interval: Any, damping_adaptation_decay: Any,
-                     fisher_type: Any, loss_reduction: Any, linear_approx: Any, factor_dtype: Any,
+                     adaptive_learning_rate: Any, adaptive_momentum: Any, adaptive_period: Any, likelihood: Any,
+                     nll_scale: Any, fisher_type: Any, loss_reduction: Any, linear_approx: Any, factor_dtype: Any,
                      inverse_dtype: Any, max_factor_dim: Any, seed: Any, grad_worker_fraction: Any,
                      triangle_packing: Any, bucket_cap_mb: Any) -> None:
     """Raises TypeError/ValueError naming the first invalid argument of ``natgrad.KFAC``."""
@@ -592,7 +670,8 @@ def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, d
         raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
     values = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
                   factor_decay=factor_decay, factor_update_period=factor_update_period,
-                  inverse_update_period=inverse_update_period, kl_clip=kl_clip)
+                  inverse_update_period=inverse_update_period, kl_clip=kl_clip, adaptive_period=adaptive_period,
+                  nll_scale=nll_scale)
     for name, bounds in _BOUNDS.items():
         check_number(name, values[name], **bounds, allow_callable=name in _SCHEDULED,
                      allow_none=name == "kl_clip")
@@ -614,8 +693,13 @@ def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, d
     if pi_correction is not None:
         check_flag("pi_correction", pi_correction)
     for name, flag in (("adaptive_damping", adaptive_damping), ("triangle_packing", triangle_packing),
-                       ("eigenvalue_correction", eigenvalue_correction)):
+                       ("eigenvalue_correction", eigenvalue_correction),
+                       ("adaptive_learning_rate", adaptive_learning_rate), ("adaptive_momentum", adaptive_momentum)):
         check_flag(name, flag)
+    check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
+    if adaptive_momentum and not adaptive_learning_rate:
+        raise ValueError("Invalid adaptive_momentum: True needs adaptive_learning_rate=True (μ is chosen "
+                         "jointly with α by the quadratic model)")
     if eigenvalue_correction and (inverse_method != "eigen" or pi_correction):
         raise ValueError(f"Invalid eigenvalue_correction: True needs inverse_method='eigen' and no "
                          f"pi_correction (EKFAC damps exactly), got inverse_method={inverse_method!r}, "

@@ -47,6 +47,18 @@ def test_kfac_equals_single_process_for_every_grad_worker_fraction(world, use_dd
             assert sent["directions"] == 0 and sent["inverses"] > 0
 
 
+@pytest.mark.parametrize("use_ddp", [False, True])
+def test_adaptive_learning_rate_and_momentum_equal_single_process(use_ddp, tmp_path):
+    out = tmp_path / "out.pt"
+    spawn(w.adaptive_ranks, 2, tmp_path, str(out), use_ddp)
+    result = torch.load(out)
+    x, y = w.dist_data()
+    net = w.dist_model()
+    w.run_steps(net, w.dist_kfac_adaptive(net), x, y, 4)
+    assert result["identical"]
+    torch.testing.assert_close(result["params"], w.flat_params(net), rtol=1e-10, atol=1e-12)
+
+
 def test_checkpoint_from_two_ranks_resumes_on_three(tmp_path):
     ckpt, out = tmp_path / "ckpt.pt", tmp_path / "out.pt"
     spawn(w.checkpoint_save, 2, tmp_path, str(ckpt))

@@ -94,6 +94,7 @@ def _samples() -> dict[str, tuple]:
         "kfac_pi_correction": ("inverse", None),
         "kfac_damping": (1e-3, 2.0),
         "kfac_adapt_damping": (1.0, -0.5, -1.0, 0.95, 5),
+        "kfac_quadratic_step": (4.0, 1.0, 2.0, -2.0, 1.0, True, 0.9),
         "kfac_fsum": ([0.1, 0.2, 0.3],),
         "kfac_trust_region": (1e-3, [1.0], [0.5], [0.1], [0.9], [0.2]),
         "kfac_direction_faults": ([1.0, 0.0, 2.0], [0]),

@@ -449,7 +449,8 @@ def test_embedding_unsupported_reason_equals_the_reference(sparse, max_norm):
 # The ranges the docs of natgrad.KFAC and natgrad::optim::KFACOptions state.
 DOCUMENTED_RANGES = {"lr": "[0, inf)", "momentum": "[0, 1)", "weight_decay": "[0, inf)", "damping": "(0, inf)",
                      "factor_decay": "[0, 1)", "factor_update_period": "[1, inf) int",
-                     "inverse_update_period": "[1, inf) int", "kl_clip": "(0, inf)"}
+                     "inverse_update_period": "[1, inf) int", "kl_clip": "(0, inf)",
+                     "adaptive_period": "[1, inf) int", "nll_scale": "(0, inf)"}
 
 
 def _as_range(b: ops.rules.OptionBound) -> str:
@@ -503,6 +504,7 @@ SAMPLES = {
     "kfac_pi_correction": [("inverse", None), ("eigen", True)],
     "kfac_damping": [(1e-3, 0.5)],
     "kfac_adapt_damping": [(1.0, -0.5, -1.0, 0.95, 5)],
+    "kfac_quadratic_step": [(4.0, 1.0, 2.0, -2.0, 1.0, True, 0.9), (4.0, 1.0, 2.0, -2.0, 1.0, False, 0.5)],
     "kfac_fsum": [([1e100, 1.0, -1e100],)],
     "kfac_trust_region": [(1e-3, [1.0, 2.0], [0.5, 0.0], [0.1, 0.1], [0.9, 0.0], [0.2, 0.0])],
     "kfac_direction_faults": [([1.0, 0.0, 2.0, 0.0, 1.0], [0, 3])],
