@@ -1,4 +1,4 @@
-// The README's C++ frontend example ("C++ frontend (LibTorch)"), verbatim, as a test: it must
+// The C++ frontend page's example (docs/cpp.md includes the lines between the markers), as a test: it must
 // compile against natgrad.h, train, describe, save and resume.
 #include <torch/torch.h>
 
@@ -13,7 +13,7 @@ namespace {
 TEST(ApiKfacReadme, ExampleTrainsDescribesSavesAndResumes) {
   const std::string path = ::testing::TempDir() + "natgrad_readme_kfac.pt";
   double first_loss = 0, last_loss = 0;
-  // ---- README example (begin) ----
+  // --8<-- [start:example]
   torch::manual_seed(0);
   // natgrad::nn layers are torch's Linear / Conv2d / Embedding (same options, parameters and
   // state-dict keys) that record what K-FAC needs; any other module takes the plain gradient.
@@ -41,7 +41,7 @@ TEST(ApiKfacReadme, ExampleTrainsDescribesSavesAndResumes) {
   torch::save(opt, path);  // factors, decompositions, momentum, step counter
   natgrad::optim::KFAC resumed(model, options);
   torch::load(resumed, path);  // continues exactly like the uninterrupted run
-  // ---- README example (end) ----
+  // --8<-- [end:example]
   std::remove(path.c_str());
   EXPECT_LT(last_loss, 0.8 * first_loss);
   EXPECT_EQ(resumed.steps(), 20);

@@ -133,7 +133,7 @@ class DistributedCommunicator(LocalCommunicator):
         grad_worker_fraction (float): f in (0, 1] (see the module docstring).
         triangle_packing (bool): send symmetric factors as upper triangles.
         bucket_cap_mb (float): bucket size of the factor and gradient all-reduces.
-        group: the process group (default: the world).
+        group (ProcessGroup, optional): the process group (default: the world).
     """
 
     def __init__(self, grad_worker_fraction: float = 1.0, triangle_packing: bool = True,

@@ -104,7 +104,8 @@ class AttentionBlock(CurvatureBlock):
         name (str): the attention module's qualified name (checkpoint key).
         mha (nn.MultiheadAttention): the module.
         approx (str): "expand" or "reduce", as for nn.Linear (default: "expand").
-        factor_dtype, inverse_dtype (torch.dtype or None): as for the Kronecker blocks.
+        factor_dtype (torch.dtype or None): as for the Kronecker blocks.
+        inverse_dtype (torch.dtype or None): as for the Kronecker blocks.
     """
 
     kind = "attention"
