@@ -154,3 +154,12 @@ def test_built_site_has_an_anchor_for_every_public_name():
         for name, obj in _public(module_name):
             if inspect.isclass(obj) or inspect.isroutine(obj):
                 assert id(obj) in anchored, f"{module_name}.{name} has no heading in the built API reference"
+
+
+def test_version_is_the_newest_changelog_release():
+    """natgrad.__version__ (csrc/version.h) is the newest released section of CHANGELOG.md."""
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    released = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", changelog, flags=re.M)
+    assert re.search(r"^## \[Unreleased\]$", changelog, flags=re.M)
+    assert released, "CHANGELOG.md has no released version"
+    assert natgrad.__version__ == released[0]
