@@ -1,7 +1,7 @@
-"""Griffe extension: render natgrad's reST-flavoured docstrings as the Markdown mkdocstrings expects.
+r"""Griffe extension: render natgrad's reST-flavoured docstrings as the Markdown mkdocstrings expects.
 
 The docstrings are Google style with a few reST constructs that read well in ``help()``; for the
-site they become Markdown: ``:math:`x``` → ``\\(x\\)`` and ``.. math::`` blocks → ``\\[ … \\]``
+site they become Markdown: ``:math:`x``` → ``\(x\)`` and ``.. math::`` blocks → ``\[ … \]``
 (pymdownx.arithmatex, MathJax in the browser), cross-reference roles (``:class:`~a.B```) → code,
 literal blocks (``text::`` + an indented block) → fenced code, and simple tables → Markdown tables.
 Loaded by mkdocs.yml's mkdocstrings options (``extensions``).

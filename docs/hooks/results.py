@@ -13,6 +13,7 @@ from mkdocs.structure.files import File, Files
 
 
 def on_files(files: Files, config) -> Files:  # noqa: ANN001 (MkDocs' hook signature)
+    """Adds benchmarks/results/*.png to the site's files, at the same path."""
     root = pathlib.Path(config["config_file_path"]).resolve().parent
     for png in sorted((root / "benchmarks" / "results").glob("*.png")):
         files.append(File(png.relative_to(root).as_posix(), src_dir=str(root), dest_dir=config["site_dir"],
