@@ -1,4 +1,5 @@
-"""The documentation's Python examples run as written, and its reference pages cover the API.
+"""The documentation's Python examples run as written, and its API reference covers every public name
+(docs/ops.md's op table is checked by test_package.py).
 
 Every ```python block of README.md and docs/**/*.md runs, in order, the blocks of one file
 sharing one namespace (a guide builds on its earlier blocks). A block preceded by an HTML
@@ -123,18 +124,6 @@ def test_api_reference_covers_every_subpackage():
     assert subpackages | {"natgrad"} <= set(API_PAGES), sorted(subpackages - set(API_PAGES))
     for module_name in API_PAGES:
         importlib.import_module(module_name)
-
-
-def test_ops_reference_lists_every_registered_op():
-    """docs/ops.md names every op registered under torch.ops.natgrad, with its dispatch keys."""
-    page = (DOCS / "ops.md").read_text(encoding="utf-8")
-    table = "\n".join(line for line in page.splitlines() if line.startswith("|"))
-    listed = set(re.findall(r"`([a-z0-9_]+)`", table))
-    registered = set(natgrad.build_info()["devices"])
-    assert registered, "no torch.ops.natgrad op is registered"
-    assert not registered - listed, f"ops missing from docs/ops.md: {sorted(registered - listed)}"
-    for op, keys in natgrad.build_info()["devices"].items():
-        assert keys, op
 
 
 @pytest.mark.skipif(not os.environ.get("NATGRAD_DOCS_SITE"), reason="set NATGRAD_DOCS_SITE to a built site")
