@@ -16,7 +16,7 @@ log "lint (ruff check python/natgrad, mypy)"
 (cd "$NATGRAD_ROOT" && "$PY" -m mypy) || status=1
 log "docs (mkdocs build --strict -d build/docs)"
 docs_site="$NATGRAD_ROOT/build/docs"
-if (cd "$NATGRAD_ROOT" && NO_MKDOCS_2_WARNING=1 PYTHONPATH=python "$PY" -m mkdocs build --strict --quiet \
+if (cd "$NATGRAD_ROOT" && NO_MKDOCS_2_WARNING=1 PYTHONPATH=python "$PY" -m mkdocs build --strict \
       -d "$docs_site"); then
   export NATGRAD_DOCS_SITE="$docs_site"
 else
