@@ -62,12 +62,14 @@ Args parse(int argc, char** argv) {
   return a;
 }
 
+// --8<-- [start:model]
 torch::nn::Sequential make_mlp(int64_t hidden, int64_t seed) {
   torch::manual_seed(seed);
   return torch::nn::Sequential(natgrad::nn::Linear(784, hidden), torch::nn::ReLU(),
                                natgrad::nn::Linear(hidden, hidden), torch::nn::ReLU(),
                                natgrad::nn::Linear(hidden, 10));
 }
+// --8<-- [end:model]
 
 struct Run {
   std::string name;
@@ -98,9 +100,11 @@ Run train(const std::string& name, const MakeOptimizer& make, const Args& a,
     const auto start = std::chrono::steady_clock::now();
     const at::Tensor idx = at::randint(train_set.labels.size(0), {a.batch}, gen, at::kLong);
     const at::Tensor x = train_set.images.index_select(0, idx), y = train_set.labels.index_select(0, idx);
+    // --8<-- [start:step]
     opt->zero_grad();
     torch::nn::functional::cross_entropy(net->forward(x), y).backward();
     opt->step();
+    // --8<-- [end:step]
     elapsed += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (step % every == 0 || step == a.steps) {
       run.times.push_back(elapsed);
@@ -155,12 +159,14 @@ int main(int argc, char** argv) {
       {"Adam", [](torch::nn::Sequential& net) -> std::unique_ptr<torch::optim::Optimizer> {
          return std::make_unique<torch::optim::Adam>(net->parameters(), torch::optim::AdamOptions(1e-3));
        }},
+      // --8<-- [start:kfac]
       {"KFAC", [](torch::nn::Sequential& net) -> std::unique_ptr<torch::optim::Optimizer> {
          natgrad::optim::KFACOptions o(0.3);
          o.momentum(0.9).damping(1e-3).kl_clip(1e-3).factor_update_period(1).inverse_update_period(10)
              .inverse_method("eigen");
          return std::make_unique<natgrad::optim::KFAC>(net, o);
        }},
+      // --8<-- [end:kfac]
   };
   std::vector<Run> runs;
   for (const auto& [name, make] : optimizers) {

@@ -250,15 +250,15 @@ TEST(ApiEwc, ALayerCalledTwicePerForwardTakesThePerSamplePath) {
   EXPECT_EQ(captured->attached(), 0u);  // the consolidation's records are gone
 }
 
-// The README's usage example ("C++ example program and EWC"), as written there.
+// The C++ frontend page's EWC example (docs/cpp.md includes the lines between the markers).
 TEST(ApiEwc, ReadmeExampleRuns) {
   torch::manual_seed(0);
   torch::nn::Sequential model(natgrad::nn::Linear(784, 64), torch::nn::ReLU(),
                               natgrad::nn::Linear(64, 10));
   auto x_a = torch::rand({256, 784}), x_b = torch::rand({256, 784});
   auto y_a = torch::randint(0, 10, {256}), y_b = torch::randint(0, 10, {256});
+  // --8<-- [start:example]
   torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-3));
-
   natgrad::EWC ewc(model, natgrad::EWCOptions(/*lambda=*/100.0).mode("online").gamma(0.9));
   // ... train on task A, then:
   ewc.consolidate(x_a, y_a);               // or a std::vector of (inputs, targets) batches
@@ -271,6 +271,7 @@ TEST(ApiEwc, ReadmeExampleRuns) {
   torch::save(ewc, "/tmp/ewc.pt");  // Fisher, anchors and options
   natgrad::EWC restored(model);
   torch::load(restored, "/tmp/ewc.pt");
+  // --8<-- [end:example]
 
   EXPECT_EQ(restored.options().lambda(), 100.0);
   EXPECT_EQ(restored.estimator().size(), 0u);  // nothing estimated by this object

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 #: State entries that hold a decomposition (dropped and rebuilt by ``update_inverse``).
 DECOMPOSITION_KEYS = ("a_eigenvalues", "a_eigenvectors", "g_eigenvalues", "g_eigenvectors",
@@ -89,15 +90,25 @@ class StatisticsBlock(Protocol):
 
     name: str
 
-    def count_samples(self, inputs: Sequence) -> int: ...
+    def count_samples(self, inputs: Sequence) -> int:
+        """How many Fisher samples the captured ``inputs`` of one forward call hold."""
+        ...
 
-    def count_rows(self, inputs: Sequence) -> int: ...
+    def count_rows(self, inputs: Sequence) -> int:
+        """How many statistics rows the captured ``inputs`` of one forward call give."""
+        ...
 
-    def prepare(self, inputs: Sequence, grads: Sequence[Tensor], grad_scale: float) -> Any: ...
+    def prepare(self, inputs: Sequence, grads: Sequence[Tensor], grad_scale: float) -> Any:
+        """This step's statistics from the captured inputs and output gradients (not yet applied)."""
+        ...
 
-    def statistics_ok(self, stats: Any) -> Tensor: ...
+    def statistics_ok(self, stats: Any) -> Tensor:
+        """A 0-d bool tensor: ``stats`` are finite and cannot overflow the factors (no host read)."""
+        ...
 
-    def apply_update(self, stats: Any, decay: float) -> None: ...
+    def apply_update(self, stats: Any, decay: float) -> None:
+        """Folds ``stats`` into the running averages: ``X <- decay * X + (1 - decay) * stats``."""
+        ...
 
 
 class CurvatureBlock:
@@ -411,27 +422,35 @@ class PlainBlock(CurvatureBlock):
         self.reason = reason
 
     @property
+    @override
     def description(self) -> str:
         return f"plain gradient: {self.reason}"
 
     @property
+    @override
     def has_inverse(self) -> bool:
         return True
 
+    @override
     def pack(self, tensors):
         return _or_zeros(tensors[0], self.params[0])
 
+    @override
     def unpack(self, packed):
         return [packed]
 
+    @override
     def mv(self, tensors):
         return [torch.zeros_like(_or_zeros(t, p)) for t, p in zip(tensors, self.params)]
 
+    @override
     def solve(self, tensors, damping, pi_correction=False):
         return [_or_zeros(t, p) for t, p in zip(tensors, self.params)]
 
+    @override
     def direction(self, grad, request):
         return grad, None  # the plain gradient: finite exactly when the gradient is
 
+    @override
     def quad_form(self, tensors):
         return torch.zeros((), dtype=self.params[0].dtype, device=self.params[0].device)

@@ -29,6 +29,7 @@ from typing import NamedTuple, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from natgrad import ops
 from natgrad.curvature.block import CurvatureBlock, curvature_dtype, max_abs
@@ -67,26 +68,33 @@ class DiagonalBlock(CurvatureBlock):
         self.factor_dtype = curvature_dtype(factor_dtype, self.weight)
 
     @property
+    @override
     def description(self) -> str:
         return f"diagonal Fisher ({self.approx})"
 
     @property
+    @override
     def has_factors(self) -> bool:
         return "F" in self.state
 
     @property
+    @override
     def has_inverse(self) -> bool:
         return self.has_factors
 
+    @override
     def factors(self) -> dict[str, Tensor]:
         return {"F": self.state["F"]} if "F" in self.state else {}
 
+    @override
     def inverse_cost(self) -> float:
         return float(self.num_params)
 
+    @override
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"F": (self.num_params,)}
 
+    @override
     def ensure_factors(self) -> None:
         if "F" not in self.state:
             self.state["F"] = torch.zeros(self.num_params, dtype=self.factor_dtype, device=self.weight.device)
@@ -114,6 +122,7 @@ class DiagonalBlock(CurvatureBlock):
         """A 0-d bool tensor: finite and small enough that the update cannot overflow."""
         return ops.kfac_peak_bounded(stats.peak, max(stats.scale, 1.0) * max(stats.units, 1), self.factor_dtype)
 
+    @override
     def update(self, inputs, grads, *, decay, grad_scale):
         self.apply_update(self.prepare(inputs, grads, grad_scale), decay)
 
@@ -135,20 +144,25 @@ class DiagonalBlock(CurvatureBlock):
         f = self.state["F"].clamp_min(0)
         return (packed.to(f.dtype) / (f + damping)).to(packed.dtype)
 
+    @override
     def solve(self, tensors, damping, pi_correction=False):
         return self.unpack(self.precondition(self.pack(tensors), damping))
 
+    @override
     def mv(self, tensors):
         packed = self.pack(tensors)
         return self.unpack((self.state["F"] * packed.to(self.factor_dtype)).to(packed.dtype))
 
+    @override
     def quad_form(self, tensors):
         packed = self.pack(tensors).to(self.factor_dtype)
         return (self.state["F"] * packed * packed).sum()
 
+    @override
     def diagonal(self):
         return self.unpack(self.state["F"])
 
+    @override
     def to_dense(self):
         return torch.diag(self.state["F"])
 
@@ -202,6 +216,7 @@ class NormBlock(DiagonalBlock):
             parts.append(g)
         return parts
 
+    @override
     def units(self, inputs, grads):
         out = []
         trailing = self._trailing()
@@ -219,9 +234,11 @@ class NormBlock(DiagonalBlock):
             out.append(_units(contrib, x.shape[0], self.approx))
         return torch.cat(out)
 
+    @override
     def count_samples(self, inputs):
         return sum(x.shape[0] if self._batched(x) else 1 for x in inputs)
 
+    @override
     def count_rows(self, inputs):
         if self._trailing():
             return sum(x.numel() // max(self.weight.numel(), 1) for x in inputs)
@@ -241,6 +258,7 @@ class PerSampleBlock(DiagonalBlock):
         self.module = module
         self._names = [n for n, p in module.named_parameters(recurse=False) if any(p is q for q in params)]
 
+    @override
     def units(self, inputs, grads):
         from torch.func import functional_call, vjp, vmap
 
@@ -268,15 +286,19 @@ class FreeParameterBlock(DiagonalBlock):
     def __init__(self, name: str, param: nn.Parameter, **kwargs) -> None:
         super().__init__(name, [param], **kwargs)
 
+    @override
     def count_samples(self, inputs):
         return sum(use.samples for use in inputs)
 
+    @override
     def count_rows(self, inputs):
         return sum(use.rows for use in inputs)
 
+    @override
     def units(self, inputs, grads):
         raise NotImplementedError  # prepare maps the squares of each use onto the parameter
 
+    @override
     def prepare(self, inputs, grads, grad_scale):
         squares = torch.zeros(self.num_params, dtype=self.factor_dtype, device=self.weight.device)
         peak = torch.zeros((), dtype=torch.float64, device=self.weight.device)

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from natgrad import ops
 from natgrad.curvature import refresh, split
@@ -102,6 +103,7 @@ class KroneckerBlock(CurvatureBlock):
         return "EKFAC" if self.eigenvalue_correction else "K-FAC"
 
     @property
+    @override
     def description(self) -> str:
         return f"{self.method} {self.kind}" + self.split_note()
 
@@ -151,10 +153,12 @@ class KroneckerBlock(CurvatureBlock):
         return "; " + "; ".join(notes) if notes else ""
 
     @property
+    @override
     def has_factors(self) -> bool:
         return "A" in self.state
 
     @property
+    @override
     def has_inverse(self) -> bool:
         return "g_eigenvectors" in self.state or "g_inverse" in self.state
 
@@ -168,6 +172,7 @@ class KroneckerBlock(CurvatureBlock):
         """Size of G (outputs)."""
         return self.weight.shape[0]
 
+    @override
     def pack(self, tensors: Sequence[Tensor | None]) -> Tensor:
         w = tensors[0] if tensors[0] is not None else torch.zeros_like(self.weight)
         w = w.reshape(self.g_dim(), -1)
@@ -176,6 +181,7 @@ class KroneckerBlock(CurvatureBlock):
         b = tensors[1] if tensors[1] is not None else torch.zeros_like(self.bias)
         return torch.cat([w, b.reshape(-1, 1)], 1)
 
+    @override
     def unpack(self, packed: Tensor) -> list[Tensor]:
         if self.bias is None:
             return [packed.reshape(self.weight.shape)]
@@ -183,20 +189,24 @@ class KroneckerBlock(CurvatureBlock):
 
     # ---- statistics ---------------------------------------------------------------------------
 
+    @override
     def factors(self) -> dict[str, Tensor]:
         return {k: self.state[k] for k in ("A", "G") if k in self.state}
 
+    @override
     def inverse_cost(self) -> float:
         if self.full_factors and self.is_split:  # Σ b³ over the blocks (distributed owners balance by it)
             return float(sum((b - a) ** 3 for r in (self.a_ranges(), self.g_ranges()) for a, b in r))
         return float(sum(f.shape[0] ** (3 if f.dim() == 2 else 1) for f in self.factors().values()))
 
+    @override
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         a, g = self.a_dim(), self.g_dim()
         shapes = {"A": (a, a), "G": (g, g), "a_eigenvalues": (a,), "a_eigenvectors": (a, a),
                   "g_eigenvalues": (g,), "g_eigenvectors": (g, g), "a_inverse": (a, a), "g_inverse": (g, g)}
         return shapes | ({CORRECTED: (g, a)} if self.eigenvalue_correction else {})
 
+    @override
     def ensure_factors(self) -> None:
         device = self.weight.device
         for key, shape in (("A", self.expected_shapes()["A"]), ("G", (self.g_dim(), self.g_dim()))):
@@ -228,6 +238,7 @@ class KroneckerBlock(CurvatureBlock):
         return ops.kfac_statistics_ok(stats.inputs, stats.grads, stats.input_rows, stats.grad_rows,
                                       stats.grad_scale, self.factor_dtype)
 
+    @override
     def update(self, inputs, grads, *, decay, grad_scale):
         self.apply_update(self.prepare(inputs, grads, grad_scale), decay)
 
@@ -291,6 +302,7 @@ class KroneckerBlock(CurvatureBlock):
 
     # ---- decompositions -----------------------------------------------------------------------
 
+    @override
     def decomposition_template(self, method: str) -> dict[str, Tensor]:
         opts: dict[str, Any] = dict(dtype=self.inverse_dtype, device=self.weight.device)
         a, g = self.a_dim(), self.g_dim()
@@ -414,6 +426,7 @@ class KroneckerBlock(CurvatureBlock):
             cached = self._deflation = (vectors, vectors._version, plan)
         return cached[2]
 
+    @override
     def solve(self, tensors, damping, pi_correction=False):
         return self.unpack(self.precondition(self.pack(tensors), damping, pi_correction))
 
@@ -424,14 +437,17 @@ class KroneckerBlock(CurvatureBlock):
         g = split.block_diagonal(self.state["G"], self.g_ranges())
         return g @ packed.to(self.factor_dtype) @ split.block_diagonal(self.state["A"], self.a_ranges())
 
+    @override
     def mv(self, tensors):
         packed = self.pack(tensors)
         return self.unpack(self.product(packed).to(packed.dtype))
 
+    @override
     def quad_form(self, tensors):
         packed = self.pack(tensors).to(self.factor_dtype)
         return (self.product(packed) * packed).sum()
 
+    @override
     def diagonal(self):
         outer = torch.outer(torch.diagonal(self.state["G"]), self._a_diagonal())
         return self.unpack(outer)

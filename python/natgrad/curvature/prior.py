@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from torch import Tensor
+from typing_extensions import override
 
 from natgrad.curvature.block import CurvatureBlock, by_family
 
@@ -43,6 +44,7 @@ class PriorBlock(CurvatureBlock):
 
     @property
     def state(self):
+        """The wrapped block's state (the prior adds none of its own)."""
         return self.inner.state
 
     @state.setter
@@ -50,37 +52,45 @@ class PriorBlock(CurvatureBlock):
         self.inner.state = value
 
     @property
+    @override
     def kind(self) -> str:  # type: ignore[override]
         return self.inner.kind
 
     @property
+    @override
     def description(self) -> str:
         return self.inner.description
 
     @property
+    @override
     def has_factors(self) -> bool:
         return self.inner.has_factors
 
     @property
+    @override
     def has_inverse(self) -> bool:
         return self.inner.has_inverse
 
     # ---- the solve with the prior -------------------------------------------------------------
 
+    @override
     def precondition(self, packed: Tensor, damping: float, pi_correction: bool = False) -> Tensor:
         out = None if self.prior is None else self.prior.precondition(self.inner, packed, damping)
         return self.inner.precondition(packed, damping, pi_correction) if out is None else out
 
+    @override
     def solve(self, tensors, damping, pi_correction=False):
         return self.unpack(self.precondition(self.pack(tensors), damping, pi_correction))
 
     # ---- batching: the factor step is the wrapped blocks' family's, directions one at a time ----
 
     @classmethod
+    @override
     def family(cls) -> type[CurvatureBlock]:
         return PriorBlock
 
     @classmethod
+    @override
     def update_many(cls, blocks, stats, decay):
         inner = [b.inner for b in blocks]
         of = {id(b): s for b, s in zip(inner, stats)}
@@ -88,70 +98,92 @@ class PriorBlock(CurvatureBlock):
                 for pair in family.update_many(group, [of[id(b)] for b in group], decay)]
 
     @classmethod
+    @override
     def directions_many(cls, blocks, request):
         return [block.block_directions(request) for block in blocks]
 
     # ---- everything else is the wrapped block's -----------------------------------------------
 
+    @override
     def pack(self, tensors: Sequence[Tensor | None]) -> Tensor:
         return self.inner.pack(tensors)
 
+    @override
     def unpack(self, packed: Tensor) -> list[Tensor]:
         return self.inner.unpack(packed)
 
+    @override
     def flatten(self, tensors):
         return self.inner.flatten(tensors)
 
+    @override
     def split_flat(self, vector):
         return self.inner.split_flat(vector)
 
+    @override
     def update(self, inputs, grads, *, decay, grad_scale):
         self.inner.update(inputs, grads, decay=decay, grad_scale=grad_scale)
 
+    @override
     def factors(self):
         return self.inner.factors()
 
+    @override
     def inverse_cost(self):
         return self.inner.inverse_cost()
 
+    @override
     def ensure_factors(self):
         self.inner.ensure_factors()
 
+    @override
     def factor_layout(self):
         return self.inner.factor_layout()
 
+    @override
     def update_inverse(self, method, damping, pi_correction=False, warm=False):
         return self.inner.update_inverse(method, damping, pi_correction, warm)
 
+    @override
     def decomposition_template(self, method):
         return self.inner.decomposition_template(method)
 
+    @override
     def drop_decomposition(self):
         self.inner.drop_decomposition()
 
+    @override
     def reset(self):
         self.inner.reset()
 
+    @override
     def mv(self, tensors):
         return self.inner.mv(tensors)
 
+    @override
     def quad_form(self, tensors):
         return self.inner.quad_form(tensors)
 
+    @override
     def diagonal(self):
         return self.inner.diagonal()
 
+    @override
     def to_dense(self):
         return self.inner.to_dense()
 
+    @override
     def expected_shapes(self):
         return self.inner.expected_shapes()
 
+    @override
     def state_dict(self):
         return self.inner.state_dict()
 
+    @override
     def check_state_dict(self, state):
         self.inner.check_state_dict(state)
 
+    @override
     def load_state_dict(self, state):
         self.inner.load_state_dict(state)

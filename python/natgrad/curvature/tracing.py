@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from typing_extensions import override
 
 from natgrad.curvature.capture import LayerCapture
 
@@ -237,9 +238,11 @@ class ParameterSink(LayerCapture):
         self.reason = reason
         self.records.clear()
 
+    @override
     def complete(self):
         return [] if self.reason is not None else super().complete()
 
+    @override
     def remove(self) -> None:
         self.records.clear()
         if self.parent is not None:

@@ -27,6 +27,7 @@ from typing import cast
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from typing_extensions import override
 
 from natgrad.distributed.packing import assign_by_cost, pack_triangle, reduce_in_buckets, unpack_triangle
 
@@ -133,7 +134,7 @@ class DistributedCommunicator(LocalCommunicator):
         grad_worker_fraction (float): f in (0, 1] (see the module docstring).
         triangle_packing (bool): send symmetric factors as upper triangles.
         bucket_cap_mb (float): bucket size of the factor and gradient all-reduces.
-        group: the process group (default: the world).
+        group (ProcessGroup, optional): the process group (default: the world).
     """
 
     def __init__(self, grad_worker_fraction: float = 1.0, triangle_packing: bool = True,
@@ -164,6 +165,7 @@ class DistributedCommunicator(LocalCommunicator):
     def _all_reduce(self, op=dist.ReduceOp.SUM):
         return lambda t: self._collective(dist.all_reduce, t, op=op)
 
+    @override
     def average_gradients(self, grads: list[Tensor]) -> None:
         if not grads:
             return
@@ -171,6 +173,7 @@ class DistributedCommunicator(LocalCommunicator):
         for g in grads:
             g.div_(self.world_size)
 
+    @override
     def agree(self, flags: list[bool]) -> list[bool]:
         if not flags:
             return flags
@@ -178,6 +181,7 @@ class DistributedCommunicator(LocalCommunicator):
         self._collective(dist.all_reduce, t, op=dist.ReduceOp.MIN)
         return [bool(v) for v in t.tolist()]
 
+    @override
     def average_factors(self, blocks: list, samples: int) -> None:
         if not blocks:
             return
@@ -196,6 +200,7 @@ class DistributedCommunicator(LocalCommunicator):
             else:
                 f.copy_(s)
 
+    @override
     def assign(self, blocks: list) -> None:
         costs = [float(b.inverse_cost()) for b in blocks]
         for b, r in zip(blocks, assign_by_cost(costs, self.world_size)):
@@ -205,12 +210,15 @@ class DistributedCommunicator(LocalCommunicator):
         start = self.owner[block.name]
         return [(start + i) % self.world_size for i in range(self.workers)]
 
+    @override
     def is_grad_worker(self, block) -> bool:
         return self.rank in self._workers(block)
 
+    @override
     def is_owner(self, block) -> bool:
         return self.owner[block.name] == self.rank
 
+    @override
     def share_decomposition(self, block, method: str) -> None:
         if self.workers == 1:
             return
@@ -225,6 +233,7 @@ class DistributedCommunicator(LocalCommunicator):
             self._collective(dist.broadcast, block.state[key], src=src, group=group)
             self.bytes["inverses"] += block.state[key].numel() * block.state[key].element_size()
 
+    @override
     def share_direction(self, block, direction: Tensor | None, like: Tensor) -> Tensor:
         if self.workers == self.world_size:  # every rank computed its own direction
             return cast(Tensor, direction)
@@ -233,11 +242,13 @@ class DistributedCommunicator(LocalCommunicator):
         self.bytes["directions"] += buf.numel() * buf.element_size()
         return buf
 
+    @override
     def mean_scalar(self, value: float) -> float:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         self._collective(dist.all_reduce, t)
         return float(t) / self.world_size
 
+    @override
     def gather_decompositions(self, blocks: list, method: str) -> None:
         if self.workers == self.world_size:
             return

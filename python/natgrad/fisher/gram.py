@@ -97,9 +97,11 @@ class LayerRows:
     index: list[int]
 
     def tensors(self) -> list[Tensor]:
+        """The tensors this representation holds: the layer's inputs and output gradients."""
         return [self.x, self.g]
 
     def with_tensors(self, tensors: list[Tensor]) -> LayerRows:
+        """The same rows over other tensors (e.g. all-gathered across ranks)."""
         return LayerRows(self.module, self.kind, tensors[0], tensors[1], self.index)
 
     @property
@@ -111,9 +113,11 @@ class LayerRows:
         return self.kind.row_bound(self.module, self.x, self.g, self._bias)
 
     def gram(self) -> Tensor:
+        """This layer's share of ``U Uᵀ``, ``[n, n]``, without forming ``U``."""
         return self.kind.gram(self.module, self.x, self.g, self._bias)
 
     def mv(self, vs: Sequence[Tensor]) -> Tensor:
+        """``U v`` for this layer's part of ``v`` (``vs`` indexed like the parameters), ``[n]``."""
         w = vs[self.index[0]].to(self.g.dtype)
         b = vs[self.index[1]].to(self.g.dtype) if self._bias else None
         return self.kind.rows_mv(self.module, self.x, self.g, w, b)
@@ -145,6 +149,7 @@ class BatchRows:
 
     @property
     def num_rows(self) -> int:
+        """The number of per-sample rows ``n`` (samples, or samples × classes for the exact Fisher)."""
         part = self.parts[0]
         return part.rows.shape[0] if isinstance(part, DenseRows) else part.g.shape[0]
 

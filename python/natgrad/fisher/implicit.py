@@ -31,6 +31,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
+from typing_extensions import override
 
 from natgrad.curvature.block import max_abs
 from natgrad.fisher.matrices import FisherMatrix, _check_damping
@@ -143,15 +144,18 @@ class ImplicitFisher(FisherMatrix):
     # ---- products ---------------------------------------------------------------------------
 
     @property
+    @override
     def num_params(self) -> int:
         return sum(self._sizes)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype (that of the products)."""
         return next(iter(self._values.values())).dtype
 
     @property
     def device(self) -> torch.device:
+        """The parameters' device."""
         return next(iter(self._values.values())).device
 
     def _tangents(self, v: Tensor) -> dict[str, Tensor]:
@@ -282,6 +286,7 @@ class ImplicitFisher(FisherMatrix):
             raise RuntimeError("ImplicitFisher: the model's parameters changed in place since this "
                                "Fisher was built; build a new one at the new parameters")
 
+    @override
     def tensors(self) -> list[Tensor]:
         held = []
         for x, probs, passes in self.chunks:

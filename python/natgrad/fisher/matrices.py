@@ -24,6 +24,7 @@ from typing import cast
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from natgrad import ops
 from natgrad.curvature import CurvatureBlock
@@ -73,10 +74,12 @@ class FisherMatrix:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the matrix (of the tensors it holds)."""
         return self.tensors()[0].dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the matrix (of the tensors it holds)."""
         return self.tensors()[0].device
 
 
@@ -94,23 +97,29 @@ class DenseFisher(FisherMatrix):
     structure = "dense"
 
     @property
+    @override
     def num_params(self) -> int:
         return self.matrix.shape[0]
 
+    @override
     def to_dense(self) -> Tensor:
         return self.matrix
 
+    @override
     def diagonal(self) -> Tensor:
         return torch.diagonal(self.matrix)
 
+    @override
     def mv(self, v: Tensor) -> Tensor:
         return self.matrix @ v
 
+    @override
     def solve(self, v: Tensor, damping: float) -> Tensor:
         _check_damping(damping)
         eye = torch.eye(self.num_params, dtype=self.matrix.dtype, device=self.matrix.device)
         return torch.linalg.solve(self.matrix + damping * eye, v)
 
+    @override
     def tensors(self) -> list[Tensor]:
         return [self.matrix]
 
@@ -127,18 +136,23 @@ class LowRankFisher(FisherMatrix):
     last_rung = 0
 
     @property
+    @override
     def num_params(self) -> int:
         return self.rows.shape[1]
 
+    @override
     def to_dense(self) -> Tensor:
         return self.rows.T @ self.rows / self.num_samples
 
+    @override
     def diagonal(self) -> Tensor:
         return self.rows.pow(2).sum(0) / self.num_samples
 
+    @override
     def mv(self, v: Tensor) -> Tensor:
         return self.rows.T @ (self.rows @ v) / self.num_samples
 
+    @override
     def solve(self, v: Tensor, damping: float) -> Tensor:
         _check_damping(damping)
         # The op normalises by its row count; rescale rows so that UᵀU/rows = UᵀU/n (no copy
@@ -150,9 +164,11 @@ class LowRankFisher(FisherMatrix):
         self.last_rung = int(out.rung)
         return out.solution
 
+    @override
     def trace(self) -> Tensor:
         return self.rows.pow(2).sum() / self.num_samples
 
+    @override
     def tensors(self) -> list[Tensor]:
         return [self.rows]
 
@@ -165,23 +181,29 @@ class DiagonalFisher(FisherMatrix):
     structure = "diagonal"
 
     @property
+    @override
     def num_params(self) -> int:
         return self.diag.shape[0]
 
+    @override
     def to_dense(self) -> Tensor:
         return torch.diag(self.diag)
 
+    @override
     def diagonal(self) -> Tensor:
         return self.diag
 
+    @override
     def mv(self, v: Tensor) -> Tensor:
         return self.diag * v if v.dim() == 1 else self.diag[:, None] * v
 
+    @override
     def solve(self, v: Tensor, damping: float) -> Tensor:
         _check_damping(damping)
         d = self.diag + damping
         return v / d if v.dim() == 1 else v / d[:, None]
 
+    @override
     def tensors(self) -> list[Tensor]:
         return [self.diag]
 
@@ -196,27 +218,34 @@ class BlockDiagonalFisher(FisherMatrix):
     structure = "block_diagonal"
 
     @property
+    @override
     def num_params(self) -> int:
         return sum(b.num_params for b in self.blocks)
 
     def _split(self, v: Tensor) -> list[Tensor]:
         return list(torch.split(v, [b.num_params for b in self.blocks], dim=0))
 
+    @override
     def to_dense(self) -> Tensor:
         return torch.block_diag(*[b.to_dense() for b in self.blocks])
 
+    @override
     def diagonal(self) -> Tensor:
         return torch.cat([b.diagonal() for b in self.blocks])
 
+    @override
     def mv(self, v: Tensor) -> Tensor:
         return torch.cat([b.mv(x) for b, x in zip(self.blocks, self._split(v))])
 
+    @override
     def solve(self, v: Tensor, damping: float) -> Tensor:
         return torch.cat([b.solve(x, damping) for b, x in zip(self.blocks, self._split(v))])
 
+    @override
     def trace(self) -> Tensor:
         return cast(Tensor, sum(b.trace() for b in self.blocks))  # the int 0 only without blocks
 
+    @override
     def tensors(self) -> list[Tensor]:
         return [t for b in self.blocks for t in b.tensors()]
 
@@ -262,6 +291,7 @@ class BlockFisher(FisherMatrix):
     structure = "kfac"
 
     @property
+    @override
     def num_params(self) -> int:
         return self.block.num_params
 
@@ -270,26 +300,33 @@ class BlockFisher(FisherMatrix):
             return self.block.flatten(fn(self.block.split_flat(v)))
         return torch.stack([self._columns(c, fn) for c in v.T], 1)
 
+    @override
     def mv(self, v: Tensor) -> Tensor:
         return self._columns(v, self.block.mv)
 
+    @override
     def solve(self, v: Tensor, damping: float) -> Tensor:
         _check_damping(damping)
         if not self.block.has_inverse:
             self.block.update_inverse("eigen", damping)
         return self._columns(v, lambda t: self.block.solve(t, damping))
 
+    @override
     def quad_form(self, v: Tensor) -> Tensor:
         return self.block.quad_form(self.block.split_flat(v))
 
+    @override
     def diagonal(self) -> Tensor:
         return self.block.flatten(self.block.diagonal())
 
+    @override
     def to_dense(self) -> Tensor:
         return self.block.to_dense()
 
+    @override
     def trace(self) -> Tensor:
         return self.diagonal().sum()
 
+    @override
     def tensors(self) -> list[Tensor]:
         return list(self.block.factors().values())

@@ -174,10 +174,11 @@ class KFAC(Optimizer):
         linear_approx (str): weight sharing in Linear layers with inputs ``[N, ..., d]``:
             "expand" (positions as extra rows) or "reduce" (averaged per sample)
             (default: "expand").
-        factor_dtype, inverse_dtype (torch.dtype, optional): dtypes of factors and of their
-            decompositions, torch.float32 or torch.float64 (default: the weight's dtype, float32
-            for a bfloat16/float16 weight, also under torch.autocast; decompositions: the
-            factors' dtype). Half precision raises ValueError: a running average
+        factor_dtype (torch.dtype, optional): dtype of the factors, torch.float32 or
+            torch.float64 (default: the weight's dtype, float32 for a bfloat16/float16 weight,
+            also under torch.autocast).
+        inverse_dtype (torch.dtype, optional): dtype of the factors' decompositions, as
+            ``factor_dtype`` (default: the factors' dtype). Half precision raises ValueError: a running average
             ``ρA + (1−ρ)Â`` kept in bfloat16 (8 significant bits) rounds away much of each
             update's ``1−ρ`` share, and no eigensolver or Cholesky runs in half precision, so
             every decomposition would need the fallback ladder and be rounded back; the
@@ -197,7 +198,7 @@ class KFAC(Optimizer):
             (default: 1.0).
         triangle_packing (bool): all-reduce symmetric factors as upper triangles (default: True).
         bucket_cap_mb (float): bucket size of the factor/gradient all-reduces (default: 25).
-        process_group: torch.distributed group (default: the world when initialised).
+        process_group (ProcessGroup, optional): torch.distributed group (default: the world when initialised).
         grafting (str or None): None, "adam" or "sgd": each parameter's direction ``u`` is
             rescaled to the norm of the grafted optimizer's step on its gradient, before the
             trust region and momentum (:mod:`natgrad.optim.grafting`, the rule natgrad.EigenAdam

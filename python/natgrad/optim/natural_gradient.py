@@ -75,8 +75,8 @@ class NaturalGradient(Optimizer):
             for the gradient and the empirical Fisher (default: the likelihood's NLL).
         chunk_size (int): samples per vectorised per-sample-gradient call (default: 256).
         seed (int): seed of the label sampler for ``fisher_type="mc"`` (plus the rank) (default: 0).
-        process_group: with torch.distributed initialised, each rank passes an equal-sized shard
-            to :meth:`backward`; the layers' inputs and output gradients (and any explicit
+        process_group (ProcessGroup, optional): with torch.distributed initialised, each rank
+            passes an equal-sized shard to :meth:`backward`; the layers' inputs and output gradients (and any explicit
             per-sample rows) are all-gathered so every rank solves with
             the whole batch's Fisher and takes the same step (default: the world group).
         rows (str): "implicit" (layer Gram matrices from hook data) or "explicit" (torch.func

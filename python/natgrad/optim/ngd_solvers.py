@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from typing_extensions import override
 
 from natgrad.distributed import collective, group_device
 from natgrad.fisher.compute import compute_fisher
@@ -115,9 +116,11 @@ class WoodburySolver(NGDSolver):
         self._step_batch: BatchRows | None = None  # the rows the current step solves with
         self.group, self.world = None, 1
 
+    @override
     def bind(self, structure, world, group):
         self.group, self.world = group, world
 
+    @override
     def backward(self, problem, inputs, targets):
         batch, losses, mean = collect_rows(
             problem.model, inputs, targets, problem.params, fisher_type=problem.fisher_type,
@@ -149,12 +152,14 @@ class WoodburySolver(NGDSolver):
         collective(dist.all_gather, (parts, t.contiguous()), group=self.group)
         return parts
 
+    @override
     def start_step(self):
         if self.batch is None:
             raise RuntimeError("NaturalGradient.step() needs per-sample gradients: call "
                                "opt.backward(inputs, targets) instead of loss.backward() first")
         self._step_batch, self.batch = self.batch, None
 
+    @override
     def directions(self, problem, raw, grads, damping):
         batch, self._step_batch = self._step_batch, None
         diagonal = problem.structure == "diagonal"
@@ -233,6 +238,7 @@ class CGSolver(NGDSolver):
         self.last_result: CGResult | None = None
         self.batch: tuple[Tensor, Tensor] | None = None
 
+    @override
     def bind(self, structure, world, group):
         if structure == "diagonal" or world > 1:
             raise ValueError("solver='cg' needs structure='dense' and a single process, got "
@@ -264,6 +270,7 @@ class CGSolver(NGDSolver):
         self.batch = (inputs, targets)
         return loss.detach()
 
+    @override
     def directions(self, problem, raw, grads, damping):
         direction, nu = self.solve(problem, torch.cat([g.reshape(-1) for g in grads]), damping)
         parts = direction.split([p.numel() for p in problem.params])

@@ -87,7 +87,7 @@ class EWC:
         likelihood (str): "categorical" or "gaussian" (default: "categorical").
         train_mode (bool): estimate in training mode (default: False).
         mc_samples (int): label draws per sample for ``fisher_type="mc"`` (default: 1).
-        process_group: with torch.distributed initialised, each rank passes its shard of the
+        process_group (ProcessGroup, optional): with torch.distributed initialised, each rank passes its shard of the
             task's data to :meth:`consolidate` and the Fisher is the sample-weighted mean over
             ranks (default: the world group).
     """

@@ -37,7 +37,7 @@ factors; the packed gradient :math:`X` is ``[d_out, d_in(+1)]``, :math:`F: X \ma
   accurate once :math:`\lambda F_{old}` dominates (kept for comparison).
 
 Errors against the dense :math:`(F + \lambda F_{old} + \gamma I)^{-1}\nabla` on a tiny float64
-model are measured in ``tests/python/regularizers/test_ewc_curvature.py`` and stated in the README. On the
+model are measured in ``tests/python/regularizers/test_ewc_curvature.py`` and stated in the EWC guide. On the
 continual benchmark's MLP (Fashion-MNIST, λ = 10, γ = 0.1, after one task) against a PCG solve of
 the exact operator: 0.37 on the 785x100 layer (plain K-FAC: 0.24; the π cross terms over-damp
 there) and 0.43 on the head (plain K-FAC: 1.09). A first variant that kept γI exact by its

@@ -74,7 +74,19 @@ def conjugate_gradient(operator: Operator, b: Tensor, *, damping: float,
                        preconditioner: FisherMatrix | Callable[[Tensor], Tensor] | None = None,
                        x0: Tensor | None = None, tol: float = 1e-6, max_iters: int = 100,
                        preconditioner_damping: float | None = None, warn: bool = False) -> CGResult:
-    """Solves ``(F + damping·I) x = b`` by (preconditioned) conjugate gradient.
+    r"""Solves ``(F + damping·I) x = b`` by (preconditioned) conjugate gradient.
+
+    With :math:`A = F + \lambda I`, :math:`r_0 = b - A x_0`, :math:`z_0 = M^{-1} r_0`,
+    :math:`p_0 = z_0`, each iteration is
+
+    .. math::
+        \alpha_k = \frac{r_k^\top z_k}{p_k^\top A p_k}, \quad
+        x_{k+1} = x_k + \alpha_k p_k, \quad
+        r_{k+1} = r_k - \alpha_k A p_k, \quad
+        z_{k+1} = M^{-1} r_{k+1}, \quad
+        p_{k+1} = z_{k+1} + \frac{r_{k+1}^\top z_{k+1}}{r_k^\top z_k}\, p_k,
+
+    until :math:`\|r_k\| / \|b\| \le \mathrm{tol}` or ``max_iters`` products with :math:`A`.
 
     Args:
         operator (FisherMatrix or callable): ``F``, through ``operator.mv(v)`` or ``operator(v)``;

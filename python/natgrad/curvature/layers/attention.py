@@ -32,6 +32,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from natgrad import ops
 from natgrad.curvature._mha import mha_forward
@@ -104,7 +105,8 @@ class AttentionBlock(CurvatureBlock):
         name (str): the attention module's qualified name (checkpoint key).
         mha (nn.MultiheadAttention): the module.
         approx (str): "expand" or "reduce", as for nn.Linear (default: "expand").
-        factor_dtype, inverse_dtype (torch.dtype or None): as for the Kronecker blocks.
+        factor_dtype (torch.dtype or None): as for the Kronecker blocks.
+        inverse_dtype (torch.dtype or None): as for the Kronecker blocks.
     """
 
     kind = "attention"
@@ -124,6 +126,7 @@ class AttentionBlock(CurvatureBlock):
 
     @property
     def state(self) -> MutableMapping[str, Tensor]:
+        """The q/k/v parts' factors and decompositions as one mapping (keys prefixed by the part)."""
         return _State(self.parts)
 
     @state.setter
@@ -136,19 +139,23 @@ class AttentionBlock(CurvatureBlock):
             _State(self.parts)[key] = tensor
 
     @property
+    @override
     def description(self) -> str:
         notes = "".join(f"; {s}{p.split_note()}" for s, p in self.parts.items() if p.is_split)
         return f"K-FAC attention q/k/v ({self.approx}){notes}"
 
+    @override
     def limit_factors(self, max_factor_dim):
         for p in self.parts.values():
             p.limit_factors(max_factor_dim)
 
     @property
+    @override
     def has_factors(self) -> bool:
         return all(p.has_factors for p in self.parts.values())
 
     @property
+    @override
     def has_inverse(self) -> bool:
         return all(p.has_inverse for p in self.parts.values())
 
@@ -170,6 +177,7 @@ class AttentionBlock(CurvatureBlock):
     def _sizes(self) -> list[int]:
         return [p.g_dim() * p.a_dim() for p in self.parts.values()]
 
+    @override
     def pack(self, tensors):
         split = self._split_params(tensors)
         return torch.cat([p.pack(split[s]).reshape(-1) for s, p in self.parts.items()])
@@ -178,6 +186,7 @@ class AttentionBlock(CurvatureBlock):
         chunks = torch.split(packed, self._sizes())
         return {s: p.unpack(c.reshape(p.g_dim(), p.a_dim())) for (s, p), c in zip(self.parts.items(), chunks)}
 
+    @override
     def unpack(self, packed):
         parts = self._unpack_parts(packed)
         m = self.module
@@ -196,15 +205,19 @@ class AttentionBlock(CurvatureBlock):
 
     # ---- statistics ---------------------------------------------------------------------------
 
+    @override
     def factors(self):
         return {f"{s}.{k}": v for s, p in self.parts.items() for k, v in p.factors().items()}
 
+    @override
     def inverse_cost(self):
         return sum(p.inverse_cost() for p in self.parts.values())
 
+    @override
     def expected_shapes(self):
         return {f"{s}.{k}": v for s, p in self.parts.items() for k, v in p.expected_shapes().items()}
 
+    @override
     def ensure_factors(self):
         for p in self.parts.values():
             p.ensure_factors()
@@ -240,9 +253,11 @@ class AttentionBlock(CurvatureBlock):
         return stats, shared and len(stats) == 3
 
     def statistics_ok(self, stats) -> Tensor:
+        """A 0-d bool tensor: every part's statistics are finite and bounded (no host read)."""
         flags = [self.parts[s].statistics_ok(st) for s, st in stats[0].items()]
         return torch.stack(flags).all()
 
+    @override
     def update(self, inputs, grads, *, decay, grad_scale):
         self.apply_update(self.prepare(inputs, grads, grad_scale), decay)
 
@@ -263,12 +278,15 @@ class AttentionBlock(CurvatureBlock):
 
     # ---- decompositions and products ----------------------------------------------------------
 
+    @override
     def update_inverse(self, method, damping, pi_correction=False, warm=False):
         return max(p.update_inverse(method, damping, pi_correction, warm) for p in self.parts.values())
 
+    @override
     def decomposition_template(self, method):
         return {f"{s}.{k}": v for s, p in self.parts.items() for k, v in p.decomposition_template(method).items()}
 
+    @override
     def drop_decomposition(self):
         for p in self.parts.values():
             p.drop_decomposition()
@@ -277,18 +295,22 @@ class AttentionBlock(CurvatureBlock):
         """Each part's ``(A_s ⊗ G_s + damping·I)⁻¹`` on its slice of ``packed``."""
         return self._map(packed, lambda p, x: p.precondition(x, damping, pi_correction))
 
+    @override
     def solve(self, tensors, damping, pi_correction=False):
         return self.unpack(self.precondition(self.pack(tensors), damping, pi_correction))
 
+    @override
     def mv(self, tensors):
         packed = self.pack(tensors)
         return self.unpack(self._map(packed, lambda p, x: p.product(x).to(x.dtype)))
 
+    @override
     def quad_form(self, tensors):
         packed = self.pack(tensors)
         return sum(p.quad_form(p.unpack(c.reshape(p.g_dim(), p.a_dim())))
                    for p, c in zip(self.parts.values(), torch.split(packed, self._sizes())))
 
+    @override
     def diagonal(self):
         return self.unpack(torch.cat([p.pack(p.diagonal()).reshape(-1) for p in self.parts.values()]))
 
@@ -375,14 +397,17 @@ class AttentionKind(LayerKind):
     fallback = "plain"
     standalone = False
 
+    @override
     def unsupported_reason(self, module):
         if module.bias_k is not None:
             return "add_bias_kv (bias_k, bias_v) has no curvature block"
         return None
 
+    @override
     def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
         return AttentionBlock(name, module, approx=approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
 
+    @override
     def captures(self, model, active, phase):
         return AttentionCaptures(model, active, phase)
 

@@ -8,6 +8,7 @@ factors, the Gram matrix and the row products are those of the Conv2d, not an ap
 from __future__ import annotations
 
 from torch import Tensor
+from typing_extensions import override
 
 from natgrad import ops
 from natgrad.curvature.layers.conv2d import Conv2dBlock, Conv2dKind, Geometry
@@ -31,6 +32,7 @@ class Conv1dBlock(Conv2dBlock):
 
     kind = "conv1d"
 
+    @override
     def geometry(self):
         return _geometry(self.module)
 
@@ -42,9 +44,11 @@ class Conv1dBlock(Conv2dBlock):
         """Rows of the forward calls: samples × output positions."""
         return sum(ops.kfac_conv_rows(_as_conv2d(x).shape, *self.geometry()) for x in inputs)
 
+    @override
     def prepare(self, inputs, grads, grad_scale):
         return super().prepare([_as_conv2d(x) for x in inputs], [_as_conv2d(g) for g in grads], grad_scale)
 
+    @override
     def factor_layout(self):
         return factor_layout(self.bias is not None, *self.geometry()) if type(self) is Conv1dBlock else None
 
@@ -54,16 +58,20 @@ class Conv1dKind(Conv2dKind):
 
     name = "conv1d"
 
+    @override
     def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
         return Conv1dBlock(name, module, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
 
+    @override
     def rows_input(self, module, inputs, samples):
         if len(inputs) != 1 or inputs[0].dim() != 3 or inputs[0].shape[0] != samples:
             return None
         return inputs[0]
 
+    @override
     def geometry(self, module):
         return _geometry(module)
 
+    @override
     def as_conv2d(self, module, t):
         return _as_conv2d(t)

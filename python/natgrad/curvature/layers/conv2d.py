@@ -11,6 +11,7 @@ from typing import cast
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from natgrad import ops
 from natgrad.curvature.kron import CORRECTED, KroneckerBlock, PerSample, Statistics
@@ -53,6 +54,7 @@ class Conv2dBlock(KroneckerBlock):
         """
         return math.prod(self.geometry()[0])
 
+    @override
     def prepare(self, inputs, grads, grad_scale):
         x = inputs[0] if len(inputs) == 1 else torch.cat(list(inputs))
         g = grads[0] if len(grads) == 1 else torch.cat(list(grads))
@@ -70,6 +72,7 @@ class Conv2dBlock(KroneckerBlock):
         """Rows of the forward calls: samples × output pixels."""
         return sum(ops.kfac_conv_rows(x.shape, *self.geometry()) for x in inputs)
 
+    @override
     def apply_update(self, stats, decay):
         rho = decay if self.has_factors else 0.0
         self.ensure_factors()
@@ -83,6 +86,7 @@ class Conv2dBlock(KroneckerBlock):
                                        s["a_eigenvectors"], *self.geometry(), self.bias is not None,
                                        data.grad_scale, decay)
 
+    @override
     def factor_layout(self):
         if type(self) is not Conv2dBlock:
             return None
@@ -94,12 +98,15 @@ class Conv2dKind(LayerKind):
 
     name = "conv2d"
 
+    @override
     def unsupported_reason(self, module):
         return conv_unsupported_reason(module)
 
+    @override
     def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
         return Conv2dBlock(name, module, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
 
+    @override
     def implicit_rows(self, module):
         return True
 
@@ -111,18 +118,22 @@ class Conv2dKind(LayerKind):
         """``t`` (an input or output gradient) in the conv2d ops' ``[N, C, H, W]`` layout."""
         return t
 
+    @override
     def row_positions(self, module, g):
         return g[0, 0].numel()
 
+    @override
     def gram(self, module, x, g, bias):
         k, s, p, d = self.geometry(module)
         return ops.conv2d_gram(self.as_conv2d(module, x), self.as_conv2d(module, g), k, s, p, d, bias)
 
+    @override
     def rows_mv(self, module, x, g, weight, bias):
         k, s, p, d = self.geometry(module)
         weight = weight.reshape(*weight.shape[:2], *k)
         return ops.conv2d_rows_mv(self.as_conv2d(module, x), self.as_conv2d(module, g), weight, bias, s, p, d)
 
+    @override
     def rows_tmv(self, module, x, g, w, index, chunk):
         k, s, p, d = self.geometry(module)
         x, g = self.as_conv2d(module, x), self.as_conv2d(module, g)

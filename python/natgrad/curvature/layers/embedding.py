@@ -5,6 +5,7 @@ multiplying one-hot vectors.
 from __future__ import annotations
 
 import torch
+from typing_extensions import override
 
 from natgrad import ops
 from natgrad.curvature import refresh
@@ -26,31 +27,39 @@ class EmbeddingBlock(KroneckerBlock):
     supports_eigenvalue_correction = True
 
     @classmethod
+    @override
     def family(cls) -> type[CurvatureBlock]:
         return CurvatureBlock  # transposed layout, diagonal A: one block at a time
 
+    @override
     def a_dim(self) -> int:
         return self.weight.shape[0]
 
+    @override
     def g_dim(self) -> int:
         return self.weight.shape[1]
 
     @property
     def has_inverse(self) -> bool:
+        """Whether the G side has been decomposed (A is diagonal and needs no decomposition)."""
         return "g_eigenvectors" in self.state
 
+    @override
     def pack(self, tensors):
         w = tensors[0] if tensors[0] is not None else torch.zeros_like(self.weight)
         return w.T
 
+    @override
     def unpack(self, packed):
         return [packed.T]
 
+    @override
     def expected_shapes(self):
         g = self.g_dim()
         shapes = {"A": (self.a_dim(),), "G": (g, g), "g_eigenvalues": (g,), "g_eigenvectors": (g, g)}
         return shapes | ({CORRECTED: (g, self.a_dim())} if self.eigenvalue_correction else {})
 
+    @override
     def count_samples(self, inputs):
         return sum(t.shape[0] if t.dim() > 0 else 1 for t in inputs)
 
@@ -58,6 +67,7 @@ class EmbeddingBlock(KroneckerBlock):
         """Rows of the forward calls: one per looked-up index."""
         return sum(ops.kfac_embedding_rows(t.shape) for t in inputs)
 
+    @override
     def prepare(self, inputs, grads, grad_scale):
         dim = self.weight.shape[1]
         idx = torch.cat([t.reshape(-1) for t in inputs])
@@ -83,11 +93,13 @@ class EmbeddingBlock(KroneckerBlock):
         ops.embedding_ekfac_diagonal_ema_(self.state[CORRECTED], data.inputs, data.grads,
                                           self.state["g_eigenvectors"], data.grad_scale, decay)
 
+    @override
     def decomposition_template(self, method):
         opts = dict(dtype=self.inverse_dtype, device=self.weight.device)
         g = self.g_dim()
         return {"g_eigenvalues": torch.empty(g, **opts), "g_eigenvectors": torch.empty(g, g, **opts)}
 
+    @override
     def update_inverse(self, method, damping, pi_correction=False, warm=False):
         old = self._corrected_basis()
         if warm and "g_eigenvectors" in self.state:
@@ -101,6 +113,7 @@ class EmbeddingBlock(KroneckerBlock):
         self._refresh_corrected(old)
         return int(eg.rung)
 
+    @override
     def precondition(self, packed, damping, pi_correction=False):
         s = self.state
         if self.eigenvalue_correction:  # EKFAC: V_A = I, exact damping, no π
@@ -112,6 +125,7 @@ class EmbeddingBlock(KroneckerBlock):
             s["g_eigenvectors"], damping, pi_correction)
         return out.to(packed.dtype)
 
+    @override
     def product(self, packed):
         return (self.state["G"] @ packed.to(self.factor_dtype)) * self.state["A"][None, :]
 
@@ -128,15 +142,19 @@ class EmbeddingKind(LayerKind):
     fallback = "plain"
     sparse_gradient = True
 
+    @override
     def unsupported_reason(self, module):
         return ops.kfac_embedding_unsupported_reason(module.sparse, module.max_norm is not None)
 
+    @override
     def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
         return EmbeddingBlock(name, module, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
 
+    @override
     def implicit_rows(self, module):
         return not module.scale_grad_by_freq
 
+    @override
     def rows_input(self, module, inputs, samples):
         if not inputs or any(x.shape[0] != samples or x.dim() < 1 for x in inputs):
             return None
@@ -144,29 +162,35 @@ class EmbeddingKind(LayerKind):
             return inputs[0]
         return torch.cat([x.reshape(samples, -1) for x in inputs], 1)
 
+    @override
     def merge_calls(self, module, grads):
         if len(grads) == 1:
             return grads[0]
         return torch.cat([g.reshape(g.shape[0], -1, module.embedding_dim) for g in grads], 1)
 
+    @override
     def rows_grads(self, module, x, passes):
         g = super().rows_grads(module, x, passes)
         if module.padding_idx is not None:  # no gradient reaches that row
             g = g * (x != module.padding_idx).unsqueeze(-1).repeat(len(passes), *[1] * x.dim()).to(g.dtype)
         return g
 
+    @override
     def row_bound(self, module, x, g, bias):
         if g.numel() == 0:
             return 0.0
         low, high = torch.aminmax(g)
         return self.row_positions(module, g) * max(-float(low), float(high))
 
+    @override
     def gram(self, module, x, g, bias):
         return ops.embedding_gram(x, g)
 
+    @override
     def rows_mv(self, module, x, g, weight, bias):
         return ops.embedding_rows_mv(x, g, weight)
 
+    @override
     def rows_tmv(self, module, x, g, w, index, chunk):
         width = g.shape[-1]
         per_unit = max(module.weight.numel() // max(width, 1), 1)

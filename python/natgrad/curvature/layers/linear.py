@@ -10,6 +10,7 @@ from typing import cast
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from natgrad import ops
 from natgrad.curvature.kron import CORRECTED, KroneckerBlock, PerSample, Statistics, per_sample_layout
@@ -37,18 +38,22 @@ class LinearBlock(KroneckerBlock):
 
     @property
     def description(self) -> str:
+        """How ``describe()`` names this block, e.g. "K-FAC linear (expand)"."""
         return f"{self.method} linear ({self.approx}){self.split_note()}"
 
     def features(self) -> tuple[int, int]:
         """``(in_features, out_features)``, read from the weight ``[out, in]``."""
         return self.weight.shape[1], self.weight.shape[0]
 
+    @override
     def a_dim(self) -> int:
         return self.features()[0] + (self.bias is not None)
 
+    @override
     def g_dim(self) -> int:
         return self.features()[1]
 
+    @override
     def prepare(self, inputs, grads, grad_scale):
         d_in, d_out = self.features()
         samples = self.count_samples(inputs)
@@ -72,6 +77,7 @@ class LinearBlock(KroneckerBlock):
         ops.linear_ekfac_diagonal_ema_(s[CORRECTED], data.inputs, data.grads, s["g_eigenvectors"],
                                        s["a_eigenvectors"], self.bias is not None, data.grad_scale, decay)
 
+    @override
     def factor_layout(self):
         return factor_layout(self.bias is not None) if type(self) is LinearBlock else None
 
@@ -94,12 +100,15 @@ class LinearKind(LayerKind):
         weight = cast(Tensor, module.weight)
         return weight.shape[1], weight.shape[0]
 
+    @override
     def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
         return LinearBlock(name, module, approx=approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
 
+    @override
     def implicit_rows(self, module):
         return True
 
+    @override
     def rows_input(self, module, inputs, samples):
         if not inputs or any(x.shape[0] != samples or x.dim() < 2 for x in inputs):
             return None
@@ -107,17 +116,21 @@ class LinearKind(LayerKind):
             return inputs[0]
         return torch.cat([x.reshape(samples, -1, self.features(module)[0]) for x in inputs], 1)
 
+    @override
     def merge_calls(self, module, grads):
         if len(grads) == 1:
             return grads[0]
         return torch.cat([g.reshape(g.shape[0], -1, self.features(module)[1]) for g in grads], 1)
 
+    @override
     def gram(self, module, x, g, bias):
         return ops.linear_gram(x, g, bias)
 
+    @override
     def rows_mv(self, module, x, g, weight, bias):
         return ops.linear_rows_mv(x, g, weight, bias)
 
+    @override
     def rows_tmv(self, module, x, g, w, index, chunk):
         width = g.shape[-1]
         per_unit = max(module.weight.numel() // max(width, 1), 1)
@@ -125,6 +138,7 @@ class LinearKind(LayerKind):
             for i, part in zip(index, ops.linear_rows_tmv(x, g[..., a:b], w)):
                 yield i, (slice(a, b),), part
 
+    @override
     def diagonal_fisher(self, module, x, g):
         d = ops.linear_diag_fisher(x, g, module.bias is not None, 1.0)
         weight = d[:, :self.features(module)[0]]
