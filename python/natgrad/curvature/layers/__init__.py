@@ -10,10 +10,16 @@ natgrad.fisher and EWC ask the kind, never the layer class:
 * :mod:`~natgrad.curvature.layers.embedding`: nn.Embedding;
 * :mod:`~natgrad.curvature.layers.attention`: nn.MultiheadAttention.
 
+Layer types of other libraries that natgrad knows (:data:`KNOWN_LAYERS`: Hugging Face's GPT-2
+``Conv1D``) are registered the first time :func:`kind_of` meets one, by importing the natgrad
+module that holds their kind; ``import natgrad`` imports none of those libraries.
+
 Add a layer type with :func:`register_layer`. The interface is :class:`LayerKind`
 (:mod:`natgrad.curvature.layers.base`).
 """
 from __future__ import annotations
+
+import importlib
 
 from torch import nn
 
@@ -28,6 +34,10 @@ __all__ = ["AttentionBlock", "Conv1dBlock", "Conv2dBlock", "EmbeddingBlock", "La
            "kind_of", "register_layer", "registered_layers"]
 
 _KINDS: dict[type[nn.Module], LayerKind] = {}
+
+#: third-party layer classes natgrad has a kind for, by qualified class name: the natgrad module
+#: whose ``register()`` registers it (imported only when such a module is met)
+KNOWN_LAYERS = {"transformers.pytorch_utils.Conv1D": "natgrad.integrations.transformers"}
 
 
 def register_layer(module_type: type[nn.Module], kind: LayerKind) -> None:
@@ -111,11 +121,17 @@ def register_layer(module_type: type[nn.Module], kind: LayerKind) -> None:
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:
-    """The kind of ``module`` (its most derived registered class), or None when there is none."""
+    """The kind of ``module`` (its most derived registered class), or None when there is none.
+    A class of :data:`KNOWN_LAYERS` is registered on first sight.
+    """
     for cls in type(module).__mro__:
         kind = _KINDS.get(cls)
         if kind is not None:
             return kind
+        known = KNOWN_LAYERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if known is not None:
+            importlib.import_module(known).register()
+            return _KINDS.get(cls)
     return None
 
 
