@@ -43,6 +43,7 @@ from natgrad.optim import KFAC
 from natgrad.regularizers import EWC
 
 _plugins = require("avalanche.training.plugins", "avalanche-lib", "natgrad.integrations.avalanche")
+SupervisedPlugin: Any = _plugins.SupervisedPlugin
 
 __all__ = ["EWCPlugin", "KFACPlugin"]
 
@@ -51,7 +52,7 @@ def _trainable(model: nn.Module) -> list[int]:
     return [id(p) for p in model.parameters() if p.requires_grad]
 
 
-class KFACPlugin(_plugins.SupervisedPlugin):
+class KFACPlugin(SupervisedPlugin):
     """Makes natgrad.KFAC the optimizer of the strategy it is plugged into (see the module
     docstring): built for ``strategy.model`` before the first experience and rebuilt when the
     model's trainable parameters change (a grown head, a replaced model).
@@ -96,7 +97,7 @@ class KFACPlugin(_plugins.SupervisedPlugin):
         self.builds += 1
 
 
-class EWCPlugin(_plugins.SupervisedPlugin):
+class EWCPlugin(SupervisedPlugin):
     """natgrad.EWC in an Avalanche strategy (see the module docstring): penalty before every
     backward pass, consolidation after every experience, and the K-FAC attach when the strategy's
     optimizer is a natgrad.KFAC.
