@@ -41,4 +41,4 @@ def test_hf_trainer_trains_and_resumes_with_the_uninterrupted_losses(tmp_path):
     assert validation < whole[0]
     hf_trainer_kfac.train(10, str(tmp_path / "parts"), save_steps=10)
     resumed, _ = hf_trainer_kfac.train(20, str(tmp_path / "parts"), resume=True, save_steps=10)
-    assert resumed == whole[10:]
+    assert resumed[-10:] == whole[10:]  # the log history holds the first run's 10 steps too
