@@ -80,7 +80,9 @@ class Coverage:
             return (f"plain gradient: its module ran in eval mode, so nothing was captured (call "
                     f"model.train(); then {block.description})")
         if not self.factor_steps:
-            return f"{block.description} (planned: from the first training-mode step)"
+            traced = hasattr(capture, "reason")  # a free parameter's use is known only once traced
+            return (f"{block.description} (planned: from the first training-mode step"
+                    + (", if its uses can be traced, else the plain gradient)" if traced else ")"))
         return UNFIRED
 
     def with_tie(self, key: int, text: str) -> str:

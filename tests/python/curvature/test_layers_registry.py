@@ -1,6 +1,8 @@
 """The public layer registry: Hugging Face GPT-2's transposed-weight ``Conv1D`` (``y = x @ W + b``,
-weight ``[in, out]``), registered through ``natgrad.curvature.register_layer`` alone, behaves
-exactly as the nn.Linear it is in KFAC, NaturalGradient, compute_fisher and EWC."""
+weight ``[in, out]``; a copy here, so that transformers is not needed), registered through
+``natgrad.curvature.register_layer`` with natgrad's kind for it
+(:mod:`natgrad.integrations.transformers`), behaves exactly as the nn.Linear it is in KFAC,
+NaturalGradient, compute_fisher and EWC."""
 from __future__ import annotations
 
 import copy
@@ -12,10 +14,10 @@ from torch import nn
 
 import natgrad
 from natgrad.curvature import layers
-from natgrad.curvature.block import CurvatureBlock
-from natgrad.curvature.layers import LinearBlock, LinearKind
+from natgrad.curvature.layers import LinearBlock
 from natgrad.fisher import compute_fisher
 from natgrad.fisher.gram import LayerRows, collect_rows
+from natgrad.integrations.transformers import Conv1DBlock, Conv1DKind
 
 
 class Conv1D(nn.Module):
@@ -30,46 +32,6 @@ class Conv1D(nn.Module):
     def forward(self, x):
         size_out = x.size()[:-1] + (self.nf,)
         return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-
-
-class Conv1DBlock(LinearBlock):
-    kind = "gpt2_conv1d"
-
-    def features(self):
-        return tuple(self.weight.shape)
-
-    @classmethod
-    def family(cls):  # a transposed weight: not the list ops' layout
-        return CurvatureBlock
-
-    def pack(self, tensors):
-        w, *rest = tensors
-        return super().pack([None if w is None else w.T, *rest])
-
-    def unpack(self, packed):
-        w = packed[:, :self.weight.shape[0]].T
-        return [w] if self.bias is None else [w, packed[:, -1]]
-
-
-class Conv1DKind(LinearKind):
-    name = "gpt2_conv1d"
-
-    def features(self, module):
-        return tuple(module.weight.shape)
-
-    def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
-        return Conv1DBlock(name, module, approx=approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
-
-    def rows_mv(self, module, x, g, weight, bias):
-        return super().rows_mv(module, x, g, weight.T, bias)
-
-    def rows_tmv(self, module, x, g, w, index, chunk):
-        for i, where, part in super().rows_tmv(module, x, g, w, index, chunk):
-            yield (i, (slice(None), *where), part.T) if i == index[0] else (i, where, part)
-
-    def diagonal_fisher(self, module, x, g):
-        weight, *rest = super().diagonal_fisher(module, x, g)
-        return [weight.T, *rest]
 
 
 @pytest.fixture(autouse=True)

@@ -109,9 +109,34 @@ def test_describe_reports_planned_blocks_before_any_forward():
         if "plain gradient" in after[name]:  # with its reason, before and after
             assert row == after[name]
         else:
-            assert row == after[name] + " (planned: from the first training-mode step)"
+            assert row.startswith(after[name] + " (planned: from the first training-mode step")
     assert "K-FAC embedding" in planned["emb.weight"] and "K-FAC linear" in planned["body.weight"]
     assert "skip_modules" in planned["head.weight"] and "frozen" in planned["frozen.weight"]
+
+
+class FreeUses(nn.Module):
+    """A positional offset (traceable: a broadcasting add) and a weight used by a matmul (not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(3))
+        self.mixing = nn.Parameter(torch.eye(3))
+
+    def forward(self, x):
+        return (x + self.offset) @ self.mixing
+
+
+def test_describe_plans_a_free_parameter_only_if_its_use_can_be_traced():
+    model = nn.Sequential(FreeUses(), nn.Linear(3, 2)).double()
+    opt = natgrad.KFAC(model)
+    planned = rows(opt.describe())
+    for name in ("0.offset", "0.mixing"):
+        assert "diagonal Fisher" in planned[name] and "if its uses can be traced, else the plain gradient" in planned[name]
+    F.cross_entropy(model(torch.randn(8, 3, dtype=torch.float64)), torch.randint(0, 2, (8,))).backward()
+    opt.step()
+    after = rows(opt.describe())
+    assert "diagonal Fisher" in after["0.offset"] and "planned" not in after["0.offset"]
+    assert "plain gradient" in after["0.mixing"] and "matmul" in after["0.mixing"]
 
 
 def test_eval_mode_warns_once_naming_train_and_describe_names_it():

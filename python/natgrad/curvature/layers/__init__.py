@@ -10,10 +10,16 @@ natgrad.fisher and EWC ask the kind, never the layer class:
 * :mod:`~natgrad.curvature.layers.embedding`: nn.Embedding;
 * :mod:`~natgrad.curvature.layers.attention`: nn.MultiheadAttention.
 
+Layer types of other libraries that natgrad knows (:data:`KNOWN_LAYERS`: Hugging Face's GPT-2
+``Conv1D``) are registered the first time :func:`kind_of` meets one, by importing the natgrad
+module that holds their kind; ``import natgrad`` imports none of those libraries.
+
 Add a layer type with :func:`register_layer`. The interface is :class:`LayerKind`
 (:mod:`natgrad.curvature.layers.base`).
 """
 from __future__ import annotations
+
+import importlib
 
 from torch import nn
 
@@ -29,6 +35,10 @@ __all__ = ["AttentionBlock", "Conv1dBlock", "Conv2dBlock", "EmbeddingBlock", "La
 
 _KINDS: dict[type[nn.Module], LayerKind] = {}
 
+#: third-party layer classes natgrad has a kind for, by qualified class name: the natgrad module
+#: whose ``register()`` registers it (imported only when such a module is met)
+KNOWN_LAYERS = {"transformers.pytorch_utils.Conv1D": "natgrad.integrations.transformers"}
+
 
 def register_layer(module_type: type[nn.Module], kind: LayerKind) -> None:
     """Makes natgrad treat every module of ``module_type`` (and of its subclasses, unless they are
@@ -38,56 +48,17 @@ def register_layer(module_type: type[nn.Module], kind: LayerKind) -> None:
     its kind. Unregistered modules keep natgrad's generic treatment (exact per-sample diagonal
     curvature or traced free parameters in KFAC, explicit rows in NaturalGradient).
 
-    Example: Hugging Face GPT-2's ``Conv1D`` is a linear layer with a transposed weight
-    ``[in, out]`` (``y = x @ W + b``). Its Fisher is an nn.Linear's with the weight transposed,
-    so its kind reuses the Linear block and rows, and packs ``Wᵀ``::
+    Example: a layer that stores its weight transposed, ``[in, out]`` (``y = x @ W + b``), has an
+    nn.Linear's Fisher with the weight transposed. :mod:`natgrad.integrations.transformers` holds
+    such a kind, written for Hugging Face's GPT-2 ``Conv1D`` (which natgrad registers by itself,
+    see :data:`KNOWN_LAYERS`): it reuses the Linear block, rows and diagonal Fisher and packs
+    ``Wᵀ``. A layer of your own with the same layout can take it::
 
         import natgrad
-        from natgrad.curvature.block import CurvatureBlock
-        from natgrad.curvature.layers import LinearBlock, LinearKind
-        from transformers.pytorch_utils import Conv1D
+        from natgrad.integrations.transformers import Conv1DKind
 
-        class Conv1DBlock(LinearBlock):
-            kind = "gpt2_conv1d"
-
-            def features(self):  # (in, out) from the weight [in, out]
-                return tuple(self.weight.shape)
-
-            @classmethod
-            def family(cls):  # a transposed weight: not the list ops' layout
-                return CurvatureBlock
-
-            def pack(self, tensors):  # the Linear layout [W^T, b]
-                w, *rest = tensors
-                return super().pack([None if w is None else w.T, *rest])
-
-            def unpack(self, packed):
-                w = packed[:, :self.weight.shape[0]].T
-                return [w] if self.bias is None else [w, packed[:, -1]]
-
-        class Conv1DKind(LinearKind):
-            name = "gpt2_conv1d"
-
-            def features(self, module):
-                return tuple(module.weight.shape)
-
-            def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
-                return Conv1DBlock(name, module, approx=approx, factor_dtype=factor_dtype,
-                                   inverse_dtype=inverse_dtype)
-
-            def rows_mv(self, module, x, g, weight, bias):
-                return super().rows_mv(module, x, g, weight.T, bias)
-
-            def rows_tmv(self, module, x, g, w, index, chunk):  # weight parts come [out, in]
-                for i, where, part in super().rows_tmv(module, x, g, w, index, chunk):
-                    yield (i, (slice(None), *where), part.T) if i == index[0] else (i, where, part)
-
-            def diagonal_fisher(self, module, x, g):
-                weight, *rest = super().diagonal_fisher(module, x, g)
-                return [weight.T, *rest]
-
-        natgrad.curvature.register_layer(Conv1D, Conv1DKind())
-        optimizer = natgrad.KFAC(gpt2)  # every Conv1D now gets a Kronecker block
+        natgrad.curvature.register_layer(MyTransposedLinear, Conv1DKind())
+        optimizer = natgrad.KFAC(model)  # every MyTransposedLinear now gets a Kronecker block
 
     Register before constructing the optimizer (blocks are chosen then). A kind that leaves out
     the rows methods gets explicit rows in NaturalGradient, and one without
@@ -111,11 +82,17 @@ def register_layer(module_type: type[nn.Module], kind: LayerKind) -> None:
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:
-    """The kind of ``module`` (its most derived registered class), or None when there is none."""
+    """The kind of ``module`` (its most derived registered class), or None when there is none.
+    A class of :data:`KNOWN_LAYERS` is registered on first sight.
+    """
     for cls in type(module).__mro__:
         kind = _KINDS.get(cls)
         if kind is not None:
             return kind
+        known = KNOWN_LAYERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if known is not None:
+            importlib.import_module(known).register()
+            return _KINDS.get(cls)
     return None
 
 
