@@ -55,6 +55,7 @@ def train(steps: int = 100, output_dir: str | None = None, resume: bool = False,
     factors are in ``optimizer.pt``).
     """
     model = tiny_gpt2(seed=seed)
+    # --8<-- [start:trainer]
     optimizer = natgrad.KFAC(model, lr=0.05, damping=1e-2, kl_clip=1e-2, inverse_update_period=5,
                              loss_reduction="token_mean")
     args = TrainingArguments(output_dir=output_dir or tempfile.mkdtemp(), max_steps=steps,
@@ -64,6 +65,7 @@ def train(steps: int = 100, output_dir: str | None = None, resume: bool = False,
                              disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=ProgressionTokens(2048, seed=seed),
                       eval_dataset=ProgressionTokens(256, seed=seed + 1), optimizers=(optimizer, None))
+    # --8<-- [end:trainer]
     trainer.train(resume_from_checkpoint=resume or None)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return losses, trainer.evaluate()["eval_loss"]

@@ -46,9 +46,11 @@ class DigitsClassifier(L.LightningModule):
         x, y = batch
         self.log("val_loss", F.cross_entropy(self(x), y))
 
+    # --8<-- [start:configure]
     def configure_optimizers(self):
         return natgrad.KFAC(self, lr=self.hparams.lr, damping=self.hparams.damping, kl_clip=1e-2,
                             inverse_update_period=5)
+    # --8<-- [end:configure]
 
 
 class EpochShuffle(torch.utils.data.Sampler):

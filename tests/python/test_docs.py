@@ -29,6 +29,8 @@ API_PAGES = {
     "natgrad.fisher": "fisher.md", "natgrad.solvers": "solvers.md", "natgrad.stats": "stats.md",
     "natgrad.likelihoods": "likelihoods.md", "natgrad.curvature": "curvature.md",
     "natgrad.distributed": "distributed.md", "natgrad.ops": "ops.md",
+    "natgrad.integrations.avalanche": "integrations.md", "natgrad.integrations.laplace": "integrations.md",
+    "natgrad.integrations.transformers": "integrations.md",
 }
 
 
