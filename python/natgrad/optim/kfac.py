@@ -258,6 +258,8 @@ class KFAC(Optimizer):
         #: The adaptive learning rate and momentum (None unless adaptive_learning_rate).
         self.adaptive_step = AdaptiveStep(self.model, adaptive_momentum, adaptive_period, likelihood,
                                           loss_reduction, nll_scale) if adaptive_learning_rate else None
+        if self.adaptive_step is not None:  # the recording hook goes with the optimizer
+            weakref.finalize(self, self.adaptive_step.recorder.remove)
         self._index_groups()
 
     # ---- set-up ---------------------------------------------------------------------------------

@@ -366,3 +366,24 @@ def test_nll_scale_scales_the_model_of_a_per_pixel_mean_loss():
     d = call["delta"]
     alpha = -(call["grad"] @ d) / (d @ fisher @ d + d @ (call["damping"] * d))
     assert calls[-1]["q"].alpha == pytest.approx(float(alpha), rel=1e-10)
+
+
+def test_the_recording_hook_goes_with_the_optimizer():
+    import gc
+
+    model = _model()
+    opt = natgrad.KFAC(model, adaptive_learning_rate=True)
+    recorder = opt.adaptive_step.recorder
+    del opt
+    gc.collect()
+    x, _ = _data()
+    model(x).sum().backward()
+    assert recorder.calls == []
+    for eigen in (True, False):  # EKFAC directions take the same adaptive step
+        opt = natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, eigenvalue_correction=eigen)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), _data()[1]).backward()
+            opt.step()
+        assert opt.adaptive_step.alpha > 0
+        opt.remove_hooks()
