@@ -38,6 +38,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.hooks import RemovableHandle
 
 from natgrad import ops
@@ -188,13 +189,14 @@ class AdaptiveStep:
     def curvature(self, params: list[Tensor], first: list[Tensor], second: list[Tensor]) -> Tensor:
         """``[[xᵀFx, xᵀFy], [yᵀFx, yᵀFy]]`` for the vectors ``x = first``, ``y = second`` over
         ``params``, summed over the recorded calls with their weights, times ``nll_scale``. The model is re-run on
-        copies of its buffers (BatchNorm statistics stay as they are), with the random-number
-        state restored afterwards.
+        copies of its buffers (BatchNorm statistics stay as they are) and with the math attention
+        kernel, with the random-number state restored afterwards.
         """
         flat = torch.stack([torch.cat([t.reshape(-1) for t in first]), torch.cat([t.reshape(-1) for t in second])], 1)
         devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
         total = torch.zeros(2, 2, dtype=torch.float64)
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        # the math attention kernel: the fused CPU/CUDA kernels have no forward-mode derivative
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             for inputs, weight in self.recorder.batches():
                 if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
                     return torch.full((2, 2), float("nan"), dtype=torch.float64)  # the rule skips the step

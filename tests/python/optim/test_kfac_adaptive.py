@@ -387,3 +387,26 @@ def test_the_recording_hook_goes_with_the_optimizer():
             opt.step()
         assert opt.adaptive_step.alpha > 0
         opt.remove_hooks()
+
+
+def test_attention_models_take_the_dense_model_step():
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, C)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Attend().double()
+    x = torch.randn(N, 3, 4, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(3))
+    opt = natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, damping=0.05)
+    calls = _spy(opt)
+    _train(opt, model, x, y, 2)
+    twin, call = _twin_calls(model, calls[-1])
+    a, b = _dense_model(twin, call, x)
+    torch.testing.assert_close(torch.tensor([call["q"].alpha, call["q"].mu], dtype=torch.float64),
+                               -torch.linalg.solve(a, b), rtol=1e-10, atol=1e-12)
