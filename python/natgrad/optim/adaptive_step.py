@@ -127,7 +127,8 @@ class AdaptiveStep:
         return forced or self.alpha is None or step % self.period == 0
 
     def solve_step(self, updates: dict, grads: dict, group_of: dict[int, dict], state: MutableMapping[Tensor, Any],
-                   damping_of: Callable[[Tensor], float], mean: Callable[[float], float]) -> ops.QuadraticStep:
+                   damping_of: Callable[[Tensor], float], mean: Callable[[float], float],
+                   kl_clip: float | None = None) -> ops.QuadraticStep:
         """:meth:`solve` for K-FAC's directions ``updates`` (u by parameter): Δ = −(u + ωθ) and
         δ = −b from each parameter's ``momentum_buffer`` in the optimizer's ``state`` (times
         −its group's momentum when μ is fixed); ``group_of`` maps ``id(p)`` to its group.
@@ -140,7 +141,7 @@ class AdaptiveStep:
             scale = -1.0 if self.adapt_momentum else -group["momentum"]
             previous[p] = torch.zeros_like(p) if buf is None or scale == 0 else buf * scale
         with self.recorder.paused():
-            return self.solve(proposals, previous, grads, damping_of, mean)
+            return self.solve(proposals, previous, grads, damping_of, mean, kl_clip)
 
     def apply(self, param_groups: list[dict], updates: dict, state: MutableMapping[Tensor, Any]) -> None:
         """``θ ← θ + αΔ + μδ`` with the last α, μ (μ: each group's momentum when fixed), keeping
@@ -162,10 +163,13 @@ class AdaptiveStep:
 
     def solve(self, proposals: dict[Tensor, Tensor], previous: dict[Tensor, Tensor],
               grads: dict[Tensor, Tensor], damping_of: Callable[[Tensor], float],
-              mean: Callable[[float], float]) -> ops.QuadraticStep:
+              mean: Callable[[float], float], kl_clip: float | None = None) -> ops.QuadraticStep:
         """Minimises the model for ``proposals`` Δ and ``previous`` δ (by parameter; δ already
         times each group's fixed momentum when μ is not adapted), with the batch gradients
-        ``grads``; ``mean`` averages a product over ranks.
+        ``grads``; ``mean`` averages a product over ranks. With ``kl_clip`` the step is then
+        scaled by ν so that its quadratic form under the exact Fisher (damping excluded),
+        ``ν² wᵀ(VᵀFV)w``, is at most ``kl_clip`` (:func:`natgrad.ops.kfac_trust_region`, the
+        trust region of K-FAC's plain step); ``model_change`` is the model at the scaled step.
         """
         params = list(proposals)
         a = self.curvature(params, [proposals[p] for p in params], [previous[p] for p in params])
@@ -179,6 +183,14 @@ class AdaptiveStep:
         damped = sums.tolist()
         q = ops.kfac_quadratic_step(a00 + damped[0], a01 + damped[1], a11 + damped[2], damped[3], damped[4],
                                     self.adapt_momentum, 1.0)
+        if q.finite and kl_clip is not None:
+            w = (q.alpha, q.mu)
+            form = w[0] * w[0] * a00 + 2 * w[0] * w[1] * a01 + w[1] * w[1] * a11
+            nu = ops.kfac_trust_region(kl_clip, [form], [0.0], [1.0], [0.0], [0.0]).nu
+            if nu < 1.0:
+                linear = w[0] * damped[3] + w[1] * damped[4]
+                q = q._replace(alpha=nu * q.alpha, mu=nu * q.mu,
+                               model_change=nu * nu * (q.model_change - linear) + nu * linear)
         self.last = q
         if q.finite:
             self.alpha, self.mu = q.alpha, q.mu

@@ -130,8 +130,10 @@ class KFAC(Optimizer):
         adaptive_learning_rate (bool): Martens & Grosse's (2015, §7) learning rate: the step is
             :math:`\alpha\Delta + \mu\delta` (Δ = −(u + ωθ), δ the previous update) with α
             minimising the quadratic model of the batch's loss under the exact Fisher plus the
-            damping, from forward-mode products (:mod:`natgrad.optim.adaptive_step`); ``lr`` and
-            ``kl_clip`` are then not used, and adaptive_damping's reduction ratio uses this
+            damping, from forward-mode products (:mod:`natgrad.optim.adaptive_step`); ``lr`` is
+            then not used, ``kl_clip`` bounds the chosen step's quadratic form under the exact
+            Fisher (a safeguard while the damping is too small for the model to be trusted; None:
+            Martens & Grosse's unbounded step), and adaptive_damping's reduction ratio uses this
             model. It re-runs ``model(x)`` on the inputs of the step's forward calls (made with
             gradients enabled; one tensor input, logits or means out); each recomputation costs
             one forward and two forward-mode (jvp) passes of the batch (default: False).
@@ -457,7 +459,8 @@ class KFAC(Optimizer):
             return None
         with self.estimator.paused():
             q = adaptive.solve_step(updates, grads, self._group_of, self.state, self._damping,
-                                    self.estimator.communicator.mean_scalar)
+                                    self.estimator.communicator.mean_scalar,
+                                    _resolve("kl_clip", self.kl_clip, self._steps))
         if not q.finite:
             warnings.warn("natgrad.KFAC: the quadratic model of the adaptive learning rate holds NaN or Inf "
                           "(non-finite inputs, or outputs that overflowed?); the step is skipped "
