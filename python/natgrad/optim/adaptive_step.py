@@ -14,7 +14,9 @@ distribution and λ each parameter's damping. Its entries :math:`\Delta^\top F\D
 :math:`\Delta^\top F\delta`, :math:`\delta^\top F\delta` come from forward-mode products
 :math:`J\Delta, J\delta` of the re-run forward with the closed-form output Fisher
 (:meth:`natgrad.fisher.ImplicitFisher.gram`); F is never formed. The 2×2 solve and its
-fallbacks are one rule, :func:`natgrad.ops.kfac_quadratic_step`.
+fallbacks are one rule, :func:`natgrad.ops.kfac_quadratic_step`. K-FAC's ``kl_clip`` then
+bounds the chosen step's quadratic form under F (the trust-region rule of the plain step),
+which keeps the step finite-sized while the damping is too small for the model to be trusted.
 
 The batch is the model's own: :class:`ForwardRecorder` keeps the input of every forward call
 made with gradients enabled since the last step (a reference, no copy). Usage::
