@@ -34,7 +34,7 @@ SPACES: dict[str, dict[str, tuple[float, float, str]]] = {
                       "kl_clip": (1e-4, 0.1, "log")},
     "natgrad.EigenAdam": {"lr": (2e-4, 2e-2, "log"), "one_minus_beta2": (0.005, 0.1, "log")},
     "natgrad.EigenAdam-shampoo": {"lr": (2e-4, 2e-2, "log"), "one_minus_beta2": (0.005, 0.1, "log")},
-    "natgrad.KFAC-adaptive": {"damping": (1e-3, 10.0, "log")},
+    "natgrad.KFAC-adaptive": {"damping": (1e-3, 10.0, "log"), "kl_clip": (1e-4, 0.1, "log")},
     "kfac-pytorch": {"lr": (0.01, 1.0, "log"), "damping": (1e-4, 0.1, "log")},
 }
 FIXED: dict[str, dict[str, Any]] = {
@@ -63,8 +63,9 @@ FIXED: dict[str, dict[str, Any]] = {
                               "likelihood": "the workload's loss (natgrad likelihood and nll_scale)",
                               "factor_decay": 0.95, "factor_update_period": 1,
                               "inverse_update_period": 10, "inverse_method": "eigen",
-                              "lr_schedule": "none: lr and kl_clip are unused, the quadratic model of each "
-                                             "batch chooses the learning rate and momentum",
+                              "lr_schedule": "none: lr is unused, the quadratic model of each batch chooses "
+                                             "the learning rate and momentum; kl_clip bounds the chosen step's "
+                                             "quadratic form under the exact Fisher",
                               "damping": "the initial damping is tuned; Levenberg-Marquardt adapts it every 5 "
                                          "steps from the batch's loss re-evaluated after the update (on the clock)"},
     "kfac-pytorch": {"factor_update_steps": 1, "inv_update_steps": 10, "factor_decay": 0.95,
@@ -267,8 +268,8 @@ def _natgrad_kfac_adaptive(model: nn.Module, hp: dict[str, float], kfac_kwargs: 
     words = ("lr_schedule", "likelihood", "damping")  # descriptions, not arguments
     f = {k: v for k, v in FIXED["natgrad.KFAC-adaptive"].items() if k not in words}
     name, scale = likelihood
-    return Trainer([natgrad.KFAC(model, damping=hp["damping"], likelihood=name, nll_scale=scale, **f,
-                                 **kfac_kwargs)], closure_step=True)
+    return Trainer([natgrad.KFAC(model, damping=hp["damping"], kl_clip=hp["kl_clip"], likelihood=name,
+                                 nll_scale=scale, **f, **kfac_kwargs)], closure_step=True)
 
 
 def _kfac_pytorch(model: nn.Module, hp: dict[str, float]) -> Trainer:  # pragma: no cover

@@ -66,7 +66,7 @@ def test_ops_reference_table_lists_every_op_with_its_devices():
 def test_every_schema_is_registered():
     names = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("natgrad::")}
     assert set(ops.__all__) - {"DampedInverses", "DampingAdaptation", "Directions", "EighResult", "Fault",
-                                "GramSolution", "OptionBound", "Rung", "TrustRegion", "WoodburySolution",
+                                "GramSolution", "OptionBound", "QuadraticStep", "Rung", "TrustRegion", "WoodburySolution",
                                 "ewc_penalty_and_grad", "kfac_option_bounds"} <= names
 
 

@@ -14,7 +14,9 @@ distribution and λ each parameter's damping. Its entries :math:`\Delta^\top F\D
 :math:`\Delta^\top F\delta`, :math:`\delta^\top F\delta` come from forward-mode products
 :math:`J\Delta, J\delta` of the re-run forward with the closed-form output Fisher
 (:meth:`natgrad.fisher.ImplicitFisher.gram`); F is never formed. The 2×2 solve and its
-fallbacks are one rule, :func:`natgrad.ops.kfac_quadratic_step`.
+fallbacks are one rule, :func:`natgrad.ops.kfac_quadratic_step`. K-FAC's ``kl_clip`` then
+bounds the chosen step's quadratic form under F (the trust-region rule of the plain step),
+which keeps the step finite-sized while the damping is too small for the model to be trusted.
 
 The batch is the model's own: :class:`ForwardRecorder` keeps the input of every forward call
 made with gradients enabled since the last step (a reference, no copy). Usage::
@@ -38,6 +40,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.hooks import RemovableHandle
 
 from natgrad import ops
@@ -126,7 +129,8 @@ class AdaptiveStep:
         return forced or self.alpha is None or step % self.period == 0
 
     def solve_step(self, updates: dict, grads: dict, group_of: dict[int, dict], state: MutableMapping[Tensor, Any],
-                   damping_of: Callable[[Tensor], float], mean: Callable[[float], float]) -> ops.QuadraticStep:
+                   damping_of: Callable[[Tensor], float], mean: Callable[[float], float],
+                   kl_clip: float | None = None) -> ops.QuadraticStep:
         """:meth:`solve` for K-FAC's directions ``updates`` (u by parameter): Δ = −(u + ωθ) and
         δ = −b from each parameter's ``momentum_buffer`` in the optimizer's ``state`` (times
         −its group's momentum when μ is fixed); ``group_of`` maps ``id(p)`` to its group.
@@ -139,7 +143,7 @@ class AdaptiveStep:
             scale = -1.0 if self.adapt_momentum else -group["momentum"]
             previous[p] = torch.zeros_like(p) if buf is None or scale == 0 else buf * scale
         with self.recorder.paused():
-            return self.solve(proposals, previous, grads, damping_of, mean)
+            return self.solve(proposals, previous, grads, damping_of, mean, kl_clip)
 
     def apply(self, param_groups: list[dict], updates: dict, state: MutableMapping[Tensor, Any]) -> None:
         """``θ ← θ + αΔ + μδ`` with the last α, μ (μ: each group's momentum when fixed), keeping
@@ -161,10 +165,13 @@ class AdaptiveStep:
 
     def solve(self, proposals: dict[Tensor, Tensor], previous: dict[Tensor, Tensor],
               grads: dict[Tensor, Tensor], damping_of: Callable[[Tensor], float],
-              mean: Callable[[float], float]) -> ops.QuadraticStep:
+              mean: Callable[[float], float], kl_clip: float | None = None) -> ops.QuadraticStep:
         """Minimises the model for ``proposals`` Δ and ``previous`` δ (by parameter; δ already
         times each group's fixed momentum when μ is not adapted), with the batch gradients
-        ``grads``; ``mean`` averages a product over ranks.
+        ``grads``; ``mean`` averages a product over ranks. With ``kl_clip`` the step is then
+        scaled by ν so that its quadratic form under the exact Fisher (damping excluded),
+        ``ν² wᵀ(VᵀFV)w``, is at most ``kl_clip`` (:func:`natgrad.ops.kfac_trust_region`, the
+        trust region of K-FAC's plain step); ``model_change`` is the model at the scaled step.
         """
         params = list(proposals)
         a = self.curvature(params, [proposals[p] for p in params], [previous[p] for p in params])
@@ -178,6 +185,14 @@ class AdaptiveStep:
         damped = sums.tolist()
         q = ops.kfac_quadratic_step(a00 + damped[0], a01 + damped[1], a11 + damped[2], damped[3], damped[4],
                                     self.adapt_momentum, 1.0)
+        if q.finite and kl_clip is not None:
+            w = (q.alpha, q.mu)
+            form = w[0] * w[0] * a00 + 2 * w[0] * w[1] * a01 + w[1] * w[1] * a11
+            nu = ops.kfac_trust_region(kl_clip, [form], [0.0], [1.0], [0.0], [0.0]).nu
+            if nu < 1.0:
+                linear = w[0] * damped[3] + w[1] * damped[4]
+                q = q._replace(alpha=nu * q.alpha, mu=nu * q.mu,
+                               model_change=nu * nu * (q.model_change - linear) + nu * linear)
         self.last = q
         if q.finite:
             self.alpha, self.mu = q.alpha, q.mu
@@ -188,13 +203,14 @@ class AdaptiveStep:
     def curvature(self, params: list[Tensor], first: list[Tensor], second: list[Tensor]) -> Tensor:
         """``[[xᵀFx, xᵀFy], [yᵀFx, yᵀFy]]`` for the vectors ``x = first``, ``y = second`` over
         ``params``, summed over the recorded calls with their weights, times ``nll_scale``. The model is re-run on
-        copies of its buffers (BatchNorm statistics stay as they are), with the random-number
-        state restored afterwards.
+        copies of its buffers (BatchNorm statistics stay as they are) and with the math attention
+        kernel, with the random-number state restored afterwards.
         """
         flat = torch.stack([torch.cat([t.reshape(-1) for t in first]), torch.cat([t.reshape(-1) for t in second])], 1)
         devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
         total = torch.zeros(2, 2, dtype=torch.float64)
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        # the math attention kernel: the fused CPU/CUDA kernels have no forward-mode derivative
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             for inputs, weight in self.recorder.batches():
                 if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
                     return torch.full((2, 2), float("nan"), dtype=torch.float64)  # the rule skips the step

@@ -65,9 +65,9 @@ def _spy(opt: natgrad.KFAC) -> list[dict]:
     adaptive = opt.adaptive_step
     original = adaptive.solve
 
-    def solve(proposals, previous, grads, damping_of, mean):
+    def solve(proposals, previous, grads, damping_of, mean, kl_clip=None):
         params = list(proposals)
-        q = original(proposals, previous, grads, damping_of, mean)
+        q = original(proposals, previous, grads, damping_of, mean, kl_clip)
         calls.append({"params": params, "q": q,
                       "delta": torch.cat([proposals[p].reshape(-1) for p in params]).clone(),
                       "prev": torch.cat([previous[p].reshape(-1) for p in params]).clone(),
@@ -116,7 +116,7 @@ def test_gram_equals_the_dense_fisher():
 
 def test_learning_rate_and_momentum_minimise_the_dense_model():
     model, (x, y) = _model(), _data()
-    opt = natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, damping=0.05,
+    opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True, adaptive_momentum=True, damping=0.05,
                        weight_decay=1e-3)
     calls = _spy(opt)
     for step in range(3):
@@ -160,7 +160,7 @@ def test_fixed_momentum_per_group_solves_the_one_dimensional_model():
     model, (x, y) = _model(), _data()
     groups = [{"params": model[0].parameters(), "momentum": 0.5, "damping": 0.1},
               {"params": model[2].parameters(), "momentum": 0.9, "weight_decay": 1e-2}]
-    opt = natgrad.KFAC(model, groups, adaptive_learning_rate=True, damping=0.02)
+    opt = natgrad.KFAC(model, groups, kl_clip=None, adaptive_learning_rate=True, damping=0.02)
     calls = _spy(opt)
     _train(opt, model, x, y, 3)
     original = calls[-1]["params"]
@@ -176,7 +176,7 @@ def test_fixed_momentum_per_group_solves_the_one_dimensional_model():
 
 def test_reduction_ratio_uses_the_dense_model():
     model, (x, y) = _model(), _data()
-    opt = natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, adaptive_damping=True,
+    opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True, adaptive_momentum=True, adaptive_damping=True,
                        damping_adaptation_interval=1, damping=0.05)
     calls = _spy(opt)
     _train(opt, model, x, y, 2, closure=True)
@@ -194,7 +194,7 @@ def test_period_reuses_the_coefficients_and_resumes_exactly():
 
     def make():
         model = _model()
-        return model, natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, adaptive_period=2,
+        return model, natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True, adaptive_momentum=True, adaptive_period=2,
                                    damping=0.05)
 
     model, opt = make()
@@ -216,7 +216,7 @@ def test_period_reuses_the_coefficients_and_resumes_exactly():
 
 def test_zero_gradient_and_nan_batches_do_not_move_the_parameters():
     model = _model()
-    opt = natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, likelihood="gaussian")
+    opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True, adaptive_momentum=True, likelihood="gaussian")
     x, _ = _data()
     before = [p.detach().clone() for p in model.parameters()]
     out = model(x)
@@ -237,7 +237,7 @@ def test_zero_gradient_and_nan_batches_do_not_move_the_parameters():
 
 def test_nonfinite_model_skips_the_step(monkeypatch):
     model, (x, y) = _model(), _data()
-    opt = natgrad.KFAC(model, adaptive_learning_rate=True)
+    opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True)
     monkeypatch.setattr(opt.adaptive_step, "curvature",
                         lambda *args: torch.full((2, 2), float("inf"), dtype=torch.float64))
     before = [p.detach().clone() for p in model.parameters()]
@@ -253,12 +253,16 @@ def test_adaptive_training_decreases_the_loss():
     x = torch.randn(256, 10)
     y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 0).long()
     model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
-    opt = natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, damping=1e-2)
+    start = copy.deepcopy(model.state_dict())
     with torch.no_grad():
         first = float(nn.functional.cross_entropy(model(x), y))
-    _train(opt, model, x, y, 25)
-    with torch.no_grad():
-        assert float(nn.functional.cross_entropy(model(x), y)) < 0.1 * first
+    for kl_clip, factor in ((None, 0.1), (1e-3, 0.7)):  # the default bound slows it, never stalls it
+        model.load_state_dict(start)
+        opt = natgrad.KFAC(model, kl_clip=kl_clip, adaptive_learning_rate=True, adaptive_momentum=True, damping=1e-2)
+        _train(opt, model, x, y, 25)
+        opt.remove_hooks()
+        with torch.no_grad():
+            assert float(nn.functional.cross_entropy(model(x), y)) < factor * first
 
 
 def test_the_rule_matches_closed_forms():
@@ -290,7 +294,7 @@ def test_a_step_without_a_forward_pass_or_with_two_inputs_raises():
             return self.lin(a + b)
 
     model = TwoInputs()
-    opt = natgrad.KFAC(model, adaptive_learning_rate=True)
+    opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True)
     with pytest.raises(RuntimeError, match="forward pass"):
         opt.step()
     model(torch.randn(4, 3), torch.randn(4, 3)).sum().backward()
@@ -312,7 +316,7 @@ def test_nonfinite_inputs_the_layers_never_see_skip_the_step_without_raising():
             return self.lin(torch.nan_to_num(x))
 
     model = Cleaned()
-    opt = natgrad.KFAC(model, adaptive_learning_rate=True)
+    opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True)
     x, y = _data()
     x[0, 0] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
@@ -327,7 +331,7 @@ def test_a_checkpoint_without_adaptive_state_loads_and_recomputes():
     model, (x, y) = _model(), _data()
     plain = natgrad.KFAC(model, damping=0.05)
     _train(plain, model, x, y, 2)
-    opt = natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, adaptive_period=5, damping=0.05)
+    opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True, adaptive_momentum=True, adaptive_period=5, damping=0.05)
     opt.load_state_dict(plain.state_dict())
     assert opt.adaptive_step.alpha is None
     calls = _spy(opt)
@@ -339,7 +343,7 @@ def test_batchnorm_in_training_mode_keeps_its_statistics_and_matches_the_dense_f
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, C)).double()
     x, y = _data()
-    opt = natgrad.KFAC(model, adaptive_learning_rate=True, adaptive_momentum=True, damping=0.05)
+    opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True, adaptive_momentum=True, damping=0.05)
     calls = _spy(opt)
     for _ in range(2):
         opt.zero_grad()
@@ -357,7 +361,7 @@ def test_batchnorm_in_training_mode_keeps_its_statistics_and_matches_the_dense_f
 def test_nll_scale_scales_the_model_of_a_per_pixel_mean_loss():
     model, (x, _) = _model(), _data()
     target = torch.rand(N, C, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    opt = natgrad.KFAC(model, adaptive_learning_rate=True, likelihood="bernoulli", nll_scale=1.0 / C, damping=0.05)
+    opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True, likelihood="bernoulli", nll_scale=1.0 / C, damping=0.05)
     calls = _spy(opt)
     nn.functional.binary_cross_entropy_with_logits(model(x), target).backward()  # mean over N·C entries
     opt.step()
@@ -366,3 +370,72 @@ def test_nll_scale_scales_the_model_of_a_per_pixel_mean_loss():
     d = call["delta"]
     alpha = -(call["grad"] @ d) / (d @ fisher @ d + d @ (call["damping"] * d))
     assert calls[-1]["q"].alpha == pytest.approx(float(alpha), rel=1e-10)
+
+
+def test_the_recording_hook_goes_with_the_optimizer():
+    import gc
+
+    model = _model()
+    opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True)
+    recorder = opt.adaptive_step.recorder
+    del opt
+    gc.collect()
+    x, _ = _data()
+    model(x).sum().backward()
+    assert recorder.calls == []
+    for eigen in (True, False):  # EKFAC directions take the same adaptive step
+        opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True, adaptive_momentum=True, eigenvalue_correction=eigen)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), _data()[1]).backward()
+            opt.step()
+        assert opt.adaptive_step.alpha > 0
+        opt.remove_hooks()
+
+
+def test_attention_models_take_the_dense_model_step():
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, C)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Attend().double()
+    x = torch.randn(N, 3, 4, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(3))
+    opt = natgrad.KFAC(model, kl_clip=None, adaptive_learning_rate=True, adaptive_momentum=True, damping=0.05)
+    calls = _spy(opt)
+    _train(opt, model, x, y, 2)
+    twin, call = _twin_calls(model, calls[-1])
+    a, b = _dense_model(twin, call, x)
+    torch.testing.assert_close(torch.tensor([call["q"].alpha, call["q"].mu], dtype=torch.float64),
+                               -torch.linalg.solve(a, b), rtol=1e-10, atol=1e-12)
+
+
+def test_kl_clip_bounds_the_step_under_the_dense_fisher():
+    model, (x, y) = _model(), _data()
+    kappa = 1e-4
+    opt = natgrad.KFAC(model, kl_clip=kappa, adaptive_learning_rate=True, adaptive_momentum=True, damping=0.05)
+    calls = _spy(opt)
+    _train(opt, model, x, y, 1)
+    for _ in range(2):
+        before = [p.detach().clone() for p in model.parameters()]
+        _train(opt, model, x, y, 1)
+        twin, call = _twin_calls(model, calls[-1])
+        a, b = _dense_model(twin, call, x)
+        w = -torch.linalg.solve(a, b)
+        fisher = _dense_fisher(twin, call["params"], x, "categorical")
+        v = torch.stack([call["delta"], call["prev"]], 1)
+        form = w @ (v.T @ fisher @ v) @ w
+        assert form > kappa  # the clip binds
+        nu = (kappa / form).sqrt()
+        q = call["q"]
+        torch.testing.assert_close(torch.tensor([q.alpha, q.mu], dtype=torch.float64), nu * w, rtol=1e-10, atol=0.0)
+        torch.testing.assert_close(torch.tensor(q.model_change, dtype=torch.float64),
+                                   nu * nu * 0.5 * w @ a @ w + nu * w @ b, rtol=1e-10, atol=0.0)
+        moved = torch.cat([(p.detach() - old).reshape(-1) for p, old in zip(model.parameters(), before)])
+        torch.testing.assert_close(moved @ fisher @ moved, torch.tensor(kappa, dtype=torch.float64), rtol=1e-9, atol=0.0)
