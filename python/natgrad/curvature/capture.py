@@ -74,6 +74,7 @@ class CaptureGate:
         self.open = open
 
     def __call__(self) -> bool:
+        """Whether the hooks record now."""
         return self.open
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from torch import Tensor, nn
+from typing_extensions import override
 
 from natgrad.curvature.block import CurvatureBlock
 from natgrad.curvature.layers import LinearBlock, LinearKind, register_layer
@@ -37,6 +38,7 @@ class Conv1DBlock(LinearBlock):
         return tuple(self.weight.shape)  # type: ignore[return-value]
 
     @property
+    @override
     def description(self) -> str:
         return f"{self.method} linear, transposed weight ({self.approx}){self.split_note()}"
 
@@ -45,10 +47,12 @@ class Conv1DBlock(LinearBlock):
         """Served one block at a time: the list ops read the weight as ``[out, in]``."""
         return CurvatureBlock
 
+    @override
     def pack(self, tensors: Sequence[Tensor | None]) -> Tensor:
         w, *rest = tensors
         return super().pack([None if w is None else w.T, *rest])
 
+    @override
     def unpack(self, packed: Tensor) -> list[Tensor]:
         w = packed[:, :self.weight.shape[0]].T
         return [w] if self.bias is None else [w, packed[:, -1]]
@@ -59,20 +63,25 @@ class Conv1DKind(LinearKind):
 
     name = "gpt2_conv1d"
 
+    @override
     def features(self, module: nn.Module) -> tuple[int, int]:
         weight = cast(Tensor, module.weight)
         return weight.shape[0], weight.shape[1]
 
+    @override
     def block(self, name, module, *, approx="expand", factor_dtype=None, inverse_dtype=None):
         return Conv1DBlock(name, module, approx=approx, factor_dtype=factor_dtype, inverse_dtype=inverse_dtype)
 
+    @override
     def rows_mv(self, module, x, g, weight, bias):
         return super().rows_mv(module, x, g, weight.T, bias)
 
+    @override
     def rows_tmv(self, module, x, g, w, index, chunk):  # the weight's parts come [out, in]
         for i, where, part in super().rows_tmv(module, x, g, w, index, chunk):
             yield (i, (slice(None), *where), part.T) if i == index[0] else (i, where, part)
 
+    @override
     def diagonal_fisher(self, module, x, g):
         weight, *rest = super().diagonal_fisher(module, x, g)
         return [weight.T, *rest]

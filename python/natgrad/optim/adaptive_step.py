@@ -77,9 +77,11 @@ class ForwardRecorder:
             self._paused = False
 
     def clear(self) -> None:
+        """Forgets the recorded calls (after each step)."""
         self.calls.clear()
 
     def remove(self) -> None:
+        """Removes the recording hook (when the optimizer is collected)."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -220,8 +222,10 @@ class AdaptiveStep:
         return total * self.nll_scale
 
     def state_dict(self) -> dict[str, Any]:
+        """The last α, μ and the count of skipped steps."""
         return {"alpha": self.alpha, "mu": self.mu, "skips": self.skips}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restores :meth:`state_dict` (None, from an older checkpoint: recompute at the next step)."""
         state = state or {}
         self.alpha, self.mu, self.skips = state.get("alpha"), state.get("mu"), int(state.get("skips", 0))

@@ -13,36 +13,21 @@ from torch.optim import Optimizer
 from torch.profiler import record_function
 
 from natgrad import ops
-from natgrad.curvature.block import CURVATURE_DTYPES, CurvatureBlock, DirectionRequest
+from natgrad.curvature.block import CurvatureBlock, DirectionRequest
 from natgrad.curvature.estimator import CurvatureEstimator, Updates
 from natgrad.distributed.communicator import make_communicator
-from natgrad.likelihoods import LIKELIHOODS, get_likelihood
-from natgrad.optim._hyper import Schedule, check_choice, check_flag, check_group, check_number, resolved_number
+from natgrad.likelihoods import get_likelihood
+from natgrad.optim._hyper import Schedule, check_group
 from natgrad.optim._table import parameter_table
 from natgrad.optim.adaptive_step import AdaptiveStep
 from natgrad.optim.grafting import make_grafting
+from natgrad.optim.kfac_options import GROUP_BOUNDS, GROUP_DEFAULTS, check_arguments, resolve
 from natgrad.optim.step_control import DampingAdaptation, TrustRegion
 
 __all__ = ["KFAC"]
 
 STATE_KEY = "kfac"  # the optimizer-level entry in state_dict()
 _STATE_ENTRIES = ("steps", "damping_multiplier", "faults", "ladder", "generator", "blocks")
-_OPTION_BOUNDS = ops.kfac_option_bounds()  # the ranges both frontends share (csrc/kfac/kfac_rules.h)
-_BOUNDS = {name: bound.check_kwargs() for name, bound in _OPTION_BOUNDS.items()}
-_GROUP_DEFAULTS = tuple(name for name, bound in _OPTION_BOUNDS.items() if bound.per_group)
-_SCHEDULED = {"damping", "factor_update_period", "inverse_update_period", "kl_clip"}  # callables allowed
-_GROUP_BOUNDS = {name: dict(_BOUNDS[name], allow_callable=name in _SCHEDULED) for name in _GROUP_DEFAULTS}
-
-
-def _resolve(name: str, value: Schedule | None, step: int) -> Any:
-    """A scheduled hyperparameter's value at ``step``, checked against its bounds (kl_clip may be
-    None).
-    """
-    if name == "kl_clip":
-        return resolved_number(name, value, step, allow_none=True, **_BOUNDS[name])
-    return resolved_number(name, value, step, **_BOUNDS[name])
-
-
 class KFAC(Optimizer):
     r"""K-FAC (Martens & Grosse, 2015; KFC for convolutions, Grosse & Martens, 2016).
 
@@ -87,22 +72,9 @@ class KFAC(Optimizer):
     step (a warning names it once; :attr:`nonfinite_skips` counts), and training goes on.
 
     torch.compile: compile the model, not the step. ``torch.compile(model, fullgraph=True)``
-    traces the capture hooks into the model's graph (no graph break; at most two graph variants,
-    for steps that collect statistics and steps that do not, see
-    :mod:`natgrad.curvature.capture`), and the steps equal eager ones (``fisher_type="mc"``
-    included). Under a compiled model, parameters used functionally (a positional embedding)
-    take the plain gradient, since their uses cannot be traced there (:meth:`describe` says
-    so). :meth:`step` itself always runs eagerly: under
-    ``torch.compile(opt.step)`` it is excluded from the graph (``torch.compiler.disable``) with
-    one warning, so it never recompiles; its work is host-side policy (schedules, fault checks,
-    decompositions, the trust region) around natgrad's own ops, which compiling would not speed up::
-
-        opt = natgrad.KFAC(model)
-        compiled = torch.compile(model, fullgraph=True)
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(compiled(x), y).backward()
-            opt.step()
+    traces the capture hooks with no graph break (:mod:`natgrad.curvature.capture`); :meth:`step`
+    always runs eagerly, excluded from a compiled graph with one warning (the K-FAC guide's
+    torch.compile section shows the loop).
 
     The standard loop ``loss.backward(); opt.step()`` uses the empirical Fisher. With
     ``fisher_type="mc"`` add one line after the forward pass, ``opt.sample_fisher(output)``,
@@ -238,7 +210,7 @@ class KFAC(Optimizer):
                  max_factor_dim: int | None = 2048, skip_modules: Iterable[str] = (), seed: int = 0,
                  grad_worker_fraction: float = 1.0, triangle_packing: bool = True,
                  bucket_cap_mb: float = 25.0, process_group=None, grafting: str | None = None) -> None:
-        _check_arguments(
+        check_arguments(
             model=model, lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
             factor_decay=factor_decay, factor_update_period=factor_update_period,
             inverse_update_period=inverse_update_period, kl_clip=kl_clip,
@@ -337,7 +309,7 @@ class KFAC(Optimizer):
             return False
 
     def _is_factor_step(self, step: int) -> bool:
-        period = _resolve("factor_update_period", self.factor_update_period, step)
+        period = resolve("factor_update_period", self.factor_update_period, step)
         return step % period == 0
 
     def remove_hooks(self) -> None:
@@ -352,13 +324,13 @@ class KFAC(Optimizer):
         """torch.optim's, plus the checks ``__init__`` runs on the defaults, for the values the
         group sets itself (ValueError naming the key; the group is then not added).
         """
-        check_group(param_group, _GROUP_BOUNDS)
+        check_group(param_group, GROUP_BOUNDS)
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            for key in _GROUP_DEFAULTS:
+            for key in GROUP_DEFAULTS:
                 group.setdefault(key, self.defaults[key])
 
     # ---- Monte-Carlo Fisher -----------------------------------------------------------------------
@@ -462,7 +434,7 @@ class KFAC(Optimizer):
             else:
                 estimator.clear()
         with record_function("natgrad.KFAC.inverse_update"):
-            period = _resolve("inverse_update_period", self.inverse_update_period, k)
+            period = resolve("inverse_update_period", self.inverse_update_period, k)
             estimator.update_decompositions(k % period == 0, self.inverse_method, self._block_damping,
                                             self.pi_correction, self.warm_refreshes)
         with record_function("natgrad.KFAC.precondition"):
@@ -479,7 +451,7 @@ class KFAC(Optimizer):
             adapt = adapt and model_change is not None
         else:
             with record_function("natgrad.KFAC.trust_region"):
-                kl_clip = _resolve("kl_clip", self.kl_clip, k)
+                kl_clip = resolve("kl_clip", self.kl_clip, k)
                 nu = self._trust_region.scale(kl_clip, updates, grads, self._group_of, self.state)
         before = {p: p.detach().clone() for p in updates} if adapt else None
         if adaptive is None:
@@ -505,14 +477,14 @@ class KFAC(Optimizer):
     def _check_schedules(self, k: int) -> None:
         """Resolves every scheduled hyperparameter of step ``k`` (raising on an invalid value)."""
         for group in self.param_groups:
-            _resolve("damping", group["damping"], k)
-        _resolve("kl_clip", self.kl_clip, k)
-        _resolve("inverse_update_period", self.inverse_update_period, k)
+            resolve("damping", group["damping"], k)
+        resolve("kl_clip", self.kl_clip, k)
+        resolve("inverse_update_period", self.inverse_update_period, k)
         self._is_factor_step(k)
 
     def _damping(self, param: Tensor) -> float:
         group = self._group_of[id(param)]
-        value = _resolve("damping", group["damping"], self._steps)
+        value = resolve("damping", group["damping"], self._steps)
         return ops.kfac_damping(value, self._adaptation.multiplier)
 
     def _block_damping(self, block: CurvatureBlock) -> float:
@@ -555,7 +527,7 @@ class KFAC(Optimizer):
         with self.estimator.paused():
             q = adaptive.solve_step(updates, grads, self._group_of, self.state, self._damping,
                                     self.estimator.communicator.mean_scalar,
-                                    _resolve("kl_clip", self.kl_clip, self._steps))
+                                    resolve("kl_clip", self.kl_clip, self._steps))
         if not q.finite:
             warnings.warn("natgrad.KFAC: the quadratic model of the adaptive learning rate holds NaN or Inf "
                           "(non-finite inputs, or outputs that overflowed?); the step is skipped "
@@ -663,62 +635,3 @@ class KFAC(Optimizer):
                         name = self.estimator.param_name(p, f"parameter {index}")
                         raise ValueError(f"state_dict: {key} of {name!r} has shape {tuple(value.shape)}, "
                                          f"the parameter has {tuple(p.shape)} (was the model's width changed?)")
-
-
-def _check_arguments(*, model: Any, lr: Any, momentum: Any, weight_decay: Any, damping: Any,
-                     factor_decay: Any, factor_update_period: Any, inverse_update_period: Any,
-                     kl_clip: Any, inverse_method: Any, pi_correction: Any, eigenvalue_correction: Any,
-                     warm_refreshes: Any,
-                     adaptive_damping: Any, damping_adaptation_interval: Any, damping_adaptation_decay: Any,
-                     adaptive_learning_rate: Any, adaptive_momentum: Any, adaptive_period: Any, likelihood: Any,
-                     nll_scale: Any, fisher_type: Any, loss_reduction: Any, linear_approx: Any, factor_dtype: Any,
-                     inverse_dtype: Any, max_factor_dim: Any, seed: Any, grad_worker_fraction: Any,
-                     triangle_packing: Any, bucket_cap_mb: Any) -> None:
-    """Raises TypeError/ValueError naming the first invalid argument of ``natgrad.KFAC``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
-    values = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
-                  factor_decay=factor_decay, factor_update_period=factor_update_period,
-                  inverse_update_period=inverse_update_period, kl_clip=kl_clip, adaptive_period=adaptive_period,
-                  nll_scale=nll_scale)
-    for name, bounds in _BOUNDS.items():
-        check_number(name, values[name], **bounds, allow_callable=name in _SCHEDULED,
-                     allow_none=name == "kl_clip")
-    check_choice("inverse_method", inverse_method, ops.kfac_option_choices("inverse_method"))
-    if fisher_type == "exact":
-        raise ValueError("Invalid fisher_type: 'exact' (natgrad.KFAC estimates 'empirical' or "
-                         "'mc'; the exact Fisher is natgrad.fisher.compute_fisher's)")
-    check_choice("fisher_type", fisher_type, ("empirical", "mc"))
-    check_choice("loss_reduction", loss_reduction, ops.kfac_option_choices("loss_reduction"))
-    check_choice("linear_approx", linear_approx, ("expand", "reduce"))
-    check_number("damping_adaptation_interval", damping_adaptation_interval, low=1, integer=True)
-    check_number("damping_adaptation_decay", damping_adaptation_decay, low=0.0, high=1.0,
-                 low_open=True, high_open=True)
-    check_number("grad_worker_fraction", grad_worker_fraction, low=0.0, high=1.0, low_open=True)
-    check_number("bucket_cap_mb", bucket_cap_mb, low=0.0, low_open=True)
-    check_number("seed", seed, integer=True)
-    check_number("warm_refreshes", warm_refreshes, low=0, integer=True)
-    check_number("max_factor_dim", max_factor_dim, low=1, integer=True, allow_none=True)
-    if pi_correction is not None:
-        check_flag("pi_correction", pi_correction)
-    for name, flag in (("adaptive_damping", adaptive_damping), ("triangle_packing", triangle_packing),
-                       ("eigenvalue_correction", eigenvalue_correction),
-                       ("adaptive_learning_rate", adaptive_learning_rate), ("adaptive_momentum", adaptive_momentum)):
-        check_flag(name, flag)
-    check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
-    if adaptive_momentum and not adaptive_learning_rate:
-        raise ValueError("Invalid adaptive_momentum: True needs adaptive_learning_rate=True (μ is chosen "
-                         "jointly with α by the quadratic model)")
-    if eigenvalue_correction and (inverse_method != "eigen" or pi_correction):
-        raise ValueError(f"Invalid eigenvalue_correction: True needs inverse_method='eigen' and no "
-                         f"pi_correction (EKFAC damps exactly), got inverse_method={inverse_method!r}, "
-                         f"pi_correction={pi_correction!r}")
-    if adaptive_damping and callable(damping):
-        raise ValueError("Invalid damping: a callable schedule cannot be combined with "
-                         "adaptive_damping=True (the adaptation owns the damping)")
-    for name, dt in (("factor_dtype", factor_dtype), ("inverse_dtype", inverse_dtype)):
-        if dt is not None and dt not in CURVATURE_DTYPES:
-            raise ValueError(f"Invalid {name}: {dt!r} (expected torch.float32, torch.float64 or None for the "
-                             "weight's dtype, float32 for a half-precision weight; half-precision curvature "
-                             "loses the running average and cannot be decomposed: keep it float32 under "
-                             "autocast, which is the default)")
