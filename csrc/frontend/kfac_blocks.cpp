@@ -144,10 +144,10 @@ int64_t KroneckerBlock::count_rows(const std::vector<torch::Tensor>& inputs) con
 }
 
 double KroneckerBlock::sample_scale(const std::vector<torch::Tensor>& inputs,
-                                    const std::string& loss_reduction) const {
+                                    const std::string& loss_reduction, int64_t batch) const {
   return kfac::sample_scale(count_samples(inputs),
                             loss_reduction == "token_mean" ? count_rows(inputs) : 0,
-                            loss_reduction);
+                            loss_reduction, batch);
 }
 
 KroneckerStatistics KroneckerBlock::prepare(const std::vector<torch::Tensor>& inputs,
