@@ -252,8 +252,12 @@ def test_blocks_prepare_their_statistics_with_the_expand_scale():
     stats = conv.prepare([torch.randn(3, 2, 4, 4)], [torch.randn(6, 3, 2, 2)], 1.5)
     assert stats.grad_scale == 1.5 * math.sqrt(4 * 2) and (stats.input_rows, stats.grad_rows) == (12, 24)
     emb = EmbeddingBlock("emb", nn.Embedding(10, 4))
-    stats = emb.prepare([torch.randint(10, (3, 7))], [torch.randn(3, 7, 4)], 1.5)
+    distinct = torch.stack([torch.randperm(10)[:7] for _ in range(3)])  # no index repeats in a sample
+    stats = emb.prepare([distinct], [torch.randn(3, 7, 4)], 1.5)
     assert stats.grad_scale == 1.5 * math.sqrt(7) and (stats.input_rows, stats.grad_rows) == (21, 21)
+    # a sample's repeated index is one row: 3 samples of 7 positions holding 2 distinct indices each
+    stats = emb.prepare([torch.tensor([[1] * 6 + [2]] * 3)], [torch.randn(3, 7, 4)], 1.5)
+    assert stats.grad_scale == 1.5 * math.sqrt(2) and (stats.input_rows, stats.grad_rows) == (6, 6)
 
 
 def test_sample_scale_names_a_bad_loss_reduction():
