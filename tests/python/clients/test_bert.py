@@ -2,7 +2,8 @@
 
 The task is learnable from bag-of-tokens statistics alone: each of 4 classes draws the 64
 tokens of a sequence from its own distribution over the vocabulary. AdamW (lr 3e-3) reaches
-about 0.6 validation accuracy after 100 steps and 0.9 after 300 on it. BERT adds three
+0.84 validation accuracy after 100 steps and 0.99 after 300 on it; natgrad.KFAC (lr 0.1,
+inverse_update_period=1) 0.95 after 100. BERT adds three
 embeddings: the position embedding is called on position ids ``[1, T]`` broadcast over the
 batch, and the token-type embedding on all-zero ids (one row repeated at every position);
 K-FAC's factors must count both right to learn (see tests/python/curvature/test_embedding_factors.py).
