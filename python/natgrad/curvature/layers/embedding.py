@@ -1,6 +1,12 @@
 """nn.Embedding: one-hot inputs make the activation factor diagonal (token frequencies), so
 ``A`` is kept as a vector and never decomposed; implicit rows compare indices instead of
 multiplying one-hot vectors.
+
+The factors' rows are (sample, distinct index) pairs (:func:`merge_repeats`): the output
+gradients of a sample's occurrences of one index all reach the same weight row, so their sum is
+that sample's gradient of the row. Counting each occurrence as its own Fisher sample would
+assume their gradients independent; for an index repeated at every position (BERT's all-zero
+token_type_ids) they are not, and that row's curvature came out up to T times too small.
 """
 from __future__ import annotations
 
