@@ -119,7 +119,7 @@ TORCH_LIBRARY(natgrad, m) {
       "kfac_conv_rows(int[] input_shape, int[] kernel_size, int[] stride, int[] padding, "
       "int[] dilation) -> int");
   m.def("kfac_embedding_rows(int[] input_shape) -> int");
-  m.def("kfac_sample_scale(int samples, int rows, str loss_reduction) -> float");
+  m.def("kfac_sample_scale(int samples, int rows, str loss_reduction, int batch=0) -> float");
   m.def(
       "kfac_expand_grad_scale(float grad_scale, int samples, int input_rows, int grad_rows) -> "
       "float");

@@ -216,17 +216,21 @@ std::set<std::string> KFAC::update_factors(int64_t k) {
   }
   std::vector<std::pair<size_t, detail::KroneckerStatistics>> pending;
   std::vector<torch::Tensor> checks;
+  std::vector<std::vector<torch::Tensor>> inputs(blocks_.size()), grads(blocks_.size());
+  int64_t batch = 0;  // the step's samples: the most any layer saw (kfac::sample_scale)
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    for (const auto& call : records_[i]->complete()) {
+      if (blocks_[i]->count_samples({call->input}) == 0) continue;  // an empty batch holds nothing
+      inputs[i].push_back(call->input);
+      grads[i].push_back(call->grad_output);
+    }
+    if (!inputs[i].empty()) batch = std::max(batch, blocks_[i]->count_samples(inputs[i]));
+  }
   for (size_t i = 0; i < blocks_.size(); ++i) {
     const KroneckerBlock& block = *blocks_[i];
-    std::vector<torch::Tensor> inputs, grads;
-    for (const auto& call : records_[i]->complete()) {
-      if (block.count_samples({call->input}) == 0) continue;  // an empty batch holds nothing
-      inputs.push_back(call->input);
-      grads.push_back(call->grad_output);
-    }
-    if (inputs.empty()) continue;
-    const double per_sample = block.sample_scale(inputs, global().loss_reduction());
-    pending.emplace_back(i, block.prepare(inputs, grads, per_sample));
+    if (inputs[i].empty()) continue;
+    const double per_sample = block.sample_scale(inputs[i], global().loss_reduction(), batch);
+    pending.emplace_back(i, block.prepare(inputs[i], grads[i], per_sample));
     checks.push_back(block.statistics_ok(pending.back().second));
   }
   const std::vector<bool> ok = detail::all_true(checks);

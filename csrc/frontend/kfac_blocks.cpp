@@ -144,10 +144,10 @@ int64_t KroneckerBlock::count_rows(const std::vector<torch::Tensor>& inputs) con
 }
 
 double KroneckerBlock::sample_scale(const std::vector<torch::Tensor>& inputs,
-                                    const std::string& loss_reduction) const {
+                                    const std::string& loss_reduction, int64_t batch) const {
   return kfac::sample_scale(count_samples(inputs),
                             loss_reduction == "token_mean" ? count_rows(inputs) : 0,
-                            loss_reduction);
+                            loss_reduction, batch);
 }
 
 KroneckerStatistics KroneckerBlock::prepare(const std::vector<torch::Tensor>& inputs,
@@ -171,11 +171,27 @@ KroneckerStatistics KroneckerBlock::prepare(const std::vector<torch::Tensor>& in
     s.grad_scale =
         kfac::expand_grad_scale(grad_scale, s.inputs.size(0), s.input_rows, s.grad_rows);
   } else {
-    const int64_t dim = weight_.size(1);
-    std::vector<torch::Tensor> flat, rows;
-    for (const auto& t : inputs) flat.push_back(t.reshape({-1}));
-    for (const auto& t : grads) rows.push_back(t.reshape({-1, dim}));
-    s.inputs = torch::cat(flat);
+    // One row per distinct index of each sample, its occurrences' output gradients summed (the
+    // sample's gradient of that weight row), per backward pass: grads[j] belongs to
+    // inputs[j % inputs.size()].
+    const int64_t dim = weight_.size(1), vocab = weight_.size(0);
+    std::vector<torch::Tensor> keys, inverses, indices, rows;
+    for (const auto& t : inputs) {
+      const int64_t n = t.dim() > 0 ? t.size(0) : 1;
+      const auto base = torch::arange(n, t.options()).unsqueeze(1) * vocab;
+      auto merged = at::_unique(base + t.reshape({n, -1}), /*sorted=*/true, /*return_inverse=*/true);
+      keys.push_back(std::get<0>(merged));
+      inverses.push_back(std::get<1>(merged).reshape({-1}));
+      indices.push_back(keys.back().remainder(vocab));
+    }
+    for (size_t j = 0; j < grads.size(); ++j) {
+      const auto& inverse = inverses[j % inputs.size()];
+      const auto flat = grads[j].reshape({-1, inverse.numel(), dim});
+      rows.push_back(torch::zeros({flat.size(0), keys[j % inputs.size()].numel(), dim}, flat.options())
+                         .index_add_(1, inverse, flat)
+                         .reshape({-1, dim}));
+    }
+    s.inputs = torch::cat(indices);
     s.grads = torch::cat(rows);
     s.input_rows = s.inputs.numel();
     s.grad_rows = s.grads.size(0);

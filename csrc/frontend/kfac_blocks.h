@@ -61,9 +61,9 @@ class KroneckerBlock {
   /// Rows (samples x weight-sharing positions) of the calls (kfac::linear_rows, conv_rows,
   /// embedding_rows).
   int64_t count_rows(const std::vector<torch::Tensor>& inputs) const;
-  /// kfac::sample_scale of the calls.
-  double sample_scale(const std::vector<torch::Tensor>& inputs,
-                      const std::string& loss_reduction) const;
+  /// kfac::sample_scale of the calls; batch: the step's samples (0: not known).
+  double sample_scale(const std::vector<torch::Tensor>& inputs, const std::string& loss_reduction,
+                      int64_t batch = 0) const;
 
   KroneckerStatistics prepare(const std::vector<torch::Tensor>& inputs,
                               const std::vector<torch::Tensor>& grads, double grad_scale) const;

@@ -156,13 +156,19 @@ int64_t conv_rows(at::IntArrayRef input_shape, at::IntArrayRef kernel_size, at::
 
 int64_t embedding_rows(at::IntArrayRef input_shape) { return product(input_shape); }
 
-double sample_scale(int64_t samples, int64_t rows, const std::string& loss_reduction) {
+double sample_scale(int64_t samples, int64_t rows, const std::string& loss_reduction,
+                    int64_t batch) {
   check_choice("loss_reduction", loss_reduction);
-  TORCH_CHECK(samples >= 0 && rows >= 0, "samples and rows must be >= 0, got ", samples, " and ",
-              rows);
-  if (loss_reduction == "sum") return 1.0;
-  if (loss_reduction == "mean") return static_cast<double>(samples);
-  return std::sqrt(static_cast<double>(samples * rows));
+  TORCH_CHECK(samples >= 0 && rows >= 0 && batch >= 0,
+              "samples, rows and batch must be >= 0, got ", samples, ", ", rows, " and ", batch);
+  // one call shared by the batch: its gradient sums `batch` samples' gradients of `rows` rows each
+  const bool shared = samples == 1 && batch > 1;
+  const double n = static_cast<double>(shared ? batch : samples);
+  const double r = static_cast<double>(rows) * (shared ? n : 1.0);
+  const double share = shared ? std::sqrt(n) : 1.0;
+  if (loss_reduction == "sum") return 1.0 / share;
+  if (loss_reduction == "mean") return n / share;
+  return std::sqrt(n * r) / share;
 }
 
 double expand_grad_scale(double grad_scale, int64_t samples, int64_t input_rows,

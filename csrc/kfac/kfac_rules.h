@@ -69,7 +69,14 @@ int64_t embedding_rows(at::IntArrayRef input_shape);
 
 // The per-sample scale of captured output gradients: 1 for "sum", samples for "mean" and
 // sqrt(samples * rows) for "token_mean" (a mean over every row, each row then one Fisher sample).
-double sample_scale(int64_t samples, int64_t rows, const std::string& loss_reduction);
+// batch: the step's samples (the loss's batch; 0: not known). A call whose input holds one
+// sample while batch > 1 is shared by the whole batch (its input broadcast over it, as a
+// position embedding fed position ids [1, T]): its output gradient is the sum of the batch's
+// per-sample output gradients, whose outer product over batch estimates the Fisher (exactly in
+// expectation when their mean is zero), so its scale is that of batch samples of `rows` rows
+// each, divided by sqrt(batch).
+double sample_scale(int64_t samples, int64_t rows, const std::string& loss_reduction,
+                    int64_t batch = 0);
 
 // The scale of a block's captured output gradients in the KFC ("expand") form: per-sample scale
 // times sqrt(positions * passes), where positions = input_rows / samples (rows of the layer's

@@ -88,6 +88,17 @@ TEST(KfacRules, SampleScaleFollowsTheLossReduction) {
   EXPECT_THROW(kfac::sample_scale(1, 1, "max"), c10::Error);
 }
 
+TEST(KfacRules, SampleScaleOfACallSharedByTheBatchIsThatOfTheBatchOverItsRoot) {
+  // One sample's input (position ids [1, T]) in a batch of 16: the gradient sums 16 samples'.
+  EXPECT_DOUBLE_EQ(kfac::sample_scale(1, 64, "mean", 16), 16.0 / 4.0);
+  EXPECT_DOUBLE_EQ(kfac::sample_scale(1, 64, "sum", 16), 1.0 / 4.0);
+  EXPECT_DOUBLE_EQ(kfac::sample_scale(1, 64, "token_mean", 16), std::sqrt(16.0 * 64.0 * 16.0) / 4.0);
+  // A batch of one, or a call that sees the batch itself, is unchanged.
+  EXPECT_EQ(kfac::sample_scale(1, 64, "mean", 1), 1.0);
+  EXPECT_EQ(kfac::sample_scale(16, 64, "mean", 16), 16.0);
+  EXPECT_THROW(kfac::sample_scale(1, 1, "mean", -1), c10::Error);
+}
+
 TEST(KfacRules, ExpandScaleCountsEveryPositionAndPassAsASample) {
   // 4 samples of 6 tokens, one backward pass: sqrt(6).
   EXPECT_EQ(kfac::expand_grad_scale(2.0, 4, 24, 24), 2.0 * std::sqrt(6.0));

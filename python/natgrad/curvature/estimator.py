@@ -309,13 +309,18 @@ class CurvatureEstimator:
         comm = self.communicator
         stats = {}
         fed = {b.name: cast(StatisticsBlock, b) for b in self._blocks}  # all fed by captures
+        # complete(): records whose grad_output is set; an empty batch holds no statistics: the
+        # layer is left as if it had not been called
+        calls = {b.name: [r for r in self._captures[b.name].complete() if fed[b.name].count_samples([r.input])]
+                 for b in self._blocks}
+        # the step's samples: the most any layer saw (a call of one sample is then shared by them)
+        batch = max((fed[name].count_samples([r.input for r in records]) for name, records in calls.items()
+                     if records), default=0)
         for block in self._blocks:
-            # an empty batch holds no statistics: the layer is left as if it had not been called
-            records = [r for r in self._captures[block.name].complete() if fed[block.name].count_samples([r.input])]
+            records = calls[block.name]
             if records:
-                # complete(): records whose grad_output is set
                 inputs, grads = [r.input for r in records], [cast(Tensor, r.grad_output) for r in records]
-                per_sample = sample_scale(fed[block.name], inputs, loss_reduction)
+                per_sample = sample_scale(fed[block.name], inputs, loss_reduction, batch)
                 stats[block.name] = fed[block.name].prepare(inputs, grads, per_sample * grad_scale)
         self._pending = []
         if comm.world_size == 1 and self.batched:  # distributed: averaged across ranks before any check
@@ -338,9 +343,7 @@ class CurvatureEstimator:
             else:  # captured everywhere, but NaN/Inf or overflow somewhere: every rank skips
                 skipped.add(block.name)
                 self.ledger.fault(block.name, fault)
-        samples = next((fed[b.name].count_samples([r.input for r in self._captures[b.name].complete()])
-                        for b in updated), 0)
-        comm.average_factors(updated, samples)
+        comm.average_factors(updated, batch)
         self.clear()
         # The bound above makes this unreachable; should a factor still turn non-finite, the
         # layer restarts its estimate (and skips this step) rather than keep poisoned factors.

@@ -99,15 +99,15 @@ class CaptureFactory:
         return LayerCapture(module, self.active, self.phase)
 
 
-def sample_scale(block: StatisticsBlock, inputs: Sequence, loss_reduction: str) -> float:
+def sample_scale(block: StatisticsBlock, inputs: Sequence, loss_reduction: str, batch: int = 0) -> float:
     """The factor that turns captured output gradients into per-sample ones (see
     :mod:`natgrad.curvature.kron`): ``N`` for "mean" (dim 0 counts samples), 1 for "sum", and
     for "token_mean" (a mean over all ``R = N·T`` rows, e.g. ``F.cross_entropy`` on flattened
     logits) ``sqrt(N·R)``, which makes each row one Fisher sample: ``G`` is the loss's
     Gauss-Newton factor, ``R · Σ_rows g gᵀ``, whatever the batch layout
-    (:func:`natgrad.ops.kfac_sample_scale`).
+    (:func:`natgrad.ops.kfac_sample_scale`). ``batch`` is the step's samples: calls holding one
+    sample while ``batch > 1`` are shared by the batch (broadcast over it, as BERT's and GPT-2's
+    position embeddings, fed position ids ``[1, T]``), and their gradient sums the batch's.
     """
-    if loss_reduction == "sum":  # no count needed
-        return ops.kfac_sample_scale(0, 0, loss_reduction)
     rows = block.count_rows(inputs) if loss_reduction == "token_mean" else 0
-    return ops.kfac_sample_scale(block.count_samples(inputs), rows, loss_reduction)
+    return ops.kfac_sample_scale(block.count_samples(inputs), rows, loss_reduction, batch)

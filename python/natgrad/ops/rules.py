@@ -210,12 +210,23 @@ def kfac_embedding_rows(input_shape: Sequence[int]) -> int:
     return _ops.kfac_embedding_rows([int(s) for s in input_shape])
 
 
-def kfac_sample_scale(samples: int, rows: int, loss_reduction: str) -> float:
+def kfac_sample_scale(samples: int, rows: int, loss_reduction: str, batch: int = 0) -> float:
     """The factor that turns captured output gradients into per-sample ones: 1 for "sum",
     ``samples`` for "mean" and ``sqrt(samples · rows)`` for "token_mean" (each row is then one
     Fisher sample); ``rows`` matters for "token_mean" only.
+
+    ``batch`` is the step's samples (0: not known). A call whose input holds one sample while
+    ``batch > 1`` is shared by the batch (its input broadcast over it, e.g. a position embedding
+    fed position ids ``[1, T]``): its output gradient is the sum of the ``batch`` per-sample
+    output gradients, and ``batch · ḡ ḡᵀ`` of their mean ``ḡ`` estimates the Fisher (exactly in
+    expectation when they have mean zero), so the scale is that of ``batch`` samples of ``rows``
+    rows each, divided by ``sqrt(batch)``: ``sqrt(batch)`` for "mean".
+
+    Example:
+        >>> ops.kfac_sample_scale(16, 0, "mean"), ops.kfac_sample_scale(1, 0, "mean", batch=16)
+        (16.0, 4.0)
     """
-    return _ops.kfac_sample_scale(int(samples), int(rows), loss_reduction)
+    return _ops.kfac_sample_scale(int(samples), int(rows), loss_reduction, int(batch))
 
 
 def kfac_expand_grad_scale(grad_scale: float, samples: int, input_rows: int, grad_rows: int) -> float:

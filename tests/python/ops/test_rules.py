@@ -60,7 +60,9 @@ def _ref_conv_rows(shape, conv) -> int:
     return rows
 
 
-def _ref_sample_scale(samples: int, rows: int, reduction: str) -> float:
+def _ref_sample_scale(samples: int, rows: int, reduction: str, batch: int = 0) -> float:
+    if samples == 1 and batch > 1:  # one call shared by the batch: its gradient sums batch samples'
+        return _ref_sample_scale(batch, rows * batch, reduction) / math.sqrt(batch)
     return {"sum": 1.0, "mean": float(samples), "token_mean": math.sqrt(samples * rows)}[reduction]
 
 
@@ -221,6 +223,9 @@ def test_embedding_rows_are_the_indices():
 def test_sample_scale_equals_the_reference(reduction):
     for samples, rows in ((0, 0), (1, 1), (3, 10**6), (2**20, 2**20 + 1), (7, 35)):
         assert ops.kfac_sample_scale(samples, rows, reduction) == _ref_sample_scale(samples, rows, reduction)
+        for batch in (0, 1, 16, samples + 5):  # a call of one sample in a larger batch is shared by it
+            assert ops.kfac_sample_scale(samples, rows, reduction, batch) == pytest.approx(
+                _ref_sample_scale(samples, rows, reduction, batch), rel=1e-15)
     blocks = [(LinearBlock("fc", nn.Linear(3, 2)), LINEAR_INPUTS, torch.float32),
               (EmbeddingBlock("emb", nn.Embedding(10, 4)), [[(5,)], [(2, 7), (3,)]], torch.long)]
     for block, grid, dtype in blocks:
@@ -247,13 +252,19 @@ def test_blocks_prepare_their_statistics_with_the_expand_scale():
     stats = conv.prepare([torch.randn(3, 2, 4, 4)], [torch.randn(6, 3, 2, 2)], 1.5)
     assert stats.grad_scale == 1.5 * math.sqrt(4 * 2) and (stats.input_rows, stats.grad_rows) == (12, 24)
     emb = EmbeddingBlock("emb", nn.Embedding(10, 4))
-    stats = emb.prepare([torch.randint(10, (3, 7))], [torch.randn(3, 7, 4)], 1.5)
+    distinct = torch.stack([torch.randperm(10)[:7] for _ in range(3)])  # no index repeats in a sample
+    stats = emb.prepare([distinct], [torch.randn(3, 7, 4)], 1.5)
     assert stats.grad_scale == 1.5 * math.sqrt(7) and (stats.input_rows, stats.grad_rows) == (21, 21)
+    # a sample's repeated index is one row: 3 samples of 7 positions holding 2 distinct indices each
+    stats = emb.prepare([torch.tensor([[1] * 6 + [2]] * 3)], [torch.randn(3, 7, 4)], 1.5)
+    assert stats.grad_scale == 1.5 * math.sqrt(2) and (stats.input_rows, stats.grad_rows) == (6, 6)
 
 
 def test_sample_scale_names_a_bad_loss_reduction():
     with pytest.raises(RuntimeError, match="loss_reduction must be 'mean', 'sum' or 'token_mean', got 'max'"):
         ops.kfac_sample_scale(1, 1, "max")
+    with pytest.raises(RuntimeError, match="batch must be >= 0"):
+        ops.kfac_sample_scale(1, 1, "mean", -1)
 
 
 # ---- π correction and damping -------------------------------------------------------------------
@@ -499,7 +510,7 @@ SAMPLES = {
     "kfac_linear_rows": [([4, 5, 3], 3)],
     "kfac_conv_rows": [([2, 1, 8, 8], [3, 3], [2, 2], [1, 1], [1, 1])],
     "kfac_embedding_rows": [([2, 7],)],
-    "kfac_sample_scale": [(4, 40, "token_mean")],
+    "kfac_sample_scale": [(4, 40, "token_mean"), (1, 40, "mean", 8)],
     "kfac_expand_grad_scale": [(2.0, 4, 24, 48)],
     "kfac_pi_correction": [("inverse", None), ("eigen", True)],
     "kfac_damping": [(1e-3, 0.5)],

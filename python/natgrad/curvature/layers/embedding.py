@@ -1,6 +1,12 @@
 """nn.Embedding: one-hot inputs make the activation factor diagonal (token frequencies), so
 ``A`` is kept as a vector and never decomposed; implicit rows compare indices instead of
 multiplying one-hot vectors.
+
+The factors' rows are (sample, distinct index) pairs (:func:`merge_repeats`): the output
+gradients of a sample's occurrences of one index all reach the same weight row, so their sum is
+that sample's gradient of the row. Counting each occurrence as its own Fisher sample would
+assume their gradients independent; for an index repeated at every position (BERT's all-zero
+token_type_ids) they are not, and that row's curvature came out up to T times too small.
 """
 from __future__ import annotations
 
@@ -14,6 +20,31 @@ from natgrad.curvature.kron import CORRECTED, KroneckerBlock, PerSample, Statist
 from natgrad.curvature.layers.base import LayerKind, output_blocks
 
 __all__ = ["EmbeddingBlock", "EmbeddingKind"]
+
+
+def merge_repeats(inputs, grads, num_embeddings: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of an Embedding's factors: one per distinct index of each sample (dim 0), its
+    output gradients summed over the sample's occurrences of it, which all reach the same weight
+    row (that sum is the row's per-sample gradient), for each backward pass.
+
+    Returns ``(indices [R], gradients [P·R, dim])`` (pass-major). ``grads[j]`` belongs to
+    ``inputs[j % len(inputs)]`` and holds one or more passes (``[P·n, ..., dim]``).
+    """
+    keys, order = [], []
+    for x in inputs:
+        n = x.shape[0] if x.dim() > 0 else 1
+        rows = x.reshape(n, -1)
+        base = torch.arange(n, device=x.device).unsqueeze(1) * num_embeddings
+        unique, inverse = torch.unique((base + rows).reshape(-1), return_inverse=True)
+        keys.append(unique)
+        order.append(inverse)
+    merged = []
+    for j, g in enumerate(grads):
+        unique, inverse = keys[j % len(inputs)], order[j % len(inputs)]
+        flat = g.reshape(-1, inverse.numel(), dim)
+        out = flat.new_zeros(flat.shape[0], unique.numel(), dim).index_add_(1, inverse, flat)
+        merged.append(out.reshape(-1, dim))
+    return torch.cat([k % num_embeddings for k in keys]), torch.cat(merged)
 
 
 class EmbeddingBlock(KroneckerBlock):
@@ -70,8 +101,7 @@ class EmbeddingBlock(KroneckerBlock):
     @override
     def prepare(self, inputs, grads, grad_scale):
         dim = self.weight.shape[1]
-        idx = torch.cat([t.reshape(-1) for t in inputs])
-        g = torch.cat([t.reshape(-1, dim) for t in grads])
+        idx, g = merge_repeats(inputs, grads, self.weight.shape[0], dim)
         per_sample = None
         if self.eigenvalue_correction:  # EKFAC: per-sample gradients; none reaches padding_idx's row
             x, rows = per_sample_layout(inputs, grads, None, dim)
