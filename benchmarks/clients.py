@@ -23,7 +23,10 @@ Models and data (random weights, nothing downloaded):
 
 Optimizers (one setting each, not tuned per model): AdamW lr 1e-3 (transformers 3e-3), K-FAC lr
 0.05, damping 1e-2, kl_clip 1e-2, inverse period 10, ``loss_reduction="token_mean"`` for the
-language models. Writes JSON and prints a table.
+language models. Writes JSON and prints a table. The committed results come from two runs,
+niced on a shared 2-core machine (load ~10): ``results/clients.json`` (gpt2, llama, bert, vit)
+and ``results/clients_resnet18.json`` (``--models resnet18 --out ...``). Under such load the
+wall times are inflated and the ratios noisy (AdamW and K-FAC run one after the other).
 """
 from __future__ import annotations
 
