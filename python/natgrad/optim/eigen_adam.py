@@ -71,11 +71,14 @@ class EigenAdam(Optimizer):
       (a side larger than ``max_factor_dim`` is not rotated, as SOAP's ``max_precond_dim``);
     * ``basis="identity"``: no rotation, exactly torch.optim.AdamW (an ablation baseline).
 
-    The bases are refreshed every ``basis_update_period`` steps (and when a layer first has
-    factors), before that step's Adam update: the first refresh by ``eigh``, the later ones by
-    one step of subspace iteration from the previous basis plus QR (SOAP's refresh;
-    :func:`natgrad.curvature.refresh.warm_eigh`), every ``warm_refreshes + 1``-th one exact.
-    Before a layer's first refresh its basis is the identity. Across a refresh (SOAP's rule,
+    The bases are refreshed every ``basis_update_period`` steps (and at the first step after a
+    layer first has factors) from the factors of the *earlier* steps, before this step's
+    gradient enters them, as in SOAP: a gradient rotated into the eigenbasis of its own outer
+    products is diagonal up to rounding, and Adam would blow that rounding up to full steps. The
+    first refresh is an ``eigh``, the later ones one step of subspace iteration from the
+    previous basis plus QR (SOAP's refresh; :func:`natgrad.curvature.refresh.warm_eigh`), every
+    ``warm_refreshes + 1``-th one exact. Before a layer's first refresh (its first step) its
+    basis is the identity: that step is AdamW's. Across a refresh (SOAP's rule,
     :mod:`natgrad.ops.eigenbasis`) the first moment is rotated into the new basis,
     :math:`m \leftarrow R_G^\top m R_A` with :math:`R = Q_\text{old}^\top Q_\text{new}` (exact:
     the same as keeping it in the weight's coordinates), and the second moment is not rotated:
@@ -214,6 +217,10 @@ class EigenAdam(Optimizer):
                 loss = closure()
         k, est = self._steps, self.estimator
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        due = k % self.basis_update_period == 0
+        if self.basis == "kfac":  # the bases come from earlier steps' factors, never this gradient's own
+            warm = _NEVER_EXACT if self.warm_refreshes is None else self.warm_refreshes
+            est.update_decompositions(due, "eigen", lambda block: 0.0, False, warm)
         skipped: set[str] = set()
         if self._factor_step_now():
             skipped = est.update_factors(self.factor_decay, "mean") | est.read_factor_faults()
@@ -235,16 +242,15 @@ class EigenAdam(Optimizer):
                 est.ledger.fault(est.param_name(p), Fault.GRADIENTS, "parameter")
         moving = [b for b, ok in zip(moving, layer_ok) if ok]
         plain = [p for p, ok in zip(plain, plain_ok) if ok]
-        due = k % self.basis_update_period == 0
-        if self.basis == "kfac":
-            warm = _NEVER_EXACT if self.warm_refreshes is None else self.warm_refreshes
-            est.update_decompositions(due, "eigen", lambda block: 0.0, False, warm)
         directions: dict[Tensor, Tensor] = {}
         for b in moving:
             group = group_of[id(b.params[0])]
             state = self._layer(b, grads[b.name])
             if self.basis == "shampoo":
-                self._shampoo_refresh(state, grads[b.name], group, due)
+                if state["step"] > 0:  # factors from earlier gradients (SOAP's order)
+                    self._shampoo_refresh(state, due)
+                beta = group["betas"][1] if self.shampoo_beta is None else self.shampoo_beta
+                eb.shampoo_factors_ema_(state["L"], state["R"], grads[b.name], beta)
             elif self.basis == "kfac":
                 self._rebase(state, *self._kfac_basis(b))
             rotated = eb.rotate(grads[b.name], state["g_basis"], state["a_basis"])
@@ -308,10 +314,8 @@ class EigenAdam(Optimizer):
         """
         return block.state.get("g_eigenvectors"), block.state.get("a_eigenvectors")
 
-    def _shampoo_refresh(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], due: bool) -> None:
-        """Shampoo's factors from this gradient, and the refreshed basis when due."""
-        beta = group["betas"][1] if self.shampoo_beta is None else self.shampoo_beta
-        eb.shampoo_factors_ema_(state["L"], state["R"], grad, beta)
+    def _shampoo_refresh(self, state: dict[str, Any], due: bool) -> None:
+        """The basis refreshed from Shampoo's factors when due (or first possible)."""
         if not due and "g_values" in state:
             return
         exact = "g_values" not in state
