@@ -53,9 +53,10 @@ FIXED: dict[str, dict[str, Any]] = {
                       "factor_update_period": 1, "inverse_update_period": 10, "inverse_method": "eigen",
                       "kl_clip_schedule": "kl_clip x factor^2 (the step bound follows the lr schedule)"},
     "natgrad.EigenAdam": {"basis": "kfac", "betas[0]": 0.95, "weight_decay": 0.01, "basis_update_period": 10,
-                          "factor_decay": 0.95, "factor_update_period": 1, "eps": 1e-8},
+                          "factor_decay": 0.95, "factor_update_period": 1, "eps": 1e-8, "grafting": "adam"},
     "natgrad.EigenAdam-shampoo": {"basis": "shampoo", "betas[0]": 0.95, "weight_decay": 0.01,
-                                  "basis_update_period": 10, "shampoo_beta": "beta2", "eps": 1e-8},
+                                  "basis_update_period": 10, "shampoo_beta": "beta2", "eps": 1e-8,
+                                  "grafting": "adam"},
     "kfac-pytorch": {"factor_update_steps": 1, "inv_update_steps": 10, "factor_decay": 0.95,
                      "kl_clip": 0.001, "inner optimizer": "SGD momentum 0.9"},
 }
@@ -200,7 +201,7 @@ def make_trainer(name: str, model: nn.Module, hp: dict[str, float], io_modules: 
         f = FIXED[name]
         return Trainer([natgrad.EigenAdam(model, lr=hp["lr"], betas=(f["betas[0]"], 1 - hp["one_minus_beta2"]),
                                           weight_decay=f["weight_decay"], basis=f["basis"],
-                                          basis_update_period=f["basis_update_period"])])
+                                          basis_update_period=f["basis_update_period"], grafting=f["grafting"])])
     if name == "kfac-pytorch":
         return _kfac_pytorch(model, hp)
     raise ValueError(f"unknown optimizer {name!r}")

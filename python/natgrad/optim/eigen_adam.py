@@ -69,7 +69,8 @@ class EigenAdam(Optimizer):
       (1-\beta)\nabla\tilde W\nabla\tilde W^\top`, :math:`R \leftarrow \beta R +
       (1-\beta)\nabla\tilde W^\top\nabla\tilde W` (β = ``shampoo_beta``), which makes it SOAP
       (a side larger than ``max_factor_dim`` is not rotated, as SOAP's ``max_precond_dim``);
-    * ``basis="identity"``: no rotation, exactly torch.optim.AdamW (an ablation baseline).
+    * ``basis="identity"``: no rotation, exactly torch.optim.AdamW with ``grafting=None`` (an
+      ablation baseline).
 
     The bases are refreshed every ``basis_update_period`` steps (and at the first step after a
     layer first has factors) from the factors of the *earlier* steps, before this step's
@@ -90,10 +91,12 @@ class EigenAdam(Optimizer):
     plain AdamW with the same hyperparameters. A block's hyperparameters are its first
     parameter's group's. :meth:`describe` lists each parameter's treatment.
 
-    Grafting (``grafting="adam"|"sgd"``, :mod:`natgrad.optim.grafting`, the rule
+    Grafting (default ``grafting="adam"``; :mod:`natgrad.optim.grafting`, the rule
     :class:`natgrad.KFAC` shares): each parameter's direction (the bracket above, rotated
     back) is rescaled to the norm of the grafted optimizer's step on its gradient (Adam's with
-    the group's β₂ and ε, its second moment kept per parameter).
+    the group's β₂ and ε, its second moment kept per parameter), so the eigenbasis sets the
+    direction and Adam the step length, as Distributed Shampoo does. ``grafting=None`` is the
+    plain rotated AdamW (SOAP).
 
     Faults (natgrad.KFAC's policy): a layer whose gradient holds NaN/Inf, or (``"kfac"``) whose
     captured statistics do, keeps its parameters, moments and factors for the step; a warning
@@ -109,7 +112,7 @@ class EigenAdam(Optimizer):
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             sched.step()
-        soap = natgrad.EigenAdam(model, basis="shampoo")              # SOAP
+        soap = natgrad.EigenAdam(model, basis="shampoo", grafting=None)  # SOAP
 
     Args:
         model (nn.Module): the model whose layers get blocks (hooked for ``basis="kfac"``).
@@ -123,7 +126,9 @@ class EigenAdam(Optimizer):
         basis_update_period (int): steps between refreshes of the bases (default: 10).
         warm_refreshes (int or None): warm refreshes between exact ones; None: every refresh
             after the first is warm, as in SOAP (default: None).
-        grafting (str or None): None, "adam" or "sgd" (default: None).
+        grafting (str or None): "adam", "sgd" or None (default: "adam": AdamW's learning rates
+            carry over; without it the rotated step's norm differs from Adam's by a model-dependent
+            factor, e.g. about 10x smaller on the harness's autoencoder).
         shampoo_beta (float or None): EMA decay of L and R, in [0, 1); None: β₂ (default: None).
         factor_decay (float): EMA decay of A and G ("kfac"), in [0, 1) (default: 0.95).
         factor_update_period (int): steps between updates of A and G ("kfac") (default: 1).
@@ -137,7 +142,7 @@ class EigenAdam(Optimizer):
     def __init__(self, model: nn.Module, params: Iterable | None = None, *, lr: float = 3e-3,
                  betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8, weight_decay: float = 0.01,
                  basis: str = "kfac", basis_update_period: int = 10, warm_refreshes: int | None = None,
-                 grafting: str | None = None, shampoo_beta: float | None = None, factor_decay: float = 0.95,
+                 grafting: str | None = "adam", shampoo_beta: float | None = None, factor_decay: float = 0.95,
                  factor_update_period: int = 1, linear_approx: str = "expand",
                  factor_dtype: torch.dtype | None = None, max_factor_dim: int | None = 2048,
                  skip_modules: Iterable[str] = ()) -> None:

@@ -42,7 +42,7 @@ def test_identity_basis_equals_adamw_with_groups_and_scheduler():
     def groups(m):
         return [{"params": m.parameters()}]
 
-    opt = natgrad.EigenAdam(nn.Sequential(model, layer_norm), groups(model), basis="identity", **kw)
+    opt = natgrad.EigenAdam(nn.Sequential(model, layer_norm), groups(model), basis="identity", grafting=None, **kw)
     opt.add_param_group({"params": layer_norm.parameters(), "lr": 0.03})
     adamw = torch.optim.AdamW(groups(ref), foreach=False, **kw)
     adamw.add_param_group({"params": ref_norm.parameters(), "lr": 0.03})
@@ -116,7 +116,7 @@ def test_shampoo_basis_equals_a_soap_reference_across_refreshes():
     w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
     batches = [(x, y % 7) for x, y in _batches(20, n=16, classes=7, seed=5)]
     kw = dict(lr=0.01, betas=(0.95, 0.95), eps=1e-8)
-    opt = natgrad.EigenAdam(layer, basis="shampoo", basis_update_period=5, weight_decay=0.01, **kw)
+    opt = natgrad.EigenAdam(layer, basis="shampoo", basis_update_period=5, weight_decay=0.01, grafting=None, **kw)
     for x, y in batches:
         _step(layer, opt, x, y)
     expected = _soap_reference(w0, b0, batches, wd=0.01, period=5, lr=kw["lr"], betas=kw["betas"], eps=kw["eps"])
@@ -132,7 +132,7 @@ def test_kfac_basis_rotates_with_the_eigenvectors_of_the_dense_factors():
     batches = [(x[:, :4], y) for x, y in _batches(3, n=32, classes=5, seed=7)]
     beta1, beta2, eps, lr = 0.9, 0.99, 1e-8, 0.02
     opt = natgrad.EigenAdam(layer, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=0.0,
-                            basis_update_period=100)
+                            basis_update_period=100, grafting=None)
     for x, y in batches:
         _step(layer, opt, x, y)
     # step 0 is AdamW's; step 1 takes the eigenvectors of A = E[ã ãᵀ] and G = E[g gᵀ] of the
