@@ -54,9 +54,10 @@ FIXED: dict[str, dict[str, Any]] = {
                       "factor_update_period": 1, "inverse_update_period": 10, "inverse_method": "eigen",
                       "kl_clip_schedule": "kl_clip x factor^2 (the step bound follows the lr schedule)"},
     "natgrad.EigenAdam": {"basis": "kfac", "betas[0]": 0.95, "weight_decay": 0.01, "basis_update_period": 10,
-                          "factor_decay": 0.95, "factor_update_period": 1, "eps": 1e-8},
+                          "factor_decay": 0.95, "factor_update_period": 1, "eps": 1e-8, "grafting": "adam"},
     "natgrad.EigenAdam-shampoo": {"basis": "shampoo", "betas[0]": 0.95, "weight_decay": 0.01,
-                                  "basis_update_period": 10, "shampoo_beta": "beta2", "eps": 1e-8},
+                                  "basis_update_period": 10, "shampoo_beta": "beta2", "eps": 1e-8,
+                                  "grafting": "adam"},
     "natgrad.KFAC-adaptive": {"adaptive_learning_rate": True, "adaptive_momentum": True, "adaptive_period": 1,
                               "adaptive_damping": True, "damping_adaptation_interval": 5,
                               "damping_adaptation_decay": 0.95,
@@ -230,7 +231,7 @@ def make_trainer(name: str, model: nn.Module, hp: dict[str, float], io_modules: 
         f = FIXED[name]
         return Trainer([natgrad.EigenAdam(model, lr=hp["lr"], betas=(f["betas[0]"], 1 - hp["one_minus_beta2"]),
                                           weight_decay=f["weight_decay"], basis=f["basis"],
-                                          basis_update_period=f["basis_update_period"])])
+                                          basis_update_period=f["basis_update_period"], grafting=f["grafting"])])
     if name == "natgrad.KFAC-adaptive":
         return _natgrad_kfac_adaptive(model, hp, kfac_kwargs or {}, likelihood)
     if name == "kfac-pytorch":

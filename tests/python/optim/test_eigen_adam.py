@@ -42,7 +42,7 @@ def test_identity_basis_equals_adamw_with_groups_and_scheduler():
     def groups(m):
         return [{"params": m.parameters()}]
 
-    opt = natgrad.EigenAdam(nn.Sequential(model, layer_norm), groups(model), basis="identity", **kw)
+    opt = natgrad.EigenAdam(nn.Sequential(model, layer_norm), groups(model), basis="identity", grafting=None, **kw)
     opt.add_param_group({"params": layer_norm.parameters(), "lr": 0.03})
     adamw = torch.optim.AdamW(groups(ref), foreach=False, **kw)
     adamw.add_param_group({"params": ref_norm.parameters(), "lr": 0.03})
@@ -60,11 +60,18 @@ def test_identity_basis_equals_adamw_with_groups_and_scheduler():
 # ---- SOAP: the paper's algorithm (Vyas et al., 2024, Algorithms 3-4), written out independently ---
 
 
+def _axis_of_each_column(q):
+    """For each eigenvector (column), the coordinate axis it is closest to."""
+    return torch.tensor([int(torch.argmax(q[:, j].abs())) for j in range(q.shape[1])])
+
+
 def _soap_reference(w0, b0, batches, *, lr, betas, eps, wd, period):
     """One Linear layer, its weight and bias as one matrix X = [W, b]. The first moment is kept in
     the weight's coordinates and rotated every step; the second moment lives in the eigenbasis
     and, when a QR refresh sorts the eigenvectors by decreasing eigenvalue, is re-indexed with
-    them. Refreshes run before the Adam step of the same iteration, the first by eigh.
+    them. The basis used at step t comes from L and R through step t-1 (the paper refreshes after
+    the update): step 0 runs in the identity basis, step 1 refreshes first (eigh; the second
+    moment of step 0 follows each eigenvector's closest axis), then every ``period`` steps (QR).
     """
     beta1, beta2 = betas
     x_mat = torch.cat([w0, b0[:, None]], 1).clone()
@@ -72,25 +79,27 @@ def _soap_reference(w0, b0, batches, *, lr, betas, eps, wd, period):
     v = torch.zeros_like(x_mat)
     left = torch.zeros(x_mat.shape[0], x_mat.shape[0], dtype=torch.float64)
     right = torch.zeros(x_mat.shape[1], x_mat.shape[1], dtype=torch.float64)
-    q = {}
+    q = {"L": torch.eye(left.shape[0], dtype=torch.float64), "R": torch.eye(right.shape[0], dtype=torch.float64)}
     lam = {}
     for t, (inputs, targets) in enumerate(batches):
         w = x_mat[:, :-1].clone().requires_grad_()
         b = x_mat[:, -1].clone().requires_grad_()
         F.cross_entropy(F.linear(inputs, w, b), targets).backward()
         g = torch.cat([w.grad, b.grad[:, None]], 1)
-        left = beta2 * left + (1 - beta2) * g @ g.T
-        right = beta2 * right + (1 - beta2) * g.T @ g
-        if t % period == 0:
+        if t > 0 and (t == 1 or t % period == 0):
             for side, p_mat in (("L", left), ("R", right)):
-                if t == 0:
+                if t == 1:
                     lam[side], q[side] = torch.linalg.eigh(p_mat)
+                    axes = _axis_of_each_column(q[side])
+                    v = v[axes] if side == "L" else v[:, axes]
                     continue
                 order = torch.argsort(lam[side], descending=True)
                 v = v[order] if side == "L" else v[:, order]
                 q_new = torch.linalg.qr(p_mat @ q[side][:, order]).Q
                 lam[side] = torch.diagonal(q_new.T @ p_mat @ q_new)
                 q[side] = q_new
+        left = beta2 * left + (1 - beta2) * g @ g.T
+        right = beta2 * right + (1 - beta2) * g.T @ g
         m = beta1 * m + (1 - beta1) * g
         g_rot = q["L"].T @ g @ q["R"]
         v = beta2 * v + (1 - beta2) * g_rot ** 2
@@ -106,16 +115,14 @@ def test_shampoo_basis_equals_a_soap_reference_across_refreshes():
     layer = nn.Linear(6, 7).double()  # packed [7, 7]: both factors full rank after one step
     w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
     batches = [(x, y % 7) for x, y in _batches(20, n=16, classes=7, seed=5)]
-    # eps 1e-6: after the first refresh the rotated gradient is diagonal (the basis is its SVD),
-    # so off-diagonal moments are rounding noise, and ε sets how far that noise reaches the step
-    kw = dict(lr=0.01, betas=(0.95, 0.95), eps=1e-6)
-    opt = natgrad.EigenAdam(layer, basis="shampoo", basis_update_period=5, weight_decay=0.01, **kw)
+    kw = dict(lr=0.01, betas=(0.95, 0.95), eps=1e-8)
+    opt = natgrad.EigenAdam(layer, basis="shampoo", basis_update_period=5, weight_decay=0.01, grafting=None, **kw)
     for x, y in batches:
         _step(layer, opt, x, y)
     expected = _soap_reference(w0, b0, batches, wd=0.01, period=5, lr=kw["lr"], betas=kw["betas"], eps=kw["eps"])
     torch.testing.assert_close(torch.cat([layer.weight, layer.bias[:, None]], 1).detach(), expected,
                                rtol=0, atol=1e-10)
-    assert opt.layer_state[""]["refreshes"] == 4
+    assert opt.layer_state[""]["refreshes"] == 4  # before steps 1, 5, 10 and 15
 
 
 def test_kfac_basis_rotates_with_the_eigenvectors_of_the_dense_factors():
@@ -125,10 +132,11 @@ def test_kfac_basis_rotates_with_the_eigenvectors_of_the_dense_factors():
     batches = [(x[:, :4], y) for x, y in _batches(3, n=32, classes=5, seed=7)]
     beta1, beta2, eps, lr = 0.9, 0.99, 1e-8, 0.02
     opt = natgrad.EigenAdam(layer, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=0.0,
-                            basis_update_period=100)
+                            basis_update_period=100, grafting=None)
     for x, y in batches:
         _step(layer, opt, x, y)
-    # the basis: eigenvectors of A = E[ã ãᵀ] and G = E[g gᵀ] of the first batch (the only refresh)
+    # step 0 is AdamW's; step 1 takes the eigenvectors of A = E[ã ãᵀ] and G = E[g gᵀ] of the
+    # first batch (the only refresh), carrying m by rotation and v by each eigenvector's closest axis
     x0, y0 = batches[0]
     x_tilde = torch.cat([x0, torch.ones(len(x0), 1, dtype=torch.float64)], 1)
     z = F.linear(x0, w0, b0).requires_grad_()
@@ -140,12 +148,16 @@ def test_kfac_basis_rotates_with_the_eigenvectors_of_the_dense_factors():
     m = torch.zeros_like(x_mat)
     v = torch.zeros_like(x_mat)
     for t, (x, y) in enumerate(batches, start=1):
+        basis_g, basis_a = (q_g, q_a) if t > 1 else (torch.eye(5, dtype=torch.float64), torch.eye(5, dtype=torch.float64))
+        if t == 2:
+            m = q_g.T @ m @ q_a
+            v = v[_axis_of_each_column(q_g)][:, _axis_of_each_column(q_a)]
         w, b = x_mat[:, :-1].clone().requires_grad_(), x_mat[:, -1].clone().requires_grad_()
         F.cross_entropy(F.linear(x, w, b), y).backward()
-        g_rot = q_g.T @ torch.cat([w.grad, b.grad[:, None]], 1) @ q_a
+        g_rot = basis_g.T @ torch.cat([w.grad, b.grad[:, None]], 1) @ basis_a
         m, v = beta1 * m + (1 - beta1) * g_rot, beta2 * v + (1 - beta2) * g_rot ** 2
         direction = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
-        x_mat = x_mat - lr * q_g @ direction @ q_a.T
+        x_mat = x_mat - lr * basis_g @ direction @ basis_a.T
     torch.testing.assert_close(torch.cat([layer.weight, layer.bias[:, None]], 1).detach(), x_mat,
                                rtol=0, atol=1e-10)
 
