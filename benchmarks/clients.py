@@ -43,8 +43,8 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 # torchvision's compiled ops do not load beside the CPU torch wheel; the test set-up declares
 # their schemas so that timm imports (see that file)
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "python", "clients"))
-import conftest  # noqa: E402,F401
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
+import torchvision_schemas  # noqa: E402,F401
 
 import natgrad  # noqa: E402
 
