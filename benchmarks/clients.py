@@ -34,19 +34,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# torchvision's compiled ops do not load beside the CPU torch wheel; the test set-up declares
-# their schemas so that timm imports (see that file)
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
-import torchvision_schemas  # noqa: E402,F401
+import natgrad
 
-import natgrad  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 VOCAB = 64
 

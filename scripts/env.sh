@@ -51,6 +51,16 @@ install_python_env() {
   fi
 }
 
+# torchvision's PyPI wheel cannot load its compiled ops beside the CPU torch wheel: a start-up hook
+# in the venv lets its Python modules import (scripts/venv/natgrad_torchvision_schemas.py says why).
+install_torchvision_schemas() {
+  local site
+  site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  cmp -s "$NATGRAD_ROOT/scripts/venv/natgrad_torchvision_schemas.py" "$site/natgrad_torchvision_schemas.py" \
+    || cp "$NATGRAD_ROOT/scripts/venv/natgrad_torchvision_schemas.py" "$site/"
+  echo "import natgrad_torchvision_schemas" >"$site/natgrad_torchvision_schemas.pth"
+}
+
 # ccache's compiler links come first on PATH, so both builds hit the same cache.
 with_ccache() { PATH="/usr/lib/ccache:$NATGRAD_VENV/bin:$PATH" "$@"; }
 
@@ -79,5 +89,6 @@ build_cpp_tests() {
 setup_all() {
   install_system_packages
   install_python_env
+  install_torchvision_schemas
   build_python_extension
 }

@@ -1,8 +1,6 @@
 """Shared fixtures: deterministic seeds, and the ladder's fault injection always reset. Being in
 tests/python, this file also puts tests/python on sys.path, so every test imports the plain helpers
 of support.py as ``support``.
-
-It also makes the client libraries of requirements-clients.txt importable (torchvision_schemas.py).
 """
 from __future__ import annotations
 
@@ -10,7 +8,6 @@ import pytest
 import torch
 
 import natgrad
-import torchvision_schemas  # noqa: F401  (before any test imports timm, Avalanche or laplace-torch)
 
 
 @pytest.fixture(autouse=True)
