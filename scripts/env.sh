@@ -52,12 +52,12 @@ install_python_env() {
 }
 
 # torchvision's PyPI wheel cannot load its compiled ops beside the CPU torch wheel: a start-up hook
-# in the venv lets its Python modules import (scripts/venv/natgrad_torchvision_schemas.py says why).
+# in the venv lets its Python modules import (scripts/startup_hooks/natgrad_torchvision_schemas.py says why).
 install_torchvision_schemas() {
   local site
   site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  cmp -s "$NATGRAD_ROOT/scripts/venv/natgrad_torchvision_schemas.py" "$site/natgrad_torchvision_schemas.py" \
-    || cp "$NATGRAD_ROOT/scripts/venv/natgrad_torchvision_schemas.py" "$site/"
+  cmp -s "$NATGRAD_ROOT/scripts/startup_hooks/natgrad_torchvision_schemas.py" "$site/natgrad_torchvision_schemas.py" \
+    || cp "$NATGRAD_ROOT/scripts/startup_hooks/natgrad_torchvision_schemas.py" "$site/"
   echo "import natgrad_torchvision_schemas" >"$site/natgrad_torchvision_schemas.pth"
 }
 
