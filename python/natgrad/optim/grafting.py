@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from natgrad.ops.eigenbasis import adam_direction
 from natgrad.optim._hyper import check_choice
 
 __all__ = ["GRAFTING_CHOICES", "Grafting", "make_grafting"]
@@ -41,7 +42,7 @@ class Grafting:
     Example:
         >>> rule = Grafting("sgd")
         >>> p = torch.zeros(2)
-        >>> out, scales = rule.graft({p: torch.tensor([3.0, 4.0])}, {p: torch.tensor([0.6, 0.0])}, {})
+        >>> out, scales = rule.graft({p: torch.tensor([3.0, 4.0])}, {p: torch.tensor([0.6, 0.0])}, {p: {}})
         >>> out[p]
         tensor([0.3600, 0.4800])
     """
@@ -60,7 +61,7 @@ class Grafting:
         t = int(state.get(GRAFT_STEP, 0)) + 1
         state[GRAFT_STEP] = t
         v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        return grad / (v / (1.0 - beta2 ** t)).sqrt_().add_(eps)
+        return adam_direction(grad, v, t, 0.0, beta2, eps)  # Adam without a first moment (β₁ = 0)
 
     def graft(self, directions: dict[Tensor, Tensor], grads: dict[Tensor, Tensor], state: Any,
               beta2: float | dict[Tensor, float] = 0.999,
